@@ -1,0 +1,138 @@
+# tenement: build, dependencies, tests.
+#
+#   make            build build/ten, build/slum and build/lib/tenement/core.so
+#   make deps       install the Debian packages the build and tests need (root)
+#   make run        deps, build, then `ten serve` on config/tenement.toml
+#   make test       deps, build, every spec (unit, core, e2e)
+#   make asan       the same specs with AddressSanitizer + UBSan
+#   make lint       luac -p on every Lua file, cppcheck on c/
+#   make clean
+#
+# Knobs: CC, V=1 (show commands), BUSTED_ARGS (e.g. "spec/core"), BUILD (dir).
+
+CC      ?= cc
+LUA     ?= lua5.4
+BUILD   ?= build
+V       ?=
+Q       := $(if $(V),,@)
+
+LLHTTP_SRC := /usr/share/llhttp
+LLHTTP_INC := /usr/share/include/llhttp
+LUA_INC    := /usr/include/lua5.4
+LUA_STATIC := /usr/lib/x86_64-linux-gnu/liblua5.4.a
+
+PKGS       := libuv sqlite3 openssl
+PKG_CFLAGS  = $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
+PKG_LIBS    = $(shell pkg-config --libs $(PKGS) 2>/dev/null)
+
+WARN     := -Wall -Wextra -Werror
+CFLAGS   ?= -O2 -g
+SAN      ?=
+ALL_CFLAGS = -std=c11 $(WARN) $(CFLAGS) $(SAN) -fPIC -D_GNU_SOURCE -MMD -MP \
+             -I$(LUA_INC) -I$(LLHTTP_INC) $(PKG_CFLAGS)
+# llhttp's generated C has unused parameters; only those files get the exemption.
+LLHTTP_CFLAGS = -std=c11 $(WARN) -Wno-unused-parameter $(CFLAGS) $(SAN) -fPIC -I$(LLHTTP_INC)
+
+CORE_SRC := $(filter-out c/main.c,$(wildcard c/*.c))
+CORE_OBJ := $(CORE_SRC:c/%.c=$(BUILD)/obj/%.o) \
+            $(BUILD)/obj/llhttp_llhttp.o $(BUILD)/obj/llhttp_api.o $(BUILD)/obj/llhttp_http.o
+LUA_SRC  := $(shell find lua runtimes -name '*.lua' 2>/dev/null | LC_ALL=C sort)
+
+FIXTURE_SRC := $(wildcard spec/fixtures/*.c)
+FIXTURES    := $(FIXTURE_SRC:spec/fixtures/%.c=$(BUILD)/fixtures/%)
+
+DEBIAN_PKGS := lua5.4 liblua5.4-dev libuv1-dev node-llhttp libsqlite3-dev lua-cjson \
+               libssl-dev lua-busted pkg-config build-essential
+
+.PHONY: all deps run test test-only asan lint clean install install-rock
+all: $(BUILD)/ten $(BUILD)/slum $(BUILD)/lib/tenement/core.so $(FIXTURES)
+
+$(BUILD)/obj/%.o: c/%.c
+	@mkdir -p $(@D)
+	@$(if $(Q),echo "  CC      $<")
+	$(Q)$(CC) $(ALL_CFLAGS) -c $< -o $@
+
+$(BUILD)/obj/llhttp_%.o: $(LLHTTP_SRC)/%.c
+	@mkdir -p $(@D)
+	@$(if $(Q),echo "  CC      $<")
+	$(Q)$(CC) $(LLHTTP_CFLAGS) -c $< -o $@
+
+$(BUILD)/gen/embedded.c: c/embed.lua $(LUA_SRC)
+	@mkdir -p $(@D)
+	@$(if $(Q),echo "  EMBED   $(words $(LUA_SRC)) Lua files")
+	$(Q)$(LUA) c/embed.lua $@ $(LUA_SRC)
+
+$(BUILD)/obj/embedded.o: $(BUILD)/gen/embedded.c
+	$(Q)$(CC) $(ALL_CFLAGS) -c $< -o $@
+
+# Lua is linked statically and its symbols exported (-Wl,-E) so C modules such
+# as cjson.so, loaded at run time, find the API in this binary.
+$(BUILD)/ten: $(BUILD)/obj/main.o $(BUILD)/obj/embedded.o $(CORE_OBJ)
+	@$(if $(Q),echo "  LINK    $@")
+	$(Q)$(CC) $(SAN) -Wl,-E -o $@ $^ $(LUA_STATIC) $(PKG_LIBS) -lm -ldl
+
+$(BUILD)/slum: $(BUILD)/ten
+	$(Q)ln -sf ten $@
+
+# The module must not link liblua: lua5.4 exports the API itself, and a second
+# copy of Lua in one process breaks.
+$(BUILD)/lib/tenement/core.so: $(CORE_OBJ)
+	@mkdir -p $(@D)
+	@$(if $(Q),echo "  LINK    $@")
+	$(Q)$(CC) $(SAN) -shared -o $@ $^ $(PKG_LIBS)
+
+$(BUILD)/fixtures/%: spec/fixtures/%.c
+	@mkdir -p $(@D)
+	@$(if $(Q),echo "  CC      $<")
+	$(Q)$(CC) -std=c11 $(WARN) -O2 -g -D_GNU_SOURCE -o $@ $<
+
+deps:
+	@missing=""; for p in $(DEBIAN_PKGS); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "  DEPS    installing:$$missing"; \
+	  if [ "$$(id -u)" != 0 ]; then echo "make deps: run as root to install:$$missing" >&2; exit 1; fi; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null || exit 1; \
+	fi
+
+run: deps
+	$(Q)$(MAKE) --no-print-directory all
+	$(BUILD)/ten serve --config config/tenement.toml
+
+test: deps
+	$(Q)$(MAKE) --no-print-directory all
+	$(Q)$(MAKE) --no-print-directory test-only
+
+test-only:
+	$(Q)TEN=$(abspath $(BUILD))/ten TEN_BUILD=$(abspath $(BUILD)) busted --lua=$(LUA) --cpath='$(BUILD)/lib/?.so' $(BUSTED_ARGS)
+
+ASAN_LIB = $(shell $(CC) -print-file-name=libasan.so)
+UBSAN_LIB = $(shell $(CC) -print-file-name=libubsan.so)
+asan: deps
+	$(Q)$(MAKE) --no-print-directory BUILD=build-asan SAN="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined" CFLAGS="-O1 -g" all
+	$(Q)LD_PRELOAD="$(ASAN_LIB) $(UBSAN_LIB)" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
+	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	  $(MAKE) --no-print-directory BUILD=build-asan test-only
+
+lint:
+	$(Q)for f in $(LUA_SRC) $$(find spec -name '*.lua'); do luac5.4 -p $$f || exit 1; done
+	$(Q)if command -v cppcheck >/dev/null; then cppcheck -q --error-exitcode=1 --enable=warning,performance \
+	  --suppress=missingIncludeSystem -I$(LUA_INC) -I$(LLHTTP_INC) c/; fi
+
+PREFIX ?= /usr/local
+install: all
+	install -D -m 0755 $(BUILD)/ten $(DESTDIR)$(PREFIX)/bin/ten
+	ln -sf ten $(DESTDIR)$(PREFIX)/bin/slum
+
+# luarocks (tenement-dev-1.rockspec) passes LUADIR and LIBDIR.
+install-rock: $(BUILD)/lib/tenement/core.so
+	@test -n "$(LUADIR)" -a -n "$(LIBDIR)" || { echo "install-rock needs LUADIR and LIBDIR" >&2; exit 1; }
+	for f in $$(cd lua && find . -name '*.lua'); do install -D -m 0644 lua/$$f $(LUADIR)/$$f; done
+	for f in $$(cd runtimes && find . -name '*.lua'); do install -D -m 0644 runtimes/$$f $(LUADIR)/tenement/runtimes/$$f; done
+	install -D -m 0755 $(BUILD)/lib/tenement/core.so $(LIBDIR)/tenement/core.so
+
+clean:
+	rm -rf build build-asan
+
+-include $(wildcard $(BUILD)/obj/*.d)
