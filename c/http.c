@@ -1,0 +1,2114 @@
+/*
+ * core.http: HTTP/1.1 on llhttp (strict: no lenient flag is ever set), a
+ * server and a client.
+ *
+ * Server. The connection state machine lives here in C; Lua is called once
+ * per request. Each request head is parsed into an http_head (method,
+ * target, version and lower-cased headers in one arena, so it can be
+ * re-serialised later by a proxy), then the parser pauses and a task calls
+ * the Lua handler with a request object. The body is parsed only when the
+ * handler asks for it (req:body) or, after the response, to discard it. The
+ * next pipelined request is parsed only once the response went out, so
+ * responses keep request order and a client cannot queue up work.
+ *
+ *   phase HEAD   reading a head (timer: header timeout once a byte came,
+ *                or idle timeout between keep-alive requests)
+ *   phase BODY   the handler runs; the parser is paused at the end of the
+ *                head until body() or the finished response resumes it
+ *   phase LINGER after a response with Connection: close (or an error): FIN
+ *                sent, input read and dropped until EOF or a short timer, so
+ *                the client sees the response rather than a reset
+ *
+ * llhttp lets a few things through that a proxy in front of other servers
+ * must refuse (request smuggling): obsolete line folding, bare LF, white
+ * space before the colon, HTTP versions other than 1.0 and 1.1, and any
+ * Transfer-Encoding other than exactly "chunked". Those are checked here,
+ * on the raw bytes of the head and on the parsed head, before the handler.
+ *
+ * Client. One exchange per connection for now (Connection: close). The
+ * connection (socket + parser) and the exchange (request bytes, response
+ * being built, waiting task) are kept apart in http_client so a keep-alive
+ * pool per upstream can hand out connections later.
+ *
+ * Lifetimes. A connection's memory goes in the close callback of its last
+ * libuv handle. A request (http_req) is reference counted: the connection
+ * holds it while it is current, the Lua request object while it lives. The
+ * server struct is counted by its Lua object and each connection; its Lua
+ * object is anchored in the registry while it accepts, so a server nobody
+ * references keeps serving until closed.
+ */
+#include "net.h"
+
+#include <llhttp.h>
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#define SERVER_MT "tenement.http.server"
+#define REQUEST_MT "tenement.http.request"
+
+#define LINGER_MS 2000
+#define SCRATCH_SIZE (64 * 1024)
+
+static _Thread_local char scratch[SCRATCH_SIZE];
+static char spawn_key;  /* registry: core.spawn, for starting handler tasks from C */
+
+/* ---- growable byte buffers ------------------------------------------- */
+
+typedef struct buf { char *p; size_t len, cap; } buf;
+
+static int buf_reserve(buf *b, size_t extra) {
+    if (b->cap - b->len >= extra) return 0;
+    size_t cap = b->cap ? b->cap : 256;
+    while (cap - b->len < extra) cap *= 2;
+    char *p = realloc(b->p, cap);
+    if (!p) return -1;
+    b->p = p;
+    b->cap = cap;
+    return 0;
+}
+
+static int buf_add(buf *b, const void *p, size_t n) {
+    if (buf_reserve(b, n)) return -1;
+    memcpy(b->p + b->len, p, n);
+    b->len += n;
+    return 0;
+}
+
+static int buf_addstr(buf *b, const char *s) { return buf_add(b, s, strlen(s)); }
+
+static int buf_printf(buf *b, const char *fmt, ...) {
+    char tmp[256];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(tmp, sizeof tmp, fmt, ap);
+    va_end(ap);
+    if (n < 0) return -1;
+    return buf_add(b, tmp, (size_t)n < sizeof tmp ? (size_t)n : sizeof tmp - 1);
+}
+
+static void buf_free(buf *b) {
+    free(b->p);
+    b->p = NULL;
+    b->len = b->cap = 0;
+}
+
+/* ---- tokens, reasons, dates ------------------------------------------- */
+
+static int is_tchar(unsigned char ch) {
+    if ((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9'))
+        return 1;
+    return ch && strchr("!#$%&'*+-.^_`|~", ch) != NULL;
+}
+
+static int is_token(const char *s, size_t n) {
+    if (n == 0) return 0;
+    for (size_t i = 0; i < n; i++)
+        if (!is_tchar((unsigned char)s[i])) return 0;
+    return 1;
+}
+
+/* A header value may not hold CR, LF or NUL: they would split the message. */
+static int is_field_value(const char *s, size_t n) {
+    for (size_t i = 0; i < n; i++)
+        if (s[i] == '\r' || s[i] == '\n' || s[i] == '\0') return 0;
+    return 1;
+}
+
+static int ieq(const char *a, size_t an, const char *b) {
+    size_t bn = strlen(b);
+    if (an != bn) return 0;
+    for (size_t i = 0; i < an; i++) {
+        char x = a[i];
+        if (x >= 'A' && x <= 'Z') x = (char)(x + 32);
+        if (x != b[i]) return 0;
+    }
+    return 1;
+}
+
+/* Walk a Lua headers table: { name = value | {values...} } or an array of
+ * { name, value } pairs. Names must be tokens, values strings or numbers
+ * without CR, LF or NUL; anything else raises (a caller's bug). */
+typedef void (*header_fn)(const char *name, size_t nl, const char *val, size_t vl, void *ud);
+
+static void header_entry(lua_State *L, int nidx, int vidx, const char *who, header_fn fn, void *ud) {
+    if (lua_type(L, nidx) != LUA_TSTRING) luaL_error(L, "%s: a header name must be a string", who);
+    size_t nl;
+    const char *name = lua_tolstring(L, nidx, &nl);
+    if (!is_token(name, nl)) luaL_error(L, "%s: invalid header name '%s'", who, name);
+    int multi = lua_istable(L, vidx);
+    int n = multi ? (int)lua_rawlen(L, vidx) : 1;
+    for (int k = 1; k <= n; k++) {
+        if (multi) lua_rawgeti(L, vidx, k);
+        else lua_pushvalue(L, vidx);
+        int vt = lua_type(L, -1);
+        if (vt != LUA_TSTRING && vt != LUA_TNUMBER)
+            luaL_error(L, "%s: the value of header '%s' must be a string or a number", who, name);
+        size_t vl;
+        const char *val = lua_tolstring(L, -1, &vl);
+        if (!is_field_value(val, vl))
+            luaL_error(L, "%s: the value of header '%s' holds CR, LF or NUL", who, name);
+        fn(name, nl, val, vl, ud);
+        lua_pop(L, 1);
+    }
+}
+
+static void each_header(lua_State *L, int hidx, const char *who, header_fn fn, void *ud) {
+    hidx = lua_absindex(L, hidx);
+    luaL_checkstack(L, 8, "headers");
+    if (lua_rawgeti(L, hidx, 1) == LUA_TTABLE) {
+        lua_pop(L, 1);
+        for (lua_Integer i = 1; lua_rawgeti(L, hidx, i) != LUA_TNIL; i++) {
+            if (!lua_istable(L, -1))
+                luaL_error(L, "%s: headers entry %d is not a {name, value} pair", who, (int)i);
+            lua_rawgeti(L, -1, 1);
+            lua_rawgeti(L, -2, 2);
+            int top = lua_gettop(L);
+            header_entry(L, top - 1, top, who, fn, ud);
+            lua_pop(L, 3);
+        }
+        lua_pop(L, 1);
+        return;
+    }
+    lua_pop(L, 1);
+    lua_pushnil(L);
+    while (lua_next(L, hidx)) {
+        int top = lua_gettop(L);
+        header_entry(L, top - 1, top, who, fn, ud);
+        lua_pop(L, 1);
+    }
+}
+
+static const char *reason_phrase(int status) {
+    switch (status) {
+    case 100: return "Continue";
+    case 101: return "Switching Protocols";
+    case 200: return "OK";
+    case 201: return "Created";
+    case 202: return "Accepted";
+    case 204: return "No Content";
+    case 206: return "Partial Content";
+    case 301: return "Moved Permanently";
+    case 302: return "Found";
+    case 303: return "See Other";
+    case 304: return "Not Modified";
+    case 307: return "Temporary Redirect";
+    case 308: return "Permanent Redirect";
+    case 400: return "Bad Request";
+    case 401: return "Unauthorized";
+    case 403: return "Forbidden";
+    case 404: return "Not Found";
+    case 405: return "Method Not Allowed";
+    case 408: return "Request Timeout";
+    case 409: return "Conflict";
+    case 410: return "Gone";
+    case 411: return "Length Required";
+    case 413: return "Content Too Large";
+    case 414: return "URI Too Long";
+    case 415: return "Unsupported Media Type";
+    case 422: return "Unprocessable Content";
+    case 429: return "Too Many Requests";
+    case 431: return "Request Header Fields Too Large";
+    case 500: return "Internal Server Error";
+    case 501: return "Not Implemented";
+    case 502: return "Bad Gateway";
+    case 503: return "Service Unavailable";
+    case 504: return "Gateway Timeout";
+    case 505: return "HTTP Version Not Supported";
+    default:
+        if (status < 200) return "Informational";
+        if (status < 300) return "Success";
+        if (status < 400) return "Redirection";
+        if (status < 500) return "Client Error";
+        return "Server Error";
+    }
+}
+
+/* The Date header, formatted once per second. */
+static const char *http_date(void) {
+    static _Thread_local time_t last;
+    static _Thread_local char text[40];
+    time_t now = time(NULL);
+    if (now != last) {
+        struct tm tm;
+        gmtime_r(&now, &tm);
+        strftime(text, sizeof text, "%a, %d %b %Y %H:%M:%S GMT", &tm);
+        last = now;
+    }
+    return text;
+}
+
+/* ---- parsed heads ------------------------------------------------------ */
+
+/* Offsets into the head's arena: the arena moves when it grows. */
+typedef struct http_header { uint32_t name, name_len, value, value_len; } http_header;
+
+typedef struct http_head {
+    buf arena;            /* target (or reason), then names (lower case) and values */
+    http_header *hdr;
+    int nhdr, hcap;
+    uint32_t first_len;   /* arena[0, first_len): the target, or a response's reason */
+    int method, major, minor, status;
+} http_head;
+
+static void head_reset(http_head *h) {
+    h->arena.len = 0;
+    h->nhdr = 0;
+    h->first_len = 0;
+}
+
+static void head_free(http_head *h) {
+    buf_free(&h->arena);
+    free(h->hdr);
+    h->hdr = NULL;
+    h->nhdr = h->hcap = 0;
+}
+
+static const char *head_str(const http_head *h, uint32_t off) { return h->arena.p + off; }
+
+/* The value of the only header named `name` (lower case); NULL when absent.
+ * *count gets how many there are. */
+static const http_header *head_find(const http_head *h, const char *name, int *count) {
+    const http_header *found = NULL;
+    int n = 0;
+    size_t len = strlen(name);
+    for (int i = 0; i < h->nhdr; i++) {
+        const http_header *x = &h->hdr[i];
+        if (x->name_len == len && memcmp(head_str(h, x->name), name, len) == 0) {
+            if (!found) found = x;
+            n++;
+        }
+    }
+    if (count) *count = n;
+    return found;
+}
+
+/* Push the headers as a table: lower-case name -> value, repeated headers
+ * joined with ", " ("; " for cookie), set-cookie always an array. */
+static void push_headers(lua_State *L, const http_head *h) {
+    lua_createtable(L, 0, h->nhdr);
+    for (int i = 0; i < h->nhdr; i++) {
+        const http_header *x = &h->hdr[i];
+        const char *name = head_str(h, x->name);
+        lua_pushlstring(L, name, x->name_len);
+        lua_pushvalue(L, -1);
+        int t = lua_rawget(L, -3);
+        int is_cookie_set = x->name_len == 10 && memcmp(name, "set-cookie", 10) == 0;
+        if (is_cookie_set) {
+            if (t == LUA_TNIL) {
+                lua_pop(L, 1);
+                lua_createtable(L, 1, 0);
+            }
+            lua_pushlstring(L, head_str(h, x->value), x->value_len);
+            lua_rawseti(L, -2, (lua_Integer)lua_rawlen(L, -2) + 1);
+        } else if (t == LUA_TNIL) {
+            lua_pop(L, 1);
+            lua_pushlstring(L, head_str(h, x->value), x->value_len);
+        } else {
+            int is_cookie = x->name_len == 6 && memcmp(name, "cookie", 6) == 0;
+            lua_pushstring(L, is_cookie ? "; " : ", ");
+            lua_pushlstring(L, head_str(h, x->value), x->value_len);
+            lua_concat(L, 3);
+        }
+        lua_rawset(L, -3);
+    }
+}
+
+/* ---- the shared parsing state ----------------------------------------- */
+
+enum { PAUSE_NONE, PAUSE_HEAD, PAUSE_DONE };
+
+/* First member of both a server connection and a client exchange, so the
+ * llhttp callbacks that build a head serve both. */
+typedef struct http_parse {
+    llhttp_t parser;
+    http_head head;
+    int in_head;          /* between message begin and the end of the head */
+    int field_open;       /* a header name is being received */
+    uint32_t span;        /* where the current name or value began */
+    size_t max_head;
+    int max_headers;
+    int error_status;     /* set by a callback that refused the message */
+    const char *error_msg;
+    int pause;            /* why the parser paused */
+} http_parse;
+
+static int parse_fail(http_parse *p, int status, const char *msg) {
+    p->error_status = status;
+    p->error_msg = msg;
+    llhttp_set_error_reason(&p->parser, msg);
+    return HPE_USER;
+}
+
+static int span_add(http_parse *p, const char *at, size_t n, int lower) {
+    buf *a = &p->head.arena;
+    if (a->len + n > p->max_head)
+        return parse_fail(p, 431, p->parser.type == HTTP_REQUEST ? "request head too large"
+                                                                  : "response head too large");
+    if (buf_reserve(a, n)) return parse_fail(p, 500, "out of memory");
+    char *dst = a->p + a->len;
+    if (lower) {
+        for (size_t i = 0; i < n; i++) {
+            char ch = at[i];
+            dst[i] = (ch >= 'A' && ch <= 'Z') ? (char)(ch + 32) : ch;
+        }
+    } else {
+        memcpy(dst, at, n);
+    }
+    a->len += n;
+    return 0;
+}
+
+static int cb_message_begin(llhttp_t *ps) {
+    http_parse *p = ps->data;
+    head_reset(&p->head);
+    p->in_head = 1;
+    p->field_open = 0;
+    return 0;
+}
+
+static int cb_first_line_span(llhttp_t *ps, const char *at, size_t n) {
+    http_parse *p = ps->data;
+    int rc = span_add(p, at, n, 0);
+    if (!rc) p->head.first_len += (uint32_t)n;
+    return rc;
+}
+
+static int cb_header_field(llhttp_t *ps, const char *at, size_t n) {
+    http_parse *p = ps->data;
+    if (!p->in_head) return 0; /* a trailer: dropped */
+    if (!p->field_open) {
+        if (p->head.nhdr >= p->max_headers) return parse_fail(p, 431, "too many header fields");
+        p->field_open = 1;
+        p->span = (uint32_t)p->head.arena.len;
+    }
+    return span_add(p, at, n, 1);
+}
+
+static int cb_header_field_complete(llhttp_t *ps) {
+    http_parse *p = ps->data;
+    if (!p->in_head) return 0;
+    http_head *h = &p->head;
+    uint32_t len = (uint32_t)h->arena.len - p->span;
+    /* llhttp keeps white space before the colon in the name: refuse it. */
+    if (!is_token(h->arena.p + p->span, len))
+        return parse_fail(p, 400, "invalid character in a header name");
+    if (h->nhdr == h->hcap) {
+        int cap = h->hcap ? h->hcap * 2 : 16;
+        http_header *nh = realloc(h->hdr, (size_t)cap * sizeof *nh);
+        if (!nh) return parse_fail(p, 500, "out of memory");
+        h->hdr = nh;
+        h->hcap = cap;
+    }
+    http_header *x = &h->hdr[h->nhdr++];
+    x->name = p->span;
+    x->name_len = len;
+    x->value = (uint32_t)h->arena.len;
+    x->value_len = 0;
+    p->field_open = 0;
+    return 0;
+}
+
+static int cb_header_value(llhttp_t *ps, const char *at, size_t n) {
+    http_parse *p = ps->data;
+    if (!p->in_head) return 0;
+    return span_add(p, at, n, 0);
+}
+
+static int cb_header_value_complete(llhttp_t *ps) {
+    http_parse *p = ps->data;
+    if (!p->in_head || p->head.nhdr == 0) return 0;
+    http_head *h = &p->head;
+    http_header *x = &h->hdr[h->nhdr - 1];
+    uint32_t len = (uint32_t)h->arena.len - x->value;
+    while (len > 0 && (h->arena.p[x->value + len - 1] == ' ' || h->arena.p[x->value + len - 1] == '\t'))
+        len--;
+    x->value_len = len;
+    return 0;
+}
+
+static void settings_common(llhttp_settings_t *s) {
+    llhttp_settings_init(s);
+    s->on_message_begin = cb_message_begin;
+    s->on_header_field = cb_header_field;
+    s->on_header_field_complete = cb_header_field_complete;
+    s->on_header_value = cb_header_value;
+    s->on_header_value_complete = cb_header_value_complete;
+}
+
+/* ====================================================================== */
+/* Server                                                                 */
+/* ====================================================================== */
+
+typedef struct http_limits {
+    size_t max_head;
+    int max_headers;
+    size_t max_body;
+    int64_t header_timeout;
+    int64_t idle_timeout;
+    int64_t body_timeout;
+    int64_t send_timeout;
+    int max_connections;
+    int lazy_body;          /* call the handler at the head; it reads the body */
+} http_limits;
+
+enum { PHASE_HEAD, PHASE_BODY, PHASE_LINGER };
+enum { TIMER_NONE, TIMER_HEADER, TIMER_IDLE, TIMER_BODY, TIMER_SEND, TIMER_LINGER };
+
+typedef struct http_server http_server;
+typedef struct http_conn http_conn;
+typedef struct http_req http_req;
+
+struct http_server {
+    lua_State *L;          /* the main thread */
+    tn_listener *lis;      /* while it accepts for this server */
+    tn_listener *lis_mem;  /* a reference on its memory, until stopped */
+    int lis_ref, self_ref, handler_ref, on_error_ref;
+    http_limits lim;
+    http_conn *conns;
+    int open;
+    int lingering;         /* open connections past their last response */
+    int refs;
+    int closed;            /* no longer accepting */
+    int blocked;           /* at max_connections with a connection waiting */
+    lua_Integer accepted, requests;
+    tn_task *drainer;
+    uint64_t dseq;
+};
+
+struct http_conn {
+    http_parse p;          /* first: llhttp's data pointer is the connection */
+    tn_sock sock;
+    uv_timer_t timer;
+    http_server *srv;
+    http_conn *prev, *next;
+    http_req *req;         /* the request being handled */
+    buf in;                /* bytes read, parsed up to in_off */
+    size_t in_off;
+    size_t head_bytes;     /* raw bytes of the current head so far */
+    int is_pipe;
+    int handles;           /* libuv handles not yet closed */
+    int closing, reading, paused, flush, running, rerun, eof, dead;
+    int phase, timer_kind, got_bytes, shut;
+    char scan_prev;        /* last raw head byte seen, across reads */
+    const char *bad_head;  /* a framing problem found in the raw head bytes */
+    char peer[160];
+};
+
+struct http_req {
+    int refs;
+    http_conn *conn;       /* NULL once the connection moved on or closed */
+    http_server *srv;
+    http_head head;
+    buf body;
+    size_t body_max;
+    size_t seen;           /* body bytes parsed, kept or dropped */
+    int want_body, msg_complete, responded, written, keep_alive, discard, head_method;
+    int expects_body, dispatched, expect_continue, continue_sent;
+    const char *body_err;
+    tn_task *waiter;
+    uint64_t wseq;
+    char peer[160];
+};
+
+typedef struct { http_req *r; } req_box;
+typedef struct { http_server *s; } server_box;
+
+static llhttp_settings_t server_settings;
+
+static void conn_run(http_conn *c);
+static void conn_close(http_conn *c);
+static void conn_detach_req(http_conn *c);
+static void conn_linger(http_conn *c);
+static void srv_accept(http_server *s);
+
+static void srv_unref(http_server *s) {
+    if (--s->refs > 0) return;
+    luaL_unref(s->L, LUA_REGISTRYINDEX, s->handler_ref);
+    luaL_unref(s->L, LUA_REGISTRYINDEX, s->on_error_ref);
+    free(s);
+}
+
+static void req_unref(http_req *r) {
+    if (--r->refs > 0) return;
+    head_free(&r->head);
+    buf_free(&r->body);
+    srv_unref(r->srv);
+    free(r);
+}
+
+/* ---- logging ----------------------------------------------------------- */
+
+/* Report a handler failure: to the server's on_error function if it has one,
+ * else to stderr. Never raises. */
+static void srv_log(lua_State *L, http_server *s, const char *msg) {
+    if (s->on_error_ref != LUA_NOREF && lua_checkstack(L, 3)) {
+        lua_rawgeti(L, LUA_REGISTRYINDEX, s->on_error_ref);
+        lua_pushstring(L, msg);
+        if (lua_pcall(L, 1, 0, 0) == LUA_OK) return;
+        fprintf(stderr, "ten: http on_error failed: %s\n", lua_tostring(L, -1));
+        lua_pop(L, 1);
+    }
+    fprintf(stderr, "ten: http handler failed: %s\n", msg);
+}
+
+/* ---- timers and reading ------------------------------------------------ */
+
+static void conn_timer_cb(uv_timer_t *t);
+
+static void conn_timer(http_conn *c, int kind, int64_t ms) {
+    c->timer_kind = kind;
+    if (kind == TIMER_NONE || ms < 0) {
+        c->timer_kind = TIMER_NONE;
+        uv_timer_stop(&c->timer);
+        return;
+    }
+    uv_timer_start(&c->timer, conn_timer_cb, (uint64_t)ms, 0);
+}
+
+static void conn_alloc(uv_handle_t *h, size_t hint, uv_buf_t *b) {
+    (void)hint;
+    http_conn *c = h->data;
+    if (c->phase == PHASE_LINGER) {
+        b->base = scratch;
+        b->len = sizeof scratch;
+        return;
+    }
+    if (c->in_off == c->in.len) {
+        c->in_off = c->in.len = 0;
+    } else if (c->in_off > 0) {
+        memmove(c->in.p, c->in.p + c->in_off, c->in.len - c->in_off);
+        c->in.len -= c->in_off;
+        c->in_off = 0;
+    }
+    size_t want = c->phase == PHASE_BODY ? 64 * 1024 : 8 * 1024;
+    if (buf_reserve(&c->in, want)) {
+        b->base = NULL;
+        b->len = 0;
+        return;
+    }
+    b->base = c->in.p + c->in.len;
+    b->len = c->in.cap - c->in.len;
+}
+
+static void conn_read_cb(uv_stream_t *h, ssize_t nread, const uv_buf_t *b);
+
+/* Read exactly when the parser can use input: it is not paused waiting for
+ * the handler, or the connection lingers. */
+static void conn_update_reading(http_conn *c) {
+    int want = !c->closing && !c->eof &&
+               (c->phase == PHASE_LINGER ? c->shut : (!c->paused && !c->dead));
+    if (want && !c->reading) {
+        if (uv_read_start(&c->sock.stream, conn_alloc, conn_read_cb) == 0) c->reading = 1;
+        else conn_close(c);
+    } else if (!want && c->reading) {
+        uv_read_stop(&c->sock.stream);
+        c->reading = 0;
+    }
+}
+
+/* ---- writing ----------------------------------------------------------- */
+
+enum { AFTER_NOTHING, AFTER_RESPONSE };
+
+typedef struct conn_write_op {
+    uv_write_t req;
+    http_conn *c;
+    int after;
+    char data[];
+} conn_write_op;
+
+static void response_written(http_conn *c);
+
+static void conn_write_cb(uv_write_t *req, int status) {
+    conn_write_op *w = req->data;
+    http_conn *c = w->c;
+    int after = w->after;
+    free(w);
+    if (c->closing) return;
+    if (status < 0) { conn_close(c); return; }
+    if (c->timer_kind == TIMER_SEND) {
+        /* a body still being read before the handler keeps its deadline */
+        if (c->req && !c->req->dispatched && c->phase == PHASE_BODY)
+            conn_timer(c, TIMER_BODY, c->srv->lim.body_timeout);
+        else
+            conn_timer(c, TIMER_NONE, 0);
+    }
+    if (after == AFTER_RESPONSE) response_written(c);
+}
+
+/* Write head and body. Returns 1 when the kernel took everything now, 0 when
+ * the rest is queued (after runs when it is written), -1 when the
+ * connection failed and was closed. */
+static int conn_write(http_conn *c, const char *h, size_t hl, const char *b, size_t bl, int after) {
+    uv_buf_t bufs[2] = { uv_buf_init((char *)h, (unsigned)hl), uv_buf_init((char *)b, (unsigned)bl) };
+    int nb = bl ? 2 : 1;
+    size_t total = hl + bl;
+    int n = uv_try_write(&c->sock.stream, bufs, nb);
+    if (n >= 0 && (size_t)n == total) return 1;
+    if (n < 0 && n != UV_EAGAIN) { conn_close(c); return -1; }
+    size_t done = n > 0 ? (size_t)n : 0;
+    size_t rest = total - done;
+    conn_write_op *w = malloc(sizeof *w + rest);
+    if (!w) { conn_close(c); return -1; }
+    w->c = c;
+    w->after = after;
+    w->req.data = w;
+    char *dst = w->data;
+    if (done < hl) {
+        memcpy(dst, h + done, hl - done);
+        dst += hl - done;
+        memcpy(dst, b, bl);
+    } else {
+        memcpy(dst, b + (done - hl), bl - (done - hl));
+    }
+    uv_buf_t one = uv_buf_init(w->data, (unsigned)rest);
+    if (uv_write(&w->req, &c->sock.stream, &one, 1, conn_write_cb) != 0) {
+        free(w);
+        conn_close(c);
+        return -1;
+    }
+    conn_timer(c, TIMER_SEND, c->srv->lim.send_timeout);
+    return 0;
+}
+
+/* A response the server makes itself (400, 408, 413, 431, 500, 503). */
+static int simple_response(buf *out, int status, const char *detail, int close) {
+    char body[256];
+    int bl = snprintf(body, sizeof body, "%d %s%s%s\n", status, reason_phrase(status),
+                      detail ? ": " : "", detail ? detail : "");
+    if (bl < 0) bl = 0;
+    if ((size_t)bl >= sizeof body) bl = sizeof body - 1;
+    out->len = 0;
+    buf_printf(out, "HTTP/1.1 %d %s\r\nServer: tenement\r\nDate: %s\r\n", status,
+               reason_phrase(status), http_date());
+    buf_printf(out, "Content-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n", bl);
+    if (close) buf_addstr(out, "Connection: close\r\n");
+    buf_addstr(out, "\r\n");
+    return buf_add(out, body, (size_t)bl);
+}
+
+/* Answer an unusable request head and close: the handler never sees it. */
+static void conn_reject(http_conn *c, int status, const char *detail) {
+    if (c->closing || c->phase == PHASE_LINGER) return;
+    buf out = { 0 };
+    c->dead = 1;
+    conn_detach_req(c);
+    if (simple_response(&out, status, detail, 1) == 0 &&
+        conn_write(c, out.p, out.len, NULL, 0, AFTER_NOTHING) >= 0)
+        conn_linger(c);
+    buf_free(&out);
+}
+
+/* ---- closing ----------------------------------------------------------- */
+
+static void conn_handle_closed(uv_handle_t *h) {
+    http_conn *c = h->data;
+    if (--c->handles > 0) return;
+    buf_free(&c->in);
+    head_free(&c->p.head);
+    srv_unref(c->srv);
+    free(c);
+}
+
+static void req_wake(http_req *r);
+
+/* The request stops being the connection's: a body() waiting for it gets
+ * nil, "closed". */
+static void conn_detach_req(http_conn *c) {
+    http_req *r = c->req;
+    if (!r) return;
+    c->req = NULL;
+    r->conn = NULL;
+    req_wake(r);
+    req_unref(r);
+}
+
+static void drain_wake(http_server *s) {
+    tn_task *t = s->drainer;
+    if (!t || s->open - s->lingering > 0) return;
+    s->drainer = NULL;
+    if (tn_task_waiting_for(t, s->dseq)) {
+        lua_pushboolean(tn_task_thread(t), 1);
+        tn_task_resume(t, 1);
+    }
+    tn_task_release(t);
+}
+
+static void conn_close(http_conn *c) {
+    if (c->closing) return;
+    c->closing = 1;
+    c->reading = 0;
+    uv_timer_stop(&c->timer);
+    uv_close(&c->sock.handle, conn_handle_closed);
+    uv_close((uv_handle_t *)&c->timer, conn_handle_closed);
+    http_server *s = c->srv;
+    if (c->prev) c->prev->next = c->next;
+    else s->conns = c->next;
+    if (c->next) c->next->prev = c->prev;
+    c->prev = c->next = NULL;
+    s->open--;
+    if (c->phase == PHASE_LINGER) s->lingering--;
+    conn_detach_req(c);
+    if (s->blocked && !s->closed) {
+        s->blocked = 0;
+        srv_accept(s);
+    }
+    drain_wake(s);
+}
+
+static void conn_shutdown_cb(uv_shutdown_t *req, int status) {
+    http_conn *c = req->data;
+    free(req);
+    if (c->closing) return;
+    if (status < 0 || c->eof) { conn_close(c); return; }
+    c->shut = 1;
+    conn_timer(c, TIMER_LINGER, LINGER_MS);
+    conn_update_reading(c);
+}
+
+/* Stop taking requests: once what is queued is written, send FIN, then
+ * drop whatever the client still sends until it closes or LINGER_MS pass. */
+static void conn_linger(http_conn *c) {
+    if (c->closing || c->phase == PHASE_LINGER) return;
+    c->phase = PHASE_LINGER;
+    c->srv->lingering++;
+    c->dead = 1;
+    conn_detach_req(c);
+    drain_wake(c->srv);
+    if (c->closing) return;
+    uv_shutdown_t *req = malloc(sizeof *req);
+    if (!req) { conn_close(c); return; }
+    req->data = c;
+    if (uv_shutdown(req, &c->sock.stream, conn_shutdown_cb) != 0) {
+        free(req);
+        conn_close(c);
+        return;
+    }
+    if (c->timer_kind != TIMER_SEND) conn_timer(c, TIMER_SEND, c->srv->lim.send_timeout);
+    conn_update_reading(c);
+}
+
+static void conn_timer_cb(uv_timer_t *t) {
+    http_conn *c = t->data;
+    if (c->closing) return;
+    int kind = c->timer_kind;
+    c->timer_kind = TIMER_NONE;
+    if (kind == TIMER_HEADER && c->phase == PHASE_HEAD && c->got_bytes)
+        conn_reject(c, 408, "the request head did not arrive in time");
+    else if (kind == TIMER_BODY && c->req && !c->req->dispatched)
+        conn_reject(c, 408, "the request body did not arrive in time");
+    else
+        conn_close(c);
+}
+
+/* ---- the request object ------------------------------------------------ */
+
+static req_box *check_req_box(lua_State *L, int idx) {
+    return luaL_checkudata(L, idx, REQUEST_MT);
+}
+
+static http_req *check_req(lua_State *L, int idx) {
+    req_box *b = check_req_box(L, idx);
+    if (!b->r) luaL_error(L, "request is gone");
+    return b->r;
+}
+
+static int push_body_result(lua_State *L, http_req *r) {
+    if (!r->expects_body) {
+        lua_pushliteral(L, "");
+        return 1;
+    }
+    if (r->body_err) {
+        lua_pushnil(L);
+        lua_pushstring(L, r->body_err);
+        return 2;
+    }
+    if (r->msg_complete) {
+        lua_pushlstring(L, r->body.p ? r->body.p : "", r->body.len);
+        return 1;
+    }
+    lua_pushnil(L);
+    lua_pushliteral(L, "closed");
+    return 2;
+}
+
+/* Give a task waiting in body() its answer. The request is held across the
+ * resume: the task may drop it and the collector free it meanwhile. */
+static void req_wake(http_req *r) {
+    tn_task *t = r->waiter;
+    if (!t) return;
+    r->waiter = NULL;
+    r->refs++;
+    if (tn_task_waiting_for(t, r->wseq)) {
+        lua_State *co = tn_task_thread(t);
+        tn_task_resume(t, push_body_result(co, r));
+    }
+    tn_task_release(t);
+    req_unref(r);
+}
+
+static void body_cancel(void *arg) {
+    http_req *r = arg;
+    if (r->waiter) {
+        tn_task_release(r->waiter);
+        r->waiter = NULL;
+    }
+    /* The rest of the body is unknown now: no further request can be
+     * framed on this connection. */
+    r->keep_alive = 0;
+    r->want_body = 0;
+}
+
+/* Let the parser read r's body: answer "Expect: 100-continue" first. */
+static void start_body(http_conn *c, http_req *r) {
+    if (r->expect_continue && !r->continue_sent) {
+        static const char cont[] = "HTTP/1.1 100 Continue\r\n\r\n";
+        r->continue_sent = 1;
+        if (conn_write(c, cont, sizeof cont - 1, NULL, 0, AFTER_NOTHING) < 0) return;
+    }
+    if (c->paused) {
+        llhttp_resume(&c->p.parser);
+        c->paused = 0;
+        c->flush = 1;
+    }
+}
+
+/* req:body([max [, timeout_ms]]) -> string | nil, err */
+static int l_req_body(lua_State *L) {
+    http_req *r = check_req(L, 1);
+    http_server *s = r->srv;
+    lua_Integer max = luaL_optinteger(L, 2, (lua_Integer)s->lim.max_body);
+    lua_Integer timeout = luaL_optinteger(L, 3, s->lim.body_timeout);
+    if (max < 0) return luaL_argerror(L, 2, "negative size");
+    if ((size_t)max > s->lim.max_body) max = (lua_Integer)s->lim.max_body;
+    if (!r->expects_body || r->msg_complete || r->body_err) {
+        if (!r->body_err && r->body.len > (size_t)max) {
+            lua_pushnil(L);
+            lua_pushfstring(L, "request body too large (more than %d bytes)", (int)max);
+            return 2;
+        }
+        return push_body_result(L, r);
+    }
+    http_conn *c = r->conn;
+    if (!c || c->closing || c->req != r) return push_body_result(L, r);
+    if (r->waiter) return luaL_error(L, "another task is already reading this request's body");
+    if (r->discard) return luaL_error(L, "the body was dropped: a response was already sent");
+    tn_task *t = tn_task_check(L);
+    r->body_max = (size_t)max;
+    r->want_body = 1;
+    start_body(c, r);
+    conn_run(c);
+    if (r->msg_complete || r->body_err || r->conn != c || c->closing) return push_body_result(L, r);
+    r->waiter = tn_task_hold(t);
+    r->wseq = tn_task_seq(t);
+    return tn_task_wait_cancel(L, t, timeout, body_cancel, r);
+}
+
+/* Response head into out. Raises on a bad header (a handler bug, which the
+ * task turns into a logged 500): out is scratch memory that the next
+ * response reuses, so raising here leaks nothing. */
+typedef struct { buf *out; int has_server, has_date, close; } resp_ctx;
+
+static void resp_header(const char *name, size_t nl, const char *val, size_t vl, void *ud) {
+    resp_ctx *x = ud;
+    if (ieq(name, nl, "content-length") || ieq(name, nl, "transfer-encoding") ||
+        ieq(name, nl, "keep-alive"))
+        return; /* framing is the server's job */
+    if (ieq(name, nl, "connection")) {
+        if (strcasestr(val, "close")) x->close = 1;
+        return;
+    }
+    if (ieq(name, nl, "server")) x->has_server = 1;
+    if (ieq(name, nl, "date")) x->has_date = 1;
+    buf_add(x->out, name, nl);
+    buf_add(x->out, ": ", 2);
+    buf_add(x->out, val, vl);
+    buf_add(x->out, "\r\n", 2);
+}
+
+static void build_response_head(lua_State *L, buf *out, http_req *r, int status, int hidx,
+                                 size_t body_len, int *keep) {
+    resp_ctx x = { out, 0, 0, !*keep };
+    out->len = 0;
+    buf_printf(out, "HTTP/1.1 %d %s\r\n", status, reason_phrase(status));
+    if (hidx) each_header(L, hidx, "respond", resp_header, &x);
+    if (!x.has_server) buf_addstr(out, "Server: tenement\r\n");
+    if (!x.has_date) buf_printf(out, "Date: %s\r\n", http_date());
+    if (status >= 200 && status != 204 && status != 304)
+        buf_printf(out, "Content-Length: %zu\r\n", body_len);
+    if (x.close) buf_addstr(out, "Connection: close\r\n");
+    else if (r->head.minor == 0) buf_addstr(out, "Connection: keep-alive\r\n");
+    buf_addstr(out, "\r\n");
+    if (out->p == NULL) luaL_error(L, "out of memory");
+    *keep = !x.close;
+}
+
+static void request_finished(http_conn *c);
+
+/* The response is in the kernel: go on with the next request, after
+ * dropping whatever the handler left unread of this one's body. */
+static void response_written(http_conn *c) {
+    http_req *r = c->req;
+    if (!r || c->closing) return;
+    r->written = 1;
+    if (!r->keep_alive || c->srv->closed) { conn_linger(c); return; }
+    if (r->msg_complete) {
+        request_finished(c);
+    } else if (r->expect_continue && !r->continue_sent) {
+        /* the client may hold the body back or send it: nothing can be
+         * framed after it */
+        conn_linger(c);
+        return;
+    } else {
+        r->discard = 1;
+        if (c->paused) {
+            llhttp_resume(&c->p.parser);
+            c->paused = 0;
+            c->flush = 1;
+        }
+    }
+    conn_run(c);
+}
+
+/* Send a response for r. Returns 0, or -1 when the connection is gone. */
+static int req_send(http_req *r, const char *head, size_t hl, const char *body, size_t bl) {
+    http_conn *c = r->conn;
+    r->responded = 1;
+    if (!c || c->closing || c->req != r) return -1;
+    int rc = conn_write(c, head, hl, body, bl, AFTER_RESPONSE);
+    if (rc == 1) response_written(c);
+    return rc < 0 ? -1 : 0;
+}
+
+static void req_internal_error(http_req *r) {
+    static _Thread_local buf out;
+    r->keep_alive = r->keep_alive && r->conn && !r->srv->closed;
+    if (simple_response(&out, 500, NULL, !r->keep_alive) != 0) {
+        if (r->conn) conn_close(r->conn);
+        return;
+    }
+    req_send(r, out.p, out.len, NULL, 0);
+}
+
+/* req:respond(status [, headers [, body]]) -> true | nil, "closed" */
+static int l_req_respond(lua_State *L) {
+    static _Thread_local buf out;
+    http_req *r = check_req(L, 1);
+    lua_Integer status = luaL_checkinteger(L, 2);
+    if (status < 200 || status > 599) return luaL_argerror(L, 2, "status must be within 200-599");
+    int hidx = 0;
+    if (!lua_isnoneornil(L, 3)) {
+        luaL_checktype(L, 3, LUA_TTABLE);
+        hidx = 3;
+    }
+    size_t bl = 0;
+    const char *body = "";
+    if (!lua_isnoneornil(L, 4)) body = luaL_checklstring(L, 4, &bl);
+    if (bl > 0x7fffffff) return luaL_argerror(L, 4, "body larger than 2 GiB");
+    if (r->responded) return luaL_error(L, "a response was already sent for this request");
+    int keep = r->keep_alive && !r->srv->closed;
+    build_response_head(L, &out, r, (int)status, hidx, bl, &keep);
+    r->keep_alive = keep;
+    int no_body = r->head_method || status == 204 || status == 304;
+    if (req_send(r, out.p, out.len, body, no_body ? 0 : bl) < 0) {
+        lua_pushnil(L);
+        lua_pushliteral(L, "closed");
+        return 2;
+    }
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+static int req_path_len(const http_req *r) {
+    const char *t = r->head.arena.p;
+    const char *q = memchr(t, '?', r->head.first_len);
+    return q ? (int)(q - t) : (int)r->head.first_len;
+}
+
+/* req:header(name) -> value | nil: one header, case-insensitively. */
+static int l_req_header(lua_State *L) {
+    http_req *r = check_req(L, 1);
+    size_t n;
+    const char *name = luaL_checklstring(L, 2, &n);
+    char low[128];
+    if (n >= sizeof low) { lua_pushnil(L); return 1; }
+    for (size_t i = 0; i <= n; i++)
+        low[i] = (name[i] >= 'A' && name[i] <= 'Z') ? (char)(name[i] + 32) : name[i];
+    int count;
+    const http_header *x = head_find(&r->head, low, &count);
+    if (!x) { lua_pushnil(L); return 1; }
+    if (count == 1) {
+        lua_pushlstring(L, head_str(&r->head, x->value), x->value_len);
+        return 1;
+    }
+    push_headers(L, &r->head);
+    lua_getfield(L, -1, low);
+    return 1;
+}
+
+static int l_req_index(lua_State *L) {
+    req_box *b = check_req_box(L, 1);
+    /* fields a handler set on the request, and cached ones */
+    lua_getiuservalue(L, 1, 1);
+    lua_pushvalue(L, 2);
+    if (lua_rawget(L, -2) != LUA_TNIL) return 1;
+    lua_pop(L, 2);
+    /* methods */
+    lua_getmetatable(L, 1);
+    lua_pushvalue(L, 2);
+    if (lua_rawget(L, -2) != LUA_TNIL) return 1;
+    lua_pop(L, 2);
+    http_req *r = b->r;
+    if (!r || lua_type(L, 2) != LUA_TSTRING) return 0;
+    const char *k = lua_tostring(L, 2);
+    const http_head *h = &r->head;
+    if (strcmp(k, "method") == 0) {
+        lua_pushstring(L, llhttp_method_name((llhttp_method_t)h->method));
+    } else if (strcmp(k, "target") == 0) {
+        lua_pushlstring(L, h->arena.p, h->first_len);
+    } else if (strcmp(k, "path") == 0) {
+        lua_pushlstring(L, h->arena.p, (size_t)req_path_len(r));
+    } else if (strcmp(k, "query") == 0) {
+        int pl = req_path_len(r);
+        if ((uint32_t)pl == h->first_len) return 0;
+        lua_pushlstring(L, h->arena.p + pl + 1, h->first_len - (uint32_t)pl - 1);
+    } else if (strcmp(k, "version") == 0) {
+        lua_pushfstring(L, "%d.%d", h->major, h->minor);
+    } else if (strcmp(k, "peer") == 0) {
+        lua_pushstring(L, r->peer);
+    } else if (strcmp(k, "headers") == 0) {
+        push_headers(L, h);
+        lua_getiuservalue(L, 1, 1);
+        lua_pushliteral(L, "headers");
+        lua_pushvalue(L, -3);
+        lua_rawset(L, -3);
+        lua_pop(L, 1);
+    } else {
+        return 0;
+    }
+    return 1;
+}
+
+/* Handlers may note things on a request (req.route = ...). */
+static int l_req_newindex(lua_State *L) {
+    check_req_box(L, 1);
+    lua_getiuservalue(L, 1, 1);
+    lua_pushvalue(L, 2);
+    lua_pushvalue(L, 3);
+    lua_rawset(L, -3);
+    return 0;
+}
+
+static int l_req_gc(lua_State *L) {
+    req_box *b = check_req_box(L, 1);
+    http_req *r = b->r;
+    if (!r) return 0;
+    b->r = NULL;
+    req_unref(r);
+    return 0;
+}
+
+static int l_req_tostring(lua_State *L) {
+    req_box *b = check_req_box(L, 1);
+    if (!b->r) { lua_pushliteral(L, "tenement.http.request (gone)"); return 1; }
+    const http_head *h = &b->r->head;
+    lua_pushfstring(L, "tenement.http.request (%s ", llhttp_method_name((llhttp_method_t)h->method));
+    lua_pushlstring(L, h->arena.p, h->first_len);
+    lua_pushliteral(L, ")");
+    lua_concat(L, 3);
+    return 1;
+}
+
+static void req_push(lua_State *L, http_req *r) {
+    req_box *b = lua_newuserdatauv(L, sizeof *b, 1);
+    b->r = NULL;
+    luaL_setmetatable(L, REQUEST_MT);
+    lua_newtable(L);
+    lua_setiuservalue(L, -2, 1);
+    b->r = r;
+    r->refs++;
+}
+
+/* ---- the handler task -------------------------------------------------- */
+
+static int handler_msgh(lua_State *L) {
+    const char *msg = lua_tostring(L, 1);
+    if (!msg) msg = luaL_tolstring(L, 1, NULL);
+    luaL_traceback(L, L, msg, 1);
+    return 1;
+}
+
+static void req_log_failure(lua_State *L, http_req *r, const char *what) {
+    lua_pushfstring(L, "%s ", llhttp_method_name((llhttp_method_t)r->head.method));
+    lua_pushlstring(L, r->head.arena.p, r->head.first_len);
+    lua_pushfstring(L, ": %s", what);
+    lua_concat(L, 3);
+    srv_log(L, r->srv, lua_tostring(L, -1));
+    lua_pop(L, 1);
+}
+
+/* Stack: 1 request, 2 handler, 3 message handler, then the handler's
+ * results or its error. */
+static int req_task_k(lua_State *L, int status, lua_KContext k) {
+    (void)k;
+    http_req *r = check_req(L, 1);
+    if (status != LUA_OK && status != LUA_YIELD) {
+        req_log_failure(L, r, lua_tostring(L, -1) ? lua_tostring(L, -1) : "(error object)");
+        if (!r->responded) req_internal_error(r);
+        return 0;
+    }
+    int nres = lua_gettop(L) - 3;
+    if (nres > 0 && !lua_isnil(L, 4)) {
+        int nargs = nres > 3 ? 3 : nres;
+        lua_pushcfunction(L, l_req_respond);
+        lua_pushvalue(L, 1);
+        for (int i = 0; i < nargs; i++) lua_pushvalue(L, 4 + i);
+        if (lua_pcall(L, 1 + nargs, 0, 3) != LUA_OK) {
+            req_log_failure(L, r, lua_tostring(L, -1));
+            if (!r->responded) req_internal_error(r);
+        }
+    } else if (!r->responded) {
+        req_log_failure(L, r, "the handler returned no response and did not call req:respond");
+        req_internal_error(r);
+    }
+    return 0;
+}
+
+static int req_task_main(lua_State *L) {
+    lua_settop(L, 2);
+    lua_pushcfunction(L, handler_msgh);
+    lua_pushvalue(L, 2);
+    lua_pushvalue(L, 1);
+    int st = lua_pcallk(L, 1, LUA_MULTRET, 3, 0, req_task_k);
+    return req_task_k(L, st, 0);
+}
+
+static int dispatch_protected(lua_State *L) {
+    http_req *r = lua_touserdata(L, 1);
+    lua_rawgetp(L, LUA_REGISTRYINDEX, &spawn_key);
+    lua_pushcfunction(L, req_task_main);
+    req_push(L, r);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, r->srv->handler_ref);
+    lua_call(L, 3, 0);
+    return 0;
+}
+
+/* ---- the connection's parser ------------------------------------------ */
+
+/* RFC 9112 framing the parser lets through; checked on the raw head bytes:
+ * every LF must follow a CR, and no line may start with white space
+ * (obsolete folding). */
+static void head_scan(http_conn *c, const char *p, size_t n) {
+    if (c->bad_head) return;
+    const char *end = p + n;
+    char prev = c->scan_prev;
+    for (const char *q = p; q < end; q++) {
+        char ch = *q;
+        if (ch == '\n') {
+            if (prev != '\r') { c->bad_head = "bare LF in the request head"; return; }
+        } else if ((ch == ' ' || ch == '\t') && prev == '\n') {
+            c->bad_head = "obsolete line folding in the request head";
+            return;
+        }
+        prev = ch;
+    }
+    c->scan_prev = prev;
+}
+
+/* Start the handler's task for r. */
+static void req_dispatch(http_conn *c, http_req *r) {
+    http_server *s = c->srv;
+    r->dispatched = 1;
+    lua_State *L = s->L;
+    int top = lua_gettop(L);
+    if (!lua_checkstack(L, 4)) { conn_reject(c, 503, "out of memory"); return; }
+    lua_pushcfunction(L, dispatch_protected);
+    lua_pushlightuserdata(L, r);
+    if (lua_pcall(L, 1, 0, 0) != LUA_OK) {
+        srv_log(L, s, lua_tostring(L, -1));
+        lua_settop(L, top);
+        r->keep_alive = 0;
+        req_internal_error(r);
+        return;
+    }
+    lua_settop(L, top);
+}
+
+/* The head is complete: refuse what must not reach a handler, then start
+ * the handler's task (or read the body first). */
+static void on_head(http_conn *c) {
+    http_server *s = c->srv;
+    http_head *h = &c->p.head;
+    llhttp_t *ps = &c->p.parser;
+    if (c->bad_head) { conn_reject(c, 400, c->bad_head); return; }
+    if (c->head_bytes > s->lim.max_head) { conn_reject(c, 431, "request head too large"); return; }
+    if (ps->http_major != 1 || ps->http_minor > 1) {
+        conn_reject(c, 400, "only HTTP/1.0 and HTTP/1.1 are spoken here");
+        return;
+    }
+    if (ps->method == HTTP_CONNECT) { conn_reject(c, 400, "CONNECT is not supported"); return; }
+    int n;
+    const http_header *te = head_find(h, "transfer-encoding", &n);
+    if (te && (n > 1 || !ieq(head_str(h, te->value), te->value_len, "chunked"))) {
+        conn_reject(c, 400, "the only transfer coding accepted is a single \"chunked\"");
+        return;
+    }
+    head_find(h, "host", &n);
+    if (n > 1 || (n == 0 && ps->http_minor == 1)) {
+        conn_reject(c, 400, "an HTTP/1.1 request needs exactly one Host header");
+        return;
+    }
+    int chunked = te != NULL;
+    if (!chunked && head_find(h, "content-length", NULL) && ps->content_length > s->lim.max_body) {
+        conn_reject(c, 413, "the request body is larger than the server accepts");
+        return;
+    }
+
+    http_req *r = calloc(1, sizeof *r);
+    if (!r) { conn_reject(c, 503, "out of memory"); return; }
+    r->refs = 1; /* the connection */
+    r->conn = c;
+    r->srv = s;
+    s->refs++;
+    h->method = ps->method;
+    h->major = ps->http_major;
+    h->minor = ps->http_minor;
+    r->head = *h;
+    memset(h, 0, sizeof *h);
+    r->keep_alive = llhttp_should_keep_alive(ps) && !ps->upgrade;
+    r->head_method = ps->method == HTTP_HEAD;
+    r->expects_body = chunked || ps->content_length > 0;
+    const http_header *ex = head_find(&r->head, "expect", NULL);
+    r->expect_continue = ps->http_minor == 1 && ex &&
+                         ieq(head_str(&r->head, ex->value), ex->value_len, "100-continue");
+    memcpy(r->peer, c->peer, sizeof r->peer);
+    c->req = r;
+    c->phase = PHASE_BODY;
+    conn_timer(c, TIMER_NONE, 0);
+    s->requests++;
+    if (r->expects_body && !s->lim.lazy_body) {
+        /* The body is read before the handler runs, so a malformed or
+         * oversized one never reaches it. */
+        r->want_body = 1;
+        r->body_max = s->lim.max_body;
+        conn_timer(c, TIMER_BODY, s->lim.body_timeout);
+        start_body(c, r);
+        return;
+    }
+    req_dispatch(c, r);
+}
+
+static void on_message_done(http_conn *c) {
+    http_req *r = c->req;
+    if (!r) return;
+    r->msg_complete = 1;
+    r->want_body = 0;
+    if (!r->dispatched) {
+        /* the parser stays paused here until the response is written */
+        conn_timer(c, TIMER_NONE, 0);
+        req_dispatch(c, r);
+        return;
+    }
+    req_wake(r);
+    if (c->closing || c->req != r) return;
+    if (r->written) request_finished(c);
+}
+
+/* Ready for the next request on this connection. */
+static void request_finished(http_conn *c) {
+    http_req *r = c->req;
+    int keep = r && r->keep_alive;
+    c->req = NULL;
+    if (r) {
+        r->conn = NULL;
+        req_unref(r);
+    }
+    if (!keep || c->srv->closed) { conn_linger(c); return; }
+    llhttp_resume(&c->p.parser);
+    c->paused = 0;
+    c->flush = 1;
+    c->phase = PHASE_HEAD;
+    c->head_bytes = 0;
+    c->got_bytes = 0;
+    c->scan_prev = 0;
+    c->bad_head = NULL;
+    c->p.error_status = 0;
+    c->p.error_msg = NULL;
+    conn_timer(c, TIMER_IDLE, c->srv->lim.idle_timeout);
+    /* an idle connection keeps no input buffer */
+    if (c->in_off == c->in.len) {
+        buf_free(&c->in);
+        c->in_off = 0;
+    }
+}
+
+/* The body of the current request could not be read to its end: no later
+ * request can be framed on this connection. */
+static void conn_body_failed(http_conn *c, const char *msg) {
+    http_req *r = c->req;
+    c->dead = 1;
+    if (!r) { conn_close(c); return; }
+    r->keep_alive = 0;
+    if (!r->body_err) r->body_err = msg;
+    req_wake(r);
+    if (c->closing) return;
+    if (r->written || r->discard) conn_close(c);
+}
+
+static void conn_exec(http_conn *c, const char *p, size_t n) {
+    llhttp_errno_t e = llhttp_execute(&c->p.parser, p, n);
+    size_t used = n;
+    if (e != HPE_OK) {
+        const char *pos = llhttp_get_error_pos(&c->p.parser);
+        used = pos && pos >= p && pos <= p + n ? (size_t)(pos - p) : n;
+    }
+    c->in_off += used;
+    if (c->phase == PHASE_HEAD && used > 0) {
+        c->head_bytes += used;
+        head_scan(c, p, used);
+        if (!c->got_bytes) {
+            c->got_bytes = 1;
+            conn_timer(c, TIMER_HEADER, c->srv->lim.header_timeout);
+        }
+    }
+    switch (e) {
+    case HPE_OK:
+        if (c->phase == PHASE_HEAD) {
+            if (c->bad_head) conn_reject(c, 400, c->bad_head);
+            else if (c->head_bytes > c->srv->lim.max_head) conn_reject(c, 431, "request head too large");
+        }
+        return;
+    case HPE_PAUSED: {
+        int why = c->p.pause;
+        c->p.pause = PAUSE_NONE;
+        c->paused = 1;
+        if (why == PAUSE_HEAD) on_head(c);
+        else on_message_done(c);
+        return;
+    }
+    case HPE_PAUSED_UPGRADE:
+        /* an upgrade request was answered; nothing follows it here */
+        c->paused = 1;
+        c->dead = 1;
+        return;
+    default:
+        break;
+    }
+    const char *msg = c->p.error_msg ? c->p.error_msg : llhttp_get_error_reason(&c->p.parser);
+    if (c->phase == PHASE_HEAD || !c->req || !c->req->dispatched) {
+        conn_reject(c, c->p.error_status ? c->p.error_status : 400, msg);
+    } else {
+        conn_body_failed(c, c->p.error_status == 413 ? "request body too large"
+                                                       : "malformed request body");
+    }
+}
+
+/* Parse what is buffered as long as the parser may go on. Re-entered from a
+ * task woken inside (body() returning, a response written at once): the
+ * inner call only asks the outer loop to look again. */
+static void conn_run(http_conn *c) {
+    if (c->running) { c->rerun = 1; return; }
+    c->running = 1;
+    do {
+        c->rerun = 0;
+        while (!c->closing && !c->paused && !c->dead && c->phase != PHASE_LINGER) {
+            size_t avail = c->in.len - c->in_off;
+            if (avail == 0 && !c->flush) break;
+            c->flush = 0;
+            conn_exec(c, c->in.p ? c->in.p + c->in_off : "", avail);
+        }
+        if (!c->closing && c->in_off == c->in.len) c->in_off = c->in.len = 0;
+        conn_update_reading(c);
+    } while (c->rerun && !c->closing);
+    c->running = 0;
+}
+
+static void conn_eof(http_conn *c) {
+    switch (c->phase) {
+    case PHASE_LINGER:
+    case PHASE_HEAD:
+        conn_close(c);
+        return;
+    default:
+        /* a request body ended early; llhttp_finish cannot complete one */
+        if (c->req && !c->req->dispatched) conn_close(c);
+        else conn_body_failed(c, "the connection closed before the request body ended");
+        return;
+    }
+}
+
+static void conn_read_cb(uv_stream_t *h, ssize_t nread, const uv_buf_t *b) {
+    (void)b;
+    http_conn *c = h->data;
+    if (c->closing || nread == 0) return;
+    if (nread > 0) {
+        if (c->phase == PHASE_LINGER) return;
+        c->in.len += (size_t)nread;
+        conn_run(c);
+        return;
+    }
+    if (nread != UV_EOF) { conn_close(c); return; }
+    c->eof = 1;
+    uv_read_stop(h);
+    c->reading = 0;
+    conn_eof(c);
+}
+
+static int srv_on_headers_complete(llhttp_t *ps) {
+    http_parse *p = ps->data;
+    p->in_head = 0;
+    p->pause = PAUSE_HEAD;
+    return HPE_PAUSED;
+}
+
+static int srv_on_body(llhttp_t *ps, const char *at, size_t n) {
+    http_conn *c = (http_conn *)ps->data;
+    http_req *r = c->req;
+    if (!r) return 0;
+    r->seen += n;
+    if (r->seen > c->srv->lim.max_body) return parse_fail(&c->p, 413, "request body too large");
+    if (!r->want_body) return 0; /* dropped after the response */
+    if (r->seen > r->body_max) {
+        r->body_err = "request body too large";
+        r->want_body = 0;
+        r->keep_alive = 0;
+        buf_free(&r->body);
+        return parse_fail(&c->p, 413, "request body too large");
+    }
+    if (buf_add(&r->body, at, n)) return parse_fail(&c->p, 500, "out of memory");
+    return 0;
+}
+
+static int srv_on_message_complete(llhttp_t *ps) {
+    http_parse *p = ps->data;
+    p->pause = PAUSE_DONE;
+    return HPE_PAUSED;
+}
+
+/* ---- the server -------------------------------------------------------- */
+
+static void srv_accept(http_server *s) {
+    while (!s->closed && s->lis && s->lis->pending) {
+        if (s->open >= s->lim.max_connections) {
+            /* libuv holds the connection and stops watching the socket
+             * until it is accepted: the kernel's backlog waits. */
+            s->blocked = 1;
+            return;
+        }
+        http_conn *c = calloc(1, sizeof *c);
+        if (!c) return;
+        uv_loop_t *loop = s->lis->sock.handle.loop;
+        c->is_pipe = s->lis->is_pipe;
+        if (tn_sock_init(loop, &c->sock, c->is_pipe) != 0) { free(c); return; }
+        uv_timer_init(loop, &c->timer);
+        c->sock.handle.data = c;
+        c->timer.data = c;
+        c->handles = 2;
+        c->srv = s;
+        s->refs++;
+        c->next = s->conns;
+        if (s->conns) s->conns->prev = c;
+        s->conns = c;
+        s->open++;
+        int rc = tn_listener_accept(s->lis, &c->sock);
+        if (rc) { conn_close(c); return; }
+        s->accepted++;
+        tn_sock_peer(&c->sock, c->is_pipe, c->peer, sizeof c->peer);
+        llhttp_init(&c->p.parser, HTTP_REQUEST, &server_settings);
+        c->p.parser.data = c;
+        c->p.max_head = s->lim.max_head;
+        c->p.max_headers = s->lim.max_headers;
+        c->phase = PHASE_HEAD;
+        /* the first request gets the header timeout from the start: a
+         * connection that sends nothing is dropped as soon */
+        conn_timer(c, TIMER_HEADER, s->lim.header_timeout);
+        conn_update_reading(c);
+    }
+}
+
+static void srv_on_conn(tn_listener *l, int status) {
+    http_server *s = l->owner;
+    if (status < 0) return; /* EMFILE and the like: libuv retries */
+    srv_accept(s);
+}
+
+static void srv_on_listener_close(tn_listener *l, int status) {
+    (void)status;
+    http_server *s = l->owner;
+    s->lis = NULL;
+}
+
+/* Stop accepting; idle connections close now, busy ones after their
+ * current response (which then says Connection: close). */
+static void srv_stop(http_server *s) {
+    if (s->closed) return;
+    s->closed = 1;
+    s->blocked = 0;
+    if (s->lis) {
+        tn_listener *l = s->lis;
+        s->lis = NULL;
+        l->on_conn = NULL;
+        l->on_close = NULL;
+        l->owner = NULL;
+        tn_listener_close(l);
+    }
+    if (s->lis_mem) {
+        tn_listener_release(s->lis_mem);
+        s->lis_mem = NULL;
+    }
+    luaL_unref(s->L, LUA_REGISTRYINDEX, s->lis_ref);
+    s->lis_ref = LUA_NOREF;
+    luaL_unref(s->L, LUA_REGISTRYINDEX, s->self_ref);
+    s->self_ref = LUA_NOREF;
+    http_conn *c = s->conns;
+    while (c) {
+        http_conn *next = c->next;
+        if (c->phase == PHASE_HEAD && !c->got_bytes && !c->req) conn_close(c);
+        c = next;
+    }
+}
+
+static http_server *check_server(lua_State *L) {
+    server_box *b = luaL_checkudata(L, 1, SERVER_MT);
+    if (!b->s) luaL_error(L, "server is gone");
+    return b->s;
+}
+
+static lua_Integer opt_limit(lua_State *L, int idx, const char *name, lua_Integer def,
+                             lua_Integer lo, lua_Integer hi) {
+    if (idx == 0) return def;
+    lua_getfield(L, idx, name);
+    if (lua_isnil(L, -1)) { lua_pop(L, 1); return def; }
+    if (!lua_isinteger(L, -1)) luaL_error(L, "http.serve: %s must be an integer", name);
+    lua_Integer v = lua_tointeger(L, -1);
+    lua_pop(L, 1);
+    if (v < lo || v > hi) luaL_error(L, "http.serve: %s out of range", name);
+    return v;
+}
+
+/* http.serve(listener, handler [, options]) -> server */
+static int l_serve(lua_State *L) {
+    tn_listener *l = tn_listener_check(L, 1);
+    luaL_checktype(L, 2, LUA_TFUNCTION);
+    int oidx = 0;
+    if (!lua_isnoneornil(L, 3)) {
+        luaL_checktype(L, 3, LUA_TTABLE);
+        oidx = 3;
+    }
+    if (l->on_conn) return luaL_error(L, "http.serve: the listener already has a server");
+    if (l->waiter) return luaL_error(L, "http.serve: a task is accepting on the listener");
+    http_limits lim;
+    const lua_Integer big = (lua_Integer)1 << 40;
+    lim.max_head = (size_t)opt_limit(L, oidx, "max_head", 16 * 1024, 256, 1 << 24);
+    lim.max_headers = (int)opt_limit(L, oidx, "max_headers", 100, 1, 10000);
+    lim.max_body = (size_t)opt_limit(L, oidx, "max_body", 10 * 1024 * 1024, 0, big);
+    lim.header_timeout = opt_limit(L, oidx, "header_timeout", 10000, 1, big);
+    lim.idle_timeout = opt_limit(L, oidx, "idle_timeout", 60000, 1, big);
+    lim.body_timeout = opt_limit(L, oidx, "body_timeout", 60000, 1, big);
+    lim.send_timeout = opt_limit(L, oidx, "send_timeout", 60000, 1, big);
+    lim.max_connections = (int)opt_limit(L, oidx, "max_connections", 4096, 1, 1 << 20);
+    lim.lazy_body = 0;
+    if (oidx) {
+        lua_getfield(L, oidx, "lazy_body");
+        lim.lazy_body = lua_toboolean(L, -1);
+        lua_pop(L, 1);
+    }
+    int has_on_error = 0;
+    if (oidx) {
+        lua_getfield(L, oidx, "on_error");
+        if (!lua_isnil(L, -1)) {
+            luaL_argexpected(L, lua_isfunction(L, -1), 3, "on_error to be a function");
+            has_on_error = 1;
+        } else {
+            lua_pop(L, 1);
+        }
+    }
+
+    http_server *s = calloc(1, sizeof *s);
+    if (!s) return luaL_error(L, "out of memory");
+    s->lim = lim;
+    s->refs = 1; /* the Lua object */
+    s->on_error_ref = has_on_error ? luaL_ref(L, LUA_REGISTRYINDEX) : LUA_NOREF;
+    lua_pushvalue(L, 2);
+    s->handler_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    lua_pushvalue(L, 1);
+    s->lis_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_MAINTHREAD);
+    s->L = lua_tothread(L, -1);
+    lua_pop(L, 1);
+    s->lis = l;
+    s->lis_mem = l;
+    tn_listener_hold(l);
+    server_box *b = lua_newuserdatauv(L, sizeof *b, 0);
+    b->s = s;
+    luaL_setmetatable(L, SERVER_MT);
+    lua_pushvalue(L, -1);
+    s->self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    l->owner = s;
+    l->on_conn = srv_on_conn;
+    l->on_close = srv_on_listener_close;
+    srv_accept(s); /* a connection may already be waiting */
+    return 1;
+}
+
+static int l_server_close(lua_State *L) {
+    srv_stop(check_server(L));
+    return 0;
+}
+
+static void drain_cancel(void *arg) {
+    http_server *s = arg;
+    tn_task *t = s->drainer;
+    s->drainer = NULL;
+    if (t) tn_task_release(t);
+    /* The deadline passed: what is still open is cut. */
+    s->refs++;
+    while (s->conns) conn_close(s->conns);
+    srv_unref(s);
+}
+
+/* server:drain([timeout_ms]) -> true | nil, "timeout". True once every
+ * connection sent its last response (some may still be saying goodbye);
+ * at the deadline every connection still open is closed. */
+static int l_server_drain(lua_State *L) {
+    http_server *s = check_server(L);
+    lua_Integer timeout = luaL_optinteger(L, 2, -1);
+    srv_stop(s);
+    if (s->open - s->lingering == 0) { lua_pushboolean(L, 1); return 1; }
+    if (s->drainer) return luaL_error(L, "another task is already draining this server");
+    tn_task *t = tn_task_check(L);
+    s->drainer = tn_task_hold(t);
+    s->dseq = tn_task_seq(t);
+    return tn_task_wait_cancel(L, t, timeout, drain_cancel, s);
+}
+
+static int l_server_stats(lua_State *L) {
+    http_server *s = check_server(L);
+    lua_createtable(L, 0, 3);
+    lua_pushinteger(L, s->open);
+    lua_setfield(L, -2, "connections_open");
+    lua_pushinteger(L, s->accepted);
+    lua_setfield(L, -2, "connections_accepted");
+    lua_pushinteger(L, s->requests);
+    lua_setfield(L, -2, "requests");
+    return 1;
+}
+
+/* Collected only once closed (it is anchored while it accepts), or when the
+ * state closes: then no task may be resumed, so connections are left to the
+ * process exit. */
+static int l_server_gc(lua_State *L) {
+    server_box *b = luaL_checkudata(L, 1, SERVER_MT);
+    http_server *s = b->s;
+    if (!s) return 0;
+    b->s = NULL;
+    if (!s->closed) {
+        s->closed = 1;
+        if (s->lis) {
+            s->lis->on_conn = NULL;
+            s->lis->on_close = NULL;
+            s->lis = NULL;
+        }
+    }
+    if (s->lis_mem) {
+        tn_listener_release(s->lis_mem);
+        s->lis_mem = NULL;
+    }
+    srv_unref(s);
+    return 0;
+}
+
+static int l_server_tostring(lua_State *L) {
+    server_box *b = luaL_checkudata(L, 1, SERVER_MT);
+    if (!b->s) lua_pushliteral(L, "tenement.http.server (gone)");
+    else lua_pushfstring(L, "tenement.http.server (%s, %d open)",
+                         b->s->closed ? "closed" : "serving", b->s->open);
+    return 1;
+}
+
+/* ====================================================================== */
+/* Client                                                                 */
+/* ====================================================================== */
+
+typedef struct http_client {
+    http_parse p;          /* first: llhttp's data pointer */
+    tn_sock sock;
+    int is_pipe;
+    uv_connect_t creq;
+    uv_write_t wreq;
+    tn_task *t;
+    uint64_t seq;
+    lua_State *L;          /* the main thread */
+    char *out;             /* the serialised request */
+    size_t out_len;
+    buf body;
+    size_t max_body;
+    int head_method;
+    int complete, finished, closing, writing;
+    int err;               /* a libuv error, or 0 */
+    const char *errmsg;    /* a protocol error, with errcode */
+    const char *errcode;
+    char what[200];
+} http_client;
+
+static llhttp_settings_t client_settings;
+
+static void client_free_cb(uv_handle_t *h) {
+    http_client *cl = h->data;
+    free(cl->out);
+    buf_free(&cl->body);
+    head_free(&cl->p.head);
+    free(cl);
+}
+
+static void client_close(http_client *cl) {
+    if (cl->closing) return;
+    cl->closing = 1;
+    uv_close(&cl->sock.handle, client_free_cb);
+}
+
+static int client_build_result(lua_State *L) {
+    http_client *cl = lua_touserdata(L, 1);
+    http_head *h = &cl->p.head;
+    lua_createtable(L, 0, 5);
+    lua_pushinteger(L, cl->p.parser.status_code);
+    lua_setfield(L, -2, "status");
+    lua_pushlstring(L, h->arena.p ? h->arena.p : "", h->first_len);
+    lua_setfield(L, -2, "reason");
+    lua_pushfstring(L, "%d.%d", cl->p.parser.http_major, cl->p.parser.http_minor);
+    lua_setfield(L, -2, "version");
+    push_headers(L, h);
+    lua_setfield(L, -2, "headers");
+    lua_pushlstring(L, cl->body.p ? cl->body.p : "", cl->body.len);
+    lua_setfield(L, -2, "body");
+    return 1;
+}
+
+/* Resume the task with the response or the failure, once. */
+static void client_finish(http_client *cl) {
+    if (cl->finished) return;
+    cl->finished = 1;
+    tn_task *t = cl->t;
+    if (tn_task_waiting_for(t, cl->seq)) {
+        lua_State *co = tn_task_thread(t);
+        int n;
+        if (cl->complete) {
+            /* Built on the main thread under pcall: a memory error must not
+             * escape into libuv. */
+            lua_State *L = cl->L;
+            int top = lua_gettop(L);
+            lua_pushcfunction(L, client_build_result);
+            lua_pushlightuserdata(L, cl);
+            if (lua_pcall(L, 1, 1, 0) == LUA_OK) {
+                lua_xmove(L, co, 1);
+                n = 1;
+            } else {
+                lua_pushnil(co);
+                lua_pushliteral(co, "out of memory");
+                n = 2;
+            }
+            lua_settop(L, top);
+        } else if (cl->err) {
+            n = tn_fail_uv(co, cl->what, cl->err);
+        } else {
+            lua_pushnil(co);
+            lua_pushfstring(co, "%s: %s", cl->what, cl->errmsg ? cl->errmsg : "failed");
+            lua_pushstring(co, cl->errcode ? cl->errcode : "EPROTO");
+            n = 3;
+        }
+        client_close(cl);
+        tn_task_resume(t, n);
+    } else {
+        client_close(cl);
+    }
+    tn_task_release(t);
+}
+
+static void client_fail_uv(http_client *cl, const char *verb, int err) {
+    if (cl->finished) return;
+    char what[sizeof cl->what];
+    snprintf(what, sizeof what, "%s", cl->what);
+    snprintf(cl->what, sizeof cl->what, "%.16s %.180s", verb, what);
+    cl->err = err;
+    client_finish(cl);
+}
+
+static void client_fail(http_client *cl, const char *msg, const char *code) {
+    if (cl->finished) return;
+    cl->errmsg = msg;
+    cl->errcode = code;
+    client_finish(cl);
+}
+
+static void client_exec(http_client *cl, const char *p, size_t n) {
+    llhttp_errno_t e = llhttp_execute(&cl->p.parser, p, n);
+    if (e == HPE_OK) return;
+    if (e == HPE_PAUSED && cl->complete) { client_finish(cl); return; }
+    if (cl->p.error_status == 413) client_fail(cl, "response body too large", "E2BIG");
+    else if (cl->p.error_status == 431) client_fail(cl, cl->p.error_msg, "E2BIG");
+    else client_fail(cl, cl->p.error_msg ? cl->p.error_msg : llhttp_get_error_reason(&cl->p.parser),
+                     "EPROTO");
+}
+
+static void client_read_cb(uv_stream_t *h, ssize_t nread, const uv_buf_t *b) {
+    http_client *cl = h->data;
+    if (cl->finished || nread == 0) return;
+    if (nread > 0) { client_exec(cl, b->base, (size_t)nread); return; }
+    if (nread != UV_EOF) { client_fail_uv(cl, "read from", (int)nread); return; }
+    /* EOF ends a body read until close, and nothing else. */
+    llhttp_errno_t e = llhttp_finish(&cl->p.parser);
+    if ((e == HPE_OK || e == HPE_PAUSED) && cl->complete) { client_finish(cl); return; }
+    client_fail(cl, "the connection closed before the response ended", "ECONNRESET");
+}
+
+static void client_alloc(uv_handle_t *h, size_t hint, uv_buf_t *b) {
+    (void)h; (void)hint;
+    b->base = scratch;
+    b->len = sizeof scratch;
+}
+
+static void client_write_cb(uv_write_t *req, int status) {
+    http_client *cl = req->data;
+    cl->writing = 0;
+    /* A server may answer and close before it read the whole request: a
+     * complete response wins over the failed write. */
+    if (status < 0 && status != UV_ECANCELED && !cl->complete) client_fail_uv(cl, "write to", status);
+}
+
+static void client_connect_cb(uv_connect_t *req, int status) {
+    http_client *cl = req->data;
+    if (cl->finished) return;
+    if (status < 0) { client_fail_uv(cl, "connect", status); return; }
+    uv_buf_t b = uv_buf_init(cl->out, (unsigned)cl->out_len);
+    cl->wreq.data = cl;
+    int rc = uv_write(&cl->wreq, &cl->sock.stream, &b, 1, client_write_cb);
+    if (rc == 0) {
+        cl->writing = 1;
+        rc = uv_read_start(&cl->sock.stream, client_alloc, client_read_cb);
+    }
+    if (rc) client_fail_uv(cl, "write to", rc);
+}
+
+static int cl_on_headers_complete(llhttp_t *ps) {
+    http_client *cl = (http_client *)ps->data;
+    cl->p.in_head = 0;
+    return cl->head_method ? 1 : 0;
+}
+
+static int cl_on_body(llhttp_t *ps, const char *at, size_t n) {
+    http_client *cl = (http_client *)ps->data;
+    if (cl->body.len + n > cl->max_body) return parse_fail(&cl->p, 413, "response body too large");
+    if (buf_add(&cl->body, at, n)) return parse_fail(&cl->p, 500, "out of memory");
+    return 0;
+}
+
+static int cl_on_message_complete(llhttp_t *ps) {
+    http_client *cl = (http_client *)ps->data;
+    int st = ps->status_code;
+    if (st >= 100 && st < 200 && st != 101) {
+        /* an interim response (100 Continue, 103 Early Hints): the real one follows */
+        cl->body.len = 0;
+        return 0;
+    }
+    cl->complete = 1;
+    return HPE_PAUSED;
+}
+
+static void client_cancel(void *arg) {
+    http_client *cl = arg;
+    if (cl->finished) return;
+    cl->finished = 1;
+    tn_task_release(cl->t);
+    client_close(cl);
+}
+
+/* Serialise the request into out (scratch that may be left half built when
+ * this raises). */
+typedef struct { buf *out; int has_host, chunked; } reqh_ctx;
+
+static void reqh_header(const char *name, size_t nl, const char *val, size_t vl, void *ud) {
+    reqh_ctx *x = ud;
+    if (ieq(name, nl, "transfer-encoding")) {
+        if (ieq(val, vl, "chunked")) x->chunked = 1;
+        else x->chunked = -1;
+        return;
+    }
+    if (ieq(name, nl, "content-length") || ieq(name, nl, "connection") || ieq(name, nl, "keep-alive"))
+        return; /* framing and the connection are the client's job */
+    if (ieq(name, nl, "host")) x->has_host = 1;
+    buf_add(x->out, name, nl);
+    buf_add(x->out, ": ", 2);
+    buf_add(x->out, val, vl);
+    buf_add(x->out, "\r\n", 2);
+}
+
+static void add_chunk(buf *out, const char *p, size_t n) {
+    if (n == 0) return;
+    buf_printf(out, "%zx\r\n", n);
+    buf_add(out, p, n);
+    buf_add(out, "\r\n", 2);
+}
+
+static void build_request(lua_State *L, buf *out, const tn_addr *a, const char *method,
+                          const char *target, int hidx, int bidx) {
+    reqh_ctx x = { out, 0, 0 };
+    out->len = 0;
+    buf_addstr(out, method);
+    buf_addstr(out, " ");
+    buf_addstr(out, target);
+    buf_addstr(out, " HTTP/1.1\r\n");
+    if (hidx) each_header(L, hidx, "http.request", reqh_header, &x);
+    if (x.chunked < 0) luaL_error(L, "http.request: the only transfer coding sent is \"chunked\"");
+    if (!x.has_host) buf_printf(out, "Host: %s\r\n", a->is_pipe ? "localhost" : a->text);
+    int chunked = x.chunked || (bidx && lua_istable(L, bidx));
+    if (chunked) {
+        buf_addstr(out, "Transfer-Encoding: chunked\r\n");
+    } else if (bidx) {
+        buf_printf(out, "Content-Length: %zu\r\n", lua_rawlen(L, bidx));
+    } else if (strcmp(method, "POST") == 0 || strcmp(method, "PUT") == 0 || strcmp(method, "PATCH") == 0) {
+        buf_addstr(out, "Content-Length: 0\r\n");
+    }
+    buf_addstr(out, "Connection: close\r\n\r\n");
+    if (bidx && lua_istable(L, bidx)) {
+        lua_Integer n = (lua_Integer)lua_rawlen(L, bidx);
+        for (lua_Integer i = 1; i <= n; i++) {
+            if (lua_rawgeti(L, bidx, i) != LUA_TSTRING)
+                luaL_error(L, "http.request: body chunk %d is not a string", (int)i);
+            size_t cl;
+            const char *chunk = lua_tolstring(L, -1, &cl);
+            add_chunk(out, chunk, cl);
+            lua_pop(L, 1);
+        }
+    } else if (bidx) {
+        size_t bl;
+        const char *body = lua_tolstring(L, bidx, &bl);
+        if (chunked) add_chunk(out, body, bl);
+        else buf_add(out, body, bl);
+    }
+    if (chunked) buf_addstr(out, "0\r\n\r\n");
+    if (!out->p) luaL_error(L, "out of memory");
+}
+
+/* http.request{ path= | host=, port=, method=, target=, headers=, body=,
+ *               timeout=, max_body= } -> res | nil, err, code */
+static int l_request(lua_State *L) {
+    static _Thread_local buf out;
+    tn_addr a;
+    int n = tn_addr_from_table(L, 1, &a, "connect");
+    if (n) return n;
+    lua_getfield(L, 1, "method");
+    const char *method = luaL_optstring(L, -1, "GET");
+    if (!is_token(method, strlen(method))) return luaL_error(L, "http.request: invalid method '%s'", method);
+    lua_getfield(L, 1, "target");
+    size_t tl;
+    const char *target = luaL_optlstring(L, -1, "/", &tl);
+    for (size_t i = 0; i < tl; i++)
+        if ((unsigned char)target[i] <= ' ' || target[i] == 0x7f)
+            return luaL_error(L, "http.request: the target holds a space or a control character");
+    if (tl == 0) return luaL_error(L, "http.request: empty target");
+    int hidx = 0, bidx = 0;
+    if (lua_getfield(L, 1, "headers") != LUA_TNIL) {
+        luaL_argexpected(L, lua_istable(L, -1), 1, "headers to be a table");
+        hidx = lua_gettop(L);
+    }
+    int bt = lua_getfield(L, 1, "body");
+    if (bt != LUA_TNIL) {
+        luaL_argexpected(L, bt == LUA_TSTRING || bt == LUA_TTABLE, 1,
+                         "body to be a string or an array of strings");
+        bidx = lua_gettop(L);
+    }
+    lua_getfield(L, 1, "timeout");
+    lua_Integer timeout = luaL_optinteger(L, -1, 30000);
+    lua_getfield(L, 1, "max_body");
+    lua_Integer max_body = luaL_optinteger(L, -1, 10 * 1024 * 1024);
+    lua_getfield(L, 1, "max_head");
+    lua_Integer max_head = luaL_optinteger(L, -1, 64 * 1024);
+    lua_pop(L, 3);
+    if (max_body < 0 || max_head < 256) return luaL_error(L, "http.request: limits out of range");
+    tn_task *t = tn_task_check(L);
+    build_request(L, &out, &a, method, target, hidx, bidx);
+
+    http_client *cl = calloc(1, sizeof *cl);
+    char *copy = malloc(out.len);
+    if (!cl || !copy) { free(cl); free(copy); return luaL_error(L, "out of memory"); }
+    memcpy(copy, out.p, out.len);
+    cl->out = copy;
+    cl->out_len = out.len;
+    cl->max_body = (size_t)max_body;
+    cl->is_pipe = a.is_pipe;
+    cl->head_method = strcmp(method, "HEAD") == 0;
+    snprintf(cl->what, sizeof cl->what, "%s", a.text);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_MAINTHREAD);
+    cl->L = lua_tothread(L, -1);
+    lua_pop(L, 1);
+    llhttp_init(&cl->p.parser, HTTP_RESPONSE, &client_settings);
+    cl->p.parser.data = cl;
+    cl->p.max_head = (size_t)max_head;
+    cl->p.max_headers = 1000;
+    int rc = tn_sock_init(tn_loop(L), &cl->sock, a.is_pipe);
+    if (rc) { free(cl->out); free(cl); return tn_fail_uv(L, "connect", rc); }
+    cl->sock.handle.data = cl;
+    cl->creq.data = cl;
+    rc = tn_sock_connect(&cl->creq, &cl->sock, &a, client_connect_cb);
+    if (rc) {
+        char what[200];
+        snprintf(what, sizeof what, "connect %s", a.text);
+        client_close(cl);
+        return tn_fail_uv(L, what, rc);
+    }
+    cl->t = tn_task_hold(t);
+    cl->seq = tn_task_seq(t);
+    return tn_task_wait_cancel(L, t, timeout, client_cancel, cl);
+}
+
+/* ---- registration ------------------------------------------------------ */
+
+int tn_open_http(lua_State *L) {
+    static const luaL_Reg req_methods[] = {
+        {"body", l_req_body}, {"respond", l_req_respond}, {"header", l_req_header},
+        {"__gc", l_req_gc}, {"__tostring", l_req_tostring}, {NULL, NULL},
+    };
+    static const luaL_Reg server_methods[] = {
+        {"close", l_server_close}, {"drain", l_server_drain}, {"stats", l_server_stats},
+        {"__gc", l_server_gc}, {"__close", l_server_close}, {"__tostring", l_server_tostring},
+        {NULL, NULL},
+    };
+    static const luaL_Reg fns[] = {
+        {"serve", l_serve}, {"request", l_request}, {NULL, NULL},
+    };
+    settings_common(&server_settings);
+    server_settings.on_url = cb_first_line_span;
+    server_settings.on_headers_complete = srv_on_headers_complete;
+    server_settings.on_body = srv_on_body;
+    server_settings.on_message_complete = srv_on_message_complete;
+    settings_common(&client_settings);
+    client_settings.on_status = cb_first_line_span;
+    client_settings.on_headers_complete = cl_on_headers_complete;
+    client_settings.on_body = cl_on_body;
+    client_settings.on_message_complete = cl_on_message_complete;
+
+    /* Request objects index through a function (fields are computed from
+     * the C head on demand), so the metatable is not its own __index. */
+    luaL_newmetatable(L, REQUEST_MT);
+    luaL_setfuncs(L, req_methods, 0);
+    lua_pushcfunction(L, l_req_index);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, l_req_newindex);
+    lua_setfield(L, -2, "__newindex");
+    lua_pop(L, 1);
+    tn_new_class(L, SERVER_MT, server_methods);
+
+    /* core.spawn, to start handler tasks from C: tn_open_loop hands out a
+     * table of the scheduler's functions. */
+    tn_open_loop(L);
+    lua_getfield(L, -1, "spawn");
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &spawn_key);
+    lua_pop(L, 1);
+
+    luaL_newlib(L, fns);
+    return 1;
+}

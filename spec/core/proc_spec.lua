@@ -1,0 +1,702 @@
+-- core.proc: spawning, watching, signalling and talking to child processes,
+-- against real processes of this machine.
+local core = require "tenement.core"
+local proc = core.proc
+local fs = core.fs
+
+local PATH = "/usr/local/bin:/usr/bin:/bin"
+
+-- Everything the pipe gives until end of file.
+local function read_all(pipe, timeout)
+  local parts = {}
+  while true do
+    local chunk, err = pipe:read(timeout or 5000)
+    if chunk == nil then
+      assert(err == nil, err)
+      return table.concat(parts)
+    end
+    parts[#parts + 1] = chunk
+  end
+end
+
+-- The output of one short command, and its status.
+local function run(spec)
+  local p = assert(proc.spawn(spec))
+  local out = read_all(p.stdout)
+  return out, p:wait(5000)
+end
+
+local function lines(s)
+  local t = {}
+  for l in s:gmatch("[^\n]+") do t[#t + 1] = l end
+  table.sort(t)
+  return t
+end
+
+local function tmpdir()
+  local base = os.getenv("TMPDIR") or "/tmp"
+  local name = string.format("%s/tn-proc-%d-%d", base, proc.getpid(), math.random(1, 1e9))
+  assert(fs.mkdir(name, 448))
+  return name
+end
+
+local function proc_stat(pid)
+  local f = io.open("/proc/" .. pid .. "/stat")
+  if not f then return nil end
+  local s = f:read("a")
+  f:close()
+  -- fields after the command name: state ppid pgrp session ...
+  local rest = s:match("%) (.*)$")
+  local fields = {}
+  for w in rest:gmatch("%S+") do fields[#fields + 1] = w end
+  return { state = fields[1], ppid = tonumber(fields[2]), pgrp = tonumber(fields[3]),
+           session = tonumber(fields[4]), start = fields[20] }
+end
+
+-- Gone for good (reaped): no process with this pid and start time remains,
+-- not even a zombie (unless zombie_ok: a process that is not our child is
+-- reaped by whoever adopted it). There is no event to wait for once the
+-- handle is dropped or the process is not ours, so poll with a deadline.
+local function wait_reaped(pid, start, zombie_ok)
+  local deadline = core.now() + 5000
+  while core.now() < deadline do
+    local st = proc_stat(pid)
+    if not st or st.start ~= start or (zombie_ok and st.state == "Z") then return true end
+    core.sleep(5)
+  end
+  local st = proc_stat(pid)
+  return false, "pid " .. pid .. " still there in state " .. (st and st.state or "?")
+end
+
+-- Let the given tasks run until each waits in an operation.
+local function until_waiting(...)
+  for _, t in ipairs { ... } do
+    for _ = 1, 1000 do
+      if t:status() == "waiting" then break end
+      coroutine.yield()
+    end
+    assert(t:status() == "waiting", "task did not reach its wait")
+  end
+end
+
+-- Open fds once handles of earlier specs were collected and closed.
+local function fd_count()
+  collectgarbage()
+  collectgarbage()
+  core.sleep(1) -- close callbacks run on the next loop turn
+  return #assert(fs.readdir("/proc/self/fd"))
+end
+
+local function is_root()
+  local f = assert(io.open("/proc/self/status"))
+  local s = f:read("a")
+  f:close()
+  return s:match("\nUid:%s+(%d+)") == "0"
+end
+
+-- The fd number behind a Lua file opened on path (Lua does not expose it).
+local function fd_of(path)
+  local want = assert(fs.realpath(path))
+  for _, n in ipairs(assert(fs.readdir("/proc/self/fd"))) do
+    if fs.realpath("/proc/self/fd/" .. n) == want then return tonumber(n) end
+  end
+  error("no fd open on " .. path)
+end
+
+describe("core.proc", function()
+  local dir
+  before_each(function() dir = tmpdir() end)
+  after_each(function() fs.rmtree(dir) end)
+
+  describe("spawn", function()
+    it("runs /bin/echo and reads its output", function()
+      core.run(function()
+        local p = assert(proc.spawn { argv = { "/bin/echo", "hello", "world" } })
+        assert.is_number(p.pid)
+        assert.is_true(p.pid > 0)
+        assert.are.equal("hello world\n", read_all(p.stdout))
+        assert.are.same({ code = 0, core_dumped = false }, p:wait())
+      end)
+    end)
+
+    it("finds a bare name along the default PATH, or spec.env.PATH", function()
+      core.run(function()
+        assert.are.equal("x\n", (run { argv = { "echo", "x" } }))
+        local bin = dir .. "/bin"
+        assert(fs.mkdir(bin))
+        assert(fs.write(bin .. "/hi", "#!/bin/sh\necho hi from $0\n", 493))
+        local out = run { argv = { "hi" }, env = { PATH = "/nonexistent:" .. bin } }
+        assert.are.equal("hi from " .. bin .. "/hi\n", out)
+      end)
+    end)
+
+    it("gives exactly the environment asked for, in both forms, and nothing else", function()
+      core.run(function()
+        local out = run { argv = { "/usr/bin/env" }, env = { A = "1", "B=2", C = 3 } }
+        assert.are.same({ "A=1", "B=2", "C=3" }, lines(out))
+        assert.are.equal("", (run { argv = { "/usr/bin/env" } }))
+      end)
+    end)
+
+    it("proc.environ() is the server's own environment", function()
+      local env = proc.environ()
+      assert.are.equal(os.getenv("PATH"), env.PATH)
+      for k, v in pairs(env) do assert.are.equal(os.getenv(k), v) end
+    end)
+
+    it("runs in spec.cwd", function()
+      core.run(function()
+        local out = run { argv = { "/bin/pwd" }, cwd = dir }
+        assert.are.equal(assert(fs.realpath(dir)) .. "\n", out)
+      end)
+    end)
+
+    it("reports a missing binary with its path and ENOENT", function()
+      local p, err, code = proc.spawn { argv = { dir .. "/nope" } }
+      assert.is_nil(p)
+      assert.are.equal("spawn " .. dir .. "/nope: exec: ENOENT: no such file or directory", err)
+      assert.are.equal("ENOENT", code)
+
+      p, err, code = proc.spawn { argv = { "no-such-program-here" }, env = { PATH = "/bin" } }
+      assert.is_nil(p)
+      assert.matches("spawn no-such-program-here: exec: ENOENT", err, 1, true)
+      assert.matches("not found in PATH /bin", err, 1, true)
+      assert.are.equal("ENOENT", code)
+    end)
+
+    it("reports a file that is not executable with EACCES", function()
+      assert(fs.write(dir .. "/data", "#!/bin/sh\n", 420))
+      local p, err, code = proc.spawn { argv = { dir .. "/data" } }
+      assert.is_nil(p)
+      assert.are.equal("spawn " .. dir .. "/data: exec: EACCES: permission denied", err)
+      assert.are.equal("EACCES", code)
+      -- by name: found but not runnable is EACCES, as execvp says
+      p, err, code = proc.spawn { argv = { "data" }, env = { PATH = dir } }
+      assert.is_nil(p)
+      assert.are.equal("EACCES", code)
+    end)
+
+    it("names chdir when the cwd is bad, and leaves no child behind", function()
+      core.run(function()
+        local before = fd_count()
+        local p, err, code = proc.spawn { argv = { "/bin/true" }, cwd = dir .. "/missing" }
+        assert.is_nil(p)
+        assert.are.equal("spawn /bin/true: chdir " .. dir .. "/missing: ENOENT: no such file or directory", err)
+        assert.are.equal("ENOENT", code)
+        assert.are.equal(before, fd_count())
+      end)
+    end)
+
+    it("raises on a malformed spec", function()
+      assert.has_error(function() proc.spawn() end)
+      assert.has_error(function() proc.spawn {} end, "spawn: spec.argv must be a list of strings")
+      assert.has_error(function() proc.spawn { argv = {} } end, "spawn: spec.argv is empty")
+      assert.has_error(function() proc.spawn { argv = { "/bin/true" }, stdni = "pipe" } end,
+        "spawn: unknown field 'stdni' in the spec")
+      assert.has_error(function() proc.spawn { argv = { "/bin/true" }, stdin = "file" } end)
+      assert.has_error(function() proc.spawn { argv = { "/bin/true" }, env = { "NOEQUALS" } } end)
+      assert.has_error(function() proc.spawn { argv = { "/bin/true", "a\0b" } } end,
+        "spawn: spec.argv item contains a NUL byte")
+      assert.has_error(function() proc.spawn { argv = { "/bin/true" }, clone_flags = { "newfoo" } } end)
+      assert.has_error(function() proc.spawn { argv = { "/bin/true" }, rlimits = { files = 1 } } end,
+        "spawn: unknown rlimit 'files'")
+      assert.has_error(function() proc.spawn { argv = { "/bin/true" }, pdeathsig = "SIGNOPE" } end)
+      assert.has_error(function() proc.spawn { argv = { "/bin/true" }, uid = 1000 } end,
+        "spawn: spec.uid needs spec.gid too (the group would stay the server's)")
+    end)
+
+    it("puts the child in its own process group, or session with setsid", function()
+      core.run(function()
+        local p = assert(proc.spawn { argv = { "/bin/cat", "/proc/self/stat" } })
+        local pgrp = tonumber(read_all(p.stdout):match("%) %a %d+ (%d+)"))
+        assert.are.equal(p.pid, pgrp)
+        p:wait()
+        p = assert(proc.spawn { argv = { "/bin/cat", "/proc/self/stat" }, setsid = true })
+        local session = tonumber(read_all(p.stdout):match("%) %a %d+ %d+ (%d+)"))
+        assert.are.equal(p.pid, session)
+        p:wait()
+      end)
+    end)
+
+    it("resets signal dispositions and the mask, and passes no fd but stdio", function()
+      core.run(function()
+        -- an fd of ours without CLOEXEC (Lua's io.open), which must not leak
+        local f = assert(io.open(dir .. "/leak", "w"))
+        local out = run { argv = { "/bin/sh", "-c", "ls /proc/$$/fd" } }
+        f:close()
+        assert.are.same({ "0", "1", "2" }, lines(out))
+        -- the server ignores SIGPIPE; the child must not (grep itself is the
+        -- child: a shell blocks signals of its own while it waits for jobs)
+        out = run { argv = { "/bin/grep", "-E", "^Sig(Blk|Ign)", "/proc/self/status" } }
+        assert.are.same({ "SigBlk:\t0000000000000000", "SigIgn:\t0000000000000000" }, lines(out))
+      end)
+    end)
+
+    it("applies rlimits, no_new_privs and an fd given as stdout", function()
+      core.run(function()
+        local out = run { argv = { "/bin/sh", "-c", "ulimit -n; ulimit -Hn; grep NoNewPrivs /proc/$$/status" },
+                          rlimits = { nofile = { soft = 100, hard = 200 } }, no_new_privs = true }
+        assert.are.equal("100\n200\nNoNewPrivs:\t1\n", out)
+
+        local f = assert(io.open(dir .. "/out", "w"))
+        local p = assert(proc.spawn { argv = { "/bin/echo", "to a file" }, stdout = fd_of(dir .. "/out") })
+        assert.is_nil(p.stdout)
+        assert.are.equal(0, p:wait().code)
+        f:close()
+        assert.are.equal("to a file\n", fs.read(dir .. "/out"))
+      end)
+    end)
+
+    it("writes 0 to each cgroup fd before exec, and names the stage when it cannot", function()
+      core.run(function()
+        -- a plain file stands in for cgroup.procs: what matters is the write
+        local f = assert(io.open(dir .. "/procs", "w"))
+        local p = assert(proc.spawn { argv = { "/bin/true" }, cgroup_fds = { fd_of(dir .. "/procs") } })
+        assert.are.equal(0, p:wait().code)
+        f:close()
+        assert.are.equal("0", fs.read(dir .. "/procs"))
+
+        local q, err, code = proc.spawn { argv = { "/bin/true" }, cgroup_fds = { 9999 } }
+        assert.is_nil(q)
+        assert.are.equal("spawn /bin/true: cgroup (cgroup_fds[1]): EBADF: bad file descriptor", err)
+        assert.are.equal("EBADF", code)
+      end)
+    end)
+
+    it("changes uid, gid and groups (as root)", function()
+      if not is_root() then
+        pending("needs root to change identity")
+        return
+      end
+      core.run(function()
+        local out = run { argv = { "/usr/bin/id" }, uid = 65534, gid = 65534 }
+        assert.are.equal("uid=65534(nobody) gid=65534(nogroup) groups=65534(nogroup)\n", out)
+        out = run { argv = { "/usr/bin/id", "-G" }, uid = 65534, gid = 65534, groups = { 65534, 100 } }
+        assert.are.equal("65534 100\n", out)
+      end)
+    end)
+
+    it("runs in new namespaces with clone_flags (as root)", function()
+      if not is_root() then
+        pending("namespaces need root (or a user namespace, not supported yet)")
+        return
+      end
+      core.run(function()
+        local out, st = run { argv = { "/bin/sh", "-c", "echo $$" }, clone_flags = { "newpid" } }
+        assert.are.equal("1\n", out)
+        assert.are.equal(0, st.code)
+        -- a new network namespace has only its own loopback
+        out = run { argv = { "/bin/sh", "-c", "echo $$; hostname tn-spec; hostname; tail -n +3 /proc/net/dev | cut -d: -f1" },
+                    clone_flags = { "newpid", "newns", "newipc", "newuts", "newnet" } }
+        assert.are.equal("1\ntn-spec\nlo\n", out:gsub(" ", ""))
+      end)
+    end)
+
+    it("keeps working with a big parent (~200 MB of Lua strings)", function()
+      local big = {}
+      for i = 1, 200 do big[i] = string.rep(string.char(65 + i % 26), 1 << 20) .. i end
+      core.run(function()
+        for _ = 1, 20 do
+          local p = assert(proc.spawn { argv = { "/bin/true" }, stdout = "null", stderr = "null" })
+          assert.are.equal(0, p:wait(5000).code)
+        end
+      end)
+      assert.are.equal(200, #big)
+      big = nil -- luacheck: ignore
+      collectgarbage()
+    end)
+  end)
+
+  describe("exit status", function()
+    it("gives the exit code", function()
+      core.run(function()
+        local p = assert(proc.spawn { argv = { "/bin/sh", "-c", "exit 3" } })
+        assert.are.same({ code = 3, core_dumped = false }, p:wait())
+      end)
+    end)
+
+    it("gives the signal that killed it", function()
+      core.run(function()
+        local p = assert(proc.spawn { argv = { "/bin/sleep", "100" } })
+        assert.are.equal("running", p:status())
+        assert.is_true(p:kill(9))
+        local st = p:wait(5000)
+        assert.are.same({ signal = "SIGKILL", signum = 9, core_dumped = false }, st)
+        assert.are.same(st, p:status())
+      end)
+    end)
+
+    it("wait times out, and the process is still there afterwards", function()
+      core.run(function()
+        local p = assert(proc.spawn { argv = { "/bin/sleep", "100" } })
+        local st, err = p:wait(30)
+        assert.is_nil(st)
+        assert.are.equal("timeout", err)
+        assert.are.equal("running", p:status())
+        assert.is_true(p:kill("SIGTERM"))
+        assert.are.equal("SIGTERM", p:wait(5000).signal)
+      end)
+    end)
+
+    it("wait twice gives the same status, the second time at once", function()
+      core.run(function()
+        local p = assert(proc.spawn { argv = { "/bin/sh", "-c", "exit 7" } })
+        local a = p:wait()
+        local t0 = core.hrtime()
+        local b = p:wait(0)
+        assert.is_true(core.hrtime() - t0 < 1e6)
+        assert.are.same(a, b)
+        assert.are.equal(7, b.code)
+      end)
+      -- and outside a task too, once it ended
+    end)
+
+    it("lets several tasks wait for the same process", function()
+      core.run(function()
+        local p = assert(proc.spawn { argv = { "/bin/sleep", "100" } })
+        local waiters = {}
+        for i = 1, 3 do waiters[i] = core.spawn(function() return p:wait(5000) end) end
+        local impatient = core.spawn(function() return p:wait(1) end)
+        until_waiting(table.unpack(waiters))
+        assert.are.same({ true, nil, "timeout" }, { impatient:join() })
+        p:kill("KILL")
+        for i = 1, 3 do
+          local ok, st = waiters[i]:join()
+          assert.is_true(ok)
+          assert.are.equal("SIGKILL", st.signal)
+        end
+      end)
+    end)
+
+    it("sees the exit of a child the handle of which was dropped mid-wait", function()
+      core.run(function()
+        local pid
+        local seen = setmetatable({}, { __mode = "k" })
+        local function start()
+          local p = assert(proc.spawn { argv = { "/bin/sleep", "100" }, stdout = "null", stderr = "null" })
+          pid = p.pid
+          seen[p] = true
+          return p
+        end
+        -- a tail call: once wait yields, nothing references the handle
+        local waiter = core.spawn(function() return start():wait(5000) end)
+        until_waiting(waiter)
+        collectgarbage()
+        collectgarbage()
+        assert.is_nil(next(seen)) -- the handle is gone, its waiter is not
+        assert(proc.kill(pid, "KILL"))
+        local ok, st = waiter:join(5000)
+        assert.is_true(ok)
+        assert.are.equal("SIGKILL", st.signal)
+      end)
+    end)
+  end)
+
+  describe("kill", function()
+    it("does not signal after the process was reaped", function()
+      core.run(function()
+        local p = assert(proc.spawn { argv = { "/bin/true" } })
+        p:wait()
+        local ok, err, code = p:kill("KILL")
+        assert.is_nil(ok)
+        assert.are.equal("process has exited", err)
+        assert.are.equal("ESRCH", code)
+      end)
+    end)
+
+    it("kills the whole process group with group = true, grandchildren included", function()
+      core.run(function()
+        -- the grandchild holds the stdout pipe: end of file means it died too
+        local p = assert(proc.spawn { argv = { "/bin/sh", "-c", "sleep 100 & echo $!; wait" } })
+        local line = assert(p.stdout:read(5000))
+        local grandchild = tonumber(line:match("^(%d+)"))
+        assert.is_number(grandchild)
+        local gst = proc_stat(grandchild)
+        assert.are.equal(p.pid, gst.pgrp)
+        assert.is_true(p:kill("TERM", true))
+        assert.are.equal("SIGTERM", p:wait(5000).signal)
+        local rest, err = p.stdout:read(5000)
+        assert.is_nil(rest)
+        assert.is_nil(err)
+        -- its end of the pipe closes while it exits, a moment before it is a zombie
+        assert(wait_reaped(grandchild, gst.start, true))
+      end)
+    end)
+
+    it("raw proc.kill signals a pid and reports a missing one", function()
+      core.run(function()
+        local p = assert(proc.spawn { argv = { "/bin/sleep", "100" } })
+        assert.is_true(proc.kill(p.pid, "SIGKILL"))
+        assert.are.equal("SIGKILL", p:wait(5000).signal)
+        local ok, err, code = proc.kill(p.pid, 0)
+        assert.is_nil(ok)
+        assert.matches("^kill %d+: ESRCH", err)
+        assert.are.equal("ESRCH", code)
+      end)
+      assert.has_error(function() proc.kill(-1, 9) end)
+      assert.has_error(function() proc.kill(123, "SIGBOGUS") end)
+    end)
+
+    it("signal_name names signals", function()
+      assert.are.equal("SIGKILL", proc.signal_name(9))
+      assert.are.equal("SIGTERM", proc.signal_name(15))
+      assert.are.equal("SIGRTMIN+1", proc.signal_name(35))
+      assert.is_nil(proc.signal_name(0))
+      assert.is_nil(proc.signal_name(1000))
+    end)
+  end)
+
+  describe("pdeathsig", function()
+    it("kills a child when its parent is SIGKILLed", function()
+      local cpath = os.getenv("TEN_BUILD") and (os.getenv("TEN_BUILD") .. "/lib/?.so") or package.cpath
+      local helper = [[
+        local core = require "tenement.core"
+        core.run(function()
+          local p = assert(core.proc.spawn { argv = { "/bin/sleep", "100" }, stdout = "inherit" })
+          io.stdout:write(p.pid, "\n")
+          io.stdout:flush()
+          p:wait()
+        end)
+      ]]
+      core.run(function()
+        -- the sanitizer runs of the specs need their preload in the helper too
+        local env = { PATH = PATH, LUA_CPATH = cpath, LD_PRELOAD = os.getenv("LD_PRELOAD"),
+                      ASAN_OPTIONS = os.getenv("ASAN_OPTIONS") }
+        local h = assert(proc.spawn { argv = { "lua5.4", "-e", helper }, env = env })
+        local line = h.stdout:read(5000)
+        if not line then error("helper failed: " .. read_all(h.stderr)) end
+        local grandchild = tonumber(line:match("^(%d+)"))
+        local gst = assert(proc_stat(grandchild))
+        assert.is_true(h:kill("KILL"))
+        assert.are.equal("SIGKILL", h:wait(5000).signal)
+        -- the grandchild shares the pipe: end of file once it is dead too
+        local rest, err = h.stdout:read(5000)
+        assert.is_nil(err)
+        assert.is_nil(rest)
+        assert(wait_reaped(grandchild, gst.start, true))
+      end)
+    end)
+  end)
+
+  describe("pipes", function()
+    it("round-trips stdin through cat", function()
+      core.run(function()
+        local p = assert(proc.spawn { argv = { "/bin/cat" }, stdin = "pipe" })
+        assert.is_true(p.stdin:write("hello "))
+        assert.is_true(p.stdin:write("cat\n"))
+        p.stdin:close()
+        p.stdin:close() -- idempotent
+        assert.are.equal("hello cat\n", read_all(p.stdout))
+        assert.are.equal(0, p:wait().code)
+        assert.has_error(function() p.stdin:write("x") end, "pipe is closed")
+      end)
+    end)
+
+    it("reads a flood of output fully", function()
+      core.run(function()
+        local p = assert(proc.spawn { argv = { "/usr/bin/head", "-c", "10000000", "/dev/zero" } })
+        local n = 0
+        while true do
+          local chunk = p.stdout:read(5000)
+          if not chunk then break end
+          n = n + #chunk
+        end
+        assert.are.equal(10000000, n)
+        assert.are.equal(0, p:wait().code)
+      end)
+    end)
+
+    it("writes more than a pipe holds while another task reads", function()
+      core.run(function()
+        local p = assert(proc.spawn { argv = { "/bin/cat" }, stdin = "pipe" })
+        local data = string.rep("0123456789abcdef", 1 << 18) -- 4 MB
+        local reader = core.spawn(function() return read_all(p.stdout) end)
+        assert.is_true(p.stdin:write(data, 5000))
+        p.stdin:close()
+        local ok, out = reader:join()
+        assert.is_true(ok)
+        assert.are.equal(#data, #out)
+        assert.is_true(out == data)
+        p:wait()
+      end)
+    end)
+
+    it("read times out and can be retried; a second reader is refused", function()
+      core.run(function()
+        local p = assert(proc.spawn { argv = { "/bin/sh", "-c", "read x; echo got $x" }, stdin = "pipe" })
+        local chunk, err = p.stdout:read(20)
+        assert.is_nil(chunk)
+        assert.are.equal("timeout", err)
+        local reader = core.spawn(function() return p.stdout:read(5000) end)
+        until_waiting(reader)
+        assert.has_error(function() p.stdout:read(10) end, "another task is already reading stdout")
+        assert(p.stdin:write("it\n"))
+        local ok, got = reader:join()
+        assert.is_true(ok)
+        assert.are.equal("got it\n", got)
+        p:wait()
+      end)
+    end)
+
+    it("reports EPIPE when writing to a child that exited", function()
+      core.run(function()
+        local p = assert(proc.spawn { argv = { "/bin/true" }, stdin = "pipe" })
+        p:wait()
+        local ok, err, code = p.stdin:write("anyone?")
+        assert.is_nil(ok)
+        assert.matches("^write stdin of %d+: EPIPE", err)
+        assert.are.equal("EPIPE", code)
+      end)
+    end)
+
+    it("a closed pipe wakes its reader with nil, 'closed'", function()
+      core.run(function()
+        local p = assert(proc.spawn { argv = { "/bin/sleep", "100" } })
+        local reader = core.spawn(function() return p.stdout:read(5000) end)
+        until_waiting(reader)
+        p.stdout:close()
+        local ok, chunk, err = reader:join()
+        assert.is_true(ok)
+        assert.is_nil(chunk)
+        assert.are.equal("closed", err)
+        assert.has_error(function() p.stdout:read() end, "pipe is closed")
+        p:kill("KILL")
+        p:wait()
+      end)
+    end)
+
+    it("refuses the wrong direction", function()
+      core.run(function()
+        local p = assert(proc.spawn { argv = { "/bin/cat" }, stdin = "pipe" })
+        assert.has_error(function() p.stdin:read() end)
+        assert.has_error(function() p.stdout:write("x") end)
+        p.stdin:close()
+        p:wait()
+      end)
+    end)
+
+    it("stdio null and inherit give no pipe", function()
+      core.run(function()
+        local p = assert(proc.spawn { argv = { "/bin/true" }, stdout = "null", stderr = "inherit" })
+        assert.is_nil(p.stdin)
+        assert.is_nil(p.stdout)
+        assert.is_nil(p.stderr)
+        assert.are.equal(0, p:wait().code)
+      end)
+    end)
+  end)
+
+  describe("many processes", function()
+    it("runs 200 concurrent spawns", function()
+      core.run(function()
+        local before = fd_count()
+        local ps, tasks = {}, {}
+        for i = 1, 200 do
+          ps[i] = assert(proc.spawn { argv = { "/bin/sh", "-c", "echo $1; exit $(($1 % 50))", "sh", tostring(i) },
+                                      stderr = "null" })
+        end
+        for i = 1, 200 do
+          tasks[i] = core.spawn(function()
+            local out = read_all(ps[i].stdout)
+            return out, ps[i]:wait(10000)
+          end)
+        end
+        for i = 1, 200 do
+          local ok, out, st = tasks[i]:join()
+          assert.is_true(ok)
+          assert.are.equal(i .. "\n", out)
+          assert.are.equal(i % 50, st.code)
+        end
+        for i = 1, 200 do ps[i]:close() end
+        ps = nil -- luacheck: ignore
+        assert.are.equal(before, fd_count())
+      end)
+    end)
+  end)
+
+  describe("handle lifetime", function()
+    it("close() while running neither kills nor leaves a zombie", function()
+      core.run(function()
+        local before = fd_count()
+        local p = assert(proc.spawn { argv = { "/bin/cat" }, stdin = "pipe", stdout = "null", stderr = "null" })
+        local pid = p.pid
+        local start = proc_stat(pid).start
+        local waiter = core.spawn(function() return p:wait(5000) end)
+        until_waiting(waiter)
+        p:close()
+        p:close() -- idempotent
+        local ok, st, err = waiter:join()
+        assert.is_true(ok)
+        assert.is_nil(st)
+        assert.are.equal("closed", err)
+        assert.has_error(function() p:wait() end)
+        assert.has_error(function() p:kill() end)
+        assert.are.equal(pid, p.pid)
+        -- closing the handle closed stdin: cat sees end of file and exits
+        assert(wait_reaped(pid, start))
+        assert.are.equal(before, fd_count())
+      end)
+    end)
+
+    it("a collected handle of a running child is reaped when the child exits", function()
+      core.run(function()
+        local before = fd_count()
+        local p = assert(proc.spawn { argv = { "/bin/sleep", "100" }, stdout = "null", stderr = "null" })
+        local pid = p.pid
+        local start = proc_stat(pid).start
+        local seen = setmetatable({ [p] = true }, { __mode = "k" })
+        p = nil -- luacheck: ignore
+        collectgarbage()
+        collectgarbage()
+        assert.is_nil(next(seen))
+        assert.are_not.equal("Z", proc_stat(pid).state) -- not killed
+        assert(proc.kill(pid, "KILL"))
+        assert(wait_reaped(pid, start))
+        assert.are.equal(before, fd_count())
+      end)
+    end)
+
+    it("__close closes the handle at the end of a scope", function()
+      core.run(function()
+        local pid, start
+        do
+          local p <close> = assert(proc.spawn { argv = { "/bin/sleep", "0.05" }, stdout = "null", stderr = "null" })
+          pid, start = p.pid, proc_stat(p.pid).start
+        end
+        assert(wait_reaped(pid, start))
+      end)
+    end)
+
+    it("a task that fails closes its <close> handle; the child lives on and is reaped", function()
+      core.run(function()
+        local errors = {}
+        core.on_error(function(trace) errors[#errors + 1] = trace end)
+        local pid, start
+        local t = core.spawn(function()
+          local p <close> = assert(proc.spawn { argv = { "/bin/sleep", "100" }, stdout = "null", stderr = "null" })
+          pid, start = p.pid, proc_stat(p.pid).start
+          error("boom with a process open")
+        end)
+        local ok, err = t:join()
+        core.on_error(nil)
+        assert.is_nil(ok)
+        assert.matches("boom with a process open", err)
+        assert.are_not.equal("Z", proc_stat(pid).state)
+        assert(proc.kill(pid, "KILL"))
+        assert(wait_reaped(pid, start))
+      end)
+    end)
+
+    it("wait outside a task raises while the child runs, and returns once it ended", function()
+      local p = assert(proc.spawn { argv = { "/bin/sleep", "100" }, stdout = "null", stderr = "null" })
+      assert.has_error(function() p:wait() end)
+      core.run(function()
+        p:kill("KILL")
+        p:wait()
+      end)
+      assert.are.equal("SIGKILL", p:wait().signal)
+      assert.matches("^tenement.process %(pid %d+%)$", tostring(p))
+      p:close()
+    end)
+  end)
+end)
