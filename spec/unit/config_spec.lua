@@ -1,0 +1,416 @@
+-- tenement.config: finding and loading the file, defaults, the reference's complete
+-- example, top-level sections, names, and reporting every problem at once.
+-- Fields of each section are in config_settings_spec, config_service_spec,
+-- config_template_spec and config_refs_spec.
+
+local config = require("tenement.config")
+
+local FIXTURES = "spec/fixtures/config"
+
+local function lines(s)
+  local out = {}
+  for l in (s .. "\n"):gmatch("(.-)\n") do out[#out + 1] = l end
+  return out
+end
+
+local function parse_ok(text, env)
+  local cfg, err = config.parse(text, "tenement.toml", env or {})
+  assert(cfg, err)
+  return cfg
+end
+
+local function parse_errors(text, env)
+  local cfg, err = config.parse(text, "tenement.toml", env or {})
+  assert.is_nil(cfg)
+  assert.is_string(err)
+  return lines(err)
+end
+
+describe("config.find", function()
+  it("prefers --config over TENEMENT_CONFIG", function()
+    local path, from = config.find("cli.toml", { TENEMENT_CONFIG = "env.toml" })
+    assert.equal("cli.toml", path)
+    assert.equal("--config", from)
+  end)
+
+  it("uses TENEMENT_CONFIG without --config", function()
+    local path, from = config.find(nil, { TENEMENT_CONFIG = "env.toml" })
+    assert.equal("env.toml", path)
+    assert.equal("TENEMENT_CONFIG", from)
+  end)
+
+  it("falls back to ./tenement.toml", function()
+    assert.equal("./tenement.toml", (config.find(nil, {})))
+    assert.equal("./tenement.toml", (config.find(nil, nil)))
+    local _, from = config.find(nil, {})
+    assert.equal("default", from)
+  end)
+
+  it("ignores empty values, as an unset variable", function()
+    assert.equal("./tenement.toml", (config.find("", { TENEMENT_CONFIG = "" })))
+    assert.equal("env.toml", (config.find("", { TENEMENT_CONFIG = "env.toml" })))
+  end)
+end)
+
+describe("config.load", function()
+  it("loads a file and records its path as the source", function()
+    local path = FIXTURES .. "/complete.toml"
+    local cfg, err = config.load(path, {})
+    assert(cfg, err)
+    assert.equal(path, cfg.source)
+  end)
+
+  it("names the path, the OS reason and ten init for a missing file", function()
+    local path = FIXTURES .. "/no-such-file.toml"
+    local cfg, err = config.load(path, {})
+    assert.is_nil(cfg)
+    assert.equal("cannot read config file " .. path .. ": No such file or directory;"
+      .. ' create one with "ten init", or name another with --config FILE or TENEMENT_CONFIG',
+      err)
+  end)
+
+  it("names the path and the OS reason for a directory", function()
+    local cfg, err = config.load(FIXTURES, {})
+    assert.is_nil(cfg)
+    assert.equal("cannot read config file " .. FIXTURES .. ": Is a directory;"
+      .. ' create one with "ten init", or name another with --config FILE or TENEMENT_CONFIG',
+      err)
+  end)
+
+  it("reports every problem of a broken file with its path", function()
+    local path = FIXTURES .. "/broken.toml"
+    local cfg, err = config.load(path, {})
+    assert.is_nil(cfg)
+    assert.same({
+      path .. ':2:1: settings.health_check_intervall = 10: unknown key;'
+        .. ' did you mean "health_check_interval"?',
+      path .. ":3:8: settings.port = 0: out of range: expected an integer from 1 to 65535",
+      path .. ':7:11: service.api.restart = "sometimes": expected one of always, on-failure, never',
+      path .. ':10:16: instances.api[2] = "../x": not a valid instance id: it starts with ".";'
+        .. ' names use 1-63 characters from a-z, 0-9 and "-", starting with a letter or digit,'
+        .. " because they become socket paths, directories and DNS labels",
+      path .. ':11:1: instances.worker: no service "worker" is defined; defined services: api',
+    }, lines(err))
+  end)
+
+  it("passes TOML syntax errors through with their position", function()
+    local cfg, err = config.parse('[settings]\nport = = 1\n', "tenement.toml", {})
+    assert.is_nil(cfg)
+    assert.matches("^tenement%.toml:2:%d+: ", err)
+  end)
+end)
+
+describe("config.defaults", function()
+  it("is the configuration of an empty file, with every documented default", function()
+    local d = config.defaults()
+    assert.same({
+      data_dir = "/var/lib/tenement",
+      health_check_interval = 10,
+      max_restarts = 3,
+      restart_window = 300,
+      backoff_base_ms = 1000,
+      backoff_max_ms = 60000,
+      stop_timeout = 10,
+      listen = "127.0.0.1",
+      port = 8080,
+      domain = "localhost",
+      tls = {
+        enabled = false,
+        cache_dir = "/var/lib/tenement/acme",
+        staging = false,
+        https_port = 443,
+        http_port = 80,
+      },
+    }, d.settings)
+    assert.same({}, d.services)
+    assert.same({}, d.service_names)
+    assert.same({}, d.instances)
+    assert.same({ subdomain = {}, path = {} }, d.routing)
+    assert.same({}, d.hooks)
+    assert.is_nil(d.source)
+  end)
+
+  it("equals parsing an empty file (apart from the source)", function()
+    local cfg = parse_ok("")
+    cfg.source = nil
+    assert.same(config.defaults(), cfg)
+  end)
+
+  it("returns a fresh table each time", function()
+    local a = config.defaults()
+    a.settings.port = 1
+    assert.equal(8080, config.defaults().settings.port)
+  end)
+end)
+
+describe("the configuration reference's complete example", function()
+  local cfg
+
+  setup(function()
+    local err
+    cfg, err = config.load(FIXTURES .. "/complete.toml", {})
+    assert(cfg, err)
+  end)
+
+  it("has the documented settings", function()
+    assert.same({
+      data_dir = "/var/lib/myapp",
+      health_check_interval = 10,
+      max_restarts = 3,
+      restart_window = 300,
+      backoff_base_ms = 1000,
+      backoff_max_ms = 60000,
+      stop_timeout = 10,
+      listen = "127.0.0.1",
+      port = 8080,
+      domain = "localhost",
+      tls = {
+        enabled = true,
+        acme_email = "admin@example.com",
+        domain = "example.com",
+        cache_dir = "/var/lib/myapp/acme",
+        staging = false,
+        https_port = 443,
+        http_port = 80,
+      },
+    }, cfg.settings)
+  end)
+
+  it("has service api with its values and defaults", function()
+    assert.same({
+      name = "api",
+      section = "service",
+      line = 13,
+      command = "uv run python app.py",
+      args = {},
+      socket = "/tmp/tenement/{name}-{id}.sock",
+      health = "/health",
+      startup_timeout = 10,
+      idle_timeout = 300,
+      restart = "on-failure",
+      isolation = "namespace",
+      memory_limit_mb = 256,
+      cpu_shares = 100,
+      storage_quota_mb = 100,
+      storage_persist = false,
+      network = "host",
+      env = { DATABASE_PATH = "{data_dir}/{id}/app.db", LOG_LEVEL = "info" },
+    }, cfg.services.api)
+  end)
+
+  it("has service worker with its values and defaults", function()
+    assert.same({
+      name = "worker",
+      section = "service",
+      line = 27,
+      command = "./worker",
+      args = {},
+      socket = "/tmp/tenement/{name}-{id}.sock",
+      health = "/health",
+      startup_timeout = 10,
+      idle_timeout = 0,
+      restart = "on-failure",
+      isolation = "namespace",
+      memory_limit_mb = 512,
+      cpu_shares = 200,
+      storage_persist = false,
+      network = "host",
+      env = {},
+    }, cfg.services.worker)
+  end)
+
+  it("lists services and instances", function()
+    assert.same({ "api", "worker" }, cfg.service_names)
+    assert.same({
+      { service = "api", id = "prod" },
+      { service = "api", id = "staging" },
+      { service = "worker", id = "default" },
+    }, cfg.instances)
+  end)
+
+  it("has no routing rules, no hooks and no host variables", function()
+    assert.same({ subdomain = {}, path = {} }, cfg.routing)
+    assert.same({}, cfg.hooks)
+    assert.same({}, cfg.host_env)
+  end)
+
+  it("expands the api environment for api:prod", function()
+    local inst = assert(config.resolve(cfg, "api", "prod", 30001))
+    assert.same({
+      DATABASE_PATH = "/var/lib/myapp/prod/app.db",
+      LOG_LEVEL = "info",
+    }, inst.env)
+    assert.equal("/tmp/tenement/api-prod.sock", inst.socket)
+    assert.equal("/var/lib/myapp/api/prod", inst.instance_dir)
+  end)
+end)
+
+describe("the legacy format", function()
+  it("loads [process.NAME] and runtime as service and isolation", function()
+    local cfg, err = config.load(FIXTURES .. "/legacy.toml", {})
+    assert(cfg, err)
+    assert.same({ "api", "web" }, cfg.service_names)
+    assert.equal("process", cfg.services.api.isolation)
+    assert.equal("process", cfg.services.api.section)
+    assert.equal("./api", cfg.services.api.command)
+    assert.equal("namespace", cfg.services.web.isolation)
+    assert.equal("service", cfg.services.web.section)
+    -- file order: web's line comes before api's in [instances]
+    assert.same({
+      { service = "web", id = "main" },
+      { service = "api", id = "a" },
+      { service = "api", id = "b" },
+    }, cfg.instances)
+  end)
+end)
+
+describe("top-level keys", function()
+  it("suggests the nearest section for a misspelt one", function()
+    assert.same({
+      'tenement.toml:1:2: setings: unknown key; did you mean [settings]?',
+    }, parse_errors("[setings]\nport = 1\n"))
+  end)
+
+  it("points a stray setting at [settings]", function()
+    assert.same({
+      'tenement.toml:1:1: port = 8080: unknown key; port belongs under [settings]',
+    }, parse_errors("port = 8080\n"))
+  end)
+
+  it("lists the sections when nothing is close", function()
+    assert.same({
+      "tenement.toml:1:2: database: unknown key; known sections in the file:"
+        .. " [settings], [service], [process], [instances], [routing], [hooks]",
+    }, parse_errors("[database]\nurl = 'x'\n"))
+  end)
+
+  it("rejects a section that is not a table", function()
+    assert.same({
+      'tenement.toml:1:12: settings = "x": expected a table, got a string',
+      'tenement.toml:2:11: service = 1: expected a table, got an integer',
+      'tenement.toml:3:13: instances = true: expected a table, got a boolean',
+      'tenement.toml:4:11: routing = []: expected a table, got an array',
+      'tenement.toml:5:9: hooks = 2.5: expected a table, got a float',
+    }, parse_errors('settings = "x"\nservice = 1\ninstances = true\nrouting = []\nhooks = 2.5\n'))
+  end)
+end)
+
+describe("config.valid_name", function()
+  it("accepts names of a-z, 0-9 and -", function()
+    for _, s in ipairs({ "a", "0", "api", "web-2", "a1-b2-c3", ("x"):rep(63), "9lives" }) do
+      assert.is_true(config.valid_name(s), s)
+    end
+  end)
+
+  local RULE = 'names use 1-63 characters from a-z, 0-9 and "-", starting with a letter'
+    .. " or digit, because they become socket paths, directories and DNS labels"
+
+  local cases = {
+    { "", "it is empty" },
+    { ("x"):rep(64), "it is 64 characters long" },
+    { "API", 'uppercase "A" is not allowed' },
+    { "aPi", 'uppercase "P" is not allowed' },
+    { "..", 'it starts with "."' },
+    { "../x", 'it starts with "."' },
+    { "a/b", '"/" is not allowed' },
+    { "a..b", '"." is not allowed' },
+    { "-a", 'it starts with "-"' },
+    { "a_b", '"_" is not allowed' },
+    { "a b", '" " is not allowed' },
+    { "a\0b", '"\\u0000" is not allowed' },
+  }
+  for _, c in ipairs(cases) do
+    it(("rejects %q: %s"):format(c[1], c[2]), function()
+      local ok, why = config.valid_name(c[1])
+      assert.is_nil(ok)
+      assert.equal("not a valid name: " .. c[2] .. "; " .. RULE, why)
+    end)
+  end
+
+  it("rejects non-strings", function()
+    local ok, why = config.valid_name(42)
+    assert.is_nil(ok)
+    assert.equal("expected a string, got an integer", why)
+    ok, why = config.valid_name(nil)
+    assert.is_nil(ok)
+    assert.equal("expected a string, got nothing", why)
+  end)
+end)
+
+describe("reporting", function()
+  it("reports all problems at once, in file order", function()
+    local errs = parse_errors(table.concat({
+      "[service.web]",            -- 1
+      'command = ""',             -- 2
+      "idle_timeout = -1",        -- 3
+      "",                         -- 4
+      "[settings]",               -- 5
+      "port = 65536",             -- 6
+      "stop_timeout = 'x'",       -- 7
+      "",                         -- 8
+      "[routing]",                -- 9
+      'default = "wbe"',          -- 10
+    }, "\n"))
+    assert.same({
+      'tenement.toml:2:11: service.web.command = "": must not be empty',
+      "tenement.toml:3:16: service.web.idle_timeout = -1: out of range: expected an integer >= 0",
+      "tenement.toml:6:8: settings.port = 65536: out of range: expected an integer from 1 to 65535",
+      'tenement.toml:7:16: settings.stop_timeout = "x": expected an integer, got a string',
+      'tenement.toml:10:11: routing.default = "wbe": no service "wbe" is defined;'
+        .. ' did you mean "web"?',
+    }, errs)
+  end)
+
+  it("returns the problems as a list too", function()
+    local cfg, err, list = config.parse("[settings]\nport = 0\nmax_restarts = -1\n",
+      "tenement.toml", {})
+    assert.is_nil(cfg)
+    assert.is_string(err)
+    assert.same({
+      { line = 2, col = 8, text = "settings.port = 0: out of range: expected an integer from 1 to 65535" },
+      { line = 3, col = 16, text = "settings.max_restarts = -1: out of range: expected an integer >= 0" },
+    }, list)
+  end)
+
+  it("uses the source it is given", function()
+    local _, err = config.parse("[settings]\nport = 0\n", "conf/other.toml", {})
+    assert.equal("conf/other.toml:2:8: settings.port = 0: out of range:"
+      .. " expected an integer from 1 to 65535", err)
+  end)
+
+  it("points at the value after a dotted key", function()
+    assert.same({
+      'tenement.toml:3:13: service.api.env.PORT2 = 5: expected a string, got an integer'
+        .. ' (quote it: "5")',
+    }, parse_errors('[service.api]\ncommand = "x"\nenv.PORT2 = 5\n'))
+  end)
+
+  it("points at the value after a quoted key holding \"=\"", function()
+    assert.same({
+      'tenement.toml:4:10: routing.path."/a=b" = 5: expected a string, got an integer'
+        .. ' (quote it: "5")',
+    }, parse_errors('[service.api]\ncommand = "x"\n[routing.path]\n"/a=b" = 5\n'))
+  end)
+
+  it("points at the value inside an inline table", function()
+    assert.same({
+      'tenement.toml:2:34: service.api.restart = "no": expected one of always, on-failure, never',
+    }, parse_errors('[service]\napi = { command = "x", restart = "no" }\n'))
+  end)
+
+  it("counts columns in characters, as toml does", function()
+    local LABEL = 'not a valid DNS label: a DNS label is 1-63 letters, digits and "-", not starting'
+      .. ' or ending with "-"'
+    assert.same({
+      'tenement.toml:4:1: routing.subdomain."\u{e9}t\u{e9}": ' .. LABEL,
+      'tenement.toml:4:9: routing.subdomain."\u{e9}t\u{e9}" = 5: expected a string, got an'
+        .. ' integer (quote it: "5")',
+    }, parse_errors('[service.api]\ncommand = "x"\n[routing.subdomain]\n"\u{e9}t\u{e9}" = 5\n'))
+  end)
+
+  it("checks a plain table too, without positions", function()
+    local cfg, err = config.check({ settings = { port = 0 } }, "x.toml", {})
+    assert.is_nil(cfg)
+    assert.equal("x.toml: settings.port = 0: out of range: expected an integer from 1 to 65535", err)
+  end)
+end)
