@@ -1,0 +1,231 @@
+-- The JSON API: what `ten` commands, the dashboard and scripts call.
+-- Served on the local control socket ({data_dir}/ten.sock, trusted by its
+-- file mode) and, behind bearer tokens, on the HTTP front door.
+local core = require "tenement.core"
+local json = require "tenement.json"
+local supervisor = require "tenement.supervisor"
+
+local api = {}
+
+local STATUS_FOR_CODE = {
+  bad_request = 400, not_found = 404, conflict = 409, start_failed = 502,
+  unavailable = 503, not_running = 409, internal = 500,
+}
+
+local JSON_HEADERS = { ["content-type"] = "application/json" }
+
+local function reply(status, value)
+  return status, JSON_HEADERS, json.encode(value) .. "\n"
+end
+
+local function fail(code, message)
+  return reply(STATUS_FOR_CODE[code] or 500, { error = { code = code, message = message } })
+end
+
+function api.unescape(s)
+  return (s:gsub("+", " "):gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end))
+end
+
+function api.parse_query(q)
+  local out = {}
+  for pair in (q or ""):gmatch("[^&]+") do
+    local k, v = pair:match("^([^=]*)=?(.*)$")
+    out[api.unescape(k)] = api.unescape(v)
+  end
+  return out
+end
+
+-- Reads a JSON object body. -> table | nil, err
+local function json_body(req)
+  local body, err = req:body(1024 * 1024)
+  if not body then return nil, "cannot read the request body: " .. tostring(err) end
+  if body == "" then return {} end
+  local v, jerr = json.decode(body)
+  if type(v) ~= "table" then
+    return nil, "the body is not a JSON object" .. (jerr and (": " .. jerr) or "")
+  end
+  return v
+end
+
+local function field(obj, name, alt)
+  local v = obj[name]
+  if v == nil and alt then v = obj[alt] end
+  if v ~= nil and type(v) ~= "string" then
+    return nil, string.format("field %q must be a string", name)
+  end
+  if v == nil or v == "" then return nil, string.format("field %q is required", name) end
+  return v
+end
+
+local function instance_json(snap)
+  -- `id` is "service:id", as the original API had it
+  return {
+    id = snap.instance, service = snap.service, instance_id = snap.id,
+    state = snap.state, health = snap.health, pid = snap.pid,
+    uptime_secs = snap.uptime_secs, idle_secs = snap.idle_secs, restarts = snap.restarts,
+    socket = snap.socket, port = snap.port, isolation = snap.isolation,
+    last_exit = snap.last_exit, reason = snap.reason, weight = snap.weight,
+  }
+end
+
+local function spawned_json(inst)
+  return { instance = inst.key, socket = inst.socket, port = inst.port, state = inst.state }
+end
+
+-- api.new{ sup =, store =, started = } -> handler(req) -> status, headers, body
+function api.new(ctx)
+  local sup, store = ctx.sup, ctx.store
+  local routes = {}
+
+  local function route(method, pattern, fn)
+    routes[#routes + 1] = { method = method, pattern = "^" .. pattern .. "$", fn = fn }
+  end
+
+  local function target(key)
+    local service, id = supervisor.parse_key(api.unescape(key))
+    if not service then return nil, id end
+    return service, id
+  end
+
+  route("GET", "/health", function()
+    local counts = {}
+    for _, snap in ipairs(sup:list()) do counts[snap.state] = (counts[snap.state] or 0) + 1 end
+    return reply(200, {
+      status = "ok", version = core.version,
+      uptime_secs = (core.now() - ctx.started) // 1000, instances = counts,
+    })
+  end)
+
+  route("GET", "/api/instances", function()
+    local out = json.array()
+    for _, snap in ipairs(sup:list()) do out[#out + 1] = instance_json(snap) end
+    return reply(200, out)
+  end)
+
+  local function spawn(req, compat)
+    local body, err = json_body(req)
+    if not body then return fail("bad_request", err) end
+    local service, serr = field(body, "service", "process")
+    if not service then return fail("bad_request", serr) end
+    local id, ierr = field(body, "id")
+    if not id then return fail("bad_request", ierr) end
+    local inst, why, code = sup:spawn(service, id)
+    if not inst then return fail(code or "internal", why) end
+    return reply(compat and 200 or 201, spawned_json(inst))
+  end
+  route("POST", "/api/instances", function(req) return spawn(req, false) end)
+  route("POST", "/api/instances/spawn", function(req) return spawn(req, true) end)
+
+  route("GET", "/api/instances/([^/]+)", function(_, key)
+    local service, id = target(key)
+    if not service then return fail("bad_request", id) end
+    local inst = sup:get(service, id)
+    if not inst then return fail("not_found", "no instance " .. supervisor.key(service, id)) end
+    return reply(200, instance_json(inst:snapshot()))
+  end)
+
+  route("DELETE", "/api/instances/([^/]+)", function(_, key)
+    local service, id = target(key)
+    if not service then return fail("bad_request", id) end
+    local ok, why, code = sup:stop(service, id)
+    if not ok then return fail(code or "internal", why) end
+    return 204, {}, ""
+  end)
+
+  route("POST", "/api/instances/([^/]+)/restart", function(_, key)
+    local service, id = target(key)
+    if not service then return fail("bad_request", id) end
+    local inst, why, code = sup:restart(service, id)
+    if not inst then return fail(code or "internal", why) end
+    return reply(200, spawned_json(inst))
+  end)
+
+  route("GET", "/api/instances/([^/]+)/health", function(_, key)
+    local service, id = target(key)
+    if not service then return fail("bad_request", id) end
+    local inst = sup:get(service, id)
+    if not inst then return fail("not_found", "no instance " .. supervisor.key(service, id)) end
+    local ok, why = sup:check(service, id)
+    return reply(200, { instance = inst.key, health = inst.health, check = ok and "ok" or "failed",
+      error = not ok and why or nil, state = inst.state })
+  end)
+
+  route("GET", "/api/services", function()
+    local out = json.array()
+    for _, name in ipairs(ctx.cfg.service_names or {}) do
+      local s = ctx.cfg.services[name]
+      out[#out + 1] = { name = name, command = s.command, isolation = s.isolation,
+        health = s.health, restart = s.restart, idle_timeout = s.idle_timeout }
+    end
+    return reply(200, out)
+  end)
+
+  -- GET /api/logs?instance=&q=&stream=&since=&limit=&after=&wait=
+  -- `wait` (seconds) turns it into a long poll: with `after`, it returns as
+  -- soon as newer lines exist (used by `ten logs -f` over the socket).
+  route("GET", "/api/logs", function(req)
+    local p = api.parse_query(req.query)
+    local instance = p.instance
+    if (not instance or instance == "") and p.process then
+      instance = p.id and (p.process .. ":" .. p.id) or nil
+    end
+    local filter = {
+      instance = instance ~= "" and instance or nil,
+      q = p.q or p.search, stream = p.stream or p.level,
+      since = tonumber(p.since), after = tonumber(p.after), limit = tonumber(p.limit),
+    }
+    if filter.stream and filter.stream ~= "stdout" and filter.stream ~= "stderr" then
+      return fail("bad_request", "stream must be stdout or stderr")
+    end
+    if filter.instance then
+      local s, id = supervisor.parse_key(filter.instance)
+      if not s then return fail("bad_request", id) end
+    end
+    local wait = math.min(tonumber(p.wait) or 0, 60)
+    local deadline = core.now() + wait * 1000
+    while true do
+      if ctx.flush_logs then ctx.flush_logs() end
+      local rows, err = store:logs(filter)
+      if not rows then return fail("bad_request", err) end
+      if #rows > 0 or core.now() >= deadline then
+        local out = json.array()
+        for i = #rows, 1, -1 do -- oldest first reads naturally in a terminal
+          local r = rows[i]
+          local service, id = r.instance:match("^([^:]+):(.*)$")
+          out[#out + 1] = { seq = r.seq, timestamp = math.floor(r.ts * 1000), time = r.ts,
+            instance = r.instance, process = service, instance_id = id, stream = r.stream,
+            level = r.stream, message = r.message, highlighted = r.highlighted }
+        end
+        return reply(200, out)
+      end
+      core.sleep(200)
+    end
+  end)
+
+  return function(req)
+    local path = req.path
+    local allowed = {}
+    for _, r in ipairs(routes) do
+      local caps = { path:match(r.pattern) }
+      if caps[1] ~= nil then
+        if r.method == req.method or (r.method == "GET" and req.method == "HEAD") then
+          local ok, status, headers, body = pcall(r.fn, req, table.unpack(caps))
+          if not ok then
+            require("tenement.log").error("API %s %s failed: %s", req.method, path, tostring(status))
+            return fail("internal", "internal error (see the server log)")
+          end
+          return status, headers, body
+        end
+        allowed[#allowed + 1] = r.method
+      end
+    end
+    if #allowed > 0 then
+      local status, headers, body = fail("method_not_allowed", req.method .. " is not allowed on " .. path)
+      headers = { ["content-type"] = "application/json", allow = table.concat(allowed, ", ") }
+      return 405, headers, body
+    end
+    return fail("not_found", "no such endpoint: " .. req.method .. " " .. path)
+  end
+end
+
+return api

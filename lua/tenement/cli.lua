@@ -1,0 +1,640 @@
+-- The `ten` command line: argument parsing, help, and the commands.
+-- Each command is a table (name, summary, usage, options, run); the help is
+-- built from the same tables, so it lists exactly what works.
+local cli = {}
+
+local VERSION = "0.1.0"
+
+local commands, by_name = {}, {}
+
+local function command(def)
+  commands[#commands + 1] = def
+  by_name[def.name] = def
+  for _, alias in ipairs(def.aliases or {}) do by_name[alias] = def end
+end
+
+-- Options every command accepts.
+local global_options = {
+  { long = "config", arg = "FILE", help = "configuration file (default: $TENEMENT_CONFIG, else ./tenement.toml)" },
+  { long = "data-dir", arg = "DIR", help = "the server's data directory (default: $TENEMENT_DATA_DIR, else the config's data_dir)" },
+  { long = "help", short = "h", help = "show help" },
+  { long = "version", help = "print the version" },
+}
+
+local function edit_distance(a, b)
+  local prev, cur = {}, {}
+  for j = 0, #b do prev[j] = j end
+  for i = 1, #a do
+    cur[0] = i
+    for j = 1, #b do
+      local cost = a:sub(i, i) == b:sub(j, j) and 0 or 1
+      cur[j] = math.min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + cost)
+    end
+    prev, cur = cur, prev
+  end
+  return prev[#b]
+end
+
+local function nearest(word, candidates)
+  local best, best_d
+  for _, c in ipairs(candidates) do
+    local d = edit_distance(word, c)
+    if not best_d or d < best_d then best, best_d = c, d end
+  end
+  if best_d and best_d <= math.max(2, #word // 3) then return best end
+end
+
+local UsageError = {}
+UsageError.__index = UsageError
+local function usage_error(msg) return setmetatable({ msg = msg }, UsageError) end
+
+-- Parses args against the command's options and the global ones.
+-- Returns opts (long name -> value or true), positionals.
+local function parse_args(cmd, args)
+  local specs, by_long, by_short = {}, {}, {}
+  for _, o in ipairs(global_options) do specs[#specs + 1] = o end
+  for _, o in ipairs(cmd and cmd.options or {}) do specs[#specs + 1] = o end
+  for _, o in ipairs(specs) do
+    by_long[o.long] = o
+    if o.short then by_short[o.short] = o end
+  end
+  local opts, positional = {}, {}
+  local i = 1
+  while i <= #args do
+    local a = args[i]
+    local spec, value
+    if a == "--" then
+      for j = i + 1, #args do positional[#positional + 1] = args[j] end
+      break
+    elseif a:sub(1, 2) == "--" then
+      local name, v = a:match("^%-%-([^=]+)=(.*)$")
+      name = name or a:sub(3)
+      value = v
+      spec = by_long[name]
+      if not spec then
+        local names = {}
+        for _, o in ipairs(specs) do names[#names + 1] = o.long end
+        local hint = nearest(name, names)
+        error(usage_error(string.format("unknown option '--%s'%s", name,
+          hint and string.format(" (did you mean --%s?)", hint) or "")))
+      end
+    elseif a:match("^%-%a") then
+      spec = by_short[a:sub(2, 2)]
+      if not spec then error(usage_error(string.format("unknown option '%s'", a))) end
+      if #a > 2 then value = a:sub(3) end
+    else
+      positional[#positional + 1] = a
+    end
+    if spec then
+      if spec.arg then
+        if value == nil then
+          i = i + 1
+          value = args[i]
+          if value == nil then
+            error(usage_error(string.format("option '--%s' needs a value (%s)", spec.long, spec.arg)))
+          end
+        end
+        if spec.check then
+          local ok, err = spec.check(value)
+          if not ok then error(usage_error(string.format("--%s %s: %s", spec.long, value, err))) end
+          value = ok == true and value or ok
+        end
+        opts[spec.long] = value
+      else
+        if value ~= nil then
+          error(usage_error(string.format("option '--%s' takes no value", spec.long)))
+        end
+        opts[spec.long] = true
+      end
+    end
+    i = i + 1
+  end
+  return opts, positional
+end
+
+local function format_options(list)
+  local rows, width = {}, 0
+  for _, o in ipairs(list) do
+    local left = (o.short and ("-" .. o.short .. ", ") or "    ") .. "--" .. o.long ..
+      (o.arg and (" " .. o.arg) or "")
+    rows[#rows + 1] = { left, o.help }
+    width = math.max(width, #left)
+  end
+  local out = {}
+  for _, r in ipairs(rows) do
+    out[#out + 1] = string.format("  %-" .. width .. "s  %s", r[1], r[2])
+  end
+  return table.concat(out, "\n")
+end
+
+local function main_help()
+  local lines = {
+    "ten: cramped housing for your processes (tenement " .. VERSION .. ")",
+    "",
+    "Runs many small web services on one Linux server: supervises each instance on",
+    "its own Unix socket, routes HTTP to it, and stops it when idle.",
+    "",
+    "Usage: ten [--config FILE] COMMAND [ARGS...]",
+    "",
+    "Commands:",
+  }
+  local width = 0
+  for _, c in ipairs(commands) do width = math.max(width, #c.name) end
+  for _, c in ipairs(commands) do
+    lines[#lines + 1] = string.format("  %-" .. width .. "s  %s", c.name, c.summary)
+  end
+  lines[#lines + 1] = ""
+  lines[#lines + 1] = "Global options:"
+  lines[#lines + 1] = format_options(global_options)
+  lines[#lines + 1] = ""
+  lines[#lines + 1] = "Run 'ten help COMMAND' for what a command does and its options."
+  return table.concat(lines, "\n") .. "\n"
+end
+
+local function command_help(c)
+  local lines = { "Usage: " .. c.usage, "", c.summary .. "." }
+  if c.description then
+    lines[#lines + 1] = ""
+    lines[#lines + 1] = c.description
+  end
+  if c.options and #c.options > 0 then
+    lines[#lines + 1] = ""
+    lines[#lines + 1] = "Options:"
+    lines[#lines + 1] = format_options(c.options)
+  end
+  lines[#lines + 1] = ""
+  lines[#lines + 1] = "Global options:"
+  lines[#lines + 1] = format_options(global_options)
+  return table.concat(lines, "\n") .. "\n"
+end
+
+local function environment()
+  local ok, core = pcall(require, "tenement.core")
+  if ok and core.proc and core.proc.environ then return core.proc.environ() end
+  return setmetatable({}, { __index = function(_, k) return os.getenv(k) end })
+end
+
+-- Loads the configuration the command line points at; on failure prints the
+-- error and returns nil.
+-- An absolute path, so paths relative to the config file resolve to
+-- absolute ones whatever directory the server later runs in.
+local function absolute(path)
+  if path:sub(1, 1) == "/" then return path end
+  local cwd = require("tenement.core").fs.cwd()
+  return (cwd .. "/" .. path):gsub("/%./", "/")
+end
+
+local function load_config(ctx)
+  local config = require "tenement.config"
+  local path = absolute(config.find(ctx.opts.config, ctx.env))
+  local cfg, err = config.load(path, ctx.env)
+  if not cfg then
+    ctx.err:write(err, "\n")
+    return nil
+  end
+  return cfg
+end
+
+---------------------------------------------------------------------------
+-- commands
+
+command {
+  name = "config",
+  summary = "Load, validate and print the resolved configuration",
+  usage = "ten config [--json]",
+  description = "Reads tenement.toml (see --config), checks every field, fills in the\n" ..
+    "defaults and prints the result. Exits 1 with every problem found, each\n" ..
+    "with its file, line and what is allowed.",
+  options = {
+    { long = "json", help = "print JSON instead of TOML-like text" },
+  },
+  run = function(ctx)
+    local cfg = load_config(ctx)
+    if not cfg then return 1 end
+    if ctx.opts.json then
+      local json = require "tenement.json"
+      ctx.out:write(json.encode(require("tenement.config").public(cfg, json.array), "  "), "\n")
+    else
+      ctx.out:write(require("tenement.config").describe(cfg))
+    end
+    return 0
+  end,
+}
+
+-- The data directory a client command talks to.
+local function data_dir(ctx)
+  local dir = ctx.opts["data-dir"] or ctx.env.TENEMENT_DATA_DIR
+  if dir and dir ~= "" then return dir end
+  local config = require "tenement.config"
+  local path, origin = config.find(ctx.opts.config, ctx.env)
+  local f = io.open(path)
+  if not f then
+    if origin ~= "default" then
+      ctx.err:write("cannot read config file ", path, "\n")
+      return nil
+    end
+    return config.defaults().settings.data_dir
+  end
+  f:close()
+  local cfg = load_config(ctx)
+  return cfg and cfg.settings.data_dir
+end
+
+-- Runs fn(api) in a task with a client of the running server; fn returns an exit code.
+local function with_server(ctx, fn)
+  local dir = data_dir(ctx)
+  if not dir then return 1 end
+  local core = require "tenement.core"
+  local c = require("tenement.client").new { socket = dir .. "/ten.sock" }
+  return core.run(fn, c)
+end
+
+local function target_arg(ctx, cmd, args, allow_id_option)
+  local supervisor = require "tenement.supervisor"
+  local spec = args[1]
+  if not spec then
+    ctx.err:write("ten ", cmd.name, ": missing SERVICE:ID\nUsage: ", cmd.usage, "\n")
+    return nil
+  end
+  if allow_id_option and ctx.opts.id then
+    if spec:find(":") then
+      ctx.err:write("ten ", cmd.name, ": give either SERVICE:ID or SERVICE --id ID, not both\n")
+      return nil
+    end
+    spec = spec .. ":" .. ctx.opts.id
+  end
+  local service, id = supervisor.parse_key(spec)
+  if not service then
+    ctx.err:write("ten ", cmd.name, ": ", id, "\nUsage: ", cmd.usage, "\n")
+    return nil
+  end
+  return service, id
+end
+
+local function report_failure(ctx, name, status, value)
+  local client = require "tenement.client"
+  if status == nil then
+    ctx.err:write("ten ", name, ": ", value, "\n")
+  else
+    ctx.err:write("ten ", name, ": ", client.error_message(status, value), "\n")
+  end
+  return 1
+end
+
+local function duration(secs)
+  if not secs then return "-" end
+  secs = math.floor(secs)
+  if secs < 60 then return secs .. "s" end
+  if secs < 3600 then return string.format("%dm%02ds", secs // 60, secs % 60) end
+  if secs < 86400 then return string.format("%dh%02dm", secs // 3600, secs % 3600 // 60) end
+  return string.format("%dd%02dh", secs // 86400, secs % 86400 // 3600)
+end
+
+-- "90s", "15m", "2h", "7d" -> seconds
+local function parse_duration(s)
+  local n, unit = tostring(s):match("^(%d+)([smhd]?)$")
+  if not n then return nil, "expected a duration like 30s, 15m, 2h or 7d" end
+  return tonumber(n) * ({ [""] = 1, s = 1, m = 60, h = 3600, d = 86400 })[unit]
+end
+
+local function table_text(header, rows)
+  local widths = {}
+  for i, h in ipairs(header) do widths[i] = #h end
+  for _, r in ipairs(rows) do
+    for i, cell in ipairs(r) do widths[i] = math.max(widths[i], #cell) end
+  end
+  local lines = {}
+  local function line(cells)
+    local parts = {}
+    for i, cell in ipairs(cells) do
+      parts[i] = i == #cells and cell or cell .. string.rep(" ", widths[i] - #cell)
+    end
+    lines[#lines + 1] = table.concat(parts, "  ")
+  end
+  line(header)
+  for _, r in ipairs(rows) do line(r) end
+  return table.concat(lines, "\n") .. "\n"
+end
+
+command {
+  name = "serve",
+  summary = "Run the server: supervise the instances, keep their logs",
+  usage = "ten serve [--config FILE]",
+  description = "Starts the instances of [instances] and those that were running when the\n" ..
+    "server last stopped, restarts them by their policy, and answers the other\n" ..
+    "commands on the control socket {data_dir}/ten.sock. SIGTERM or SIGINT stops\n" ..
+    "every instance (SIGTERM, then SIGKILL after stop_timeout) and exits 0.",
+  run = function(ctx)
+    local cfg = load_config(ctx)
+    if not cfg then return 1 end
+    if ctx.opts["data-dir"] then cfg.settings.data_dir = ctx.opts["data-dir"] end
+    local core = require "tenement.core"
+    local server = require "tenement.server"
+    return core.run(function()
+      local srv = server.new(cfg, { environ = ctx.env })
+      local ok, err = srv:start()
+      if not ok then
+        ctx.err:write("ten serve: ", err, "\n")
+        if srv.sup then srv:shutdown() end
+        return 1
+      end
+      return srv:serve_until_signal()
+    end)
+  end,
+}
+
+command {
+  name = "spawn",
+  summary = "Start an instance and wait until it runs",
+  usage = "ten spawn SERVICE:ID  |  ten spawn SERVICE --id ID",
+  max_args = 1,
+  options = { { long = "id", arg = "ID", help = "the instance id (with a bare SERVICE)" } },
+  run = function(ctx, args)
+    local cmd = by_name.spawn
+    local service, id = target_arg(ctx, cmd, args, true)
+    if not service then return 2 end
+    return with_server(ctx, function(c)
+      local status, v = c:request("POST", "/api/instances", { service = service, id = id })
+      if status ~= 201 and status ~= 200 then return report_failure(ctx, "spawn", status, v) end
+      ctx.out:write(string.format("%s is %s on %s\n", v.instance, v.state, v.socket))
+      return 0
+    end)
+  end,
+}
+
+command {
+  name = "stop",
+  summary = "Stop an instance (SIGTERM, then SIGKILL after stop_timeout)",
+  usage = "ten stop SERVICE:ID",
+  max_args = 1,
+  run = function(ctx, args)
+    local service, id = target_arg(ctx, by_name.stop, args)
+    if not service then return 2 end
+    return with_server(ctx, function(c)
+      local status, v = c:request("DELETE", "/api/instances/" .. service .. ":" .. id)
+      if status ~= 204 then return report_failure(ctx, "stop", status, v) end
+      ctx.out:write(service, ":", id, " stopped\n")
+      return 0
+    end)
+  end,
+}
+
+command {
+  name = "restart",
+  summary = "Restart an instance (also clears a failed one)",
+  usage = "ten restart SERVICE:ID",
+  max_args = 1,
+  run = function(ctx, args)
+    local service, id = target_arg(ctx, by_name.restart, args)
+    if not service then return 2 end
+    return with_server(ctx, function(c)
+      local status, v = c:request("POST", "/api/instances/" .. service .. ":" .. id .. "/restart")
+      if status ~= 200 then return report_failure(ctx, "restart", status, v) end
+      ctx.out:write(string.format("%s is %s on %s\n", v.instance, v.state, v.socket))
+      return 0
+    end)
+  end,
+}
+
+command {
+  name = "ps",
+  aliases = { "ls" },
+  summary = "List every known instance, sleeping and failed ones included",
+  usage = "ten ps [--json]",
+  options = { { long = "json", help = "print JSON (an array of instances)" } },
+  run = function(ctx)
+    return with_server(ctx, function(c)
+      local status, list = c:request("GET", "/api/instances")
+      if status ~= 200 then return report_failure(ctx, "ps", status, list) end
+      if ctx.opts.json then
+        ctx.out:write(require("tenement.json").encode(require("tenement.json").array(list), "  "), "\n")
+        return 0
+      end
+      if #list == 0 then
+        ctx.out:write("no instances (start one with `ten spawn SERVICE:ID`)\n")
+        return 0
+      end
+      local rows = {}
+      for _, i in ipairs(list) do
+        rows[#rows + 1] = {
+          i.id, i.state, i.health, i.pid and tostring(i.pid) or "-", duration(i.uptime_secs),
+          duration(i.idle_secs), tostring(i.restarts or 0), tostring(i.weight or "-"),
+          i.isolation or "-", i.socket or "-", (i.last_exit or "-"):match("^[^\n]*"),
+        }
+      end
+      ctx.out:write(table_text({ "INSTANCE", "STATE", "HEALTH", "PID", "UPTIME", "IDLE", "RESTARTS",
+        "WEIGHT", "ISOLATION", "SOCKET", "LAST EXIT" }, rows))
+      return 0
+    end)
+  end,
+}
+
+command {
+  name = "health",
+  summary = "Run a health check on an instance now",
+  usage = "ten health SERVICE:ID",
+  max_args = 1,
+  run = function(ctx, args)
+    local service, id = target_arg(ctx, by_name.health, args)
+    if not service then return 2 end
+    return with_server(ctx, function(c)
+      local status, v = c:request("GET", "/api/instances/" .. service .. ":" .. id .. "/health")
+      if status ~= 200 then return report_failure(ctx, "health", status, v) end
+      if v.check == "ok" then
+        ctx.out:write(v.instance, ": healthy\n")
+        return 0
+      end
+      ctx.out:write(v.instance, ": ", v.health, " (", v.error or v.state, ")\n")
+      return 1
+    end)
+  end,
+}
+
+command {
+  name = "logs",
+  summary = "Show an instance's output, search it, follow it",
+  usage = "ten logs [SERVICE:ID] [-n N] [-f] [--search QUERY] [--since DURATION] [--stream stdout|stderr]",
+  description = "Lines come from the store, so they survive restarts of instances and of the\n" ..
+    "server. --search is full-text (every word must appear; the last one may be a prefix).",
+  max_args = 1,
+  options = {
+    { long = "lines", short = "n", arg = "N", help = "how many lines (default 100)",
+      check = function(v) local n = tonumber(v) return n and n >= 1 and math.floor(n), "expected a number >= 1" end },
+    { long = "limit", arg = "N", help = "the same as -n (the original's name)",
+      check = function(v) local n = tonumber(v) return n and n >= 1 and math.floor(n), "expected a number >= 1" end },
+    { long = "follow", short = "f", help = "keep printing new lines as they come" },
+    { long = "search", arg = "QUERY", help = "only lines matching QUERY" },
+    { long = "since", arg = "DURATION", help = "only lines newer than DURATION (30s, 15m, 2h, 7d)",
+      check = parse_duration },
+    { long = "stream", arg = "STREAM", help = "stdout or stderr",
+      check = function(v) return (v == "stdout" or v == "stderr") and true, "expected stdout or stderr" end },
+    { long = "level", arg = "STREAM", help = "the same as --stream (the original's name)",
+      check = function(v) return (v == "stdout" or v == "stderr") and true, "expected stdout or stderr" end },
+  },
+  run = function(ctx, args)
+    local instance
+    if args[1] then
+      local service, id = target_arg(ctx, by_name.logs, args)
+      if not service then return 2 end
+      instance = service .. ":" .. id
+    end
+    local q = {}
+    local function add(k, v) if v then q[#q + 1] = k .. "=" .. tostring(v):gsub("[^%w%-_.~:]", function(ch)
+      return string.format("%%%02X", ch:byte()) end) end end
+    add("instance", instance)
+    add("limit", ctx.opts.lines or ctx.opts.limit or 100)
+    add("q", ctx.opts.search)
+    add("stream", ctx.opts.stream or ctx.opts.level)
+    if ctx.opts.since then add("since", os.time() - ctx.opts.since) end
+    local base = "/api/logs?" .. table.concat(q, "&")
+    local function show(list)
+      for _, l in ipairs(list) do
+        local prefix = os.date("!%Y-%m-%dT%H:%M:%S", math.floor(l.time)) .. string.format(".%03dZ", math.floor(l.time * 1000) % 1000)
+        ctx.out:write(prefix, " ", instance and "" or (l.instance .. " "), l.stream == "stderr" and "stderr " or "",
+          l.message, "\n")
+      end
+      if ctx.out.flush then ctx.out:flush() end
+    end
+    return with_server(ctx, function(c)
+      local status, list = c:request("GET", base)
+      if status ~= 200 then return report_failure(ctx, "logs", status, list) end
+      show(list)
+      if not ctx.opts.follow then return 0 end
+      local after = #list > 0 and list[#list].seq or 0
+      while true do
+        local st, more = c:request("GET", base .. "&after=" .. after .. "&wait=30", nil, 40000)
+        if st ~= 200 then return report_failure(ctx, "logs", st, more) end
+        show(more)
+        if #more > 0 then after = more[#more].seq end
+      end
+    end)
+  end,
+}
+
+command {
+  name = "init",
+  summary = "Write a starter tenement.toml for the app in this directory",
+  usage = "ten init [--name NAME] [--command CMD] [--force]",
+  description = "Looks at the current directory (pyproject.toml or requirements.txt: Python;\n" ..
+    "package.json: Node; go.mod: Go; Cargo.toml: Rust; else an executable named\n" ..
+    "like the directory) and writes a tenement.toml that runs it.",
+  options = {
+    { long = "name", arg = "NAME", help = "service name (default: the directory's name)" },
+    { long = "command", arg = "CMD", help = "the command that starts the app (default: detected)" },
+    { long = "force", help = "overwrite an existing tenement.toml" },
+  },
+  run = function(ctx)
+    local init = require "tenement.init"
+    local core = require "tenement.core"
+    local cwd = core.fs.cwd()
+    local text, err = init.generate(cwd, { name = ctx.opts.name, command = ctx.opts.command })
+    if not text then ctx.err:write("ten init: ", err, "\n") return 1 end
+    local path = cwd .. "/tenement.toml"
+    if core.fs.stat(path) and not ctx.opts.force then
+      ctx.err:write("ten init: ", path, " already exists (use --force to overwrite it)\n")
+      return 1
+    end
+    local ok, werr = core.fs.write(path, text)
+    if not ok then ctx.err:write("ten init: ", werr, "\n") return 1 end
+    ctx.out:write("wrote ", path, "\n", text)
+    return 0
+  end,
+}
+
+command {
+  name = "version",
+  summary = "Print the version",
+  usage = "ten version",
+  run = function(ctx)
+    ctx.out:write("ten ", VERSION, "\n")
+    return 0
+  end,
+}
+
+command {
+  name = "help",
+  summary = "Show help for a command",
+  usage = "ten help [COMMAND]",
+  run = function(ctx, args)
+    local name = args[1]
+    if not name then ctx.out:write(main_help()) return 0 end
+    local c = by_name[name]
+    if not c then
+      local names = {}
+      for _, x in ipairs(commands) do names[#names + 1] = x.name end
+      local hint = nearest(name, names)
+      ctx.err:write(string.format("ten help: unknown command '%s'%s\n", name,
+        hint and string.format(" (did you mean '%s'?)", hint) or ""))
+      return 2
+    end
+    ctx.out:write(command_help(c))
+    return 0
+  end,
+}
+
+---------------------------------------------------------------------------
+
+-- cli.main(args [, io]) -> exit code. io = { out =, err =, env = } for tests.
+function cli.main(args, io_override)
+  io_override = io_override or {}
+  local ctx = {
+    out = io_override.out or io.stdout,
+    err = io_override.err or io.stderr,
+    env = io_override.env or environment(),
+  }
+
+  -- the command is the first argument that is not an option (or an option's value)
+  local name, rest = nil, {}
+  local i = 1
+  while i <= #args do
+    local a = args[i]
+    if not name and a:sub(1, 1) ~= "-" then
+      name = a
+    else
+      rest[#rest + 1] = a
+      if not name and (a == "--config" or a == "--data-dir") then
+        i = i + 1
+        rest[#rest + 1] = args[i]
+      end
+    end
+    i = i + 1
+  end
+
+  local cmd = name and by_name[name]
+  if name and not cmd then
+    local names = {}
+    for _, c in ipairs(commands) do names[#names + 1] = c.name end
+    local hint = nearest(name, names)
+    ctx.err:write(string.format("ten: unknown command '%s'%s\nRun 'ten --help' for the list of commands.\n",
+      name, hint and string.format(" (did you mean '%s'?)", hint) or ""))
+    return 2
+  end
+
+  local ok, opts, positional = pcall(parse_args, cmd, rest)
+  if not ok then
+    if getmetatable(opts) == UsageError then
+      ctx.err:write("ten", cmd and (" " .. cmd.name) or "", ": ", opts.msg, "\n")
+      ctx.err:write("Usage: ", cmd and cmd.usage or "ten [--config FILE] COMMAND [ARGS...]", "\n")
+      return 2
+    end
+    error(opts, 0)
+  end
+  ctx.opts = opts
+
+  if opts.version then ctx.out:write("ten ", VERSION, "\n") return 0 end
+  if opts.help or not cmd then
+    ctx.out:write(cmd and command_help(cmd) or main_help())
+    return cmd and 0 or (opts.help and 0 or 2)
+  end
+  if cmd.max_args and #positional > cmd.max_args or (not cmd.max_args and #positional > 0 and cmd.name ~= "help") then
+    ctx.err:write(string.format("ten %s: unexpected argument '%s'\nUsage: %s\n", cmd.name,
+      positional[(cmd.max_args or 0) + 1], cmd.usage))
+    return 2
+  end
+  return cmd.run(ctx, positional) or 0
+end
+
+cli.version = VERSION
+cli.commands = commands
+
+return cli

@@ -1,0 +1,54 @@
+-- How `ten` commands reach a running server: HTTP with JSON over the local
+-- control socket {data_dir}/ten.sock. They never start a second supervisor.
+local core = require "tenement.core"
+local json = require "tenement.json"
+
+local client = {}
+
+local Client = {}
+Client.__index = Client
+
+-- client.new{ socket = path } -> client
+function client.new(opts)
+  return setmetatable({ socket = opts.socket }, Client)
+end
+
+-- The error a person sees when no server answers.
+function Client:unreachable(err)
+  return string.format("no ten server is running for this data directory (%s: %s).\n"
+    .. "Start one with `ten serve` (and the same --config or --data-dir), then try again.",
+    self.socket, err)
+end
+
+-- request(method, target [, body_table [, timeout_ms]]) -> status, value | nil, err
+-- Must run inside a task. value is the decoded JSON (nil for an empty body).
+function Client:request(method, target, body, timeout_ms)
+  local res, err, code = core.http.request {
+    path = self.socket, method = method, target = target,
+    headers = body and { ["content-type"] = "application/json" } or {},
+    body = body and json.encode(body) or nil,
+    timeout = timeout_ms or 120000,
+  }
+  if not res then
+    if code == "ENOENT" or code == "ECONNREFUSED" then return nil, self:unreachable(err) end
+    return nil, err
+  end
+  local value
+  if res.body and res.body ~= "" then
+    local v, jerr = json.decode(res.body)
+    if v == nil and jerr then return nil, "the server sent something that is not JSON: " .. jerr end
+    value = v
+  end
+  return res.status, value
+end
+
+-- The message of an API error body, or a generic one.
+function client.error_message(status, value)
+  if type(value) == "table" and type(value.error) == "table" and value.error.message then
+    return value.error.message
+  end
+  if type(value) == "table" and type(value.error) == "string" then return value.error end
+  return "the server answered HTTP " .. tostring(status)
+end
+
+return client

@@ -1,0 +1,38 @@
+-- Turning a service's `command` (and `args`) into an argv.
+-- A plain command is split on white space and executed directly. One with
+-- shell syntax runs as `/bin/sh -c 'exec ...'`: the shell replaces itself
+-- with the app, so signals reach the app and no shell lingers as its parent.
+local command = {}
+
+-- Anything the shell would interpret: quoting, expansion, redirection,
+-- pipelines, lists, globbing, comments, assignments, subshells.
+local SHELL_SYNTAX = "[|&;<>()$`\\\"'*?%[%]#~=%%{}!\n]"
+
+function command.needs_shell(cmd)
+  return cmd:find(SHELL_SYNTAX) ~= nil
+end
+
+-- Single-quote s for /bin/sh.
+function command.quote(s)
+  if s ~= "" and not s:find("[^%w%-_./:,+@]") then return s end
+  return "'" .. s:gsub("'", "'\\''") .. "'"
+end
+
+-- command.argv(cmd, args) -> argv | nil, err
+function command.argv(cmd, args)
+  args = args or {}
+  if type(cmd) ~= "string" or not cmd:find("%S") then
+    return nil, "command is empty"
+  end
+  if command.needs_shell(cmd) then
+    local parts = { "exec " .. cmd }
+    for _, a in ipairs(args) do parts[#parts + 1] = command.quote(a) end
+    return { "/bin/sh", "-c", table.concat(parts, " ") }
+  end
+  local argv = {}
+  for word in cmd:gmatch("%S+") do argv[#argv + 1] = word end
+  for _, a in ipairs(args) do argv[#argv + 1] = a end
+  return argv
+end
+
+return command

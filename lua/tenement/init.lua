@@ -1,0 +1,76 @@
+-- `ten init`: a starter tenement.toml for the app in a directory.
+local core = require "tenement.core"
+local config = require "tenement.config"
+
+local init = {}
+
+local function exists(dir, name) return core.fs.stat(dir .. "/" .. name) ~= nil end
+
+-- What kind of app lives in dir, and the command that starts it.
+-- -> kind, command, note
+function init.detect(dir)
+  if exists(dir, "pyproject.toml") then
+    return "python", "uv run python app.py", "uv runs the app in its own environment"
+  elseif exists(dir, "requirements.txt") then
+    return "python", "python3 app.py", "install the requirements into a virtualenv and point command at its python"
+  elseif exists(dir, "package.json") then
+    return "node", "npm start", "npm start runs the \"start\" script of package.json"
+  elseif exists(dir, "go.mod") then
+    return "go", "./" .. (dir:match("([^/]+)$") or "app"), "build it first: go build -o " .. (dir:match("([^/]+)$") or "app")
+  elseif exists(dir, "Cargo.toml") then
+    local name = dir:match("([^/]+)$") or "app"
+    return "rust", "./target/release/" .. name, "build it first: cargo build --release"
+  end
+  local name = dir:match("([^/]+)$") or "app"
+  local st = core.fs.stat(dir .. "/" .. name)
+  if st and st.type == "file" and core.fs.access(dir .. "/" .. name, "x") then
+    return "binary", "./" .. name, nil
+  end
+  return nil
+end
+
+-- A valid service name from a directory name: lower case, dashes.
+function init.service_name(s)
+  s = s:lower():gsub("[^a-z0-9-]+", "-"):gsub("^-+", ""):gsub("-+$", "")
+  if s == "" then s = "app" end
+  return s:sub(1, 63)
+end
+
+-- init.generate(dir, {name=, command=}) -> toml text | nil, err
+function init.generate(dir, opts)
+  local name = opts.name or init.service_name(dir:match("([^/]+)$") or "app")
+  local ok, err = config.valid_name(name)
+  if not ok then return nil, "--name " .. name .. ": " .. err end
+  local kind, cmd, note = init.detect(dir)
+  cmd = opts.command or cmd
+  if not cmd then
+    return nil, "cannot tell what app lives in " .. dir .. " (no pyproject.toml, requirements.txt, "
+      .. "package.json, go.mod, Cargo.toml or executable named like the directory): "
+      .. "give the command with --command CMD"
+  end
+  local lines = {
+    "# tenement.toml for " .. name .. (kind and (" (" .. kind .. " app)") or ""),
+    "# Reference: docs/configuration.md. Check it with `ten config`.",
+    "",
+    "[settings]",
+    'data_dir = "/var/lib/tenement"',
+    "",
+    "[service." .. name .. "]",
+    "# The app must listen on the Unix socket in $SOCKET_PATH (or on $PORT).",
+    "command = " .. string.format("%q", cmd),
+  }
+  if note then lines[#lines + 1] = "# " .. note end
+  lines[#lines + 1] = "workdir = " .. string.format("%q", dir)
+  lines[#lines + 1] = 'health = "/health"'
+  lines[#lines + 1] = "idle_timeout = 300"
+  lines[#lines + 1] = 'restart = "on-failure"'
+  lines[#lines + 1] = ""
+  lines[#lines + 1] = "[instances]"
+  lines[#lines + 1] = name .. ' = ["prod"]'
+  local text = table.concat(lines, "\n") .. "\n"
+  local cfg, cerr = config.parse(text, "tenement.toml", {})
+  if not cfg then return nil, "generated an invalid file (a bug): " .. cerr end
+  return text
+end
+
+return init

@@ -1,0 +1,38 @@
+-- Finds the driver for an isolation level and checks that it keeps the
+-- contract (available, prepare). A level the host cannot provide fails
+-- loudly with the reason; it never falls back to a weaker one.
+local runtime = {}
+
+local planned = {
+  namespace = "namespace isolation is not available in this build yet",
+  sandbox = "sandbox isolation (gVisor) is not available in this build yet",
+  firecracker = "firecracker VMs are not available yet",
+  qemu = "qemu VMs are not available yet",
+  wasm = "wasm isolation is not available yet",
+}
+
+local cache = {}
+
+-- runtime.get(level) -> driver | nil, err
+function runtime.get(level)
+  if cache[level] then return cache[level] end
+  local ok, driver = pcall(require, "tenement.runtimes." .. level)
+  if not ok then
+    local why = planned[level]
+    if why then
+      return nil, string.format('%s: set isolation = "process" for this service, or use a newer ten', why)
+    end
+    return nil, string.format("unknown isolation level %q (%s)", level, tostring(driver))
+  end
+  if type(driver) ~= "table" or type(driver.available) ~= "function" or type(driver.prepare) ~= "function" then
+    return nil, string.format("runtime driver %q is broken: it must return a table with available() and prepare()", level)
+  end
+  local usable, reason = driver.available()
+  if not usable then
+    return nil, string.format("isolation %q cannot run on this host: %s", level, reason or "no reason given")
+  end
+  cache[level] = driver
+  return driver
+end
+
+return runtime

@@ -1,0 +1,170 @@
+-- The durable store: {data_dir}/tenement.db (SQLite, WAL). The only module
+-- that writes SQL. The schema changes only by appending a migration.
+local core = require "tenement.core"
+
+local store = {}
+
+-- Each entry runs once, in order, inside a transaction; the number of the
+-- last one applied is PRAGMA user_version.
+store.migrations = {
+  -- 1: instances that should run, and the logs with their full-text index
+  [[
+  CREATE TABLE instances (
+    service    TEXT NOT NULL,
+    id         TEXT NOT NULL,
+    desired    INTEGER NOT NULL DEFAULT 1,
+    weight     INTEGER NOT NULL DEFAULT 100,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (service, id)
+  ) WITHOUT ROWID;
+
+  CREATE TABLE log_lines (
+    seq      INTEGER PRIMARY KEY,
+    ts       REAL NOT NULL,
+    instance TEXT NOT NULL,
+    stream   TEXT NOT NULL,
+    message  TEXT NOT NULL
+  );
+  CREATE INDEX log_lines_by_instance ON log_lines (instance, seq);
+  CREATE INDEX log_lines_by_time ON log_lines (ts);
+
+  CREATE VIRTUAL TABLE log_search USING fts5 (
+    message, content = 'log_lines', content_rowid = 'seq', tokenize = 'unicode61'
+  );
+  CREATE TRIGGER log_lines_indexed AFTER INSERT ON log_lines BEGIN
+    INSERT INTO log_search (rowid, message) VALUES (new.seq, new.message);
+  END;
+  CREATE TRIGGER log_lines_unindexed AFTER DELETE ON log_lines BEGIN
+    INSERT INTO log_search (log_search, rowid, message) VALUES ('delete', old.seq, old.message);
+  END;
+  ]],
+}
+
+local Store = {}
+Store.__index = Store
+
+-- store.open(path) -> store | nil, err
+function store.open(path)
+  local conn, err = core.db.open(path)
+  if not conn then return nil, err end
+  local self = setmetatable({ conn = conn, path = path }, Store)
+  local ok, merr = self:migrate()
+  if not ok then
+    conn:close()
+    return nil, merr
+  end
+  return self
+end
+
+function Store:migrate()
+  local rows, err = self.conn:query("PRAGMA user_version")
+  if not rows then return nil, err end
+  local version = rows[1].user_version
+  if version > #store.migrations then
+    return nil, string.format("%s was written by a newer ten (schema %d, this one knows %d): "
+      .. "upgrade ten or restore an older store", self.path, version, #store.migrations)
+  end
+  for v = version + 1, #store.migrations do
+    local ok, merr = self.conn:transaction(function()
+      local ok, e = self.conn:exec(store.migrations[v])
+      if not ok then return nil, e end
+      return self.conn:exec("PRAGMA user_version = " .. v)
+    end)
+    if not ok then return nil, string.format("%s: migration %d failed: %s", self.path, v, merr) end
+  end
+  return true
+end
+
+function Store:close()
+  if self.conn then self.conn:close() end
+  self.conn = nil
+end
+
+-- instances --------------------------------------------------------------
+
+-- Remembers whether service:id should run, so a restarted server brings it back.
+function Store:set_desired(service, id, desired)
+  local now = core.time()
+  return self.conn:run([[
+    INSERT INTO instances (service, id, desired, created_at, updated_at) VALUES (?, ?, ?, ?, ?)
+    ON CONFLICT (service, id) DO UPDATE SET desired = excluded.desired, updated_at = excluded.updated_at
+  ]], service, id, desired and 1 or 0, now, now)
+end
+
+function Store:set_weight(service, id, weight)
+  local now = core.time()
+  return self.conn:run([[
+    INSERT INTO instances (service, id, desired, weight, created_at, updated_at) VALUES (?, ?, 0, ?, ?, ?)
+    ON CONFLICT (service, id) DO UPDATE SET weight = excluded.weight, updated_at = excluded.updated_at
+  ]], service, id, weight, now, now)
+end
+
+-- -> { {service=, id=, desired=bool, weight=n}, ... }
+function Store:instances()
+  local rows, err = self.conn:query("SELECT service, id, desired, weight FROM instances ORDER BY created_at, service, id")
+  if not rows then return nil, err end
+  for _, r in ipairs(rows) do r.desired = r.desired == 1 end
+  return rows
+end
+
+-- logs -------------------------------------------------------------------
+
+-- Appends a batch from core.logbuf's sink: { {ts, instance, stream, text}, ... }
+function Store:append_logs(batch)
+  if #batch == 0 then return true end
+  if not self.insert_log then
+    local stmt, err = self.conn:prepare("INSERT INTO log_lines (ts, instance, stream, message) VALUES (?, ?, ?, ?)")
+    if not stmt then return nil, err end
+    self.insert_log = stmt
+  end
+  return self.insert_log:run_many(batch)
+end
+
+-- Turns free text into an FTS5 query that cannot be a syntax error: each
+-- word becomes a quoted term (prefix match for the last), all must match.
+function store.fts_query(text)
+  local terms = {}
+  for word in tostring(text):gmatch("%S+") do
+    terms[#terms + 1] = '"' .. word:gsub('"', '""') .. '"'
+  end
+  if #terms == 0 then return nil end
+  terms[#terms] = terms[#terms] .. "*"
+  return table.concat(terms, " AND ")
+end
+
+-- Store:logs{ instance=, instances= {set}, q=, stream=, since= (epoch s), after= (seq), limit= }
+-- -> rows newest first: {seq, ts, instance, stream, message, highlighted?}
+function Store:logs(f)
+  local where, binds = {}, {}
+  local limit = math.max(1, math.min(tonumber(f.limit) or 100, 10000))
+  local sql
+  if f.instance then where[#where + 1] = "l.instance = ?"; binds[#binds + 1] = f.instance end
+  if f.stream then where[#where + 1] = "l.stream = ?"; binds[#binds + 1] = f.stream end
+  if f.since then where[#where + 1] = "l.ts >= ?"; binds[#binds + 1] = f.since end
+  if f.after then where[#where + 1] = "l.seq > ?"; binds[#binds + 1] = f.after end
+  local q = f.q and store.fts_query(f.q)
+  if q then
+    table.insert(where, 1, "log_search MATCH ?")
+    table.insert(binds, 1, q)
+    sql = "SELECT l.seq, l.ts, l.instance, l.stream, l.message, "
+      .. "highlight(log_search, 0, '[', ']') AS highlighted "
+      .. "FROM log_search JOIN log_lines l ON l.seq = log_search.rowid"
+  else
+    sql = "SELECT l.seq, l.ts, l.instance, l.stream, l.message FROM log_lines l"
+  end
+  if #where > 0 then sql = sql .. " WHERE " .. table.concat(where, " AND ") end
+  sql = sql .. " ORDER BY l.seq DESC LIMIT " .. limit
+  return self.conn:query(sql, table.unpack(binds))
+end
+
+-- Retention: drop lines older than max_age seconds and beyond max_lines.
+function Store:prune_logs(max_age, max_lines)
+  local ok, err = self.conn:run("DELETE FROM log_lines WHERE ts < ?", core.time() - max_age)
+  if not ok then return nil, err end
+  return self.conn:run([[
+    DELETE FROM log_lines WHERE seq <= (SELECT seq FROM log_lines ORDER BY seq DESC LIMIT 1 OFFSET ?)
+  ]], max_lines)
+end
+
+return store

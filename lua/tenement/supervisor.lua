@@ -1,0 +1,681 @@
+-- The supervisor: owns the instances and their life.
+--
+-- Each instance has one runner task that goes through its life in a loop
+-- (start, run, exit, back off, start again) and reads everything that happens
+-- to it from its mailbox: the process exiting, a stop request, failed health
+-- checks. Helpers (exit watcher, readiness probe, health checker) only put
+-- messages; the runner alone changes state, through the one transition table
+-- below, and every transition is published as an event.
+local core = require "tenement.core"
+local sync = require "tenement.sync"
+local config = require "tenement.config"
+local command = require "tenement.command"
+local runtime = require "tenement.runtime"
+local restart = require "tenement.restart"
+local log = require "tenement.log"
+
+local supervisor = {}
+
+-- state x event -> next state. Anything else is a bug, and raises.
+supervisor.transitions = {
+  stopped   = { spawn = "starting" },
+  sleeping  = { spawn = "starting", stop = "stopped" },
+  starting  = { ready = "running", restart = "backoff", fail = "failed", down = "stopped", stop = "stopping" },
+  running   = { health_bad = "unhealthy", restart = "backoff", fail = "failed", down = "stopped",
+                stop = "stopping", sleep = "stopping" },
+  unhealthy = { health_ok = "running", restart = "backoff", fail = "failed", down = "stopped",
+                stop = "stopping", sleep = "stopping" },
+  backoff   = { retry = "starting", stop = "stopped" },
+  stopping  = { stopped = "stopped", slept = "sleeping" },
+  failed    = { spawn = "starting", stop = "stopped" },
+}
+
+-- Variables an instance inherits from the server's environment. Nothing else
+-- leaks: no token or secret of the server reaches a tenant.
+supervisor.env_allow = { "PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ" }
+
+local DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
+local PORT_MIN, PORT_MAX = 30000, 40000
+local FAILURES_UNHEALTHY = 3
+local OUTPUT_LINES_IN_ERRORS = 10
+
+local Supervisor = {}
+Supervisor.__index = Supervisor
+
+local Instance = {}
+Instance.__index = Instance
+
+-- supervisor.new(cfg, opts) -> sup
+--   opts.environ: the server's environment (table), for the allow-list and ${VAR}
+--   opts.store:   the durable store (optional: without it nothing is remembered)
+--   opts.sink:    a core.logbuf sink that feeds the store (optional)
+--   opts.restart_policy: a replacement for restart.decide (hook)
+function supervisor.new(cfg, opts)
+  opts = opts or {}
+  local self = setmetatable({
+    cfg = cfg,
+    environ = opts.environ or core.proc.environ(),
+    store = opts.store,
+    sink = opts.sink,
+    decide = opts.restart_policy or restart.decide,
+    instances = {},      -- key "service:id" -> Instance
+    ports = {},          -- port -> key
+    listeners = {},
+    shutting_down = false,
+  }, Supervisor)
+  self.init_path = opts.init_path or supervisor.find_init(self.environ)
+  return self
+end
+
+-- The `ten` binary, which is also the PID 1 of namespaced instances: this
+-- process when it is ten, else $TENEMENT_INIT (specs run under stock lua5.4).
+function supervisor.find_init(environ)
+  local exe = core.proc.self_exe and core.proc.self_exe()
+  if exe and (exe:match("/ten$") or exe:match("/slum$")) then return exe end
+  return environ.TENEMENT_INIT
+end
+
+function supervisor.key(service, id) return service .. ":" .. id end
+
+-- supervisor.parse_key("api:prod") -> "api", "prod" | nil, err
+function supervisor.parse_key(s)
+  local service, id = tostring(s):match("^([^:]+):([^:]+)$")
+  if not service then
+    return nil, string.format("%q is not SERVICE:ID (for example api:prod)", tostring(s))
+  end
+  local ok, err = config.valid_name(service)
+  if not ok then return nil, "service name " .. err end
+  ok, err = config.valid_name(id)
+  if not ok then return nil, "instance id " .. err end
+  return service, id
+end
+
+---------------------------------------------------------------------------
+-- events
+
+-- sup:on(fn(event)) subscribes; fn must not wait. Returns an unsubscribe function.
+function Supervisor:on(fn)
+  self.listeners[#self.listeners + 1] = fn
+  return function()
+    for i, f in ipairs(self.listeners) do
+      if f == fn then table.remove(self.listeners, i) return end
+    end
+  end
+end
+
+function Supervisor:publish(ev)
+  for _, fn in ipairs(self.listeners) do
+    local ok, err = pcall(fn, ev)
+    if not ok then log.error("event listener failed: %s", tostring(err)) end
+  end
+end
+
+function Instance:transition(event, reason)
+  local from = self.state
+  local to = supervisor.transitions[from] and supervisor.transitions[from][event]
+  if not to then
+    error(string.format("%s: no transition from %s on %s", self.key, from, event))
+  end
+  self.state = to
+  self.state_since = core.now()
+  if to == "failed" then self.health = "failed"
+  elseif to == "starting" or to == "stopped" or to == "sleeping" then self.health = "unknown" end
+  if reason then self.reason = reason end
+  self.sup:publish({ type = "state", instance = self.key, service = self.service, id = self.id,
+    from = from, to = to, event = event, reason = reason, time = core.time() })
+  local changed = self.state_changed
+  self.state_changed = sync.event()
+  changed:set(to)
+end
+
+-- Waits until the instance's state is one of `states` (a set), or timeout.
+function Instance:wait_state(states, timeout_ms)
+  local deadline = timeout_ms and core.now() + timeout_ms
+  while not states[self.state] do
+    local left = deadline and deadline - core.now()
+    if left and left <= 0 then return nil, "timeout" end
+    local ok, err = self.state_changed:wait(left)
+    if not ok and err == "timeout" then return nil, "timeout" end
+  end
+  return self.state
+end
+
+---------------------------------------------------------------------------
+-- resources of one start
+
+function Supervisor:alloc_port(key)
+  local span = PORT_MAX - PORT_MIN + 1
+  local start = math.random(0, span - 1)
+  for i = 0, span - 1 do
+    local port = PORT_MIN + (start + i) % span
+    if not self.ports[port] then
+      -- also free on the machine: something else may hold it
+      local l = core.net.listen { host = "127.0.0.1", port = port }
+      if l then
+        l:close()
+        self.ports[port] = key
+        return port
+      end
+    end
+  end
+  return nil, string.format("no free TCP port in %d-%d", PORT_MIN, PORT_MAX)
+end
+
+function Supervisor:free_port(port)
+  if port then self.ports[port] = nil end
+end
+
+-- The environment an instance gets: the allow-list, then what the config
+-- sets, then what tenement sets (which cannot be overridden).
+function Supervisor:instance_env(svc, vars)
+  local env = {}
+  for _, name in ipairs(supervisor.env_allow) do
+    env[name] = self.environ[name]
+  end
+  env.PATH = env.PATH or DEFAULT_PATH
+  for k, v in pairs(svc.env or {}) do
+    local s, err = config.expand(v, vars)
+    if not s then return nil, string.format("env %s: %s", k, err) end
+    env[k] = s
+  end
+  env.PORT = tostring(vars.port)
+  env.SOCKET_PATH = vars.socket
+  env.INSTANCE_DIR = vars.instance_dir
+  env.INSTANCE_ID = vars.id
+  env.SERVICE_NAME = vars.name
+  local list = {}
+  for k, v in pairs(env) do list[#list + 1] = k .. "=" .. v end
+  table.sort(list)
+  return list
+end
+
+local function dirname(path) return path:match("^(.*)/[^/]*$") or "." end
+
+-- Everything one start takes, released together whatever happens.
+function Instance:release_start()
+  local sup = self.sup
+  sup:free_port(self.port)
+  self.port = nil
+  if self.socket then core.fs.unlink(self.socket) end
+  self.proc = nil
+  self.pid = nil
+end
+
+-- Starts the process. -> proc | nil, err (everything released on failure)
+function Instance:launch()
+  local sup, svc = self.sup, self.svc
+  local driver, derr = runtime.get(svc.isolation)
+  if not driver then return nil, derr end
+
+  local port, perr = sup:alloc_port(self.key)
+  if not port then return nil, perr end
+  self.port = port
+
+  local vars, verr = config.instance_vars(sup.cfg, self.service, self.id, port)
+  if not vars then self:release_start() return nil, verr end
+  self.socket = vars.socket
+  self.dir = vars.instance_dir
+
+  local ok, err = core.fs.mkdir(vars.instance_dir, 0700)
+  if not ok then self:release_start() return nil, err end
+  ok, err = core.fs.mkdir(dirname(vars.socket), 0755)
+  if not ok then self:release_start() return nil, err end
+  -- a socket left by an earlier process would answer for a dead instance
+  local st = core.fs.stat(vars.socket, false)
+  if st then
+    if st.type ~= "socket" then
+      self:release_start()
+      return nil, string.format("%s exists and is not a socket: refusing to remove it", vars.socket)
+    end
+    core.fs.unlink(vars.socket)
+  end
+
+  local cmd, cerr = config.expand(svc.command, vars)
+  if not cmd then self:release_start() return nil, "command: " .. cerr end
+  local args = {}
+  for i, a in ipairs(svc.args or {}) do
+    local s, aerr = config.expand(a, vars)
+    if not s then self:release_start() return nil, "args: " .. aerr end
+    args[i] = s
+  end
+  local argv, aerr = command.argv(cmd, args)
+  if not argv then self:release_start() return nil, aerr end
+  local env, eerr = sup:instance_env(svc, vars)
+  if not env then self:release_start() return nil, eerr end
+  local cwd
+  if svc.workdir then
+    cwd, err = config.expand(svc.workdir, vars)
+    if not cwd then self:release_start() return nil, "workdir: " .. err end
+  end
+
+  local out_r, out_w = core.logbuf.pipe()
+  local err_r, err_w = core.logbuf.pipe()
+  local spec = driver.prepare({
+    argv = argv, env = env, cwd = cwd, stdout_fd = out_w, stderr_fd = err_w,
+    service = svc, id = self.id, vars = vars, init_path = sup.init_path,
+  })
+  local proc, serr = core.proc.spawn(spec)
+  core.logbuf.close_fd(out_w)
+  core.logbuf.close_fd(err_w)
+  if not proc then
+    core.logbuf.close_fd(out_r)
+    core.logbuf.close_fd(err_r)
+    self:release_start()
+    return nil, serr
+  end
+  self.ring:capture(out_r, "stdout")
+  self.ring:capture(err_r, "stderr")
+  self.proc = proc
+  self.pid = proc.pid
+  self.started_at = core.now()
+  self.started_wall = core.time()
+  return proc
+end
+
+function Instance:last_output(n)
+  local lines = self.ring:lines(0, n or OUTPUT_LINES_IN_ERRORS)
+  if #lines == 0 then return "" end
+  local out = { "\nlast output:" }
+  for _, l in ipairs(lines) do out[#out + 1] = "  " .. l.stream .. ": " .. l.text end
+  return table.concat(out, "\n")
+end
+
+-- One health check: GET {health} over the socket, 2xx is healthy; with no
+-- `health`, a connection to the socket is. -> true | nil, why
+function Instance:check(timeout_ms)
+  local socket = self.socket
+  if not socket then return nil, "not running" end
+  if self.svc.health then
+    local res, err = core.http.request {
+      path = socket, method = "GET", target = self.svc.health,
+      headers = { ["user-agent"] = "tenement-health" }, timeout = timeout_ms,
+    }
+    if not res then return nil, err end
+    if res.status < 200 or res.status > 299 then
+      return nil, string.format("GET %s answered %d", self.svc.health, res.status)
+    end
+    return true
+  end
+  local conn, err = core.net.connect { path = socket, timeout = timeout_ms }
+  if not conn then return nil, err end
+  conn:close()
+  return true
+end
+
+-- Probe until the instance answers, then tell the runner. Retries quickly at
+-- first: most apps are up within milliseconds.
+function Instance:probe_ready(gen, deadline)
+  local pause = 2
+  while self.gen == gen and core.now() < deadline do
+    local left = deadline - core.now()
+    local ok = self:check(math.max(1, math.min(left, 1000)))
+    if self.gen ~= gen then return end
+    if ok then
+      self.mailbox:put({ type = "ready", gen = gen })
+      return
+    end
+    core.sleep(pause)
+    pause = math.min(pause * 2, 100)
+  end
+end
+
+function Instance:watch_exit(proc, gen)
+  local status = proc:wait()
+  self.mailbox:put({ type = "exit", gen = gen, status = status })
+end
+
+function Instance:health_loop(gen)
+  local interval = self.sup.cfg.settings.health_check_interval * 1000
+  local failures = 0
+  -- jitter spreads 1000 instances' checks over the interval
+  core.sleep(math.random(0, interval))
+  while self.gen == gen and (self.state == "running" or self.state == "unhealthy") do
+    local ok, why = self:check(math.min(interval, 5000))
+    if self.gen ~= gen then return end
+    if ok then
+      failures = 0
+      self.health = "healthy"
+      if self.state == "unhealthy" then self.mailbox:put({ type = "health_ok", gen = gen }) end
+    else
+      failures = failures + 1
+      self.health_failures = (self.health_failures or 0) + 1
+      self.last_health_error = why
+      if failures >= FAILURES_UNHEALTHY then
+        self.health = "unhealthy"
+        if self.state == "running" then
+          self.mailbox:put({ type = "unhealthy", gen = gen, why = why, failures = failures })
+        end
+      else
+        self.health = "degraded"
+      end
+    end
+    core.sleep(interval)
+  end
+end
+
+-- SIGTERM to the process group, SIGKILL after stop_timeout. -> exit status
+function Instance:terminate(proc)
+  proc:kill("SIGTERM", true)
+  local timeout = self.sup.cfg.settings.stop_timeout * 1000
+  local status = proc:wait(timeout)
+  if not status then
+    log.warn("%s did not stop within %d s of SIGTERM: SIGKILL", self.key, timeout // 1000)
+    proc:kill("SIGKILL", true)
+    status = proc:wait()
+  else
+    -- the app is gone; whatever it left in its group goes too
+    proc:kill("SIGKILL", true)
+  end
+  return status
+end
+
+local function describe_status(st)
+  if not st then return "unknown" end
+  if st.signal then return "killed by " .. st.signal end
+  return "exited with code " .. tostring(st.code)
+end
+
+-- Waits for the mailbox message of this generation, dropping stale ones.
+function Instance:next_message(gen, timeout_ms)
+  local deadline = timeout_ms and core.now() + timeout_ms
+  while true do
+    local left = deadline and math.max(0, deadline - core.now())
+    local msg, err = self.mailbox:take(left)
+    if not msg then return nil, err end
+    if msg.gen == nil or msg.gen == gen then return msg end
+  end
+end
+
+-- One start: launch, wait until ready. -> "ready" | "stop", msg | nil, exit info
+function Instance:start_once()
+  self.gen = self.gen + 1
+  local gen = self.gen
+  local proc, err = self:launch()
+  if not proc then
+    return nil, { reason = "start", message = "spawn failed: " .. err }
+  end
+  core.spawn(self.watch_exit, self, proc, gen)
+  local timeout = self.svc.startup_timeout * 1000
+  core.spawn(self.probe_ready, self, gen, core.now() + timeout)
+  while true do
+    local msg = self:next_message(gen, timeout - (core.now() - self.started_at))
+    if not msg then
+      self.gen = self.gen + 1
+      self:terminate(proc)
+      local what = self.svc.health and ("answer GET " .. self.svc.health .. " with 2xx") or "accept connections"
+      local info = { reason = "start", message = string.format(
+        "did not %s on %s within startup_timeout = %d s%s", what, self.socket,
+        self.svc.startup_timeout, self:last_output()) }
+      self:release_start()
+      return nil, info
+    elseif msg.type == "ready" then
+      return "ready"
+    elseif msg.type == "exit" then
+      self.gen = self.gen + 1
+      self:settle_output()
+      local info = { reason = "exit", code = msg.status.code, signal = msg.status.signal,
+        message = describe_status(msg.status) .. " during startup" .. self:last_output() }
+      self:release_start()
+      return nil, info
+    elseif msg.type == "stop" or msg.type == "sleep" then
+      return msg.type, msg
+    end
+  end
+end
+
+-- After an exit, give the pipes a moment to deliver the last lines, so the
+-- error shown to the operator includes what the app said before dying.
+function Instance:settle_output()
+  self.ring:wait_drained(200)
+end
+
+-- The runner: the instance's whole life, one task.
+function Instance:run()
+  while true do
+    local outcome, info = self:start_once()
+    local exit
+    if outcome == "ready" then
+      self:transition("ready")
+      self.health = "healthy"
+      self.ready_event:set(true)
+      core.spawn(self.health_loop, self, self.gen)
+      while not exit do
+        local msg = self:next_message(self.gen)
+        if msg.type == "exit" then
+          self:settle_output()
+          exit = { reason = "exit", code = msg.status.code, signal = msg.status.signal,
+            message = describe_status(msg.status) }
+          self.gen = self.gen + 1
+          self:release_start()
+        elseif msg.type == "unhealthy" then
+          self:transition("health_bad", msg.why)
+          if self.svc.restart ~= "never" then
+            local proc = self.proc
+            self.gen = self.gen + 1
+            self:terminate(proc)
+            self:release_start()
+            exit = { reason = "health", message = string.format(
+              "failed %d health checks in a row (%s)", msg.failures, tostring(msg.why)) }
+          end
+        elseif msg.type == "health_ok" then
+          if self.state == "unhealthy" then self:transition("health_ok") end
+        elseif msg.type == "stop" or msg.type == "sleep" then
+          outcome, info = msg.type, msg
+          break
+        end
+      end
+    end
+
+    if outcome == "stop" or outcome == "sleep" then
+      self:transition(outcome == "stop" and "stop" or "sleep", info.reason)
+      local proc = self.proc
+      self.gen = self.gen + 1
+      local status = proc and self:terminate(proc)
+      self:release_start()
+      self.last_exit = (outcome == "stop" and "stopped" or "asleep") ..
+        (status and (" (" .. describe_status(status) .. ")") or "")
+      self:transition(outcome == "stop" and "stopped" or "slept")
+      self:finish_stop(outcome)
+      return
+    end
+
+    exit = exit or info
+    self.last_exit = exit.message
+    local now = core.now() / 1000
+    self.history = restart.prune(self.history, self.sup.cfg.settings, now)
+    local settings = setmetatable({ restart = self.svc.restart }, { __index = self.sup.cfg.settings })
+    local ok, decision = pcall(self.sup.decide, self.history, exit, settings, now)
+    if not ok or type(decision) ~= "table" then
+      log.error("%s: restart policy failed (%s): using the built-in one", self.key, tostring(decision))
+      decision = restart.decide(self.history, exit, settings, now)
+    end
+    if decision.action == "restart" then
+      log.warn("%s %s; restarting in %d ms", self.key, exit.message:match("^[^\n]*"), decision.delay_ms)
+      self:transition("restart", exit.message)
+      -- s6's rule: no policy may restart faster than this
+      local delay = math.max(decision.delay_ms, 10)
+      local msg = self:next_message(nil, delay)
+      if msg and (msg.type == "stop" or msg.type == "sleep") then
+        self:transition("stop", msg.reason)
+        self:finish_stop("stop")
+        return
+      end
+      self.history[#self.history + 1] = core.now() / 1000
+      self.restarts = self.restarts + 1
+      self:transition("retry")
+    elseif decision.action == "fail" then
+      log.error("%s %s; %s", self.key, exit.message:match("^[^\n]*"), decision.reason)
+      self.last_exit = exit.message .. "; " .. decision.reason
+      self:transition("fail", self.last_exit)
+      self.ready_event:set(nil, self.last_exit)
+      self.runner = nil
+      return
+    else
+      log.info("%s %s; %s", self.key, exit.message:match("^[^\n]*"), decision.reason)
+      self:transition("down", decision.reason)
+      self.ready_event:set(nil, exit.message)
+      self.runner = nil
+      return
+    end
+  end
+end
+
+function Instance:finish_stop(outcome)
+  self.ready_event:set(nil, outcome == "stop" and "stopped" or "asleep")
+  if outcome == "stop" and not self.svc.storage_persist and self.dir then
+    local ok, err = core.fs.rmtree(self.dir)
+    if not ok then log.warn("%s: could not remove %s: %s", self.key, self.dir, err) end
+  end
+  self.runner = nil
+end
+
+---------------------------------------------------------------------------
+-- the public verbs
+
+function Supervisor:get(service, id)
+  return self.instances[supervisor.key(service, id)]
+end
+
+function Supervisor:instance(service, id)
+  local key = supervisor.key(service, id)
+  local inst = self.instances[key]
+  if inst then return inst end
+  local svc = self.cfg.services[service]
+  inst = setmetatable({
+    sup = self, service = service, id = id, key = key, svc = svc,
+    state = "stopped", health = "unknown", gen = 0, restarts = 0, history = {},
+    mailbox = sync.mailbox(), state_changed = sync.event(), ready_event = sync.event(),
+    ring = core.logbuf.ring { tag = key, lines = self.cfg.settings.log_ring_lines or 1000, sink = self.sink },
+    created = core.time(),
+    weight = 100,
+  }, Instance)
+  self.instances[key] = inst
+  return inst
+end
+
+local function check_target(self, service, id)
+  local ok, err = config.valid_name(service)
+  if not ok then return nil, "service name " .. err, "bad_request" end
+  ok, err = config.valid_name(id)
+  if not ok then return nil, "instance id " .. err, "bad_request" end
+  if not self.cfg.services[service] then
+    local names = {}
+    for name in pairs(self.cfg.services) do names[#names + 1] = name end
+    table.sort(names)
+    return nil, string.format("no service %q in %s (services: %s)", service,
+      self.cfg.source or "the configuration", #names > 0 and table.concat(names, ", ") or "none"), "not_found"
+  end
+  return true
+end
+
+-- sup:spawn(service, id [, {wait = true}]) -> inst | nil, err, code
+-- Starts the instance (idempotent: a running one is returned as it is) and,
+-- by default, waits until it is running or its start failed for good.
+function Supervisor:spawn(service, id, opts)
+  opts = opts or {}
+  local ok, err, code = check_target(self, service, id)
+  if not ok then return nil, err, code end
+  if self.shutting_down then return nil, "the server is shutting down", "unavailable" end
+  local inst = self:instance(service, id)
+  if inst.state == "stopping" then
+    inst:wait_state({ stopped = true, sleeping = true })
+  end
+  if inst.state == "stopped" or inst.state == "sleeping" or inst.state == "failed" then
+    if inst.state == "failed" then inst.history = {} end
+    inst.ready_event = sync.event()
+    inst.mailbox = sync.mailbox()
+    inst:transition("spawn")
+    inst.runner = core.spawn(inst.run, inst)
+    if self.store and opts.persist ~= false then self.store:set_desired(service, id, true) end
+  end
+  if opts.wait == false then return inst end
+  if inst.state == "running" or inst.state == "unhealthy" then return inst end
+  local ready, why = inst.ready_event:wait()
+  if not ready then return nil, string.format("%s did not start: %s", inst.key, why), "start_failed" end
+  return inst
+end
+
+-- sup:stop(service, id) -> true | nil, err, code. Waits until stopped.
+function Supervisor:stop(service, id, opts)
+  opts = opts or {}
+  local inst = self:get(service, id)
+  if not inst then
+    return nil, string.format("no instance %s", supervisor.key(service, id)), "not_found"
+  end
+  if self.store and opts.persist ~= false then self.store:set_desired(service, id, false) end
+  if inst.runner then
+    inst.mailbox:put({ type = "stop", reason = opts.reason or "stopped by request" })
+    inst.runner:join()
+  elseif inst.state == "failed" or inst.state == "sleeping" then
+    inst:transition("stop", opts.reason or "stopped by request")
+    inst.last_exit = inst.last_exit or "stopped"
+    if not inst.svc.storage_persist and inst.dir then core.fs.rmtree(inst.dir) end
+  end
+  return true
+end
+
+-- sup:restart(service, id) -> inst | nil, err, code. Clears `failed`.
+function Supervisor:restart(service, id)
+  local inst = self:get(service, id)
+  if not inst then
+    local ok, err, code = check_target(self, service, id)
+    if not ok then return nil, err, code end
+    return nil, string.format("no instance %s: spawn it first", supervisor.key(service, id)), "not_found"
+  end
+  local restarts = inst.restarts
+  local ok, err, code = self:stop(service, id, { persist = false, reason = "restarting" })
+  if not ok then return nil, err, code end
+  local res, serr, scode = self:spawn(service, id)
+  inst.restarts = restarts + 1
+  return res, serr, scode
+end
+
+-- sup:check(service, id) -> true | nil, why : a health check right now.
+function Supervisor:check(service, id)
+  local inst = self:get(service, id)
+  if not inst then return nil, "no instance " .. supervisor.key(service, id), "not_found" end
+  if inst.state ~= "running" and inst.state ~= "unhealthy" then
+    return nil, inst.key .. " is " .. inst.state, "not_running"
+  end
+  return inst:check(5000)
+end
+
+function Instance:snapshot()
+  local now = core.now()
+  return {
+    instance = self.key, service = self.service, id = self.id,
+    state = self.state, health = self.health, pid = self.pid,
+    uptime_secs = (self.state == "running" or self.state == "unhealthy") and self.started_at
+      and (now - self.started_at) // 1000 or nil,
+    idle_secs = self.last_activity and (now - self.last_activity) // 1000 or nil,
+    restarts = self.restarts, socket = self.socket or (config.instance_vars(self.sup.cfg, self.service, self.id, 0) or {}).socket,
+    isolation = self.svc.isolation, last_exit = self.last_exit, reason = self.reason,
+    weight = self.weight, port = self.port,
+  }
+end
+
+-- sup:list() -> snapshots of every known instance, sorted by key
+function Supervisor:list()
+  local keys = {}
+  for k in pairs(self.instances) do keys[#keys + 1] = k end
+  table.sort(keys)
+  local out = {}
+  for i, k in ipairs(keys) do out[i] = self.instances[k]:snapshot() end
+  return out
+end
+
+-- sup:shutdown(): stop every instance at once, wait for all of them.
+function Supervisor:shutdown()
+  self.shutting_down = true
+  local tasks = {}
+  for _, inst in pairs(self.instances) do
+    if inst.runner then
+      tasks[#tasks + 1] = core.spawn(function()
+        self:stop(inst.service, inst.id, { persist = false, reason = "server shutting down" })
+      end)
+    end
+  end
+  for _, t in ipairs(tasks) do t:join() end
+end
+
+return supervisor

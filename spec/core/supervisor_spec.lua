@@ -1,0 +1,303 @@
+-- The supervisor with real processes: the C backend fixture on real sockets.
+local core = require "tenement.core"
+local config = require "tenement.config"
+local supervisor = require "tenement.supervisor"
+local support = require "support"
+local json = require "tenement.json"
+
+local BACKEND = support.build .. "/fixtures/backend"
+if BACKEND:sub(1, 1) ~= "/" then BACKEND = os.getenv("PWD") .. "/" .. BACKEND end
+
+-- A configuration with one service per entry of `services` (name -> extra TOML lines).
+local function make_cfg(dir, services, settings)
+  local lines = {
+    "[settings]",
+    string.format("data_dir = %q", dir .. "/data"),
+    "health_check_interval = 1",
+    "backoff_base_ms = 20",
+    "backoff_max_ms = 200",
+    "stop_timeout = 1",
+  }
+  for _, l in ipairs(settings or {}) do lines[#lines + 1] = l end
+  for name, extra in pairs(services) do
+    lines[#lines + 1] = "[service." .. name .. "]"
+    -- the extra lines of the service's own table override these defaults
+    local defaults = {
+      command = string.format("%q", BACKEND),
+      socket = string.format("%q", dir .. "/sock/{name}-{id}.sock"),
+      isolation = '"process"',
+      startup_timeout = "2",
+    }
+    for _, l in ipairs(extra) do
+      if l:match("^%[") then break end
+      local key = l:match("^([%w_]+) =")
+      if key then defaults[key] = nil end
+    end
+    for key, value in pairs(defaults) do lines[#lines + 1] = key .. " = " .. value end
+    for _, l in ipairs(extra) do lines[#lines + 1] = l end
+  end
+  return assert(config.parse(table.concat(lines, "\n") .. "\n", dir .. "/tenement.toml", {}))
+end
+
+local function get(inst, target)
+  return core.http.request { path = inst.socket, target = target, timeout = 2000 }
+end
+
+local function states_of(events, key)
+  local out = {}
+  for _, e in ipairs(events) do
+    if e.instance == key then out[#out + 1] = e.to end
+  end
+  return table.concat(out, " ")
+end
+
+local function exists(path)
+  local f = io.open(path)
+  if f then f:close() return true end
+  return false
+end
+
+describe("supervisor", function()
+  local dir
+  before_each(function() dir = support.tmpdir() end)
+  after_each(support.cleanup)
+
+  it("spawns an instance that answers on its socket, with exactly the documented environment", function()
+    local cfg = make_cfg(dir, { api = { 'health = "/health"', '[service.api.env]', 'GREETING = "hi {id} {port}"' } })
+    core.run(function()
+      local sup = supervisor.new(cfg, { environ = { PATH = "/usr/bin:/bin", SECRET_TOKEN = "x", LANG = "C.UTF-8" } })
+      local events = {}
+      sup:on(function(e) events[#events + 1] = e end)
+      local inst = assert(sup:spawn("api", "prod"))
+      assert.are.equal("running", inst.state)
+      assert.are.equal("starting running", states_of(events, "api:prod"))
+      local res = assert(get(inst, "/"))
+      assert.are.equal(200, res.status)
+      assert.matches("prod", res.body)
+      local env = assert(get(inst, "/env")).body
+      local vars = {}
+      for k, v in env:gmatch("([%w_]+)=([^\n]*)") do vars[k] = v end
+      assert.are.equal(tostring(inst.port), vars.PORT)
+      assert.is_true(inst.port >= 30000 and inst.port <= 40000)
+      assert.are.equal(inst.socket, vars.SOCKET_PATH)
+      assert.are.equal(dir .. "/data/api/prod", vars.INSTANCE_DIR)
+      assert.are.equal("prod", vars.INSTANCE_ID)
+      assert.are.equal("api", vars.SERVICE_NAME)
+      assert.are.equal("hi prod " .. inst.port, vars.GREETING)
+      assert.are.equal("C.UTF-8", vars.LANG)
+      assert.is_nil(vars.SECRET_TOKEN)
+      local names = {}
+      for k in pairs(vars) do names[#names + 1] = k end
+      table.sort(names)
+      assert.are.same({ "GREETING", "INSTANCE_DIR", "INSTANCE_ID", "LANG", "PATH", "PORT",
+        "SERVICE_NAME", "SOCKET_PATH" }, names)
+      assert.is_true(exists(dir .. "/data/api/prod"))
+      -- spawning again is idempotent
+      assert.are.equal(inst, assert(sup:spawn("api", "prod")))
+      sup:shutdown()
+      assert.are.equal("stopped", inst.state)
+    end)
+  end)
+
+  it("refuses unknown services and bad ids with a clear error", function()
+    local cfg = make_cfg(dir, { api = {} })
+    core.run(function()
+      local sup = supervisor.new(cfg, { environ = {} })
+      local inst, err, code = sup:spawn("nope", "x")
+      assert.is_nil(inst)
+      assert.matches('no service "nope"', err, 1, true)
+      assert.are.equal("not_found", code)
+      inst, err, code = sup:spawn("api", "../etc")
+      assert.is_nil(inst)
+      assert.are.equal("bad_request", code)
+      assert.matches("not a valid name", err, 1, true)
+    end)
+  end)
+
+  it("reports a start that fails, with the reason and last output, and releases everything", function()
+    local cfg = make_cfg(dir, {
+      missing = { 'command = "/nonexistent/app"', 'restart = "never"' },
+      nosock = { 'restart = "never"', "startup_timeout = 1", "[service.nosock.env]", 'BACKEND_NO_SOCKET = "1"' },
+    })
+    core.run(function()
+      local sup = supervisor.new(cfg, { environ = {} })
+      local inst, err = sup:spawn("missing", "a")
+      assert.is_nil(inst)
+      assert.matches("spawn failed", err, 1, true)
+      assert.matches("/nonexistent/app", err, 1, true)
+      assert.matches("ENOENT", err, 1, true)
+      local m = sup:get("missing", "a")
+      assert.are.equal("stopped", m.state)
+      assert.is_nil(next(sup.ports))
+
+      inst, err = sup:spawn("nosock", "b")
+      assert.is_nil(inst)
+      assert.matches("did not accept connections", err, 1, true)
+      assert.matches("startup_timeout = 1 s", err, 1, true)
+      assert.is_nil(next(sup.ports))
+      -- the id is not wedged: a new spawn runs the whole start again
+      local t0 = core.now()
+      inst = sup:spawn("nosock", "b")
+      assert.is_nil(inst)
+      assert.is_true(core.now() - t0 >= 900)
+    end)
+  end)
+
+  it("restarts a crashing instance with backoff, then marks it failed", function()
+    local cfg = make_cfg(dir, { crash = { "[service.crash.env]", 'BACKEND_EXIT_AT_ONCE = "3"' } },
+      { "max_restarts = 2" })
+    core.run(function()
+      local sup = supervisor.new(cfg, { environ = {} })
+      local events = {}
+      sup:on(function(e) events[#events + 1] = e end)
+      local inst, err = sup:spawn("crash", "a")
+      assert.is_nil(inst)
+      assert.matches("exited with code 3", err, 1, true)
+      local i = sup:get("crash", "a")
+      assert.are.equal("failed", i.state)
+      assert.are.equal("failed", i.health)
+      assert.are.equal(2, i.restarts)
+      assert.are.equal("starting backoff starting backoff starting failed",
+        states_of(events, "crash:a"))
+      assert.matches("gave up: restarted 2 times", i.last_exit, 1, true)
+      -- restart clears failed and tries again
+      local again = sup:restart("crash", "a")
+      assert.is_nil(again)
+      assert.are.equal("failed", i.state)
+    end)
+  end)
+
+  it("restarts an instance that fails its health checks", function()
+    local cfg = make_cfg(dir, { sick = { 'health = "/health"', "[service.sick.env]",
+      'BACKEND_FAIL_HEALTH_AFTER = "2"' } })
+    core.run(function()
+      local sup = supervisor.new(cfg, { environ = {} })
+      local events = {}
+      sup:on(function(e) events[#events + 1] = e end)
+      local inst = assert(sup:spawn("sick", "a"))
+      local first_pid = inst.pid
+      local deadline = core.now() + 15000
+      while inst.restarts < 1 and core.now() < deadline do core.sleep(50) end
+      assert.are.equal(1, inst.restarts)
+      assert.are_not.equal(first_pid, inst.pid)
+      assert.matches("running unhealthy backoff starting", states_of(events, "sick:a"), 1, true)
+      assert.matches("health checks in a row", inst.reason or "", 1, true)
+      sup:shutdown()
+    end)
+  end)
+
+  it("sees an exit at once and restarts a killed instance", function()
+    local cfg = make_cfg(dir, { api = {} })
+    core.run(function()
+      local sup = supervisor.new(cfg, { environ = {} })
+      local inst = assert(sup:spawn("api", "k"))
+      local pid = inst.pid
+      core.proc.kill(pid, "SIGKILL")
+      local deadline = core.now() + 5000
+      while (inst.pid == pid or inst.state ~= "running") and core.now() < deadline do core.sleep(5) end
+      assert.are.equal("running", inst.state)
+      assert.are_not.equal(pid, inst.pid)
+      assert.matches("killed by SIGKILL", inst.last_exit, 1, true)
+      sup:shutdown()
+    end)
+  end)
+
+  it("stops with SIGTERM, then SIGKILL after stop_timeout; removes socket and data", function()
+    local cfg = make_cfg(dir, { stubborn = { "[service.stubborn.env]", 'BACKEND_IGNORE_TERM = "1"' },
+      keep = { "storage_persist = true" } })
+    core.run(function()
+      local sup = supervisor.new(cfg, { environ = {} })
+      local inst = assert(sup:spawn("stubborn", "a"))
+      local socket, pid = inst.socket, inst.pid
+      local t0 = core.now()
+      assert.is_true(sup:stop("stubborn", "a"))
+      assert.is_true(core.now() - t0 >= 900)
+      assert.are.equal("stopped", inst.state)
+      assert.matches("SIGKILL", inst.last_exit, 1, true)
+      assert.is_false(exists(socket))
+      assert.is_false(exists(dir .. "/data/stubborn/a"))
+      assert.is_false(exists("/proc/" .. pid .. "/status"))
+
+      local keep = assert(sup:spawn("keep", "a"))
+      support.write(dir .. "/data/keep/a/state.txt", "kept")
+      assert.is_true(sup:stop("keep", "a"))
+      assert.is_true(exists(dir .. "/data/keep/a/state.txt"))
+      assert.are.equal("stopped", keep.state)
+      -- and it comes back with its data
+      assert(sup:spawn("keep", "a"))
+      assert.is_true(exists(dir .. "/data/keep/a/state.txt"))
+      sup:shutdown()
+    end)
+  end)
+
+  it("kills the whole process group on stop (no grandchild survives)", function()
+    local cfg = make_cfg(dir, { tree = { string.format("command = %q",
+      "sleep 300 & exec " .. BACKEND) } })
+    core.run(function()
+      local sup = supervisor.new(cfg, { environ = { PATH = "/usr/bin:/bin" } })
+      local inst = assert(sup:spawn("tree", "a"))
+      local pgid = inst.pid
+      sup:stop("tree", "a")
+      core.sleep(50)
+      assert.are.same({}, support.live_in_group(pgid))
+    end)
+  end)
+
+  it("captures stdout and stderr lines into the instance's ring", function()
+    local cfg = make_cfg(dir, { api = {} })
+    core.run(function()
+      local sup = supervisor.new(cfg, { environ = {} })
+      local inst = assert(sup:spawn("api", "logs"))
+      assert(get(inst, "/flood?lines=50"))
+      local deadline = core.now() + 2000
+      while core.now() < deadline do
+        local n = 0
+        for _, l in ipairs(inst.ring:lines(0)) do if l.stream == "stdout" then n = n + 1 end end
+        if n >= 51 then break end
+        core.sleep(10)
+      end
+      local lines = inst.ring:lines(0)
+      assert.matches("listening on", lines[1].text, 1, true)
+      assert.is_true(#lines >= 51)
+      sup:shutdown()
+    end)
+  end)
+
+  it("starts 200 instances at once", function()
+    local cfg = make_cfg(dir, { many = {} })
+    core.run(function()
+      local sup = supervisor.new(cfg, { environ = {} })
+      local tasks = {}
+      for i = 1, 200 do
+        tasks[i] = core.spawn(function() return sup:spawn("many", "i" .. i) end)
+      end
+      local ports = {}
+      for i = 1, 200 do
+        local ok, inst = tasks[i]:join()
+        assert.is_true(ok)
+        assert.is_truthy(inst, "many:i" .. i .. " did not start")
+        assert.are.equal("running", inst.state)
+        assert.is_nil(ports[inst.port], "port given twice")
+        ports[inst.port] = true
+      end
+      assert.are.equal(200, #sup:list())
+      sup:shutdown()
+      for _, s in ipairs(sup:list()) do assert.are.equal("stopped", s.state) end
+    end)
+  end)
+
+  it("lists snapshots a script can encode", function()
+    local cfg = make_cfg(dir, { api = {} })
+    core.run(function()
+      local sup = supervisor.new(cfg, { environ = {} })
+      assert(sup:spawn("api", "a"))
+      local list = sup:list()
+      assert.are.equal(1, #list)
+      assert.are.equal("api:a", list[1].instance)
+      assert.are.equal("running", list[1].state)
+      assert.is_number(list[1].pid)
+      assert.is_string(json.encode(list))
+      sup:shutdown()
+    end)
+  end)
+end)

@@ -1,0 +1,105 @@
+-- The ten binary as a user runs it: help, version, config, argument errors.
+local support = require "support"
+
+describe("ten CLI", function()
+  after_each(support.cleanup)
+
+  it("prints help listing the commands that work", function()
+    local code, out = support.ten_run { "--help" }
+    assert.are.equal(0, code)
+    assert.matches("Usage: ten", out, 1, true)
+    for _, cmd in ipairs { "config", "serve", "spawn", "stop", "ps", "logs", "init", "help" } do
+      assert.matches("\n  " .. cmd .. " ", out, 1, true)
+    end
+  end)
+
+  it("prints the version", function()
+    local code, out = support.ten_run { "--version" }
+    assert.are.equal(0, code)
+    assert.matches("^ten %d+%.%d+%.%d+\n$", out)
+  end)
+
+  it("explains an unknown command with a suggestion", function()
+    local code, _, err = support.ten_run { "confg" }
+    assert.are.equal(2, code)
+    assert.matches("unknown command 'confg' (did you mean 'config'?)", err, 1, true)
+  end)
+
+  it("explains an unknown option with usage", function()
+    local code, _, err = support.ten_run { "config", "--jsn" }
+    assert.are.equal(2, code)
+    assert.matches("unknown option '--jsn' (did you mean --json?)", err, 1, true)
+    assert.matches("Usage: ten config", err, 1, true)
+  end)
+
+  it("ten help COMMAND shows the command's options", function()
+    local code, out = support.ten_run { "help", "logs" }
+    assert.are.equal(0, code)
+    assert.matches("--follow", out, 1, true)
+    local code2, _, err2 = support.ten_run { "help", "nope" }
+    assert.are.equal(2, code2)
+    assert.matches("unknown command 'nope'", err2, 1, true)
+  end)
+
+  it("ten config prints the resolved file and JSON", function()
+    local dir = support.tmpdir()
+    local path = support.write(dir .. "/tenement.toml", '[service.api]\ncommand = "./api"\n[instances]\napi = ["prod"]\n')
+    local code, out = support.ten_run({ "config" }, { TENEMENT_CONFIG = path })
+    assert.are.equal(0, code)
+    assert.matches("[service.api]", out, 1, true)
+    assert.matches('restart = "on-failure"', out, 1, true)
+    local code2, out2 = support.ten_run { "config", "--json", "--config", path }
+    assert.are.equal(0, code2)
+    local cjson = require "cjson"
+    local cfg = cjson.decode(out2)
+    assert.are.equal("./api", cfg.services.api.command)
+    assert.are.equal(10, cfg.settings.health_check_interval)
+    assert.are.equal("prod", cfg.instances[1].id)
+  end)
+
+  it("ten config exits 1 with every error, file and line", function()
+    local dir = support.tmpdir()
+    local path = support.write(dir .. "/bad.toml",
+      '[service.api]\ncommand = "./api"\nrestart = "sometimes"\nhelth = "/h"\n')
+    local code, out, err = support.ten_run { "config", "--config", path }
+    assert.are.equal(1, code)
+    assert.are.equal("", out)
+    assert.matches(path .. ':3:11: service.api.restart = "sometimes": expected one of always, on-failure, never', err, 1, true)
+    assert.matches(path .. ":4:1: service.api.helth", err, 1, true)
+    assert.matches('did you mean "health"', err, 1, true)
+  end)
+
+  it("ten config on a missing file says how to make one", function()
+    local code, _, err = support.ten_run { "config", "--config", "/nonexistent/tenement.toml" }
+    assert.are.equal(1, code)
+    assert.matches("/nonexistent/tenement.toml", err, 1, true)
+    assert.matches("ten init", err, 1, true)
+  end)
+
+  it("finds ./tenement.toml when nothing else is named", function()
+    local dir = support.tmpdir()
+    support.write(dir .. "/tenement.toml", '[service.web]\ncommand = "./web"\n')
+    local code, out = support.run("cd " .. support.quote(dir) .. " && env -i " .. support.quote(
+      (support.ten:sub(1, 1) == "/" and support.ten) or (os.getenv("PWD") .. "/" .. support.ten)) .. " config")
+    assert.are.equal(0, code)
+    assert.matches("[service.web]", out, 1, true)
+  end)
+
+  it("client commands without a server say so and how to start one", function()
+    local dir = support.tmpdir()
+    local code, _, err = support.ten_run { "ps", "--data-dir", dir }
+    assert.are.equal(1, code)
+    assert.matches("no ten server is running", err, 1, true)
+    assert.matches("ten serve", err, 1, true)
+  end)
+
+  it("rejects a bad SERVICE:ID before contacting anything", function()
+    local dir = support.tmpdir()
+    local code, _, err = support.ten_run { "stop", "../etc:x", "--data-dir", dir }
+    assert.are.equal(2, code)
+    assert.matches("not a valid name", err, 1, true)
+    local code2, _, err2 = support.ten_run { "spawn", "api", "--data-dir", dir }
+    assert.are.equal(2, code2)
+    assert.matches("SERVICE:ID", err2, 1, true)
+  end)
+end)

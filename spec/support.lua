@@ -1,0 +1,90 @@
+-- Helpers shared by the specs: temp dirs, running the ten binary.
+local support = {}
+
+local build = os.getenv("TEN_BUILD") or "build"
+support.ten = os.getenv("TEN") or (build .. "/ten")
+support.build = build
+
+local function sh_quote(s)
+  return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
+end
+support.quote = sh_quote
+
+-- A fresh directory, removed by support.cleanup().
+local made = {}
+function support.tmpdir()
+  local p = io.popen("mktemp -d " .. sh_quote((os.getenv("TMPDIR") or "/tmp") .. "/tenement-spec.XXXXXX"))
+  local dir = p:read("l")
+  p:close()
+  made[#made + 1] = dir
+  return dir
+end
+
+function support.cleanup()
+  for _, d in ipairs(made) do os.execute("rm -rf " .. sh_quote(d)) end
+  made = {}
+end
+
+function support.write(path, text)
+  local f = assert(io.open(path, "w"))
+  f:write(text)
+  f:close()
+  return path
+end
+
+-- Runs a shell command; -> exit code, stdout, stderr
+function support.run(cmd)
+  local dir = support.tmpdir()
+  local code = select(3, os.execute(cmd .. " >" .. dir .. "/out 2>" .. dir .. "/err"))
+  local function slurp(p) local f = io.open(p) local s = f:read("a") f:close() return s end
+  return code, slurp(dir .. "/out"), slurp(dir .. "/err")
+end
+
+-- Runs the ten binary with args (a list) and an optional environment prefix.
+function support.ten_run(args, env)
+  local parts = { "env -i PATH=/usr/local/bin:/usr/bin:/bin" }
+  for k, v in pairs(env or {}) do parts[#parts + 1] = k .. "=" .. sh_quote(v) end
+  parts[#parts + 1] = sh_quote(support.ten)
+  for _, a in ipairs(args) do parts[#parts + 1] = sh_quote(a) end
+  -- Pids of live (not zombie) processes in process group pgid. Zombies are
+-- dead already; whoever they were reparented to reaps them in its own time.
+function support.live_in_group(pgid)
+  local live = {}
+  local p = io.popen("ls /proc")
+  for name in p:lines() do
+    if name:match("^%d+$") then
+      local f = io.open("/proc/" .. name .. "/stat")
+      local stat = f and f:read("a")
+      if f then f:close() end
+      -- pid (comm) state ppid pgrp ...; comm may hold spaces and parentheses
+      local state, pgrp = stat and stat:match("%) (%S) %d+ (%d+)")
+      if state and state ~= "Z" and tonumber(pgrp) == pgid then live[#live + 1] = tonumber(name) end
+    end
+  end
+  p:close()
+  return live
+end
+
+return support.run(table.concat(parts, " "))
+end
+
+-- Pids of live (not zombie) processes in process group pgid. Zombies are
+-- dead already; whoever they were reparented to reaps them in its own time.
+function support.live_in_group(pgid)
+  local live = {}
+  local p = io.popen("ls /proc")
+  for name in p:lines() do
+    if name:match("^%d+$") then
+      local f = io.open("/proc/" .. name .. "/stat")
+      local stat = f and f:read("a")
+      if f then f:close() end
+      -- pid (comm) state ppid pgrp ...; comm may hold spaces and parentheses
+      local state, pgrp = stat and stat:match("%) (%S) %d+ (%d+)")
+      if state and state ~= "Z" and tonumber(pgrp) == pgid then live[#live + 1] = tonumber(name) end
+    end
+  end
+  p:close()
+  return live
+end
+
+return support

@@ -1,0 +1,31 @@
+local command = require "tenement.command"
+
+describe("command.argv", function()
+  it("splits a plain command and appends args verbatim", function()
+    assert.are.same({ "./server", "--port", "80", "a b", "$HOME" },
+      command.argv("./server   --port 80", { "a b", "$HOME" }))
+  end)
+
+  it("runs shell syntax through sh -c with exec, args quoted", function()
+    local argv = command.argv("uv run app.py > log 2>&1", { "it's", "x" })
+    assert.are.same({ "/bin/sh", "-c", "exec uv run app.py > log 2>&1 'it'\\''s' x" }, argv)
+    for _, cmd in ipairs { "a | b", "a && b", "a; b", "echo $X", "echo `x`", "echo 'q'",
+      'echo "q"', "ls *.py", "FOO=1 app", "app # note", "(app)", "app ~/x", "echo {a,b}" } do
+      assert.are.equal("/bin/sh", command.argv(cmd)[1], cmd)
+    end
+  end)
+
+  it("rejects an empty command", function()
+    assert.are.same({ nil, "command is empty" }, { command.argv("   ") })
+    assert.are.same({ nil, "command is empty" }, { command.argv("") })
+  end)
+
+  it("quotes for the shell so the argument survives exactly", function()
+    for _, s in ipairs { "plain", "", "two words", "it's", "$(rm -rf /)", "a\nb", "back\\slash" } do
+      local p = io.popen("printf '%s' " .. command.quote(s))
+      local out = p:read("a")
+      p:close()
+      assert.are.equal(s, out)
+    end
+  end)
+end)
