@@ -531,6 +531,12 @@ local SETTINGS = {
       doc = "Port the HTTP server listens on" },
     { name = "domain", type = "string", default = "localhost", check = check_dns_name,
       doc = "Domain for routing: {id}.{service}.{domain}" },
+    { name = "log_ring_lines", type = "integer", default = 1000, min = 10, max = 1000000,
+      doc = "Lines of output kept in memory per instance (the newest)" },
+    { name = "log_retention_days", type = "integer", default = 7, min = 1,
+      doc = "Days of instance output kept in the store" },
+    { name = "log_max_lines", type = "integer", default = 1000000, min = 1000,
+      doc = "Lines of instance output kept in the store at most (the oldest go first)" },
     { name = "tls", type = "section", schema = TLS, doc = "[settings.tls]" },
   },
 }

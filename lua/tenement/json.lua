@@ -113,11 +113,21 @@ function json.encode(v, indent)
   return table.concat(out)
 end
 
+-- cjson gives every number as a float; whole ones become integers, so 42
+-- prints as 42 and math.type tells what the sender meant.
+local function integers(v, depth)
+  if type(v) == "number" then return math.tointeger(v) or v end
+  if type(v) == "table" and depth < 100 then
+    for k, x in pairs(v) do v[k] = integers(x, depth + 1) end
+  end
+  return v
+end
+
 -- json.decode(text) -> value | nil, err
 function json.decode(text)
   local ok, v = pcall(cjson.decode, text)
   if not ok then return nil, (tostring(v):gsub("^Expected", "expected")) end
-  return v
+  return integers(v, 0)
 end
 
 return json

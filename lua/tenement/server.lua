@@ -112,8 +112,7 @@ function Server:write_logs()
     if core.now() >= next_prune then
       next_prune = core.now() + LOG_RETENTION_EVERY_MS
       local s = self.cfg.settings
-      self.store:prune_logs(s.log_retention_days and s.log_retention_days * 86400 or 7 * 86400,
-        s.log_max_lines or 1000000)
+      self.store:prune_logs(s.log_retention_days * 86400, s.log_max_lines)
     end
   end
 end

@@ -545,7 +545,7 @@ function Supervisor:instance(service, id)
     sup = self, service = service, id = id, key = key, svc = svc,
     state = "stopped", health = "unknown", gen = 0, restarts = 0, history = {},
     mailbox = sync.mailbox(), state_changed = sync.event(), ready_event = sync.event(),
-    ring = core.logbuf.ring { tag = key, lines = self.cfg.settings.log_ring_lines or 1000, sink = self.sink },
+    ring = core.logbuf.ring { tag = key, lines = self.cfg.settings.log_ring_lines, sink = self.sink },
     created = core.time(),
     weight = 100,
   }, Instance)

@@ -113,6 +113,9 @@ describe("config.defaults", function()
       stop_timeout = 10,
       listen = "127.0.0.1",
       port = 8080,
+      log_ring_lines = 1000,
+      log_retention_days = 7,
+      log_max_lines = 1000000,
       domain = "localhost",
       tls = {
         enabled = false,
@@ -163,6 +166,9 @@ describe("the configuration reference's complete example", function()
       stop_timeout = 10,
       listen = "127.0.0.1",
       port = 8080,
+      log_ring_lines = 1000,
+      log_retention_days = 7,
+      log_max_lines = 1000000,
       domain = "localhost",
       tls = {
         enabled = true,

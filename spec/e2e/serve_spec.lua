@@ -1,0 +1,202 @@
+-- A real `ten serve` driven by the real CLI: the supervisor as an operator
+-- meets it.
+local support = require "support"
+local cjson = require "cjson"
+
+local function abs(p)
+  if p:sub(1, 1) == "/" then return p end
+  return os.getenv("PWD") .. "/" .. p
+end
+
+local TEN = abs(support.ten)
+local BACKEND = abs(support.build .. "/fixtures/backend")
+
+local function sleep(s) os.execute("sleep " .. s) end
+
+local function pid_alive(pid)
+  local f = io.open("/proc/" .. pid .. "/stat")
+  if not f then return false end
+  local stat = f:read("a")
+  f:close()
+  return stat:match("%) (%S)") ~= "Z"
+end
+
+-- Starts `ten serve` in the background; returns its pid.
+local function serve(cfg_path, log_path)
+  local p = io.popen(string.format("env -i PATH=/usr/bin:/bin %s serve --config %s >%s 2>&1 & echo $!",
+    support.quote(TEN), support.quote(cfg_path), support.quote(log_path)))
+  local pid = tonumber(p:read("l"))
+  p:close()
+  return pid
+end
+
+local function ten(cfg_path, ...)
+  local args = { "--config", cfg_path, ... }
+  return support.ten_run(args)
+end
+
+-- Waits until `ten ps` answers (the server is up).
+local function wait_up(cfg_path)
+  for _ = 1, 100 do
+    local code = ten(cfg_path, "ps")
+    if code == 0 then return true end
+    sleep(0.05)
+  end
+  return false
+end
+
+local function ps(cfg_path)
+  local code, out, err = ten(cfg_path, "ps", "--json")
+  assert(code == 0, err)
+  local by = {}
+  for _, i in ipairs(cjson.decode(out)) do by[i.id] = i end
+  return by
+end
+
+describe("ten serve", function()
+  local dir, cfg, log, pid
+
+  before_each(function()
+    dir = support.tmpdir()
+    cfg = dir .. "/tenement.toml"
+    log = dir .. "/serve.log"
+    support.write(cfg, table.concat({
+      "[settings]",
+      'data_dir = "data"',
+      "health_check_interval = 1",
+      "backoff_base_ms = 50",
+      "stop_timeout = 2",
+      "[service.api]",
+      string.format("command = %q", BACKEND),
+      string.format("socket = %q", dir .. "/sock/{name}-{id}.sock"),
+      'health = "/health"',
+      'isolation = "process"',
+      "[instances]",
+      'api = ["boot"]',
+    }, "\n") .. "\n")
+    pid = serve(cfg, log)
+    assert.is_true(wait_up(cfg), "ten serve did not come up")
+  end)
+
+  after_each(function()
+    if pid and pid_alive(pid) then os.execute("kill -KILL " .. pid) end
+    support.cleanup()
+  end)
+
+  it("starts [instances], spawns, lists, checks, stops and restarts through the CLI", function()
+    local by = ps(cfg)
+    assert.are.equal("running", by["api:boot"].state)
+
+    local code, out, err = ten(cfg, "spawn", "api", "--id", "two")
+    assert.are.equal(0, code, err)
+    assert.matches("api:two is running", out, 1, true)
+    code = ten(cfg, "spawn", "api:three")
+    assert.are.equal(0, code)
+
+    code, out = ten(cfg, "ps")
+    assert.are.equal(0, code)
+    assert.matches("INSTANCE%s+STATE%s+HEALTH", out)
+    assert.matches("api:two%s+running%s+healthy", out)
+
+    code, out = ten(cfg, "health", "api:two")
+    assert.are.equal(0, code)
+    assert.matches("api:two: healthy", out, 1, true)
+
+    code, _, err = ten(cfg, "spawn", "nope:x")
+    assert.are.equal(1, code)
+    assert.matches('no service "nope"', err, 1, true)
+
+    local two_pid = ps(cfg)["api:two"].pid
+    code, out = ten(cfg, "restart", "api:two")
+    assert.are.equal(0, code)
+    by = ps(cfg)
+    assert.are_not.equal(two_pid, by["api:two"].pid)
+    assert.are.equal(1, by["api:two"].restarts)
+
+    code, out = ten(cfg, "stop", "api:three")
+    assert.are.equal(0, code)
+    assert.matches("api:three stopped", out, 1, true)
+    assert.are.equal("stopped", ps(cfg)["api:three"].state)
+
+    code, _, err = ten(cfg, "stop", "api:never")
+    assert.are.equal(1, code)
+    assert.matches("no instance api:never", err, 1, true)
+  end)
+
+  it("keeps instance output searchable, and across a restart of the server", function()
+    local code, out = ten(cfg, "logs", "api:boot")
+    assert.are.equal(0, code)
+    assert.matches("listening on", out, 1, true)
+    code, out = ten(cfg, "logs", "--search", "listening")
+    assert.are.equal(0, code)
+    assert.matches("api:boot listening on", out, 1, true)
+
+    -- SIGTERM: every instance stopped, exit 0
+    local boot_pid = ps(cfg)["api:boot"].pid
+    assert.is_true(ten(cfg, "spawn", "api:later") == 0)
+    os.execute("kill -TERM " .. pid)
+    for _ = 1, 100 do if not pid_alive(pid) then break end sleep(0.05) end
+    assert.is_false(pid_alive(pid))
+    assert.is_false(pid_alive(boot_pid))
+    local f = io.open(log)
+    local text = f:read("a")
+    f:close()
+    assert.matches("stopping every instance", text, 1, true)
+
+    pid = serve(cfg, log .. "2")
+    assert.is_true(wait_up(cfg))
+    -- wait for the restored instances
+    local by
+    for _ = 1, 100 do
+      by = ps(cfg)
+      if by["api:later"] and by["api:later"].state == "running" then break end
+      sleep(0.05)
+    end
+    assert.are.equal("running", by["api:boot"].state)
+    assert.are.equal("running", by["api:later"].state)
+    code, out = ten(cfg, "logs", "api:boot", "-n", "10")
+    assert.are.equal(0, code)
+    local _, count = out:gsub("listening on", "")
+    assert.are.equal(2, count) -- the line from before the restart is still there
+  end)
+
+  it("leaves no instance alive when the server is killed with SIGKILL", function()
+    ten(cfg, "spawn", "api:a")
+    ten(cfg, "spawn", "api:b")
+    local pids = {}
+    for _, i in pairs(ps(cfg)) do pids[#pids + 1] = i.pid end
+    assert.are.equal(3, #pids)
+    os.execute("kill -KILL " .. pid)
+    sleep(1)
+    for _, p in ipairs(pids) do assert.is_false(pid_alive(p), "instance " .. p .. " survived") end
+    -- and a new server cleans up and restores them
+    pid = serve(cfg, log .. "2")
+    assert.is_true(wait_up(cfg))
+    local by
+    for _ = 1, 100 do
+      by = ps(cfg)
+      if by["api:b"] and by["api:b"].state == "running" then break end
+      sleep(0.05)
+    end
+    assert.are.equal("running", by["api:a"].state)
+    assert.are.equal("running", by["api:b"].state)
+  end)
+
+  it("refuses a second server on the same data directory", function()
+    local code, _, err = ten(cfg, "serve")
+    assert.are.equal(1, code)
+    assert.matches("already running", err, 1, true)
+    assert.is_true(pid_alive(pid))
+  end)
+
+  it("ten ps --json is parseable and complete", function()
+    local code, out = ten(cfg, "ps", "--json")
+    assert.are.equal(0, code)
+    local list = cjson.decode(out)
+    assert.are.equal(1, #list)
+    local i = list[1]
+    for _, k in ipairs { "id", "service", "instance_id", "state", "health", "pid", "restarts", "socket", "isolation" } do
+      assert.is_not_nil(i[k], k)
+    end
+  end)
+end)
