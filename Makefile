@@ -42,7 +42,9 @@ FIXTURE_SRC := $(wildcard spec/fixtures/*.c)
 FIXTURES    := $(FIXTURE_SRC:spec/fixtures/%.c=$(BUILD)/fixtures/%)
 
 DEBIAN_PKGS := lua5.4 liblua5.4-dev libuv1-dev node-llhttp libsqlite3-dev lua-cjson \
-               libssl-dev lua-busted pkg-config build-essential
+               libssl-dev lua-busted pkg-config build-essential e2fsprogs
+# Only the specs need these: promtool checks /metrics.
+TEST_PKGS   := prometheus
 
 .PHONY: all deps run test test-only asan lint clean install install-rock
 all: $(BUILD)/ten $(BUILD)/slum $(BUILD)/lib/tenement/core.so $(FIXTURES)
@@ -87,13 +89,13 @@ $(BUILD)/fixtures/%: spec/fixtures/%.c
 	$(Q)$(CC) -std=c11 $(WARN) -O2 -g -D_GNU_SOURCE -o $@ $<
 
 deps:
-	@missing=""; for p in $(DEBIAN_PKGS); do \
+	@missing=""; for p in $(DEBIAN_PKGS) $(TEST_PKGS); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
 	  echo "  DEPS    installing:$$missing"; \
 	  if [ "$$(id -u)" != 0 ]; then echo "make deps: run as root to install:$$missing" >&2; exit 1; fi; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null || exit 1; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null || exit 1; \
 	fi
 
 run: deps
@@ -105,7 +107,7 @@ test: deps
 	$(Q)$(MAKE) --no-print-directory test-only
 
 test-only:
-	$(Q)TEN=$(abspath $(BUILD))/ten TEN_BUILD=$(abspath $(BUILD)) busted --lua=$(LUA) --cpath='$(BUILD)/lib/?.so' $(BUSTED_ARGS)
+	$(Q)TEN=$(abspath $(BUILD))/ten TEN_BUILD=$(abspath $(BUILD)) TENEMENT_INIT=$(abspath $(BUILD))/ten busted --lua=$(LUA) --cpath='$(BUILD)/lib/?.so' $(BUSTED_ARGS)
 
 ASAN_LIB = $(shell $(CC) -print-file-name=libasan.so)
 UBSAN_LIB = $(shell $(CC) -print-file-name=libubsan.so)
@@ -117,6 +119,7 @@ asan: deps
 
 lint:
 	$(Q)for f in $(LUA_SRC) $$(find spec -name '*.lua'); do luac5.4 -p $$f || exit 1; done
+	$(Q)if command -v luacheck >/dev/null; then luacheck --std lua54 --no-max-line-length -q lua runtimes config/hooks; fi
 	$(Q)if command -v cppcheck >/dev/null; then cppcheck -q --error-exitcode=1 --enable=warning,performance \
 	  --suppress=missingIncludeSystem -I$(LUA_INC) -I$(LLHTTP_INC) c/; fi
 

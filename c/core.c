@@ -442,9 +442,10 @@ static int join_cont(lua_State *L, int status, lua_KContext k) {
     tn_task *t = (tn_task *)k;
     if (t->state != TASK_DONE && t->state != TASK_FAILED) {
         /* resumed by the timeout: the stack holds nil, "timeout" */
-        if (lua_gettop(L) >= 2 && lua_isnil(L, -2)) return 2;
+        if (lua_gettop(L) >= 3 && lua_isnil(L, -2)) return 2;
         return tn_fail(L, "join: task still running");
     }
+    lua_settop(L, 1);
     return push_outcome(L, t);
 }
 
@@ -475,7 +476,9 @@ static int l_task_join(lua_State *L) {
         uv_timer_start(&me->timer, wait_timeout, (uint64_t)timeout, 0);
         me->timer_active = 1;
     }
-    lua_settop(L, 0);
+    /* keep the joined task's handle on the stack: it keeps t alive until
+     * join_cont reads it */
+    lua_settop(L, 1);
     return lua_yieldk(L, 0, (lua_KContext)t, join_cont);
 }
 

@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 #include <unistd.h>
 
 /* fs.mkdir(path [, mode=0755 [, parents=true]]) -> true | nil, err, code */
@@ -242,11 +243,107 @@ static int l_access(lua_State *L) {
     return 1;
 }
 
+/* fs.open_fd(path, how) -> fd | nil, err, code. how is "r" (O_RDONLY) or
+ * "w" (O_WRONLY, never creating or truncating): a raw descriptor, always
+ * O_CLOEXEC, for spawn's cgroup_fds and stdio. The caller closes it with
+ * fs.close_fd; Lua's garbage collector knows nothing of it. */
+static int l_open_fd(lua_State *L) {
+    const char *path = luaL_checkstring(L, 1);
+    const char *how = luaL_checkstring(L, 2);
+    int flags;
+    if (strcmp(how, "r") == 0) flags = O_RDONLY;
+    else if (strcmp(how, "w") == 0) flags = O_WRONLY;
+    else return luaL_argerror(L, 2, "expected \"r\" or \"w\"");
+    int fd = open(path, flags | O_CLOEXEC | O_NOCTTY);
+    if (fd < 0) return tn_fail_errno(L, lua_pushfstring(L, "open %s", path), errno);
+    lua_pushinteger(L, fd);
+    return 1;
+}
+
+/* fs.close_fd(fd) -> true | nil, err, code */
+static int l_close_fd(lua_State *L) {
+    lua_Integer fd = luaL_checkinteger(L, 1);
+    if (fd < 0 || fd > INT_MAX) return luaL_argerror(L, 1, "not a file descriptor");
+    if (close((int)fd) != 0 && errno != EINTR)
+        return tn_fail_errno(L, lua_pushfstring(L, "close fd %d", (int)fd), errno);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* fs.put(path, data) -> true | nil, err, code. Writes data into an existing
+ * file in place, in one write(2): for kernel control files (cgroupfs, /proc,
+ * /sys), which take a value per write and cannot be replaced by rename the
+ * way fs.write replaces a file. The kernel's verdict on the value (EINVAL,
+ * EBUSY, ...) comes back as the error. */
+static int l_put(lua_State *L) {
+    size_t len;
+    const char *path = luaL_checkstring(L, 1);
+    const char *data = luaL_checklstring(L, 2, &len);
+    int fd = open(path, O_WRONLY | O_CLOEXEC | O_NOCTTY);
+    if (fd < 0) return tn_fail_errno(L, lua_pushfstring(L, "open %s", path), errno);
+    ssize_t w;
+    do w = write(fd, data, len);
+    while (w < 0 && errno == EINTR);
+    int e = errno;
+    close(fd);
+    if (w < 0) return tn_fail_errno(L, lua_pushfstring(L, "write %s", path), e);
+    if ((size_t)w != len) return tn_fail(L, "write %s: short write (%d of %d bytes)", path, (int)w, (int)len);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* fs.rmdir(path) -> true | nil, err, code: one empty directory (on cgroupfs,
+ * a cgroup with no processes and no children). */
+static int l_rmdir(lua_State *L) {
+    const char *path = luaL_checkstring(L, 1);
+    if (rmdir(path) != 0) return tn_fail_errno(L, lua_pushfstring(L, "rmdir %s", path), errno);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* fs.truncate(path, size [, mode=0600]) -> true | nil, err, code. Sets the
+ * file's length, creating it if missing; growing makes a hole, not writes. */
+static int l_truncate(lua_State *L) {
+    const char *path = luaL_checkstring(L, 1);
+    lua_Integer size = luaL_checkinteger(L, 2);
+    mode_t mode = (mode_t)luaL_optinteger(L, 3, 0600);
+    if (size < 0) return luaL_argerror(L, 2, "negative size");
+    int fd = open(path, O_WRONLY | O_CREAT | O_CLOEXEC | O_NOCTTY, mode);
+    if (fd < 0) return tn_fail_errno(L, lua_pushfstring(L, "open %s", path), errno);
+    int rc = ftruncate(fd, (off_t)size);
+    int e = errno;
+    close(fd);
+    if (rc != 0) return tn_fail_errno(L, lua_pushfstring(L, "truncate %s", path), e);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* fs.statfs(path) -> { size, free, avail, files, files_free, bsize, type }
+ * | nil, err, code. Sizes in bytes: avail is what an unprivileged writer may
+ * still use; type is the file system's magic number (0xEF53 for ext4). */
+static int l_statfs(lua_State *L) {
+    const char *path = luaL_checkstring(L, 1);
+    struct statfs sf;
+    if (statfs(path, &sf) != 0) return tn_fail_errno(L, lua_pushfstring(L, "statfs %s", path), errno);
+    lua_Integer unit = sf.f_frsize ? (lua_Integer)sf.f_frsize : (lua_Integer)sf.f_bsize;
+    lua_createtable(L, 0, 7);
+    lua_pushinteger(L, (lua_Integer)sf.f_blocks * unit); lua_setfield(L, -2, "size");
+    lua_pushinteger(L, (lua_Integer)sf.f_bfree * unit); lua_setfield(L, -2, "free");
+    lua_pushinteger(L, (lua_Integer)sf.f_bavail * unit); lua_setfield(L, -2, "avail");
+    lua_pushinteger(L, (lua_Integer)sf.f_files); lua_setfield(L, -2, "files");
+    lua_pushinteger(L, (lua_Integer)sf.f_ffree); lua_setfield(L, -2, "files_free");
+    lua_pushinteger(L, (lua_Integer)sf.f_bsize); lua_setfield(L, -2, "bsize");
+    lua_pushinteger(L, (lua_Integer)(unsigned long)sf.f_type); lua_setfield(L, -2, "type");
+    return 1;
+}
+
 int tn_open_fs(lua_State *L) {
     static const luaL_Reg fns[] = {
         {"mkdir", l_mkdir}, {"rmtree", l_rmtree}, {"unlink", l_unlink}, {"stat", l_stat},
         {"read", l_read}, {"write", l_write}, {"readdir", l_readdir}, {"realpath", l_realpath},
-        {"chmod", l_chmod}, {"cwd", l_cwd}, {"access", l_access}, {NULL, NULL},
+        {"chmod", l_chmod}, {"cwd", l_cwd}, {"access", l_access},
+        {"open_fd", l_open_fd}, {"close_fd", l_close_fd}, {"put", l_put}, {"rmdir", l_rmdir},
+        {"truncate", l_truncate}, {"statfs", l_statfs}, {NULL, NULL},
     };
     luaL_newlib(L, fns);
     return 1;

@@ -4,8 +4,8 @@
  *
  * Server. The connection state machine lives here in C; Lua is called once
  * per request. Each request head is parsed into an http_head (method,
- * target, version and lower-cased headers in one arena, so it can be
- * re-serialised later by a proxy), then the parser pauses and a task calls
+ * target, version and headers as sent, in one arena, so the proxy can
+ * re-serialise it), then the parser pauses and a task calls
  * the Lua handler with a request object. The body is parsed only when the
  * handler asks for it (req:body) or, after the response, to discard it. The
  * next pipelined request is parsed only once the response went out, so
@@ -45,6 +45,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <time.h>
 
 #define SERVER_MT "tenement.http.server"
@@ -72,6 +73,7 @@ static int buf_reserve(buf *b, size_t extra) {
 }
 
 static int buf_add(buf *b, const void *p, size_t n) {
+    if (n == 0) return 0;
     if (buf_reserve(b, n)) return -1;
     memcpy(b->p + b->len, p, n);
     b->len += n;
@@ -243,6 +245,7 @@ static const char *http_date(void) {
 
 /* ---- parsed heads ------------------------------------------------------ */
 
+
 /* Offsets into the head's arena: the arena moves when it grows. */
 typedef struct http_header { uint32_t name, name_len, value, value_len; } http_header;
 
@@ -269,7 +272,13 @@ static void head_free(http_head *h) {
 
 static const char *head_str(const http_head *h, uint32_t off) { return h->arena.p + off; }
 
-/* The value of the only header named `name` (lower case); NULL when absent.
+/* Names are kept as sent (a proxy re-serialises them); every lookup
+ * ignores case. */
+static int name_is(const http_head *h, const http_header *x, const char *lower, size_t len) {
+    return x->name_len == len && ieq(head_str(h, x->name), len, lower);
+}
+
+/* The first header named `name` (given in lower case); NULL when absent.
  * *count gets how many there are. */
 static const http_header *head_find(const http_head *h, const char *name, int *count) {
     const http_header *found = NULL;
@@ -277,7 +286,7 @@ static const http_header *head_find(const http_head *h, const char *name, int *c
     size_t len = strlen(name);
     for (int i = 0; i < h->nhdr; i++) {
         const http_header *x = &h->hdr[i];
-        if (x->name_len == len && memcmp(head_str(h, x->name), name, len) == 0) {
+        if (name_is(h, x, name, len)) {
             if (!found) found = x;
             n++;
         }
@@ -293,10 +302,16 @@ static void push_headers(lua_State *L, const http_head *h) {
     for (int i = 0; i < h->nhdr; i++) {
         const http_header *x = &h->hdr[i];
         const char *name = head_str(h, x->name);
-        lua_pushlstring(L, name, x->name_len);
+        luaL_Buffer lb;
+        char *low = luaL_buffinitsize(L, &lb, x->name_len);
+        for (uint32_t k = 0; k < x->name_len; k++) {
+            char ch = name[k];
+            low[k] = (ch >= 'A' && ch <= 'Z') ? (char)(ch + 32) : ch;
+        }
+        luaL_pushresultsize(&lb, x->name_len);
         lua_pushvalue(L, -1);
         int t = lua_rawget(L, -3);
-        int is_cookie_set = x->name_len == 10 && memcmp(name, "set-cookie", 10) == 0;
+        int is_cookie_set = name_is(h, x, "set-cookie", 10);
         if (is_cookie_set) {
             if (t == LUA_TNIL) {
                 lua_pop(L, 1);
@@ -308,7 +323,7 @@ static void push_headers(lua_State *L, const http_head *h) {
             lua_pop(L, 1);
             lua_pushlstring(L, head_str(h, x->value), x->value_len);
         } else {
-            int is_cookie = x->name_len == 6 && memcmp(name, "cookie", 6) == 0;
+            int is_cookie = name_is(h, x, "cookie", 6);
             lua_pushstring(L, is_cookie ? "; " : ", ");
             lua_pushlstring(L, head_str(h, x->value), x->value_len);
             lua_concat(L, 3);
@@ -343,21 +358,13 @@ static int parse_fail(http_parse *p, int status, const char *msg) {
     return HPE_USER;
 }
 
-static int span_add(http_parse *p, const char *at, size_t n, int lower) {
+static int span_add(http_parse *p, const char *at, size_t n) {
     buf *a = &p->head.arena;
     if (a->len + n > p->max_head)
         return parse_fail(p, 431, p->parser.type == HTTP_REQUEST ? "request head too large"
                                                                   : "response head too large");
     if (buf_reserve(a, n)) return parse_fail(p, 500, "out of memory");
-    char *dst = a->p + a->len;
-    if (lower) {
-        for (size_t i = 0; i < n; i++) {
-            char ch = at[i];
-            dst[i] = (ch >= 'A' && ch <= 'Z') ? (char)(ch + 32) : ch;
-        }
-    } else {
-        memcpy(dst, at, n);
-    }
+    memcpy(a->p + a->len, at, n);
     a->len += n;
     return 0;
 }
@@ -372,7 +379,7 @@ static int cb_message_begin(llhttp_t *ps) {
 
 static int cb_first_line_span(llhttp_t *ps, const char *at, size_t n) {
     http_parse *p = ps->data;
-    int rc = span_add(p, at, n, 0);
+    int rc = span_add(p, at, n);
     if (!rc) p->head.first_len += (uint32_t)n;
     return rc;
 }
@@ -385,7 +392,7 @@ static int cb_header_field(llhttp_t *ps, const char *at, size_t n) {
         p->field_open = 1;
         p->span = (uint32_t)p->head.arena.len;
     }
-    return span_add(p, at, n, 1);
+    return span_add(p, at, n);
 }
 
 static int cb_header_field_complete(llhttp_t *ps) {
@@ -415,7 +422,7 @@ static int cb_header_field_complete(llhttp_t *ps) {
 static int cb_header_value(llhttp_t *ps, const char *at, size_t n) {
     http_parse *p = ps->data;
     if (!p->in_head) return 0;
-    return span_add(p, at, n, 0);
+    return span_add(p, at, n);
 }
 
 static int cb_header_value_complete(llhttp_t *ps) {
@@ -455,7 +462,7 @@ typedef struct http_limits {
     int lazy_body;          /* call the handler at the head; it reads the body */
 } http_limits;
 
-enum { PHASE_HEAD, PHASE_BODY, PHASE_LINGER };
+enum { PHASE_HEAD, PHASE_BODY, PHASE_LINGER, PHASE_TUNNEL };
 enum { TIMER_NONE, TIMER_HEADER, TIMER_IDLE, TIMER_BODY, TIMER_SEND, TIMER_LINGER };
 
 typedef struct http_server http_server;
@@ -493,6 +500,7 @@ struct http_conn {
     int handles;           /* libuv handles not yet closed */
     int closing, reading, paused, flush, running, rerun, eof, dead;
     int phase, timer_kind, got_bytes, shut;
+    int throttled;         /* a proxy's upstream is not taking the body fast enough */
     char scan_prev;        /* last raw head byte seen, across reads */
     const char *bad_head;  /* a framing problem found in the raw head bytes */
     char peer[160];
@@ -509,6 +517,7 @@ struct http_req {
     int want_body, msg_complete, responded, written, keep_alive, discard, head_method;
     int expects_body, dispatched, expect_continue, continue_sent;
     const char *body_err;
+    struct px *px;         /* a proxy exchange in progress (req:proxy) */
     tn_task *waiter;
     uint64_t wseq;
     char peer[160];
@@ -521,6 +530,17 @@ static llhttp_settings_t server_settings;
 
 static void conn_run(http_conn *c);
 static void conn_close(http_conn *c);
+
+/* The proxy (below) hooks into the server connection at these points. */
+struct px;
+static void px_client_body(struct px *x, const char *at, size_t n);
+static void px_client_body_end(struct px *x);
+static void px_client_body_failed(struct px *x);
+static void px_client_gone(struct px *x);
+static void px_client_eof(struct px *x);
+static void px_tunnel_client_read(struct px *x, ssize_t nread, const char *p);
+static struct px *px_hold_of(http_conn *c);
+static void px_after_parse(struct px *x);
 static void conn_detach_req(http_conn *c);
 static void conn_linger(http_conn *c);
 static void srv_accept(http_server *s);
@@ -572,7 +592,7 @@ static void conn_timer(http_conn *c, int kind, int64_t ms) {
 static void conn_alloc(uv_handle_t *h, size_t hint, uv_buf_t *b) {
     (void)hint;
     http_conn *c = h->data;
-    if (c->phase == PHASE_LINGER) {
+    if (c->phase == PHASE_LINGER || c->phase == PHASE_TUNNEL) {
         b->base = scratch;
         b->len = sizeof scratch;
         return;
@@ -584,7 +604,7 @@ static void conn_alloc(uv_handle_t *h, size_t hint, uv_buf_t *b) {
         c->in.len -= c->in_off;
         c->in_off = 0;
     }
-    size_t want = c->phase == PHASE_BODY ? 64 * 1024 : 8 * 1024;
+    size_t want = c->phase == PHASE_BODY && !c->paused ? 64 * 1024 : 8 * 1024;
     if (buf_reserve(&c->in, want)) {
         b->base = NULL;
         b->len = 0;
@@ -599,8 +619,14 @@ static void conn_read_cb(uv_stream_t *h, ssize_t nread, const uv_buf_t *b);
 /* Read exactly when the parser can use input: it is not paused waiting for
  * the handler, or the connection lingers. */
 static void conn_update_reading(http_conn *c) {
-    int want = !c->closing && !c->eof &&
-               (c->phase == PHASE_LINGER ? c->shut : (!c->paused && !c->dead));
+    /* While req:proxy waits with the parser paused, the client is read
+     * anyway (a little: what comes is the next pipelined request), so a
+     * client that goes away aborts the upstream request, as nginx does. */
+    int watch = c->paused && !c->dead && c->phase == PHASE_BODY && c->req && c->req->px &&
+                c->in.len - c->in_off < 16 * 1024;
+    int want = !c->closing && !c->eof && !c->throttled &&
+               (c->phase == PHASE_LINGER ? c->shut :
+                c->phase == PHASE_TUNNEL ? 1 : ((!c->paused && !c->dead) || watch));
     if (want && !c->reading) {
         if (uv_read_start(&c->sock.stream, conn_alloc, conn_read_cb) == 0) c->reading = 1;
         else conn_close(c);
@@ -721,6 +747,7 @@ static void req_wake(http_req *r);
 static void conn_detach_req(http_conn *c) {
     http_req *r = c->req;
     if (!r) return;
+    if (r->px) px_client_gone(r->px);
     c->req = NULL;
     r->conn = NULL;
     req_wake(r);
@@ -881,6 +908,7 @@ static void start_body(http_conn *c, http_req *r) {
 static int l_req_body(lua_State *L) {
     http_req *r = check_req(L, 1);
     http_server *s = r->srv;
+    if (r->px) return luaL_error(L, "req:proxy is forwarding this request's body");
     lua_Integer max = luaL_optinteger(L, 2, (lua_Integer)s->lim.max_body);
     lua_Integer timeout = luaL_optinteger(L, 3, s->lim.body_timeout);
     if (max < 0) return luaL_argerror(L, 2, "negative size");
@@ -1009,6 +1037,7 @@ static int l_req_respond(lua_State *L) {
     const char *body = "";
     if (!lua_isnoneornil(L, 4)) body = luaL_checklstring(L, 4, &bl);
     if (bl > 0x7fffffff) return luaL_argerror(L, 4, "body larger than 2 GiB");
+    if (r->px) return luaL_error(L, "req:proxy is answering this request");
     if (r->responded) return luaL_error(L, "a response was already sent for this request");
     int keep = r->keep_alive && !r->srv->closed;
     build_response_head(L, &out, r, (int)status, hidx, bl, &keep);
@@ -1080,6 +1109,8 @@ static int l_req_index(lua_State *L) {
         lua_pushfstring(L, "%d.%d", h->major, h->minor);
     } else if (strcmp(k, "peer") == 0) {
         lua_pushstring(L, r->peer);
+    } else if (strcmp(k, "responded") == 0) {
+        lua_pushboolean(L, r->responded);
     } else if (strcmp(k, "headers") == 0) {
         push_headers(L, h);
         lua_getiuservalue(L, 1, 1);
@@ -1307,6 +1338,7 @@ static void on_message_done(http_conn *c) {
     if (!r) return;
     r->msg_complete = 1;
     r->want_body = 0;
+    if (r->px) px_client_body_end(r->px);
     if (!r->dispatched) {
         /* the parser stays paused here until the response is written */
         conn_timer(c, TIMER_NONE, 0);
@@ -1354,13 +1386,18 @@ static void conn_body_failed(http_conn *c, const char *msg) {
     if (!r) { conn_close(c); return; }
     r->keep_alive = 0;
     if (!r->body_err) r->body_err = msg;
+    if (r->px) { px_client_body_failed(r->px); return; }
     req_wake(r);
     if (c->closing) return;
     if (r->written || r->discard) conn_close(c);
 }
 
 static void conn_exec(http_conn *c, const char *p, size_t n) {
+    /* A proxy batches body bytes that point into c->in: they go out (or
+     * are copied) before anything can move that buffer. */
+    struct px *x = px_hold_of(c);
     llhttp_errno_t e = llhttp_execute(&c->p.parser, p, n);
+    if (x) px_after_parse(x);
     size_t used = n;
     if (e != HPE_OK) {
         const char *pos = llhttp_get_error_pos(&c->p.parser);
@@ -1428,6 +1465,7 @@ static void conn_run(http_conn *c) {
 }
 
 static void conn_eof(http_conn *c) {
+    if (c->req && c->req->px) { px_client_eof(c->req->px); return; }
     switch (c->phase) {
     case PHASE_LINGER:
     case PHASE_HEAD:
@@ -1442,9 +1480,13 @@ static void conn_eof(http_conn *c) {
 }
 
 static void conn_read_cb(uv_stream_t *h, ssize_t nread, const uv_buf_t *b) {
-    (void)b;
     http_conn *c = h->data;
     if (c->closing || nread == 0) return;
+    if (c->phase == PHASE_TUNNEL) {
+        if (c->req && c->req->px) px_tunnel_client_read(c->req->px, nread, b->base);
+        else conn_close(c);
+        return;
+    }
     if (nread > 0) {
         if (c->phase == PHASE_LINGER) return;
         c->in.len += (size_t)nread;
@@ -1471,6 +1513,7 @@ static int srv_on_body(llhttp_t *ps, const char *at, size_t n) {
     if (!r) return 0;
     r->seen += n;
     if (r->seen > c->srv->lim.max_body) return parse_fail(&c->p, 413, "request body too large");
+    if (r->px) { px_client_body(r->px, at, n); return 0; }
     if (!r->want_body) return 0; /* dropped after the response */
     if (r->seen > r->body_max) {
         r->body_err = "request body too large";
@@ -2065,11 +2108,1549 @@ static int l_request(lua_State *L) {
     return tn_task_wait_cancel(L, t, timeout, client_cancel, cl);
 }
 
+/* ====================================================================== */
+/* Proxy                                                                  */
+/* ====================================================================== */
+
+/*
+ * One exchange (px) joins a server request (http_req on its http_conn) to
+ * an upstream connection (px_up, from a keep-alive pool per address). Bytes
+ * flow in C only: the request body is parsed by the server's llhttp and
+ * re-framed towards the upstream from within the parser callbacks, the
+ * response is parsed by the upstream's llhttp (HTTP_RESPONSE) and re-framed
+ * towards the client. Pieces of a read buffer are gathered in a px_batch and
+ * written with one writev before the read callback returns; only what the
+ * kernel does not take at once is copied. Above PX_HIGH_WATER queued bytes
+ * the reading side stops until the writing side drains below PX_LOW_WATER,
+ * so a body of any size passes in bounded memory.
+ *
+ * Finishing (px_end) only records the outcome and detaches; handing it to
+ * Lua (the task's resumption, and the follow-up on the client connection)
+ * runs from the top of a libuv callback or from an idle handle, never from
+ * inside a parser callback, where Lua could re-enter the parser.
+ */
+
+#define PX_HIGH_WATER (256 * 1024)
+#define PX_LOW_WATER (64 * 1024)
+#define PX_IDLE_MS 30000         /* an idle pooled connection is closed after this */
+#define PX_NIOV 16
+#define PX_STAGE 4096
+#define PX_COPY_MAX 256          /* smaller pieces are copied into the stage */
+#define PX_FREE_MAX 64           /* exchanges kept for reuse */
+#define PX_MAX_EXTRA 32          /* headers in opts.headers */
+#define PX_MAX_TOKENS 16         /* tokens of a Connection header honoured */
+
+typedef struct px px;
+typedef struct px_up px_up;
+typedef struct px_pool px_pool;
+typedef struct px_state px_state;
+
+typedef struct px_batch {
+    int n;
+    size_t len, stage_len;
+    uv_buf_t iov[PX_NIOV];
+    char stage[PX_STAGE];
+} px_batch;
+
+/* Per Lua state: the pools, finished exchanges waiting to be handed to Lua,
+ * and exchanges kept for reuse. Lives as long as the process. */
+struct px_state {
+    uv_loop_t *loop;
+    lua_State *L;            /* the main thread */
+    uv_idle_t idle;
+    int draining;
+    px *done_head, *done_tail;
+    px_pool **buckets;
+    size_t nbuckets, npools;
+    px *free_px;
+    int nfree;
+};
+
+struct px_pool {
+    px_pool *next;           /* hash chain */
+    px_state *st;
+    uint32_t hash;
+    unsigned gen;            /* bumped by pool_close: older connections are not kept */
+    int refs;                /* connections, and exchanges using the pool */
+    int nidle, active;
+    px_up *idle;             /* most recently used first */
+    size_t tlen;
+    tn_addr addr;
+};
+
+struct px_up {
+    http_parse p;            /* first: llhttp's data pointer is the connection */
+    tn_sock sock;
+    uv_timer_t timer;        /* connect timeout, exchange inactivity, idle timeout */
+    uv_connect_t creq;
+    px_state *st;
+    px_pool *pool;
+    px *x;                   /* the exchange it serves; NULL while idle */
+    px_up *prev, *next;      /* in the pool's idle list */
+    unsigned gen;
+    int handles, closing, connected, reading, idle, throttled, wpending;
+};
+
+enum { PXB_NONE, PXB_BUFFERED, PXB_LENGTH, PXB_CHUNKED };   /* request body */
+enum { PXR_NONE, PXR_LENGTH, PXR_CHUNKED, PXR_EOF };        /* response body to the client */
+enum { PXA_NONE, PXA_WRITTEN, PXA_CLOSE, PXA_RESPOND };     /* follow-up on the client */
+enum { PX_UP, PX_CLI };
+
+struct px {
+    /* reset for each exchange, up to `head` */
+    int refs;
+    px_state *st;
+    px *next;                /* in the done queue or the free list */
+    http_req *r;
+    px_up *up;
+    px_pool *pool;
+    tn_task *task;
+    uint64_t seq;
+    int64_t timeout, connect_timeout;
+    int idle_pool;
+    uint64_t t0;             /* uv_hrtime at the start */
+    uint64_t last;           /* uv_now at the last progress */
+    int body_mode, resp_mode;
+    int in_call, done, tunnel_wanted, upgraded, switching, interim, reused, retried;
+    int head_method, body_started, body_done, resp_started, resp_done, resp_bytes;
+    int cli_keep, up_keep, up_failed, cli_pending, shutting;
+    int after, respond_status, ok, status;
+    uint64_t bytes_in, bytes_out;
+    double upstream_ms;
+    const char *code;
+    char err[240];
+    uv_shutdown_t shut;
+    /* kept across exchanges */
+    buf head;                /* the request head, kept for a retry */
+    buf rhead;               /* the response head for the client */
+    px_batch to_up, to_cli;
+};
+
+static char px_state_key;
+static llhttp_settings_t px_settings;
+
+static void px_idle_cb(uv_idle_t *h);
+static void px_up_close(px_up *up);
+static void px_cli_flush(px *x);
+static void px_up_flush(px *x);
+static void px_send_head(px *x);
+static void px_connect(px *x);
+static void px_up_write_failed(px *x, int err);
+
+/* ---- state, pools, exchanges ------------------------------------------ */
+
+static px_state *px_state_peek(lua_State *L) {
+    lua_rawgetp(L, LUA_REGISTRYINDEX, &px_state_key);
+    px_state *st = lua_touserdata(L, -1);
+    lua_pop(L, 1);
+    return st;
+}
+
+static px_state *px_state_get(lua_State *L) {
+    px_state *st = px_state_peek(L);
+    if (st) return st;
+    st = calloc(1, sizeof *st);
+    px_pool **b = calloc(64, sizeof *b);
+    if (!st || !b) { free(st); free(b); luaL_error(L, "out of memory"); }
+    st->buckets = b;
+    st->nbuckets = 64;
+    st->loop = tn_loop(L);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_MAINTHREAD);
+    st->L = lua_tothread(L, -1);
+    lua_pop(L, 1);
+    uv_idle_init(st->loop, &st->idle);
+    st->idle.data = st;
+    lua_pushlightuserdata(L, st);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &px_state_key);
+    return st;
+}
+
+static uint32_t px_hash(int is_pipe, const char *s, size_t n) {
+    uint32_t h = 2166136261u ^ (uint32_t)is_pipe;
+    for (size_t i = 0; i < n; i++) {
+        h ^= (unsigned char)s[i];
+        h *= 16777619u;
+    }
+    return h;
+}
+
+static px_pool *px_pool_find(px_state *st, int is_pipe, const char *text, size_t n, uint32_t h) {
+    for (px_pool *p = st->buckets[h & (st->nbuckets - 1)]; p; p = p->next)
+        if (p->hash == h && p->addr.is_pipe == is_pipe && p->tlen == n && memcmp(p->addr.text, text, n) == 0)
+            return p;
+    return NULL;
+}
+
+static px_pool *px_pool_add(px_state *st, const tn_addr *a, uint32_t h) {
+    if (st->npools >= st->nbuckets) {
+        size_t nb = st->nbuckets * 2;
+        px_pool **b = calloc(nb, sizeof *b);
+        if (b) {
+            for (size_t i = 0; i < st->nbuckets; i++) {
+                px_pool *p = st->buckets[i];
+                while (p) {
+                    px_pool *next = p->next;
+                    p->next = b[p->hash & (nb - 1)];
+                    b[p->hash & (nb - 1)] = p;
+                    p = next;
+                }
+            }
+            free(st->buckets);
+            st->buckets = b;
+            st->nbuckets = nb;
+        }
+    }
+    px_pool *p = calloc(1, sizeof *p);
+    if (!p) return NULL;
+    p->st = st;
+    p->hash = h;
+    p->addr = *a;
+    p->tlen = strlen(a->text);
+    px_pool **head = &st->buckets[h & (st->nbuckets - 1)];
+    p->next = *head;
+    *head = p;
+    st->npools++;
+    return p;
+}
+
+static void px_pool_unref(px_pool *p) {
+    if (--p->refs > 0) return;
+    px_state *st = p->st;
+    px_pool **pp = &st->buckets[p->hash & (st->nbuckets - 1)];
+    while (*pp && *pp != p) pp = &(*pp)->next;
+    if (*pp) *pp = p->next;
+    st->npools--;
+    free(p);
+}
+
+static void batch_reset(px_batch *b) { b->n = 0; b->len = b->stage_len = 0; }
+
+static px *px_new(px_state *st) {
+    px *x = st->free_px;
+    if (x) {
+        st->free_px = x->next;
+        st->nfree--;
+        memset(x, 0, offsetof(px, head));
+    } else {
+        x = calloc(1, sizeof *x);
+        if (!x) return NULL;
+    }
+    x->st = st;
+    x->refs = 1;
+    x->head.len = x->rhead.len = 0;
+    batch_reset(&x->to_up);
+    batch_reset(&x->to_cli);
+    return x;
+}
+
+static void px_hold(px *x) { x->refs++; }
+
+static void px_release(px *x) {
+    if (--x->refs > 0) return;
+    px_state *st = x->st;
+    if (st->nfree < PX_FREE_MAX && x->head.cap <= 64 * 1024 && x->rhead.cap <= 64 * 1024) {
+        x->next = st->free_px;
+        st->free_px = x;
+        st->nfree++;
+        return;
+    }
+    buf_free(&x->head);
+    buf_free(&x->rhead);
+    free(x);
+}
+
+/* ---- upstream connections ---------------------------------------------- */
+
+static void px_up_closed_cb(uv_handle_t *h) {
+    px_up *up = h->data;
+    if (--up->handles > 0) return;
+    head_free(&up->p.head);
+    free(up);
+}
+
+static px_up *px_up_new(px_state *st, px_pool *pool) {
+    px_up *up = calloc(1, sizeof *up);
+    if (!up) return NULL;
+    if (tn_sock_init(st->loop, &up->sock, pool->addr.is_pipe) != 0) { free(up); return NULL; }
+    uv_timer_init(st->loop, &up->timer);
+    up->sock.handle.data = up;
+    up->timer.data = up;
+    up->handles = 2;
+    up->st = st;
+    up->pool = pool;
+    up->gen = pool->gen;
+    pool->refs++;
+    pool->active++;
+    llhttp_init(&up->p.parser, HTTP_RESPONSE, &px_settings);
+    up->p.parser.data = up;
+    up->p.max_head = 64 * 1024;
+    up->p.max_headers = 256;
+    return up;
+}
+
+static void px_idle_unlink(px_up *up) {
+    px_pool *pool = up->pool;
+    if (up->prev) up->prev->next = up->next;
+    else pool->idle = up->next;
+    if (up->next) up->next->prev = up->prev;
+    up->prev = up->next = NULL;
+    up->idle = 0;
+    pool->nidle--;
+}
+
+static void px_up_close(px_up *up) {
+    if (up->closing) return;
+    up->closing = 1;
+    up->reading = 0;
+    if (up->idle) px_idle_unlink(up);
+    else up->pool->active--;
+    px_pool_unref(up->pool);
+    up->pool = NULL;
+    up->x = NULL;
+    uv_close(&up->sock.handle, px_up_closed_cb);
+    uv_close((uv_handle_t *)&up->timer, px_up_closed_cb);
+}
+
+static void px_up_alloc(uv_handle_t *h, size_t hint, uv_buf_t *b) {
+    (void)h; (void)hint;
+    b->base = scratch;
+    b->len = sizeof scratch;
+}
+
+static void px_up_read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *b);
+
+static void px_up_update_reading(px_up *up) {
+    int want = !up->closing && up->connected && !up->throttled;
+    if (want && !up->reading) {
+        if (uv_read_start(&up->sock.stream, px_up_alloc, px_up_read_cb) == 0) up->reading = 1;
+    } else if (!want && up->reading) {
+        uv_read_stop(&up->sock.stream);
+        up->reading = 0;
+    }
+}
+
+static void px_up_timer_cb(uv_timer_t *t);
+
+/* Back to the pool, or closed when it cannot serve another request. */
+static void px_up_release(px_up *up, int idle_pool) {
+    px_pool *pool = up->pool;
+    up->x = NULL;
+    if (up->gen != pool->gen || pool->nidle >= idle_pool || up->wpending ||
+        uv_stream_get_write_queue_size(&up->sock.stream) > 0) {
+        px_up_close(up);
+        return;
+    }
+    llhttp_reset(&up->p.parser);
+    up->p.error_status = 0;
+    up->p.error_msg = NULL;
+    up->p.in_head = 0;
+    up->throttled = 0;
+    px_up_update_reading(up); /* an idle connection still reads: EOF means it is gone */
+    if (!up->reading) { px_up_close(up); return; }
+    pool->active--;
+    pool->nidle++;
+    up->idle = 1;
+    up->prev = NULL;
+    up->next = pool->idle;
+    if (pool->idle) pool->idle->prev = up;
+    pool->idle = up;
+    uv_timer_start(&up->timer, px_up_timer_cb, PX_IDLE_MS, 0);
+    /* idle connections do not keep the loop running */
+    uv_unref(&up->sock.handle);
+    uv_unref((uv_handle_t *)&up->timer);
+}
+
+static px_up *px_up_take(px_pool *pool) {
+    px_up *up = pool->idle;
+    if (!up) return NULL;
+    px_idle_unlink(up);
+    pool->active++;
+    uv_timer_stop(&up->timer);
+    uv_ref(&up->sock.handle);
+    uv_ref((uv_handle_t *)&up->timer);
+    return up;
+}
+
+/* ---- batches ------------------------------------------------------------ */
+
+typedef struct px_wop {
+    uv_write_t req;
+    void *owner;             /* the px_up or the http_conn written to */
+    char data[];
+} px_wop;
+
+/* -1 when the batch is full: flush, then add again. */
+static int batch_copy(px_batch *b, const char *p, size_t n) {
+    if (b->stage_len + n > PX_STAGE) return -1;
+    char *dst = b->stage + b->stage_len;
+    if (b->n > 0 && b->iov[b->n - 1].base + b->iov[b->n - 1].len == dst) {
+        b->iov[b->n - 1].len += n;
+    } else {
+        if (b->n == PX_NIOV) return -1;
+        b->iov[b->n].base = dst;
+        b->iov[b->n].len = n;
+        b->n++;
+    }
+    memcpy(dst, p, n);
+    b->stage_len += n;
+    b->len += n;
+    return 0;
+}
+
+static int batch_ref(px_batch *b, const char *p, size_t n) {
+    if (n <= PX_COPY_MAX) return batch_copy(b, p, n);
+    if (b->n == PX_NIOV) return -1;
+    b->iov[b->n].base = (char *)p;
+    b->iov[b->n].len = n;
+    b->n++;
+    b->len += n;
+    return 0;
+}
+
+/* Write the batch: what the kernel takes now, and a copy of the rest in a
+ * write request. 0, or a libuv error. */
+static int batch_flush(px_batch *b, uv_stream_t *s, void *owner, uv_write_cb cb, int *queued) {
+    if (b->n == 0) return 0;
+    size_t total = b->len;
+    int n = uv_try_write(s, b->iov, (unsigned)b->n);
+    if (n == UV_EAGAIN || n == UV_ENOSYS) n = 0;
+    if (n < 0) { batch_reset(b); return n; }
+    size_t skip = (size_t)n;
+    if (skip < total) {
+        px_wop *w = malloc(sizeof *w + (total - skip));
+        if (!w) { batch_reset(b); return UV_ENOMEM; }
+        char *dst = w->data;
+        for (int i = 0; i < b->n; i++) {
+            size_t len = b->iov[i].len;
+            if (skip >= len) { skip -= len; continue; }
+            memcpy(dst, b->iov[i].base + skip, len - skip);
+            dst += len - skip;
+            skip = 0;
+        }
+        w->owner = owner;
+        w->req.data = w;
+        uv_buf_t one;
+        one.base = w->data;
+        one.len = (size_t)(dst - w->data);
+        int rc = uv_write(&w->req, s, &one, 1, cb);
+        if (rc) { free(w); batch_reset(b); return rc; }
+        (*queued)++;
+    }
+    batch_reset(b);
+    return 0;
+}
+
+/* Add bytes bound for one side; copy = 1 when p does not outlive this call. */
+static void px_out(px *x, int side, const char *p, size_t n, int copy) {
+    if (x->done || n == 0) return;
+    px_batch *b = side == PX_UP ? &x->to_up : &x->to_cli;
+    for (int tries = 0; tries < 2; tries++) {
+        if ((copy ? batch_copy(b, p, n) : batch_ref(b, p, n)) == 0) return;
+        if (side == PX_UP) px_up_flush(x);
+        else px_cli_flush(x);
+        if (x->done) return;
+    }
+}
+
+static void px_cli_write_cb(uv_write_t *req, int status);
+static void px_up_write_cb(uv_write_t *req, int status);
+
+static http_conn *px_client(px *x) {
+    http_conn *c = x->r->conn;
+    return c && !c->closing && c->req == x->r ? c : NULL;
+}
+
+static void px_cli_flush(px *x) {
+    if (x->done || x->to_cli.n == 0) return;
+    http_conn *c = px_client(x);
+    if (!c) { batch_reset(&x->to_cli); return; }
+    x->bytes_out += x->to_cli.len;
+    int rc = batch_flush(&x->to_cli, &c->sock.stream, c, px_cli_write_cb, &x->cli_pending);
+    if (rc) { conn_close(c); return; } /* which ends the exchange */
+    px_up *up = x->up;
+    if (up && !up->throttled && uv_stream_get_write_queue_size(&c->sock.stream) > PX_HIGH_WATER) {
+        up->throttled = 1;
+        px_up_update_reading(up);
+    }
+}
+
+static void px_up_flush(px *x) {
+    if (x->done || x->to_up.n == 0) return;
+    px_up *up = x->up;
+    if (!up || x->up_failed) { batch_reset(&x->to_up); return; }
+    int rc = batch_flush(&x->to_up, &up->sock.stream, up, px_up_write_cb, &up->wpending);
+    if (rc) { px_up_write_failed(x, rc); return; }
+    http_conn *c = px_client(x);
+    if (c && !c->throttled && uv_stream_get_write_queue_size(&up->sock.stream) > PX_HIGH_WATER) {
+        c->throttled = 1;
+        conn_update_reading(c);
+    }
+}
+
+/* ---- finishing -------------------------------------------------------- */
+
+static void px_drain(px_state *st);
+
+/* Record the outcome, give the upstream connection back (or close it) and
+ * let go of the request; the rest waits for px_deliver. */
+__attribute__((format(printf, 5, 6)))
+static void px_end(px *x, int ok, int after, const char *code, const char *fmt, ...) {
+    if (x->done) return;
+    x->done = 1;
+    x->ok = ok;
+    x->after = after;
+    x->code = code;
+    if (fmt) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(x->err, sizeof x->err, fmt, ap);
+        va_end(ap);
+    }
+    px_up *up = x->up;
+    if (up) {
+        x->up = NULL;
+        int reuse = ok && x->up_keep && x->resp_done && x->body_done && !x->tunnel_wanted &&
+                    !x->up_failed && !up->closing;
+        if (reuse) px_up_release(up, x->idle_pool);
+        else px_up_close(up);
+    }
+    batch_reset(&x->to_up);
+    batch_reset(&x->to_cli);
+    http_req *r = x->r;
+    if (r->px == x) r->px = NULL;
+    http_conn *c = r->conn;
+    if (c && c->throttled && !c->closing) {
+        c->throttled = 0;
+        if (c->phase != PHASE_TUNNEL) conn_update_reading(c);
+    }
+    if (x->in_call) return;
+    x->next = NULL;
+    px_state *st = x->st;
+    if (st->done_tail) st->done_tail->next = x;
+    else st->done_head = x;
+    st->done_tail = x;
+    if (!uv_is_active((uv_handle_t *)&st->idle)) uv_idle_start(&st->idle, px_idle_cb);
+}
+
+static void px_check_complete(px *x) {
+    if (x->done || !x->resp_done || x->cli_pending > 0) return;
+    px_end(x, 1, PXA_WRITTEN, NULL, NULL);
+}
+
+typedef struct px_result {
+    int ok, status, reused, upgraded;
+    uint64_t bytes_in, bytes_out;
+    double upstream_ms;
+    const char *code;
+    char err[240];
+} px_result;
+
+static void px_result_of(const px *x, px_result *res) {
+    res->ok = x->ok;
+    res->status = x->status;
+    res->reused = x->reused;
+    res->upgraded = x->upgraded;
+    res->bytes_in = x->bytes_in;
+    res->bytes_out = x->bytes_out;
+    res->upstream_ms = x->upstream_ms;
+    res->code = x->code ? x->code : "EIO";
+    memcpy(res->err, x->err, sizeof res->err);
+}
+
+static int px_push_stats(lua_State *L) {
+    const px_result *res = lua_touserdata(L, 1);
+    lua_createtable(L, 0, 6);
+    lua_pushinteger(L, res->status);
+    lua_setfield(L, -2, "status");
+    lua_pushinteger(L, (lua_Integer)res->bytes_in);
+    lua_setfield(L, -2, "bytes_in");
+    lua_pushinteger(L, (lua_Integer)res->bytes_out);
+    lua_setfield(L, -2, "bytes_out");
+    lua_pushnumber(L, res->upstream_ms);
+    lua_setfield(L, -2, "upstream_ms");
+    lua_pushboolean(L, res->reused);
+    lua_setfield(L, -2, "reused");
+    lua_pushboolean(L, res->upgraded);
+    lua_setfield(L, -2, "upgraded");
+    return 1;
+}
+
+static int px_push_fail(lua_State *L) {
+    const px_result *res = lua_touserdata(L, 1);
+    lua_pushnil(L);
+    lua_pushstring(L, res->err);
+    lua_pushstring(L, res->code);
+    return 3;
+}
+
+/* Results onto co, built on the main thread under a protected call: a
+ * memory error must not escape into libuv. */
+static int px_push_result(lua_State *L, lua_State *co, px_result *res) {
+    int top = lua_gettop(L);
+    lua_pushcfunction(L, res->ok ? px_push_stats : px_push_fail);
+    lua_pushlightuserdata(L, res);
+    int n = res->ok ? 1 : 3;
+    if (lua_pcall(L, 1, n, 0) != LUA_OK) {
+        lua_settop(L, top);
+        lua_pushnil(co);
+        lua_pushliteral(co, "out of memory");
+        return 2;
+    }
+    lua_xmove(L, co, n);
+    return n;
+}
+
+static void px_respond(http_req *r, int status, const char *detail) {
+    static _Thread_local buf out;
+    r->keep_alive = r->keep_alive && r->conn && !r->srv->closed;
+    if (simple_response(&out, status, detail, !r->keep_alive) != 0) {
+        if (r->conn) conn_close(r->conn);
+        return;
+    }
+    req_send(r, out.p, out.len, NULL, 0);
+}
+
+/* What the outcome means for the client connection. */
+static void px_follow_up(px *x) {
+    http_req *r = x->r;
+    http_conn *c = r->conn;
+    int mine = c && !c->closing && c->req == r;
+    switch (x->after) {
+    case PXA_WRITTEN:
+        if (mine) {
+            r->keep_alive = x->cli_keep;
+            response_written(c);
+        }
+        break;
+    case PXA_CLOSE:
+        if (c && !c->closing) conn_close(c);
+        break;
+    case PXA_RESPOND:
+        if (mine && !r->responded)
+            px_respond(r, x->respond_status,
+                       x->respond_status == 504 ? "the upstream did not answer in time" :
+                       x->respond_status == 408 ? "the request body did not arrive in time" :
+                       x->respond_status == 413 ? "the request body is larger than the server accepts" :
+                       "malformed request body");
+        break;
+    default:
+        break;
+    }
+}
+
+static void px_forget(px *x) {
+    http_req *r = x->r;
+    px_pool *pool = x->pool;
+    x->r = NULL;
+    x->pool = NULL;
+    px_release(x);
+    if (pool) px_pool_unref(pool);
+    req_unref(r);
+}
+
+/* At the top of a callback: follow up on the client, then resume the task. */
+static void px_deliver(px *x) {
+    px_follow_up(x);
+    px_result res;
+    px_result_of(x, &res);
+    tn_task *t = x->task;
+    uint64_t seq = x->seq;
+    lua_State *L = x->st->L;
+    x->task = NULL;
+    px_forget(x);
+    if (!t) return;
+    if (tn_task_waiting_for(t, seq)) {
+        lua_State *co = tn_task_thread(t);
+        tn_task_resume(t, px_push_result(L, co, &res));
+    }
+    tn_task_release(t);
+}
+
+static void px_drain(px_state *st) {
+    if (st->draining) return;
+    st->draining = 1;
+    while (st->done_head) {
+        px *x = st->done_head;
+        st->done_head = x->next;
+        if (!st->done_head) st->done_tail = NULL;
+        px_deliver(x);
+    }
+    st->draining = 0;
+    if (uv_is_active((uv_handle_t *)&st->idle)) uv_idle_stop(&st->idle);
+}
+
+static void px_idle_cb(uv_idle_t *h) { px_drain(h->data); }
+
+/* ---- failures ---------------------------------------------------------- */
+
+/* A pooled connection that the upstream closed meanwhile gets the request
+ * again on a fresh one, but only while no byte of the body is lost. */
+static int px_can_retry(const px *x) {
+    if (!x->reused || x->retried || x->resp_bytes) return 0;
+    return x->body_mode == PXB_NONE || x->body_mode == PXB_BUFFERED || !x->body_started;
+}
+
+static void px_retry(px *x) {
+    px_up *old = x->up;
+    x->up = NULL;
+    if (old) px_up_close(old);
+    x->reused = 0;
+    x->retried = 1;
+    x->up_failed = 0;
+    batch_reset(&x->to_up);
+    px_connect(x);
+}
+
+static void px_up_write_failed(px *x, int err) {
+    (void)err;
+    if (x->done) return;
+    if (px_can_retry(x)) { px_retry(x); return; }
+    /* Stop sending; the read side tells what became of the response (an
+     * upstream may answer and close without reading the whole body). */
+    x->up_failed = 1;
+    batch_reset(&x->to_up);
+}
+
+static void px_up_read_failed(px *x, const char *code, const char *fmt, const char *detail) {
+    if (x->done) return;
+    if (px_can_retry(x)) { px_retry(x); return; }
+    px_end(x, 0, x->resp_started ? PXA_CLOSE : PXA_NONE, code, fmt, x->pool->addr.text, detail);
+}
+
+static void px_fail_connect(px *x, int rc) {
+    px_up *up = x->up;
+    x->up = NULL;
+    if (up) px_up_close(up);
+    px_end(x, 0, PXA_NONE, uv_err_name(rc), "connect %s: %s: %s", x->pool->addr.text,
+           uv_err_name(rc), uv_strerror(rc));
+}
+
+/* No progress for `timeout` ms. Before the response started the proxy
+ * answers itself: 504, or 408 when it was the client's body that stalled. */
+static void px_timeout(px *x) {
+    if (x->resp_started) {
+        px_end(x, 0, PXA_CLOSE, "ETIMEDOUT", "timeout");
+        return;
+    }
+    int streaming = x->body_mode == PXB_LENGTH || x->body_mode == PXB_CHUNKED;
+    int client_stall = streaming && !x->body_done && !x->up_failed && x->up &&
+                       uv_stream_get_write_queue_size(&x->up->sock.stream) == 0;
+    if (client_stall) x->r->keep_alive = 0;
+    x->respond_status = client_stall ? 408 : 504;
+    px_end(x, 0, PXA_RESPOND, "ETIMEDOUT", "timeout");
+}
+
+/* ---- the client side (called by the server connection) ---------------- */
+
+static struct px *px_hold_of(http_conn *c) {
+    px *x = c->req ? c->req->px : NULL;
+    if (x) px_hold(x);
+    return x;
+}
+
+static void px_after_parse(struct px *x) {
+    if (!x->done) px_up_flush(x);
+    px_release(x);
+}
+
+/* Inside the server's parser: a piece of the request body. */
+static void px_client_body(struct px *x, const char *at, size_t n) {
+    if (x->done) return;
+    x->bytes_in += n;
+    x->last = uv_now(x->st->loop);
+    if (x->up_failed) return;
+    if (x->body_mode == PXB_CHUNKED) {
+        char line[24];
+        int ll = snprintf(line, sizeof line, "%zx\r\n", n);
+        px_out(x, PX_UP, line, (size_t)ll, 1);
+        px_out(x, PX_UP, at, n, 0);
+        px_out(x, PX_UP, "\r\n", 2, 1);
+    } else {
+        px_out(x, PX_UP, at, n, 0);
+    }
+}
+
+static void px_client_body_end(struct px *x) {
+    if (x->done) return;
+    x->body_done = 1;
+    if (x->body_mode == PXB_CHUNKED) px_out(x, PX_UP, "0\r\n\r\n", 5, 1);
+    px_up_flush(x);
+}
+
+static void px_client_body_failed(struct px *x) {
+    if (x->done) return;
+    http_req *r = x->r;
+    http_conn *c = r->conn;
+    if (!c || c->eof) {
+        px_end(x, 0, PXA_CLOSE, "ECONNABORTED", "client closed");
+    } else if (x->resp_started) {
+        px_end(x, 0, PXA_CLOSE, "EPROTO", "%s", r->body_err);
+    } else {
+        int too_large = c->p.error_status == 413;
+        x->respond_status = too_large ? 413 : 400;
+        px_end(x, 0, PXA_RESPOND, too_large ? "E2BIG" : "EPROTO", "%s", r->body_err);
+    }
+}
+
+static void px_client_eof(struct px *x) {
+    if (x->done) return;
+    px_end(x, 0, PXA_CLOSE, "ECONNABORTED", "client closed");
+}
+
+static void px_client_gone(struct px *x) {
+    if (x->done) return;
+    if (x->upgraded) px_end(x, 1, PXA_NONE, NULL, NULL); /* how a tunnel ends */
+    else px_end(x, 0, PXA_NONE, "ECONNABORTED", "client closed");
+}
+
+static void px_cli_write_cb(uv_write_t *req, int status) {
+    px_wop *w = req->data;
+    http_conn *c = w->owner;
+    free(w);
+    if (c->closing) return;
+    if (status < 0) { conn_close(c); return; }
+    px *x = c->req ? c->req->px : NULL;
+    if (!x) return;
+    px_state *st = x->st;
+    px_hold(x);
+    x->cli_pending--;
+    x->last = uv_now(st->loop);
+    px_up *up = x->up;
+    if (up && up->throttled && uv_stream_get_write_queue_size(&c->sock.stream) < PX_LOW_WATER) {
+        up->throttled = 0;
+        px_up_update_reading(up);
+    }
+    px_check_complete(x);
+    px_release(x);
+    px_drain(st);
+}
+
+/* ---- the upstream side ------------------------------------------------- */
+
+static void px_up_write_cb(uv_write_t *req, int status) {
+    px_wop *w = req->data;
+    px_up *up = w->owner;
+    free(w);
+    up->wpending--;
+    if (up->closing) return;
+    px *x = up->x;
+    if (!x) return;
+    px_state *st = up->st;
+    px_hold(x);
+    if (status < 0) {
+        px_up_write_failed(x, status);
+    } else {
+        x->last = uv_now(st->loop);
+        http_conn *c = px_client(x);
+        if (c && c->throttled && uv_stream_get_write_queue_size(&up->sock.stream) < PX_LOW_WATER) {
+            c->throttled = 0;
+            conn_update_reading(c);
+        }
+    }
+    px_release(x);
+    px_drain(st);
+}
+
+static void px_connect_cb(uv_connect_t *req, int status) {
+    px_up *up = req->data;
+    if (up->closing) return; /* cancelled: timed out, or the exchange ended */
+    px *x = up->x;
+    px_state *st = up->st;
+    px_hold(x);
+    if (status < 0) {
+        px_fail_connect(x, status);
+    } else {
+        up->connected = 1;
+        uv_timer_stop(&up->timer);
+        px_up_update_reading(up);
+        px_send_head(x);
+    }
+    px_release(x);
+    px_drain(st);
+}
+
+static void px_up_timer_cb(uv_timer_t *t) {
+    px_up *up = t->data;
+    if (up->closing) return;
+    if (up->idle) { px_up_close(up); return; }
+    px *x = up->x;
+    if (!x) return;
+    px_state *st = up->st;
+    px_hold(x);
+    if (!up->connected) {
+        x->up = NULL;
+        px_up_close(up);
+        px_end(x, 0, PXA_NONE, "ETIMEDOUT", "connect %s: ETIMEDOUT: no connection within %d ms",
+               x->pool->addr.text, (int)x->connect_timeout);
+    } else {
+        uint64_t idle = uv_now(st->loop) - x->last;
+        if (idle < (uint64_t)x->timeout) uv_timer_start(t, px_up_timer_cb, (uint64_t)x->timeout - idle, 0);
+        else px_timeout(x);
+    }
+    px_release(x);
+    px_drain(st);
+}
+
+static void px_connect(px *x) {
+    px_up *up = px_up_new(x->st, x->pool);
+    if (!up) { px_end(x, 0, PXA_NONE, "ENOMEM", "connect %s: out of memory", x->pool->addr.text); return; }
+    up->x = x;
+    x->up = up;
+    up->creq.data = up;
+    int rc = tn_sock_connect(&up->creq, &up->sock, &x->pool->addr, px_connect_cb);
+    if (rc) { px_fail_connect(x, rc); return; }
+    uv_timer_start(&up->timer, px_up_timer_cb, (uint64_t)x->connect_timeout, 0);
+}
+
+/* Connected (or taken from the pool): the head, then the body. */
+static void px_send_head(px *x) {
+    px_up *up = x->up;
+    http_req *r = x->r;
+    x->last = uv_now(x->st->loop);
+    uv_timer_start(&up->timer, px_up_timer_cb, (uint64_t)x->timeout, 0);
+    px_out(x, PX_UP, x->head.p, x->head.len, 0);
+    if (x->body_mode == PXB_BUFFERED) {
+        px_out(x, PX_UP, r->body.p, r->body.len, 0);
+        x->bytes_in = r->body.len;
+    }
+    if (x->body_mode == PXB_LENGTH || x->body_mode == PXB_CHUNKED) {
+        if (x->reused) {
+            /* the head alone first: if this pooled connection is dead, the
+             * body is still unread and the request can go elsewhere */
+            px_up_flush(x);
+            if (x->done || x->up != up) return;
+        }
+        http_conn *c = px_client(x);
+        if (!c) { px_client_gone(x); return; }
+        x->body_started = 1;
+        start_body(c, r);
+        if (x->done) return;
+        conn_run(c);
+        if (x->done) return;
+    } else {
+        x->body_done = 1;
+    }
+    px_up_flush(x);
+    http_conn *c = px_client(x);
+    if (c && !x->done) conn_update_reading(c);
+}
+
+/* ---- the response ------------------------------------------------------ */
+
+typedef struct span { const char *p; size_t n; } span;
+
+/* The tokens of every Connection header. */
+static int conn_tokens(const http_head *h, span *out, int max) {
+    int k = 0;
+    for (int i = 0; i < h->nhdr; i++) {
+        const http_header *x = &h->hdr[i];
+        if (!name_is(h, x, "connection", 10)) continue;
+        const char *v = head_str(h, x->value), *end = v + x->value_len;
+        while (v < end && k < max) {
+            while (v < end && (*v == ' ' || *v == '\t' || *v == ',')) v++;
+            const char *s = v;
+            while (v < end && *v != ',' && *v != ' ' && *v != '\t') v++;
+            if (v > s) out[k++] = (span){ s, (size_t)(v - s) };
+        }
+    }
+    return k;
+}
+
+static int in_spans(const span *t, int k, const char *name, size_t n) {
+    for (int i = 0; i < k; i++)
+        if (t[i].n == n && strncasecmp(t[i].p, name, n) == 0) return 1;
+    return 0;
+}
+
+static int is_hop(const char *name, size_t n) {
+    switch (n) {
+    case 2: return ieq(name, n, "te");
+    case 7: return ieq(name, n, "trailer") || ieq(name, n, "upgrade");
+    case 10: return ieq(name, n, "connection") || ieq(name, n, "keep-alive");
+    case 16: return ieq(name, n, "proxy-connection");
+    case 17: return ieq(name, n, "transfer-encoding");
+    default: return 0;
+    }
+}
+
+static void px_build_response_head(px *x, int st) {
+    buf *o = &x->rhead;
+    const http_head *h = &x->up->p.head;
+    o->len = 0;
+    buf_printf(o, "HTTP/1.1 %d ", st);
+    if (h->first_len) buf_add(o, h->arena.p, h->first_len);
+    else buf_addstr(o, reason_phrase(st));
+    buf_add(o, "\r\n", 2);
+    span toks[PX_MAX_TOKENS];
+    int nt = conn_tokens(h, toks, PX_MAX_TOKENS);
+    for (int i = 0; i < h->nhdr; i++) {
+        const http_header *hd = &h->hdr[i];
+        const char *name = head_str(h, hd->name);
+        size_t nl = hd->name_len;
+        int upgrade = st == 101 && ieq(name, nl, "upgrade");
+        if (!upgrade && (is_hop(name, nl) || in_spans(toks, nt, name, nl))) continue;
+        buf_add(o, name, nl);
+        buf_add(o, ": ", 2);
+        buf_add(o, head_str(h, hd->value), hd->value_len);
+        buf_add(o, "\r\n", 2);
+    }
+    if (st == 101) {
+        buf_addstr(o, "Connection: upgrade\r\n");
+    } else {
+        if (x->resp_mode == PXR_CHUNKED) buf_addstr(o, "Transfer-Encoding: chunked\r\n");
+        if (!x->cli_keep) buf_addstr(o, "Connection: close\r\n");
+        else if (x->r->head.minor == 0) buf_addstr(o, "Connection: keep-alive\r\n");
+    }
+    buf_add(o, "\r\n", 2);
+}
+
+static int px_on_headers_complete(llhttp_t *ps) {
+    px_up *up = (px_up *)ps->data;
+    up->p.in_head = 0;
+    px *x = up->x;
+    if (!x || x->done) return 1;
+    int st = ps->status_code;
+    if (st == 101) {
+        if (!x->tunnel_wanted)
+            return parse_fail(&up->p, 502, "101 Switching Protocols to a request that asked for no upgrade");
+        x->switching = 1;
+    } else if (st < 200) {
+        x->interim = 1; /* 100, 103: the proxy answers 100 Continue itself; hints are dropped */
+        return 1;
+    } else {
+        int n;
+        const http_header *te = head_find(&up->p.head, "transfer-encoding", &n);
+        if (te && (n > 1 || !ieq(head_str(&up->p.head, te->value), te->value_len, "chunked")))
+            return parse_fail(&up->p, 502, "a transfer coding other than chunked");
+    }
+    http_req *r = x->r;
+    int no_body = st == 101 || x->head_method || st == 204 || st == 304;
+    int mode = PXR_NONE;
+    if (!no_body) {
+        if ((ps->flags & F_CHUNKED) || !(ps->flags & F_CONTENT_LENGTH))
+            mode = r->head.minor >= 1 ? PXR_CHUNKED : PXR_EOF;
+        else
+            mode = PXR_LENGTH;
+    }
+    x->resp_mode = mode;
+    x->cli_keep = st != 101 && r->keep_alive && !r->srv->closed && mode != PXR_EOF;
+    x->status = st;
+    x->upstream_ms = (double)(uv_hrtime() - x->t0) / 1e6;
+    px_build_response_head(x, st);
+    x->resp_started = 1;
+    r->responded = 1;
+    px_out(x, PX_CLI, x->rhead.p, x->rhead.len, 0);
+    if (st == 101) return 2;
+    return no_body ? 1 : 0;
+}
+
+static int px_on_body(llhttp_t *ps, const char *at, size_t n) {
+    px_up *up = (px_up *)ps->data;
+    px *x = up->x;
+    if (!x || x->done) return 0;
+    if (x->resp_mode == PXR_CHUNKED) {
+        char line[24];
+        int ll = snprintf(line, sizeof line, "%zx\r\n", n);
+        px_out(x, PX_CLI, line, (size_t)ll, 1);
+        px_out(x, PX_CLI, at, n, 0);
+        px_out(x, PX_CLI, "\r\n", 2, 1);
+    } else {
+        px_out(x, PX_CLI, at, n, 0);
+    }
+    return 0;
+}
+
+static int px_on_message_complete(llhttp_t *ps) {
+    px_up *up = (px_up *)ps->data;
+    px *x = up->x;
+    if (!x || x->done) return HPE_PAUSED;
+    if (x->interim) { x->interim = 0; return 0; }
+    if (x->switching) return 0; /* llhttp stops with HPE_PAUSED_UPGRADE */
+    x->up_keep = llhttp_should_keep_alive(ps);
+    if (x->resp_mode == PXR_CHUNKED) px_out(x, PX_CLI, "0\r\n\r\n", 5, 1);
+    x->resp_done = 1;
+    return HPE_PAUSED;
+}
+
+static void px_tunnel_start(px *x, const char *rest, size_t n);
+
+static void px_up_data(px *x, const char *p, size_t n) {
+    px_up *up = x->up;
+    x->last = uv_now(x->st->loop);
+    x->resp_bytes = 1;
+    llhttp_errno_t e = llhttp_execute(&up->p.parser, p, n);
+    if (x->done) return;
+    const char *pos = llhttp_get_error_pos(&up->p.parser);
+    size_t used = pos && pos >= p && pos <= p + n ? (size_t)(pos - p) : n;
+    switch (e) {
+    case HPE_OK:
+        break;
+    case HPE_PAUSED_UPGRADE:
+        px_tunnel_start(x, p + used, n - used);
+        return;
+    case HPE_PAUSED:
+        if (used < n) x->up_keep = 0; /* bytes after the response: not a connection to keep */
+        break;
+    default: {
+        const char *why = up->p.error_msg ? up->p.error_msg : llhttp_get_error_reason(&up->p.parser);
+        px_up_read_failed(x, "EPROTO", "upstream %s sent a malformed response: %s", why ? why : "?");
+        return;
+    }
+    }
+    px_cli_flush(x);
+    px_check_complete(x);
+}
+
+static void px_up_eof(px *x) {
+    px_up *up = x->up;
+    if (!x->resp_done) {
+        llhttp_errno_t e = llhttp_finish(&up->p.parser);
+        if (x->done) return;
+        if (!x->resp_done || (e != HPE_OK && e != HPE_PAUSED)) {
+            px_up_read_failed(x, "ECONNRESET", "upstream %s closed the connection %s",
+                              x->resp_bytes ? "before the response ended" : "before responding");
+            return;
+        }
+        px_cli_flush(x);
+    }
+    x->up_keep = 0;
+    px_check_complete(x);
+}
+
+/* ---- the tunnel (after 101) -------------------------------------------- */
+
+static void px_shut_cb(uv_shutdown_t *req, int status) {
+    (void)status;
+    px *x = req->data;
+    px_state *st = x->st;
+    px_end(x, 1, PXA_CLOSE, NULL, NULL);
+    px_release(x);
+    px_drain(st);
+}
+
+/* One side ended: the other gets what is queued for it, then FIN, then
+ * both close. An error closes both at once. */
+static void px_tunnel_end(px *x, int from_client, ssize_t err) {
+    if (x->done || x->shutting) return;
+    http_conn *c = px_client(x);
+    if (err != UV_EOF || !c || !x->up) { px_end(x, 1, PXA_CLOSE, NULL, NULL); return; }
+    x->shutting = 1;
+    c->throttled = 1;
+    conn_update_reading(c);
+    x->up->throttled = 1;
+    px_up_update_reading(x->up);
+    uv_stream_t *other = from_client ? &x->up->sock.stream : &c->sock.stream;
+    x->shut.data = x;
+    px_hold(x);
+    if (uv_shutdown(&x->shut, other, px_shut_cb) != 0) {
+        px_release(x);
+        px_end(x, 1, PXA_CLOSE, NULL, NULL);
+    }
+}
+
+static void px_tunnel_start(px *x, const char *rest, size_t n) {
+    http_req *r = x->r;
+    http_conn *c = px_client(x);
+    x->upgraded = 1;
+    r->keep_alive = 0;
+    if (!c) { px_client_gone(x); return; }
+    px_out(x, PX_CLI, rest, n, 0);
+    px_cli_flush(x);
+    if (x->done) return;
+    uv_timer_stop(&x->up->timer); /* a tunnel may stay quiet for as long as it likes */
+    c->phase = PHASE_TUNNEL;
+    conn_timer(c, TIMER_NONE, 0);
+    if (c->in_off < c->in.len) {
+        /* the client did not wait for the 101 */
+        size_t len = c->in.len - c->in_off;
+        x->bytes_in += len;
+        px_out(x, PX_UP, c->in.p + c->in_off, len, 0);
+        px_up_flush(x);
+        if (x->done) return;
+    }
+    buf_free(&c->in);
+    c->in_off = 0;
+    conn_update_reading(c);
+}
+
+static void px_tunnel_client_read(struct px *x, ssize_t nread, const char *p) {
+    px_state *st = x->st;
+    px_hold(x);
+    if (nread > 0) {
+        x->bytes_in += (uint64_t)nread;
+        px_out(x, PX_UP, p, (size_t)nread, 0);
+        px_up_flush(x);
+    } else {
+        px_tunnel_end(x, 1, nread);
+    }
+    px_release(x);
+    px_drain(st);
+}
+
+static void px_up_read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *b) {
+    px_up *up = s->data;
+    if (nread == 0 || up->closing) return;
+    px *x = up->x;
+    if (!x) { px_up_close(up); return; } /* idle: bytes, EOF or an error all end it */
+    px_state *st = up->st;
+    px_hold(x);
+    if (x->upgraded) {
+        if (nread > 0) {
+            px_out(x, PX_CLI, b->base, (size_t)nread, 0);
+            px_cli_flush(x);
+        } else {
+            px_tunnel_end(x, 0, nread);
+        }
+    } else if (nread > 0) {
+        px_up_data(x, b->base, (size_t)nread);
+    } else if (nread == UV_EOF) {
+        px_up_eof(x);
+    } else {
+        px_up_read_failed(x, uv_err_name((int)nread), "upstream %s: read: %s", uv_strerror((int)nread));
+    }
+    px_release(x);
+    px_drain(st);
+}
+
+/* ---- building the request head ----------------------------------------- */
+
+typedef struct px_extra {
+    lua_State *L;
+    buf *out;
+    span names[PX_MAX_EXTRA];
+    int n;
+} px_extra;
+
+static void px_extra_header(const char *name, size_t nl, const char *val, size_t vl, void *ud) {
+    px_extra *e = ud;
+    if (is_hop(name, nl) || ieq(name, nl, "content-length") || ieq(name, nl, "expect"))
+        luaL_error(e->L, "req:proxy: the proxy sets header '%s' itself", name);
+    if (!in_spans(e->names, e->n, name, nl)) {
+        if (e->n == PX_MAX_EXTRA) luaL_error(e->L, "req:proxy: more than %d extra headers", PX_MAX_EXTRA);
+        e->names[e->n++] = (span){ name, nl };
+    }
+    buf_add(e->out, name, nl);
+    buf_add(e->out, ": ", 2);
+    buf_add(e->out, val, vl);
+    buf_add(e->out, "\r\n", 2);
+}
+
+/* The client's address without its port, for X-Forwarded-For. */
+static size_t peer_ip(const char *peer, const char **out) {
+    if (strncmp(peer, "unix:", 5) == 0) { *out = "unix"; return 4; }
+    if (peer[0] == '[') {
+        const char *e = strchr(peer, ']');
+        if (e) { *out = peer + 1; return (size_t)(e - peer - 1); }
+    }
+    const char *colon = strrchr(peer, ':');
+    *out = peer;
+    return colon ? (size_t)(colon - peer) : strlen(peer);
+}
+
+/* The head sent upstream, re-serialised from the parsed one. Raises on bad
+ * extra headers: o and the extra buffer are scratch, nothing leaks. */
+static void px_build_request(lua_State *L, buf *o, http_req *r, int hidx, const char *proto,
+                             int tunnel, int body_mode) {
+    static _Thread_local buf extra;
+    px_extra e = { L, &extra, { { 0 } }, 0 };
+    extra.len = 0;
+    if (hidx) each_header(L, hidx, "req:proxy", px_extra_header, &e);
+    const http_head *h = &r->head;
+    o->len = 0;
+    buf_addstr(o, llhttp_method_name((llhttp_method_t)h->method));
+    buf_add(o, " ", 1);
+    buf_add(o, h->arena.p, h->first_len);
+    buf_addstr(o, " HTTP/1.1\r\n");
+    span toks[PX_MAX_TOKENS];
+    int nt = conn_tokens(h, toks, PX_MAX_TOKENS);
+    const http_header *host = NULL, *upgrade = NULL, *clen = NULL;
+    int nxff = 0;
+    for (int i = 0; i < h->nhdr; i++) {
+        const http_header *x = &h->hdr[i];
+        const char *name = head_str(h, x->name);
+        size_t nl = x->name_len;
+        if (is_hop(name, nl)) {
+            if (ieq(name, nl, "upgrade")) upgrade = x;
+            continue;
+        }
+        if (ieq(name, nl, "content-length")) { clen = x; continue; }
+        if (ieq(name, nl, "expect")) continue; /* 100-continue is answered here */
+        if (ieq(name, nl, "x-forwarded-for")) { nxff++; continue; }
+        if (ieq(name, nl, "x-forwarded-proto") || ieq(name, nl, "x-forwarded-host")) continue;
+        if (ieq(name, nl, "host")) {
+            if (!host) host = x;
+            if (in_spans(e.names, e.n, name, nl)) continue;
+        } else if (in_spans(toks, nt, name, nl) || in_spans(e.names, e.n, name, nl)) {
+            continue;
+        }
+        buf_add(o, name, nl);
+        buf_add(o, ": ", 2);
+        buf_add(o, head_str(h, x->value), x->value_len);
+        buf_add(o, "\r\n", 2);
+    }
+    if (!host && !in_spans(e.names, e.n, "host", 4)) buf_addstr(o, "Host: localhost\r\n");
+    if (!in_spans(e.names, e.n, "x-forwarded-for", 15)) {
+        buf_addstr(o, "X-Forwarded-For: ");
+        for (int i = 0; i < h->nhdr && nxff; i++) {
+            const http_header *x = &h->hdr[i];
+            if (!name_is(h, x, "x-forwarded-for", 15) || x->value_len == 0) continue;
+            buf_add(o, head_str(h, x->value), x->value_len);
+            buf_add(o, ", ", 2);
+        }
+        const char *ip;
+        size_t il = peer_ip(r->peer, &ip);
+        buf_add(o, ip, il);
+        buf_add(o, "\r\n", 2);
+    }
+    if (!in_spans(e.names, e.n, "x-forwarded-proto", 17)) buf_printf(o, "X-Forwarded-Proto: %s\r\n", proto);
+    if (host && !in_spans(e.names, e.n, "x-forwarded-host", 16)) {
+        buf_addstr(o, "X-Forwarded-Host: ");
+        buf_add(o, head_str(h, host->value), host->value_len);
+        buf_add(o, "\r\n", 2);
+    }
+    buf_add(o, extra.p, extra.len);
+    switch (body_mode) {
+    case PXB_BUFFERED: buf_printf(o, "Content-Length: %zu\r\n", r->body.len); break;
+    case PXB_CHUNKED: buf_addstr(o, "Transfer-Encoding: chunked\r\n"); break;
+    default:
+        if (clen) {
+            buf_addstr(o, "Content-Length: ");
+            buf_add(o, head_str(h, clen->value), clen->value_len);
+            buf_add(o, "\r\n", 2);
+        }
+        break;
+    }
+    if (tunnel && upgrade) {
+        buf_addstr(o, "Connection: upgrade\r\nUpgrade: ");
+        buf_add(o, head_str(h, upgrade->value), upgrade->value_len);
+        buf_add(o, "\r\n", 2);
+    } else {
+        buf_addstr(o, "Connection: keep-alive\r\n");
+    }
+    buf_add(o, "\r\n", 2);
+    if (!o->p) luaL_error(L, "out of memory");
+}
+
+/* ---- Lua API ----------------------------------------------------------- */
+
+static lua_Integer px_opt_int(lua_State *L, const char *name, lua_Integer def, lua_Integer lo,
+                              lua_Integer hi) {
+    lua_getfield(L, 2, name);
+    if (lua_isnil(L, -1)) { lua_pop(L, 1); return def; }
+    if (!lua_isinteger(L, -1)) luaL_error(L, "req:proxy: %s must be an integer", name);
+    lua_Integer v = lua_tointeger(L, -1);
+    lua_pop(L, 1);
+    if (v < lo || v > hi) luaL_error(L, "req:proxy: %s out of range", name);
+    return v;
+}
+
+/* The address in opts: {path=} on the fast path, else {host=, port=}.
+ * Returns the pool, or NULL with nil, err, code pushed. */
+static px_pool *px_pool_for(lua_State *L, px_state *st) {
+    tn_addr a;
+    int t = lua_getfield(L, 2, "path");
+    if (t == LUA_TSTRING) {
+        size_t n;
+        const char *path = lua_tolstring(L, -1, &n);
+        if (n == 0) luaL_error(L, "req:proxy: path is empty");
+        if (lua_getfield(L, 2, "host") != LUA_TNIL || lua_getfield(L, 2, "port") != LUA_TNIL)
+            luaL_error(L, "req:proxy: give either path or host and port, not both");
+        uint32_t h = px_hash(1, path, n);
+        px_pool *p = px_pool_find(st, 1, path, n, h);
+        if (p) { lua_settop(L, 2); return p; }
+        if (n >= sizeof a.path) {
+            lua_settop(L, 2);
+            lua_pushnil(L);
+            lua_pushfstring(L, "connect %s: ENAMETOOLONG: a Unix socket path must be shorter than 108 bytes", path);
+            lua_pushliteral(L, "ENAMETOOLONG");
+            return NULL;
+        }
+        memset(&a, 0, sizeof a);
+        a.is_pipe = 1;
+        memcpy(a.path, path, n + 1);
+        snprintf(a.text, sizeof a.text, "%s", path);
+        lua_settop(L, 2);
+        p = px_pool_add(st, &a, h);
+        if (!p) luaL_error(L, "out of memory");
+        return p;
+    }
+    if (t != LUA_TNIL) luaL_error(L, "req:proxy: path must be a string");
+    lua_pop(L, 1);
+    if (tn_addr_from_table(L, 2, &a, "connect")) return NULL;
+    size_t n = strlen(a.text);
+    uint32_t h = px_hash(0, a.text, n);
+    px_pool *p = px_pool_find(st, 0, a.text, n, h);
+    if (!p) p = px_pool_add(st, &a, h);
+    if (!p) luaL_error(L, "out of memory");
+    return p;
+}
+
+/* Deliver an exchange that ended before the first wait. */
+static int px_finish_inline(lua_State *L, px *x) {
+    px_follow_up(x);
+    px_result res;
+    px_result_of(x, &res);
+    px_forget(x);
+    if (res.ok) {
+        lua_pushcfunction(L, px_push_stats);
+        lua_pushlightuserdata(L, &res);
+        lua_call(L, 1, 1);
+        return 1;
+    }
+    lua_pushnil(L);
+    lua_pushstring(L, res.err);
+    lua_pushstring(L, res.code);
+    return 3;
+}
+
+/* req:proxy(opts) -> stats | nil, err, code (see the top of this file) */
+static int l_req_proxy(lua_State *L) {
+    static _Thread_local buf hb;
+    http_req *r = check_req(L, 1);
+    luaL_checktype(L, 2, LUA_TTABLE);
+    lua_settop(L, 2);
+    if (r->px) return luaL_error(L, "req:proxy is already running for this request");
+    if (r->responded) return luaL_error(L, "a response was already sent for this request");
+    const lua_Integer big = (lua_Integer)1 << 40;
+    lua_Integer timeout = px_opt_int(L, "timeout", 60000, 1, big);
+    lua_Integer connect_timeout = px_opt_int(L, "connect_timeout", 5000, 1, big);
+    lua_Integer idle_pool = px_opt_int(L, "idle_pool", 16, 0, 1 << 20);
+    const char *proto = "http";
+    if (lua_getfield(L, 2, "forwarded_proto") != LUA_TNIL) {
+        proto = lua_tostring(L, -1);
+        if (!lua_isstring(L, -1) || (strcmp(proto, "http") != 0 && strcmp(proto, "https") != 0))
+            return luaL_error(L, "req:proxy: forwarded_proto must be \"http\" or \"https\"");
+        proto = strcmp(proto, "http") == 0 ? "http" : "https";
+    }
+    lua_pop(L, 1);
+    int hidx = 0;
+    if (lua_getfield(L, 2, "headers") != LUA_TNIL) {
+        luaL_argexpected(L, lua_istable(L, -1), 2, "headers to be a table");
+        hidx = lua_gettop(L);
+    }
+    tn_task *t = tn_task_check(L);
+    http_conn *c = r->conn;
+    if (!c || c->closing || c->req != r) {
+        lua_pushnil(L);
+        lua_pushliteral(L, "client closed");
+        lua_pushliteral(L, "ECONNABORTED");
+        return 3;
+    }
+    const http_head *h = &r->head;
+    int body_mode = PXB_NONE;
+    if (r->expects_body) {
+        if (r->body_err) return tn_fail(L, "the request body could not be read: %s", r->body_err);
+        if (r->msg_complete) body_mode = PXB_BUFFERED;
+        else if (r->seen > 0 || r->discard || r->want_body) {
+            lua_pushnil(L);
+            lua_pushliteral(L, "the request body was already partly read (by an earlier attempt?)");
+            lua_pushliteral(L, "EINVAL");
+            return 3;
+        }
+        else body_mode = head_find(h, "transfer-encoding", NULL) ? PXB_CHUNKED : PXB_LENGTH;
+    }
+    span toks[PX_MAX_TOKENS];
+    int nt = conn_tokens(h, toks, PX_MAX_TOKENS);
+    int tunnel = !r->expects_body && in_spans(toks, nt, "upgrade", 7) && head_find(h, "upgrade", NULL);
+    px_build_request(L, &hb, r, hidx, proto, tunnel, body_mode);
+
+    px_state *st = px_state_get(L);
+    px_pool *pool = px_pool_for(L, st);
+    if (!pool) return 3;
+    px *x = px_new(st);
+    if (!x) return luaL_error(L, "out of memory");
+    buf tmp = x->head;
+    x->head = hb;
+    hb = tmp;
+    hb.len = 0;
+    x->r = r;
+    r->refs++;
+    x->pool = pool;
+    pool->refs++;
+    x->timeout = timeout;
+    x->connect_timeout = connect_timeout;
+    x->idle_pool = (int)idle_pool;
+    x->body_mode = body_mode;
+    x->tunnel_wanted = tunnel;
+    x->head_method = h->method == HTTP_HEAD;
+    x->t0 = uv_hrtime();
+    x->task = tn_task_hold(t);
+    x->seq = tn_task_seq(t);
+    r->px = x;
+    x->in_call = 1;
+    px_up *up = px_up_take(pool);
+    if (up) {
+        x->reused = 1;
+        up->x = x;
+        x->up = up;
+        px_send_head(x);
+    } else {
+        px_connect(x);
+    }
+    x->in_call = 0;
+    if (x->done) {
+        tn_task_release(x->task);
+        x->task = NULL;
+        return px_finish_inline(L, x);
+    }
+    lua_settop(L, 0);
+    return tn_task_wait(L, t, -1);
+}
+
+/* http.pool_stats() -> { [address] = { idle = n, active = n } } */
+static int l_pool_stats(lua_State *L) {
+    px_state *st = px_state_peek(L);
+    lua_newtable(L);
+    if (!st) return 1;
+    for (size_t i = 0; i < st->nbuckets; i++) {
+        for (px_pool *p = st->buckets[i]; p; p = p->next) {
+            lua_createtable(L, 0, 2);
+            lua_pushinteger(L, p->nidle);
+            lua_setfield(L, -2, "idle");
+            lua_pushinteger(L, p->active);
+            lua_setfield(L, -2, "active");
+            lua_setfield(L, -2, p->addr.text);
+        }
+    }
+    return 1;
+}
+
+/* http.pool_close(path | {path=} | {host=, port=}) -> n: closes the idle
+ * connections to that upstream; those in use are closed when done. */
+static int l_pool_close(lua_State *L) {
+    tn_addr a;
+    if (lua_type(L, 1) == LUA_TSTRING) {
+        size_t n;
+        const char *path = lua_tolstring(L, 1, &n);
+        memset(&a, 0, sizeof a);
+        a.is_pipe = 1;
+        snprintf(a.text, sizeof a.text, "%s", path);
+    } else {
+        int n = tn_addr_from_table(L, 1, &a, "pool_close");
+        if (n) return n;
+    }
+    px_state *st = px_state_peek(L);
+    size_t tl = strlen(a.text);
+    px_pool *p = st ? px_pool_find(st, a.is_pipe, a.text, tl, px_hash(a.is_pipe, a.text, tl)) : NULL;
+    if (!p) { lua_pushinteger(L, 0); return 1; }
+    int closed = 0;
+    p->refs++;
+    p->gen++;
+    while (p->idle) {
+        px_up_close(p->idle);
+        closed++;
+    }
+    px_pool_unref(p);
+    lua_pushinteger(L, closed);
+    return 1;
+}
+
 /* ---- registration ------------------------------------------------------ */
 
 int tn_open_http(lua_State *L) {
     static const luaL_Reg req_methods[] = {
         {"body", l_req_body}, {"respond", l_req_respond}, {"header", l_req_header},
+        {"proxy", l_req_proxy},
         {"__gc", l_req_gc}, {"__tostring", l_req_tostring}, {NULL, NULL},
     };
     static const luaL_Reg server_methods[] = {
@@ -2078,7 +3659,8 @@ int tn_open_http(lua_State *L) {
         {NULL, NULL},
     };
     static const luaL_Reg fns[] = {
-        {"serve", l_serve}, {"request", l_request}, {NULL, NULL},
+        {"serve", l_serve}, {"request", l_request}, {"pool_stats", l_pool_stats},
+        {"pool_close", l_pool_close}, {NULL, NULL},
     };
     settings_common(&server_settings);
     server_settings.on_url = cb_first_line_span;
@@ -2090,6 +3672,11 @@ int tn_open_http(lua_State *L) {
     client_settings.on_headers_complete = cl_on_headers_complete;
     client_settings.on_body = cl_on_body;
     client_settings.on_message_complete = cl_on_message_complete;
+    settings_common(&px_settings);
+    px_settings.on_status = cb_first_line_span;
+    px_settings.on_headers_complete = px_on_headers_complete;
+    px_settings.on_body = px_on_body;
+    px_settings.on_message_complete = px_on_message_complete;
 
     /* Request objects index through a function (fields are computed from
      * the C head on demand), so the metatable is not its own __index. */

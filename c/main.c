@@ -12,7 +12,6 @@
 #include <lualib.h>
 
 int luaopen_tenement_core(lua_State *L);
-int tn_init_main(int argc, char **argv);
 
 /* Generated at build time from lua/ and runtimes/ (see c/embed.lua). */
 struct tn_embedded { const char *module; const char *chunkname; const unsigned char *src; size_t len; };

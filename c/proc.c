@@ -93,14 +93,13 @@ static const char *signal_name(int sig, char *buf, size_t size) {
 
 enum child_stage {
     ST_NONE, ST_SIGMASK, ST_SETSID, ST_SETPGID, ST_USERNS, ST_MOUNT_PRIVATE, ST_MOUNT_PROC,
-    ST_HOSTNAME, ST_LOOPBACK, ST_CGROUP, ST_RLIMIT, ST_SETGROUPS,
-    ST_SETGID, ST_SETUID, ST_PDEATHSIG, ST_PARENT, ST_NO_NEW_PRIVS, ST_CHDIR, ST_STDIO,
-    ST_CLOSE_FDS, ST_EXEC,
+    ST_HOSTNAME, ST_LOOPBACK, ST_CGROUP, ST_RLIMIT, ST_SETGROUPS, ST_SETGID, ST_SETUID,
+    ST_PDEATHSIG, ST_PARENT, ST_NO_NEW_PRIVS, ST_CHDIR, ST_STDIO, ST_CLOSE_FDS, ST_EXEC,
 };
 
 static const char *const stage_names[] = {
-    "", "sigprocmask", "setsid", "setpgid", "user namespace id maps",
-    "mount --make-rprivate /", "mount proc on /proc", "sethostname", "bring up lo", "cgroup", "setrlimit", "setgroups", "setgid",
+    "", "sigprocmask", "setsid", "setpgid", "user namespace id maps", "mount --make-rprivate /",
+    "mount proc on /proc", "sethostname", "bring up lo", "cgroup", "setrlimit", "setgroups", "setgid",
     "setuid", "prctl(PR_SET_PDEATHSIG)", "parent exited", "prctl(PR_SET_NO_NEW_PRIVS)",
     "chdir", "dup2", "close_range", "exec",
 };

@@ -102,4 +102,8 @@ int tn_open_crypto(lua_State *L);
 int tn_open_fs(lua_State *L);
 int tn_open_logbuf(lua_State *L);
 
+/* PID 1 of a namespaced instance (c/init.c): `ten __tenement_init -- app...`,
+ * run by main() before any Lua state exists. */
+int tn_init_main(int argc, char **argv);
+
 #endif

@@ -9,13 +9,14 @@
 -- app is reached solely through its Unix socket (a path in the file system,
 -- which crosses network namespaces).
 --
--- As root the namespaces are made directly; otherwise inside a new user
--- namespace where the server's uid and gid are mapped to root. Files stay
--- the server's, and no privilege is gained on the host.
+-- When the server may create namespaces (root), it does so directly;
+-- otherwise inside a new user namespace where the server's uid and gid are
+-- mapped to root: files stay the server's, and no privilege is gained.
 --
--- What it is not: a security boundary against a hostile app running as root
--- (it keeps root's capabilities on the host's files); the file system and,
--- by default, the network are the host's. Use "sandbox" for untrusted code.
+-- What it is not: a wall against a hostile app. The app runs as the server's
+-- user; run as root, it keeps root's power over the host (it could unmount
+-- its /proc and look at the host's). The file system and, by default, the
+-- network are the host's. Use "sandbox" for untrusted code.
 local core = require "tenement.core"
 
 local driver = { name = "namespace" }
@@ -44,7 +45,10 @@ end
 
 local function why_not(err_direct, err_userns, code)
   local fix
-  if code == "EPERM" or code == "EACCES" then
+  if err_userns and err_userns:find("mount proc on /proc", 1, true) then
+    fix = "parts of this host's /proc are covered (containers mask some of its files), and then only a " ..
+      "privileged process may mount a new /proc: run ten as root with CAP_SYS_ADMIN (docker run --privileged)"
+  elseif code == "EPERM" or code == "EACCES" then
     fix = "run ten as root, or allow unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1 " ..
       "on Debian; sysctl kernel.apparmor_restrict_unprivileged_userns=0 on Ubuntu 23.10+); inside a " ..
       "container, give it CAP_SYS_ADMIN and an unmasked /proc (docker run --privileged)"

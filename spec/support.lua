@@ -65,6 +65,15 @@ function support.live_in_group(pgid)
   return live
 end
 
+-- A TCP port free right now on 127.0.0.1 (for a server a spec starts).
+function support.free_port()
+  local core = require "tenement.core"
+  local l = assert(core.net.listen { host = "127.0.0.1", port = 0 })
+  local port = l:port()
+  l:close()
+  return port
+end
+
 return support.run(table.concat(parts, " "))
 end
 
@@ -85,6 +94,15 @@ function support.live_in_group(pgid)
   end
   p:close()
   return live
+end
+
+-- A TCP port free right now on 127.0.0.1 (for a server a spec starts).
+function support.free_port()
+  local core = require "tenement.core"
+  local l = assert(core.net.listen { host = "127.0.0.1", port = 0 })
+  local port = l:port()
+  l:close()
+  return port
 end
 
 return support

@@ -4,15 +4,22 @@
 local core = require "tenement.core"
 local json = require "tenement.json"
 local supervisor = require "tenement.supervisor"
+local deploy = require "tenement.deploy"
+local auth = require "tenement.auth"
 
 local api = {}
 
 local STATUS_FOR_CODE = {
-  bad_request = 400, not_found = 404, conflict = 409, start_failed = 502,
+  bad_request = 400, unauthorized = 401, forbidden = 403, not_found = 404, conflict = 409, start_failed = 502,
   unavailable = 503, not_running = 409, internal = 500,
 }
 
 local JSON_HEADERS = { ["content-type"] = "application/json" }
+
+-- May this request act on service:id? (No principal: the control socket.)
+function api.allows(req, service, id)
+  return req.principal == nil or auth.allows(req.principal, service, id)
+end
 
 local function reply(status, value)
   return status, JSON_HEADERS, json.encode(value) .. "\n"
@@ -77,8 +84,12 @@ function api.new(ctx)
   local sup, store = ctx.sup, ctx.store
   local routes = {}
 
-  local function route(method, pattern, fn)
-    routes[#routes + 1] = { method = method, pattern = "^" .. pattern .. "$", fn = fn }
+  -- access: "public"; "scoped" (any valid token; the handler filters by
+  -- scope); "instance" (the first capture is SERVICE:ID, which a tenant
+  -- token must cover); "admin" (admin tokens only). Requests on the control
+  -- socket carry no principal and may do everything.
+  local function route(method, pattern, fn, access)
+    routes[#routes + 1] = { method = method, pattern = "^" .. pattern .. "$", fn = fn, access = access }
   end
 
   local function target(key)
@@ -94,13 +105,15 @@ function api.new(ctx)
       status = "ok", version = core.version,
       uptime_secs = (core.now() - ctx.started) // 1000, instances = counts,
     })
-  end)
+  end, "public")
 
-  route("GET", "/api/instances", function()
+  route("GET", "/api/instances", function(req)
     local out = json.array()
-    for _, snap in ipairs(sup:list()) do out[#out + 1] = instance_json(snap) end
+    for _, snap in ipairs(sup:list()) do
+      if api.allows(req, snap.service, snap.id) then out[#out + 1] = instance_json(snap) end
+    end
     return reply(200, out)
-  end)
+  end, "scoped")
 
   local function spawn(req, compat)
     local body, err = json_body(req)
@@ -109,12 +122,13 @@ function api.new(ctx)
     if not service then return fail("bad_request", serr) end
     local id, ierr = field(body, "id")
     if not id then return fail("bad_request", ierr) end
+    if not api.allows(req, service, id) then return fail("forbidden", "this token does not cover " .. service .. ":" .. id) end
     local inst, why, code = sup:spawn(service, id)
     if not inst then return fail(code or "internal", why) end
     return reply(compat and 200 or 201, spawned_json(inst))
   end
-  route("POST", "/api/instances", function(req) return spawn(req, false) end)
-  route("POST", "/api/instances/spawn", function(req) return spawn(req, true) end)
+  route("POST", "/api/instances", function(req) return spawn(req, false) end, "scoped")
+  route("POST", "/api/instances/spawn", function(req) return spawn(req, true) end, "scoped")
 
   route("GET", "/api/instances/([^/]+)", function(_, key)
     local service, id = target(key)
@@ -122,7 +136,7 @@ function api.new(ctx)
     local inst = sup:get(service, id)
     if not inst then return fail("not_found", "no instance " .. supervisor.key(service, id)) end
     return reply(200, instance_json(inst:snapshot()))
-  end)
+  end, "instance")
 
   route("DELETE", "/api/instances/([^/]+)", function(_, key)
     local service, id = target(key)
@@ -130,7 +144,7 @@ function api.new(ctx)
     local ok, why, code = sup:stop(service, id)
     if not ok then return fail(code or "internal", why) end
     return 204, {}, ""
-  end)
+  end, "instance")
 
   route("POST", "/api/instances/([^/]+)/restart", function(_, key)
     local service, id = target(key)
@@ -138,7 +152,7 @@ function api.new(ctx)
     local inst, why, code = sup:restart(service, id)
     if not inst then return fail(code or "internal", why) end
     return reply(200, spawned_json(inst))
-  end)
+  end, "instance")
 
   route("GET", "/api/instances/([^/]+)/health", function(_, key)
     local service, id = target(key)
@@ -148,7 +162,81 @@ function api.new(ctx)
     local ok, why = sup:check(service, id)
     return reply(200, { instance = inst.key, health = inst.health, check = ok and "ok" or "failed",
       error = not ok and why or nil, state = inst.state })
-  end)
+  end, "instance")
+
+  route("PUT", "/api/instances/([^/]+)/weight", function(req, key)
+    local service, id = target(key)
+    if not service then return fail("bad_request", id) end
+    local body, err = json_body(req)
+    if not body then return fail("bad_request", err) end
+    local w = body.weight
+    if math.type(w) ~= "integer" then return fail("bad_request", 'field "weight" must be an integer from 0 to 100') end
+    local inst, why, code = sup:set_weight(service, id, w)
+    if not inst then return fail(code or "internal", why) end
+    return reply(200, { instance = inst.key, weight = inst.weight })
+  end, "instance")
+
+  route("GET", "/api/routes/([^/]+)", function(_, service)
+    if not ctx.cfg.services[service] then return fail("not_found", "no service " .. service) end
+    local w = deploy.weights(sup, service)
+    w.instances = json.array(w.instances)
+    return reply(200, w)
+  end, "admin")
+
+  -- PUT /api/routes/SERVICE {"weights": {"ID": n, ...}}: several at once
+  route("PUT", "/api/routes/([^/]+)", function(req, service)
+    if not ctx.cfg.services[service] then return fail("not_found", "no service " .. service) end
+    local body, err = json_body(req)
+    if not body then return fail("bad_request", err) end
+    if type(body.weights) ~= "table" then return fail("bad_request", 'field "weights" must be an object of id: weight') end
+    for id, w in pairs(body.weights) do
+      if math.type(w) ~= "integer" or w < 0 or w > 100 then
+        return fail("bad_request", string.format("weights.%s must be an integer from 0 to 100", tostring(id)))
+      end
+      if not sup:get(service, id) then return fail("not_found", "no instance " .. service .. ":" .. tostring(id)) end
+    end
+    for id, w in pairs(body.weights) do sup:set_weight(service, id, w) end
+    local w = deploy.weights(sup, service)
+    w.instances = json.array(w.instances)
+    return reply(200, w)
+  end, "admin")
+
+  route("POST", "/api/route", function(req)
+    local body, err = json_body(req)
+    if not body then return fail("bad_request", err) end
+    local service, serr = field(body, "service", "process")
+    if not service then return fail("bad_request", serr) end
+    local from, ferr = field(body, "from")
+    if not from then return fail("bad_request", ferr) end
+    local to, terr = field(body, "to")
+    if not to then return fail("bad_request", terr) end
+    local res, why, code = deploy.shift(sup, service, from, to)
+    if not res then return fail(code or "internal", why) end
+    return reply(200, res)
+  end, "admin")
+
+  route("POST", "/api/deploy", function(req)
+    local body, err = json_body(req)
+    if not body then return fail("bad_request", err) end
+    local service, serr = field(body, "service", "process")
+    if not service then return fail("bad_request", serr) end
+    local version, verr = field(body, "version")
+    if not version then return fail("bad_request", verr) end
+    local weight = body.weight == nil and 100 or body.weight
+    if math.type(weight) ~= "integer" or weight < 0 or weight > 100 then
+      return fail("bad_request", 'field "weight" must be an integer from 0 to 100')
+    end
+    local timeout = body.timeout == nil and 30 or body.timeout
+    if math.type(timeout) ~= "integer" or timeout < 1 then
+      return fail("bad_request", 'field "timeout" must be a whole number of seconds >= 1')
+    end
+    if not ctx.cfg.services[service] then return fail("not_found", "no service " .. service) end
+    local ok, nerr = require("tenement.config").valid_name(version)
+    if not ok then return fail("bad_request", "version " .. nerr) end
+    local res, why, code = deploy.deploy(sup, service, version, weight, timeout)
+    if not res then return fail(code or "internal", why) end
+    return reply(200, res)
+  end, "admin")
 
   route("GET", "/api/services", function()
     local out = json.array()
@@ -158,7 +246,7 @@ function api.new(ctx)
         health = s.health, restart = s.restart, idle_timeout = s.idle_timeout }
     end
     return reply(200, out)
-  end)
+  end, "scoped")
 
   -- GET /api/logs?instance=&q=&stream=&since=&limit=&after=&wait=
   -- `wait` (seconds) turns it into a long poll: with `after`, it returns as
@@ -177,9 +265,20 @@ function api.new(ctx)
     if filter.stream and filter.stream ~= "stdout" and filter.stream ~= "stderr" then
       return fail("bad_request", "stream must be stdout or stderr")
     end
+    local principal = req.principal
+    if principal and not principal.admin then
+      if not filter.instance then
+        local sc = principal.scope or {}
+        if not sc.service then
+          return fail("bad_request", "a tenant token must name the instance: ?instance=SERVICE:" .. tostring(sc.id))
+        end
+        filter.instance = sc.service .. ":" .. sc.id
+      end
+    end
     if filter.instance then
       local s, id = supervisor.parse_key(filter.instance)
       if not s then return fail("bad_request", id) end
+      if not api.allows(req, s, id) then return fail("forbidden", "this token does not cover " .. filter.instance) end
     end
     local wait = math.min(tonumber(p.wait) or 0, 60)
     local deadline = core.now() + wait * 1000
@@ -200,7 +299,7 @@ function api.new(ctx)
       end
       core.sleep(200)
     end
-  end)
+  end, "scoped")
 
   return function(req)
     local path = req.path
@@ -209,6 +308,15 @@ function api.new(ctx)
       local caps = { path:match(r.pattern) }
       if caps[1] ~= nil then
         if r.method == req.method or (r.method == "GET" and req.method == "HEAD") then
+          local p = req.principal
+          if p and r.access == "admin" and not p.admin then
+            return fail("forbidden", "this needs an admin token (this one is for a tenant)")
+          elseif p and r.access == "instance" then
+            local service, id = supervisor.parse_key(api.unescape(caps[1]))
+            if service and not auth.allows(p, service, id) then
+              return fail("forbidden", "this token does not cover " .. service .. ":" .. id)
+            end
+          end
           local ok, status, headers, body = pcall(r.fn, req, table.unpack(caps))
           if not ok then
             require("tenement.log").error("API %s %s failed: %s", req.method, path, tostring(status))
@@ -220,9 +328,8 @@ function api.new(ctx)
       end
     end
     if #allowed > 0 then
-      local status, headers, body = fail("method_not_allowed", req.method .. " is not allowed on " .. path)
-      headers = { ["content-type"] = "application/json", allow = table.concat(allowed, ", ") }
-      return 405, headers, body
+      local _, _, body = fail("method_not_allowed", req.method .. " is not allowed on " .. path)
+      return 405, { ["content-type"] = "application/json", allow = table.concat(allowed, ", ") }, body
     end
     return fail("not_found", "no such endpoint: " .. req.method .. " " .. path)
   end

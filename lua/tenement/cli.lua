@@ -17,6 +17,8 @@ end
 local global_options = {
   { long = "config", arg = "FILE", help = "configuration file (default: $TENEMENT_CONFIG, else ./tenement.toml)" },
   { long = "data-dir", arg = "DIR", help = "the server's data directory (default: $TENEMENT_DATA_DIR, else the config's data_dir)" },
+  { long = "server", arg = "URL", help = "talk to a remote server over HTTP (default: $TENEMENT_SERVER; else the local control socket)" },
+  { long = "token", arg = "TOKEN", help = "bearer token for --server (default: $TENEMENT_TOKEN, else {data_dir}/api_token)" },
   { long = "help", short = "h", help = "show help" },
   { long = "version", help = "print the version" },
 }
@@ -240,12 +242,27 @@ local function data_dir(ctx)
   return cfg and cfg.settings.data_dir
 end
 
--- Runs fn(api) in a task with a client of the running server; fn returns an exit code.
+-- Runs fn(client) in a task with a client of the running server: the local
+-- control socket, or --server/$TENEMENT_SERVER with a token. fn returns an exit code.
 local function with_server(ctx, fn)
-  local dir = data_dir(ctx)
-  if not dir then return 1 end
   local core = require "tenement.core"
-  local c = require("tenement.client").new { socket = dir .. "/ten.sock" }
+  local client = require "tenement.client"
+  local server = ctx.opts.server or ctx.env.TENEMENT_SERVER
+  local c, err
+  if server and server ~= "" then
+    local token = ctx.opts.token or ctx.env.TENEMENT_TOKEN
+    if not token or token == "" then
+      local dir = ctx.opts["data-dir"] or ctx.env.TENEMENT_DATA_DIR
+      local f = dir and io.open(dir .. "/api_token")
+      if f then token = f:read("l") f:close() end
+    end
+    c, err = client.new { server = server, token = token }
+  else
+    local dir = data_dir(ctx)
+    if not dir then return 1 end
+    c = client.new { socket = dir .. "/ten.sock" }
+  end
+  if not c then ctx.err:write("ten: ", err, "\n") return 2 end
   return core.run(fn, c)
 end
 
@@ -319,7 +336,13 @@ end
 command {
   name = "serve",
   summary = "Run the server: supervise the instances, keep their logs",
-  usage = "ten serve [--config FILE]",
+  usage = "ten serve [--config FILE] [-p PORT] [--listen ADDR] [-d DOMAIN]",
+  options = {
+    { long = "port", short = "p", arg = "PORT", help = "HTTP port (overrides settings.port)",
+      check = function(v) local n = math.tointeger(tonumber(v)) return n, "expected a port number" end },
+    { long = "listen", arg = "ADDR", help = "address to listen on (overrides settings.listen)" },
+    { long = "domain", short = "d", arg = "DOMAIN", help = "routing domain (overrides settings.domain)" },
+  },
   description = "Starts the instances of [instances] and those that were running when the\n" ..
     "server last stopped, restarts them by their policy, and answers the other\n" ..
     "commands on the control socket {data_dir}/ten.sock. SIGTERM or SIGINT stops\n" ..
@@ -328,6 +351,15 @@ command {
     local cfg = load_config(ctx)
     if not cfg then return 1 end
     if ctx.opts["data-dir"] then cfg.settings.data_dir = ctx.opts["data-dir"] end
+    local config = require "tenement.config"
+    for _, o in ipairs { { "port", "--port" }, { "listen", "--listen" }, { "domain", "--domain" } } do
+      local v = ctx.opts[o[1]]
+      if v ~= nil then
+        if o[1] == "domain" then v = v:lower() end
+        local ok, err = config.override(cfg, o[1], v, o[2])
+        if not ok then ctx.err:write("ten serve: ", err, "\n") return 2 end
+      end
+    end
     local core = require "tenement.core"
     local server = require "tenement.server"
     return core.run(function()
@@ -511,6 +543,193 @@ command {
   end,
 }
 
+local function int_check(lo, hi)
+  return function(v)
+    local n = math.tointeger(tonumber(v))
+    if n and n >= lo and (not hi or n <= hi) then return n end
+    return nil, hi and string.format("expected a whole number from %d to %d", lo, hi)
+      or string.format("expected a whole number >= %d", lo)
+  end
+end
+
+command {
+  name = "weight",
+  summary = "Set an instance's share of its service's traffic (0-100, 0 drains)",
+  usage = "ten weight SERVICE:ID WEIGHT",
+  max_args = 2,
+  run = function(ctx, args)
+    local service, id = target_arg(ctx, by_name.weight, args)
+    if not service then return 2 end
+    local w, werr = int_check(0, 100)(args[2] or "")
+    if not w then
+      ctx.err:write("ten weight: WEIGHT ", args[2] and ("'" .. args[2] .. "': ") or "is missing: ", werr,
+        "\nUsage: ", by_name.weight.usage, "\n")
+      return 2
+    end
+    return with_server(ctx, function(c)
+      local status, v = c:request("PUT", "/api/instances/" .. service .. ":" .. id .. "/weight", { weight = w })
+      if status ~= 200 then return report_failure(ctx, "weight", status, v) end
+      ctx.out:write(v.instance, " weight ", v.weight, "\n")
+      return 0
+    end)
+  end,
+}
+
+command {
+  name = "route",
+  summary = "Show a service's weights, or move all traffic from one instance to another",
+  usage = "ten route SERVICE [--from ID --to ID]",
+  description = "With --from and --to: the --to instance is started if needed and health-\n" ..
+    "checked, then gets weight 100 and --from gets 0, at once (blue-green).",
+  max_args = 1,
+  options = {
+    { long = "from", arg = "ID", help = "the instance that gives up its traffic" },
+    { long = "to", arg = "ID", help = "the instance that takes all traffic" },
+  },
+  run = function(ctx, args)
+    local service = args[1]
+    local ok, err = require("tenement.config").valid_name(service or "")
+    if not service or not ok then
+      ctx.err:write("ten route: ", service and ("service " .. err) or "missing SERVICE",
+        "\nUsage: ", by_name.route.usage, "\n")
+      return 2
+    end
+    if (ctx.opts.from == nil) ~= (ctx.opts.to == nil) then
+      ctx.err:write("ten route: give both --from and --to\nUsage: ", by_name.route.usage, "\n")
+      return 2
+    end
+    return with_server(ctx, function(c)
+      if ctx.opts.from then
+        local status, v = c:request("POST", "/api/route", { service = service, from = ctx.opts.from, to = ctx.opts.to })
+        if status ~= 200 then return report_failure(ctx, "route", status, v) end
+        ctx.out:write(string.format("%s: weight %d\n%s: weight %d\n", v.from_instance, v.from_weight,
+          v.to_instance, v.to_weight))
+        return 0
+      end
+      local status, v = c:request("GET", "/api/routes/" .. service)
+      if status ~= 200 then return report_failure(ctx, "route", status, v) end
+      local rows = {}
+      for _, i in ipairs(v.instances) do rows[#rows + 1] = { i.instance, tostring(i.weight), i.state } end
+      ctx.out:write(table_text({ "INSTANCE", "WEIGHT", "STATE" }, rows))
+      return 0
+    end)
+  end,
+}
+
+command {
+  name = "deploy",
+  summary = "Start a new version, wait until healthy, then give it traffic",
+  usage = "ten deploy SERVICE:VERSION [-w WEIGHT] [--timeout SECONDS]",
+  description = "The new instance starts with weight 0 and gets WEIGHT only once it is\n" ..
+    "healthy. If it fails or is not healthy in time, it is removed and nothing\n" ..
+    "else changes. Move the rest of the traffic with `ten route` or `ten weight`.",
+  max_args = 1,
+  options = {
+    { long = "weight", short = "w", arg = "WEIGHT", help = "weight once healthy (default 100)", check = int_check(0, 100) },
+    { long = "timeout", arg = "SECONDS", help = "how long it has to become healthy (default 30)", check = int_check(1) },
+  },
+  run = function(ctx, args)
+    local service, version = target_arg(ctx, by_name.deploy, args)
+    if not service then return 2 end
+    return with_server(ctx, function(c)
+      local status, v = c:request("POST", "/api/deploy", { service = service, version = version,
+        weight = ctx.opts.weight or 100, timeout = ctx.opts.timeout or 30 }, ((ctx.opts.timeout or 30) + 30) * 1000)
+      if status ~= 200 then return report_failure(ctx, "deploy", status, v) end
+      ctx.out:write(string.format("%s is %s with weight %d\n", v.instance, v.status, v.weight))
+      return 0
+    end)
+  end,
+}
+
+-- Runs fn(store) in a task on the server's store (token commands work
+-- whether or not a server runs: SQLite in WAL mode has room for both).
+local function with_store(ctx, fn)
+  local dir = data_dir(ctx)
+  if not dir then return 1 end
+  local core = require "tenement.core"
+  return core.run(function()
+    local ok, err = core.fs.mkdir(dir, 0711)
+    if not ok then ctx.err:write("ten: data_dir ", err, "\n") return 1 end
+    local store, serr = require("tenement.store").open(dir .. "/tenement.db")
+    if not store then ctx.err:write("ten: ", serr, "\n") return 1 end
+    local code = fn(store)
+    store:close()
+    return code
+  end)
+end
+
+command {
+  name = "token-gen",
+  summary = "Create an API token and print it once",
+  usage = "ten token-gen [--name NAME] [--tenant SERVICE:ID|ID] [--description TEXT]",
+  description = "Prints a new bearer token (43 characters). Only its hash is stored: copy it\n" ..
+    "now, it cannot be shown again. A --tenant token only reaches that instance\n" ..
+    "(SERVICE:ID), or that id in every service (ID), on every path including logs.",
+  options = {
+    { long = "name", arg = "NAME", help = "a name to list and revoke it by (default: made up)" },
+    { long = "tenant", arg = "SCOPE", help = "limit the token to SERVICE:ID, or to ID in every service" },
+    { long = "description", arg = "TEXT", help = "what the token is for" },
+  },
+  run = function(ctx)
+    local auth = require "tenement.auth"
+    if ctx.opts.tenant then
+      local scope, err = auth.parse_scope(ctx.opts.tenant)
+      if not scope then ctx.err:write("ten token-gen: --tenant ", err, "\n") return 2 end
+    end
+    local name = ctx.opts.name
+    if name and not name:match("^[%w._-]+$") then
+      ctx.err:write("ten token-gen: --name may hold letters, digits, '.', '_' and '-'\n")
+      return 2
+    end
+    return with_store(ctx, function(store)
+      local token, prefix, hash = auth.new_token()
+      name = name or ("token-" .. prefix:lower():gsub("[^%w]", "x"))
+      local ok, err = store:token_create(name, prefix, hash, ctx.opts.tenant, ctx.opts.description)
+      if not ok then ctx.err:write("ten token-gen: ", err, "\n") return 1 end
+      ctx.out:write(token, "\n")
+      ctx.err:write("token ", name, ctx.opts.tenant and (" for " .. ctx.opts.tenant) or " (admin)",
+        " created; it is shown only this once\n")
+      return 0
+    end)
+  end,
+}
+
+command {
+  name = "token-list",
+  summary = "List API tokens (names and scopes, never the tokens)",
+  usage = "ten token-list",
+  run = function(ctx)
+    return with_store(ctx, function(store)
+      local rows, err = store:tokens()
+      if not rows then ctx.err:write("ten token-list: ", err, "\n") return 1 end
+      if #rows == 0 then ctx.out:write("no tokens (create one with `ten token-gen`)\n") return 0 end
+      local out = {}
+      for _, r in ipairs(rows) do
+        out[#out + 1] = { r.name, r.prefix .. "...", r.tenant or "admin", os.date("!%Y-%m-%d %H:%M", math.floor(r.created_at)),
+          r.last_used and os.date("!%Y-%m-%d %H:%M", math.floor(r.last_used)) or "-", r.description or "" }
+      end
+      ctx.out:write(table_text({ "NAME", "STARTS WITH", "SCOPE", "CREATED", "LAST USED", "DESCRIPTION" }, out))
+      return 0
+    end)
+  end,
+}
+
+command {
+  name = "token-revoke",
+  summary = "Revoke an API token by name",
+  usage = "ten token-revoke NAME",
+  max_args = 1,
+  run = function(ctx, args)
+    if not args[1] then ctx.err:write("ten token-revoke: missing NAME\nUsage: ten token-revoke NAME\n") return 2 end
+    return with_store(ctx, function(store)
+      local ok, err = store:token_revoke(args[1])
+      if not ok then ctx.err:write("ten token-revoke: ", err, "\n") return 1 end
+      ctx.out:write("token ", args[1], " revoked\n")
+      return 0
+    end)
+  end,
+}
+
 command {
   name = "init",
   summary = "Write a starter tenement.toml for the app in this directory",
@@ -592,7 +811,7 @@ function cli.main(args, io_override)
       name = a
     else
       rest[#rest + 1] = a
-      if not name and (a == "--config" or a == "--data-dir") then
+      if not name and (a == "--config" or a == "--data-dir" or a == "--server" or a == "--token") then
         i = i + 1
         rest[#rest + 1] = args[i]
       end

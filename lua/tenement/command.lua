@@ -2,6 +2,9 @@
 -- A plain command is split on white space and executed directly. One with
 -- shell syntax runs as `/bin/sh -c 'exec ...'`: the shell replaces itself
 -- with the app, so signals reach the app and no shell lingers as its parent.
+-- A command list (`a && b`, `a; b`, a pipeline) cannot be exec'd as a whole:
+-- it runs as written under sh, and the signals to the instance's process
+-- group reach every part of it.
 local command = {}
 
 -- Anything the shell would interpret: quoting, expansion, redirection,
@@ -19,13 +22,22 @@ function command.quote(s)
 end
 
 -- command.argv(cmd, args) -> argv | nil, err
+-- Operators that make a list or pipeline of commands (outside quotes, as
+-- far as a simple scan can tell; a false positive only costs the exec).
+local function is_list(cmd)
+  local unquoted = cmd:gsub("'[^']*'", "''"):gsub('"[^"]*"', '""')
+  -- redirections such as 2>&1 and &> are not lists
+  unquoted = unquoted:gsub("[<>]&%d*%-?", ">"):gsub("&>>?", ">")
+  return unquoted:find("[;&|\n()]") ~= nil or unquoted:find("^%s*!") ~= nil
+end
+
 function command.argv(cmd, args)
   args = args or {}
   if type(cmd) ~= "string" or not cmd:find("%S") then
     return nil, "command is empty"
   end
   if command.needs_shell(cmd) then
-    local parts = { "exec " .. cmd }
+    local parts = { (is_list(cmd) and "" or "exec ") .. cmd }
     for _, a in ipairs(args) do parts[#parts + 1] = command.quote(a) end
     return { "/bin/sh", "-c", table.concat(parts, " ") }
   end

@@ -531,6 +531,12 @@ local SETTINGS = {
       doc = "Port the HTTP server listens on" },
     { name = "domain", type = "string", default = "localhost", check = check_dns_name,
       doc = "Domain for routing: {id}.{service}.{domain}" },
+    { name = "metrics_auth", type = "boolean", default = false,
+      doc = "Put /metrics behind an admin bearer token" },
+    { name = "max_cold_starts", type = "integer", default = 32, min = 1,
+      doc = "Instances that requests may be starting at once (woken or on demand)" },
+    { name = "proxy_timeout", type = "integer", default = 60, min = 1,
+      doc = "Seconds an instance has to start answering a proxied request (then 504)" },
     { name = "log_ring_lines", type = "integer", default = 1000, min = 10, max = 1000000,
       doc = "Lines of output kept in memory per instance (the newest)" },
     { name = "log_retention_days", type = "integer", default = 7, min = 1,
@@ -573,6 +579,10 @@ local SERVICE = {
     { name = "cpu_shares", type = "integer", doc = "CPU weight 1-10000" },
     { name = "storage_quota_mb", type = "integer", min = 1,
       doc = "Max disk usage per instance (MB)" },
+    { name = "on_demand", type = "boolean", default = false,
+      doc = "Let a request for an unknown id start a new instance (within max_instances)" },
+    { name = "max_instances", type = "integer", min = 1,
+      doc = "Most instances of this service that on_demand may create" },
     { name = "storage_persist", type = "boolean", default = false,
       doc = "Keep the instance's data directory when it stops" },
     { name = "env", type = "map", values = "string", key_check = check_env_name, default = {},
@@ -948,8 +958,7 @@ function check_section(ctx, tbl, schema, path)
           key, v = alias, tbl[alias]
         end
       end
-      if bad[row.name] then
-        -- reported above
+      if bad[row.name] then -- luacheck: ignore 542 (reported above)
       elseif v == nil then
         if row.required then
           local line, col = where(tbl)
@@ -1041,7 +1050,7 @@ SETTINGS.check = function(ctx, out, bad, tbl, path)
   end
 end
 
-ROUTING.check = function(ctx, out, bad)
+ROUTING.check = function(_, out)
   -- Longest prefix first, so "/api/v2" is tried before "/api"; ties in name order.
   local list = {}
   for prefix, svc in pairs(out.path or {}) do
@@ -1284,6 +1293,17 @@ function config.check(doc, source, env, text)
     -- `instance_vars` hands them to `expand`. May hold secrets: never print it.
     host_env = ctx.host_env,
   }
+end
+
+-- config.override(cfg, name, value, origin) -> true | nil, err: sets one
+-- [settings] value from the command line, checked by the same rules.
+function config.override(cfg, name, value, origin)
+  local _, err = config.check({ settings = { [name] = value } }, nil, {})
+  if err then
+    return nil, (origin or name) .. ": " .. (err:gsub("^[^:]*: ", ""):gsub("^settings%." .. name .. " = ", ""))
+  end
+  cfg.settings[name] = value
+  return true
 end
 
 -- Parses TOML text and validates it. env: host environment used for ${VAR}.

@@ -4,7 +4,6 @@
 local runtime = {}
 
 local planned = {
-  namespace = "namespace isolation is not available in this build yet",
   sandbox = "sandbox isolation (gVisor) is not available in this build yet",
   firecracker = "firecracker VMs are not available yet",
   qemu = "qemu VMs are not available yet",

@@ -4,6 +4,10 @@ local core = require "tenement.core"
 local supervisor = require "tenement.supervisor"
 local store_mod = require "tenement.store"
 local api = require "tenement.api"
+local frontdoor = require "tenement.frontdoor"
+local auth = require "tenement.auth"
+local metrics = require "tenement.metrics"
+local json = require "tenement.json"
 local log = require "tenement.log"
 
 local server = {}
@@ -62,10 +66,89 @@ function Server:start()
   self.handler = api.new { sup = self.sup, store = st, cfg = cfg, started = self.started,
     flush_logs = function() self:flush_logs() end }
   self.control = core.http.serve(listener, self.handler)
-  log.info("ten %s serving; data_dir %s, control socket %s", core.version, paths.dir, paths.socket)
+  local door, derr = frontdoor.new { cfg = cfg, sup = self.sup, store = st, own = self:own_pages() }
+  if not door then return nil, derr end
+  self.door = door
+  local s = cfg.settings
+  local http_listener, herr = core.net.listen { host = s.listen, port = s.port }
+  if not http_listener then
+    return nil, string.format("cannot listen on %s port %d: %s", s.listen, s.port, herr)
+  end
+  self.http_listener = http_listener
+  -- lazy_body: the proxy streams request bodies instead of reading them first
+  self.http = core.http.serve(http_listener, door:handler(), { lazy_body = true })
+  self.reaper = core.spawn(door.run_reaper, door)
+  self.metrics_view = { sup = self.sup, door = door, http = self.http, sink = self.sink,
+    store_path = paths.db, started = self.started }
+  log.info("ten %s serving http://%s:%d/ for %s; data_dir %s, control socket %s", core.version,
+    s.listen, http_listener:port(), s.domain, paths.dir, paths.socket)
 
   self:restore()
   return true
+end
+
+-- The server's own pages on the bare domain: /health (public), /metrics
+-- (public unless settings.metrics_token), /api/* (bearer token).
+function Server:own_pages()
+  local limiter = auth.limiter()
+  local last_used = {}
+  local JSON = { ["content-type"] = "application/json" }
+  local function unauthorized(req, code, message, guess)
+    -- repeated wrong tokens from one address wait longer and longer, so
+    -- guessing is slow for that address only (a missing header is no guess)
+    if guess then
+      local delay = limiter:failed(auth.client_address(req.peer), core.now())
+      if delay > 0 then core.sleep(delay) end
+    end
+    return 401, { ["content-type"] = "application/json",
+      ["www-authenticate"] = 'Bearer realm="tenement", error="invalid_token"' },
+      json.encode({ error = { code = code, message = message } }) .. "\n"
+  end
+  local function authenticate(req)
+    if self.store:token_count() == 0 then
+      return nil, unauthorized(req, "no_tokens", "no API token exists yet: create one on the server with "
+        .. "`ten token-gen` (the ten CLI on the server works without one)")
+    end
+    local token, why = auth.bearer(req.headers.authorization)
+    if not token then
+      return nil, unauthorized(req, "unauthorized", "send Authorization: Bearer TOKEN (" .. why .. ")")
+    end
+    local principal = auth.verify(self.store, token)
+    if not principal then return nil, unauthorized(req, "unauthorized", "invalid or revoked token", true) end
+    -- "last used" to the minute: one write a minute per token, not one per call
+    local now = core.now()
+    if now - (last_used[principal.name] or -math.huge) > 60000 then
+      last_used[principal.name] = now
+      self.store:token_used(principal.name)
+    end
+    return principal
+  end
+  return function(req)
+    local path = req.path
+    if path == "/health" then return self.handler(req) end
+    if path == "/metrics" then
+      if self.cfg.settings.metrics_auth then
+        local principal, status, headers, body = authenticate(req)
+        if not principal then return status, headers, body end
+        if not principal.admin then
+          return 403, JSON, '{"error":{"code":"forbidden","message":"metrics need an admin token"}}\n'
+        end
+      end
+      return 200, { ["content-type"] = "text/plain; version=0.0.4; charset=utf-8" }, metrics.render(self.metrics_view)
+    end
+    if path:sub(1, 5) == "/api/" then
+      local principal, status, headers, body = authenticate(req)
+      if not principal then return status, headers, body end
+      req.principal = principal
+      return self.handler(req)
+    end
+    if path == "/" then
+      return 200, { ["content-type"] = "text/plain; charset=utf-8" },
+        "tenement " .. core.version .. ": this server routes {id}.{service}." .. self.cfg.settings.domain
+        .. " to its instances.\n"
+    end
+    return 404, { ["content-type"] = "text/plain; charset=utf-8" }, "not found\n"
+  end
 end
 
 -- Instances from [instances] and those the store remembers, all at once;
@@ -80,9 +163,15 @@ function Server:restore()
   for _, inst in ipairs(self.cfg.instances or {}) do want(inst.service, inst.id, "[instances]") end
   local rows, err = self.store:instances()
   if not rows then log.error("cannot read desired instances: %s", err) rows = {} end
+  local from_config = {}
+  for _, inst in ipairs(self.cfg.instances or {}) do from_config[inst.service .. ":" .. inst.id] = true end
   for _, r in ipairs(rows) do
     if r.desired then
-      if self.cfg.services[r.service] then
+      local svc = self.cfg.services[r.service]
+      if svc and svc.idle_timeout > 0 and not from_config[r.service .. ":" .. r.id] then
+        -- it may sleep anyway: let its next request wake it
+        self.sup:remember_asleep(r.service, r.id)
+      elseif svc then
         want(r.service, r.id, "store")
       else
         log.warn("%s:%s was running before, but service %q is no longer configured", r.service, r.id, r.service)
@@ -148,6 +237,12 @@ function Server:serve_until_signal()
 end
 
 function Server:shutdown()
+  if self.door then self.door.stopped = true end
+  if self.http then
+    -- stop accepting, let requests in flight finish (bounded), then stop instances
+    self.http:drain((self.cfg.settings.drain_timeout or 10) * 1000)
+  end
+  if self.http_listener then self.http_listener:close() end
   if self.control then self.control:close() end
   if self.control_listener then self.control_listener:close() end
   core.fs.unlink(self.paths.socket)

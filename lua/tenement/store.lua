@@ -39,6 +39,18 @@ store.migrations = {
     INSERT INTO log_search (log_search, rowid, message) VALUES ('delete', old.seq, old.message);
   END;
   ]],
+  -- 2: API tokens, only their hashes
+  [[
+  CREATE TABLE tokens (
+    name        TEXT PRIMARY KEY,
+    prefix      TEXT NOT NULL UNIQUE,
+    hash        BLOB NOT NULL,
+    tenant      TEXT,
+    description TEXT,
+    created_at  REAL NOT NULL,
+    last_used   REAL
+  );
+  ]],
 }
 
 local Store = {}
@@ -100,12 +112,58 @@ function Store:set_weight(service, id, weight)
   ]], service, id, weight, now, now)
 end
 
+function Store:forget(service, id)
+  return self.conn:run("DELETE FROM instances WHERE service = ? AND id = ?", service, id)
+end
+
 -- -> { {service=, id=, desired=bool, weight=n}, ... }
 function Store:instances()
   local rows, err = self.conn:query("SELECT service, id, desired, weight FROM instances ORDER BY created_at, service, id")
   if not rows then return nil, err end
   for _, r in ipairs(rows) do r.desired = r.desired == 1 end
   return rows
+end
+
+-- tokens -----------------------------------------------------------------
+
+-- -> true | nil, err, code ("conflict" when the name exists)
+function Store:token_create(name, prefix, hash, tenant, description)
+  local ok, err, code = self.conn:run(
+    "INSERT INTO tokens (name, prefix, hash, tenant, description, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+    name, prefix, core.db.blob(hash), tenant, description, core.time())
+  if not ok then
+    if code == "SQLITE_CONSTRAINT" and err:find("tokens.name", 1, true) then
+      return nil, "a token named " .. name .. " exists already", "conflict"
+    end
+    return nil, err, code
+  end
+  return true
+end
+
+function Store:token_by_prefix(prefix)
+  local rows = self.conn:query("SELECT name, hash, tenant FROM tokens WHERE prefix = ?", prefix)
+  return rows and rows[1]
+end
+
+function Store:token_used(name)
+  return self.conn:run("UPDATE tokens SET last_used = ? WHERE name = ?", core.time(), name)
+end
+
+function Store:tokens()
+  return self.conn:query("SELECT name, prefix, tenant, description, created_at, last_used FROM tokens ORDER BY created_at")
+end
+
+function Store:token_count()
+  local rows = self.conn:query("SELECT count(*) AS n FROM tokens")
+  return rows and rows[1].n or 0
+end
+
+-- -> true | nil, err, "not_found"
+function Store:token_revoke(name)
+  local res, err = self.conn:run("DELETE FROM tokens WHERE name = ?", name)
+  if not res then return nil, err end
+  if res.changes == 0 then return nil, "no token named " .. name, "not_found" end
+  return true
 end
 
 -- logs -------------------------------------------------------------------

@@ -13,6 +13,7 @@ local command = require "tenement.command"
 local runtime = require "tenement.runtime"
 local restart = require "tenement.restart"
 local log = require "tenement.log"
+local metrics = require "tenement.metrics"
 
 local supervisor = {}
 
@@ -62,7 +63,13 @@ function supervisor.new(cfg, opts)
     ports = {},          -- port -> key
     listeners = {},
     shutting_down = false,
+    weights = {},        -- key -> weight remembered by the store
   }, Supervisor)
+  if self.store then
+    for _, row in ipairs(self.store:instances() or {}) do
+      self.weights[row.service .. ":" .. row.id] = row.weight
+    end
+  end
   self.init_path = opts.init_path or supervisor.find_init(self.environ)
   return self
 end
@@ -72,7 +79,7 @@ end
 function supervisor.find_init(environ)
   local exe = core.proc.self_exe and core.proc.self_exe()
   if exe and (exe:match("/ten$") or exe:match("/slum$")) then return exe end
-  return environ.TENEMENT_INIT
+  return environ.TENEMENT_INIT or os.getenv("TENEMENT_INIT")
 end
 
 function supervisor.key(service, id) return service .. ":" .. id end
@@ -250,10 +257,15 @@ function Instance:launch()
 
   local out_r, out_w = core.logbuf.pipe()
   local err_r, err_w = core.logbuf.pipe()
-  local spec = driver.prepare({
+  local spec, prep_err = driver.prepare({
     argv = argv, env = env, cwd = cwd, stdout_fd = out_w, stderr_fd = err_w,
     service = svc, id = self.id, vars = vars, init_path = sup.init_path,
   })
+  if not spec then
+    for _, fd in ipairs { out_r, out_w, err_r, err_w } do core.logbuf.close_fd(fd) end
+    self:release_start()
+    return nil, prep_err
+  end
   local proc, serr = core.proc.spawn(spec)
   core.logbuf.close_fd(out_w)
   core.logbuf.close_fd(err_w)
@@ -269,6 +281,8 @@ function Instance:launch()
   self.pid = proc.pid
   self.started_at = core.now()
   self.started_wall = core.time()
+  -- a fresh instance counts as just used, so idle_timeout runs from its start
+  self.last_activity = self.started_at
   return proc
 end
 
@@ -547,7 +561,11 @@ function Supervisor:instance(service, id)
     mailbox = sync.mailbox(), state_changed = sync.event(), ready_event = sync.event(),
     ring = core.logbuf.ring { tag = key, lines = self.cfg.settings.log_ring_lines, sink = self.sink },
     created = core.time(),
-    weight = 100,
+    weight = self.weights[key] or 100,
+    inflight = 0,         -- proxied requests under way: never put to sleep while > 0
+    last_activity = nil,  -- core.now() of the last proxied request (never health checks)
+    stats = { requests = 0, by_class = {}, bytes_in = 0, bytes_out = 0, upstream_errors = 0, wakes = 0,
+              latency = metrics.histogram(metrics.BUCKETS), wake = metrics.histogram(metrics.WAKE_BUCKETS) },
   }, Instance)
   self.instances[key] = inst
   return inst
@@ -612,6 +630,71 @@ function Supervisor:stop(service, id, opts)
     if not inst.svc.storage_persist and inst.dir then core.fs.rmtree(inst.dir) end
   end
   return true
+end
+
+-- sup:remember_asleep(service, id): an instance known from before a restart
+-- of the server, left asleep until a request wakes it (so a restart does not
+-- start a thousand idle tenants at once).
+function Supervisor:remember_asleep(service, id)
+  local ok, err, code = check_target(self, service, id)
+  if not ok then return nil, err, code end
+  local inst = self:instance(service, id)
+  if inst.state == "stopped" then
+    inst.state = "sleeping"
+    inst.last_exit = "asleep (restored after a restart of the server)"
+  end
+  return inst
+end
+
+-- sup:sleep(service, id) -> true | nil, err: stop an idle instance but keep
+-- it known (and its data), so its next request wakes it.
+function Supervisor:sleep(service, id, reason)
+  local inst = self:get(service, id)
+  if not inst or not inst.runner then return nil, "not running" end
+  if inst.inflight > 0 then return nil, "busy" end
+  inst.mailbox:put({ type = "sleep", reason = reason or "idle" })
+  inst.runner:join()
+  return true
+end
+
+-- sup:forget(service, id): a stopped instance is no longer known at all
+-- (a failed deploy leaves no trace).
+function Supervisor:forget(service, id)
+  local key = supervisor.key(service, id)
+  local inst = self.instances[key]
+  if inst and inst.runner then return nil, key .. " is still running" end
+  if inst then inst.ring:close() end
+  self.instances[key] = nil
+  self.weights[key] = nil
+  if self.store then self.store:forget(service, id) end
+  return true
+end
+
+-- sup:set_weight(service, id, weight) -> inst | nil, err, code. Persisted:
+-- the weight survives sleep, wake and restarts of the server.
+function Supervisor:set_weight(service, id, weight)
+  local ok, err, code = check_target(self, service, id)
+  if not ok then return nil, err, code end
+  if math.type(weight) ~= "integer" or weight < 0 or weight > 100 then
+    return nil, "weight must be an integer from 0 to 100", "bad_request"
+  end
+  local inst = self:instance(service, id)
+  inst.weight = weight
+  if self.store then
+    local saved, serr = self.store:set_weight(service, id, weight)
+    if not saved then return nil, serr, "internal" end
+  end
+  return inst
+end
+
+-- The instances of one service, for weighted routing.
+function Supervisor:of_service(service)
+  local out = {}
+  for _, inst in pairs(self.instances) do
+    if inst.service == service then out[#out + 1] = inst end
+  end
+  table.sort(out, function(a, b) return a.key < b.key end)
+  return out
 end
 
 -- sup:restart(service, id) -> inst | nil, err, code. Clears `failed`.

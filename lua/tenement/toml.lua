@@ -265,7 +265,6 @@ local INLINE = 4   -- an inline table: closed once its `}` is read
 local parse_error_mt = {}
 
 local function parse_document(s)
-  local n = #s
   local start = 1
   if sub(s, 1, 3) == "\239\187\191" then
     start = 4

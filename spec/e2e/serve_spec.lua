@@ -63,6 +63,7 @@ describe("ten serve", function()
     support.write(cfg, table.concat({
       "[settings]",
       'data_dir = "data"',
+      "port = " .. support.free_port(),
       "health_check_interval = 1",
       "backoff_base_ms = 50",
       "stop_timeout = 2",

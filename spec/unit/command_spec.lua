@@ -15,6 +15,14 @@ describe("command.argv", function()
     end
   end)
 
+  it("does not exec a command list, which would run only its first part", function()
+    assert.are.same({ "/bin/sh", "-c", "test -f x && exec ./app" }, command.argv("test -f x && exec ./app"))
+    assert.are.same({ "/bin/sh", "-c", "a; b" }, command.argv("a; b"))
+    assert.are.same({ "/bin/sh", "-c", "a | b" }, command.argv("a | b"))
+    assert.are.same({ "/bin/sh", "-c", "exec echo 'a;b'" }, command.argv("echo 'a;b'"))
+    assert.are.same({ "/bin/sh", "-c", "exec app > log 2>&1" }, command.argv("app > log 2>&1"))
+  end)
+
   it("rejects an empty command", function()
     assert.are.same({ nil, "command is empty" }, { command.argv("   ") })
     assert.are.same({ nil, "command is empty" }, { command.argv("") })

@@ -44,6 +44,7 @@ describe("[service.NAME] defaults", function()
       restart = "on-failure",
       isolation = "namespace",
       storage_persist = false,
+      on_demand = false,
       network = "host",
       env = {},
     }, api(""))
@@ -300,7 +301,7 @@ describe("[service.NAME] unknown keys", function()
     assert.same({
       "tenement.toml:3:14: service.api.limits: unknown key; known keys in [service.api]: command,"
         .. " args, workdir, socket, health, startup_timeout, idle_timeout, restart, isolation, network,"
-        .. " memory_limit_mb, cpu_shares, storage_quota_mb, storage_persist, env",
+        .. " memory_limit_mb, cpu_shares, storage_quota_mb, on_demand, max_instances, storage_persist, env",
     }, api_errors("[service.api.limits]\nmemory = 5"))
   end)
 end)

@@ -275,7 +275,7 @@ describe("[settings] unknown keys", function()
     assert.same({
       "tenement.toml:2:1: settings.workers = 4: unknown key; known keys in [settings]:"
         .. " data_dir, health_check_interval, max_restarts, restart_window, backoff_base_ms,"
-        .. " backoff_max_ms, stop_timeout, listen, port, domain, log_ring_lines, log_retention_days,"
+        .. " backoff_max_ms, stop_timeout, listen, port, domain, metrics_auth, max_cold_starts, proxy_timeout, log_ring_lines, log_retention_days,"
         .. " log_max_lines, tls",
     }, errors("workers = 4"))
   end)

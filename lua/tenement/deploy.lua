@@ -1,0 +1,69 @@
+-- Changing what serves a service without dropping requests: weights, a
+-- blue-green switch, a deploy of a new version, a rolling replacement.
+local core = require "tenement.core"
+local supervisor = require "tenement.supervisor"
+local log = require "tenement.log"
+
+local deploy = {}
+
+-- The weights of one service. -> { service, instances = { {id, instance, weight, state} } }
+function deploy.weights(sup, service)
+  local out = { service = service, instances = {} }
+  for _, inst in ipairs(sup:of_service(service)) do
+    out.instances[#out.instances + 1] = { id = inst.id, instance = inst.key, weight = inst.weight,
+      state = inst.state, health = inst.health }
+  end
+  return out
+end
+
+-- deploy.shift(sup, service, from_id, to_id) -> result | nil, err, code
+-- All weight moves from A to B at once (blue-green), after B answers a
+-- health check; B is woken first if it sleeps.
+function deploy.shift(sup, service, from_id, to_id)
+  if from_id == to_id then return nil, "--from and --to name the same instance", "bad_request" end
+  local from = sup:get(service, from_id)
+  if not from then return nil, "no instance " .. supervisor.key(service, from_id), "not_found" end
+  local to = sup:get(service, to_id)
+  if not to then return nil, "no instance " .. supervisor.key(service, to_id), "not_found" end
+  if to.state ~= "running" then
+    local ok, err = sup:spawn(service, to_id)
+    if not ok then return nil, "cannot route to " .. to.key .. ": " .. err, "conflict" end
+  end
+  local ok, why = to:check(5000)
+  if not ok then
+    return nil, string.format("%s failed its health check (%s): weights unchanged", to.key, why), "conflict"
+  end
+  local a, aerr = sup:set_weight(service, from_id, 0)
+  if not a then return nil, aerr, "internal" end
+  local b, berr = sup:set_weight(service, to_id, 100)
+  if not b then return nil, berr, "internal" end
+  log.info("route %s: all traffic from %s to %s", service, from.key, to.key)
+  return { from_instance = from.key, to_instance = to.key, from_weight = 0, to_weight = 100 }
+end
+
+-- deploy.deploy(sup, service, version, weight, timeout_s) -> result | nil, err, code
+-- Starts SERVICE:VERSION with no traffic, waits until it is healthy, and
+-- only then gives it `weight`. On failure or timeout it is removed and
+-- nothing else changes.
+function deploy.deploy(sup, service, version, weight, timeout_s)
+  local existing = sup:get(service, version)
+  if existing and (existing.state == "running" or existing.state == "starting") then
+    return nil, existing.key .. " exists already: deploy a new version id, or `ten restart` it", "conflict"
+  end
+  local w, werr = sup:set_weight(service, version, 0)
+  if not w then return nil, werr, "bad_request" end
+  local task = core.spawn(sup.spawn, sup, service, version)
+  local joined, inst, err = task:join(timeout_s * 1000)
+  if not joined or not inst then
+    local why = joined and err or string.format("not healthy within %d s", timeout_s)
+    sup:stop(service, version, { reason = "deploy failed" })
+    sup:forget(service, version)
+    return nil, string.format("deploy of %s:%s failed: %s; nothing changed", service, version, why), "start_failed"
+  end
+  local ok, set_err = sup:set_weight(service, version, weight)
+  if not ok then return nil, set_err, "internal" end
+  log.info("deploy %s: healthy, weight %d", inst.key, weight)
+  return { instance = inst.key, socket = inst.socket, weight = weight, status = "healthy" }
+end
+
+return deploy

@@ -1,0 +1,249 @@
+-- The front door: every HTTP request to `ten serve` comes through here once,
+-- to decide where it goes; the bytes then flow in C (req:proxy).
+--
+-- Route (policy, hookable) -> wake the instance if it sleeps (one start shared
+-- by every waiting request, bounded by startup_timeout) -> proxy to its Unix
+-- socket. The bare domain is the server's own: /health, /api/, /metrics.
+local core = require "tenement.core"
+local router = require "tenement.router"
+local hooks = require "tenement.hooks"
+local log = require "tenement.log"
+local metrics = require "tenement.metrics"
+local sync = require "tenement.sync"
+
+local frontdoor = {}
+
+local Door = {}
+Door.__index = Door
+
+local TEXT = { ["content-type"] = "text/plain; charset=utf-8" }
+
+local function text_reply(_, status, body, extra)
+  local headers = { ["content-type"] = TEXT["content-type"] }
+  for k, v in pairs(extra or {}) do headers[k] = v end
+  return status, headers, body .. "\n"
+end
+
+-- frontdoor.new{ cfg, sup, own = handler for the server's own pages, store }
+function frontdoor.new(ctx)
+  local self = setmetatable({
+    cfg = ctx.cfg, sup = ctx.sup, own = ctx.own, store = ctx.store,
+    cold_starts = 0,
+    waking = {},       -- "service:id" -> event set when its start is over
+    stats = { requests = 0, by_route = {}, proxy_errors = 0 },
+  }, Door)
+  self.view = {
+    domain = ctx.cfg.settings.domain,
+    routing = ctx.cfg.routing,
+    services = {},
+  }
+  for name in pairs(ctx.cfg.services) do self.view.services[name] = true end
+  if ctx.cfg.hooks and ctx.cfg.hooks.router then
+    local hook, err = hooks.load(ctx.cfg.hooks.router, "route")
+    if not hook then return nil, err end
+    self.route_hook = hook.route
+  end
+  return self
+end
+
+-- The hook's answer as a target, or nil and why it is not one.
+local function hook_target(t)
+  if type(t) == "string" then
+    local service, id = t:match("^([a-z0-9-]+):([a-z0-9-]+)$")
+    if service then return { kind = "instance", service = service, id = id } end
+    if t:match("^[a-z0-9-]+$") then return { kind = "service", service = t } end
+    return nil, "a string target must be SERVICE or SERVICE:ID, got " .. t
+  end
+  if type(t) == "table" and (t.kind == "instance" or t.kind == "service" or t.kind == "self"
+    or t.kind == "status") then
+    return t
+  end
+  return nil, "not a target: " .. tostring(t)
+end
+
+function Door:route(req)
+  local request = { method = req.method, host = req.headers.host, path = req.path, headers = req.headers }
+  if self.route_hook then
+    local view = self.view
+    local function default(r) return router.route(r or request, view) end
+    local ok, result = hooks.call(self.route_hook, request, view, default)
+    if not ok then
+      log.error("router hook failed (the default routing applies): %s", tostring(result))
+    elseif result ~= nil then
+      local target, why = hook_target(result)
+      if target then
+        if (target.kind == "instance" or target.kind == "service") and not self.view.services[target.service] then
+          log.error("router hook chose unknown service %q (the default routing applies)", target.service)
+        else
+          return target
+        end
+      else
+        log.error("router hook returned %s (the default routing applies)", why)
+      end
+    end
+  end
+  return router.route(request, self.view)
+end
+
+-- Is service:id an instance this server knows (so a request may wake it)?
+function Door:known(service, id)
+  if self.sup:get(service, id) then return true end
+  for _, inst in ipairs(self.cfg.instances) do
+    if inst.service == service and inst.id == id then return true end
+  end
+  return false
+end
+
+local function unavailable(req, why, retry_after)
+  return text_reply(req, 503, why, { ["retry-after"] = tostring(retry_after or 5) })
+end
+
+-- Makes sure service:id runs; wakes or starts it if needed. Every request
+-- that arrives during a start waits for that one start (100 requests, one
+-- spawn), and every wait is bounded by startup_timeout.
+-- -> inst | nil, status, why
+function Door:ensure_running(service, id, on_demand)
+  local sup = self.sup
+  local key = service .. ":" .. id
+  local inst = sup:get(service, id)
+  if inst and inst.state == "running" then return inst end
+  local svc = self.cfg.services[service]
+  local limit_ms = svc.startup_timeout * 1000 + 1000
+
+  local waking = self.waking[key]
+  if waking then
+    local started, err = waking:wait(limit_ms)
+    if started then return started end
+    return nil, 503, err or (key .. " did not start in time")
+  end
+
+  if inst and inst.state == "failed" then
+    return nil, 503, string.format("%s has failed (%s); `ten restart %s` clears it",
+      key, inst.last_exit or "?", key)
+  end
+  if inst and inst.state == "unhealthy" then return nil, 503, key .. " is unhealthy" end
+  if on_demand and not inst and svc.max_instances and #sup:of_service(service) >= svc.max_instances then
+    return nil, 503, string.format("%s has reached max_instances = %d", service, svc.max_instances)
+  end
+  if self.cold_starts >= self.cfg.settings.max_cold_starts then
+    return nil, 503, "too many instances are starting right now"
+  end
+
+  waking = sync.event()
+  self.waking[key] = waking
+  self.cold_starts = self.cold_starts + 1
+  local t0 = core.now()
+  local task = core.spawn(sup.spawn, sup, service, id)
+  local ok, started, err = task:join(limit_ms)
+  self.cold_starts = self.cold_starts - 1
+  self.waking[key] = nil
+  if not ok then err = key .. " did not start within startup_timeout" end
+  if not started then
+    waking:set(nil, err)
+    return nil, 503, err
+  end
+  started.stats.wakes = started.stats.wakes + 1
+  metrics.observe(started.stats.wake, (core.now() - t0) / 1000)
+  waking:set(started)
+  return started
+end
+
+-- Proxies req to inst. Counts the request as activity and in flight, so the
+-- reaper never puts an instance to sleep under a request.
+function Door:proxy(req, inst)
+  inst.inflight = inst.inflight + 1
+  inst.last_activity = core.now()
+  local t0 = core.hrtime()
+  local stats, err, code = req:proxy {
+    path = inst.socket,
+    timeout = (self.cfg.settings.proxy_timeout or 60) * 1000,
+    forwarded_proto = "http",
+  }
+  inst.inflight = inst.inflight - 1
+  inst.last_activity = core.now()
+  local s = inst.stats
+  s.requests = s.requests + 1
+  if stats then
+    local class = (stats.status // 100) .. "xx"
+    s.by_class[class] = (s.by_class[class] or 0) + 1
+    s.bytes_in = s.bytes_in + (stats.bytes_in or 0)
+    s.bytes_out = s.bytes_out + (stats.bytes_out or 0)
+    metrics.observe(s.latency, (core.hrtime() - t0) / 1e9)
+    return
+  end
+  s.upstream_errors = s.upstream_errors + 1
+  self.stats.proxy_errors = self.stats.proxy_errors + 1
+  if code == "ETIMEDOUT" or err == "timeout" then
+    s.by_class["5xx"] = (s.by_class["5xx"] or 0) + 1
+    return -- the proxy already answered 504
+  end
+  if err == "client closed" then return end
+  s.by_class["5xx"] = (s.by_class["5xx"] or 0) + 1
+  -- nothing was sent yet (req:proxy says so by returning before answering):
+  -- the client gets a clear 502
+  pcall(req.respond, req, 502, TEXT, string.format("bad gateway: %s did not answer (%s)\n",
+    inst.key, tostring(err)))
+end
+
+function Door:handle(req)
+  self.stats.requests = self.stats.requests + 1
+  local target = self:route(req)
+  self.stats.by_route[target.kind] = (self.stats.by_route[target.kind] or 0) + 1
+  if target.kind == "self" then
+    return self.own(req)
+  elseif target.kind == "status" then
+    return text_reply(req, target.status or 404, target.reason or "not found")
+  end
+
+  local service, id = target.service, target.id
+  local svc = self.cfg.services[service]
+  if target.kind == "service" then
+    local candidates = self.sup:of_service(service)
+    local pick = router.pick(candidates, math.random)
+    if not pick then
+      if #candidates == 0 then
+        return text_reply(req, 404, "no instances of " .. service .. " (start one with `ten spawn " .. service .. ":ID`)")
+      end
+      return unavailable(req, "no instance of " .. service .. " can take requests now")
+    end
+    id = pick.id
+  else
+    if not self:known(service, id) and not svc.on_demand then
+      return text_reply(req, 404, string.format("no instance %s:%s", service, id))
+    end
+  end
+
+  local inst, status, why = self:ensure_running(service, id, svc.on_demand)
+  if not inst then
+    if status == 503 then return unavailable(req, why) end
+    return text_reply(req, status, why)
+  end
+  self:proxy(req, inst)
+end
+
+-- frontdoor:handler() -> function(req) for core.http.serve
+function Door:handler()
+  return function(req) return self:handle(req) end
+end
+
+-- The reaper: instances idle longer than their idle_timeout go to sleep.
+-- Only proxied requests count as activity; one in flight keeps it awake.
+function Door:reap_idle(now)
+  for _, inst in pairs(self.sup.instances) do
+    local timeout = inst.svc.idle_timeout
+    if timeout > 0 and inst.state == "running" and inst.inflight == 0 and inst.last_activity
+      and now - inst.last_activity >= timeout * 1000 then
+      log.info("%s idle for %d s: going to sleep", inst.key, (now - inst.last_activity) // 1000)
+      core.spawn(self.sup.sleep, self.sup, inst.service, inst.id, "idle for " .. timeout .. " s")
+    end
+  end
+end
+
+function Door:run_reaper()
+  while not self.stopped do
+    core.sleep(1000)
+    self:reap_idle(core.now())
+  end
+end
+
+return frontdoor

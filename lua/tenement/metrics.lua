@@ -1,0 +1,221 @@
+-- Prometheus metrics, text exposition format 0.0.4.
+--
+-- Names: tenement_ prefix, base units (seconds, bytes), _total on counters.
+-- Instances are labelled service="api",id="prod" everywhere; an instance
+-- that is forgotten drops out, so the series stay bounded.
+local core = require "tenement.core"
+
+local metrics = {}
+
+metrics.BUCKETS = { 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10 }
+metrics.WAKE_BUCKETS = { 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30 }
+
+function metrics.histogram(buckets)
+  local counts = {}
+  for i = 1, #buckets do counts[i] = 0 end
+  return { buckets = buckets, counts = counts, sum = 0, count = 0 }
+end
+
+function metrics.observe(h, v)
+  h.sum = h.sum + v
+  h.count = h.count + 1
+  local b = h.buckets
+  for i = 1, #b do
+    if v <= b[i] then h.counts[i] = h.counts[i] + 1 return end
+  end
+end
+
+local function escape(v)
+  return (tostring(v):gsub("[\\\n\"]", { ["\\"] = "\\\\", ["\n"] = "\\n", ['"'] = '\\"' }))
+end
+
+local function labels(t)
+  if not t or #t == 0 then return "" end
+  local parts = {}
+  for i = 1, #t, 2 do parts[#parts + 1] = t[i] .. '="' .. escape(t[i + 1]) .. '"' end
+  return "{" .. table.concat(parts, ",") .. "}"
+end
+
+local function num(v)
+  if math.type(v) == "integer" then return string.format("%d", v) end
+  if v ~= v then return "NaN" end
+  if v == math.huge then return "+Inf" end
+  if v == -math.huge then return "-Inf" end
+  return string.format("%.17g", v)
+end
+
+-- A writer collecting families in order, one HELP/TYPE per family.
+local Out = {}
+Out.__index = Out
+
+local function new_out() return setmetatable({ lines = {}, seen = {} }, Out) end
+
+function Out:family(name, kind, help)
+  if self.seen[name] then return end
+  self.seen[name] = true
+  self.lines[#self.lines + 1] = "# HELP " .. name .. " " .. help
+  self.lines[#self.lines + 1] = "# TYPE " .. name .. " " .. kind
+end
+
+function Out:sample(name, l, v)
+  self.lines[#self.lines + 1] = name .. labels(l) .. " " .. num(v)
+end
+
+function Out:histogram(name, l, h)
+  local cum = 0
+  for i, bound in ipairs(h.buckets) do
+    cum = cum + h.counts[i]
+    local bl = { table.unpack(l) }
+    bl[#bl + 1] = "le"
+    bl[#bl + 1] = num(bound + 0.0)
+    self:sample(name .. "_bucket", bl, cum)
+  end
+  local bl = { table.unpack(l) }
+  bl[#bl + 1] = "le"
+  bl[#bl + 1] = "+Inf"
+  self:sample(name .. "_bucket", bl, h.count)
+  self:sample(name .. "_sum", l, h.sum + 0.0)
+  self:sample(name .. "_count", l, h.count)
+end
+
+-- Memory and CPU of a process from /proc (used where no cgroup says more).
+local CLK_TCK = 100
+local PAGE = 4096
+function metrics.proc_usage(pid)
+  if not pid then return nil end
+  local f = io.open("/proc/" .. pid .. "/stat")
+  if not f then return nil end
+  local stat = f:read("a")
+  f:close()
+  local rest = stat:match("%) (.*)$")
+  if not rest then return nil end
+  local fields = {}
+  for w in rest:gmatch("%S+") do fields[#fields + 1] = w end
+  -- after the comm: state(1) ... utime(12) stime(13) ... rss(22)
+  local cpu = (tonumber(fields[12]) + tonumber(fields[13])) / CLK_TCK
+  local rss = tonumber(fields[22]) * PAGE
+  return { cpu_seconds = cpu, memory_bytes = rss }
+end
+
+local STATES = { "stopped", "starting", "running", "unhealthy", "backoff", "stopping", "sleeping", "failed" }
+
+-- metrics.render(server) -> text
+-- server: { sup, door, http (core.http server), sink, store_path, started }
+function metrics.render(srv)
+  local out = new_out()
+  out:family("tenement_build_info", "gauge", "Version of the running ten.")
+  out:sample("tenement_build_info", { "version", core.version }, 1)
+  out:family("tenement_uptime_seconds", "gauge", "Seconds since ten serve started.")
+  out:sample("tenement_uptime_seconds", nil, (core.now() - srv.started) / 1000)
+
+  if srv.http then
+    local st = srv.http:stats()
+    out:family("tenement_connections_open", "gauge", "HTTP connections open now.")
+    out:sample("tenement_connections_open", nil, st.connections_open)
+    out:family("tenement_connections_accepted_total", "counter", "HTTP connections accepted.")
+    out:sample("tenement_connections_accepted_total", nil, st.connections_accepted)
+  end
+  if srv.door then
+    out:family("tenement_http_requests_total", "counter", "HTTP requests by where routing sent them.")
+    for _, kind in ipairs { "instance", "service", "self", "status" } do
+      out:sample("tenement_http_requests_total", { "route", kind }, srv.door.stats.by_route[kind] or 0)
+    end
+    out:family("tenement_proxy_errors_total", "counter", "Proxied requests that failed upstream.")
+    out:sample("tenement_proxy_errors_total", nil, srv.door.stats.proxy_errors)
+  end
+  if srv.sink then
+    local st = srv.sink:stats()
+    out:family("tenement_log_lines_pending", "gauge", "Captured lines waiting to be written to the store.")
+    out:sample("tenement_log_lines_pending", nil, st.pending)
+    out:family("tenement_log_lines_dropped_total", "counter",
+      "Captured lines dropped because the store could not keep up.")
+    out:sample("tenement_log_lines_dropped_total", nil, st.dropped)
+  end
+  if srv.store_path then
+    local size = 0
+    for _, suffix in ipairs { "", "-wal" } do
+      local st = core.fs.stat(srv.store_path .. suffix)
+      if st then size = size + st.size end
+    end
+    out:family("tenement_store_size_bytes", "gauge", "Size of tenement.db and its WAL.")
+    out:sample("tenement_store_size_bytes", nil, size)
+  end
+
+  local list = {}
+  for _, inst in pairs(srv.sup.instances) do list[#list + 1] = inst end
+  table.sort(list, function(a, b) return a.key < b.key end)
+
+  local counts = {}
+  for _, inst in ipairs(list) do counts[inst.state] = (counts[inst.state] or 0) + 1 end
+  out:family("tenement_instances", "gauge", "Known instances by state.")
+  for _, state in ipairs(STATES) do out:sample("tenement_instances", { "state", state }, counts[state] or 0) end
+
+  local per = {
+    { "tenement_instance_up", "gauge", "1 if the instance is running and ready for traffic.",
+      function(i) return i.state == "running" and 1 or 0 end },
+    { "tenement_instance_restarts_total", "counter", "Restarts of the instance.", function(i) return i.restarts end },
+    { "tenement_instance_uptime_seconds", "gauge", "Seconds since the instance's process started.",
+      function(i)
+        return (i.state == "running" or i.state == "unhealthy") and i.started_at and (core.now() - i.started_at) / 1000 or 0
+      end },
+    { "tenement_instance_weight", "gauge", "Share of its service's traffic (0-100).", function(i) return i.weight end },
+    { "tenement_instance_upstream_errors_total", "counter", "Proxied requests the instance failed to answer.",
+      function(i) return i.stats.upstream_errors end },
+    { "tenement_instance_wakes_total", "counter", "Starts caused by a request (scale from zero).",
+      function(i) return i.stats.wakes end },
+    { "tenement_instance_health_check_failures_total", "counter", "Failed health checks.",
+      function(i) return i.health_failures or 0 end },
+    { "tenement_instance_log_lines_total", "counter", "Lines of output captured.",
+      function(i) return i.ring:stats().lines end },
+    { "tenement_instance_request_bytes_total", "counter", "Request body bytes proxied to the instance.",
+      function(i) return i.stats.bytes_in end },
+    { "tenement_instance_response_bytes_total", "counter", "Response bytes proxied from the instance.",
+      function(i) return i.stats.bytes_out end },
+  }
+  for _, m in ipairs(per) do
+    out:family(m[1], m[2], m[3])
+    for _, inst in ipairs(list) do out:sample(m[1], { "service", inst.service, "id", inst.id }, m[4](inst)) end
+  end
+
+  out:family("tenement_instance_state", "gauge", "1 for the state the instance is in.")
+  for _, inst in ipairs(list) do
+    for _, state in ipairs(STATES) do
+      out:sample("tenement_instance_state", { "service", inst.service, "id", inst.id, "state", state },
+        inst.state == state and 1 or 0)
+    end
+  end
+
+  out:family("tenement_instance_requests_total", "counter", "Proxied requests by status class.")
+  for _, inst in ipairs(list) do
+    for _, class in ipairs { "1xx", "2xx", "3xx", "4xx", "5xx" } do
+      out:sample("tenement_instance_requests_total", { "service", inst.service, "id", inst.id, "code", class },
+        inst.stats.by_class[class] or 0)
+    end
+  end
+
+  out:family("tenement_instance_memory_bytes", "gauge", "Memory used by the instance (cgroup, else its main process RSS).")
+  out:family("tenement_instance_cpu_seconds_total", "counter", "CPU time used by the instance.")
+  for _, inst in ipairs(list) do
+    local u = inst.usage and inst:usage() or metrics.proc_usage(inst.pid)
+    if u then
+      local l = { "service", inst.service, "id", inst.id }
+      if u.memory_bytes then out:sample("tenement_instance_memory_bytes", l, u.memory_bytes) end
+      if u.cpu_seconds then out:sample("tenement_instance_cpu_seconds_total", l, u.cpu_seconds + 0.0) end
+    end
+  end
+
+  out:family("tenement_instance_request_duration_seconds", "histogram", "Time to answer proxied requests.")
+  for _, inst in ipairs(list) do
+    out:histogram("tenement_instance_request_duration_seconds", { "service", inst.service, "id", inst.id },
+      inst.stats.latency)
+  end
+  out:family("tenement_instance_wake_duration_seconds", "histogram",
+    "Time from a request for a sleeping instance until it was ready.")
+  for _, inst in ipairs(list) do
+    out:histogram("tenement_instance_wake_duration_seconds", { "service", inst.service, "id", inst.id },
+      inst.stats.wake)
+  end
+  return table.concat(out.lines, "\n") .. "\n"
+end
+
+return metrics

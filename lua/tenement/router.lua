@@ -1,0 +1,140 @@
+-- Routing policy: where a request goes. Pure functions of plain tables (no
+-- I/O, randomness passed in), so a hook can wrap or replace them and a spec
+-- can drive them.
+--
+--   {id}.{service}.{domain}  -> that instance
+--   {service}.{domain}       -> a weighted choice among the service's instances
+--   {domain}                 -> [routing.path] prefixes first; then the server's
+--                               own paths (/api/, /health, /metrics); then
+--                               [routing] default; else the dashboard
+--   [routing.subdomain]      -> label.{domain} to a service
+local router = {}
+
+-- The paths of the bare domain that always belong to the server itself.
+router.own_prefixes = { "/api/", "/health", "/metrics" }
+
+-- A host as routing sees it: lower case, no port, or nil when it is not a
+-- valid DNS name (or IP literal).
+function router.normalize_host(host)
+  if type(host) ~= "string" or host == "" or #host > 255 then return nil end
+  host = host:lower()
+  if host:sub(1, 1) == "[" then
+    local v6 = host:match("^(%[[%x:.]+%])")
+    return v6
+  end
+  local name, port = host:match("^([^:]+):(%d+)$")
+  if name then
+    if tonumber(port) > 65535 then return nil end
+    host = name
+  elseif host:find(":", 1, true) then
+    return nil
+  end
+  host = host:gsub("%.$", "")
+  for label in (host .. "."):gmatch("([^.]*)%.") do
+    if label == "" or #label > 63 or not label:match("^[a-z0-9-]+$")
+      or label:sub(1, 1) == "-" or label:sub(-1) == "-" then
+      return nil
+    end
+  end
+  return host
+end
+
+local function prefix_match(path, prefix)
+  if path:sub(1, #prefix) ~= prefix then return false end
+  if prefix:sub(-1) == "/" then return true end
+  local next_char = path:sub(#prefix + 1, #prefix + 1)
+  return next_char == "" or next_char == "/" or next_char == "?"
+end
+
+local function is_own_path(path)
+  for _, p in ipairs(router.own_prefixes) do
+    if prefix_match(path, p) then return true end
+  end
+  return false
+end
+
+local function not_found(why)
+  return { kind = "status", status = 404, reason = why }
+end
+
+-- router.route(request, view) -> target
+--   request: { method, host, path, headers }
+--   view: { domain, routing = cfg.routing, services = { [name] = true } }
+--   target: { kind = "instance", service, id } | { kind = "service", service }
+--         | { kind = "self" } | { kind = "status", status, reason }
+function router.route(request, view)
+  local host = router.normalize_host(request.host)
+  if not host then
+    return { kind = "status", status = 400, reason = "the Host header is missing or not a valid name" }
+  end
+  local domain = view.domain
+  local routing = view.routing or { subdomain = {}, path = {} }
+  local path = request.path or "/"
+
+  -- an address instead of a name reaches the server itself: no instance
+  -- has an address of its own, and remote CLIs often know only the IP
+  local is_address = host:match("^%d+%.%d+%.%d+%.%d+$") or host:sub(1, 1) == "["
+  if host == domain or is_address then
+    for _, p in ipairs(routing.path or {}) do
+      if prefix_match(path, p.prefix) then return { kind = "service", service = p.service } end
+    end
+    if is_own_path(path) then return { kind = "self" } end
+    if routing.default then return { kind = "service", service = routing.default } end
+    return { kind = "self" }
+  end
+
+  local suffix = "." .. domain
+  if #host <= #suffix or host:sub(-#suffix) ~= suffix then
+    return not_found("no site " .. host .. " here (this server answers for " .. domain .. ")")
+  end
+  local labels = {}
+  for label in host:sub(1, #host - #suffix):gmatch("[^.]+") do labels[#labels + 1] = label end
+
+  if #labels == 1 then
+    local label = labels[1]
+    local mapped = routing.subdomain and routing.subdomain[label]
+    if mapped then return { kind = "service", service = mapped } end
+    if view.services[label] then return { kind = "service", service = label } end
+    return not_found("no service " .. label .. " here")
+  elseif #labels == 2 then
+    local id, service = labels[1], labels[2]
+    service = (routing.subdomain and routing.subdomain[service]) or service
+    if not view.services[service] then return not_found("no service " .. labels[2] .. " here") end
+    if #id > 63 or not id:match("^[a-z0-9][a-z0-9-]*$") then return not_found("not a valid instance id") end
+    return { kind = "instance", service = service, id = id }
+  end
+  return not_found("no site " .. host .. " here")
+end
+
+-- router.pick(candidates, rand) -> candidate | nil
+-- candidates: { { key, state, weight, ... } }. A weighted choice among the
+-- running ones; weight 0 takes no new traffic. With none running, the
+-- sleeping (or stopped) one with the highest weight, to be woken.
+-- rand(n) returns an integer in 1..n.
+function router.pick(candidates, rand)
+  local total = 0
+  local running = {}
+  for _, c in ipairs(candidates) do
+    if c.state == "running" and (c.weight or 0) > 0 then
+      running[#running + 1] = c
+      total = total + c.weight
+    end
+  end
+  if total > 0 then
+    local r = rand(total)
+    for _, c in ipairs(running) do
+      r = r - c.weight
+      if r <= 0 then return c end
+    end
+  end
+  local best
+  for _, c in ipairs(candidates) do
+    if (c.state == "sleeping" or c.state == "stopped" or c.state == "starting")
+      and (c.weight or 0) > 0 and (not best or c.weight > best.weight) then
+      best = c
+    end
+  end
+  return best
+end
+
+return router

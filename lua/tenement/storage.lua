@@ -1,0 +1,415 @@
+-- Storage quotas: an instance with storage_quota_mb gets its data directory
+-- on a file system of its own, an ext4 image in a sparse file beside the
+-- instance directory ({data_dir}/{service}/{id}.img: ids hold no ".", so
+-- it never collides with an instance directory) mounted over
+-- {data_dir}/{service}/{id} through a loop device. Writing past the quota
+-- then fails inside the instance with ENOSPC, like a full disk, and nothing
+-- outside it is touched.
+--
+-- The image is sized so that the space an instance can use is the quota
+-- (ext4 spends some of it on inode tables and a reserve for delayed
+-- allocation); it is formatted without a journal (a journal is at least
+-- 4 MB, a lot for small quotas) and checked with e2fsck before a mount when
+-- it was not cleanly unmounted. A quota raised later grows the file system
+-- (resize2fs); a lower one is refused: shrinking would have to move data.
+--
+-- mkfs.ext4, e2fsck, resize2fs, tune2fs (e2fsprogs), mount and umount run
+-- as child processes in the calling task, never blocking the loop: attach,
+-- detach and cleanup_stale must be called in a task. Mounting needs root.
+local core = require "tenement.core"
+local fs = core.fs
+
+local storage = {}
+
+-- Where the tools are looked for: sbin included, whatever the server's PATH.
+storage.PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+storage.MOUNT_OPTIONS = "loop,nosuid,nodev"
+
+local MiB = 1024 * 1024
+local BLOCK = 4096
+-- One inode per 16 KB (ext4's default for ordinary file systems), 256 bytes
+-- each: 1/64 of the image. Group descriptors, bitmaps and the blocks kept
+-- for growing add about 0.35%; the root directory and lost+found 48 KB.
+local META_FRACTION = 0.0197
+local META_FIXED = 48 * 1024
+-- ext4 keeps 2% of the blocks, at most 4096 of them, out of what statfs
+-- calls available and what a writer can fill (for delayed allocation).
+local RESERVE_FRACTION = 0.02
+local RESERVE_MAX = 4096 * BLOCK
+local TOOL_TIMEOUT_MS = 120000
+local LABEL_PREFIX = "tnq="
+local EXT4_MAGIC = 0xEF53
+
+local PACKAGES = {
+  ["mkfs.ext4"] = "e2fsprogs", e2fsck = "e2fsprogs", resize2fs = "e2fsprogs", tune2fs = "e2fsprogs",
+  mount = "mount", umount = "mount",
+}
+
+---------------------------------------------------------------------------
+-- helpers
+
+local function is_root()
+  local s = fs.read("/proc/self/status") or ""
+  local euid = s:match("\nUid:%s+%d+%s+(%d+)")
+  return euid == "0", euid
+end
+
+local function check_name(what, s)
+  if type(s) ~= "string" or s == "" or s:find("[/%.%z]") then
+    error(string.format("storage: %s must be a non-empty name without / or . (got %q)", what, tostring(s)), 3)
+  end
+end
+
+local function check_args(data_dir, service, id)
+  if type(data_dir) ~= "string" or data_dir == "" then error("storage: data_dir must be a path", 3) end
+  check_name("service", service)
+  check_name("id", id)
+end
+
+-- -> instance dir, image path
+function storage.paths(data_dir, service, id)
+  local base = data_dir:gsub("/+$", "") .. "/" .. service
+  return base .. "/" .. id, base .. "/" .. id .. ".img"
+end
+
+-- The size of the image for a quota: the usable space (what statfs shows
+-- as available on the empty file system, what a writer can fill) comes out
+-- at the quota or a little above it (at most about 1%).
+function storage.image_bytes(quota_mb)
+  local q = quota_mb * MiB
+  -- reserve at its 2% or at its cap, whichever is smaller
+  local a = (q + META_FIXED) / (1 - META_FRACTION - RESERVE_FRACTION)
+  local b = (q + META_FIXED + RESERVE_MAX) / (1 - META_FRACTION)
+  local s = math.ceil(math.min(a, b))
+  local unit = 64 * 1024
+  return (s + unit - 1) // unit * unit
+end
+
+-- Runs a tool; -> true | nil, err. stderr is what the error tells.
+local function run(argv, opts)
+  local tool = argv[1]
+  local path = opts.path or storage.PATH
+  local p, err, code = core.proc.spawn {
+    argv = argv, env = { "PATH=" .. path, "LC_ALL=C" },
+    stdin = "null", stdout = "null", stderr = "pipe",
+  }
+  if not p then
+    if code == "ENOENT" and not tool:find("/") then
+      return nil, string.format("%s not found in PATH %s: install %s (apt-get install %s)", tool, path,
+        PACKAGES[tool] or "it", PACKAGES[tool] or tool), "ENOTOOL"
+    end
+    return nil, err, code
+  end
+  local deadline = core.now() + (opts.timeout or TOOL_TIMEOUT_MS)
+  local parts = {}
+  while true do
+    local chunk, rerr = p.stderr:read(math.max(1, deadline - core.now()))
+    if not chunk then
+      if rerr then
+        p:kill("SIGKILL")
+        p:wait()
+        p:close()
+        return nil, string.format("%s: %s", table.concat(argv, " "), rerr == "timeout" and
+          ("no answer within " .. (opts.timeout or TOOL_TIMEOUT_MS) // 1000 .. " s") or rerr)
+      end
+      break
+    end
+    if #parts < 64 then parts[#parts + 1] = chunk end
+  end
+  local st = p:wait()
+  p:close()
+  local text = table.concat(parts):gsub("%s+$", ""):gsub("\n+", "; ")
+  if st.code == 0 or (opts.ok_codes and opts.ok_codes[st.code]) then return true, st.code, text end
+  local how = st.signal and ("killed by " .. st.signal) or ("exit " .. tostring(st.code))
+  return nil, string.format("%s failed (%s)%s", table.concat(argv, " "), how,
+    text ~= "" and (": " .. text) or ""), st.code
+end
+
+local function unescape(s)
+  return (s:gsub("\\(%d%d%d)", function(o) return string.char(tonumber(o, 8)) end))
+end
+
+-- Mounts whose mount point is dir (the last one is on top).
+local function mounts_at(dir)
+  local text = fs.read("/proc/self/mountinfo") or ""
+  local out = {}
+  for line in text:gmatch("[^\n]+") do
+    local point, fstype, source = line:match("^%S+ %S+ %S+ %S+ (%S+) .- %- (%S+) (%S+)")
+    if point and unescape(point) == dir then
+      out[#out + 1] = { fstype = fstype, source = unescape(source) }
+    end
+  end
+  return out
+end
+
+-- The file behind a loop device, or nil.
+local function loop_backing(dev)
+  local name = dev:match("^/dev/(loop%d+)$")
+  if not name then return nil end
+  local s = fs.read("/sys/block/" .. name .. "/loop/backing_file")
+  return s and (s:gsub("\n$", ""):gsub(" %(deleted%)$", ""))
+end
+
+-- The mount of image on dir, if there is one: -> { source } | nil, other mount
+local function our_mount(dir, image)
+  local list = mounts_at(dir)
+  local top = list[#list]
+  if not top then return nil end
+  local real = fs.realpath(image)
+  if real and loop_backing(top.source) == real then return top end
+  return nil, top
+end
+
+-- The ext4 superblock of an unmounted image. -> sb | nil, err
+function storage.superblock(image)
+  local f, err = io.open(image, "rb")
+  if not f then return nil, err end
+  f:seek("set", 1024)
+  local sb = f:read(1024)
+  f:close()
+  if not sb or #sb < 1024 or string.unpack("<I2", sb, 57) ~= EXT4_MAGIC then
+    return nil, image .. " holds no ext4 file system"
+  end
+  local lo = string.unpack("<I4", sb, 5)
+  local hi = string.unpack("<I4", sb, 0x150 + 1)
+  local bsize = 1024 << string.unpack("<I4", sb, 25)
+  local label = sb:sub(121, 136):gsub("%z.*$", "")
+  return {
+    block_size = bsize,
+    bytes = (lo + (hi << 32)) * bsize,
+    state = string.unpack("<I2", sb, 59),
+    label = label,
+    quota_mb = tonumber(label:match("^" .. LABEL_PREFIX .. "(%d+)$")),
+  }
+end
+
+---------------------------------------------------------------------------
+-- attach
+
+local Mount = {}
+Mount.__index = Mount
+
+local function fsck(image, opts, force)
+  -- -p repairs what is safe to repair without asking; 1 means it did
+  local argv = { "e2fsck", "-p" }
+  if force then argv[#argv + 1] = "-f" end
+  argv[#argv + 1] = image
+  local ok, err = run(argv, { path = opts.path, ok_codes = { [1] = true } })
+  if not ok then
+    return nil, err .. "; repair it by hand (e2fsck -f " .. image .. ") or move it away"
+  end
+  return true
+end
+
+local function create_image(image, quota_mb, opts)
+  local tmp = image .. ".new"
+  fs.unlink(tmp)
+  local ok, err = fs.truncate(tmp, storage.image_bytes(quota_mb), 384)
+  if not ok then return nil, err end
+  ok, err = run({ "mkfs.ext4", "-q", "-F", "-m", "0", "-b", tostring(BLOCK), "-i", "16384",
+    "-O", "^has_journal", "-E", "lazy_itable_init=0", "-L", LABEL_PREFIX .. quota_mb, tmp }, opts)
+  if not ok then fs.unlink(tmp) return nil, err end
+  -- only a formatted image ever has the final name
+  local renamed, rerr = os.rename(tmp, image)
+  if not renamed then fs.unlink(tmp) return nil, rerr end
+  return true
+end
+
+-- Grows the (unmounted) image to the new quota's size.
+local function grow(image, sb, quota_mb, opts)
+  local want = storage.image_bytes(quota_mb)
+  local size = (fs.stat(image) or {}).size or 0
+  if want > size then
+    local ok, err = fsck(image, opts, true)
+    if not ok then return nil, err end
+    ok, err = fs.truncate(image, want)
+    if not ok then return nil, err end
+    ok, err = run({ "resize2fs", image }, opts)
+    if not ok then
+      fs.truncate(image, size)
+      return nil, err
+    end
+  end
+  if sb.quota_mb ~= quota_mb then
+    local ok, err = run({ "tune2fs", "-L", LABEL_PREFIX .. quota_mb, image }, opts)
+    if not ok then return nil, err end
+  end
+  return true
+end
+
+local function is_empty_dir(dir)
+  local list = fs.readdir(dir)
+  return list == nil or #list == 0
+end
+
+-- storage.attach(data_dir, service, id, quota_mb [, opts]) -> mount | nil, err
+--   opts.path: PATH for the tools (default storage.PATH)
+--   opts.mode: mode of the mounted root (default 0700, as the instance dir)
+-- Creates the image the first time, grows it when the quota was raised,
+-- refuses a lower quota, checks it when it was not cleanly unmounted,
+-- and mounts it on the instance directory. A mount of the same image left
+-- there (by a ten that died) is replaced. mount.notes lists what the log
+-- should say (created, grown, checked, replaced). In a task; needs root.
+function storage.attach(data_dir, service, id, quota_mb, opts)
+  check_args(data_dir, service, id)
+  if math.type(quota_mb) ~= "integer" or quota_mb < 1 then
+    error("storage.attach: quota_mb must be an integer >= 1", 2)
+  end
+  opts = opts or {}
+  local dir = storage.paths(data_dir, service, id)
+  local key = service .. ":" .. id
+  local root, euid = is_root()
+  if not root then
+    return nil, string.format("storage_quota_mb = %d for %s needs root: it mounts a file system " ..
+      "image through a loop device (ten runs as uid %s)", quota_mb, key, tostring(euid))
+  end
+  local notes = {}
+  local ok, err = fs.mkdir(dir, 448)
+  if not ok then return nil, err end
+  -- the mount point as /proc/self/mountinfo will show it
+  dir = assert(fs.realpath(dir))
+  local image = dir .. ".img"
+
+  local mine, other = our_mount(dir, image)
+  if other then
+    return nil, string.format("%s is already a mount point (%s, %s): refusing to mount %s's storage " ..
+      "over it", dir, other.source, other.fstype, key)
+  end
+  if mine then
+    local done, derr = storage.detach_dir(dir, opts)
+    if not done then return nil, "a mount left from before: " .. derr end
+    notes[#notes + 1] = "unmounted " .. dir .. " left mounted from before"
+  end
+
+  if not fs.stat(image) then
+    if not is_empty_dir(dir) then
+      return nil, string.format("%s holds files from before storage_quota_mb was set for %s: they " ..
+        "would be hidden under the quota's file system; move them away first", dir, key)
+    end
+    ok, err = create_image(image, quota_mb, opts)
+    if not ok then return nil, err end
+    notes[#notes + 1] = string.format("created %s (%d MB quota)", image, quota_mb)
+  else
+    local sb
+    sb, err = storage.superblock(image)
+    if not sb then return nil, err .. ": move it away to start with an empty one" end
+    local old = sb.quota_mb
+    local old_bytes = old and storage.image_bytes(old) or sb.bytes
+    if (old and quota_mb < old) or (not old and storage.image_bytes(quota_mb) < sb.bytes) then
+      return nil, string.format("storage_quota_mb of %s was lowered from %s to %d MB: shrinking its " ..
+        "file system is not supported; raise it back, or stop the instance and delete %s to start " ..
+        "over empty", key, old and tostring(old) or string.format("about %d", old_bytes // MiB),
+        quota_mb, image)
+    end
+    -- 1: cleanly unmounted; anything else (never unmounted, errors) is checked
+    if sb.state ~= 1 then
+      ok, err = fsck(image, opts)
+      if not ok then return nil, err end
+      notes[#notes + 1] = "checked " .. image .. " (it was not cleanly unmounted)"
+    end
+    if quota_mb ~= old then
+      ok, err = grow(image, sb, quota_mb, opts)
+      if not ok then return nil, err end
+      notes[#notes + 1] = string.format("grew %s from %s to %d MB", image, tostring(old or "?"), quota_mb)
+    end
+  end
+
+  ok, err = run({ "mount", "-t", "ext4", "-o", storage.MOUNT_OPTIONS, image, dir }, opts)
+  if not ok then return nil, err end
+  ok, err = fs.chmod(dir, opts.mode or 448)
+  if not ok then
+    storage.detach_dir(dir, opts)
+    return nil, err
+  end
+  return setmetatable({ dir = dir, image = image, quota_mb = quota_mb, service = service, id = id,
+    notes = notes, path = opts.path, attached = true }, Mount)
+end
+
+-- storage.detach_dir(dir [, opts]) -> true [, note] | nil, err: unmounts
+-- whatever is mounted on dir; lazily when it is busy, saying so.
+function storage.detach_dir(dir, opts)
+  opts = opts or {}
+  if #mounts_at(dir) == 0 then return true end
+  local ok, err = run({ "umount", dir }, opts)
+  if ok then return true end
+  local lazy, lerr = run({ "umount", "-l", dir }, opts)
+  if not lazy then return nil, err .. "; lazily: " .. lerr end
+  return true, err .. ": detached lazily; the file system goes away when its last user does"
+end
+
+-- mount:detach() -> true [, note] | nil, err. Idempotent. A busy file system
+-- (a process still has files open there) is detached lazily, and the note
+-- says so.
+function Mount:detach()
+  if not self.attached then return true end
+  local ok, note = storage.detach_dir(self.dir, { path = self.path })
+  if ok then self.attached = false end
+  return ok, note
+end
+
+function Mount:usage() return storage.usage(self.dir) end
+
+function Mount:__tostring()
+  return string.format("tenement.storage %s on %s (%d MB%s)", self.image, self.dir, self.quota_mb,
+    self.attached and "" or ", detached")
+end
+
+-- storage.remove(data_dir, service, id) -> true | nil, err: deletes the
+-- image (the instance's data). Refused while it is mounted.
+function storage.remove(data_dir, service, id)
+  check_args(data_dir, service, id)
+  local dir, image = storage.paths(data_dir, service, id)
+  local real = fs.realpath(dir)
+  if real and our_mount(real, real .. ".img") then
+    return nil, string.format("%s is still mounted on %s: detach it first", image, real)
+  end
+  fs.unlink(image .. ".new")
+  local ok, err, code = fs.unlink(image)
+  if not ok and code ~= "ENOENT" then return nil, err end
+  return true
+end
+
+-- storage.usage(path) -> used_bytes, quota_bytes | nil, err. Of the file
+-- system holding path: on an instance's mount, what it holds and what it
+-- may hold in all (used + what a writer can still add).
+function storage.usage(path)
+  local st, err = fs.statfs(path)
+  if not st then return nil, err end
+  local used = st.size - st.free
+  return used, used + st.avail
+end
+
+-- storage.mounted(data_dir) -> { { dir, image, source } }: instance images
+-- mounted under data_dir now.
+function storage.mounted(data_dir)
+  local root = fs.realpath(data_dir)
+  local out = {}
+  if not root then return out end
+  local text = fs.read("/proc/self/mountinfo") or ""
+  for line in text:gmatch("[^\n]+") do
+    local point, source = line:match("^%S+ %S+ %S+ %S+ (%S+) .- %- %S+ (%S+)")
+    point = point and unescape(point)
+    if point and point:sub(1, #root + 1) == root .. "/" and point:sub(#root + 2):match("^[^/]+/[^/]+$") then
+      local backing = loop_backing(unescape(source))
+      if backing == point .. ".img" then
+        out[#out + 1] = { dir = point, image = backing, source = unescape(source) }
+      end
+    end
+  end
+  return out
+end
+
+-- storage.cleanup_stale(data_dir [, opts]) -> detached dirs, failures.
+-- Unmounts the instance images a ten that died left mounted (call it at
+-- server start, before instances are restored). In a task.
+function storage.cleanup_stale(data_dir, opts)
+  local done, failures = {}, {}
+  for _, m in ipairs(storage.mounted(data_dir)) do
+    local ok, err = storage.detach_dir(m.dir, opts)
+    if ok then done[#done + 1] = m.dir
+    else failures[#failures + 1] = string.format("stale mount %s: %s", m.dir, err) end
+  end
+  return done, failures
+end
+
+return storage

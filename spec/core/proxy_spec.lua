@@ -1,0 +1,933 @@
+-- req:proxy: the reverse proxy of the front door, against the C test backend
+-- (spec/fixtures/backend.c) on a Unix socket and raw client connections.
+local core = require "tenement.core"
+local net, http, fs = core.net, core.http, core.fs
+
+local BACKEND = (os.getenv("TEN_BUILD") or "build") .. "/fixtures/backend"
+
+local function tmpdir()
+  local base = os.getenv("TMPDIR") or "/tmp"
+  local dir = string.format("%s/tn-proxy-%d-%d", base, math.floor(core.time() * 1000) % 1e9,
+    math.random(1, 1e9))
+  assert(fs.mkdir(dir, 448))
+  return dir
+end
+
+-- A raw client connection that parses responses the way a strict peer would.
+local Raw = {}
+Raw.__index = Raw
+
+local function raw(port)
+  local s, err = net.connect { port = port, timeout = 2000 }
+  assert(s, err)
+  return setmetatable({ s = s, buf = "" }, Raw)
+end
+
+function Raw:send(bytes) assert(self.s:write(bytes)) end
+
+function Raw:fill(timeout)
+  local chunk, err = self.s:read(timeout or 5000)
+  if chunk then
+    self.buf = self.buf .. chunk
+    return true
+  end
+  if err then return nil, err end
+  return false
+end
+
+-- n bytes, or everything up to EOF when n is nil
+function Raw:take(n, timeout)
+  while n == nil or #self.buf < n do
+    local ok, err = self:fill(timeout)
+    if ok == false and n == nil then break end
+    if not ok then return nil, err or "eof" end
+  end
+  n = n or #self.buf
+  local out = self.buf:sub(1, n)
+  self.buf = self.buf:sub(n + 1)
+  return out
+end
+
+function Raw:line(timeout)
+  while not self.buf:find("\r\n", 1, true) do
+    local ok, err = self:fill(timeout)
+    if not ok then return nil, err or "eof" end
+  end
+  local i = self.buf:find("\r\n", 1, true)
+  local l = self.buf:sub(1, i - 1)
+  self.buf = self.buf:sub(i + 2)
+  return l
+end
+
+-- The next response: { status, reason, headers (lower case), body, raw_head,
+-- framing = "length" | "chunked" | "eof" | "none" }.
+function Raw:response(opts)
+  opts = opts or {}
+  while not self.buf:find("\r\n\r\n", 1, true) do
+    local ok, err = self:fill(opts.timeout)
+    if not ok then return nil, err or "eof" end
+  end
+  local head_end = self.buf:find("\r\n\r\n", 1, true)
+  local head = self.buf:sub(1, head_end + 1)
+  self.buf = self.buf:sub(head_end + 4)
+  local status, reason = head:match("^HTTP/1%.1 (%d%d%d) ([^\r]*)\r\n")
+  assert(status, "bad status line in " .. head)
+  local res = { status = tonumber(status), reason = reason, headers = {}, raw_head = head }
+  for name, value in head:gmatch("\r\n([^:\r\n]+): ([^\r\n]*)") do
+    res.headers[name:lower()] = value
+  end
+  local err
+  if opts.head or res.status == 204 or res.status == 304 or res.status < 200 then
+    res.framing, res.body = "none", ""
+  elseif res.headers["transfer-encoding"] == "chunked" then
+    res.framing = "chunked"
+    local parts = {}
+    while true do
+      local size_line
+      size_line, err = self:line(opts.timeout)
+      if not size_line then return nil, err end
+      local size = tonumber(size_line:match("^%x+"), 16)
+      if size == 0 then
+        assert.are.equal("", self:line(opts.timeout))
+        break
+      end
+      parts[#parts + 1], err = self:take(size, opts.timeout)
+      if not parts[#parts] then return nil, err end
+      assert.are.equal("", self:line(opts.timeout))
+    end
+    res.body = table.concat(parts)
+  elseif res.headers["content-length"] then
+    res.framing = "length"
+    res.body, err = self:take(tonumber(res.headers["content-length"]), opts.timeout)
+    if not res.body then return nil, err end
+  else
+    res.framing = "eof"
+    res.body = self:take(nil, opts.timeout)
+  end
+  return res
+end
+
+-- True when the server closed the connection (after any bytes left).
+function Raw:closed(timeout)
+  while true do
+    local ok, err = self:fill(timeout or 2000)
+    if ok == false then return true end
+    if ok == nil then return err ~= "timeout" end
+  end
+end
+
+function Raw:close() self.s:close() end
+
+-- The backend fixture as a background process; its exit status lands in
+-- <dir>/<name>.code.
+local function start_backend(dir, name, env)
+  name = name or "backend"
+  local sock = dir .. "/" .. name .. ".sock"
+  local out = dir .. "/" .. name .. ".out"
+  local vars = { "SOCKET_PATH='" .. sock .. "'", "INSTANCE_ID='" .. name .. "'" }
+  for _, f in ipairs { out, dir .. "/" .. name .. ".pid", dir .. "/" .. name .. ".code" } do os.remove(f) end
+  for k, v in pairs(env or {}) do vars[#vars + 1] = k .. "='" .. v .. "'" end
+  local cmd = string.format("cd '%s' && env %s sh -c '%s & echo $! > %s.pid; wait $!; echo $? > %s.code' " ..
+    "> '%s' 2>&1 &", dir, table.concat(vars, " "), BACKEND, name, name, out)
+  assert(os.execute(cmd))
+  local b = { path = sock, out = out, code_file = dir .. "/" .. name .. ".code" }
+  local deadline = core.now() + 5000
+  while core.now() < deadline do
+    if not b.pid then
+      local pf = io.open(dir .. "/" .. name .. ".pid")
+      b.pid = pf and pf:read("n")
+      if pf then pf:close() end
+    end
+    local text = fs.read(out)
+    if b.pid and text and text:match("^listening on") then
+      b.port = tonumber(text:match("127%.0%.0%.1:(%d+)"))
+      return b
+    end
+    core.sleep(5)
+  end
+  error("the backend did not start: " .. tostring(fs.read(out)))
+end
+
+local function exit_code(b, timeout)
+  local deadline = core.now() + (timeout or 2000)
+  repeat
+    local text = fs.read(b.code_file)
+    if text and text:match("%d") then return tonumber(text:match("%d+")) end
+    core.sleep(5)
+  until core.now() > deadline
+  return nil
+end
+
+local function stop_backend(b)
+  if b and b.pid then os.execute("kill -9 " .. b.pid .. " 2>/dev/null") end
+end
+
+-- How many requests the backend handled (this question included).
+local function backend_count(b)
+  return tonumber(assert(http.request { path = b.path, target = "/count" }).body)
+end
+
+local function rss_kb()
+  local f = assert(io.open("/proc/self/status"))
+  local text = f:read("a")
+  f:close()
+  return tonumber(text:match("VmRSS:%s*(%d+)"))
+end
+
+-- A front door on an ephemeral port that proxies every request to `path`
+-- (or to the path a handler option gives). Each handler outcome lands in
+-- log: { stats, err, code, responded }.
+local function front(path, popts, sopts)
+  local l = assert(net.listen { port = 0 })
+  local log = {}
+  local srv = http.serve(l, function(req)
+    local opts = {}
+    for k, v in pairs(popts or {}) do opts[k] = v end
+    opts.path = opts.path or path
+    if type(opts.path) == "function" then opts.path = opts.path(req) end
+    local st, err, code = req:proxy(opts)
+    log[#log + 1] = { st, err, code, req.responded }
+    if not st and not req.responded then
+      return 502, { ["Content-Type"] = "text/plain" }, "bad gateway: " .. tostring(code)
+    end
+  end, sopts or { lazy_body = true, max_body = 1 << 30 })
+  return srv, l:port(), log
+end
+
+-- Wait until cond() holds (an event we cannot await directly: a process
+-- elsewhere, a socket closing).
+local function eventually(cond, ms)
+  local deadline = core.now() + (ms or 3000)
+  while not cond() do
+    if core.now() > deadline then return false end
+    core.sleep(2)
+  end
+  return true
+end
+
+describe("req:proxy", function()
+  local dir, b
+  setup(function()
+    dir = tmpdir()
+    core.run(function() b = start_backend(dir, "main") end)
+  end)
+  teardown(function()
+    stop_backend(b)
+    fs.rmtree(dir)
+  end)
+
+  it("re-serialises the request head: X-Forwarded-*, hop-by-hop gone, Host kept", function()
+    core.run(function()
+      local srv, port, log = front(b.path, {
+        headers = { ["X-Tenement-Instance"] = "web-1", ["X-Override"] = "theirs" },
+        forwarded_proto = "https",
+      })
+      local c = raw(port)
+      c:send("GET /echo?x=1 HTTP/1.1\r\nHost: app.example.test\r\nUser-Agent: spec\r\n" ..
+        "X-Forwarded-For: 203.0.113.7\r\nX-Forwarded-For: 10.0.0.1\r\nX-Forwarded-Proto: gopher\r\n" ..
+        "X-Forwarded-Host: evil.test\r\nConnection: keep-alive, X-Hop\r\nX-Hop: gone\r\n" ..
+        "Keep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nTE: trailers\r\nTrailer: X-T\r\n" ..
+        "Proxy-Authorization: Basic Zm9vOmJhcg==\r\nX-Override: mine\r\nExpect: 100-continue\r\n" ..
+        "Cookie: a=1\r\n\r\n")
+      local res = assert(c:response())
+      assert.are.equal(200, res.status)
+      local echoed = res.body
+      assert.matches("^GET /echo%?x=1 HTTP/1%.1\r\n", echoed)
+      -- names keep their case; Host is the client's
+      assert.matches("\r\nHost: app%.example%.test\r\n", echoed)
+      assert.matches("\r\nUser%-Agent: spec\r\n", echoed)
+      assert.matches("\r\nCookie: a=1\r\n", echoed)
+      assert.matches("\r\nProxy%-Authorization: Basic Zm9vOmJhcg==\r\n", echoed)
+      assert.matches("\r\nX%-Forwarded%-For: 203%.0%.113%.7, 10%.0%.0%.1, 127%.0%.0%.1\r\n", echoed)
+      assert.matches("\r\nX%-Forwarded%-Proto: https\r\n", echoed)
+      assert.matches("\r\nX%-Forwarded%-Host: app%.example%.test\r\n", echoed)
+      assert.matches("\r\nX%-Tenement%-Instance: web%-1\r\n", echoed)
+      assert.matches("\r\nX%-Override: theirs\r\n", echoed)
+      assert.matches("\r\nConnection: keep%-alive\r\n", echoed)
+      for _, gone in ipairs { "X%-Hop", "Keep%-Alive", "Proxy%-Connection", "TE", "Trailer", "Expect",
+        "gopher", "evil", "mine" } do
+        assert.is_nil(echoed:find("\r\n" .. gone .. "[:\r]") or echoed:find(": " .. gone), gone)
+      end
+      local _, nconn = echoed:gsub("\r\nConnection:", "")
+      assert.are.equal(1, nconn)
+      -- the response head comes back with the backend's headers, framed anew
+      assert.are.equal("main", res.headers["x-backend"])
+      assert.are.equal(tostring(#echoed), res.headers["content-length"])
+      assert.is_nil(res.headers.connection)
+      local st = log[1][1]
+      assert.are.equal(200, st.status)
+      assert.are.equal(0, st.bytes_in)
+      assert.are.equal(#res.raw_head + 2 + #echoed, st.bytes_out)
+      assert.is_true(st.upstream_ms >= 0)
+      assert.is_false(st.upgraded)
+      c:close()
+      srv:close()
+    end)
+  end)
+
+  it("forwards POST bodies with a length, and chunked ones re-chunked", function()
+    core.run(function()
+      local srv, port, log = front(b.path)
+      local c = raw(port)
+      c:send("POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 11\r\n\r\nhello world")
+      local res = assert(c:response())
+      assert.matches("\r\nContent%-Length: 11\r\n", res.body)
+      assert.matches("\r\n\r\nhello world$", res.body)
+      assert.are.equal(11, log[1][1].bytes_in)
+      -- chunked, with extensions and trailers: decoded, re-encoded
+      c:send("POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n" ..
+        "5;ext=1\r\nhello\r\n1\r\n \r\n5\r\nworld\r\n0\r\nX-Trailer: t\r\n\r\n")
+      res = assert(c:response())
+      assert.matches("\r\nTransfer%-Encoding: chunked\r\n", res.body)
+      assert.is_nil(res.body:find("Content%-Length"))
+      assert.matches("\r\n\r\nhello world$", res.body)
+      assert.are.equal(11, log[2][1].bytes_in)
+      -- the body arriving in pieces, slower than the head
+      c:send("POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 6\r\n\r\nabc")
+      core.sleep(20)
+      c:send("def")
+      assert.matches("\r\n\r\nabcdef$", assert(c:response()).body)
+      c:close()
+      srv:close()
+    end)
+  end)
+
+  it("forwards a body a non-lazy server already read", function()
+    core.run(function()
+      local srv, port = front(b.path, nil, { max_body = 1000 })
+      local c = raw(port)
+      c:send("POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+      local res = assert(c:response())
+      assert.matches("\r\nContent%-Length: 3\r\n", res.body)
+      assert.matches("\r\n\r\nabc$", res.body)
+      c:close()
+      srv:close()
+    end)
+  end)
+
+  it("reuses upstream connections and keeps them per upstream", function()
+    core.run(function()
+      local srv, port, log = front(b.path)
+      http.pool_close(b.path)
+      local c = raw(port)
+      for i = 1, 3 do
+        c:send("GET /health HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert.are.equal("ok", assert(c:response()).body)
+        assert.are.equal(i > 1, log[i][1].reused)
+      end
+      local stats = http.pool_stats()[b.path]
+      assert.are.equal(1, stats.idle)
+      assert.are.equal(0, stats.active)
+      -- a second client meanwhile takes the idle one, then a fresh one
+      local c2 = raw(port)
+      c:send("GET /sleep?ms=50 HTTP/1.1\r\nHost: a\r\n\r\n")
+      core.sleep(10)
+      c2:send("GET /health HTTP/1.1\r\nHost: a\r\n\r\n")
+      assert.are.equal("ok", assert(c2:response()).body)
+      assert.are.equal("slept 50 ms\n", assert(c:response()).body)
+      -- (the log is in the order the exchanges finished)
+      assert.is_false(log[4][1].reused)
+      assert.is_true(log[5][1].reused)
+      assert.are.equal(2, http.pool_stats()[b.path].idle)
+      -- pool_close drops them (the supervisor calls it when an instance stops)
+      assert.are.equal(2, http.pool_close(b.path))
+      assert.is_nil(http.pool_stats()[b.path])
+      assert.are.equal(0, http.pool_close(b.path))
+      c:send("GET /health HTTP/1.1\r\nHost: a\r\n\r\n")
+      assert.are.equal("ok", assert(c:response()).body)
+      assert.is_false(log[6][1].reused)
+      c:close()
+      c2:close()
+      srv:close()
+    end)
+  end)
+
+  it("keeps at most idle_pool idle connections and none the upstream closes", function()
+    core.run(function()
+      local srv, port, log = front(b.path, { idle_pool = 1 })
+      http.pool_close(b.path)
+      local cs = {}
+      for i = 1, 3 do
+        cs[i] = raw(port)
+        cs[i]:send("GET /sleep?ms=30 HTTP/1.1\r\nHost: a\r\n\r\n")
+      end
+      for i = 1, 3 do assert.are.equal(200, assert(cs[i]:response()).status) end
+      assert.are.equal(1, http.pool_stats()[b.path].idle)
+      -- Connection: close from the upstream: not kept
+      http.pool_close(b.path)
+      cs[1]:send("GET /close HTTP/1.1\r\nHost: a\r\n\r\n")
+      local res = assert(cs[1]:response())
+      assert.are.equal("closing\n", res.body)
+      assert.is_nil(res.headers.connection) -- the client's connection is its own
+      assert.is_nil(http.pool_stats()[b.path])
+      -- an idle connection the upstream closes leaves the pool by itself
+      cs[1]:send("GET /health HTTP/1.1\r\nHost: a\r\n\r\n")
+      assert.are.equal("ok", assert(cs[1]:response()).body)
+      assert.are.equal(1, http.pool_stats()[b.path].idle)
+      local b2 = start_backend(dir, "restarted")
+      local srv2, port2 = front(b2.path)
+      local c = raw(port2)
+      c:send("GET /health HTTP/1.1\r\nHost: a\r\n\r\n")
+      assert(c:response())
+      assert.are.equal(1, http.pool_stats()[b2.path].idle)
+      stop_backend(b2)
+      assert.is_true(eventually(function() return http.pool_stats()[b2.path] == nil end))
+      for i = 1, 3 do cs[i]:close() end
+      c:close()
+      srv:close()
+      srv2:close()
+      assert(#log >= 5)
+    end)
+  end)
+
+  it("retries a request once when the pooled connection was closed under it", function()
+    core.run(function()
+      local srv, port, log = front(b.path)
+      http.pool_close(b.path)
+      local c = raw(port)
+      -- the backend answers, then drops the connection on the next request
+      c:send("GET /drop-next HTTP/1.1\r\nHost: a\r\n\r\n")
+      assert.are.equal("armed\n", assert(c:response()).body)
+      local before = backend_count(b)
+      c:send("GET /echo HTTP/1.1\r\nHost: a\r\n\r\n")
+      local res = assert(c:response())
+      assert.are.equal(200, res.status)
+      assert.is_false(log[2][1].reused) -- answered on the fresh connection
+      -- the request reached the backend once on each connection, no more
+      assert.are.equal(before + 2, backend_count(b))
+      -- a body already read from the client cannot be sent again: an error,
+      -- never a silent loss
+      c:send("GET /drop-next HTTP/1.1\r\nHost: a\r\n\r\n")
+      assert.are.equal("armed\n", assert(c:response()).body)
+      c:send("POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n\r\nbody")
+      res = assert(c:response())
+      assert.are.equal(502, res.status)
+      assert.are.equal("ECONNRESET", log[4][3])
+      assert.is_false(log[4][4])
+      -- and the client connection goes on
+      c:send("GET /health HTTP/1.1\r\nHost: a\r\n\r\n")
+      assert.are.equal("ok", assert(c:response()).body)
+      c:close()
+      srv:close()
+    end)
+  end)
+
+  it("streams chunked and close-delimited responses, re-framed for the client", function()
+    core.run(function()
+      local srv, port = front(b.path)
+      local c = raw(port)
+      c:send("GET /chunked?n=3 HTTP/1.1\r\nHost: a\r\n\r\n")
+      local res = assert(c:response())
+      assert.are.equal("chunked", res.framing)
+      assert.are.equal("chunk 1\nchunk 2\nchunk 3\n", res.body)
+      -- the body delimited by the upstream closing: chunked to a 1.1 client
+      c:send("GET /bytes?n=100000&eof=1 HTTP/1.1\r\nHost: a\r\n\r\n")
+      res = assert(c:response())
+      assert.are.equal("chunked", res.framing)
+      assert.are.equal(100000, #res.body)
+      assert.are.equal("abcdefghij", res.body:sub(1, 10))
+      -- and the connection is still usable
+      c:send("GET /bytes?n=200000&chunked=1 HTTP/1.1\r\nHost: a\r\n\r\n")
+      res = assert(c:response())
+      assert.are.equal(200000, #res.body)
+      c:close()
+      -- an HTTP/1.0 client gets the body delimited by the close
+      c = raw(port)
+      c:send("GET /chunked?n=2 HTTP/1.0\r\n\r\n")
+      res = assert(c:response())
+      assert.are.equal("eof", res.framing)
+      assert.are.equal("close", res.headers.connection)
+      assert.are.equal("chunk 1\nchunk 2\n", res.body)
+      c:close()
+      -- and keeps its connection when it asks and the length is known
+      c = raw(port)
+      c:send("GET /health HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+      res = assert(c:response())
+      assert.are.equal("keep-alive", res.headers.connection)
+      c:send("GET /health HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+      assert.are.equal("ok", assert(c:response()).body)
+      c:close()
+      srv:close()
+    end)
+  end)
+
+  it("answers HEAD without a body, and skips interim responses", function()
+    core.run(function()
+      local srv, port = front(b.path)
+      local c = raw(port)
+      c:send("HEAD /bytes?n=100 HTTP/1.1\r\nHost: a\r\n\r\n")
+      local res = assert(c:response { head = true })
+      assert.are.equal("100", res.headers["content-length"])
+      c:send("HEAD /chunked HTTP/1.1\r\nHost: a\r\n\r\nGET /health HTTP/1.1\r\nHost: a\r\n\r\n")
+      res = assert(c:response { head = true })
+      assert.are.equal(200, res.status)
+      -- nothing followed either head: the next bytes are the GET's response
+      assert.are.equal("ok", assert(c:response()).body)
+      for _, code in ipairs { 100, 103 } do
+        c:send("GET /interim?code=" .. code .. " HTTP/1.1\r\nHost: a\r\n\r\n")
+        res = assert(c:response())
+        assert.are.equal(200, res.status)
+        assert.are.equal("after interim\n", res.body)
+      end
+      c:close()
+      srv:close()
+    end)
+  end)
+
+  it("answers Expect: 100-continue itself, once the upstream is connected", function()
+    core.run(function()
+      local srv, port = front(b.path)
+      local c = raw(port)
+      c:send("POST /echo HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n")
+      assert.are.equal(100, assert(c:response()).status)
+      c:send("abcd")
+      local res = assert(c:response())
+      assert.matches("\r\n\r\nabcd$", res.body)
+      assert.is_nil(res.body:find("Expect"))
+      c:close()
+      srv:close()
+    end)
+  end)
+
+  it("proxies pipelined requests in order", function()
+    core.run(function()
+      local srv, port = front(b.path)
+      local c = raw(port)
+      c:send("GET /sleep?ms=30 HTTP/1.1\r\nHost: a\r\n\r\n" ..
+        "POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nfirst" ..
+        "GET /chunked?n=1 HTTP/1.1\r\nHost: a\r\n\r\n" ..
+        "POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n6\r\nsecond\r\n0\r\n\r\n" ..
+        "GET /health HTTP/1.1\r\nHost: a\r\n\r\n")
+      assert.are.equal("slept 30 ms\n", assert(c:response()).body)
+      assert.matches("first$", assert(c:response()).body)
+      assert.are.equal("chunk 1\n", assert(c:response()).body)
+      assert.matches("second$", assert(c:response()).body)
+      assert.are.equal("ok", assert(c:response()).body)
+      c:close()
+      srv:close()
+    end)
+  end)
+
+  it("returns nil, err, code without answering when the upstream is not there", function()
+    core.run(function()
+      local missing = dir .. "/nobody.sock"
+      local srv, port, log = front(missing)
+      local c = raw(port)
+      c:send("POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n\r\nbody")
+      local res = assert(c:response())
+      assert.are.equal(502, res.status)
+      assert.are.equal("bad gateway: ENOENT", res.body)
+      assert.is_nil(log[1][1])
+      assert.are.equal("connect " .. missing .. ": ENOENT: no such file or directory", log[1][2])
+      assert.are.equal("ENOENT", log[1][3])
+      assert.is_false(log[1][4])
+      -- a socket file nobody listens on
+      local l = assert(net.listen { path = dir .. "/dead.sock" })
+      l:close()
+      fs.write(dir .. "/dead.sock", "")
+      c:send("GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+      assert.are.equal(502, assert(c:response()).status)
+      c:close()
+      srv:close()
+    end)
+  end)
+
+  it("lets the handler retry once the upstream is up, the body still unread", function()
+    core.run(function()
+      local later = dir .. "/later.sock"
+      local attempts = {}
+      local late
+      local l = assert(net.listen { port = 0 })
+      local srv = http.serve(l, function(req)
+        local st, err, code = req:proxy { path = later }
+        attempts[#attempts + 1] = code or "ok"
+        if not st and code == "ENOENT" then
+          late = start_backend(dir, "later")
+          st, err = req:proxy { path = later }
+          attempts[#attempts + 1] = st and "ok" or err
+        end
+        if not st and not req.responded then return 502 end
+      end, { lazy_body = true })
+      local c = raw(l:port())
+      c:send("POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 7\r\n\r\npayload")
+      local res = assert(c:response())
+      assert.are.equal(200, res.status)
+      assert.matches("\r\n\r\npayload$", res.body)
+      assert.are.same({ "ENOENT", "ok" }, attempts)
+      c:close()
+      srv:close()
+      stop_backend(late)
+    end)
+  end)
+
+  it("answers 504 itself when the response head does not come in time", function()
+    core.run(function()
+      local srv, port, log = front(b.path, { timeout = 100 })
+      local c = raw(port)
+      local t0 = core.now()
+      c:send("GET /hang HTTP/1.1\r\nHost: a\r\n\r\n")
+      local res = assert(c:response())
+      assert.are.equal(504, res.status)
+      assert.is_true(core.now() - t0 >= 90)
+      assert.is_nil(log[1][1])
+      assert.are.equal("timeout", log[1][2])
+      assert.are.equal("ETIMEDOUT", log[1][3])
+      assert.is_true(log[1][4])
+      -- the hung upstream connection is not pooled; the client goes on
+      c:send("GET /health HTTP/1.1\r\nHost: a\r\n\r\n")
+      assert.are.equal("ok", assert(c:response()).body)
+      assert.is_false(log[2][1].reused)
+      c:close()
+      srv:close()
+    end)
+  end)
+
+  it("answers 408 when it is the client's body that stalls", function()
+    core.run(function()
+      local srv, port, log = front(b.path, { timeout = 100 })
+      local c = raw(port)
+      c:send("POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc")
+      local res = assert(c:response())
+      assert.are.equal(408, res.status)
+      assert.are.equal("close", res.headers.connection)
+      assert.is_true(c:closed())
+      assert.are.equal("ETIMEDOUT", log[1][3])
+      c:close()
+      srv:close()
+    end)
+  end)
+
+  it("refuses a malformed or oversized chunked body in the middle of the stream", function()
+    core.run(function()
+      local srv, port, log = front(b.path, nil, { lazy_body = true, max_body = 100 })
+      local c = raw(port)
+      c:send("POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\nzz\r\n")
+      local res = assert(c:response())
+      assert.are.equal(400, res.status)
+      assert.is_true(c:closed())
+      assert.are.equal("EPROTO", log[1][3])
+      c:close()
+      c = raw(port)
+      c:send("POST /sink HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n" ..
+        "40\r\n" .. string.rep("a", 64) .. "\r\n40\r\n" .. string.rep("b", 64) .. "\r\n0\r\n\r\n")
+      res = assert(c:response())
+      assert.are.equal(413, res.status)
+      assert.are.equal("E2BIG", log[2][3])
+      c:close()
+      srv:close()
+    end)
+  end)
+
+  it("closes the upstream when the client goes away mid-response", function()
+    core.run(function()
+      local srv, port, log = front(b.path)
+      http.pool_close(b.path)
+      local c = raw(port)
+      c:send("GET /bytes?n=50000000 HTTP/1.1\r\nHost: a\r\n\r\n")
+      assert(c:fill())
+      c:close()
+      assert.is_true(eventually(function() return #log == 1 end))
+      assert.is_nil(log[1][1])
+      assert.are.equal("client closed", log[1][2])
+      assert.are.equal("ECONNABORTED", log[1][3])
+      assert.is_nil(http.pool_stats()[b.path])
+      -- while it waits for the response head: the upstream request is
+      -- abandoned at once, not when the upstream answers
+      c = raw(port)
+      c:send("GET /sleep?ms=5000 HTTP/1.1\r\nHost: a\r\n\r\n")
+      core.sleep(20)
+      c:close()
+      assert.is_true(eventually(function() return #log == 2 end, 1000))
+      assert.are.equal("client closed", log[2][2])
+      -- and in the middle of an upload
+      c = raw(port)
+      c:send("POST /sink HTTP/1.1\r\nHost: a\r\nContent-Length: 100000000\r\n\r\n")
+      c:send(string.rep("u", 100000))
+      c:close()
+      assert.is_true(eventually(function() return #log == 3 end, 1000))
+      assert.are.equal("client closed", log[3][2])
+      assert.is_nil(http.pool_stats()[b.path])
+      srv:close()
+    end)
+  end)
+
+  it("cuts the client off when the upstream dies mid-response", function()
+    core.run(function()
+      local crash = start_backend(dir, "crash")
+      local srv, port, log = front(crash.path)
+      local c = raw(port)
+      c:send("GET /half?n=1000 HTTP/1.1\r\nHost: a\r\n\r\n")
+      local res, err = c:response()
+      assert.is_nil(res)
+      assert.are.equal("eof", err)
+      assert.are.equal(4, exit_code(crash))
+      assert.is_nil(log[1][1])
+      assert.are.equal("ECONNRESET", log[1][3])
+      assert.matches("before the response ended", log[1][2])
+      assert.is_true(log[1][4])
+      c:close()
+      -- dying before any response byte: nothing was sent, the handler answers
+      crash = start_backend(dir, "crash2")
+      srv:close()
+      srv, port, log = front(crash.path)
+      c = raw(port)
+      c:send("GET /crash HTTP/1.1\r\nHost: a\r\n\r\n")
+      res = assert(c:response())
+      assert.are.equal(502, res.status)
+      assert.matches("before responding", log[1][2])
+      assert.is_false(log[1][4])
+      c:close()
+      srv:close()
+    end)
+  end)
+
+  it("refuses a malformed response", function()
+    core.run(function()
+      local l = assert(net.listen { path = dir .. "/liar.sock" })
+      core.spawn(function()
+        for _, reply in ipairs {
+          "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+          "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+          "HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n",
+          "SMTP ready\r\n",
+        } do
+          local s = l:accept(2000)
+          if not s then return end
+          s:read(2000)
+          s:write(reply)
+          s:close()
+        end
+      end)
+      local srv, port, log = front(dir .. "/liar.sock")
+      local c = raw(port)
+      for i = 1, 4 do
+        c:send("GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert.are.equal(502, assert(c:response()).status)
+        assert.are.equal("EPROTO", log[i][3], log[i][2])
+      end
+      c:close()
+      srv:close()
+      l:close()
+    end)
+  end)
+
+  it("tunnels an upgraded connection both ways", function()
+    core.run(function()
+      local srv, port, log = front(b.path)
+      local c = raw(port)
+      -- the first frame comes before the 101, as a client may send it
+      c:send("GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: echo\r\n" ..
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\nearly ")
+      local res = assert(c:response { head = true })
+      assert.are.equal(101, res.status)
+      assert.are.equal("upgrade", res.headers.connection)
+      assert.are.equal("echo", res.headers.upgrade)
+      assert.are.equal("early ", c:take(6))
+      for i = 1, 5 do
+        local msg = string.rep(string.char(64 + i), i * 1000)
+        c:send(msg)
+        assert.are.equal(msg, c:take(#msg))
+      end
+      local big = string.rep("0123456789abcdef", 65536) -- 1 MiB each way
+      core.spawn(function() c.s:write(big) end)
+      assert.are.equal(big, c:take(#big))
+      c:close()
+      assert.is_true(eventually(function() return #log == 1 end))
+      local st = log[1][1]
+      assert.are.equal(101, st.status)
+      assert.is_true(st.upgraded)
+      assert.are.equal(6 + 15000 + #big, st.bytes_in)
+      assert.is_true(st.bytes_out >= 6 + 15000 + #big)
+      -- the upstream side of a tunnel never goes back to the pool
+      assert.are.equal(0, (http.pool_stats()[b.path] or { active = 0 }).active)
+      -- the upstream closing ends the tunnel too
+      c = raw(port)
+      c:send("GET /ws HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n")
+      assert.are.equal(101, assert(c:response { head = true }).status)
+      c:send("ping")
+      assert.are.equal("ping", c:take(4))
+      stop_backend(b)
+      assert.is_true(c:closed())
+      assert.is_true(eventually(function() return #log == 2 end))
+      assert.is_true(log[2][1].upgraded)
+      c:close()
+      b = start_backend(dir, "main2")
+      srv:close()
+      srv, port = front(b.path)
+      -- without Upgrade the endpoint answers plainly and nothing is tunnelled
+      c = raw(port)
+      c:send("GET /ws HTTP/1.1\r\nHost: a\r\n\r\n")
+      assert.are.equal(426, assert(c:response()).status)
+      c:close()
+      srv:close()
+    end)
+  end)
+
+  it("lets no smuggled request reach the upstream", function()
+    core.run(function()
+      local srv, port, log = front(b.path)
+      local before = backend_count(b)
+      local attacks = {
+        "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 44\r\nTransfer-Encoding: chunked\r\n\r\n" ..
+          "0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n",
+        "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n" ..
+          "5c\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n0\r\n\r\n",
+        "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n",
+        "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nabcdef",
+        "GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n b\r\n\r\n",
+        "GET / HTTP/1.1\nHost: a\n\n",
+        "GET / HTTP/1.1\r\nHost : a\r\n\r\n",
+      }
+      for _, attack in ipairs(attacks) do
+        local c = raw(port)
+        c:send(attack)
+        assert.are.equal(400, assert(c:response()).status)
+        assert.is_true(c:closed())
+        c:close()
+      end
+      assert.are.equal(0, #log)
+      assert.are.equal(before + 1, backend_count(b))
+      srv:close()
+    end)
+  end)
+
+  it("answers 200 concurrent clients correctly", function()
+    core.run(function()
+      local srv, port = front(b.path)
+      local tasks = {}
+      for i = 1, 200 do
+        tasks[i] = core.spawn(function()
+          if i % 3 == 0 then
+            return http.request { port = port, method = "POST", target = "/echo?" .. i,
+              body = "body " .. i, timeout = 10000 }
+          end
+          return http.request { port = port, target = "/echo?" .. i, timeout = 10000 }
+        end)
+      end
+      for i = 1, 200 do
+        local ok, res, err = tasks[i]:join(10000)
+        assert.is_true(ok, tostring(res))
+        assert(res, err)
+        assert.are.equal(200, res.status)
+        assert.matches("^%u+ /echo%?" .. i .. " HTTP/1%.1\r\n", res.body)
+        if i % 3 == 0 then assert.matches("\r\n\r\nbody " .. i .. "$", res.body) end
+      end
+      assert.is_true(http.pool_stats()[b.path].idle <= 16)
+      srv:close()
+    end)
+  end)
+
+  it("streams 100 MB each way with the server's memory flat", function()
+    core.run(function()
+      local srv, port = front(b.path)
+      local total = 100 * 1024 * 1024
+      local piece = string.rep("x", 65536)
+      collectgarbage()
+      local base, peak = rss_kb(), 0
+      local sampling = true
+      local sampler = core.spawn(function()
+        while sampling do
+          peak = math.max(peak, rss_kb())
+          core.sleep(20)
+        end
+      end)
+      -- upload: the backend counts what arrives
+      local c = raw(port)
+      c:send("POST /sink HTTP/1.1\r\nHost: a\r\nContent-Length: " .. total .. "\r\n\r\n")
+      for _ = 1, total // #piece do c.s:write(piece) end
+      local res = assert(c:response { timeout = 20000 })
+      assert.are.equal(200, res.status)
+      assert.are.equal("received " .. total .. " bytes sum " .. (120 * total) % (1 << 32) .. "\n", res.body)
+      -- download: read and drop
+      c:send("GET /bytes?n=" .. total .. " HTTP/1.1\r\nHost: a\r\n\r\n")
+      local head = assert(c:response { head = true, timeout = 5000 })
+      assert.are.equal(tostring(total), head.headers["content-length"])
+      local got = #c.buf
+      c.buf = ""
+      while got < total do
+        local chunk = assert(c.s:read(5000))
+        got = got + #chunk
+        if got % (8 * 1024 * 1024) < #chunk then collectgarbage("step") end
+      end
+      assert.are.equal(total, got)
+      sampling = false
+      assert(sampler:join(1000))
+      c:close()
+      local grew = (peak - base) / 1024
+      -- AddressSanitizer keeps freed memory in quarantine: RSS says nothing there
+      local asan = (os.getenv("LD_PRELOAD") or ""):find("asan")
+      if not asan then assert.is_true(grew < 30, string.format("RSS grew by %.1f MB", grew)) end
+      srv:close()
+    end)
+  end)
+
+  it("refuses misuse", function()
+    core.run(function()
+      local errors = {}
+      local l = assert(net.listen { port = 0 })
+      local srv = http.serve(l, function(req)
+        local function try(opts) errors[#errors + 1] = select(2, pcall(req.proxy, req, opts)) end
+        try({})
+        try({ path = 1 })
+        try({ path = b.path, port = 80 })
+        try({ path = b.path, timeout = "soon" })
+        try({ path = b.path, timeout = 0 })
+        try({ path = b.path, forwarded_proto = "ftp" })
+        try({ path = b.path, headers = { ["Content-Length"] = "1" } })
+        try({ path = b.path, headers = { Connection = "close" } })
+        try({ path = b.path, headers = { ["bad name"] = "x" } })
+        local st, err, code = req:proxy { path = string.rep("p", 200) }
+        errors[#errors + 1] = code
+        assert(req:proxy { path = b.path })
+        errors[#errors + 1] = select(2, pcall(req.proxy, req, { path = b.path }))
+        errors[#errors + 1] = select(2, pcall(req.respond, req, 200))
+      end, { lazy_body = true })
+      local res = assert(http.request { port = l:port(), target = "/health" })
+      assert.are.equal("ok", res.body)
+      assert.matches("give path, or host and port", errors[1])
+      assert.matches("path must be a string", errors[2])
+      assert.matches("not both", errors[3])
+      assert.matches("timeout must be an integer", errors[4])
+      assert.matches("timeout out of range", errors[5])
+      assert.matches("forwarded_proto", errors[6])
+      assert.matches("sets header 'Content%-Length' itself", errors[7])
+      assert.matches("sets header 'Connection' itself", errors[8])
+      assert.matches("invalid header name", errors[9])
+      assert.are.equal("ENAMETOOLONG", errors[10])
+      assert.matches("already sent", errors[11])
+      assert.matches("already sent", errors[12])
+      srv:close()
+      -- outside a task
+      assert.has_error(function() core.http.pool_close({}) end)
+    end)
+  end)
+
+  it("proxies to TCP upstreams too", function()
+    core.run(function()
+      local tcp = start_backend(dir, "tcp", { BACKEND_TCP = "1", PORT = "0" })
+      local srv, port, log = front(nil, { host = "127.0.0.1", port = tcp.port })
+      local c = raw(port)
+      for _ = 1, 2 do
+        c:send("GET /health HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert.are.equal("ok", assert(c:response()).body)
+      end
+      assert.is_true(log[2][1].reused)
+      assert.are.equal(1, http.pool_stats()["127.0.0.1:" .. tcp.port].idle)
+      assert.are.equal(1, http.pool_close { host = "127.0.0.1", port = tcp.port })
+      c:close()
+      srv:close()
+      stop_backend(tcp)
+    end)
+  end)
+
+  it("leaves no task behind", function()
+    local before = core.tasks()
+    core.run(function()
+      local srv, port = front(b.path)
+      for _ = 1, 20 do assert.are.equal("ok", assert(http.request { port = port, target = "/health" }).body) end
+      assert.is_true(srv:drain(1000))
+    end)
+    collectgarbage()
+    assert.are.equal(before, core.tasks())
+  end)
+end)

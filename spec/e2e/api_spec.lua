@@ -1,0 +1,231 @@
+-- The HTTP API on the bare domain of a real `ten serve`: tokens, scopes,
+-- errors, metrics.
+local core = require "tenement.core"
+local support = require "support"
+local cjson = require "cjson"
+
+local function abs(p)
+  if p:sub(1, 1) == "/" then return p end
+  return os.getenv("PWD") .. "/" .. p
+end
+
+local TEN = abs(support.ten)
+local BACKEND = abs(support.build .. "/fixtures/backend")
+
+local function sleep(s) os.execute("sleep " .. s) end
+
+local function start_server(dir, extra)
+  local port = support.free_port()
+  local cfg = dir .. "/tenement.toml"
+  support.write(cfg, table.concat({
+    "[settings]",
+    'data_dir = "data"',
+    "port = " .. port,
+    'domain = "example.test"',
+    extra or "",
+    "[service.api]",
+    string.format("command = %q", BACKEND),
+    string.format("socket = %q", dir .. "/sock/{name}-{id}.sock"),
+    'health = "/health"',
+    'isolation = "process"',
+    "[instances]",
+    'api = ["one", "two"]',
+  }, "\n") .. "\n")
+  local p = io.popen(string.format("env -i PATH=/usr/bin:/bin %s serve --config %s >%s 2>&1 & echo $!",
+    support.quote(TEN), support.quote(cfg), support.quote(dir .. "/serve.log")))
+  local pid = tonumber(p:read("l"))
+  p:close()
+  for _ = 1, 100 do
+    local code, out = support.ten_run { "ps", "--json", "--config", cfg }
+    if code == 0 then
+      local ok, list = pcall(cjson.decode, out)
+      if ok and #list == 2 and list[1].state == "running" and list[2].state == "running" then break end
+    end
+    sleep(0.05)
+  end
+  return { pid = pid, port = port, cfg = cfg, dir = dir }
+end
+
+local function token(srv, ...)
+  local code, out, err = support.ten_run { "token-gen", "--config", srv.cfg, ... }
+  assert(code == 0, err)
+  return out:match("^(%S+)")
+end
+
+-- One request to the server; -> status, headers, decoded body (or raw text)
+local function call(srv, method, target, opts)
+  opts = opts or {}
+  local res
+  core.run(function()
+    res = assert(core.http.request {
+      host = "127.0.0.1", port = srv.port, method = method, target = target,
+      headers = opts.headers or { host = "example.test" }, body = opts.body, timeout = 10000,
+    })
+  end)
+  local body = res.body
+  if (res.headers["content-type"] or ""):find("json", 1, true) and body ~= "" then body = cjson.decode(body) end
+  return res.status, res.headers, body
+end
+
+local function with_auth(tok, extra)
+  local h = { host = "example.test", authorization = "Bearer " .. tok }
+  for k, v in pairs(extra or {}) do h[k] = v end
+  return h
+end
+
+describe("HTTP API", function()
+  local srv
+  before_each(function() srv = start_server(support.tmpdir()) end)
+  after_each(function()
+    if srv then os.execute("kill -TERM " .. srv.pid .. " 2>/dev/null; sleep 0.3; kill -KILL " .. srv.pid .. " 2>/dev/null") end
+    support.cleanup()
+  end)
+
+  it("refuses every API call while no token exists, and says how to make one", function()
+    local status, headers, body = call(srv, "GET", "/api/instances")
+    assert.are.equal(401, status)
+    assert.matches("^Bearer", headers["www-authenticate"])
+    assert.are.equal("no_tokens", body.error.code)
+    assert.matches("ten token-gen", body.error.message, 1, true)
+  end)
+
+  it("serves /health and /metrics without a token", function()
+    local status, _, body = call(srv, "GET", "/health")
+    assert.are.equal(200, status)
+    assert.are.equal("ok", body.status)
+    assert.are.equal(2, body.instances.running)
+    local mstatus, mheaders, text = call(srv, "GET", "/metrics")
+    assert.are.equal(200, mstatus)
+    assert.matches("text/plain; version=0.0.4", mheaders["content-type"], 1, true)
+    assert.matches('tenement_instance_up{service="api",id="one"} 1', text, 1, true)
+  end)
+
+  it("passes promtool check metrics", function()
+    local f = io.popen("command -v promtool")
+    local promtool = f:read("l")
+    f:close()
+    if not promtool then
+      pending("promtool is not installed (Debian package prometheus; `make deps` installs it)")
+      return
+    end
+    local _, _, text = call(srv, "GET", "/metrics")
+    local path = support.write(srv.dir .. "/metrics.txt", text)
+    local code, out, err = support.run("promtool check metrics < " .. path)
+    assert.are.equal(0, code, out .. err)
+  end)
+
+  it("answers the auth matrix on every protected endpoint", function()
+    local admin = token(srv, "--name", "admin")
+    local revoked = token(srv, "--name", "old")
+    assert.are.equal(0, (support.ten_run { "token-revoke", "old", "--config", srv.cfg }))
+    local endpoints = {
+      { "GET", "/api/instances" }, { "POST", "/api/instances" }, { "GET", "/api/instances/api:one" },
+      { "DELETE", "/api/instances/api:one" }, { "POST", "/api/instances/api:one/restart" },
+      { "GET", "/api/instances/api:one/health" }, { "GET", "/api/services" }, { "GET", "/api/routes/api" },
+      { "GET", "/api/logs" },
+    }
+    local bad_headers = {
+      none = { host = "example.test" },
+      wrong_scheme = { host = "example.test", authorization = "Basic " .. admin },
+      malformed = { host = "example.test", authorization = "Bearer" },
+      short = { host = "example.test", authorization = "Bearer abc" },
+      wrong = { host = "example.test", authorization = "Bearer " .. ("A"):rep(43) },
+      revoked = { host = "example.test", authorization = "Bearer " .. revoked },
+    }
+    for _, e in ipairs(endpoints) do
+      for why, h in pairs(bad_headers) do
+        local status, headers = call(srv, e[1], e[2], { headers = h })
+        assert.are.equal(401, status, e[1] .. " " .. e[2] .. " with " .. why)
+        assert.matches("^Bearer", headers["www-authenticate"])
+      end
+    end
+    -- the valid token works (read-only endpoints, so the matrix changes nothing)
+    for _, e in ipairs(endpoints) do
+      if e[1] == "GET" then
+        local status = call(srv, e[1], e[2], { headers = with_auth(admin) })
+        assert.are.equal(200, status, e[2])
+      end
+    end
+  end)
+
+  it("scopes tenant tokens to their instance on every path", function()
+    local tenant = token(srv, "--tenant", "api:one")
+    local status, _, list = call(srv, "GET", "/api/instances", { headers = with_auth(tenant) })
+    assert.are.equal(200, status)
+    assert.are.equal(1, #list)
+    assert.are.equal("api:one", list[1].id)
+    assert.are.equal(200, (call(srv, "GET", "/api/instances/api:one", { headers = with_auth(tenant) })))
+    assert.are.equal(403, (call(srv, "GET", "/api/instances/api:two", { headers = with_auth(tenant) })))
+    assert.are.equal(403, (call(srv, "DELETE", "/api/instances/api:two", { headers = with_auth(tenant) })))
+    assert.are.equal(403, (call(srv, "GET", "/api/logs?instance=api:two", { headers = with_auth(tenant) })))
+    local lstatus, _, lines = call(srv, "GET", "/api/logs", { headers = with_auth(tenant) })
+    assert.are.equal(200, lstatus)
+    for _, l in ipairs(lines) do assert.are.equal("api:one", l.instance) end
+    assert.are.equal(403, (call(srv, "GET", "/api/routes/api", { headers = with_auth(tenant) })))
+    assert.are.equal(403, (call(srv, "POST", "/api/instances", { headers = with_auth(tenant, { ["content-type"] = "application/json" }),
+      body = '{"service":"api","id":"three"}' })))
+    -- and the instance that is its own can be restarted
+    assert.are.equal(200, (call(srv, "POST", "/api/instances/api:one/restart", { headers = with_auth(tenant) })))
+  end)
+
+  it("gives clear JSON errors: 400 naming the field, 404, 405", function()
+    local admin = token(srv)
+    local h = with_auth(admin, { ["content-type"] = "application/json" })
+    local status, _, body = call(srv, "POST", "/api/instances", { headers = h, body = '{"service":"api"}' })
+    assert.are.equal(400, status)
+    assert.are.equal("bad_request", body.error.code)
+    assert.matches('"id"', body.error.message, 1, true)
+    status, _, body = call(srv, "POST", "/api/instances", { headers = h, body = "not json" })
+    assert.are.equal(400, status)
+    assert.matches("not a JSON object", body.error.message, 1, true)
+    status, _, body = call(srv, "GET", "/api/instances/api:nope", { headers = h })
+    assert.are.equal(404, status)
+    assert.are.equal("not_found", body.error.code)
+    status = call(srv, "PATCH", "/api/instances", { headers = h })
+    assert.are.equal(405, status)
+    status, _, body = call(srv, "GET", "/api/instances/..%2Fetc:x", { headers = h })
+    assert.are.equal(400, status)
+  end)
+
+  it("spawns and stops through the API, with the original's paths too", function()
+    local admin = token(srv)
+    local h = with_auth(admin, { ["content-type"] = "application/json" })
+    local status, _, body = call(srv, "POST", "/api/instances/spawn", { headers = h, body = '{"process":"api","id":"three"}' })
+    assert.are.equal(200, status)
+    assert.are.equal("api:three", body.instance)
+    assert.is_string(body.socket)
+    status = call(srv, "DELETE", "/api/instances/api:three", { headers = h })
+    assert.are.equal(204, status)
+    status, _, body = call(srv, "PUT", "/api/instances/api:one/weight", { headers = h, body = '{"weight":40}' })
+    assert.are.equal(200, status)
+    assert.are.equal(40, body.weight)
+    status, _, body = call(srv, "PUT", "/api/instances/api:one/weight", { headers = h, body = '{"weight":400}' })
+    assert.are.equal(400, status)
+  end)
+
+  it("slows down repeated failures from one address", function()
+    token(srv)
+    local bad = { host = "example.test", authorization = "Bearer " .. ("B"):rep(43) }
+    for _ = 1, 20 do call(srv, "GET", "/api/instances", { headers = bad }) end
+    local start = core.hrtime()
+    call(srv, "GET", "/api/instances", { headers = bad })
+    call(srv, "GET", "/api/instances", { headers = bad })
+    local elapsed_ms = (core.hrtime() - start) / 1e6
+    -- a lower bound only: the server must have waited at least this long
+    assert.is_true(elapsed_ms >= 250, "the 21st and 22nd failures should wait (100 + 200 ms), took " .. elapsed_ms)
+  end)
+
+  it("works as a remote server for the CLI with --server and --token", function()
+    local admin = token(srv)
+    local url = "http://127.0.0.1:" .. srv.port
+    local code, out, err = support.ten_run { "ps", "--server", url, "--token", admin }
+    assert.are.equal(0, code, err)
+    assert.matches("api:one", out, 1, true)
+    code, out, err = support.ten_run({ "spawn", "api:remote" }, { TENEMENT_SERVER = url, TENEMENT_TOKEN = admin })
+    assert.are.equal(0, code, err)
+    assert.matches("api:remote is running", out, 1, true)
+    code, _, err = support.ten_run { "ps", "--server", url, "--token", ("C"):rep(43) }
+    assert.are.equal(1, code)
+    assert.matches("invalid or revoked token", err, 1, true)
+  end)
+end)

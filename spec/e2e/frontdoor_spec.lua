@@ -1,0 +1,322 @@
+-- The front door of a real `ten serve`: routing, proxying, scale to zero,
+-- weights and deploys, with real backends and real clients.
+local core = require "tenement.core"
+local support = require "support"
+local cjson = require "cjson"
+
+local function abs(p)
+  if p:sub(1, 1) == "/" then return p end
+  return os.getenv("PWD") .. "/" .. p
+end
+
+local TEN = abs(support.ten)
+local BACKEND = abs(support.build .. "/fixtures/backend")
+
+local function sleep(s) os.execute("sleep " .. s) end
+
+-- services: name -> extra TOML lines; instances: TOML of [instances]
+local function start_server(dir, services, opts)
+  opts = opts or {}
+  local port = support.free_port()
+  local lines = {
+    "[settings]",
+    'data_dir = "data"',
+    "port = " .. port,
+    'domain = "example.test"',
+    "health_check_interval = 1",
+    "backoff_base_ms = 50",
+    "stop_timeout = 2",
+    "proxy_timeout = 2",
+  }
+  for _, l in ipairs(opts.settings or {}) do
+    local key = l:match("^([%w_]+) =")
+    for i = #lines, 2, -1 do
+      if key and lines[i]:match("^" .. key .. " =") then table.remove(lines, i) end
+    end
+    lines[#lines + 1] = l
+  end
+  for name, extra in pairs(services) do
+    lines[#lines + 1] = "[service." .. name .. "]"
+    local has_command = false
+    for _, l in ipairs(extra) do if l:match("^command =") then has_command = true end end
+    if not has_command then lines[#lines + 1] = string.format("command = %q", BACKEND) end
+    lines[#lines + 1] = string.format("socket = %q", dir .. "/sock/{name}-{id}.sock")
+    lines[#lines + 1] = 'isolation = "process"'
+    for _, l in ipairs(extra) do lines[#lines + 1] = l end
+  end
+  for _, l in ipairs(opts.tail or {}) do lines[#lines + 1] = l end
+  local cfg = support.write(dir .. "/tenement.toml", table.concat(lines, "\n") .. "\n")
+  local p = io.popen(string.format("env -i PATH=/usr/bin:/bin %s serve --config %s >%s 2>&1 & echo $!",
+    support.quote(TEN), support.quote(cfg), support.quote(dir .. "/serve.log")))
+  local pid = tonumber(p:read("l"))
+  p:close()
+  local srv = { pid = pid, port = port, cfg = cfg, dir = dir }
+  for _ = 1, 100 do
+    if support.ten_run { "ps", "--config", cfg } == 0 then break end
+    sleep(0.05)
+  end
+  return srv
+end
+
+local function ten(srv, ...)
+  return support.ten_run { "--config", srv.cfg, ... }
+end
+
+local function ps(srv)
+  local code, out, err = ten(srv, "ps", "--json")
+  assert(code == 0, err)
+  local by = {}
+  for _, i in ipairs(cjson.decode(out)) do by[i.id] = i end
+  return by
+end
+
+local function wait_state(srv, key, state)
+  for _ = 1, 200 do
+    local ok, by = pcall(ps, srv) -- the server may still be starting
+    local i = ok and by[key]
+    if i and i.state == state then return i end
+    sleep(0.05)
+  end
+  error(key .. " never reached " .. state .. ": " .. cjson.encode(ps(srv)[key] or {}))
+end
+
+-- A request through the front door (inside a task). -> res | nil, err
+local function get(srv, host, target, opts)
+  opts = opts or {}
+  local headers = { host = host }
+  for k, v in pairs(opts.headers or {}) do headers[k] = v end
+  return core.http.request { host = "127.0.0.1", port = srv.port, method = opts.method or "GET",
+    target = target or "/", headers = headers, body = opts.body, timeout = opts.timeout or 10000 }
+end
+
+local function run(fn) return core.run(fn) end
+
+local function log_text(srv)
+  local f = io.open(srv.dir .. "/serve.log")
+  local t = f and f:read("a") or ""
+  if f then f:close() end
+  return t
+end
+
+describe("front door", function()
+  local srv
+  after_each(function()
+    if srv then os.execute("kill -TERM " .. srv.pid .. " 2>/dev/null; sleep 0.3; kill -KILL " .. srv.pid .. " 2>/dev/null") end
+    srv = nil
+    support.cleanup()
+  end)
+
+  it("routes id.service.domain, service.domain, path and subdomain maps, and the bare domain", function()
+    local dir = support.tmpdir()
+    srv = start_server(dir, { api = { 'health = "/health"' }, web = {} }, { tail = {
+      "[instances]", 'api = ["one", "two"]', 'web = ["main"]',
+      "[routing.subdomain]", 'www = "web"', "[routing.path]", '"/shop" = "web"' } })
+    wait_state(srv, "api:two", "running")
+    wait_state(srv, "web:main", "running")
+    run(function()
+      local res = assert(get(srv, "one.api.example.test", "/"))
+      assert.are.equal(200, res.status)
+      assert.are.equal("one", res.headers["x-backend"])
+      res = assert(get(srv, "TWO.API.example.test:80", "/"))
+      assert.are.equal("two", res.headers["x-backend"])
+      res = assert(get(srv, "api.example.test", "/"))
+      assert.is_truthy(res.headers["x-backend"] == "one" or res.headers["x-backend"] == "two")
+      res = assert(get(srv, "www.example.test", "/"))
+      assert.are.equal("main", res.headers["x-backend"])
+      res = assert(get(srv, "example.test", "/shop/cart"))
+      assert.are.equal("main", res.headers["x-backend"])
+      res = assert(get(srv, "example.test", "/health"))
+      assert.are.equal(200, res.status)
+      assert.matches('"status":"ok"', res.body, 1, true)
+      res = assert(get(srv, "nope.example.test", "/"))
+      assert.are.equal(404, res.status)
+      res = assert(get(srv, "other.test", "/"))
+      assert.are.equal(404, res.status)
+      res = assert(get(srv, "bad_host!", "/"))
+      assert.are.equal(400, res.status)
+      -- the forwarded head: X-Forwarded-*, Host kept
+      res = assert(get(srv, "one.api.example.test", "/echo"))
+      local echo = res.body:lower()
+      assert.matches("x-forwarded-for: 127.0.0.1", echo, 1, true)
+      assert.matches("x-forwarded-host: one.api.example.test", echo, 1, true)
+      assert.matches("x-forwarded-proto: http", echo, 1, true)
+      assert.matches("host: one.api.example.test", echo, 1, true)
+    end)
+  end)
+
+  it("does not create instances for unknown ids unless the service opts in, within max_instances", function()
+    local dir = support.tmpdir()
+    srv = start_server(dir, { api = {}, open = { "on_demand = true", "max_instances = 2" } })
+    run(function()
+      local res = assert(get(srv, "stranger.api.example.test", "/"))
+      assert.are.equal(404, res.status)
+      res = assert(get(srv, "a.open.example.test", "/"))
+      assert.are.equal(200, res.status)
+      assert.are.equal("a", res.headers["x-backend"])
+      res = assert(get(srv, "b.open.example.test", "/"))
+      assert.are.equal(200, res.status)
+      res = assert(get(srv, "c.open.example.test", "/"))
+      assert.are.equal(503, res.status)
+      assert.matches("max_instances", res.body, 1, true)
+    end)
+    local by = ps(srv)
+    assert.is_nil(by["api:stranger"])
+    assert.is_nil(by["open:c"])
+    assert.are.equal("running", by["open:a"].state)
+  end)
+
+  it("puts idle instances to sleep and wakes them with one start for 100 waiting requests", function()
+    local dir = support.tmpdir()
+    srv = start_server(dir, { api = { 'health = "/health"', "idle_timeout = 1",
+      "[service.api.env]", 'BACKEND_START_DELAY_MS = "300"' } }, { tail = { "[instances]", 'api = ["z"]' } })
+    wait_state(srv, "api:z", "running")
+    wait_state(srv, "api:z", "sleeping")
+    local results = {}
+    run(function()
+      local tasks = {}
+      for i = 1, 100 do
+        tasks[i] = core.spawn(function() return get(srv, "z.api.example.test", "/") end)
+      end
+      for i = 1, 100 do
+        local ok, res = tasks[i]:join()
+        assert.is_true(ok)
+        results[i] = res and res.status
+      end
+    end)
+    for i = 1, 100 do assert.are.equal(200, results[i], "request " .. i) end
+    local i = ps(srv)["api:z"]
+    assert.are.equal("running", i.state)
+    run(function()
+      local res = assert(get(srv, "example.test", "/metrics"))
+      assert.matches('tenement_instance_wakes_total{service="api",id="z"} 1\n', res.body, 1, true)
+    end)
+  end)
+
+  it("answers 503 with Retry-After to every waiter when a wake fails, and the next request may try again", function()
+    local dir = support.tmpdir()
+    local flag = dir .. "/ok"
+    srv = start_server(dir, { api = {
+      string.format("command = %q", "test -f " .. flag .. " && exec " .. BACKEND),
+      "startup_timeout = 1", "idle_timeout = 1", 'restart = "never"' } }, { tail = { "[instances]", 'api = ["w"]' } })
+    -- first start fails (no flag): the instance is known but stopped
+    sleep(0.5)
+    local statuses, retry = {}, {}
+    run(function()
+      local tasks = {}
+      for i = 1, 20 do tasks[i] = core.spawn(function() return get(srv, "w.api.example.test", "/") end) end
+      for i = 1, 20 do
+        local _, res = tasks[i]:join()
+        statuses[i] = res and res.status
+        retry[i] = res and res.headers["retry-after"]
+      end
+    end)
+    for i = 1, 20 do
+      assert.are.equal(503, statuses[i])
+      assert.is_not_nil(retry[i])
+    end
+    support.write(flag, "")
+    run(function()
+      local res = assert(get(srv, "w.api.example.test", "/"))
+      assert.are.equal(200, res.status)
+    end)
+  end)
+
+  it("never puts an instance to sleep while a request is in flight", function()
+    local dir = support.tmpdir()
+    srv = start_server(dir, { api = { "idle_timeout = 1" } }, { settings = { "proxy_timeout = 10" },
+      tail = { "[instances]", 'api = ["busy"]' } })
+    wait_state(srv, "api:busy", "running")
+    run(function()
+      local res = assert(get(srv, "busy.api.example.test", "/sleep?ms=3000"))
+      assert.are.equal(200, res.status)
+    end)
+    assert.are.equal("running", ps(srv)["api:busy"].state)
+  end)
+
+  it("answers 502 when the instance is gone and 504 when it is too slow", function()
+    local dir = support.tmpdir()
+    srv = start_server(dir, { api = {} }, { tail = { "[instances]", 'api = ["slow"]' } })
+    wait_state(srv, "api:slow", "running")
+    run(function()
+      local res = assert(get(srv, "slow.api.example.test", "/hang"))
+      assert.are.equal(504, res.status)
+      -- /crash takes the backend down mid-request: the client gets an answer, never a hang
+      local cres = get(srv, "slow.api.example.test", "/crash")
+      assert.is_truthy(cres == nil or cres.status == 502)
+    end)
+  end)
+
+  it("contains a router hook that throws, and follows one that answers", function()
+    local dir = support.tmpdir()
+    support.write(dir .. "/hook.lua", [[
+      return { route = function(request, view, default)
+        if request.path == "/boom" then error("hook exploded") end
+        if request.path == "/deny" then return { kind = "status", status = 403, reason = "denied by hook" } end
+        if request.headers["x-pick"] then return "api:" .. request.headers["x-pick"] end
+        return nil
+      end }
+    ]])
+    srv = start_server(dir, { api = {} }, { tail = { "[instances]", 'api = ["one", "two"]',
+      "[hooks]", 'router = "hook.lua"' } })
+    wait_state(srv, "api:two", "running")
+    run(function()
+      local res = assert(get(srv, "one.api.example.test", "/boom"))
+      assert.are.equal("one", res.headers["x-backend"]) -- default routing applied
+      res = assert(get(srv, "one.api.example.test", "/deny"))
+      assert.are.equal(403, res.status)
+      res = assert(get(srv, "api.example.test", "/", { headers = { ["x-pick"] = "two" } }))
+      assert.are.equal("two", res.headers["x-backend"])
+    end)
+    assert.matches("router hook failed", log_text(srv), 1, true)
+    assert.matches("hook exploded", log_text(srv), 1, true)
+  end)
+
+  it("follows weights, shifts traffic with route, and deploys only healthy versions", function()
+    local dir = support.tmpdir()
+    local bad = dir .. "/bad-version"
+    srv = start_server(dir, { api = { 'health = "/health"',
+      string.format("command = %q", "test ! -f " .. bad .. "-{id} && exec " .. BACKEND), "startup_timeout = 2" } },
+      { tail = { "[instances]", 'api = ["blue", "green"]' } })
+    wait_state(srv, "api:green", "running")
+    assert.are.equal(0, (ten(srv, "weight", "api:green", "0")))
+    run(function()
+      for _ = 1, 20 do
+        local res = assert(get(srv, "api.example.test", "/"))
+        assert.are.equal("blue", res.headers["x-backend"])
+      end
+    end)
+    local code, out = ten(srv, "route", "api", "--from", "blue", "--to", "green")
+    assert.are.equal(0, code)
+    assert.matches("api:green: weight 100", out, 1, true)
+    run(function()
+      for _ = 1, 20 do
+        assert.are.equal("green", assert(get(srv, "api.example.test", "/")).headers["x-backend"])
+      end
+    end)
+    code, out = ten(srv, "route", "api")
+    assert.are.equal(0, code)
+    assert.matches("api:blue%s+0", out)
+
+    -- a deploy that cannot become healthy changes nothing
+    support.write(bad .. "-v2", "")
+    local err
+    code, _, err = ten(srv, "deploy", "api:v2", "--timeout", "2")
+    assert.are.equal(1, code)
+    assert.matches("nothing changed", err, 1, true)
+    assert.is_nil(ps(srv)["api:v2"])
+    -- a good one gets its weight once healthy
+    code, out = ten(srv, "deploy", "api:v3", "-w", "100")
+    assert.are.equal(0, code)
+    assert.matches("api:v3 is healthy with weight 100", out, 1, true)
+    -- weights survive a restart of the server
+    os.execute("kill -TERM " .. srv.pid)
+    sleep(1)
+    local p = io.popen(string.format("env -i PATH=/usr/bin:/bin %s serve --config %s >>%s 2>&1 & echo $!",
+      support.quote(TEN), support.quote(srv.cfg), support.quote(dir .. "/serve.log")))
+    srv.pid = tonumber(p:read("l"))
+    p:close()
+    wait_state(srv, "api:blue", "running")
+    assert.are.equal(0, ps(srv)["api:blue"].weight)
+    assert.are.equal(100, ps(srv)["api:v3"].weight)
+  end)
+end)

@@ -1,0 +1,121 @@
+local router = require "tenement.router"
+
+local view = {
+  domain = "example.com",
+  services = { api = true, web = true, admin = true },
+  routing = { subdomain = { console = "admin" }, path = {} },
+}
+
+local function route(host, path, v)
+  return router.route({ method = "GET", host = host, path = path or "/", headers = {} }, v or view)
+end
+
+describe("router.route", function()
+  it("sends id.service.domain to that instance", function()
+    assert.are.same({ kind = "instance", service = "api", id = "user123" }, route("user123.api.example.com"))
+  end)
+
+  it("sends service.domain to the service", function()
+    assert.are.same({ kind = "service", service = "api" }, route("api.example.com"))
+  end)
+
+  it("sends the bare domain to the server's own pages", function()
+    assert.are.same({ kind = "self" }, route("example.com", "/"))
+    assert.are.same({ kind = "self" }, route("example.com", "/api/instances"))
+  end)
+
+  it("sends an IP address host to the server's own pages", function()
+    assert.are.same({ kind = "self" }, route("127.0.0.1:8080", "/api/instances"))
+    assert.are.same({ kind = "self" }, route("[::1]:8080", "/health"))
+  end)
+
+  it("ignores case and the port, and a trailing dot", function()
+    assert.are.same({ kind = "instance", service = "api", id = "prod" }, route("PROD.Api.Example.COM:8080"))
+    assert.are.same({ kind = "service", service = "web" }, route("web.example.com."))
+  end)
+
+  it("rejects hosts that are not valid names with 400", function()
+    for _, h in ipairs { "", "exa mple.com", "a..example.com", "-a.example.com", "a_b.example.com",
+      "x.example.com:99999", "x.example.com:abc", ("a"):rep(64) .. ".example.com" } do
+      local t = route(h)
+      assert.are.equal("status", t.kind, h)
+      assert.are.equal(400, t.status, h)
+    end
+    assert.are.equal(400, router.route({ path = "/" }, view).status)
+  end)
+
+  it("answers 404 for other domains, unknown services and deeper names", function()
+    assert.are.equal(404, route("evil.com").status)
+    assert.are.equal(404, route("notexample.com").status)
+    assert.are.equal(404, route("nope.example.com").status)
+    assert.are.equal(404, route("a.nope.example.com").status)
+    assert.are.equal(404, route("a.b.api.example.com").status)
+  end)
+
+  it("maps subdomains", function()
+    assert.are.same({ kind = "service", service = "admin" }, route("console.example.com"))
+    assert.are.same({ kind = "instance", service = "admin", id = "x" }, route("x.console.example.com"))
+  end)
+
+  it("maps path prefixes on the bare domain, longest first, on segment boundaries", function()
+    local v = { domain = "example.com", services = view.services, routing = {
+      subdomain = {}, path = { { prefix = "/api/v2", service = "web" }, { prefix = "/api", service = "api" } } } }
+    assert.are.same({ kind = "service", service = "web" }, route("example.com", "/api/v2/x", v))
+    assert.are.same({ kind = "service", service = "api" }, route("example.com", "/api/v1", v))
+    assert.are.same({ kind = "service", service = "api" }, route("example.com", "/api", v))
+    assert.are.same({ kind = "self" }, route("example.com", "/apix", v))
+  end)
+
+  it("sends the bare domain to the default service, but keeps the server's own paths", function()
+    local v = { domain = "example.com", services = view.services, routing = { default = "web", subdomain = {}, path = {} } }
+    assert.are.same({ kind = "service", service = "web" }, route("example.com", "/", v))
+    assert.are.same({ kind = "service", service = "web" }, route("example.com", "/about", v))
+    assert.are.same({ kind = "self" }, route("example.com", "/api/instances", v))
+    assert.are.same({ kind = "self" }, route("example.com", "/health", v))
+    assert.are.same({ kind = "self" }, route("example.com", "/metrics", v))
+    assert.are.same({ kind = "service", service = "web" }, route("example.com", "/healthy", v))
+  end)
+end)
+
+describe("router.pick", function()
+  local function seq(values)
+    local i = 0
+    return function(n) i = i + 1 assert(values[i] <= n) return values[i] end
+  end
+
+  it("chooses among running instances by weight", function()
+    local c = { { key = "a", state = "running", weight = 90 }, { key = "b", state = "running", weight = 10 } }
+    assert.are.equal("a", router.pick(c, seq { 1 }).key)
+    assert.are.equal("a", router.pick(c, seq { 90 }).key)
+    assert.are.equal("b", router.pick(c, seq { 91 }).key)
+    assert.are.equal("b", router.pick(c, seq { 100 }).key)
+  end)
+
+  it("gives weight 0 and unhealthy instances no traffic", function()
+    local c = { { key = "a", state = "running", weight = 0 }, { key = "b", state = "unhealthy", weight = 50 },
+      { key = "c", state = "running", weight = 5 } }
+    for i = 1, 5 do assert.are.equal("c", router.pick(c, seq { i }).key) end
+  end)
+
+  it("wakes the sleeping instance with the highest weight when none runs", function()
+    local c = { { key = "a", state = "sleeping", weight = 10 }, { key = "b", state = "sleeping", weight = 60 },
+      { key = "c", state = "failed", weight = 100 } }
+    assert.are.equal("b", router.pick(c, seq {}).key)
+  end)
+
+  it("returns nothing when nothing can serve", function()
+    assert.is_nil(router.pick({ { key = "a", state = "failed", weight = 100 } }, seq {}))
+    assert.is_nil(router.pick({}, seq {}))
+  end)
+
+  it("spreads traffic in proportion to weights", function()
+    local c = { { key = "a", state = "running", weight = 75 }, { key = "b", state = "running", weight = 25 } }
+    local counts = { a = 0, b = 0 }
+    math.randomseed(42)
+    for _ = 1, 10000 do
+      local p = router.pick(c, function(n) return math.random(n) end)
+      counts[p.key] = counts[p.key] + 1
+    end
+    assert.is_true(counts.a > 7200 and counts.a < 7800, tostring(counts.a))
+  end)
+end)
