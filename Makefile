@@ -42,7 +42,7 @@ FIXTURE_SRC := $(wildcard spec/fixtures/*.c)
 FIXTURES    := $(FIXTURE_SRC:spec/fixtures/%.c=$(BUILD)/fixtures/%)
 
 DEBIAN_PKGS := lua5.4 liblua5.4-dev libuv1-dev node-llhttp libsqlite3-dev lua-cjson \
-               libssl-dev lua-busted pkg-config build-essential e2fsprogs
+               libssl-dev lua-busted pkg-config build-essential e2fsprogs runsc
 # Only the specs need these: promtool checks /metrics.
 TEST_PKGS   := prometheus
 

@@ -508,6 +508,7 @@ struct http_conn {
 
 struct http_req {
     int refs;
+    http_req *next_free;   /* in the free list */
     http_conn *conn;       /* NULL once the connection moved on or closed */
     http_server *srv;
     http_head head;
@@ -552,12 +553,55 @@ static void srv_unref(http_server *s) {
     free(s);
 }
 
+/* Memory every request needs is kept for the next one: request structs
+ * with their head arenas, and 8 KiB connection input buffers. */
+#define REQ_FREE_MAX 256
+#define INBUF_SIZE 8192
+#define INBUF_FREE_MAX 256
+
+static _Thread_local http_req *req_free;
+static _Thread_local int req_nfree;
+static _Thread_local char *inbuf_free[INBUF_FREE_MAX];
+static _Thread_local int inbuf_nfree;
+
+static http_req *req_new(void) {
+    http_req *r = req_free;
+    if (!r) return calloc(1, sizeof *r);
+    req_free = r->next_free;
+    req_nfree--;
+    http_head head = r->head;
+    buf body = r->body;
+    memset(r, 0, sizeof *r);
+    r->head = head;
+    r->body = body;
+    return r;
+}
+
 static void req_unref(http_req *r) {
     if (--r->refs > 0) return;
+    srv_unref(r->srv);
+    if (req_nfree < REQ_FREE_MAX && r->head.arena.cap <= 16 * 1024 && r->head.hcap <= 64 &&
+        r->body.cap <= 64 * 1024) {
+        head_reset(&r->head);
+        r->body.len = 0;
+        r->next_free = req_free;
+        req_free = r;
+        req_nfree++;
+        return;
+    }
     head_free(&r->head);
     buf_free(&r->body);
-    srv_unref(r->srv);
     free(r);
+}
+
+static void inbuf_release(buf *b) {
+    if (b->cap == INBUF_SIZE && inbuf_nfree < INBUF_FREE_MAX) {
+        inbuf_free[inbuf_nfree++] = b->p;
+        b->p = NULL;
+        b->len = b->cap = 0;
+        return;
+    }
+    buf_free(b);
 }
 
 /* ---- logging ----------------------------------------------------------- */
@@ -605,6 +649,10 @@ static void conn_alloc(uv_handle_t *h, size_t hint, uv_buf_t *b) {
         c->in_off = 0;
     }
     size_t want = c->phase == PHASE_BODY && !c->paused ? 64 * 1024 : 8 * 1024;
+    if (!c->in.p && inbuf_nfree > 0) {
+        c->in.p = inbuf_free[--inbuf_nfree];
+        c->in.cap = INBUF_SIZE;
+    }
     if (buf_reserve(&c->in, want)) {
         b->base = NULL;
         b->len = 0;
@@ -619,10 +667,12 @@ static void conn_read_cb(uv_stream_t *h, ssize_t nread, const uv_buf_t *b);
 /* Read exactly when the parser can use input: it is not paused waiting for
  * the handler, or the connection lingers. */
 static void conn_update_reading(http_conn *c) {
-    /* While req:proxy waits with the parser paused, the client is read
-     * anyway (a little: what comes is the next pipelined request), so a
-     * client that goes away aborts the upstream request, as nginx does. */
-    int watch = c->paused && !c->dead && c->phase == PHASE_BODY && c->req && c->req->px &&
+    /* While a handler runs with the parser paused, the client is read
+     * anyway, a little (what comes is body or the next pipelined request,
+     * parsed later): a client that goes away is seen (req:proxy then drops
+     * the upstream request, as nginx does), and the socket is not taken
+     * out of epoll and put back for every request. */
+    int watch = c->paused && !c->dead && c->phase == PHASE_BODY && c->req && c->req->dispatched &&
                 c->in.len - c->in_off < 16 * 1024;
     int want = !c->closing && !c->eof && !c->throttled &&
                (c->phase == PHASE_LINGER ? c->shut :
@@ -734,7 +784,7 @@ static void conn_reject(http_conn *c, int status, const char *detail) {
 static void conn_handle_closed(uv_handle_t *h) {
     http_conn *c = h->data;
     if (--c->handles > 0) return;
-    buf_free(&c->in);
+    inbuf_release(&c->in);
     head_free(&c->p.head);
     srv_unref(c->srv);
     free(c);
@@ -1299,7 +1349,7 @@ static void on_head(http_conn *c) {
         return;
     }
 
-    http_req *r = calloc(1, sizeof *r);
+    http_req *r = req_new();
     if (!r) { conn_reject(c, 503, "out of memory"); return; }
     r->refs = 1; /* the connection */
     r->conn = c;
@@ -1308,8 +1358,12 @@ static void on_head(http_conn *c) {
     h->method = ps->method;
     h->major = ps->http_major;
     h->minor = ps->http_minor;
+    /* the request takes the parsed head; the connection parses the next
+     * one into the arena a finished request left behind */
+    http_head spare = r->head;
     r->head = *h;
-    memset(h, 0, sizeof *h);
+    *h = spare;
+    head_reset(h);
     r->keep_alive = llhttp_should_keep_alive(ps) && !ps->upgrade;
     r->head_method = ps->method == HTTP_HEAD;
     r->expects_body = chunked || ps->content_length > 0;
@@ -1373,7 +1427,7 @@ static void request_finished(http_conn *c) {
     conn_timer(c, TIMER_IDLE, c->srv->lim.idle_timeout);
     /* an idle connection keeps no input buffer */
     if (c->in_off == c->in.len) {
-        buf_free(&c->in);
+        inbuf_release(&c->in);
         c->in_off = 0;
     }
 }
@@ -1471,11 +1525,21 @@ static void conn_eof(http_conn *c) {
     case PHASE_HEAD:
         conn_close(c);
         return;
-    default:
-        /* a request body ended early; llhttp_finish cannot complete one */
-        if (c->req && !c->req->dispatched) conn_close(c);
-        else conn_body_failed(c, "the connection closed before the request body ended");
+    default: {
+        http_req *r = c->req;
+        if (r && !r->dispatched) {
+            conn_close(c);
+        } else if (r && (r->msg_complete || !r->expects_body)) {
+            /* a client may half-close once its request is out: it still
+             * gets the answer, then the connection closes */
+            r->keep_alive = 0;
+            c->dead = 1;
+        } else {
+            /* a request body ended early; llhttp_finish cannot complete one */
+            conn_body_failed(c, "the connection closed before the request body ended");
+        }
         return;
+    }
     }
 }
 
@@ -3268,7 +3332,7 @@ static void px_tunnel_start(px *x, const char *rest, size_t n) {
         px_up_flush(x);
         if (x->done) return;
     }
-    buf_free(&c->in);
+    inbuf_release(&c->in);
     c->in_off = 0;
     conn_update_reading(c);
 }

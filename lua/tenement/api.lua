@@ -238,6 +238,19 @@ function api.new(ctx)
     return reply(200, res)
   end, "admin")
 
+  route("POST", "/api/reload", function()
+    local summary, err = ctx.reload()
+    if not summary then return fail("bad_request", err) end
+    for k, v in pairs(summary) do summary[k] = json.array(v) end
+    return reply(#summary.failed > 0 and 409 or 200, summary)
+  end, "admin")
+
+  route("POST", "/api/services/([^/]+)/rollout", function(_, service)
+    local n, err, code = ctx.rollout(service)
+    if not n then return fail(code or "internal", err) end
+    return reply(200, { service = service, replaced = n })
+  end, "admin")
+
   route("GET", "/api/services", function()
     local out = json.array()
     for _, name in ipairs(ctx.cfg.service_names or {}) do

@@ -731,6 +731,56 @@ command {
 }
 
 command {
+  name = "rollout",
+  summary = "Replace a service's running instances one by one, with no dropped request",
+  usage = "ten rollout SERVICE",
+  description = "Reads the service's definition from tenement.toml again, then for each\n" ..
+    "running instance: starts the new process on a fresh socket, waits until it is\n" ..
+    "healthy, switches traffic to it, lets the old one finish its requests and\n" ..
+    "stops it. On the first failure it stops and puts back the old version.",
+  max_args = 1,
+  run = function(ctx, args)
+    local service = args[1]
+    local ok, err = require("tenement.config").valid_name(service or "")
+    if not service or not ok then
+      ctx.err:write("ten rollout: ", service and ("service " .. err) or "missing SERVICE", "\nUsage: ten rollout SERVICE\n")
+      return 2
+    end
+    return with_server(ctx, function(c)
+      local status, v = c:request("POST", "/api/services/" .. service .. "/rollout", nil, 3600 * 1000)
+      if status ~= 200 then return report_failure(ctx, "rollout", status, v) end
+      ctx.out:write(string.format("%s: %d instance(s) replaced\n", v.service, v.replaced))
+      return 0
+    end)
+  end,
+}
+
+command {
+  name = "reload",
+  summary = "Apply changes of tenement.toml to the running server (also: SIGHUP)",
+  usage = "ten reload",
+  description = "New services and [instances] start, removed services stop, changed services\n" ..
+    "are rolled out (see `ten rollout`). listen, port and data_dir need a restart.",
+  run = function(ctx)
+    return with_server(ctx, function(c)
+      local status, v = c:request("POST", "/api/reload", nil, 3600 * 1000)
+      if status ~= 200 and status ~= 409 then return report_failure(ctx, "reload", status, v) end
+      local function list(t) return #t > 0 and table.concat(t, ", ") or "-" end
+      ctx.out:write("added: ", list(v.added), "\nremoved: ", list(v.removed), "\nrolled out: ",
+        list(v.rolled_out), "\n")
+      if #v.restart_needed > 0 then
+        ctx.out:write("needs a restart of ten serve: ", list(v.restart_needed), "\n")
+      end
+      if #v.failed > 0 then
+        ctx.err:write("ten reload: ", table.concat(v.failed, "\n"), "\n")
+        return 1
+      end
+      return 0
+    end)
+  end,
+}
+
+command {
   name = "init",
   summary = "Write a starter tenement.toml for the app in this directory",
   usage = "ten init [--name NAME] [--command CMD] [--force]",

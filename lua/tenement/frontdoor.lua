@@ -32,18 +32,26 @@ function frontdoor.new(ctx)
     waking = {},       -- "service:id" -> event set when its start is over
     stats = { requests = 0, by_route = {}, proxy_errors = 0 },
   }, Door)
-  self.view = {
-    domain = ctx.cfg.settings.domain,
-    routing = ctx.cfg.routing,
-    services = {},
-  }
-  for name in pairs(ctx.cfg.services) do self.view.services[name] = true end
-  if ctx.cfg.hooks and ctx.cfg.hooks.router then
-    local hook, err = hooks.load(ctx.cfg.hooks.router, "route")
-    if not hook then return nil, err end
-    self.route_hook = hook.route
-  end
+  local ok, err = self:configure(ctx.cfg)
+  if not ok then return nil, err end
   return self
+end
+
+-- (Re)reads what routing depends on from cfg: the domain, [routing], the
+-- services, the router hook. -> true | nil, err (and then nothing changed)
+function Door:configure(cfg)
+  local hook
+  if cfg.hooks and cfg.hooks.router then
+    local loaded, err = hooks.load(cfg.hooks.router, "route")
+    if not loaded then return nil, err end
+    hook = loaded.route
+  end
+  local services = {}
+  for name in pairs(cfg.services) do services[name] = true end
+  self.cfg = cfg
+  self.view = { domain = cfg.settings.domain, routing = cfg.routing, services = services }
+  self.route_hook = hook
+  return true
 end
 
 -- The hook's answer as a target, or nil and why it is not one.
@@ -151,15 +159,19 @@ end
 -- Proxies req to inst. Counts the request as activity and in flight, so the
 -- reaper never puts an instance to sleep under a request.
 function Door:proxy(req, inst)
+  local socket = inst.route_socket or inst.socket
   inst.inflight = inst.inflight + 1
+  inst.inflight_on[socket] = (inst.inflight_on[socket] or 0) + 1
   inst.last_activity = core.now()
   local t0 = core.hrtime()
   local stats, err, code = req:proxy {
-    path = inst.socket,
+    path = socket,
     timeout = (self.cfg.settings.proxy_timeout or 60) * 1000,
     forwarded_proto = "http",
   }
   inst.inflight = inst.inflight - 1
+  local left = inst.inflight_on[socket] - 1
+  inst.inflight_on[socket] = left > 0 and left or nil
   inst.last_activity = core.now()
   local s = inst.stats
   s.requests = s.requests + 1

@@ -4,7 +4,6 @@
 local runtime = {}
 
 local planned = {
-  sandbox = "sandbox isolation (gVisor) is not available in this build yet",
   firecracker = "firecracker VMs are not available yet",
   qemu = "qemu VMs are not available yet",
   wasm = "wasm isolation is not available yet",
@@ -25,6 +24,11 @@ function runtime.get(level)
   end
   if type(driver) ~= "table" or type(driver.available) ~= "function" or type(driver.prepare) ~= "function" then
     return nil, string.format("runtime driver %q is broken: it must return a table with available() and prepare()", level)
+  end
+  for _, hook in ipairs { "setup", "stop", "cleanup" } do
+    if driver[hook] ~= nil and type(driver[hook]) ~= "function" then
+      return nil, string.format("runtime driver %q is broken: %s must be a function", level, hook)
+    end
   end
   local usable, reason = driver.available()
   if not usable then

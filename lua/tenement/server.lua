@@ -64,7 +64,9 @@ function Server:start()
   core.fs.chmod(paths.socket, 0600)
   self.control_listener = listener
   self.handler = api.new { sup = self.sup, store = st, cfg = cfg, started = self.started,
-    flush_logs = function() self:flush_logs() end }
+    flush_logs = function() self:flush_logs() end,
+    reload = function() return self:reload() end,
+    rollout = function(service) return self:rollout(service) end }
   self.control = core.http.serve(listener, self.handler)
   local door, derr = frontdoor.new { cfg = cfg, sup = self.sup, store = st, own = self:own_pages() }
   if not door then return nil, derr end
@@ -217,6 +219,78 @@ function Server:flush_logs()
   end
 end
 
+-- Two service definitions are the same when every field but the line is.
+local function same(a, b)
+  if type(a) ~= "table" or type(b) ~= "table" then return a == b end
+  for k, v in pairs(a) do if k ~= "line" and not same(v, b[k]) then return false end end
+  for k in pairs(b) do if k ~= "line" and a[k] == nil then return false end end
+  return true
+end
+
+-- Server:reload() -> summary | nil, err: reads tenement.toml again and
+-- applies the difference: new services and [instances] start, removed
+-- services stop, changed services are rolled out instance by instance,
+-- settings and routing take effect (listen, port and data_dir need a
+-- restart of ten serve, and say so).
+function Server:reload()
+  local config = require "tenement.config"
+  local new, err = config.load(self.cfg.source, self.opts.environ)
+  if not new then return nil, err end
+  local old = self.cfg
+  local summary = { added = {}, removed = {}, rolled_out = {}, failed = {}, restart_needed = {} }
+  for _, key in ipairs { "listen", "port", "data_dir" } do
+    if new.settings[key] ~= old.settings[key] then summary.restart_needed[#summary.restart_needed + 1] = key end
+  end
+  for _, key in ipairs(summary.restart_needed) do new.settings[key] = old.settings[key] end
+  for name in pairs(old.services) do
+    if not new.services[name] then
+      summary.removed[#summary.removed + 1] = name
+      for _, inst in ipairs(self.sup:of_service(name)) do
+        self.sup:stop(name, inst.id, { reason = "service removed from the configuration" })
+        self.sup:forget(name, inst.id)
+      end
+    end
+  end
+  for name, svc in pairs(new.services) do
+    if not old.services[name] then
+      summary.added[#summary.added + 1] = name
+      old.services[name] = svc
+    elseif not same(svc, old.services[name]) then
+      local n, rerr = self.sup:rollout(name, svc)
+      if n then summary.rolled_out[#summary.rolled_out + 1] = name
+      else summary.failed[#summary.failed + 1] = rerr end
+    end
+  end
+  for name in pairs(old.services) do if not new.services[name] then old.services[name] = nil end end
+  -- the rest of the file: settings, routing, hooks, [instances]
+  for k, v in pairs(new.settings) do old.settings[k] = v end
+  old.routing, old.hooks, old.instances, old.service_names = new.routing, new.hooks, new.instances, new.service_names
+  local routed, derr = self.door:configure(old)
+  if not routed then summary.failed[#summary.failed + 1] = derr end
+  for _, inst in ipairs(old.instances) do
+    if not self.sup:get(inst.service, inst.id) then
+      core.spawn(function() self.sup:spawn(inst.service, inst.id) end)
+    end
+  end
+  for _, list in pairs(summary) do table.sort(list) end
+  log.info("reloaded %s: added [%s], removed [%s], rolled out [%s]%s", old.source,
+    table.concat(summary.added, " "), table.concat(summary.removed, " "), table.concat(summary.rolled_out, " "),
+    #summary.restart_needed > 0 and ("; " .. table.concat(summary.restart_needed, ", ") ..
+      " changed and need a restart of ten serve") or "")
+  return summary
+end
+
+-- Server:rollout(service) -> count | nil, err, code: the service's
+-- definition read again from the file, then every running instance replaced.
+function Server:rollout(service)
+  local config = require "tenement.config"
+  local new, err = config.load(self.cfg.source, self.opts.environ)
+  if not new then return nil, err, "bad_request" end
+  local svc = new.services[service]
+  if not svc then return nil, "no service " .. service .. " in " .. self.cfg.source, "not_found" end
+  return self.sup:rollout(service, svc)
+end
+
 -- Waits for SIGTERM or SIGINT, then stops everything. -> exit code
 function Server:serve_until_signal()
   local term = core.signal("SIGTERM")
@@ -228,11 +302,20 @@ function Server:serve_until_signal()
   end
   core.spawn(watch, term)
   core.spawn(watch, int)
+  -- SIGHUP: read tenement.toml again and apply the difference
+  local hup = core.signal("SIGHUP")
+  core.spawn(function()
+    while hup:wait() do
+      local ok, err = self:reload()
+      if not ok then log.error("reload failed, nothing changed: %s", err) end
+    end
+  end)
   local signum = done:wait()
   log.info("signal %d: stopping every instance", signum)
   self:shutdown()
   term:close()
   int:close()
+  hup:close()
   return 0
 end
 

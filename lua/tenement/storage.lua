@@ -11,9 +11,18 @@
 -- allocation); it is formatted without a journal (a journal is at least
 -- 4 MB, a lot for small quotas) and checked with e2fsck before a mount when
 -- it was not cleanly unmounted. A quota raised later grows the file system
--- (resize2fs); a lower one is refused: shrinking would have to move data.
+-- online, after the mount (resize2fs); a lower one is refused: shrinking
+-- would have to move data. The quota an image was made for is its label.
 --
--- mkfs.ext4, e2fsck, resize2fs, tune2fs (e2fsprogs), mount and umount run
+-- A mount lives on in every mount namespace created while it existed
+-- (namespaced instances make theirs with private propagation), after ten
+-- unmounted it: the file system then stays in use through its loop device.
+-- attach sees that, never checks or resizes such an image offline, and
+-- mount(8) reuses the loop device, so it is never mounted twice. share()
+-- prevents it, for namespaces made with slave propagation.
+--
+-- mkfs.ext4, e2fsck, resize2fs, tune2fs (e2fsprogs), mount, umount and
+-- losetup run
 -- as child processes in the calling task, never blocking the loop: attach,
 -- detach and cleanup_stale must be called in a task. Mounting needs root.
 local core = require "tenement.core"
@@ -42,7 +51,7 @@ local EXT4_MAGIC = 0xEF53
 
 local PACKAGES = {
   ["mkfs.ext4"] = "e2fsprogs", e2fsck = "e2fsprogs", resize2fs = "e2fsprogs", tune2fs = "e2fsprogs",
-  mount = "mount", umount = "mount",
+  mount = "mount", umount = "mount", losetup = "mount",
 }
 
 ---------------------------------------------------------------------------
@@ -142,13 +151,30 @@ local function mounts_at(dir)
   return out
 end
 
--- The file behind a loop device, or nil.
+-- The file behind a loop device, or nil (also for a file deleted since:
+-- whatever now has its name is another file).
 local function loop_backing(dev)
   local name = dev:match("^/dev/(loop%d+)$")
   if not name then return nil end
   local s = fs.read("/sys/block/" .. name .. "/loop/backing_file")
-  return s and (s:gsub("\n$", ""):gsub(" %(deleted%)$", ""))
+  if not s or s:find(" %(deleted%)\n?$") then return nil end
+  return (s:gsub("\n$", ""))
 end
+
+-- The loop devices backed by image now. A file system stays alive after
+-- our unmount while another mount namespace holds a copy of the mount
+-- (a namespaced instance started while it was mounted, with private
+-- propagation), or a lazy unmount waits for its last user.
+local function loops_of(image)
+  local real = fs.realpath(image)
+  local out = {}
+  if not real then return out end
+  for _, n in ipairs(fs.readdir("/sys/block") or {}) do
+    if n:match("^loop%d+$") and loop_backing("/dev/" .. n) == real then out[#out + 1] = "/dev/" .. n end
+  end
+  return out
+end
+storage.loops_of = loops_of
 
 -- The mount of image on dir, if there is one: -> { source } | nil, other mount
 local function our_mount(dir, image)
@@ -189,12 +215,9 @@ end
 local Mount = {}
 Mount.__index = Mount
 
-local function fsck(image, opts, force)
+local function fsck(image, opts)
   -- -p repairs what is safe to repair without asking; 1 means it did
-  local argv = { "e2fsck", "-p" }
-  if force then argv[#argv + 1] = "-f" end
-  argv[#argv + 1] = image
-  local ok, err = run(argv, { path = opts.path, ok_codes = { [1] = true } })
+  local ok, err = run({ "e2fsck", "-p", image }, { path = opts.path, ok_codes = { [1] = true } })
   if not ok then
     return nil, err .. "; repair it by hand (e2fsck -f " .. image .. ") or move it away"
   end
@@ -215,12 +238,14 @@ local function create_image(image, quota_mb, opts)
   return true
 end
 
--- Grows the (unmounted) image to the new quota's size.
-local function grow(image, sb, quota_mb, opts)
-  local want = storage.image_bytes(quota_mb)
+-- Grows the unmounted, unused image to the new quota's size, offline (no
+-- capability needed beyond writing the file).
+local function grow_offline(image, quota_mb, opts)
   local size = (fs.stat(image) or {}).size or 0
+  local want = storage.image_bytes(quota_mb)
   if want > size then
-    local ok, err = fsck(image, opts, true)
+    -- resize2fs insists on a file system checked since its last mount
+    local ok, err = run({ "e2fsck", "-f", "-p", image }, { path = opts.path, ok_codes = { [1] = true } })
     if not ok then return nil, err end
     ok, err = fs.truncate(image, want)
     if not ok then return nil, err end
@@ -230,11 +255,24 @@ local function grow(image, sb, quota_mb, opts)
       return nil, err
     end
   end
-  if sb.quota_mb ~= quota_mb then
-    local ok, err = run({ "tune2fs", "-L", LABEL_PREFIX .. quota_mb, image }, opts)
+  return run({ "tune2fs", "-L", LABEL_PREFIX .. quota_mb, image }, opts)
+end
+
+-- Grows a file system that is mounted (dev, a loop device still in use in
+-- another mount namespace) online, as ext4 allows. Needs CAP_SYS_RESOURCE.
+local function grow_online(image, dev, quota_mb, opts)
+  local size = (fs.stat(image) or {}).size or 0
+  local want = storage.image_bytes(quota_mb)
+  if want > size then
+    local ok, err = fs.truncate(image, want)
+    if not ok then return nil, err end
+    -- a loop device keeps the size it saw at setup until told
+    ok, err = run({ "losetup", "-c", dev }, opts)
     if not ok then return nil, err end
   end
-  return true
+  local ok, err = run({ "resize2fs", dev }, opts)
+  if not ok then return nil, err end
+  return run({ "tune2fs", "-L", LABEL_PREFIX .. quota_mb, dev }, opts)
 end
 
 local function is_empty_dir(dir)
@@ -281,6 +319,7 @@ function storage.attach(data_dir, service, id, quota_mb, opts)
     notes[#notes + 1] = "unmounted " .. dir .. " left mounted from before"
   end
 
+  local growing
   if not fs.stat(image) then
     if not is_empty_dir(dir) then
       return nil, string.format("%s holds files from before storage_quota_mb was set for %s: they " ..
@@ -301,21 +340,51 @@ function storage.attach(data_dir, service, id, quota_mb, opts)
         "over empty", key, old and tostring(old) or string.format("about %d", old_bytes // MiB),
         quota_mb, image)
     end
-    -- 1: cleanly unmounted; anything else (never unmounted, errors) is checked
-    if sb.state ~= 1 then
+    local live = loops_of(image)
+    if #live > 0 then
+      -- still mounted elsewhere: the kernel owns it, so no check (the
+      -- superblock on disk says "in use" anyway); mount(8) reuses the
+      -- loop device, so the file system is mounted once, never twice
+      notes[#notes + 1] = string.format("%s is still in use elsewhere (%s, another mount namespace): " ..
+        "mounting the same file system again", image, table.concat(live, " "))
+    elseif sb.state ~= 1 then
+      -- 1: cleanly unmounted; anything else (a crash, errors) is checked
       ok, err = fsck(image, opts)
       if not ok then return nil, err end
       notes[#notes + 1] = "checked " .. image .. " (it was not cleanly unmounted)"
     end
     if quota_mb ~= old then
-      ok, err = grow(image, sb, quota_mb, opts)
-      if not ok then return nil, err end
-      notes[#notes + 1] = string.format("grew %s from %s to %d MB", image, tostring(old or "?"), quota_mb)
+      if #live == 0 then
+        ok, err = grow_offline(image, quota_mb, opts)
+        if not ok then return nil, "grow to " .. quota_mb .. " MB: " .. err end
+        notes[#notes + 1] = string.format("grew %s from %s to %d MB", image, tostring(old or "?"), quota_mb)
+      else
+        growing = { from = old }
+      end
     end
   end
 
   ok, err = run({ "mount", "-t", "ext4", "-o", storage.MOUNT_OPTIONS, image, dir }, opts)
   if not ok then return nil, err end
+  local mounted = our_mount(dir, image)
+  if not mounted then
+    storage.detach_dir(dir, opts)
+    return nil, string.format("mount %s on %s: the mount that appeared is not of this image", image, dir)
+  end
+  if growing then
+    -- the device now mounted, checked to be backed by this image (the one
+    -- seen in use before may have been released and reused meanwhile)
+    ok, err = grow_online(image, mounted.source, quota_mb, opts)
+    if ok then
+      notes[#notes + 1] = string.format("grew %s from %s to %d MB", image, tostring(growing.from or "?"), quota_mb)
+    else
+      -- the instance still gets its data; the label keeps the old quota,
+      -- so the next attach tries again
+      notes[#notes + 1] = string.format("could not grow %s to %d MB while it is in use elsewhere (%s); " ..
+        "it keeps %s MB until a start when no other mount namespace holds it", image, quota_mb, err,
+        tostring(growing.from or "its old size"))
+    end
+  end
   ok, err = fs.chmod(dir, opts.mode or 448)
   if not ok then
     storage.detach_dir(dir, opts)
@@ -339,12 +408,18 @@ end
 
 -- mount:detach() -> true [, note] | nil, err. Idempotent. A busy file system
 -- (a process still has files open there) is detached lazily, and the note
--- says so.
+-- says so; so does one that lives on in another mount namespace.
 function Mount:detach()
   if not self.attached then return true end
   local ok, note = storage.detach_dir(self.dir, { path = self.path })
-  if ok then self.attached = false end
-  return ok, note
+  if not ok then return nil, note end
+  self.attached = false
+  local live = loops_of(self.image)
+  if #live > 0 and not note then
+    note = string.format("unmounted %s, but its file system stays in use through %s in another mount " ..
+      "namespace until the processes there end", self.dir, table.concat(live, " "))
+  end
+  return true, note
 end
 
 function Mount:usage() return storage.usage(self.dir) end
@@ -352,6 +427,29 @@ function Mount:usage() return storage.usage(self.dir) end
 function Mount:__tostring()
   return string.format("tenement.storage %s on %s (%d MB%s)", self.image, self.dir, self.quota_mb,
     self.attached and "" or ", detached")
+end
+
+-- storage.share(data_dir [, opts]) -> true | nil, err. Makes data_dir a
+-- shared mount (a bind mount on itself first, if it is no mount point), so
+-- that mounting and unmounting instance storage under it reaches every
+-- mount namespace made with slave propagation (MS_SLAVE): an instance's
+-- file system then really goes away when ten unmounts it. Namespaces made
+-- with private propagation keep their copies whatever this does. Call it
+-- once at server start, before instances are spawned. In a task; root.
+function storage.share(data_dir, opts)
+  opts = opts or {}
+  local root, euid = is_root()
+  if not root then return nil, "sharing mounts needs root (ten runs as uid " .. tostring(euid) .. ")" end
+  local ok, err = fs.mkdir(data_dir, 493)
+  if not ok then return nil, err end
+  local dir = assert(fs.realpath(data_dir))
+  if #mounts_at(dir) == 0 then
+    ok, err = run({ "mount", "--bind", dir, dir }, opts)
+    if not ok then return nil, err end
+  end
+  ok, err = run({ "mount", "--make-shared", dir }, opts)
+  if not ok then return nil, err end
+  return true
 end
 
 -- storage.remove(data_dir, service, id) -> true | nil, err: deletes the

@@ -204,6 +204,14 @@ function Instance:release_start()
   sup:free_port(self.port)
   self.port = nil
   if self.socket then core.fs.unlink(self.socket) end
+  -- a driver that keeps state of its own (a sandbox's bundle) cleans it up
+  -- once the process is gone or never started
+  local driver, ctx = self.driver, self.launch_ctx
+  self.driver, self.launch_ctx = nil, nil
+  if driver and driver.cleanup then
+    local ok, err = driver.cleanup(ctx)
+    if not ok then log.warn("%s: cleanup after the process failed: %s", self.key, tostring(err)) end
+  end
   self.proc = nil
   self.pid = nil
 end
@@ -218,8 +226,16 @@ function Instance:launch()
   if not port then return nil, perr end
   self.port = port
 
-  local vars, verr = config.instance_vars(sup.cfg, self.service, self.id, port)
+  -- self.svc, not the file's current one: a rollout launches the new
+  -- definition beside the old process
+  local vars, verr = config.instance_vars({ settings = sup.cfg.settings, host_env = sup.cfg.host_env,
+    services = { [self.service] = svc } }, self.service, self.id, port)
   if not vars then self:release_start() return nil, verr end
+  if self.socket_suffix then
+    -- the replacement of a running process gets a socket of its own
+    vars.socket = vars.socket .. self.socket_suffix
+    if #vars.socket > 107 then self:release_start() return nil, "socket path too long for a rollout: " .. vars.socket end
+  end
   self.socket = vars.socket
   self.dir = vars.instance_dir
 
@@ -257,10 +273,18 @@ function Instance:launch()
 
   local out_r, out_w = core.logbuf.pipe()
   local err_r, err_w = core.logbuf.pipe()
-  local spec, prep_err = driver.prepare({
+  local ctx = {
     argv = argv, env = env, cwd = cwd, stdout_fd = out_w, stderr_fd = err_w,
     service = svc, id = self.id, vars = vars, init_path = sup.init_path,
-  })
+  }
+  local spec, prep_err = driver.prepare(ctx)
+  if spec then
+    self.driver, self.launch_ctx = driver, ctx
+    if driver.setup then
+      local ready, serr = driver.setup(ctx)
+      if not ready then spec, prep_err = nil, serr end
+    end
+  end
   if not spec then
     for _, fd in ipairs { out_r, out_w, err_r, err_w } do core.logbuf.close_fd(fd) end
     self:release_start()
@@ -368,8 +392,15 @@ function Instance:health_loop(gen)
 end
 
 -- SIGTERM to the process group, SIGKILL after stop_timeout. -> exit status
-function Instance:terminate(proc)
-  proc:kill("SIGTERM", true)
+function Instance:terminate(proc, driver, ctx)
+  -- a driver may know a better way to ask (runsc does not forward signals)
+  if not driver then driver, ctx = self.driver, self.launch_ctx end
+  local asked = false
+  if driver and driver.stop then
+    local ok, err = driver.stop(ctx, proc)
+    if ok then asked = true else log.warn("%s: %s", self.key, tostring(err)) end
+  end
+  if not asked then proc:kill("SIGTERM", true) end
   local timeout = self.sup.cfg.settings.stop_timeout * 1000
   local status = proc:wait(timeout)
   if not status then
@@ -443,6 +474,55 @@ function Instance:settle_output()
   self.ring:wait_drained(200)
 end
 
+-- A rollout of one instance, inside its runner while it runs: start the new
+-- definition on a socket of its own, wait until it is ready, switch the
+-- traffic to it, let the requests still on the old process finish, then stop
+-- the old one. If the new one does not come up, the old one keeps serving.
+-- -> true | nil, err
+function Instance:replace_process(new_svc)
+  local old = { proc = self.proc, socket = self.socket, port = self.port, pid = self.pid,
+    driver = self.driver, ctx = self.launch_ctx, svc = self.svc, gen = self.gen,
+    started_at = self.started_at, started_wall = self.started_wall }
+  -- the proxy keeps using the old socket until the switch
+  self.route_socket = old.socket
+  self.svc = new_svc
+  self.socket_suffix = "." .. (self.gen + 1)
+  self.port, self.proc, self.driver, self.launch_ctx = nil, nil, nil, nil
+  local outcome, info = self:start_once()
+  self.socket_suffix = nil
+  if outcome ~= "ready" then
+    -- start_once released what a failed start took; a stop that came in
+    -- meanwhile leaves the new process running: end it, then put the old
+    -- one back (the stop is handled by the runner right after)
+    if outcome == "stop" or outcome == "sleep" then
+      self.gen = self.gen + 1
+      if self.proc then self:terminate(self.proc) end
+      self:release_start()
+      self.mailbox:put(info)
+    end
+    self.svc, self.proc, self.socket, self.port, self.pid = old.svc, old.proc, old.socket, old.port, old.pid
+    self.driver, self.launch_ctx, self.started_at, self.started_wall = old.driver, old.ctx, old.started_at, old.started_wall
+    self.route_socket = nil
+    self.gen = self.gen + 1
+    core.spawn(self.watch_exit, self, old.proc, self.gen)
+    core.spawn(self.health_loop, self, self.gen)
+    return nil, (info and info.message) or "the new process did not start"
+  end
+  -- switch: new requests go to the new process
+  self.route_socket = nil
+  core.http.pool_close(old.socket)
+  core.spawn(self.health_loop, self, self.gen)
+  -- drain: requests already on the old process finish (bounded by stop_timeout)
+  local deadline = core.now() + self.sup.cfg.settings.stop_timeout * 1000
+  while (self.inflight_on[old.socket] or 0) > 0 and core.now() < deadline do core.sleep(10) end
+  self:terminate(old.proc, old.driver, old.ctx)
+  self.sup:free_port(old.port)
+  core.fs.unlink(old.socket)
+  if old.driver and old.driver.cleanup then old.driver.cleanup(old.ctx) end
+  log.info("%s replaced: pid %s now serves on %s", self.key, tostring(self.pid), self.socket)
+  return true
+end
+
 -- The runner: the instance's whole life, one task.
 function Instance:run()
   while true do
@@ -473,6 +553,9 @@ function Instance:run()
           end
         elseif msg.type == "health_ok" then
           if self.state == "unhealthy" then self:transition("health_ok") end
+        elseif msg.type == "replace" then
+          local ok, err = self:replace_process(msg.svc)
+          msg.done:set(ok, err)
         elseif msg.type == "stop" or msg.type == "sleep" then
           outcome, info = msg.type, msg
           break
@@ -563,6 +646,7 @@ function Supervisor:instance(service, id)
     created = core.time(),
     weight = self.weights[key] or 100,
     inflight = 0,         -- proxied requests under way: never put to sleep while > 0
+    inflight_on = {},     -- the same, per socket (a rollout drains the old one)
     last_activity = nil,  -- core.now() of the last proxied request (never health checks)
     stats = { requests = 0, by_class = {}, bytes_in = 0, bytes_out = 0, upstream_errors = 0, wakes = 0,
               latency = metrics.histogram(metrics.BUCKETS), wake = metrics.histogram(metrics.WAKE_BUCKETS) },
@@ -695,6 +779,49 @@ function Supervisor:of_service(service)
   end
   table.sort(out, function(a, b) return a.key < b.key end)
   return out
+end
+
+-- sup:rollout(service, new_svc) -> replaced count | nil, err, code
+-- Replaces every running instance of the service, one at a time, with the
+-- new definition, with no request dropped. On the first failure it stops,
+-- puts the instances already replaced back on the old definition, and says
+-- why. Instances that are not running take the new definition at their next
+-- start.
+function Supervisor:rollout(service, new_svc)
+  local old_svc = self.cfg.services[service]
+  if not old_svc then return nil, "no service " .. service, "not_found" end
+  if self.rolling and self.rolling[service] then return nil, "a rollout of " .. service .. " is already running", "conflict" end
+  self.rolling = self.rolling or {}
+  self.rolling[service] = true
+  self.cfg.services[service] = new_svc
+  local done = {}
+  local function replace(inst, svc)
+    local ev = sync.event()
+    inst.mailbox:put({ type = "replace", svc = svc, done = ev })
+    return ev:wait()
+  end
+  for _, inst in ipairs(self:of_service(service)) do
+    if inst.state == "running" or inst.state == "unhealthy" then
+      local ok, err = replace(inst, new_svc)
+      if not ok then
+        log.error("rollout of %s stopped at %s: %s; rolling back %d instance(s)", service, inst.key, err, #done)
+        for _, back in ipairs(done) do
+          local rok, rerr = replace(back, old_svc)
+          if not rok then log.error("rollback of %s failed: %s", back.key, rerr) end
+        end
+        self.cfg.services[service] = old_svc
+        for _, i in ipairs(self:of_service(service)) do i.svc = old_svc end
+        self.rolling[service] = nil
+        return nil, string.format("rollout of %s failed at %s: %s; the old version keeps serving",
+          service, inst.key, err), "start_failed"
+      end
+      done[#done + 1] = inst
+    else
+      inst.svc = new_svc
+    end
+  end
+  self.rolling[service] = nil
+  return #done
 end
 
 -- sup:restart(service, id) -> inst | nil, err, code. Clears `failed`.

@@ -33,6 +33,38 @@ local function fill(path, max_mb)
   return tonumber(n), err
 end
 
+-- Notes of ours, without those that other processes on this host cause:
+-- a namespace someone creates while our image is mounted keeps a copy of
+-- the mount (see storage.lua), which attach and detach then mention.
+local function ours(notes)
+  local out = {}
+  for _, n in ipairs(notes or {}) do
+    if not n:find("still in use elsewhere", 1, true) then out[#out + 1] = n end
+  end
+  return out
+end
+
+-- A process in a mount namespace of its own, made with the given
+-- propagation while our mounts exist: it holds copies of them.
+local function holder(propagation)
+  local p = assert(core.proc.spawn { argv = { "/usr/bin/unshare", "-m", "--propagation", propagation,
+    "/bin/sh", "-c", "echo ready; exec sleep 300" } })
+  assert.are.equal("ready\n", p.stdout:read(5000))
+  return p
+end
+
+local function has_cap_sys_resource()
+  local cap = assert(fs.read("/proc/self/status")):match("\nCapEff:%s+(%x+)")
+  return (tonumber(cap, 16) >> 24) & 1 == 1
+end
+
+local function mounted_in(pid, dir)
+  for line in (fs.read("/proc/" .. pid .. "/mountinfo") or ""):gmatch("[^\n]+") do
+    if line:match("^%S+ %S+ %S+ %S+ (%S+) ") == dir then return true end
+  end
+  return false
+end
+
 local reason = not is_root() and "needs root: storage quotas mount loop devices" or nil
 
 describe("tenement.storage", function()
@@ -46,6 +78,7 @@ describe("tenement.storage", function()
     if data_dir then
       core.run(function()
         for _, m in ipairs(storage.mounted(data_dir)) do storage.detach_dir(m.dir) end
+        storage.detach_dir(data_dir) -- share()'s bind mount
       end)
     end
     support.cleanup()
@@ -74,7 +107,7 @@ describe("tenement.storage", function()
     core.run(function()
       local m = assert(attach("api", "prod", 20))
       assert.are.equal(data_dir .. "/api/prod", m.dir)
-      assert.are.same({ "created " .. data_dir .. "/api/prod.img (20 MB quota)" }, m.notes)
+      assert.are.same({ "created " .. data_dir .. "/api/prod.img (20 MB quota)" }, ours(m.notes))
       assert.is_true(is_mount_point(m.dir))
       assert.are.equal(0x1c0, fs.stat(m.dir).mode) -- 0700, as the supervisor makes instance dirs
       local used, quota = storage.usage(m.dir)
@@ -109,12 +142,12 @@ describe("tenement.storage", function()
       assert.is_nil(fs.stat(m.dir .. "/kept")) -- it lives in the image only
 
       m = assert(attach("api", "prod", 10))
-      assert.are.same({}, m.notes) -- cleanly unmounted: no check, nothing to say
+      assert.are.same({}, ours(m.notes)) -- cleanly unmounted: no check, nothing to say
       assert.are.equal("hello", fs.read(m.dir .. "/kept"))
       assert.is_true(m:detach())
 
       m = assert(attach("api", "prod", 25))
-      assert.are.same({ "grew " .. data_dir .. "/api/prod.img from 10 to 25 MB" }, m.notes)
+      assert.are.same({ "grew " .. data_dir .. "/api/prod.img from 10 to 25 MB" }, ours(m.notes))
       assert.are.equal("hello", fs.read(m.dir .. "/kept"))
       local _, quota = storage.usage(m.dir)
       assert.is_true(quota >= 25 * MiB and quota <= 25 * MiB * 1.03, tostring(quota))
@@ -175,19 +208,88 @@ describe("tenement.storage", function()
 
       -- the server died with a still mounted: a new attach takes over
       local again = assert(attach("api", "one", 5))
-      assert.are.same({ "unmounted " .. a.dir .. " left mounted from before" }, again.notes)
+      assert.are.same({ "unmounted " .. a.dir .. " left mounted from before" }, ours(again.notes))
       assert.are.equal("1", fs.read(again.dir .. "/x"))
 
       -- a copy taken while mounted was never cleanly unmounted
       assert.is_true(os.execute("cp " .. support.quote(b.image) .. " " .. support.quote(data_dir .. "/web/three.img")))
       local c = assert(attach("web", "three", 5))
-      assert.are.same({ "checked " .. data_dir .. "/web/three.img (it was not cleanly unmounted)" }, c.notes)
+      assert.are.same({ "checked " .. data_dir .. "/web/three.img (it was not cleanly unmounted)" }, ours(c.notes))
 
       local done, failures = storage.cleanup_stale(data_dir)
       table.sort(done)
       assert.are.same({ again.dir, c.dir, b.dir }, done)
       assert.are.same({}, failures)
       assert.are.same({}, storage.mounted(data_dir))
+    end)
+  end)
+
+  it("mounts a file system still alive in another namespace again, never twice, and grows it online", function()
+    if reason then pending(reason) return end
+    core.run(function()
+      local m = assert(attach("api", "held", 10))
+      support.write(m.dir .. "/kept", "hello")
+      local h = holder("private")
+      local ok, note = m:detach()
+      assert.is_true(ok)
+      assert.truthy(note and note:find("stays in use through /dev/loop%d+ in another mount namespace"), note)
+      local live = storage.loops_of(m.image)
+      assert.are.equal(1, #live)
+      assert.is_true(mounted_in(h.pid, m.dir))
+
+      -- attach again: no offline check or resize of a live file system; the
+      -- same loop device, so the kernel's one file system for the image
+      m = assert(attach("api", "held", 20))
+      assert.are.same({ live[1] }, storage.loops_of(m.image))
+      assert.truthy(m.notes[1]:find("^" .. m.image:gsub("%p", "%%%0") .. " is still in use elsewhere %(/dev/loop"),
+        m.notes[1])
+      assert.are.equal("hello", fs.read(m.dir .. "/kept"))
+      local _, quota = storage.usage(m.dir)
+      if has_cap_sys_resource() then
+        assert.are.equal("grew " .. m.image .. " from 10 to 20 MB", m.notes[#m.notes])
+        assert.is_true(quota >= 20 * MiB, tostring(quota))
+      else
+        -- online resizing needs CAP_SYS_RESOURCE: the instance keeps its
+        -- data and old size, and the log says why
+        assert.truthy(m.notes[#m.notes]:find("^could not grow .* to 20 MB while it is in use elsewhere %(" ..
+          "resize2fs /dev/loop%d+ failed %(exit 1%): .*Permission denied.*%); it keeps 10 MB until a start " ..
+          "when no other mount namespace holds it$"), m.notes[#m.notes])
+        assert.is_true(quota >= 10 * MiB and quota < 11 * MiB, tostring(quota))
+      end
+      assert.are.equal("ENOSPC", select(2, fill(m.dir .. "/big")))
+      assert.is_true(m:detach())
+      h:kill("SIGKILL")
+      h:wait()
+      -- the namespace goes with its last process; the kernel then lets go of
+      -- the file system on its own time: nothing to wait on but the device
+      local deadline = core.now() + 5000
+      while #storage.loops_of(m.image) > 0 and core.now() < deadline do core.sleep(10) end
+      assert.are.same({}, storage.loops_of(m.image))
+      m = assert(attach("api", "held", 30))
+      assert.are.equal("grew " .. m.image .. " from " .. (has_cap_sys_resource() and 20 or 10) .. " to 30 MB",
+        ours(m.notes)[1])
+      assert.are.equal("hello", fs.read(m.dir .. "/kept"))
+      assert.is_true(select(2, storage.usage(m.dir)) >= 30 * MiB)
+      assert.is_true(m:detach())
+    end)
+  end)
+
+  it("shares the data dir so that an unmount reaches namespaces made with slave propagation", function()
+    if reason then pending(reason) return end
+    core.run(function()
+      assert.is_true(storage.share(data_dir))
+      assert.is_true(storage.share(data_dir)) -- again: already a mount point
+      local m = assert(attach("api", "shared", 5))
+      local h = holder("slave")
+      assert.is_true(mounted_in(h.pid, m.dir))
+      assert.is_true(m:detach())
+      assert.is_false(mounted_in(h.pid, m.dir))
+      -- and the other way round: a mount made now appears there too
+      m = assert(attach("api", "shared", 5))
+      assert.is_true(mounted_in(h.pid, m.dir))
+      assert.is_true(m:detach())
+      h:kill("SIGKILL")
+      h:wait()
     end)
   end)
 

@@ -271,6 +271,77 @@ describe("front door", function()
     assert.matches("hook exploded", log_text(srv), 1, true)
   end)
 
+  it("rolls out a service under constant load with zero failed requests, and reloads the file", function()
+    local dir = support.tmpdir()
+    local function write_cfg(version, extra)
+      local f = io.open(srv and srv.cfg or dir .. "/tenement.toml")
+      local text = f:read("a")
+      f:close()
+      text = text:gsub('VERSION = "%d+"', 'VERSION = "' .. version .. '"')
+      text = text:gsub("\n# extra.*$", "\n")
+      support.write(srv.cfg, text .. "# extra\n" .. (extra or ""))
+    end
+    srv = start_server(dir, { api = { 'health = "/health"', "[service.api.env]", 'VERSION = "1"' } },
+      { tail = { "[instances]", 'api = ["a", "b"]' } })
+    wait_state(srv, "api:a", "running")
+    wait_state(srv, "api:b", "running")
+    local before = ps(srv)
+    write_cfg("2")
+    local total, failed, statuses = 0, 0, {}
+    run(function()
+      local stop = false
+      local load = {}
+      for i = 1, 4 do
+        load[i] = core.spawn(function()
+          while not stop do
+            local res = get(srv, "api.example.test", "/")
+            total = total + 1
+            if not res or res.status ~= 200 then
+              failed = failed + 1
+              statuses[#statuses + 1] = res and res.status or "no answer"
+            end
+          end
+        end)
+      end
+      core.sleep(200)
+      local p = assert(core.proc.spawn { argv = { TEN, "rollout", "api", "--config", srv.cfg },
+        env = { "PATH=/usr/bin:/bin" }, stdout = "pipe", stderr = "pipe" })
+      local out = p.stdout:read(20000) or ""
+      local st = p:wait(30000)
+      core.sleep(200)
+      stop = true
+      for i = 1, 4 do load[i]:join() end
+      assert.are.equal(0, st.code, out)
+      assert.matches("2 instance%(s%) replaced", out)
+    end)
+    assert.are.equal(0, failed, "failed requests during the rollout: " .. table.concat(statuses, ", "))
+    assert.is_true(total > 50, "too little load to mean anything: " .. total)
+    local after = ps(srv)
+    assert.are_not.equal(before["api:a"].pid, after["api:a"].pid)
+    assert.are_not.equal(before["api:b"].pid, after["api:b"].pid)
+    run(function()
+      local res = assert(get(srv, "a.api.example.test", "/env"))
+      assert.matches("VERSION=2", res.body, 1, true)
+    end)
+
+    -- ten reload: a new service and its instance start
+    write_cfg("2", '[service.web]\ncommand = "' .. BACKEND .. '"\nsocket = "' .. dir
+      .. '/sock/{name}-{id}.sock"\nisolation = "process"\n')
+    local code, out, err = ten(srv, "reload")
+    assert.are.equal(0, code, err)
+    assert.matches("added: web", out, 1, true)
+    assert.are.equal(0, (ten(srv, "spawn", "web:x")))
+    -- SIGHUP: the service is gone again, and its instance stopped
+    write_cfg("2")
+    os.execute("kill -HUP " .. srv.pid)
+    for _ = 1, 100 do
+      if not ps(srv)["web:x"] then break end
+      sleep(0.05)
+    end
+    assert.is_nil(ps(srv)["web:x"])
+    assert.matches("reloaded", log_text(srv), 1, true)
+  end)
+
   it("follows weights, shifts traffic with route, and deploys only healthy versions", function()
     local dir = support.tmpdir()
     local bad = dir .. "/bad-version"
