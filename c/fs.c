@@ -222,6 +222,16 @@ static int l_chmod(lua_State *L) {
     return 1;
 }
 
+/* fs.chown(path, uid, gid) -> true | nil, err, code (never follows a link) */
+static int l_chown(lua_State *L) {
+    const char *path = luaL_checkstring(L, 1);
+    uid_t uid = (uid_t)luaL_checkinteger(L, 2);
+    gid_t gid = (gid_t)luaL_checkinteger(L, 3);
+    if (lchown(path, uid, gid) != 0) return tn_fail_errno(L, lua_pushfstring(L, "chown %s", path), errno);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
 /* fs.cwd() -> the current directory */
 static int l_cwd(lua_State *L) {
     char buf[PATH_MAX];
@@ -341,7 +351,7 @@ int tn_open_fs(lua_State *L) {
     static const luaL_Reg fns[] = {
         {"mkdir", l_mkdir}, {"rmtree", l_rmtree}, {"unlink", l_unlink}, {"stat", l_stat},
         {"read", l_read}, {"write", l_write}, {"readdir", l_readdir}, {"realpath", l_realpath},
-        {"chmod", l_chmod}, {"cwd", l_cwd}, {"access", l_access},
+        {"chmod", l_chmod}, {"chown", l_chown}, {"cwd", l_cwd}, {"access", l_access},
         {"open_fd", l_open_fd}, {"close_fd", l_close_fd}, {"put", l_put}, {"rmdir", l_rmdir},
         {"truncate", l_truncate}, {"statfs", l_statfs}, {NULL, NULL},
     };

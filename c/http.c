@@ -1,41 +1,99 @@
 /*
  * core.http: HTTP/1.1 on llhttp (strict: no lenient flag is ever set), a
- * server and a client.
+ * server, a client, and the reverse proxy of the front door.
  *
  * Server. The connection state machine lives here in C; Lua is called once
  * per request. Each request head is parsed into an http_head (method,
- * target, version and headers as sent, in one arena, so the proxy can
- * re-serialise it), then the parser pauses and a task calls
+ * target, version and headers with their names as sent, in one arena, so
+ * the proxy can re-serialise it), then the parser pauses and a task calls
  * the Lua handler with a request object. The body is parsed only when the
- * handler asks for it (req:body) or, after the response, to discard it. The
- * next pipelined request is parsed only once the response went out, so
- * responses keep request order and a client cannot queue up work.
+ * handler asks for it (req:body, req:proxy) or, after the response, to
+ * discard it. The next pipelined request is parsed only once the response
+ * went out, so responses keep request order and a client cannot queue up
+ * work (while a handler runs, up to 16 KiB more are read and kept, which
+ * is how a client that goes away is noticed).
  *
  *   phase HEAD   reading a head (timer: header timeout once a byte came,
  *                or idle timeout between keep-alive requests)
  *   phase BODY   the handler runs; the parser is paused at the end of the
- *                head until body() or the finished response resumes it
+ *                head until body(), proxy() or the finished response
+ *                resumes it
  *   phase LINGER after a response with Connection: close (or an error): FIN
  *                sent, input read and dropped until EOF or a short timer, so
  *                the client sees the response rather than a reset
+ *   phase TUNNEL after a proxied 101: raw bytes both ways
  *
  * llhttp lets a few things through that a proxy in front of other servers
  * must refuse (request smuggling): obsolete line folding, bare LF, white
  * space before the colon, HTTP versions other than 1.0 and 1.1, and any
  * Transfer-Encoding other than exactly "chunked". Those are checked here,
- * on the raw bytes of the head and on the parsed head, before the handler.
+ * on the raw bytes of the head and on the parsed head, before the handler
+ * (so before any req:proxy).
  *
- * Client. One exchange per connection for now (Connection: close). The
- * connection (socket + parser) and the exchange (request bytes, response
- * being built, waiting task) are kept apart in http_client so a keep-alive
- * pool per upstream can hand out connections later.
+ * Client. One exchange per connection (Connection: close): http.request.
+ *
+ * Proxy. In a handler (best with the server option lazy_body = true, so the
+ * body is still unread):
+ *
+ *   req:proxy(opts) -> stats | nil, err, code
+ *     opts.path            Unix socket of the upstream (or opts.host and
+ *                          opts.port for TCP; host numeric or "localhost")
+ *     opts.timeout         ms without progress (default 60000): waiting for
+ *                          the response head, or a stalled body either way
+ *     opts.connect_timeout ms to connect (default 5000)
+ *     opts.headers         extra request headers, set (they replace the
+ *                          client's of the same name): { name = value } or
+ *                          { {name, value}, ... }; framing and hop-by-hop
+ *                          names raise
+ *     opts.forwarded_proto "http" (default) or "https", for X-Forwarded-Proto
+ *     opts.idle_pool       idle keep-alive connections kept for this
+ *                          upstream (default 16)
+ *   Unknown options raise. It yields the calling task until the exchange is
+ *   over and returns stats = { status, bytes_in (request body bytes, and
+ *   client->upstream bytes of a tunnel), bytes_out (bytes written to the
+ *   client), upstream_ms (to the response head, float), reused (a pooled
+ *   connection), upgraded }.
+ *   Failures return nil, err, code; req.responded tells whether the client
+ *   got anything:
+ *     - not responded (the handler answers, e.g. 502, or retries req:proxy,
+ *       the body still unread): connect errors ("ENOENT", "ECONNREFUSED",
+ *       "ETIMEDOUT" after connect_timeout), the upstream closing or failing
+ *       before its response head ("ECONNRESET"), a malformed response head
+ *       ("EPROTO");
+ *     - responded: "timeout"/"ETIMEDOUT" (the proxy answered 504, or 408 when
+ *       the client's body stalled), a malformed or too large request body
+ *       ("EPROTO"/"E2BIG", answered 400/413), a failure after the response
+ *       started (the client connection is closed, "ECONNRESET" or
+ *       "ETIMEDOUT"), "client closed"/"ECONNABORTED" (the client went away:
+ *       the upstream connection is closed too).
+ *   A pooled connection found closed by the upstream before any response
+ *   byte is retried once on a fresh one when no body byte was sent yet.
+ *   The head sent upstream is rebuilt from the parsed one: the original
+ *   target, HTTP/1.1, every header but the hop-by-hop ones (Connection,
+ *   Keep-Alive, Proxy-Connection, TE, Trailer, Transfer-Encoding, Upgrade
+ *   unless tunnelling, Expect, and those the client's Connection names),
+ *   Host as sent, X-Forwarded-For (appended to), X-Forwarded-Proto and
+ *   X-Forwarded-Host (replaced), Connection: keep-alive. Bodies stream both
+ *   ways with backpressure; Content-Length is kept, chunked is decoded and
+ *   re-chunked (trailers dropped); a response without a length goes to
+ *   HTTP/1.1 clients chunked and to HTTP/1.0 ones delimited by the close.
+ *   1xx interim responses are dropped (the proxy answers 100-continue
+ *   itself when it starts reading the body). A 101 to a request with
+ *   Connection: upgrade + Upgrade turns both connections into a tunnel
+ *   until either side closes. The server's max_body still applies.
+ *
+ *   http.pool_stats() -> { [path or "ip:port"] = { idle = n, active = n } }
+ *   http.pool_close(path | {path=} | {host=, port=}) -> n idle connections
+ *     closed; those in use are closed when their exchange ends.
+ *   Idle pooled connections close after 30 s, or when the upstream closes
+ *   them.
  *
  * Lifetimes. A connection's memory goes in the close callback of its last
  * libuv handle. A request (http_req) is reference counted: the connection
- * holds it while it is current, the Lua request object while it lives. The
- * server struct is counted by its Lua object and each connection; its Lua
- * object is anchored in the registry while it accepts, so a server nobody
- * references keeps serving until closed.
+ * holds it while it is current, the Lua request object and a proxy
+ * exchange while they live. The server struct is counted by its Lua object
+ * and each connection; its Lua object is anchored in the registry while it
+ * accepts, so a server nobody references keeps serving until closed.
  */
 #include "net.h"
 
@@ -92,6 +150,48 @@ static int buf_printf(buf *b, const char *fmt, ...) {
     return buf_add(b, tmp, (size_t)n < sizeof tmp ? (size_t)n : sizeof tmp - 1);
 }
 
+/* "name: value\r\n" with one reservation (heads are built field by field). */
+static void buf_field(buf *b, const char *name, size_t nl, const char *val, size_t vl) {
+    size_t need = nl + vl + 4;
+    if (b->cap - b->len < need && buf_reserve(b, need)) return;
+    char *d = b->p + b->len;
+    memcpy(d, name, nl);
+    d += nl;
+    *d++ = ':';
+    *d++ = ' ';
+    memcpy(d, val, vl);
+    d += vl;
+    *d++ = '\r';
+    *d++ = '\n';
+    b->len += need;
+}
+
+static void buf_uint(buf *b, uint64_t v) {
+    char tmp[24];
+    int i = sizeof tmp;
+    do {
+        tmp[--i] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    buf_add(b, tmp + i, sizeof tmp - (size_t)i);
+}
+
+/* A chunk-size line, "1a2b\r\n", into out (at least 20 bytes); its length. */
+static size_t chunk_line(char *out, size_t n) {
+    static const char hex[] = "0123456789abcdef";
+    char tmp[20];
+    int i = sizeof tmp;
+    do {
+        tmp[--i] = hex[n & 15];
+        n >>= 4;
+    } while (n);
+    size_t len = sizeof tmp - (size_t)i;
+    memcpy(out, tmp + i, len);
+    out[len] = '\r';
+    out[len + 1] = '\n';
+    return len + 2;
+}
+
 static void buf_free(buf *b) {
     free(b->p);
     b->p = NULL;
@@ -100,11 +200,23 @@ static void buf_free(buf *b) {
 
 /* ---- tokens, reasons, dates ------------------------------------------- */
 
-static int is_tchar(unsigned char ch) {
-    if ((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9'))
-        return 1;
-    return ch && strchr("!#$%&'*+-.^_`|~", ch) != NULL;
-}
+/* RFC 9110 tchar, by table: every header name of every request goes by. */
+static const unsigned char tchar[256] = {
+    ['!'] = 1, ['#'] = 1, ['$'] = 1, ['%'] = 1, ['&'] = 1, ['\''] = 1, ['*'] = 1, ['+'] = 1,
+    ['-'] = 1, ['.'] = 1, ['^'] = 1, ['_'] = 1, ['`'] = 1, ['|'] = 1, ['~'] = 1,
+    ['0'] = 1, ['1'] = 1, ['2'] = 1, ['3'] = 1, ['4'] = 1, ['5'] = 1, ['6'] = 1, ['7'] = 1,
+    ['8'] = 1, ['9'] = 1,
+    ['A'] = 1, ['B'] = 1, ['C'] = 1, ['D'] = 1, ['E'] = 1, ['F'] = 1, ['G'] = 1, ['H'] = 1,
+    ['I'] = 1, ['J'] = 1, ['K'] = 1, ['L'] = 1, ['M'] = 1, ['N'] = 1, ['O'] = 1, ['P'] = 1,
+    ['Q'] = 1, ['R'] = 1, ['S'] = 1, ['T'] = 1, ['U'] = 1, ['V'] = 1, ['W'] = 1, ['X'] = 1,
+    ['Y'] = 1, ['Z'] = 1,
+    ['a'] = 1, ['b'] = 1, ['c'] = 1, ['d'] = 1, ['e'] = 1, ['f'] = 1, ['g'] = 1, ['h'] = 1,
+    ['i'] = 1, ['j'] = 1, ['k'] = 1, ['l'] = 1, ['m'] = 1, ['n'] = 1, ['o'] = 1, ['p'] = 1,
+    ['q'] = 1, ['r'] = 1, ['s'] = 1, ['t'] = 1, ['u'] = 1, ['v'] = 1, ['w'] = 1, ['x'] = 1,
+    ['y'] = 1, ['z'] = 1,
+};
+
+static int is_tchar(unsigned char ch) { return tchar[ch]; }
 
 static int is_token(const char *s, size_t n) {
     if (n == 0) return 0;
@@ -500,6 +612,8 @@ struct http_conn {
     int handles;           /* libuv handles not yet closed */
     int closing, reading, paused, flush, running, rerun, eof, dead;
     int phase, timer_kind, got_bytes, shut;
+    uint64_t deadline;     /* of timer_kind, in uv_now time */
+    uint64_t timer_due;    /* when the libuv timer fires; 0 when stopped */
     int throttled;         /* a proxy's upstream is not taking the body fast enough */
     char scan_prev;        /* last raw head byte seen, across reads */
     const char *bad_head;  /* a framing problem found in the raw head bytes */
@@ -623,14 +737,25 @@ static void srv_log(lua_State *L, http_server *s, const char *msg) {
 
 static void conn_timer_cb(uv_timer_t *t);
 
+/* Deadlines are kept here and the libuv timer is re-armed lazily: moving
+ * a deadline later leaves the timer where it is (it fires, finds the new
+ * deadline and sleeps again), so the timer heap stays out of the path of
+ * every request. */
+static void conn_timer_arm(http_conn *c, uint64_t deadline) {
+    if (c->timer_due && c->timer_due <= deadline) return;
+    uint64_t now = uv_now(c->timer.loop);
+    uv_timer_start(&c->timer, conn_timer_cb, deadline > now ? deadline - now : 0, 0);
+    c->timer_due = deadline;
+}
+
 static void conn_timer(http_conn *c, int kind, int64_t ms) {
-    c->timer_kind = kind;
     if (kind == TIMER_NONE || ms < 0) {
         c->timer_kind = TIMER_NONE;
-        uv_timer_stop(&c->timer);
         return;
     }
-    uv_timer_start(&c->timer, conn_timer_cb, (uint64_t)ms, 0);
+    c->timer_kind = kind;
+    c->deadline = uv_now(c->timer.loop) + (uint64_t)ms;
+    conn_timer_arm(c, c->deadline);
 }
 
 static void conn_alloc(uv_handle_t *h, size_t hint, uv_buf_t *b) {
@@ -871,7 +996,12 @@ static void conn_linger(http_conn *c) {
 
 static void conn_timer_cb(uv_timer_t *t) {
     http_conn *c = t->data;
-    if (c->closing) return;
+    c->timer_due = 0;
+    if (c->closing || c->timer_kind == TIMER_NONE) return;
+    if (uv_now(t->loop) < c->deadline) {
+        conn_timer_arm(c, c->deadline);
+        return;
+    }
     int kind = c->timer_kind;
     c->timer_kind = TIMER_NONE;
     if (kind == TIMER_HEADER && c->phase == PHASE_HEAD && c->got_bytes)
@@ -1129,13 +1259,24 @@ static int l_req_header(lua_State *L) {
     return 1;
 }
 
+/* The table of fields set on the request at index 1, made on first use. */
+static void req_fields(lua_State *L) {
+    if (lua_getiuservalue(L, 1, 1) == LUA_TTABLE) return;
+    lua_pop(L, 1);
+    lua_newtable(L);
+    lua_pushvalue(L, -1);
+    lua_setiuservalue(L, 1, 1);
+}
+
 static int l_req_index(lua_State *L) {
     req_box *b = check_req_box(L, 1);
     /* fields a handler set on the request, and cached ones */
-    lua_getiuservalue(L, 1, 1);
-    lua_pushvalue(L, 2);
-    if (lua_rawget(L, -2) != LUA_TNIL) return 1;
-    lua_pop(L, 2);
+    if (lua_getiuservalue(L, 1, 1) == LUA_TTABLE) {
+        lua_pushvalue(L, 2);
+        if (lua_rawget(L, -2) != LUA_TNIL) return 1;
+        lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
     /* methods */
     lua_getmetatable(L, 1);
     lua_pushvalue(L, 2);
@@ -1163,7 +1304,7 @@ static int l_req_index(lua_State *L) {
         lua_pushboolean(L, r->responded);
     } else if (strcmp(k, "headers") == 0) {
         push_headers(L, h);
-        lua_getiuservalue(L, 1, 1);
+        req_fields(L);
         lua_pushliteral(L, "headers");
         lua_pushvalue(L, -3);
         lua_rawset(L, -3);
@@ -1177,7 +1318,7 @@ static int l_req_index(lua_State *L) {
 /* Handlers may note things on a request (req.route = ...). */
 static int l_req_newindex(lua_State *L) {
     check_req_box(L, 1);
-    lua_getiuservalue(L, 1, 1);
+    req_fields(L);
     lua_pushvalue(L, 2);
     lua_pushvalue(L, 3);
     lua_rawset(L, -3);
@@ -1208,8 +1349,6 @@ static void req_push(lua_State *L, http_req *r) {
     req_box *b = lua_newuserdatauv(L, sizeof *b, 1);
     b->r = NULL;
     luaL_setmetatable(L, REQUEST_MT);
-    lua_newtable(L);
-    lua_setiuservalue(L, -2, 1);
     b->r = r;
     r->refs++;
 }
@@ -1516,10 +1655,19 @@ static void conn_run(http_conn *c) {
         conn_update_reading(c);
     } while (c->rerun && !c->closing);
     c->running = 0;
+    /* the client half-closed and every request it sent is answered */
+    if (!c->closing && c->eof && c->phase == PHASE_HEAD && c->in_off >= c->in.len) conn_close(c);
 }
 
 static void conn_eof(http_conn *c) {
-    if (c->req && c->req->px) { px_client_eof(c->req->px); return; }
+    /* Requests it pipelined before the FIN are still answered (conn_run
+     * closes once they are); EOF with nothing pending while req:proxy
+     * waits means the client is gone, as nginx takes it. */
+    int pending = c->in.len > c->in_off;
+    if (c->req && c->req->px) {
+        if (!pending) px_client_eof(c->req->px);
+        return;
+    }
     switch (c->phase) {
     case PHASE_LINGER:
     case PHASE_HEAD:
@@ -1529,11 +1677,9 @@ static void conn_eof(http_conn *c) {
         http_req *r = c->req;
         if (r && !r->dispatched) {
             conn_close(c);
-        } else if (r && (r->msg_complete || !r->expects_body)) {
-            /* a client may half-close once its request is out: it still
-             * gets the answer, then the connection closes */
-            r->keep_alive = 0;
-            c->dead = 1;
+        } else if (r && (r->msg_complete || !r->expects_body || pending)) {
+            /* a client may half-close once its requests are out: they are
+             * answered, then the connection closes (conn_run) */
         } else {
             /* a request body ended early; llhttp_finish cannot complete one */
             conn_body_failed(c, "the connection closed before the request body ended");
@@ -1625,6 +1771,9 @@ static void srv_accept(http_server *s) {
         if (rc) { conn_close(c); return; }
         s->accepted++;
         tn_sock_peer(&c->sock, c->is_pipe, c->peer, sizeof c->peer);
+        /* responses go out whole or as streamed pieces: none should wait
+         * for the client's delayed ACK (Nagle) */
+        if (!c->is_pipe) uv_tcp_nodelay(&c->sock.tcp, 1);
         llhttp_init(&c->p.parser, HTTP_REQUEST, &server_settings);
         c->p.parser.data = c;
         c->p.max_head = s->lim.max_head;
@@ -2224,6 +2373,9 @@ struct px_state {
     uv_idle_t idle;
     int draining;
     px *done_head, *done_tail;
+    uv_timer_t sweep;        /* closes idle connections past PX_IDLE_MS */
+    uint64_t sweep_due;
+    px_up *lru_head, *lru_tail; /* idle connections, oldest first */
     px_pool **buckets;
     size_t nbuckets, npools;
     px *free_px;
@@ -2245,12 +2397,15 @@ struct px_pool {
 struct px_up {
     http_parse p;            /* first: llhttp's data pointer is the connection */
     tn_sock sock;
-    uv_timer_t timer;        /* connect timeout, exchange inactivity, idle timeout */
+    uv_timer_t timer;        /* connect timeout and exchange inactivity (lazy) */
+    uint64_t timer_due;      /* when it fires; 0 when stopped */
     uv_connect_t creq;
     px_state *st;
     px_pool *pool;
     px *x;                   /* the exchange it serves; NULL while idle */
     px_up *prev, *next;      /* in the pool's idle list */
+    px_up *lru_prev, *lru_next;
+    uint64_t idle_since;
     unsigned gen;
     int handles, closing, connected, reading, idle, throttled, wpending;
 };
@@ -2272,6 +2427,7 @@ struct px {
     uint64_t seq;
     int64_t timeout, connect_timeout;
     int idle_pool;
+    uint64_t connect_deadline;
     uint64_t t0;             /* uv_hrtime at the start */
     uint64_t last;           /* uv_now at the last progress */
     int body_mode, resp_mode;
@@ -2324,6 +2480,9 @@ static px_state *px_state_get(lua_State *L) {
     lua_pop(L, 1);
     uv_idle_init(st->loop, &st->idle);
     st->idle.data = st;
+    uv_timer_init(st->loop, &st->sweep);
+    st->sweep.data = st;
+    uv_unref((uv_handle_t *)&st->sweep);
     lua_pushlightuserdata(L, st);
     lua_rawsetp(L, LUA_REGISTRYINDEX, &px_state_key);
     return st;
@@ -2454,10 +2613,16 @@ static px_up *px_up_new(px_state *st, px_pool *pool) {
 
 static void px_idle_unlink(px_up *up) {
     px_pool *pool = up->pool;
+    px_state *st = up->st;
     if (up->prev) up->prev->next = up->next;
     else pool->idle = up->next;
     if (up->next) up->next->prev = up->prev;
     up->prev = up->next = NULL;
+    if (up->lru_prev) up->lru_prev->lru_next = up->lru_next;
+    else st->lru_head = up->lru_next;
+    if (up->lru_next) up->lru_next->lru_prev = up->lru_prev;
+    else st->lru_tail = up->lru_prev;
+    up->lru_prev = up->lru_next = NULL;
     up->idle = 0;
     pool->nidle--;
 }
@@ -2495,6 +2660,32 @@ static void px_up_update_reading(px_up *up) {
 
 static void px_up_timer_cb(uv_timer_t *t);
 
+/* One timer for all idle connections: the oldest goes first. */
+static void px_sweep_cb(uv_timer_t *t);
+
+static void px_sweep_arm(px_state *st) {
+    st->sweep_due = 0;
+    if (!st->lru_head) return;
+    uint64_t due = st->lru_head->idle_since + PX_IDLE_MS, now = uv_now(st->loop);
+    uv_timer_start(&st->sweep, px_sweep_cb, due > now ? due - now : 0, 0);
+    st->sweep_due = due;
+}
+
+static void px_sweep_cb(uv_timer_t *t) {
+    px_state *st = t->data;
+    uint64_t now = uv_now(st->loop);
+    while (st->lru_head && st->lru_head->idle_since + PX_IDLE_MS <= now) px_up_close(st->lru_head);
+    px_sweep_arm(st);
+}
+
+/* The connection's own timer, re-armed lazily like the server's. */
+static void px_up_arm(px_up *up, uint64_t deadline) {
+    if (up->timer_due && up->timer_due <= deadline) return;
+    uint64_t now = uv_now(up->st->loop);
+    uv_timer_start(&up->timer, px_up_timer_cb, deadline > now ? deadline - now : 0, 0);
+    up->timer_due = deadline;
+}
+
 /* Back to the pool, or closed when it cannot serve another request. */
 static void px_up_release(px_up *up, int idle_pool) {
     px_pool *pool = up->pool;
@@ -2518,7 +2709,14 @@ static void px_up_release(px_up *up, int idle_pool) {
     up->next = pool->idle;
     if (pool->idle) pool->idle->prev = up;
     pool->idle = up;
-    uv_timer_start(&up->timer, px_up_timer_cb, PX_IDLE_MS, 0);
+    px_state *st = up->st;
+    up->idle_since = uv_now(st->loop);
+    up->lru_next = NULL;
+    up->lru_prev = st->lru_tail;
+    if (st->lru_tail) st->lru_tail->lru_next = up;
+    else st->lru_head = up;
+    st->lru_tail = up;
+    if (!st->sweep_due) px_sweep_arm(st);
     /* idle connections do not keep the loop running */
     uv_unref(&up->sock.handle);
     uv_unref((uv_handle_t *)&up->timer);
@@ -2529,7 +2727,6 @@ static px_up *px_up_take(px_pool *pool) {
     if (!up) return NULL;
     px_idle_unlink(up);
     pool->active++;
-    uv_timer_stop(&up->timer);
     uv_ref(&up->sock.handle);
     uv_ref((uv_handle_t *)&up->timer);
     return up;
@@ -2721,9 +2918,9 @@ static void px_result_of(const px *x, px_result *res) {
     memcpy(res->err, x->err, sizeof res->err);
 }
 
-static int px_push_stats(lua_State *L) {
+static int px_fill_stats(lua_State *L) {
     const px_result *res = lua_touserdata(L, 1);
-    lua_createtable(L, 0, 6);
+    lua_settop(L, 2);
     lua_pushinteger(L, res->status);
     lua_setfield(L, -2, "status");
     lua_pushinteger(L, (lua_Integer)res->bytes_in);
@@ -2739,6 +2936,12 @@ static int px_push_stats(lua_State *L) {
     return 1;
 }
 
+static int px_push_stats(lua_State *L) {
+    lua_settop(L, 1);
+    lua_createtable(L, 0, 6);
+    return px_fill_stats(L);
+}
+
 static int px_push_fail(lua_State *L) {
     const px_result *res = lua_touserdata(L, 1);
     lua_pushnil(L);
@@ -2751,14 +2954,20 @@ static int px_push_fail(lua_State *L) {
  * memory error must not escape into libuv. */
 static int px_push_result(lua_State *L, lua_State *co, px_result *res) {
     int top = lua_gettop(L);
-    lua_pushcfunction(L, res->ok ? px_push_stats : px_push_fail);
+    int stats = res->ok && lua_gettop(co) >= 1 && lua_istable(co, 1);
+    lua_pushcfunction(L, res->ok ? (stats ? px_fill_stats : px_push_stats) : px_push_fail);
     lua_pushlightuserdata(L, res);
+    if (stats) {
+        lua_pushvalue(co, 1);
+        lua_xmove(co, L, 1);
+    }
     int n = res->ok ? 1 : 3;
-    if (lua_pcall(L, 1, n, 0) != LUA_OK) {
+    if (lua_pcall(L, stats ? 2 : 1, n, 0) != LUA_OK) {
         lua_settop(L, top);
         lua_pushnil(co);
         lua_pushliteral(co, "out of memory");
-        return 2;
+        lua_pushliteral(co, "ENOMEM");
+        return 3;
     }
     lua_xmove(L, co, n);
     return n;
@@ -2925,8 +3134,7 @@ static void px_client_body(struct px *x, const char *at, size_t n) {
     if (x->up_failed) return;
     if (x->body_mode == PXB_CHUNKED) {
         char line[24];
-        int ll = snprintf(line, sizeof line, "%zx\r\n", n);
-        px_out(x, PX_UP, line, (size_t)ll, 1);
+        px_out(x, PX_UP, line, chunk_line(line, n), 1);
         px_out(x, PX_UP, at, n, 0);
         px_out(x, PX_UP, "\r\n", 2, 1);
     } else {
@@ -3025,7 +3233,7 @@ static void px_connect_cb(uv_connect_t *req, int status) {
         px_fail_connect(x, status);
     } else {
         up->connected = 1;
-        uv_timer_stop(&up->timer);
+        if (!up->pool->addr.is_pipe) uv_tcp_nodelay(&up->sock.tcp, 1);
         px_up_update_reading(up);
         px_send_head(x);
     }
@@ -3035,21 +3243,26 @@ static void px_connect_cb(uv_connect_t *req, int status) {
 
 static void px_up_timer_cb(uv_timer_t *t) {
     px_up *up = t->data;
-    if (up->closing) return;
-    if (up->idle) { px_up_close(up); return; }
+    up->timer_due = 0;
+    if (up->closing || up->idle) return; /* idle ones: px_sweep_cb */
     px *x = up->x;
     if (!x) return;
     px_state *st = up->st;
-    px_hold(x);
+    uint64_t now = uv_now(st->loop);
     if (!up->connected) {
+        if (now < x->connect_deadline) { px_up_arm(up, x->connect_deadline); return; }
+        px_hold(x);
         x->up = NULL;
         px_up_close(up);
         px_end(x, 0, PXA_NONE, "ETIMEDOUT", "connect %s: ETIMEDOUT: no connection within %d ms",
                x->pool->addr.text, (int)x->connect_timeout);
+    } else if (x->upgraded) {
+        return; /* a tunnel may stay quiet for as long as it likes */
     } else {
-        uint64_t idle = uv_now(st->loop) - x->last;
-        if (idle < (uint64_t)x->timeout) uv_timer_start(t, px_up_timer_cb, (uint64_t)x->timeout - idle, 0);
-        else px_timeout(x);
+        uint64_t deadline = x->last + (uint64_t)x->timeout;
+        if (now < deadline) { px_up_arm(up, deadline); return; }
+        px_hold(x);
+        px_timeout(x);
     }
     px_release(x);
     px_drain(st);
@@ -3063,7 +3276,8 @@ static void px_connect(px *x) {
     up->creq.data = up;
     int rc = tn_sock_connect(&up->creq, &up->sock, &x->pool->addr, px_connect_cb);
     if (rc) { px_fail_connect(x, rc); return; }
-    uv_timer_start(&up->timer, px_up_timer_cb, (uint64_t)x->connect_timeout, 0);
+    x->connect_deadline = uv_now(x->st->loop) + (uint64_t)x->connect_timeout;
+    px_up_arm(up, x->connect_deadline);
 }
 
 /* Connected (or taken from the pool): the head, then the body. */
@@ -3071,7 +3285,7 @@ static void px_send_head(px *x) {
     px_up *up = x->up;
     http_req *r = x->r;
     x->last = uv_now(x->st->loop);
-    uv_timer_start(&up->timer, px_up_timer_cb, (uint64_t)x->timeout, 0);
+    px_up_arm(up, x->last + (uint64_t)x->timeout);
     px_out(x, PX_UP, x->head.p, x->head.len, 0);
     if (x->body_mode == PXB_BUFFERED) {
         px_out(x, PX_UP, r->body.p, r->body.len, 0);
@@ -3141,7 +3355,9 @@ static void px_build_response_head(px *x, int st) {
     buf *o = &x->rhead;
     const http_head *h = &x->up->p.head;
     o->len = 0;
-    buf_printf(o, "HTTP/1.1 %d ", st);
+    buf_add(o, "HTTP/1.1 ", 9);
+    buf_uint(o, (uint64_t)st);
+    buf_add(o, " ", 1);
     if (h->first_len) buf_add(o, h->arena.p, h->first_len);
     else buf_addstr(o, reason_phrase(st));
     buf_add(o, "\r\n", 2);
@@ -3152,11 +3368,8 @@ static void px_build_response_head(px *x, int st) {
         const char *name = head_str(h, hd->name);
         size_t nl = hd->name_len;
         int upgrade = st == 101 && ieq(name, nl, "upgrade");
-        if (!upgrade && (is_hop(name, nl) || in_spans(toks, nt, name, nl))) continue;
-        buf_add(o, name, nl);
-        buf_add(o, ": ", 2);
-        buf_add(o, head_str(h, hd->value), hd->value_len);
-        buf_add(o, "\r\n", 2);
+        if (!upgrade && (is_hop(name, nl) || (nt && in_spans(toks, nt, name, nl)))) continue;
+        buf_field(o, name, nl, head_str(h, hd->value), hd->value_len);
     }
     if (st == 101) {
         buf_addstr(o, "Connection: upgrade\r\n");
@@ -3214,8 +3427,7 @@ static int px_on_body(llhttp_t *ps, const char *at, size_t n) {
     if (!x || x->done) return 0;
     if (x->resp_mode == PXR_CHUNKED) {
         char line[24];
-        int ll = snprintf(line, sizeof line, "%zx\r\n", n);
-        px_out(x, PX_CLI, line, (size_t)ll, 1);
+        px_out(x, PX_CLI, line, chunk_line(line, n), 1);
         px_out(x, PX_CLI, at, n, 0);
         px_out(x, PX_CLI, "\r\n", 2, 1);
     } else {
@@ -3321,7 +3533,6 @@ static void px_tunnel_start(px *x, const char *rest, size_t n) {
     px_out(x, PX_CLI, rest, n, 0);
     px_cli_flush(x);
     if (x->done) return;
-    uv_timer_stop(&x->up->timer); /* a tunnel may stay quiet for as long as it likes */
     c->phase = PHASE_TUNNEL;
     conn_timer(c, TIMER_NONE, 0);
     if (c->in_off < c->in.len) {
@@ -3393,10 +3604,7 @@ static void px_extra_header(const char *name, size_t nl, const char *val, size_t
         if (e->n == PX_MAX_EXTRA) luaL_error(e->L, "req:proxy: more than %d extra headers", PX_MAX_EXTRA);
         e->names[e->n++] = (span){ name, nl };
     }
-    buf_add(e->out, name, nl);
-    buf_add(e->out, ": ", 2);
-    buf_add(e->out, val, vl);
-    buf_add(e->out, "\r\n", 2);
+    buf_field(e->out, name, nl, val, vl);
 }
 
 /* The client's address without its port, for X-Forwarded-For. */
@@ -3444,13 +3652,10 @@ static void px_build_request(lua_State *L, buf *o, http_req *r, int hidx, const 
         if (ieq(name, nl, "host")) {
             if (!host) host = x;
             if (in_spans(e.names, e.n, name, nl)) continue;
-        } else if (in_spans(toks, nt, name, nl) || in_spans(e.names, e.n, name, nl)) {
+        } else if ((nt && in_spans(toks, nt, name, nl)) || (e.n && in_spans(e.names, e.n, name, nl))) {
             continue;
         }
-        buf_add(o, name, nl);
-        buf_add(o, ": ", 2);
-        buf_add(o, head_str(h, x->value), x->value_len);
-        buf_add(o, "\r\n", 2);
+        buf_field(o, name, nl, head_str(h, x->value), x->value_len);
     }
     if (!host && !in_spans(e.names, e.n, "host", 4)) buf_addstr(o, "Host: localhost\r\n");
     if (!in_spans(e.names, e.n, "x-forwarded-for", 15)) {
@@ -3466,22 +3671,20 @@ static void px_build_request(lua_State *L, buf *o, http_req *r, int hidx, const 
         buf_add(o, ip, il);
         buf_add(o, "\r\n", 2);
     }
-    if (!in_spans(e.names, e.n, "x-forwarded-proto", 17)) buf_printf(o, "X-Forwarded-Proto: %s\r\n", proto);
-    if (host && !in_spans(e.names, e.n, "x-forwarded-host", 16)) {
-        buf_addstr(o, "X-Forwarded-Host: ");
-        buf_add(o, head_str(h, host->value), host->value_len);
-        buf_add(o, "\r\n", 2);
-    }
+    if (!in_spans(e.names, e.n, "x-forwarded-proto", 17))
+        buf_field(o, "X-Forwarded-Proto", 17, proto, strlen(proto));
+    if (host && !in_spans(e.names, e.n, "x-forwarded-host", 16))
+        buf_field(o, "X-Forwarded-Host", 16, head_str(h, host->value), host->value_len);
     buf_add(o, extra.p, extra.len);
     switch (body_mode) {
-    case PXB_BUFFERED: buf_printf(o, "Content-Length: %zu\r\n", r->body.len); break;
+    case PXB_BUFFERED:
+        buf_add(o, "Content-Length: ", 16);
+        buf_uint(o, r->body.len);
+        buf_add(o, "\r\n", 2);
+        break;
     case PXB_CHUNKED: buf_addstr(o, "Transfer-Encoding: chunked\r\n"); break;
     default:
-        if (clen) {
-            buf_addstr(o, "Content-Length: ");
-            buf_add(o, head_str(h, clen->value), clen->value_len);
-            buf_add(o, "\r\n", 2);
-        }
+        if (clen) buf_field(o, "Content-Length", 14, head_str(h, clen->value), clen->value_len);
         break;
     }
     if (tunnel && upgrade) {
@@ -3497,50 +3700,91 @@ static void px_build_request(lua_State *L, buf *o, http_req *r, int hidx, const 
 
 /* ---- Lua API ----------------------------------------------------------- */
 
-static lua_Integer px_opt_int(lua_State *L, const char *name, lua_Integer def, lua_Integer lo,
-                              lua_Integer hi) {
-    lua_getfield(L, 2, name);
-    if (lua_isnil(L, -1)) { lua_pop(L, 1); return def; }
+typedef struct px_opts {
+    const char *path;
+    size_t path_len;
+    int has_host, has_headers;
+    lua_Integer timeout, connect_timeout, idle_pool;
+    const char *proto;
+} px_opts;
+
+static lua_Integer px_int_opt(lua_State *L, const char *name, lua_Integer lo, lua_Integer hi) {
     if (!lua_isinteger(L, -1)) luaL_error(L, "req:proxy: %s must be an integer", name);
     lua_Integer v = lua_tointeger(L, -1);
-    lua_pop(L, 1);
     if (v < lo || v > hi) luaL_error(L, "req:proxy: %s out of range", name);
     return v;
 }
 
-/* The address in opts: {path=} on the fast path, else {host=, port=}.
- * Returns the pool, or NULL with nil, err, code pushed. */
-static px_pool *px_pool_for(lua_State *L, px_state *st) {
+/* One pass over the options table (index 2): looking up each known name
+ * would cost more than walking the few that are there, and a misspelt
+ * option is an error rather than silently ignored. */
+static void px_read_opts(lua_State *L, px_opts *o) {
+    const lua_Integer big = (lua_Integer)1 << 40;
+    memset(o, 0, sizeof *o);
+    o->timeout = 60000;
+    o->connect_timeout = 5000;
+    o->idle_pool = 16;
+    o->proto = "http";
+    lua_pushnil(L);
+    while (lua_next(L, 2)) {
+        if (lua_type(L, -2) != LUA_TSTRING) luaL_error(L, "req:proxy: option names are strings");
+        size_t kl;
+        const char *k = lua_tolstring(L, -2, &kl);
+#define IS(lit) (kl == sizeof(lit) - 1 && memcmp(k, lit, kl) == 0)
+        if (IS("path")) {
+            if (lua_type(L, -1) != LUA_TSTRING) luaL_error(L, "req:proxy: path must be a string");
+            o->path = lua_tolstring(L, -1, &o->path_len);
+        } else if (IS("host") || IS("port")) {
+            o->has_host = 1;
+        } else if (IS("timeout")) {
+            o->timeout = px_int_opt(L, "timeout", 1, big);
+        } else if (IS("connect_timeout")) {
+            o->connect_timeout = px_int_opt(L, "connect_timeout", 1, big);
+        } else if (IS("idle_pool")) {
+            o->idle_pool = px_int_opt(L, "idle_pool", 0, 1 << 20);
+        } else if (IS("forwarded_proto")) {
+            const char *v = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : "";
+            if (strcmp(v, "http") == 0) o->proto = "http";
+            else if (strcmp(v, "https") == 0) o->proto = "https";
+            else luaL_error(L, "req:proxy: forwarded_proto must be \"http\" or \"https\"");
+        } else if (IS("headers")) {
+            if (!lua_istable(L, -1)) luaL_error(L, "req:proxy: headers must be a table");
+            o->has_headers = 1;
+        } else {
+            luaL_error(L, "req:proxy: unknown option '%s'", k);
+        }
+#undef IS
+        lua_pop(L, 1);
+    }
+}
+
+/* The pool of the address in opts: path on the fast path, else host and
+ * port. NULL with nil, err, code pushed when the address is unusable. */
+static px_pool *px_pool_for(lua_State *L, px_state *st, const px_opts *o) {
     tn_addr a;
-    int t = lua_getfield(L, 2, "path");
-    if (t == LUA_TSTRING) {
-        size_t n;
-        const char *path = lua_tolstring(L, -1, &n);
+    if (o->path) {
+        size_t n = o->path_len;
         if (n == 0) luaL_error(L, "req:proxy: path is empty");
-        if (lua_getfield(L, 2, "host") != LUA_TNIL || lua_getfield(L, 2, "port") != LUA_TNIL)
-            luaL_error(L, "req:proxy: give either path or host and port, not both");
-        uint32_t h = px_hash(1, path, n);
-        px_pool *p = px_pool_find(st, 1, path, n, h);
-        if (p) { lua_settop(L, 2); return p; }
+        if (o->has_host) luaL_error(L, "req:proxy: give either path or host and port, not both");
+        uint32_t h = px_hash(1, o->path, n);
+        px_pool *p = px_pool_find(st, 1, o->path, n, h);
+        if (p) return p;
         if (n >= sizeof a.path) {
-            lua_settop(L, 2);
             lua_pushnil(L);
-            lua_pushfstring(L, "connect %s: ENAMETOOLONG: a Unix socket path must be shorter than 108 bytes", path);
+            lua_pushfstring(L, "connect %s: ENAMETOOLONG: a Unix socket path must be shorter than 108 bytes",
+                            o->path);
             lua_pushliteral(L, "ENAMETOOLONG");
             return NULL;
         }
         memset(&a, 0, sizeof a);
         a.is_pipe = 1;
-        memcpy(a.path, path, n + 1);
-        snprintf(a.text, sizeof a.text, "%s", path);
-        lua_settop(L, 2);
+        memcpy(a.path, o->path, n + 1);
+        snprintf(a.text, sizeof a.text, "%s", o->path);
         p = px_pool_add(st, &a, h);
         if (!p) luaL_error(L, "out of memory");
         return p;
     }
-    if (t != LUA_TNIL) luaL_error(L, "req:proxy: path must be a string");
-    lua_pop(L, 1);
-    if (tn_addr_from_table(L, 2, &a, "connect")) return NULL;
+    if (tn_addr_from_table(L, 2, &a, "req:proxy")) return NULL;
     size_t n = strlen(a.text);
     uint32_t h = px_hash(0, a.text, n);
     px_pool *p = px_pool_find(st, 0, a.text, n, h);
@@ -3575,21 +3819,11 @@ static int l_req_proxy(lua_State *L) {
     lua_settop(L, 2);
     if (r->px) return luaL_error(L, "req:proxy is already running for this request");
     if (r->responded) return luaL_error(L, "a response was already sent for this request");
-    const lua_Integer big = (lua_Integer)1 << 40;
-    lua_Integer timeout = px_opt_int(L, "timeout", 60000, 1, big);
-    lua_Integer connect_timeout = px_opt_int(L, "connect_timeout", 5000, 1, big);
-    lua_Integer idle_pool = px_opt_int(L, "idle_pool", 16, 0, 1 << 20);
-    const char *proto = "http";
-    if (lua_getfield(L, 2, "forwarded_proto") != LUA_TNIL) {
-        proto = lua_tostring(L, -1);
-        if (!lua_isstring(L, -1) || (strcmp(proto, "http") != 0 && strcmp(proto, "https") != 0))
-            return luaL_error(L, "req:proxy: forwarded_proto must be \"http\" or \"https\"");
-        proto = strcmp(proto, "http") == 0 ? "http" : "https";
-    }
-    lua_pop(L, 1);
+    px_opts o;
+    px_read_opts(L, &o);
     int hidx = 0;
-    if (lua_getfield(L, 2, "headers") != LUA_TNIL) {
-        luaL_argexpected(L, lua_istable(L, -1), 2, "headers to be a table");
+    if (o.has_headers) {
+        lua_getfield(L, 2, "headers");
         hidx = lua_gettop(L);
     }
     tn_task *t = tn_task_check(L);
@@ -3603,7 +3837,17 @@ static int l_req_proxy(lua_State *L) {
     const http_head *h = &r->head;
     int body_mode = PXB_NONE;
     if (r->expects_body) {
-        if (r->body_err) return tn_fail(L, "the request body could not be read: %s", r->body_err);
+        if (r->body_err) {
+            lua_pushnil(L);
+            if (c->eof) {
+                lua_pushliteral(L, "client closed");
+                lua_pushliteral(L, "ECONNABORTED");
+            } else {
+                lua_pushfstring(L, "the request body could not be read: %s", r->body_err);
+                lua_pushstring(L, c->p.error_status == 413 ? "E2BIG" : "EPROTO");
+            }
+            return 3;
+        }
         if (r->msg_complete) body_mode = PXB_BUFFERED;
         else if (r->seen > 0 || r->discard || r->want_body) {
             lua_pushnil(L);
@@ -3616,10 +3860,10 @@ static int l_req_proxy(lua_State *L) {
     span toks[PX_MAX_TOKENS];
     int nt = conn_tokens(h, toks, PX_MAX_TOKENS);
     int tunnel = !r->expects_body && in_spans(toks, nt, "upgrade", 7) && head_find(h, "upgrade", NULL);
-    px_build_request(L, &hb, r, hidx, proto, tunnel, body_mode);
+    px_build_request(L, &hb, r, hidx, o.proto, tunnel, body_mode);
 
     px_state *st = px_state_get(L);
-    px_pool *pool = px_pool_for(L, st);
+    px_pool *pool = px_pool_for(L, st, &o);
     if (!pool) return 3;
     px *x = px_new(st);
     if (!x) return luaL_error(L, "out of memory");
@@ -3631,9 +3875,9 @@ static int l_req_proxy(lua_State *L) {
     r->refs++;
     x->pool = pool;
     pool->refs++;
-    x->timeout = timeout;
-    x->connect_timeout = connect_timeout;
-    x->idle_pool = (int)idle_pool;
+    x->timeout = o.timeout;
+    x->connect_timeout = o.connect_timeout;
+    x->idle_pool = (int)o.idle_pool;
     x->body_mode = body_mode;
     x->tunnel_wanted = tunnel;
     x->head_method = h->method == HTTP_HEAD;
@@ -3657,7 +3901,10 @@ static int l_req_proxy(lua_State *L) {
         x->task = NULL;
         return px_finish_inline(L, x);
     }
+    /* The stats table is made now, where allocating may raise: the
+     * callback that finishes only fills it. It stays on this frame. */
     lua_settop(L, 0);
+    lua_createtable(L, 0, 6);
     return tn_task_wait(L, t, -1);
 }
 

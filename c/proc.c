@@ -98,7 +98,7 @@ enum child_stage {
 };
 
 static const char *const stage_names[] = {
-    "", "sigprocmask", "setsid", "setpgid", "user namespace id maps", "mount --make-rprivate /",
+    "", "sigprocmask", "setsid", "setpgid", "user namespace id maps", "mount --make-rslave /",
     "mount proc on /proc", "sethostname", "bring up lo", "cgroup", "setrlimit", "setgroups", "setgid",
     "setuid", "prctl(PR_SET_PDEATHSIG)", "parent exited", "prctl(PR_SET_NO_NEW_PRIVS)",
     "chdir", "dup2", "close_range", "exec",
@@ -214,10 +214,12 @@ CHILD_CODE static int child_main(void *arg) {
             child_fail(a, ST_USERNS, 2);
     }
     if (a->mount_proc) {
-        /* Private first: a shared / (systemd's default) would carry our
-         * /proc back into the host's mount namespace. The new proc shows
-         * the PID namespace of its mounter, ours. */
-        if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) != 0) child_fail(a, ST_MOUNT_PRIVATE, 0);
+        /* Slave first: nothing mounted in here goes back to the host (a
+         * shared / would carry our /proc into the host's namespace), while
+         * the host's unmounts still reach us, so an instance does not keep
+         * another's storage image mounted after ten unmounts it. The new
+         * proc shows the PID namespace of its mounter, ours. */
+        if (mount(NULL, "/", NULL, MS_REC | MS_SLAVE, NULL) != 0) child_fail(a, ST_MOUNT_PRIVATE, 0);
         if (mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) != 0)
             child_fail(a, ST_MOUNT_PROC, 0);
     }

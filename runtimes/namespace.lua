@@ -119,7 +119,7 @@ function driver.prepare(instance)
   if network == "isolated" then flags[#flags + 1] = "newnet" end
   if probed.userns then flags[#flags + 1] = "newuser" end
   local name = svc.name or (instance.vars and instance.vars.name) or "instance"
-  return {
+  return require("tenement.runtime").credentials(instance, {
     argv = argv,
     env = instance.env,
     cwd = instance.cwd,
@@ -131,7 +131,7 @@ function driver.prepare(instance)
     mount_proc = true,
     hostname = hostname(name, instance.id),
     loopback = network == "isolated" or nil,
-  }
+  })
 end
 
 return driver

@@ -10,7 +10,7 @@ end
 -- prepare(instance) -> spec for core.proc.spawn
 --   instance: { argv, env (list of "K=V"), cwd, stdout_fd, stderr_fd }
 function driver.prepare(instance)
-  return {
+  return require("tenement.runtime").credentials(instance, {
     argv = instance.argv,
     env = instance.env,
     cwd = instance.cwd,
@@ -18,7 +18,7 @@ function driver.prepare(instance)
     stdout = instance.stdout_fd,
     stderr = instance.stderr_fd,
     pdeathsig = "SIGKILL",
-  }
+  })
 end
 
 return driver

@@ -34,6 +34,7 @@ local V1_CONTROLLERS = {
 
 local CPU_WEIGHT_MIN, CPU_WEIGHT_MAX = 1, 10000
 local V1_SHARES_MIN, V1_SHARES_MAX = 2, 262144
+local DIR_MODE = 493 -- 0755 (Lua has no octal literals)
 local KILL_TIMEOUT_MS = 5000
 local REMOVE_TIMEOUT_MS = 2000
 
@@ -352,7 +353,7 @@ local function ensure_base(layout, h)
         -- only while it holds no processes itself: ten moves into a leaf of
         -- its own cgroup (what systemd's Delegate=yes expects) and retries.
         local leaf = join(h.own, cgroup.LEAF)
-        local mk, merr = fs.mkdir(leaf, 0755)
+        local mk, merr = fs.mkdir(leaf, DIR_MODE)
         if not mk then return nil, merr end
         local moved, perr = fs.put(join(leaf, "cgroup.procs"), tostring(core.proc.getpid()))
         if not moved then return nil, "move ten into " .. leaf .. ": " .. perr end
@@ -365,14 +366,14 @@ local function ensure_base(layout, h)
       end
       if not ok then return nil, "enable " .. table.concat(want, " ") .. " controllers: " .. err end
     end
-    local ok, err = fs.mkdir(h.base, 0755)
+    local ok, err = fs.mkdir(h.base, DIR_MODE)
     if not ok then return nil, err end
     if #want > 0 then
       local en, eerr = enable(fs, h.base, want)
       if not en then return nil, "enable " .. table.concat(want, " ") .. " controllers: " .. eerr end
     end
   else
-    local ok, err = fs.mkdir(h.base, 0755)
+    local ok, err = fs.mkdir(h.base, DIR_MODE)
     if not ok then return nil, err end
   end
   h.ready = true
@@ -602,7 +603,7 @@ function cgroup.create(layout, name, limits, opts)
       end
       cg.notes[#cg.notes + 1] = "removed a leftover cgroup " .. dir
     end
-    local ok2, err = fs.mkdir(dir, 0755, false)
+    local ok2, err = fs.mkdir(dir, DIR_MODE, false)
     if not ok2 then
       cg:remove(0)
       return nil, string.format("cgroup %s: %s", name, err)

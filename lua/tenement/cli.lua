@@ -648,7 +648,7 @@ local function with_store(ctx, fn)
   if not dir then return 1 end
   local core = require "tenement.core"
   return core.run(function()
-    local ok, err = core.fs.mkdir(dir, 0711)
+    local ok, err = core.fs.mkdir(dir, tonumber("711", 8))
     if not ok then ctx.err:write("ten: data_dir ", err, "\n") return 1 end
     local store, serr = require("tenement.store").open(dir .. "/tenement.db")
     if not store then ctx.err:write("ten: ", serr, "\n") return 1 end

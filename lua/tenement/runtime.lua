@@ -38,4 +38,17 @@ function runtime.get(level)
   return driver
 end
 
+-- The spawn fields every driver that runs the app directly shares: the
+-- service's user (its uid and gid, no supplementary groups, no new
+-- privileges: a non-root uid holds no capabilities after exec) and rlimits.
+-- instance.user = { uid, gid } or nil; instance.rlimits = { nofile =, nproc = }.
+function runtime.credentials(instance, spec)
+  local user = instance.user
+  if user then
+    spec.uid, spec.gid, spec.groups, spec.no_new_privs = user.uid, user.gid, {}, true
+  end
+  if instance.rlimits and next(instance.rlimits) then spec.rlimits = instance.rlimits end
+  return spec
+end
+
 return runtime

@@ -41,7 +41,7 @@ end
 
 function Server:start()
   local cfg, paths = self.cfg, self.paths
-  local ok, err = core.fs.mkdir(paths.dir, 0711)
+  local ok, err = core.fs.mkdir(paths.dir, tonumber("711", 8))
   if not ok then return nil, "data_dir: " .. err end
 
   if socket_alive(paths.socket) then
@@ -53,15 +53,16 @@ function Server:start()
   local st, serr = store_mod.open(paths.db)
   if not st then return nil, serr end
   self.store = st
-  core.fs.chmod(paths.db, 0600)
+  core.fs.chmod(paths.db, tonumber("600", 8))
 
   self.sink = core.logbuf.sink { max_pending = cfg.settings.log_max_pending or 100000 }
-  self.sup = supervisor.new(cfg, { store = st, sink = self.sink, environ = self.opts.environ })
+  local layout = self:prepare_limits()
+  self.sup = supervisor.new(cfg, { store = st, sink = self.sink, environ = self.opts.environ, cgroups = layout })
   self.log_writer = core.spawn(self.write_logs, self)
 
   local listener, lerr = core.net.listen { path = paths.socket }
   if not listener then return nil, "control socket: " .. lerr end
-  core.fs.chmod(paths.socket, 0600)
+  core.fs.chmod(paths.socket, tonumber("600", 8))
   self.control_listener = listener
   self.handler = api.new { sup = self.sup, store = st, cfg = cfg, started = self.started,
     flush_logs = function() self:flush_logs() end,
@@ -87,6 +88,33 @@ function Server:start()
 
   self:restore()
   return true
+end
+
+-- cgroups and storage quotas, once at start: say what this host can limit,
+-- and clean up what a previous ten that died left behind. -> cgroup layout
+function Server:prepare_limits()
+  local cgroup, storage = require "tenement.cgroup", require "tenement.storage"
+  -- one cgroup subtree per data directory: two servers in one cgroup never
+  -- take each other's instances for leftovers
+  local base = "tenement-" .. core.crypto.hex(core.crypto.sha256(self.cfg.settings.data_dir)):sub(1, 8)
+  local layout = cgroup.detect { base = base }
+  for _, line in ipairs(cgroup.describe(layout)) do
+    -- what can be limited matters to an operator; each hierarchy found, less
+    local important = line:find("limits", 1, true) or line:find("tracked", 1, true) or line:find("no ", 1, true)
+    if important then log.info("cgroups: %s", line) else log.debug("cgroups: %s", line) end
+  end
+  local removed, failures = cgroup.cleanup_stale(layout)
+  if removed and #removed > 0 then log.info("cgroups: removed %d left by an earlier run", #removed) end
+  for _, f in ipairs(failures or {}) do log.warn("cgroups: %s", tostring(f)) end
+  local quotas = false
+  for _, svc in pairs(self.cfg.services) do if svc.storage_quota_mb then quotas = true end end
+  if quotas then
+    local ok, err = storage.share(self.cfg.settings.data_dir)
+    if not ok then log.warn("storage: %s", err) end
+    local _, stale_failures = storage.cleanup_stale(self.cfg.settings.data_dir)
+    for _, f in ipairs(stale_failures or {}) do log.warn("storage: %s", tostring(f)) end
+  end
+  return layout
 end
 
 -- The server's own pages on the bare domain: /health (public), /metrics

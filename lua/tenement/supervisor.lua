@@ -14,6 +14,9 @@ local runtime = require "tenement.runtime"
 local restart = require "tenement.restart"
 local log = require "tenement.log"
 local metrics = require "tenement.metrics"
+local cgroup = require "tenement.cgroup"
+local storage = require "tenement.storage"
+local users = require "tenement.users"
 
 local supervisor = {}
 
@@ -71,6 +74,9 @@ function supervisor.new(cfg, opts)
     end
   end
   self.init_path = opts.init_path or supervisor.find_init(self.environ)
+  -- cgroup layout: given by the server (which detects it at start and logs
+  -- it); otherwise detected the first time a limit asks for it
+  self.cgroups = opts.cgroups
   return self
 end
 
@@ -168,6 +174,25 @@ function Supervisor:alloc_port(key)
   return nil, string.format("no free TCP port in %d-%d", PORT_MIN, PORT_MAX)
 end
 
+-- The instance's cgroup(s), with the service's limits. -> cg | nil (none
+-- needed or possible), nil, err (a limit that cannot be enforced: refused)
+function Supervisor:cgroup_for(inst, svc)
+  local limits = { memory_mb = svc.memory_limit_mb, cpu_shares = svc.cpu_shares, pids = svc.pids_limit }
+  if not self.cgroups then
+    if not next(limits) then return nil end
+    self.cgroups = cgroup.detect { base = "tenement-" .. core.proc.getpid() }
+  end
+  -- one cgroup per start (the generation in its name): a rollout runs the
+  -- new process beside the old one, each in its own
+  local cg, err = cgroup.create(self.cgroups, inst.service .. "." .. inst.id .. "." .. inst.gen, limits)
+  if not cg then
+    if next(limits) then return nil, err end
+    return nil -- no limits asked: an instance without a cgroup still runs
+  end
+  for _, note in ipairs(cg.notes or {}) do log.info("%s: %s", inst.key, note) end
+  return cg
+end
+
 function Supervisor:free_port(port)
   if port then self.ports[port] = nil end
 end
@@ -206,6 +231,14 @@ function Instance:release_start()
   if self.socket then core.fs.unlink(self.socket) end
   -- a driver that keeps state of its own (a sandbox's bundle) cleans it up
   -- once the process is gone or never started
+  local cg = self.cg
+  self.cg = nil
+  if cg then
+    -- whatever of the instance is left, wherever it went (setsid, double fork)
+    local ok, err = cg:kill_all()
+    if ok then ok, err = cg:remove() end
+    if not ok then log.warn("%s: cgroup: %s", self.key, tostring(err)) end
+  end
   local driver, ctx = self.driver, self.launch_ctx
   self.driver, self.launch_ctx = nil, nil
   if driver and driver.cleanup then
@@ -239,10 +272,17 @@ function Instance:launch()
   self.socket = vars.socket
   self.dir = vars.instance_dir
 
-  local ok, err = core.fs.mkdir(vars.instance_dir, 0700)
+  local ok, err = core.fs.mkdir(vars.instance_dir, tonumber("700", 8))
   if not ok then self:release_start() return nil, err end
-  ok, err = core.fs.mkdir(dirname(vars.socket), 0755)
-  if not ok then self:release_start() return nil, err end
+  -- a socket directory tenement makes is sticky and open like /tmp: apps
+  -- that run as their own user create their sockets there, and none can
+  -- remove another's (one that exists is left as its owner made it)
+  local socket_dir = dirname(vars.socket)
+  if not core.fs.stat(socket_dir) then
+    ok, err = core.fs.mkdir(socket_dir, tonumber("755", 8))
+    if ok then ok, err = core.fs.chmod(socket_dir, tonumber("1777", 8)) end
+    if not ok then self:release_start() return nil, err end
+  end
   -- a socket left by an earlier process would answer for a dead instance
   local st = core.fs.stat(vars.socket, false)
   if st then
@@ -270,12 +310,32 @@ function Instance:launch()
     cwd, err = config.expand(svc.workdir, vars)
     if not cwd then self:release_start() return nil, "workdir: " .. err end
   end
+  local user
+  if svc.user then
+    user, err = users.lookup(svc.user)
+    if not user then self:release_start() return nil, "user: " .. err end
+  end
+  if svc.storage_quota_mb and not self.storage then
+    local mount, serr = storage.attach(sup.cfg.settings.data_dir, self.service, self.id, svc.storage_quota_mb)
+    if not mount then self:release_start() return nil, "storage: " .. serr end
+    for _, note in ipairs(mount.notes or {}) do log.info("%s: %s", self.key, note) end
+    self.storage = mount
+  end
+  if user then
+    -- the instance's files are its own, and no one else's
+    ok, err = core.fs.chown(vars.instance_dir, user.uid, user.gid)
+    if not ok then self:release_start() return nil, err end
+  end
+  local cg, cgerr = sup:cgroup_for(self, svc)
+  if cgerr then self:release_start() return nil, cgerr end
+  self.cg = cg
 
   local out_r, out_w = core.logbuf.pipe()
   local err_r, err_w = core.logbuf.pipe()
   local ctx = {
     argv = argv, env = env, cwd = cwd, stdout_fd = out_w, stderr_fd = err_w,
     service = svc, id = self.id, vars = vars, init_path = sup.init_path,
+    user = user, rlimits = { nofile = svc.nofile, nproc = svc.nproc },
   }
   local spec, prep_err = driver.prepare(ctx)
   if spec then
@@ -290,7 +350,18 @@ function Instance:launch()
     self:release_start()
     return nil, prep_err
   end
+  if cg then
+    local fds, ferr = cg:proc_fds()
+    if not fds then
+      for _, fd in ipairs { out_r, out_w, err_r, err_w } do core.logbuf.close_fd(fd) end
+      self:release_start()
+      return nil, ferr
+    end
+    -- the child joins its cgroups before it execs: no allocation escapes
+    spec.cgroup_fds = fds
+  end
   local proc, serr = core.proc.spawn(spec)
+  if cg then cg:close_fds() end
   core.logbuf.close_fd(out_w)
   core.logbuf.close_fd(err_w)
   if not proc then
@@ -420,6 +491,24 @@ local function describe_status(st)
   return "exited with code " .. tostring(st.code)
 end
 
+-- What an exit was: an OOM kill is told apart by the cgroup's own count.
+function Instance:exit_info(status)
+  local info = { reason = "exit", code = status.code, signal = status.signal, message = describe_status(status) }
+  local killed = status.signal == "SIGKILL" or status.code == 137
+  if killed and self.cg and (self.cg:oom_kills() or 0) > 0 then
+    info.reason = "oom"
+    info.message = string.format("killed: out of memory, limit %d MB", self.svc.memory_limit_mb or 0)
+  end
+  return info
+end
+
+-- Memory and CPU of the instance: its cgroup, else its main process.
+function Instance:usage()
+  local u = self.cg and self.cg:usage()
+  if u and u.memory_bytes then return u end
+  return metrics.proc_usage(self.pid)
+end
+
 -- Waits for the mailbox message of this generation, dropping stale ones.
 function Instance:next_message(gen, timeout_ms)
   local deadline = timeout_ms and core.now() + timeout_ms
@@ -458,8 +547,8 @@ function Instance:start_once()
     elseif msg.type == "exit" then
       self.gen = self.gen + 1
       self:settle_output()
-      local info = { reason = "exit", code = msg.status.code, signal = msg.status.signal,
-        message = describe_status(msg.status) .. " during startup" .. self:last_output() }
+      local info = self:exit_info(msg.status)
+      info.message = info.message .. " during startup" .. self:last_output()
       self:release_start()
       return nil, info
     elseif msg.type == "stop" or msg.type == "sleep" then
@@ -480,14 +569,14 @@ end
 -- the old one. If the new one does not come up, the old one keeps serving.
 -- -> true | nil, err
 function Instance:replace_process(new_svc)
-  local old = { proc = self.proc, socket = self.socket, port = self.port, pid = self.pid,
+  local old = { proc = self.proc, socket = self.socket, port = self.port, pid = self.pid, cg = self.cg,
     driver = self.driver, ctx = self.launch_ctx, svc = self.svc, gen = self.gen,
     started_at = self.started_at, started_wall = self.started_wall }
   -- the proxy keeps using the old socket until the switch
   self.route_socket = old.socket
   self.svc = new_svc
   self.socket_suffix = "." .. (self.gen + 1)
-  self.port, self.proc, self.driver, self.launch_ctx = nil, nil, nil, nil
+  self.port, self.proc, self.driver, self.launch_ctx, self.cg = nil, nil, nil, nil, nil
   local outcome, info = self:start_once()
   self.socket_suffix = nil
   if outcome ~= "ready" then
@@ -501,6 +590,7 @@ function Instance:replace_process(new_svc)
       self.mailbox:put(info)
     end
     self.svc, self.proc, self.socket, self.port, self.pid = old.svc, old.proc, old.socket, old.port, old.pid
+    self.cg = old.cg
     self.driver, self.launch_ctx, self.started_at, self.started_wall = old.driver, old.ctx, old.started_at, old.started_wall
     self.route_socket = nil
     self.gen = self.gen + 1
@@ -516,6 +606,11 @@ function Instance:replace_process(new_svc)
   local deadline = core.now() + self.sup.cfg.settings.stop_timeout * 1000
   while (self.inflight_on[old.socket] or 0) > 0 and core.now() < deadline do core.sleep(10) end
   self:terminate(old.proc, old.driver, old.ctx)
+  if old.cg then
+    local ok, err = old.cg:kill_all()
+    if ok then ok, err = old.cg:remove() end
+    if not ok then log.warn("%s: cgroup of the old process: %s", self.key, tostring(err)) end
+  end
   self.sup:free_port(old.port)
   core.fs.unlink(old.socket)
   if old.driver and old.driver.cleanup then old.driver.cleanup(old.ctx) end
@@ -537,8 +632,7 @@ function Instance:run()
         local msg = self:next_message(self.gen)
         if msg.type == "exit" then
           self:settle_output()
-          exit = { reason = "exit", code = msg.status.code, signal = msg.status.signal,
-            message = describe_status(msg.status) }
+          exit = self:exit_info(msg.status)
           self.gen = self.gen + 1
           self:release_start()
         elseif msg.type == "unhealthy" then
@@ -572,7 +666,7 @@ function Instance:run()
       self.last_exit = (outcome == "stop" and "stopped" or "asleep") ..
         (status and (" (" .. describe_status(status) .. ")") or "")
       self:transition(outcome == "stop" and "stopped" or "slept")
-      self:finish_stop(outcome)
+      self:finish_stop(outcome, info.keep_data)
       return
     end
 
@@ -594,7 +688,7 @@ function Instance:run()
       local msg = self:next_message(nil, delay)
       if msg and (msg.type == "stop" or msg.type == "sleep") then
         self:transition("stop", msg.reason)
-        self:finish_stop("stop")
+        self:finish_stop("stop", msg.keep_data)
         return
       end
       self.history[#self.history + 1] = core.now() / 1000
@@ -617,13 +711,30 @@ function Instance:run()
   end
 end
 
-function Instance:finish_stop(outcome)
+function Instance:finish_stop(outcome, keep_data)
   self.ready_event:set(nil, outcome == "stop" and "stopped" or "asleep")
-  if outcome == "stop" and not self.svc.storage_persist and self.dir then
-    local ok, err = core.fs.rmtree(self.dir)
-    if not ok then log.warn("%s: could not remove %s: %s", self.key, self.dir, err) end
+  if outcome == "stop" then
+    -- asleep, the data stays mounted for the wake; stopped, it is unmounted
+    -- and, unless storage_persist (or the server is only restarting), removed
+    self:detach_storage()
+    if not keep_data and not self.svc.storage_persist and self.dir then
+      if self.svc.storage_quota_mb then
+        local ok, err = storage.remove(self.sup.cfg.settings.data_dir, self.service, self.id)
+        if not ok then log.warn("%s: could not remove its storage image: %s", self.key, err) end
+      end
+      local ok, err = core.fs.rmtree(self.dir)
+      if not ok then log.warn("%s: could not remove %s: %s", self.key, self.dir, err) end
+    end
   end
   self.runner = nil
+end
+
+function Instance:detach_storage()
+  local mount = self.storage
+  self.storage = nil
+  if not mount then return end
+  local ok, err = mount:detach()
+  if not ok then log.warn("%s: could not unmount its storage: %s", self.key, err) end
 end
 
 ---------------------------------------------------------------------------
@@ -706,12 +817,12 @@ function Supervisor:stop(service, id, opts)
   end
   if self.store and opts.persist ~= false then self.store:set_desired(service, id, false) end
   if inst.runner then
-    inst.mailbox:put({ type = "stop", reason = opts.reason or "stopped by request" })
+    inst.mailbox:put({ type = "stop", reason = opts.reason or "stopped by request", keep_data = opts.keep_data })
     inst.runner:join()
   elseif inst.state == "failed" or inst.state == "sleeping" then
     inst:transition("stop", opts.reason or "stopped by request")
     inst.last_exit = inst.last_exit or "stopped"
-    if not inst.svc.storage_persist and inst.dir then core.fs.rmtree(inst.dir) end
+    inst:finish_stop("stop", opts.keep_data)
   end
   return true
 end
@@ -881,7 +992,7 @@ function Supervisor:shutdown()
   for _, inst in pairs(self.instances) do
     if inst.runner then
       tasks[#tasks + 1] = core.spawn(function()
-        self:stop(inst.service, inst.id, { persist = false, reason = "server shutting down" })
+        self:stop(inst.service, inst.id, { persist = false, keep_data = true, reason = "server shutting down" })
       end)
     end
   end

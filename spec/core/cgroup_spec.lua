@@ -479,6 +479,7 @@ describe("tenement.cgroup", function()
         local cg = assert(cgroup.create(layout, "api.prod", { memory_mb = 256, cpu_shares = 20000, pids = 100 }))
         local dir = own .. "/tenement/api.prod"
         assert.are.same({ dir }, cg:dirs())
+        assert.are.equal(493, fs.stat(dir).mode) -- 0755
         -- ten lived in its own cgroup, which then could not hand controllers down
         assert.are.same({
           "moved ten into " .. own .. "/tenement-server so that " .. own .. " can hand controllers down",

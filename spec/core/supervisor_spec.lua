@@ -301,3 +301,109 @@ describe("supervisor", function()
     end)
   end)
 end)
+
+describe("supervisor limits and walls", function()
+  local dir
+  before_each(function() dir = support.tmpdir() end)
+  after_each(support.cleanup)
+
+  local function is_root()
+    local p = io.popen("id -u")
+    local uid = p:read("n")
+    p:close()
+    return uid == 0
+  end
+
+  it("reports an OOM kill as such and restarts the instance", function()
+    if not is_root() then pending("cgroup limits need root") return end
+    local cfg = make_cfg(dir, { hog = { "memory_limit_mb = 64" } }, { "max_restarts = 5" })
+    core.run(function()
+      local sup = supervisor.new(cfg, { environ = {} })
+      local inst = assert(sup:spawn("hog", "a"))
+      local pid = inst.pid
+      -- /leak makes the backend allocate and touch past its limit
+      core.http.request { path = inst.socket, target = "/leak?mb=200", timeout = 5000 }
+      local deadline = core.now() + 10000
+      while (inst.pid == pid or inst.state ~= "running") and core.now() < deadline do core.sleep(20) end
+      assert.are_not.equal(pid, inst.pid)
+      assert.matches("killed: out of memory, limit 64 MB", inst.last_exit, 1, true)
+      sup:shutdown()
+    end)
+  end)
+
+  it("runs a service as its user: its own files, no one else's", function()
+    if not is_root() then pending("switching users needs root") return end
+    -- the test's own directory must be open for nobody to reach the sockets
+    os.execute("chmod 755 " .. support.quote(dir))
+    local cfg = make_cfg(dir, {
+      mine = { 'user = "nobody"' },
+      other = {},
+    })
+    core.run(function()
+      local sup = supervisor.new(cfg, { environ = { PATH = "/usr/bin:/bin" } })
+      local other = assert(sup:spawn("other", "x"))
+      support.write(dir .. "/data/other/x/secret.txt", "secret")
+      local mine = assert(sup:spawn("mine", "y"))
+      -- the process runs as nobody
+      local f = io.open("/proc/" .. mine.pid .. "/status")
+      local status = f:read("a")
+      f:close()
+      assert.matches("\nUid:%s+65534", status)
+      assert.matches("\nGroups:%s*\n", status)
+      assert.matches("\nNoNewPrivs:%s+1", status)
+      -- its own directory is its own; another instance's is closed to it
+      local st = core.fs.stat(dir .. "/data/mine/y")
+      assert.are.equal(65534, st.uid)
+      local code = support.run("setpriv --reuid=65534 --regid=65534 --clear-groups cat "
+        .. dir .. "/data/other/x/secret.txt")
+      assert.are_not.equal(0, code)
+      assert.are.equal("running", other.state)
+      sup:shutdown()
+    end)
+  end)
+
+  it("writes the CPU weight and the pids limit into the instance's cgroups", function()
+    if not is_root() then pending("cgroup limits need root") return end
+    local cfg = make_cfg(dir, { w = { "cpu_shares = 400", "pids_limit = 50" } })
+    core.run(function()
+      local sup = supervisor.new(cfg, { environ = {} })
+      local inst = assert(sup:spawn("w", "a"))
+      local found_cpu, found_pids = false, false
+      for _, d in ipairs(inst.cg:dirs()) do
+        local function read(name)
+          local f = io.open(d .. "/" .. name)
+          if not f then return nil end
+          local v = f:read("l")
+          f:close()
+          return v
+        end
+        local shares, weight, pids = read("cpu.shares"), read("cpu.weight"), read("pids.max")
+        if shares then assert.are.equal("4096", shares) found_cpu = true end
+        if weight then assert.are.equal("400", weight) found_cpu = true end
+        if pids then assert.are.equal("50", pids) found_pids = true end
+      end
+      assert.is_true(found_cpu)
+      assert.is_true(found_pids)
+      sup:shutdown()
+    end)
+  end)
+
+  it("enforces storage_quota_mb: writing past it fails with ENOSPC, and the server keeps running", function()
+    if not is_root() then pending("loop mounts need root") return end
+    local cfg = make_cfg(dir, { q = { "storage_quota_mb = 8", "storage_persist = true" } })
+    core.run(function()
+      local sup = supervisor.new(cfg, { environ = { PATH = "/usr/bin:/bin" } })
+      local inst = assert(sup:spawn("q", "a"))
+      local code, _, err = support.run("dd if=/dev/zero of=" .. inst.dir .. "/fill bs=1M count=20")
+      assert.are_not.equal(0, code)
+      assert.matches("No space left on device", err, 1, true)
+      assert.are.equal("running", inst.state)
+      assert(core.http.request { path = inst.socket, target = "/health", timeout = 2000 })
+      sup:stop("q", "a")
+      -- persisted: the data is there at the next start
+      inst = assert(sup:spawn("q", "a"))
+      assert.is_truthy(core.fs.stat(inst.dir .. "/fill"))
+      sup:shutdown()
+    end)
+  end)
+end)

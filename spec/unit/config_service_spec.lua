@@ -301,7 +301,8 @@ describe("[service.NAME] unknown keys", function()
     assert.same({
       "tenement.toml:3:14: service.api.limits: unknown key; known keys in [service.api]: command,"
         .. " args, workdir, socket, health, startup_timeout, idle_timeout, restart, isolation, network,"
-        .. " memory_limit_mb, cpu_shares, storage_quota_mb, on_demand, max_instances, storage_persist, env",
+        .. " user, nofile, nproc, memory_limit_mb, cpu_shares, pids_limit, storage_quota_mb, on_demand,"
+        .. " max_instances, storage_persist, env",
     }, api_errors("[service.api.limits]\nmemory = 5"))
   end)
 end)
