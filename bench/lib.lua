@@ -8,6 +8,18 @@ local cjson = require "cjson"
 
 local lib = {}
 
+-- The runtime drivers live in runtimes/ but are named tenement.runtimes.NAME,
+-- as in the ten binary (the same searcher as spec/helper.lua).
+table.insert(package.searchers, 2, function(name)
+  local rel = name:match("^tenement%.runtimes%.(.+)$")
+  if not rel then return nil end
+  local path = "runtimes/" .. rel:gsub("%.", "/") .. ".lua"
+  local f = io.open(path)
+  if not f then return "\n\tno file '" .. path .. "'" end
+  f:close()
+  return assert(loadfile(path)), path
+end)
+
 lib.build = os.getenv("BUILD") or "build"
 lib.root = os.getenv("PWD") or "."
 
@@ -89,6 +101,22 @@ end
 function lib.log(fmt, ...)
   io.stderr:write(os.date("%H:%M:%S "), string.format(fmt, ...), "\n")
   io.stderr:flush()
+end
+
+-- Compiles bench/apps/NAME.c into BUILD/bench/NAME (when older). -> path
+function lib.compile(name, flags)
+  local src = lib.root .. "/bench/apps/" .. name .. ".c"
+  local out = lib.bench_bin .. "/" .. name:gsub("_", "-")
+  local ok = lib.sh(string.format("test %s -nt %s", lib.q(out), lib.q(src)))
+  if not ok then
+    lib.must(string.format("mkdir -p %s && cc -std=c11 -O2 -Wall -Wextra -Werror -D_GNU_SOURCE %s -o %s %s",
+      lib.q(lib.bench_bin), flags or "", lib.q(out), lib.q(src)))
+  end
+  return out
+end
+
+function lib.loadavg()
+  return ((lib.read("/proc/loadavg") or ""):match("^(%S+ %S+ %S+)"))
 end
 
 ---------------------------------------------------------------------------

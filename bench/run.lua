@@ -38,10 +38,12 @@ local function main(args)
     if not ok_mod then error("no benchmark " .. name .. ": " .. tostring(mod)) end
     lib.log("== %s", mod.title or name)
     local t0 = lib.now()
+    local load_before = lib.loadavg()
     local ok, res = xpcall(mod.run, debug.traceback, {})
     lib.cleanup()
     if ok then
       res.seconds = lib.round(lib.now() - t0, 1)
+      res.load = { before = load_before, after = lib.loadavg() }
       sections[name] = res
     else
       failed = failed + 1

@@ -64,10 +64,13 @@
  *       the client's body stalled), a malformed or too large request body
  *       ("EPROTO"/"E2BIG", answered 400/413), a failure after the response
  *       started (the client connection is closed, "ECONNRESET" or
- *       "ETIMEDOUT"), "client closed"/"ECONNABORTED" (the client went away:
- *       the upstream connection is closed too).
+ *       "ETIMEDOUT");
+ *     - "client closed"/"ECONNABORTED": the client went away (a FIN with no
+ *       pipelined request behind it counts, as in nginx); the upstream
+ *       connection is closed too and there is nobody left to answer.
  *   A pooled connection found closed by the upstream before any response
- *   byte is retried once on a fresh one when no body byte was sent yet.
+ *   byte is retried once on a fresh one when no body byte was sent yet
+ *   (a body the handler had read, lazy_body off, can always be sent again).
  *   The head sent upstream is rebuilt from the parsed one: the original
  *   target, HTTP/1.1, every header but the hop-by-hop ones (Connection,
  *   Keep-Alive, Proxy-Connection, TE, Trailer, Transfer-Encoding, Upgrade
@@ -644,6 +647,7 @@ typedef struct { http_server *s; } server_box;
 static llhttp_settings_t server_settings;
 
 static void conn_run(http_conn *c);
+static void conn_eof(http_conn *c);
 static void conn_close(http_conn *c);
 
 /* The proxy (below) hooks into the server connection at these points. */
@@ -1655,8 +1659,12 @@ static void conn_run(http_conn *c) {
         conn_update_reading(c);
     } while (c->rerun && !c->closing);
     c->running = 0;
-    /* the client half-closed and every request it sent is answered */
-    if (!c->closing && c->eof && c->phase == PHASE_HEAD && c->in_off >= c->in.len) conn_close(c);
+    /* The client half-closed and everything it sent is parsed: once back
+     * at a head it is all answered; a body still waiting cannot end. */
+    if (!c->closing && c->eof && !c->dead && c->in_off >= c->in.len) {
+        if (c->phase == PHASE_HEAD) conn_close(c);
+        else if (c->phase == PHASE_BODY && !c->paused) conn_eof(c);
+    }
 }
 
 static void conn_eof(http_conn *c) {
@@ -3545,7 +3553,8 @@ static void px_tunnel_start(px *x, const char *rest, size_t n) {
     }
     inbuf_release(&c->in);
     c->in_off = 0;
-    conn_update_reading(c);
+    if (c->eof) px_tunnel_end(x, 1, UV_EOF); /* it sent its last bytes already */
+    else conn_update_reading(c);
 }
 
 static void px_tunnel_client_read(struct px *x, ssize_t nread, const char *p) {
@@ -3865,6 +3874,9 @@ static int l_req_proxy(lua_State *L) {
     px_state *st = px_state_get(L);
     px_pool *pool = px_pool_for(L, st, &o);
     if (!pool) return 3;
+    /* The stats table is made now, while raising is still harmless: the
+     * callback that finishes only fills it. It waits on this frame. */
+    lua_createtable(L, 0, 6);
     px *x = px_new(st);
     if (!x) return luaL_error(L, "out of memory");
     buf tmp = x->head;
@@ -3901,10 +3913,8 @@ static int l_req_proxy(lua_State *L) {
         x->task = NULL;
         return px_finish_inline(L, x);
     }
-    /* The stats table is made now, where allocating may raise: the
-     * callback that finishes only fills it. It stays on this frame. */
-    lua_settop(L, 0);
-    lua_createtable(L, 0, 6);
+    lua_replace(L, 1);
+    lua_settop(L, 1);
     return tn_task_wait(L, t, -1);
 }
 

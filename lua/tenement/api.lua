@@ -21,6 +21,23 @@ function api.allows(req, service, id)
   return req.principal == nil or auth.allows(req.principal, service, id)
 end
 
+-- Bytes a directory tree takes on disk (links not followed), for instances
+-- without a quota image. Bounded: past 100,000 entries it stops counting.
+function api.disk_usage(path)
+  local total, seen = 0, 0
+  local function walk(p)
+    local st = core.fs.stat(p, false)
+    if not st then return end
+    total = total + (st.allocated or 0)
+    seen = seen + 1
+    if st.type == "directory" and seen < 100000 then
+      for _, name in ipairs(core.fs.readdir(p) or {}) do walk(p .. "/" .. name) end
+    end
+  end
+  walk(path)
+  return total
+end
+
 local function reply(status, value)
   return status, JSON_HEADERS, json.encode(value) .. "\n"
 end
@@ -72,6 +89,8 @@ local function instance_json(snap)
     uptime_secs = snap.uptime_secs, idle_secs = snap.idle_secs, restarts = snap.restarts,
     socket = snap.socket, port = snap.port, isolation = snap.isolation,
     last_exit = snap.last_exit, reason = snap.reason, weight = snap.weight,
+    memory_bytes = snap.memory_bytes, cpu_seconds = snap.cpu_seconds,
+    storage_used_bytes = snap.storage_used_bytes, storage_quota_bytes = snap.storage_quota_bytes,
   }
 end
 
@@ -162,6 +181,21 @@ function api.new(ctx)
     local ok, why = sup:check(service, id)
     return reply(200, { instance = inst.key, health = inst.health, check = ok and "ok" or "failed",
       error = not ok and why or nil, state = inst.state })
+  end, "instance")
+
+  -- the original's storage answer
+  route("GET", "/api/instances/([^/]+)/storage", function(_, key)
+    local service, id = target(key)
+    if not service then return fail("bad_request", id) end
+    local inst = sup:get(service, id)
+    if not inst then return fail("not_found", "no instance " .. supervisor.key(service, id)) end
+    local snap = inst:snapshot()
+    local path = (require("tenement.config").instance_vars(ctx.cfg, service, id) or {}).instance_dir
+    local used = snap.storage_used_bytes
+    if not used and path then used = api.disk_usage(path) end
+    local quota = snap.storage_quota_bytes
+    return reply(200, { used_bytes = used or 0, quota_bytes = quota, path = path,
+      usage_percent = quota and used and (used * 100 / quota) or nil })
   end, "instance")
 
   route("PUT", "/api/instances/([^/]+)/weight", function(req, key)

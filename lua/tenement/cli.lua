@@ -793,10 +793,10 @@ command {
     { long = "force", help = "overwrite an existing tenement.toml" },
   },
   run = function(ctx)
-    local init = require "tenement.init"
+    local starter = require "tenement.starter"
     local core = require "tenement.core"
     local cwd = core.fs.cwd()
-    local text, err = init.generate(cwd, { name = ctx.opts.name, command = ctx.opts.command })
+    local text, err = starter.generate(cwd, { name = ctx.opts.name, command = ctx.opts.command })
     if not text then ctx.err:write("ten init: ", err, "\n") return 1 end
     local path = cwd .. "/tenement.toml"
     if core.fs.stat(path) and not ctx.opts.force then

@@ -204,6 +204,17 @@ function metrics.render(srv)
     end
   end
 
+  out:family("tenement_instance_storage_bytes", "gauge", "Bytes used in the instance's quota file system.")
+  out:family("tenement_instance_storage_quota_bytes", "gauge", "The instance's storage quota.")
+  for _, inst in ipairs(list) do
+    if inst.storage and inst.dir then
+      local used, quota = require("tenement.storage").usage(inst.dir)
+      local l = { "service", inst.service, "id", inst.id }
+      if used then out:sample("tenement_instance_storage_bytes", l, used) end
+      if quota then out:sample("tenement_instance_storage_quota_bytes", l, quota) end
+    end
+  end
+
   out:family("tenement_instance_request_duration_seconds", "histogram", "Time to answer proxied requests.")
   for _, inst in ipairs(list) do
     out:histogram("tenement_instance_request_duration_seconds", { "service", inst.service, "id", inst.id },

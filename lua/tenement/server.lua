@@ -79,7 +79,12 @@ function Server:start()
   end
   self.http_listener = http_listener
   -- lazy_body: the proxy streams request bodies instead of reading them first
-  self.http = core.http.serve(http_listener, door:handler(), { lazy_body = true })
+  self.http = core.http.serve(http_listener, door:handler(), {
+    lazy_body = true,
+    max_head = s.max_head_kb * 1024, max_headers = s.max_headers, max_body = s.max_body_mb * 1024 * 1024,
+    header_timeout = s.header_timeout * 1000, idle_timeout = s.keepalive_timeout * 1000,
+    max_connections = s.max_connections,
+  })
   self.reaper = core.spawn(door.run_reaper, door)
   self.metrics_view = { sup = self.sup, door = door, http = self.http, sink = self.sink,
     store_path = paths.db, started = self.started }
@@ -351,7 +356,7 @@ function Server:shutdown()
   if self.door then self.door.stopped = true end
   if self.http then
     -- stop accepting, let requests in flight finish (bounded), then stop instances
-    self.http:drain((self.cfg.settings.drain_timeout or 10) * 1000)
+    self.http:drain(self.cfg.settings.drain_timeout * 1000)
   end
   if self.http_listener then self.http_listener:close() end
   if self.control then self.control:close() end

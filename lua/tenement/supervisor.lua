@@ -963,7 +963,7 @@ end
 
 function Instance:snapshot()
   local now = core.now()
-  return {
+  local snap = {
     instance = self.key, service = self.service, id = self.id,
     state = self.state, health = self.health, pid = self.pid,
     uptime_secs = (self.state == "running" or self.state == "unhealthy") and self.started_at
@@ -973,6 +973,15 @@ function Instance:snapshot()
     isolation = self.svc.isolation, last_exit = self.last_exit, reason = self.reason,
     weight = self.weight, port = self.port,
   }
+  if self.pid then
+    local u = self:usage()
+    if u then snap.memory_bytes, snap.cpu_seconds = u.memory_bytes, u.cpu_seconds end
+  end
+  if self.svc.storage_quota_mb then
+    snap.storage_quota_bytes = self.svc.storage_quota_mb * 1024 * 1024
+    if self.storage then snap.storage_used_bytes = storage.usage(self.dir) end
+  end
+  return snap
 end
 
 -- sup:list() -> snapshots of every known instance, sorted by key

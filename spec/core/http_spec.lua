@@ -442,6 +442,40 @@ describe("core.http server", function()
     end)
   end)
 
+  it("answers every request a client pipelined before half-closing", function()
+    core.run(function()
+      local srv, port = serve(function(req) core.sleep(5); return 200, nil, req.path end)
+      local c = raw(port)
+      c:send("GET /1 HTTP/1.1\r\nHost: a\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\n\r\n" ..
+        "POST /3 HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nok")
+      assert(c.s:shutdown())
+      for i = 1, 3 do assert.are.equal("/" .. i, assert(c:response()).body) end
+      assert.is_true(c:closed())
+      c:close()
+      assert.is_true(srv:drain(1000))
+    end)
+  end)
+
+  it("gives body() an error when the client half-closes before the body ends", function()
+    core.run(function()
+      local got
+      local srv, port = serve(function(req)
+        core.sleep(20)
+        got = { req:body() }
+        return 400, nil, "short"
+      end, { lazy_body = true })
+      local c = raw(port)
+      c:send("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc")
+      assert(c.s:shutdown())
+      assert.are.equal(400, assert(c:response()).status)
+      assert.is_nil(got[1])
+      assert.matches("closed before the request body ended", got[2])
+      assert.is_true(c:closed())
+      c:close()
+      srv:close()
+    end)
+  end)
+
   it("survives clients that vanish mid-request", function()
     core.run(function()
       local results = {}

@@ -14,7 +14,7 @@ local BACKEND = abs(support.build .. "/fixtures/backend")
 
 local function sleep(s) os.execute("sleep " .. s) end
 
-local function start_server(dir, extra)
+local function start_server(dir, extra, services)
   local port = support.free_port()
   local cfg = dir .. "/tenement.toml"
   support.write(cfg, table.concat({
@@ -28,6 +28,7 @@ local function start_server(dir, extra)
     string.format("socket = %q", dir .. "/sock/{name}-{id}.sock"),
     'health = "/health"',
     'isolation = "process"',
+    services or "",
     "[instances]",
     'api = ["one", "two"]',
   }, "\n") .. "\n")
@@ -100,7 +101,7 @@ describe("HTTP API", function()
     assert.matches('tenement_instance_up{service="api",id="one"} 1', text, 1, true)
   end)
 
-  it("passes promtool check metrics", function()
+  it("passes promtool check metrics with instances in every state", function()
     local f = io.popen("command -v promtool")
     local promtool = f:read("l")
     f:close()
@@ -108,7 +109,42 @@ describe("HTTP API", function()
       pending("promtool is not installed (Debian package prometheus; `make deps` installs it)")
       return
     end
+    -- a second server whose instances are running, failed, asleep and stopped
+    os.execute("kill -TERM " .. srv.pid)
+    sleep(0.5)
+    local dir = support.tmpdir()
+    srv = start_server(dir, "", table.concat({
+      "[service.crash]", string.format("command = %q", BACKEND), 'isolation = "process"',
+      string.format("socket = %q", dir .. "/sock/{name}-{id}.sock"), "startup_timeout = 1",
+      "[service.crash.env]", 'BACKEND_EXIT_AT_ONCE = "3"',
+      "[service.sleepy]", string.format("command = %q", BACKEND), 'isolation = "process"',
+      string.format("socket = %q", dir .. "/sock/{name}-{id}.sock"), "idle_timeout = 1",
+    }, "\n") .. "\n")
+    support.ten_run { "spawn", "crash:x", "--config", srv.cfg }
+    assert.are.equal(0, (support.ten_run { "spawn", "sleepy:z", "--config", srv.cfg }))
+    support.ten_run { "stop", "api:two", "--config", srv.cfg }
+    local states = {}
+    for _ = 1, 100 do
+      local _, out = support.ten_run { "ps", "--json", "--config", srv.cfg }
+      states = {}
+      for _, i in ipairs(cjson.decode(out)) do states[i.state] = true end
+      if states.failed and states.sleeping and states.stopped and states.running then break end
+      sleep(0.1)
+    end
+    assert.is_true(states.failed and states.sleeping and states.stopped and states.running and true)
+    -- a request, so the histograms have samples
+    call(srv, "GET", "/", { headers = { host = "one.api.example.test" } })
     local _, _, text = call(srv, "GET", "/metrics")
+    assert.matches('tenement_instance_state{service="crash",id="x",state="failed"} 1', text, 1, true)
+    assert.matches('tenement_instance_state{service="sleepy",id="z",state="sleeping"} 1', text, 1, true)
+    -- every metric the shipped Grafana board uses exists
+    local f = assert(io.open("config/grafana-dashboard.json"))
+    local board = f:read("a")
+    f:close()
+    for name in board:gmatch("(tenement_[%w_]+)") do
+      local base = name:gsub("_bucket$", "")
+      assert.matches("\n# TYPE " .. base .. " ", text, 1, true)
+    end
     local path = support.write(srv.dir .. "/metrics.txt", text)
     local code, out, err = support.run("promtool check metrics < " .. path)
     assert.are.equal(0, code, out .. err)

@@ -102,4 +102,55 @@ describe("ten CLI", function()
     assert.are.equal(2, code2)
     assert.matches("SERVICE:ID", err2, 1, true)
   end)
+
+  describe("ten init", function()
+    local function init_in(dir, ...)
+      local args = { ... }
+      local parts = { "cd " .. support.quote(dir) .. " && env -i PATH=/usr/bin:/bin " ..
+        support.quote((support.ten:sub(1, 1) == "/" and support.ten) or (os.getenv("PWD") .. "/" .. support.ten)) .. " init" }
+      for _, a in ipairs(args) do parts[#parts + 1] = support.quote(a) end
+      return support.run(table.concat(parts, " "))
+    end
+
+    it("detects a Node app and writes a file that loads", function()
+      local dir = support.tmpdir() .. "/My_Shop"
+      os.execute("mkdir -p " .. support.quote(dir))
+      support.write(dir .. "/package.json", "{}")
+      local code, out, err = init_in(dir)
+      assert.are.equal(0, code, err)
+      assert.matches("[service.my-shop]", out, 1, true)
+      assert.matches('command = "npm start"', out, 1, true)
+      local cfg_code = support.ten_run { "config", "--config", dir .. "/tenement.toml" }
+      assert.are.equal(0, cfg_code)
+    end)
+
+    it("detects Python, Go and Rust projects", function()
+      for file, command in pairs { ["pyproject.toml"] = "uv run python app.py", ["go.mod"] = "./app",
+        ["Cargo.toml"] = "./target/release/app" } do
+        local dir = support.tmpdir() .. "/app"
+        os.execute("mkdir -p " .. support.quote(dir))
+        support.write(dir .. "/" .. file, "")
+        local code, out = init_in(dir)
+        assert.are.equal(0, code)
+        assert.matches('command = "' .. command .. '"', out, 1, true)
+      end
+    end)
+
+    it("refuses to overwrite without --force, and says what to do when it cannot tell", function()
+      local dir = support.tmpdir()
+      local code, _, err = init_in(dir)
+      assert.are.equal(1, code)
+      assert.matches("--command", err, 1, true)
+      code = init_in(dir, "--command", "./server --port $PORT", "--name", "web")
+      assert.are.equal(0, code)
+      code, _, err = init_in(dir, "--command", "./x")
+      assert.are.equal(1, code)
+      assert.matches("already exists", err, 1, true)
+      code = init_in(dir, "--command", "./x", "--force")
+      assert.are.equal(0, code)
+      code, _, err = init_in(dir, "--name", "Bad_Name", "--command", "./x", "--force")
+      assert.are.equal(1, code)
+      assert.matches("not a valid name", err, 1, true)
+    end)
+  end)
 end)

@@ -2,13 +2,13 @@
 local core = require "tenement.core"
 local config = require "tenement.config"
 
-local init = {}
+local starter = {}
 
 local function exists(dir, name) return core.fs.stat(dir .. "/" .. name) ~= nil end
 
 -- What kind of app lives in dir, and the command that starts it.
 -- -> kind, command, note
-function init.detect(dir)
+function starter.detect(dir)
   if exists(dir, "pyproject.toml") then
     return "python", "uv run python app.py", "uv runs the app in its own environment"
   elseif exists(dir, "requirements.txt") then
@@ -30,18 +30,18 @@ function init.detect(dir)
 end
 
 -- A valid service name from a directory name: lower case, dashes.
-function init.service_name(s)
+function starter.service_name(s)
   s = s:lower():gsub("[^a-z0-9-]+", "-"):gsub("^-+", ""):gsub("-+$", "")
   if s == "" then s = "app" end
   return s:sub(1, 63)
 end
 
--- init.generate(dir, {name=, command=}) -> toml text | nil, err
-function init.generate(dir, opts)
-  local name = opts.name or init.service_name(dir:match("([^/]+)$") or "app")
+-- starter.generate(dir, {name=, command=}) -> toml text | nil, err
+function starter.generate(dir, opts)
+  local name = opts.name or starter.service_name(dir:match("([^/]+)$") or "app")
   local ok, err = config.valid_name(name)
   if not ok then return nil, "--name " .. name .. ": " .. err end
-  local kind, cmd, note = init.detect(dir)
+  local kind, cmd, note = starter.detect(dir)
   cmd = opts.command or cmd
   if not cmd then
     return nil, "cannot tell what app lives in " .. dir .. " (no pyproject.toml, requirements.txt, "
@@ -73,4 +73,4 @@ function init.generate(dir, opts)
   return text
 end
 
-return init
+return starter

@@ -1,0 +1,261 @@
+-- Spawn and wake.
+--
+-- Spawn: core.proc.spawn with the very spec each runtime driver's prepare()
+-- returns (what the supervisor hands to core.proc.spawn), for a statically
+-- linked child that exits at once; timed from the call to the child reaped
+-- (for namespaces that includes ten's init as PID 1 starting the app). Then
+-- again while this process holds 1 GiB of touched memory, with a plain
+-- fork()+exec reference (bench/apps/forkspawn.c) beside it.
+--
+-- Wake: a real ten serve; 100 instances of the backend fixture with
+-- idle_timeout = 2 go to sleep, then each is woken by one request through
+-- the front door, three rounds (300 wakes). The app's own start (spawn to
+-- its first answer, measured without ten) is subtracted.
+local core = require "tenement.core"
+local lib = require "lib"
+
+local M = { name = "spawn", title = "Spawn and wake" }
+
+local function spawn_samples(level, network, n, dir, static)
+  local driver = assert(require("tenement.runtimes." .. level))
+  local ok, why = driver.available()
+  if not ok then return nil, why end
+  local spawned, reaped = {}, {}
+  local err
+  lib.run(function()
+    for i = 1, n do
+      local id = "s" .. i
+      local ctx = {
+        argv = { static }, env = { "PATH=/usr/bin:/bin" }, cwd = dir, stdout_fd = "null", stderr_fd = "null",
+        service = { name = "bench", network = network }, id = id, init_path = lib.ten,
+        vars = { name = "bench", id = id, data_dir = dir .. "/data", instance_dir = dir .. "/data/bench/" .. id,
+          socket = dir .. "/sock/bench-" .. id .. ".sock" },
+      }
+      core.fs.mkdir(ctx.vars.instance_dir, 448, true)
+      core.fs.mkdir(dir .. "/sock", 493, true)
+      local spec, perr = driver.prepare(ctx)
+      if spec and driver.setup then
+        local sok, serr = driver.setup(ctx)
+        if not sok then spec, perr = nil, serr end
+      end
+      if not spec then err = perr return end
+      local t0 = core.hrtime()
+      local p, serr = core.proc.spawn(spec)
+      local t1 = core.hrtime()
+      if not p then err = serr return end
+      local st = p:wait(30000)
+      local t2 = core.hrtime()
+      p:close()
+      if driver.cleanup then driver.cleanup(ctx) end
+      if not st or st.code ~= 0 then
+        err = string.format("%s child did not exit 0: %s", level, st and tostring(st.code or st.signal) or "timeout")
+        return
+      end
+      spawned[#spawned + 1] = (t1 - t0) / 1e3
+      reaped[#reaped + 1] = (t2 - t0) / 1e3
+    end
+  end)
+  if err then return nil, err end
+  return { spawned = spawned, reaped = reaped }
+end
+
+local function spawn_row(label, level, network, s, hog)
+  return {
+    level = label, held = hog and "1 GiB" or "-", n = #s.reaped,
+    call_p50_us = lib.round(lib.percentile(s.spawned, 50)), call_p99_us = lib.round(lib.percentile(s.spawned, 99)),
+    p50_us = lib.round(lib.percentile(s.reaped, 50)), p99_us = lib.round(lib.percentile(s.reaped, 99)),
+    peer = "ten", command = string.format("core.proc.spawn(runtimes/%s.lua prepare()%s) of build/bench/static-true, "
+      .. "timed to the child reaped", level, network == "isolated" and ', network = "isolated"' or ""),
+  }
+end
+
+-- The app's own start: spawn the fixture, first answer on its socket.
+local function app_start_samples(dir, n)
+  local out = {}
+  lib.run(function()
+    for i = 1, n do
+      local sock = dir .. "/app-" .. i .. ".sock"
+      local t0 = core.hrtime()
+      local p = assert(core.proc.spawn { argv = { lib.backend }, env = { "SOCKET_PATH=" .. sock, "BENCH_MARK=" .. lib.mark },
+        stdin = "null", stdout = "pipe", stderr = "null", pdeathsig = "SIGKILL" })
+      local line = p.stdout:read(5000) -- "listening on ..." once it listens
+      assert(line and line:find("listening", 1, true), "the backend did not start")
+      local res = assert(lib.get({ path = sock }, "/", nil, 5000))
+      local t1 = core.hrtime()
+      assert(res.status == 200)
+      out[#out + 1] = (t1 - t0) / 1e3
+      p:kill("SIGTERM")
+      p:wait(5000)
+      p:close()
+    end
+  end)
+  return out
+end
+
+local function wake_samples(isolation, rounds)
+  local n = 100
+  local dir = lib.tmpdir("wake")
+  local port = lib.free_port()
+  local ids = {}
+  for i = 1, n do ids[i] = string.format('"w%03d"', i) end
+  local config = lib.ten_config {
+    settings = { string.format("data_dir = %q", dir .. "/data"), "port = " .. port, 'domain = "bench.test"',
+      "health_check_interval = 3600", "log_ring_lines = 100", "stop_timeout = 5" },
+    services = { { name = "app", lines = { string.format("command = %q", lib.backend),
+      string.format("socket = %q", dir .. "/sock/{name}-{id}.sock"), string.format("isolation = %q", isolation),
+      'health = "/health"', "idle_timeout = 2" } } },
+    tail = { "[instances]", "app = [" .. table.concat(ids, ", ") .. "]" },
+  }
+  local srv = lib.start_ten { dir = dir, config = config, port = port }
+  lib.at_exit(function() lib.stop_ten(srv) end)
+  local samples, statuses, bad = {}, {}, 0
+  for round = 1, rounds do
+    assert(lib.ten_wait_state(srv, "sleeping", n, 60, 0.2), "the instances did not go to sleep: "
+      .. lib.json.encode(lib.ten_counts(srv)))
+    lib.run(function()
+      for i = 1, n do
+        local host = string.format("w%03d.app.bench.test", i)
+        local t0 = core.hrtime()
+        local res, err = lib.get({ port = port }, "/", { host = host }, 30000)
+        local t1 = core.hrtime()
+        local st = res and res.status or ("error: " .. tostring(err))
+        statuses[st] = (statuses[st] or 0) + 1
+        if st ~= 200 then bad = bad + 1 end
+        samples[#samples + 1] = (t1 - t0) / 1e3
+      end
+    end)
+    lib.log("wake %s round %d: p50 %.0f us", isolation, round, lib.percentile(samples, 50))
+  end
+  local metrics = lib.metrics(srv)
+  lib.stop_ten(srv)
+  return samples, statuses, bad, config, lib.metric(metrics, "tenement_instance_wakes_total")
+end
+
+function M.run()
+  local dir = lib.tmpdir("spawn")
+  local static = lib.compile("static_true", "-static")
+  local forkspawn = lib.compile("forkspawn")
+  local rows, errors = {}, {}
+  local cases = {
+    { "process", "process", nil, 300 },
+    { "namespace", "namespace", "host", 300 },
+    { "namespace + netns", "namespace", "isolated", 100 },
+    { "sandbox (gVisor runsc)", "sandbox", nil, 10 },
+  }
+  local by = {}
+  local function measure(hog)
+    for _, c in ipairs(cases) do
+      if not hog or c[2] ~= "sandbox" then
+        local s, err = spawn_samples(c[2], c[3], hog and math.min(c[4], 200) or c[4], dir, static)
+        if s then
+          local row = spawn_row(c[1], c[2], c[3], s, hog)
+          rows[#rows + 1] = row
+          by[c[1] .. (hog and "+hog" or "")] = row
+          lib.log("spawn %-24s %-6s p50 %6d us p99 %6d us (call p50 %d us)", c[1], row.held, row.p50_us, row.p99_us,
+            row.call_p50_us)
+        else
+          errors[#errors + 1] = c[1] .. ": " .. tostring(err)
+          lib.log("spawn %s: %s", c[1], tostring(err))
+        end
+      end
+    end
+  end
+  measure(false)
+  -- the same while this process holds 1 GiB (touched)
+  local hog = string.rep("x", 1 << 30)
+  lib.log("holding %d MB (VmRSS of the bench process)", lib.rss_kb(core.proc.getpid()) // 1024)
+  measure(true)
+  hog = nil -- luacheck: ignore
+  collectgarbage()
+  -- the plain fork() reference, small and holding 1 GiB
+  for _, mb in ipairs { 0, 1024 } do
+    local out = lib.must(string.format("%s %d 200 %s", lib.q(forkspawn), mb, lib.q(static)))
+    local p50, p99 = out:match("p50_us (%d+) p99_us (%d+)")
+    rows[#rows + 1] = { level = "reference: plain fork()+execve", held = mb > 0 and "1 GiB" or "-", n = 200,
+      p50_us = tonumber(p50), p99_us = tonumber(p99), peer = "fork",
+      command = string.format("build/bench/forkspawn %d 200 build/bench/static-true", mb) }
+    by["fork" .. mb] = rows[#rows]
+  end
+
+  -- wake on request
+  local app = app_start_samples(dir, 100)
+  local app50, app99 = lib.percentile(app, 50), lib.percentile(app, 99)
+  local wake_rows, wake_goal = {}, nil
+  local configs = {}
+  for _, iso in ipairs { "process", "namespace" } do
+    local s, statuses, bad, config, wakes = wake_samples(iso, 3)
+    configs["wake-" .. iso .. ".toml"] = config
+    local st = {}
+    for k, v in pairs(statuses) do st[#st + 1] = tostring(k) .. ": " .. v end
+    table.sort(st)
+    local p50, p99 = lib.percentile(s, 50), lib.percentile(s, 99)
+    local row = { isolation = iso, wakes = #s, p50_us = lib.round(p50), p99_us = lib.round(p99),
+      app_start_p50_us = lib.round(app50), app_start_p99_us = lib.round(app99),
+      overhead_p50_us = lib.round(p50 - app50), overhead_p99_us = lib.round(p99 - app99),
+      statuses = table.concat(st, ", "), non_200 = bad, wakes_counted = wakes,
+      peer = "ten", command = "GET through ten serve's front door to a sleeping instance (idle_timeout = 2, "
+        .. "health = \"/health\"), 100 instances x 3 rounds" }
+    wake_rows[#wake_rows + 1] = row
+    if iso == "process" then wake_goal = row end
+    lib.log("wake %-9s p50 %.0f us p99 %.0f us (app start p50 %.0f us): %s", iso, p50, p99, app50, row.statuses)
+  end
+
+  local function ms(us) return us and string.format("%.2f ms", us / 1000) or "?" end
+  local p, ns, nn = by["process"], by["namespace"], by["namespace + netns"]
+  local ph, nsh = by["process+hog"], by["namespace+hog"]
+  local goals = {}
+  if p then
+    goals[#goals + 1] = { goal = "spawn p50 <= 0.5 ms (process)", value = ms(p.p50_us), met = p.p50_us <= 500,
+      detail = string.format("spawn call alone p50 %s", ms(p.call_p50_us)) }
+  end
+  if ns then
+    goals[#goals + 1] = { goal = "namespace spawn p99 <= 2 ms", value = ms(ns.p99_us), met = ns.p99_us <= 2000,
+      detail = string.format("p50 %s", ms(ns.p50_us)) }
+  end
+  if nn then
+    goals[#goals + 1] = { goal = "namespace + network namespace spawn p99 <= 5 ms", value = ms(nn.p99_us),
+      met = nn.p99_us <= 5000, detail = string.format("p50 %s", ms(nn.p50_us)) }
+  end
+  if ph and nsh then
+    local worst = math.max(ph.p50_us / p.p50_us, nsh.p50_us / ns.p50_us)
+    goals[#goals + 1] = { goal = "spawn does not slow down while the server holds 1 GiB",
+      value = string.format("process p50 %s -> %s, namespace p50 %s -> %s", ms(p.p50_us), ms(ph.p50_us),
+        ms(ns.p50_us), ms(nsh.p50_us)), met = worst <= 1.25,
+      detail = string.format("plain fork()+exec: %s -> %s", ms(by.fork0.p50_us), ms(by.fork1024.p50_us)) }
+  end
+  if by["sandbox (gVisor runsc)"] then
+    local sb = by["sandbox (gVisor runsc)"]
+    goals[#goals + 1] = { goal = "sandbox spawn (published as it is)",
+      value = string.format("p50 %s, p99 %s", ms(sb.p50_us), ms(sb.p99_us)), met = nil }
+  end
+  if wake_goal then
+    goals[#goals + 1] = { goal = "wake overhead p50 <= 2 ms, p99 <= 10 ms, zero 5xx (process isolation)",
+      value = string.format("p50 %s, p99 %s; non-200: %d", ms(wake_goal.overhead_p50_us), ms(wake_goal.overhead_p99_us),
+        wake_goal.non_200),
+      met = wake_goal.overhead_p50_us <= 2000 and wake_goal.overhead_p99_us <= 10000 and wake_goal.non_200 == 0,
+      detail = string.format("request to answer p50 %s minus the app's own start p50 %s", ms(wake_goal.p50_us), ms(app50)) }
+  end
+  local notes = {
+    "Spawn: through core.proc.spawn (not the supervisor), with the spec runtimes/<level>.lua prepare() returns, which "
+      .. "is exactly what the supervisor passes to core.proc.spawn; the child is a static binary that exits 0. "
+      .. "p50_us/p99_us: call to child reaped; call_*: the spawn call alone (clone + exec with CLONE_VFORK).",
+    "Namespace spawns run ten's own init as PID 1 (ten __tenement_init), which then starts the child.",
+    "Wake: the app's own start (spawn of the fixture to its first answer, without ten) is measured 100 times and "
+      .. "its percentile subtracted from the wake percentile.",
+  }
+  for _, e in ipairs(errors) do notes[#notes + 1] = "Not measured: " .. e end
+  return {
+    title = M.title,
+    tables = {
+      { title = "Spawn latency of a static child", rows = rows,
+        columns = { "level", "held", "n", "p50_us", "p99_us", "call_p50_us", "call_p99_us" } },
+      { title = "Wake on request (300 wakes each)", rows = wake_rows,
+        columns = { "isolation", "wakes", "p50_us", "p99_us", "app_start_p50_us", "overhead_p50_us",
+          "overhead_p99_us", "statuses" } },
+    },
+    goals = goals, notes = notes, configs = configs,
+    versions = { ten = lib.ten_version(), runsc = lib.pkg_version("runsc") },
+  }
+end
+
+return M

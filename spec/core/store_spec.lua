@@ -1,0 +1,142 @@
+-- The store: real SQLite files, the schema's migrations, and log search at scale.
+local core = require "tenement.core"
+local store = require "tenement.store"
+local support = require "support"
+
+describe("store", function()
+  local dir
+  before_each(function() dir = support.tmpdir() end)
+  after_each(support.cleanup)
+
+  it("migrates a new file to the latest schema, once", function()
+    core.run(function()
+      local st = assert(store.open(dir .. "/t.db"))
+      local rows = st.conn:query("PRAGMA user_version")
+      assert.are.equal(#store.migrations, rows[1].user_version)
+      st:close()
+      st = assert(store.open(dir .. "/t.db"))
+      assert.are.equal(#store.migrations, st.conn:query("PRAGMA user_version")[1].user_version)
+      st:close()
+    end)
+  end)
+
+  it("refuses a store written by a newer ten, saying what to do", function()
+    core.run(function()
+      local conn = assert(core.db.open(dir .. "/n.db"))
+      conn:exec("PRAGMA user_version = 999")
+      conn:close()
+      local st, err = store.open(dir .. "/n.db")
+      assert.is_nil(st)
+      assert.matches("newer ten", err, 1, true)
+    end)
+  end)
+
+  it("remembers desired instances and weights", function()
+    core.run(function()
+      local st = assert(store.open(dir .. "/t.db"))
+      assert(st:set_desired("api", "a", true))
+      assert(st:set_desired("api", "b", true))
+      assert(st:set_desired("api", "b", false))
+      assert(st:set_weight("api", "a", 30))
+      local rows = st:instances()
+      assert.are.equal(2, #rows)
+      local by = {}
+      for _, r in ipairs(rows) do by[r.id] = r end
+      assert.is_true(by.a.desired)
+      assert.are.equal(30, by.a.weight)
+      assert.is_false(by.b.desired)
+      assert(st:forget("api", "b"))
+      assert.are.equal(1, #st:instances())
+      st:close()
+    end)
+  end)
+
+  it("keeps tokens as hashes only, found by their prefix", function()
+    local auth = require "tenement.auth"
+    core.run(function()
+      local st = assert(store.open(dir .. "/t.db"))
+      local token, prefix, hash = auth.new_token()
+      assert.are.equal(43, #token)
+      assert(st:token_create("ci", prefix, hash, nil, "for CI"))
+      local _, err, code = st:token_create("ci", "other123", hash)
+      assert.are.equal("conflict", code)
+      assert.matches("exists already", err, 1, true)
+      local p = auth.verify(st, token)
+      assert.is_true(p.admin)
+      assert.are.equal("ci", p.name)
+      assert.is_nil(auth.verify(st, token:sub(1, 42) .. (token:sub(43) == "A" and "B" or "A")))
+      -- nothing of the token itself is stored
+      local raw = st.conn:query("SELECT * FROM tokens")
+      for _, row in ipairs(raw) do
+        for _, v in pairs(row) do assert.is_nil(tostring(v):find(token, 1, true)) end
+      end
+      assert(st:token_revoke("ci"))
+      assert.is_nil(auth.verify(st, token))
+      local ok, rerr, rcode = st:token_revoke("ci")
+      assert.is_nil(ok)
+      assert.are.equal("not_found", rcode)
+      assert.matches("no token named ci", rerr, 1, true)
+      st:close()
+    end)
+  end)
+
+  it("searches 300,000 log lines: right lines, newest first, highlighted, filtered", function()
+    core.run(function()
+      local st = assert(store.open(dir .. "/t.db"))
+      local t0 = core.time() - 1000
+      local batch = {}
+      for i = 1, 300000 do
+        local instance = (i % 3 == 0) and "api:a" or "api:b"
+        local msg = string.format("request %d path /p%d took %d ms", i, i % 100, i % 7)
+        if i % 10000 == 0 then msg = "ERROR database unreachable after " .. i .. " tries" end
+        batch[#batch + 1] = { t0 + i / 1000, instance, (i % 2 == 0) and "stderr" or "stdout", msg }
+        if #batch == 10000 then
+          assert(st:append_logs(batch))
+          batch = {}
+        end
+      end
+      local rows = assert(st:logs { q = "database unreachable", limit = 100 })
+      assert.are.equal(30, #rows)
+      for i = 2, #rows do assert.is_true(rows[i - 1].seq > rows[i].seq) end
+      assert.matches("after 300000 tries", rows[1].message, 1, true)
+      assert.matches("[database] [unreachable]", rows[1].highlighted, 1, true)
+      -- the last word matches as a prefix
+      assert.are.equal(30, #assert(st:logs { q = "unreach", limit = 100 }))
+      -- filters combine: instance, stream, time, limit
+      rows = assert(st:logs { q = "database", instance = "api:a", limit = 100 })
+      assert.are.equal(10, #rows) -- i % 10000 == 0 and i % 3 == 0: every 30000
+      for _, r in ipairs(rows) do assert.are.equal("api:a", r.instance) end
+      rows = assert(st:logs { instance = "api:b", stream = "stdout", limit = 5 })
+      assert.are.equal(5, #rows)
+      for _, r in ipairs(rows) do
+        assert.are.equal("stdout", r.stream)
+        assert.are.equal("api:b", r.instance)
+      end
+      rows = assert(st:logs { since = t0 + 299.99, limit = 1000 })
+      assert.are.equal(11, #rows) -- lines 299990 to 300000
+      -- a query with FTS5 syntax in it is taken as words, never an error
+      assert.is_table(assert(st:logs { q = 'OR AND "( NEAR* -x' }))
+      st:close()
+    end)
+  end)
+
+  it("prunes logs by age and by count", function()
+    core.run(function()
+      local st = assert(store.open(dir .. "/t.db"))
+      local now = core.time()
+      local batch = {}
+      for i = 1, 2000 do
+        batch[i] = { (i <= 500) and (now - 10 * 86400) or now, "api:a", "stdout", "line " .. i }
+      end
+      assert(st:append_logs(batch))
+      assert(st:prune_logs(7 * 86400, 1000))
+      local rows = assert(st:logs { limit = 10000 })
+      assert.are.equal(1000, #rows)
+      assert.are.equal("line 2000", rows[1].message)
+      assert.are.equal("line 1001", rows[#rows].message)
+      -- the index follows: pruned lines are not found any more
+      assert.are.equal(0, #assert(st:logs { q = "500", limit = 10 }))
+      st:close()
+    end)
+  end)
+end)
