@@ -46,35 +46,7 @@ function support.ten_run(args, env)
   for k, v in pairs(env or {}) do parts[#parts + 1] = k .. "=" .. sh_quote(v) end
   parts[#parts + 1] = sh_quote(support.ten)
   for _, a in ipairs(args) do parts[#parts + 1] = sh_quote(a) end
-  -- Pids of live (not zombie) processes in process group pgid. Zombies are
--- dead already; whoever they were reparented to reaps them in its own time.
-function support.live_in_group(pgid)
-  local live = {}
-  local p = io.popen("ls /proc")
-  for name in p:lines() do
-    if name:match("^%d+$") then
-      local f = io.open("/proc/" .. name .. "/stat")
-      local stat = f and f:read("a")
-      if f then f:close() end
-      -- pid (comm) state ppid pgrp ...; comm may hold spaces and parentheses
-      local state, pgrp = stat and stat:match("%) (%S) %d+ (%d+)")
-      if state and state ~= "Z" and tonumber(pgrp) == pgid then live[#live + 1] = tonumber(name) end
-    end
-  end
-  p:close()
-  return live
-end
-
--- A TCP port free right now on 127.0.0.1 (for a server a spec starts).
-function support.free_port()
-  local core = require "tenement.core"
-  local l = assert(core.net.listen { host = "127.0.0.1", port = 0 })
-  local port = l:port()
-  l:close()
-  return port
-end
-
-return support.run(table.concat(parts, " "))
+  return support.run(table.concat(parts, " "))
 end
 
 -- Pids of live (not zombie) processes in process group pgid. Zombies are
@@ -88,7 +60,8 @@ function support.live_in_group(pgid)
       local stat = f and f:read("a")
       if f then f:close() end
       -- pid (comm) state ppid pgrp ...; comm may hold spaces and parentheses
-      local state, pgrp = stat and stat:match("%) (%S) %d+ (%d+)")
+      local state, pgrp
+      if stat then state, pgrp = stat:match("%) (%S) %d+ (%d+)") end
       if state and state ~= "Z" and tonumber(pgrp) == pgid then live[#live + 1] = tonumber(name) end
     end
   end

@@ -169,7 +169,7 @@ describe("core scheduler", function()
   it("runs <close> variables of a task that failed", function()
     local closed = false
     local ok = pcall(core.run, function()
-      local guard <close> = setmetatable({}, { __close = function() closed = true end })
+      local guard <close> = setmetatable({}, { __close = function() closed = true end }) -- luacheck: ignore 211 (its __close is the point)
       core.sleep(1)
       error("fail with a guard")
     end)

@@ -1,6 +1,7 @@
 -- A real `ten serve` driven by the real CLI: the supervisor as an operator
 -- meets it.
 local support = require "support"
+local _ -- a place for values a spec does not look at
 local cjson = require "cjson"
 
 local function abs(p)
@@ -110,6 +111,7 @@ describe("ten serve", function()
     local two_pid = ps(cfg)["api:two"].pid
     code, out = ten(cfg, "restart", "api:two")
     assert.are.equal(0, code)
+    assert.matches("api:two is running", out, 1, true)
     by = ps(cfg)
     assert.are_not.equal(two_pid, by["api:two"].pid)
     assert.are.equal(1, by["api:two"].restarts)
