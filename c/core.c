@@ -39,6 +39,7 @@ struct tn_task {
     tn_cancel_fn cancel;
     void *cancel_arg;
     int timer_active;
+    int timer_ready;     /* the timer is initialised only when a wait needs it */
     uv_timer_t timer;    /* waits with a timeout, and sleep */
     struct tn_task *next_ready;
 };
@@ -140,7 +141,8 @@ tn_task *tn_task_hold(tn_task *t) { t->refs++; return t; }
 void tn_task_release(tn_task *t) {
     if (--t->refs > 0) return;
     if (t->ctx->closing) return; /* the loop is being torn down: leave it */
-    uv_close((uv_handle_t *)&t->timer, task_free_cb);
+    if (t->timer_ready) uv_close((uv_handle_t *)&t->timer, task_free_cb);
+    else free(t);
 }
 
 #define TASK_MT "tenement.task"
@@ -183,6 +185,18 @@ lua_State *tn_task_thread(tn_task *t) { return t->co; }
 uint64_t tn_task_seq(tn_task *t) { return t->seq; }
 int tn_task_waiting_for(tn_task *t, uint64_t seq) {
     return t->state == TASK_WAITING && t->seq == seq;
+}
+
+/* Most tasks (one per request) never wait with a timeout: their timer is
+ * set up on first use, so a task costs no libuv handle until it needs one. */
+static void task_timer_start(tn_task *t, uv_timer_cb cb, uint64_t ms) {
+    if (!t->timer_ready) {
+        uv_timer_init(&t->ctx->loop, &t->timer);
+        t->timer.data = t;
+        t->timer_ready = 1;
+    }
+    uv_timer_start(&t->timer, cb, ms, 0);
+    t->timer_active = 1;
 }
 
 /* ---- the ready queue --------------------------------------------------- */
@@ -357,8 +371,7 @@ int tn_task_wait_cancel(lua_State *L, tn_task *t, int64_t timeout_ms,
     t->cancel = cancel;
     t->cancel_arg = arg;
     if (timeout_ms >= 0) {
-        uv_timer_start(&t->timer, wait_timeout, (uint64_t)timeout_ms, 0);
-        t->timer_active = 1;
+        task_timer_start(t, wait_timeout, (uint64_t)timeout_ms);
     }
     return lua_yield(L, 0);
 }
@@ -398,8 +411,6 @@ static int l_spawn(lua_State *L) {
     t->ctx = ctx;
     t->refs = 2; /* the Lua handle, and being alive */
     t->result_ref = t->joiners_ref = LUA_NOREF;
-    uv_timer_init(&ctx->loop, &t->timer);
-    t->timer.data = t;
 
     task_box *b = lua_newuserdatauv(L, sizeof *b, 0);
     b->t = t;
@@ -473,8 +484,7 @@ static int l_task_join(lua_State *L) {
     me->cancel = NULL;
     me->parked = 1;
     if (timeout >= 0) {
-        uv_timer_start(&me->timer, wait_timeout, (uint64_t)timeout, 0);
-        me->timer_active = 1;
+        task_timer_start(me, wait_timeout, (uint64_t)timeout);
     }
     /* keep the joined task's handle on the stack: it keeps t alive until
      * join_cont reads it */
@@ -544,8 +554,7 @@ static int l_sleep(lua_State *L) {
     if (ms < 0) ms = 0;
     t->state = TASK_WAITING;
     t->cancel = NULL;
-    uv_timer_start(&t->timer, sleep_done, (uint64_t)ms, 0);
-    t->timer_active = 1;
+    task_timer_start(t, sleep_done, (uint64_t)ms);
     return lua_yield(L, 0);
 }
 

@@ -14,8 +14,29 @@ local router = {}
 router.own_prefixes = { "/api/", "/health", "/metrics" }
 
 -- A host as routing sees it: lower case, no port, or nil when it is not a
--- valid DNS name (or IP literal).
+-- valid DNS name (or IP literal). Hosts repeat from request to request, so
+-- the answers are kept (a bounded table, emptied when full).
+local host_cache, host_cache_size = {}, 0
+local HOST_CACHE_MAX = 4096
+local INVALID = {}
+
+local normalize
+
 function router.normalize_host(host)
+  local hit = host_cache[host]
+  if hit ~= nil then
+    if hit == INVALID then return nil end
+    return hit
+  end
+  if type(host) ~= "string" then return nil end
+  local norm = normalize(host)
+  if host_cache_size >= HOST_CACHE_MAX then host_cache, host_cache_size = {}, 0 end
+  host_cache[host] = norm or INVALID
+  host_cache_size = host_cache_size + 1
+  return norm
+end
+
+function normalize(host)
   if type(host) ~= "string" or host == "" or #host > 255 then return nil end
   host = host:lower()
   if host:sub(1, 1) == "[" then
