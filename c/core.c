@@ -735,7 +735,10 @@ static int l_sig_wait(lua_State *L) {
     if (w->waiter) return luaL_error(L, "another task is already waiting for this signal");
     w->waiter = tn_task_hold(t);
     w->seq = tn_task_seq(t);
-    lua_settop(L, 0);
+    /* the watcher stays on the waiting coroutine's stack: nothing else may
+     * refer to it (`core.signal("TERM"):wait()`), and it must not be
+     * collected while a task waits on it */
+    lua_settop(L, 1);
     return tn_task_wait_cancel(L, t, timeout, sig_cancel, w);
 }
 

@@ -634,6 +634,7 @@ struct http_req {
     size_t seen;           /* body bytes parsed, kept or dropped */
     int want_body, msg_complete, responded, written, keep_alive, discard, head_method;
     int expects_body, dispatched, expect_continue, continue_sent;
+    int streaming, chunked_out; /* req:stream: the body goes out piece by piece */
     const char *body_err;
     struct px *px;         /* a proxy exchange in progress (req:proxy) */
     tn_task *waiter;
@@ -1232,6 +1233,111 @@ static int l_req_respond(lua_State *L) {
         lua_pushliteral(L, "closed");
         return 2;
     }
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* Streaming responses (Server-Sent Events, long downloads made in Lua).
+ *
+ *   req:stream(status [, headers]) -> req | nil, "closed"   sends the head
+ *   req:write(data)  -> true | nil, "closed"                 one piece
+ *   req:queued()     -> bytes written but not yet taken by the client
+ *   req:finish()     -> true | nil, "closed"                 the end
+ *
+ * The body is chunked to HTTP/1.1 clients and delimited by the close to
+ * HTTP/1.0 ones; the connection closes after the end (a stream is long and
+ * rare: keep-alive after it is not worth its state). Writes never wait: a
+ * producer paces itself with req:queued(), so a slow client holds the
+ * producer back instead of the server's memory growing. */
+static int stream_closed(lua_State *L) {
+    lua_pushnil(L);
+    lua_pushliteral(L, "closed");
+    return 2;
+}
+
+static http_conn *stream_conn(http_req *r) {
+    http_conn *c = r->conn;
+    if (!c || c->closing || c->req != r) return NULL;
+    return c;
+}
+
+static int l_req_stream(lua_State *L) {
+    static _Thread_local buf out;
+    http_req *r = check_req(L, 1);
+    lua_Integer status = luaL_checkinteger(L, 2);
+    if (status < 200 || status > 599 || status == 204 || status == 304)
+        return luaL_argerror(L, 2, "status must be within 200-599, not 204 or 304");
+    int hidx = 0;
+    if (!lua_isnoneornil(L, 3)) {
+        luaL_checktype(L, 3, LUA_TTABLE);
+        hidx = 3;
+    }
+    if (r->px) return luaL_error(L, "req:proxy is answering this request");
+    if (r->responded) return luaL_error(L, "a response was already sent for this request");
+    r->responded = 1;
+    r->streaming = 1;
+    r->keep_alive = 0;
+    r->chunked_out = r->head.minor >= 1;
+    int keep = 0;
+    build_response_head(L, &out, r, (int)status, hidx, 0, &keep);
+    /* build_response_head framed it with a length: reframe for a stream */
+    char *cl = strstr(out.p, "Content-Length: 0\r\n");
+    if (cl) {
+        const char *framing = r->chunked_out ? "Transfer-Encoding: chunked\r\n" : "";
+        size_t cut = strlen("Content-Length: 0\r\n"), fl = strlen(framing);
+        size_t tail = out.len - (size_t)(cl - out.p) - cut;
+        if (fl > cut && buf_add(&out, "", fl - cut) != 0) luaL_error(L, "out of memory");
+        cl = strstr(out.p, "Content-Length: 0\r\n");
+        memmove(cl + fl, cl + cut, tail);
+        memcpy(cl, framing, fl);
+        out.len = (size_t)(cl - out.p) + fl + tail;
+    }
+    http_conn *c = stream_conn(r);
+    if (!c || conn_write(c, out.p, out.len, NULL, 0, AFTER_NOTHING) < 0) return stream_closed(L);
+    lua_settop(L, 1);
+    return 1;
+}
+
+static int l_req_write(lua_State *L) {
+    static _Thread_local buf out;
+    http_req *r = check_req(L, 1);
+    size_t n;
+    const char *data = luaL_checklstring(L, 2, &n);
+    if (!r->streaming) return luaL_error(L, "req:write needs req:stream first");
+    http_conn *c = stream_conn(r);
+    if (!c) return stream_closed(L);
+    if (n == 0) { lua_pushboolean(L, 1); return 1; }
+    int rc;
+    if (r->chunked_out) {
+        out.len = 0;
+        buf_printf(&out, "%zx\r\n", n);
+        if (buf_add(&out, data, n) != 0 || buf_add(&out, "\r\n", 2) != 0) return luaL_error(L, "out of memory");
+        rc = conn_write(c, out.p, out.len, NULL, 0, AFTER_NOTHING);
+    } else {
+        rc = conn_write(c, data, n, NULL, 0, AFTER_NOTHING);
+    }
+    if (rc < 0) return stream_closed(L);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+static int l_req_queued(lua_State *L) {
+    http_req *r = check_req(L, 1);
+    http_conn *c = stream_conn(r);
+    lua_pushinteger(L, c ? (lua_Integer)uv_stream_get_write_queue_size(&c->sock.stream) : 0);
+    return 1;
+}
+
+static int l_req_finish(lua_State *L) {
+    http_req *r = check_req(L, 1);
+    if (!r->streaming) return luaL_error(L, "req:finish needs req:stream first");
+    r->streaming = 0;
+    http_conn *c = stream_conn(r);
+    if (!c) return stream_closed(L);
+    const char *end = r->chunked_out ? "0\r\n\r\n" : "";
+    int rc = conn_write(c, end, strlen(end), NULL, 0, AFTER_RESPONSE);
+    if (rc == 1) response_written(c);
+    if (rc < 0) return stream_closed(L);
     lua_pushboolean(L, 1);
     return 1;
 }
@@ -3971,7 +4077,8 @@ static int l_pool_close(lua_State *L) {
 int tn_open_http(lua_State *L) {
     static const luaL_Reg req_methods[] = {
         {"body", l_req_body}, {"respond", l_req_respond}, {"header", l_req_header},
-        {"proxy", l_req_proxy},
+        {"proxy", l_req_proxy}, {"stream", l_req_stream}, {"write", l_req_write},
+        {"queued", l_req_queued}, {"finish", l_req_finish},
         {"__gc", l_req_gc}, {"__tostring", l_req_tostring}, {NULL, NULL},
     };
     static const luaL_Reg server_methods[] = {

@@ -40,9 +40,20 @@ function support.run(cmd)
   return code, slurp(dir .. "/out"), slurp(dir .. "/err")
 end
 
+-- "env -i PATH=..." for running ten as a user would, with an empty
+-- environment, but keeping the sanitizers' settings under `make asan`.
+function support.clean_env()
+  local parts = { "env -i PATH=/usr/local/bin:/usr/bin:/bin" }
+  for _, name in ipairs { "ASAN_OPTIONS", "UBSAN_OPTIONS", "LSAN_OPTIONS" } do
+    local v = os.getenv(name)
+    if v then parts[#parts + 1] = name .. "=" .. sh_quote(v) end
+  end
+  return table.concat(parts, " ")
+end
+
 -- Runs the ten binary with args (a list) and an optional environment prefix.
 function support.ten_run(args, env)
-  local parts = { "env -i PATH=/usr/local/bin:/usr/bin:/bin" }
+  local parts = { support.clean_env() }
   for k, v in pairs(env or {}) do parts[#parts + 1] = k .. "=" .. sh_quote(v) end
   parts[#parts + 1] = sh_quote(support.ten)
   for _, a in ipairs(args) do parts[#parts + 1] = sh_quote(a) end

@@ -298,7 +298,9 @@ function api.new(ctx)
   -- GET /api/logs?instance=&q=&stream=&since=&limit=&after=&wait=
   -- `wait` (seconds) turns it into a long poll: with `after`, it returns as
   -- soon as newer lines exist (used by `ten logs -f` over the socket).
-  route("GET", "/api/logs", function(req)
+  -- The filters of /api/logs and /api/logs/stream, checked against the
+  -- token's scope. -> filter, query | nil, status, headers, body
+  local function log_filter(req)
     local p = api.parse_query(req.query)
     local instance = p.instance
     if (not instance or instance == "") and p.process then
@@ -310,23 +312,34 @@ function api.new(ctx)
       since = tonumber(p.since), after = tonumber(p.after), limit = tonumber(p.limit),
     }
     if filter.stream and filter.stream ~= "stdout" and filter.stream ~= "stderr" then
-      return fail("bad_request", "stream must be stdout or stderr")
+      return nil, fail("bad_request", "stream must be stdout or stderr")
     end
     local principal = req.principal
-    if principal and not principal.admin then
-      if not filter.instance then
-        local sc = principal.scope or {}
-        if not sc.service then
-          return fail("bad_request", "a tenant token must name the instance: ?instance=SERVICE:" .. tostring(sc.id))
-        end
-        filter.instance = sc.service .. ":" .. sc.id
+    if principal and not principal.admin and not filter.instance then
+      local sc = principal.scope or {}
+      if not sc.service then
+        return nil, fail("bad_request", "a tenant token must name the instance: ?instance=SERVICE:" .. tostring(sc.id))
       end
+      filter.instance = sc.service .. ":" .. sc.id
     end
     if filter.instance then
       local s, id = supervisor.parse_key(filter.instance)
-      if not s then return fail("bad_request", id) end
-      if not api.allows(req, s, id) then return fail("forbidden", "this token does not cover " .. filter.instance) end
+      if not s then return nil, fail("bad_request", id) end
+      if not api.allows(req, s, id) then return nil, fail("forbidden", "this token does not cover " .. filter.instance) end
     end
+    return filter, p
+  end
+
+  local function line_json(r)
+    local service, id = r.instance:match("^([^:]+):(.*)$")
+    return { seq = r.seq, timestamp = math.floor(r.ts * 1000), time = r.ts,
+      instance = r.instance, process = service, instance_id = id, stream = r.stream,
+      level = r.stream, message = r.message, highlighted = r.highlighted }
+  end
+
+  route("GET", "/api/logs", function(req)
+    local filter, p, headers, body = log_filter(req)
+    if not filter then return p, headers, body end
     local wait = math.min(tonumber(p.wait) or 0, 60)
     local deadline = core.now() + wait * 1000
     while true do
@@ -335,16 +348,53 @@ function api.new(ctx)
       if not rows then return fail("bad_request", err) end
       if #rows > 0 or core.now() >= deadline then
         local out = json.array()
-        for i = #rows, 1, -1 do -- oldest first reads naturally in a terminal
-          local r = rows[i]
-          local service, id = r.instance:match("^([^:]+):(.*)$")
-          out[#out + 1] = { seq = r.seq, timestamp = math.floor(r.ts * 1000), time = r.ts,
-            instance = r.instance, process = service, instance_id = id, stream = r.stream,
-            level = r.stream, message = r.message, highlighted = r.highlighted }
-        end
+        for i = #rows, 1, -1 do out[#out + 1] = line_json(rows[i]) end -- oldest first
         return reply(200, out)
       end
       core.sleep(200)
+    end
+  end, "scoped")
+
+  -- GET /api/logs/stream: Server-Sent Events, one `data: <json line>` per
+  -- line, as they are captured; same filters. The store is the buffer: a
+  -- slow reader makes the writes wait (backpressure) and falls behind in the
+  -- store, never in the server's memory.
+  route("GET", "/api/logs/stream", function(req)
+    local filter, status, headers, body = log_filter(req)
+    if not filter then return status, headers, body end
+    if not req.stream then return fail("internal", "this build cannot stream responses") end
+    if not filter.after then
+      if ctx.flush_logs then ctx.flush_logs() end
+      local last = store:logs { instance = filter.instance, limit = 1 }
+      filter.after = last and last[1] and last[1].seq or 0
+    end
+    filter.limit = 1000
+    local out, err = req:stream(200, { ["content-type"] = "text/event-stream", ["cache-control"] = "no-cache" })
+    if not out then return nil, err end
+    local quiet_since = core.now()
+    while true do
+      if ctx.flush_logs then ctx.flush_logs() end
+      local rows = store:logs(filter) or {}
+      local chunk = {}
+      for i = #rows, 1, -1 do
+        local r = rows[i]
+        chunk[#chunk + 1] = "id: " .. r.seq .. "\ndata: " .. json.encode(line_json(r)) .. "\n\n"
+        filter.after = math.max(filter.after, r.seq)
+      end
+      -- a client that reads slowly holds this loop back, not the memory
+      while out:queued() > 256 * 1024 do core.sleep(50) end
+      local ok
+      if #chunk > 0 then
+        ok = out:write(table.concat(chunk))
+        quiet_since = core.now()
+      elseif core.now() - quiet_since > 15000 then
+        ok = out:write(": keep-alive\n\n") -- proxies close silent connections
+        quiet_since = core.now()
+      else
+        ok = true
+      end
+      if not ok then return end -- the client went away
+      core.sleep(#rows == filter.limit and 0 or 250)
     end
   end, "scoped")
 

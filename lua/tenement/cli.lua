@@ -532,13 +532,15 @@ command {
       if status ~= 200 then return report_failure(ctx, "logs", status, list) end
       show(list)
       if not ctx.opts.follow then return 0 end
+      -- then the live Server-Sent Events stream, from the last line shown
       local after = #list > 0 and list[#list].seq or 0
-      while true do
-        local st, more = c:request("GET", base .. "&after=" .. after .. "&wait=30", nil, 40000)
-        if st ~= 200 then return report_failure(ctx, "logs", st, more) end
-        show(more)
-        if #more > 0 then after = more[#more].seq end
-      end
+      local json = require "tenement.json"
+      local ok, err = c:events(base:gsub("^/api/logs%?", "/api/logs/stream?") .. "&after=" .. after, function(data)
+        local line = json.decode(data)
+        if line then show({ line }) end
+      end)
+      if not ok then ctx.err:write("ten logs: ", err, "\n") return 1 end
+      return 0
     end)
   end,
 }

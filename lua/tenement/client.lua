@@ -64,6 +64,90 @@ function Client:request(method, target, body, timeout_ms)
   return res.status, value
 end
 
+-- Client:events(target, on_event) follows a Server-Sent Events stream:
+-- on_event(data_string) for each event, until the server closes the stream
+-- (-> true) or something fails (-> nil, err). A small reader of our own, so
+-- nothing is buffered beyond one event.
+function Client:events(target, on_event)
+  local conn, err, code
+  if self.server then
+    conn, err, code = core.net.connect { host = self.host, port = self.port, timeout = 10000 }
+  else
+    conn, err, code = core.net.connect { path = self.socket, timeout = 10000 }
+  end
+  if not conn then
+    if code == "ENOENT" or code == "ECONNREFUSED" then return nil, self:unreachable(err) end
+    return nil, err
+  end
+  local head = { "GET " .. target .. " HTTP/1.1", "Host: " .. (self.host_header or "localhost"),
+    "Accept: text/event-stream" }
+  if self.token then head[#head + 1] = "Authorization: Bearer " .. self.token end
+  local ok, werr = conn:write(table.concat(head, "\r\n") .. "\r\n\r\n")
+  if not ok then conn:close() return nil, werr end
+
+  local buf = ""
+  local function more()
+    local chunk, rerr = conn:read()
+    if not chunk then return nil, rerr or "the server closed the stream" end
+    buf = buf .. chunk
+    return true
+  end
+  -- the response head
+  while not buf:find("\r\n\r\n", 1, true) do
+    local got, rerr = more()
+    if not got then conn:close() return nil, rerr end
+  end
+  local head_end = buf:find("\r\n\r\n", 1, true)
+  local status_line = buf:match("^[^\r]*")
+  local status = tonumber(status_line:match("^HTTP/1%.%d (%d%d%d)"))
+  local chunked = buf:sub(1, head_end):lower():find("transfer%-encoding:%s*chunked") ~= nil
+  buf = buf:sub(head_end + 4)
+  if status ~= 200 then
+    -- an error answer: its body is JSON with the reason
+    while chunked and not buf:find("\r\n0\r\n", 1, true) and more() do end
+    conn:close()
+    local body = chunked and buf:gsub("^%x+\r\n", ""):gsub("\r\n%x+\r\n.*$", "") or buf
+    local value = json.decode(body)
+    return nil, client.error_message(status, value)
+  end
+  -- the body: chunked framing around the event stream
+  local events = ""
+  while true do
+    local data
+    if chunked then
+      local size_end = buf:find("\r\n", 1, true)
+      while not size_end do
+        if not more() then conn:close() return true end
+        size_end = buf:find("\r\n", 1, true)
+      end
+      local size = tonumber(buf:sub(1, size_end - 1):match("^%x+"), 16)
+      if not size then conn:close() return nil, "bad chunk in the event stream" end
+      if size == 0 then conn:close() return true end
+      while #buf < size_end + 1 + size + 2 do
+        if not more() then conn:close() return true end
+      end
+      data = buf:sub(size_end + 2, size_end + 1 + size)
+      buf = buf:sub(size_end + 2 + size + 2)
+    else
+      if buf == "" and not more() then conn:close() return true end
+      data, buf = buf, ""
+    end
+    events = events .. data
+    while true do
+      local stop = events:find("\n\n", 1, true)
+      if not stop then break end
+      local event = events:sub(1, stop - 1)
+      events = events:sub(stop + 2)
+      local lines = {}
+      for line in (event .. "\n"):gmatch("([^\n]*)\n") do
+        local value = line:match("^data: ?(.*)$")
+        if value then lines[#lines + 1] = value end
+      end
+      if #lines > 0 then on_event(table.concat(lines, "\n")) end
+    end
+  end
+end
+
 -- The message of an API error body, or a generic one.
 function client.error_message(status, value)
   if type(value) == "table" and type(value.error) == "table" and value.error.message then

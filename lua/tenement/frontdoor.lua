@@ -183,18 +183,14 @@ function Door:proxy(req, inst)
     metrics.observe(s.latency, (core.hrtime() - t0) / 1e9)
     return
   end
+  if code == "ECONNABORTED" then return end -- the client went away
   s.upstream_errors = s.upstream_errors + 1
   self.stats.proxy_errors = self.stats.proxy_errors + 1
-  if code == "ETIMEDOUT" or err == "timeout" then
-    s.by_class["5xx"] = (s.by_class["5xx"] or 0) + 1
-    return -- the proxy already answered 504
-  end
-  if err == "client closed" then return end
   s.by_class["5xx"] = (s.by_class["5xx"] or 0) + 1
-  -- nothing was sent yet (req:proxy says so by returning before answering):
-  -- the client gets a clear 502
-  pcall(req.respond, req, 502, TEXT, string.format("bad gateway: %s did not answer (%s)\n",
-    inst.key, tostring(err)))
+  -- the proxy answered itself (504, or a 4xx for a bad body) or the answer
+  -- had started: nothing more to say
+  if req.responded then return end
+  req:respond(502, TEXT, string.format("bad gateway: %s did not answer (%s)\n", inst.key, tostring(err)))
 end
 
 function Door:handle(req)

@@ -158,8 +158,13 @@ local function exit_code(b, timeout)
   return nil
 end
 
+-- Kills the backend and waits for its wrapper shell to write the exit
+-- status, so that removing the directory afterwards does not race that write.
 local function stop_backend(b)
-  if b and b.pid then os.execute("kill -9 " .. b.pid .. " 2>/dev/null") end
+  if not (b and b.pid) then return end
+  os.execute("kill -9 " .. b.pid .. " 2>/dev/null")
+  local function wait() exit_code(b, 2000) end
+  if core.current() then wait() else core.run(wait) end
 end
 
 -- How many requests the backend handled (this question included).

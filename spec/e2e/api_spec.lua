@@ -33,8 +33,8 @@ local function start_server(dir, extra, services)
     "[instances]",
     'api = ["one", "two"]',
   }, "\n") .. "\n")
-  local p = io.popen(string.format("env -i PATH=/usr/bin:/bin %s serve --config %s >%s 2>&1 & echo $!",
-    support.quote(TEN), support.quote(cfg), support.quote(dir .. "/serve.log")))
+  local p = io.popen(string.format("%s %s serve --config %s >%s 2>&1 & echo $!",
+    support.clean_env(), support.quote(TEN), support.quote(cfg), support.quote(dir .. "/serve.log")))
   local pid = tonumber(p:read("l"))
   p:close()
   for _ = 1, 100 do
@@ -264,5 +264,95 @@ describe("HTTP API", function()
     code, _, err = support.ten_run { "ps", "--server", url, "--token", ("C"):rep(43) }
     assert.are.equal(1, code)
     assert.matches("invalid or revoked token", err, 1, true)
+  end)
+
+  it("streams new log lines as Server-Sent Events, scoped, to ten logs -f too", function()
+    local admin = token(srv)
+    local tenant = token(srv, "--tenant", "api:one")
+    local got = {}
+    core.run(function()
+      -- a raw client, so the test sees the wire format
+      local conn = assert(core.net.connect { host = "127.0.0.1", port = srv.port })
+      assert(conn:write("GET /api/logs/stream?instance=api:one HTTP/1.1\r\nHost: example.test\r\n" ..
+        "Authorization: Bearer " .. tenant .. "\r\n\r\n"))
+      local head = ""
+      while not head:find("\r\n\r\n", 1, true) do head = head .. assert(conn:read(5000)) end
+      assert.matches("^HTTP/1.1 200", head)
+      assert.matches("text/event%-stream", head:lower())
+      -- new output of api:one arrives as events
+      assert(core.http.request { host = "127.0.0.1", port = srv.port, target = "/flood?lines=3",
+        headers = { host = "one.api.example.test" } })
+      local text = head
+      local deadline = core.now() + 5000
+      while core.now() < deadline do
+        local _, count = text:gsub("data: ", "")
+        if count >= 3 then break end
+        local chunk = conn:read(5000)
+        if not chunk then break end
+        text = text .. chunk
+      end
+      for data in text:gmatch("data: ([^\r\n]+)") do got[#got + 1] = cjson.decode(data) end
+      conn:close()
+      -- another instance's stream is refused to this token
+      local res = assert(core.http.request { host = "127.0.0.1", port = srv.port,
+        target = "/api/logs/stream?instance=api:two",
+        headers = { host = "example.test", authorization = "Bearer " .. tenant } })
+      assert.are.equal(403, res.status)
+    end)
+    assert.is_true(#got >= 3)
+    for _, line in ipairs(got) do assert.are.equal("api:one", line.instance) end
+
+    -- ten logs -f, remote, follows the same stream
+    local log = srv.dir .. "/follow.out"
+    local p = io.popen(string.format("%s %s logs api:two -f --server http://127.0.0.1:%d --token %s >%s 2>&1 & echo $!",
+      support.clean_env(), support.quote(TEN), srv.port, admin, log))
+    local follower = tonumber(p:read("l"))
+    p:close()
+    sleep(0.5)
+    core.run(function()
+      assert(core.http.request { host = "127.0.0.1", port = srv.port, target = "/flood?lines=2",
+        headers = { host = "two.api.example.test" } })
+    end)
+    local text = ""
+    for _ = 1, 50 do
+      local f = io.open(log)
+      text = f and f:read("a") or ""
+      if f then f:close() end
+      if text:find("flood two line 2", 1, true) then break end
+      sleep(0.1)
+    end
+    os.execute("kill " .. follower)
+    assert.matches("listening on", text, 1, true) -- the history first
+    assert.matches("flood two line 1\n", text, 1, true) -- then what came after
+    assert.matches("flood two line 2\n", text, 1, true)
+  end)
+
+  it("keeps its memory flat when an event stream reader does not read", function()
+    local admin = token(srv)
+    local function rss()
+      local f = io.open("/proc/" .. srv.pid .. "/status")
+      local kb = f:read("a"):match("VmRSS:%s*(%d+)")
+      f:close()
+      return tonumber(kb)
+    end
+    core.run(function()
+      local conn = assert(core.net.connect { host = "127.0.0.1", port = srv.port })
+      assert(conn:write("GET /api/logs/stream HTTP/1.1\r\nHost: example.test\r\nAuthorization: Bearer " ..
+        admin .. "\r\n\r\n"))
+      core.sleep(300)
+      local before = rss()
+      -- 40,000 lines of output while the reader reads nothing
+      for _ = 1, 8 do
+        assert(core.http.request { host = "127.0.0.1", port = srv.port, target = "/flood?lines=5000",
+          headers = { host = "one.api.example.test" } })
+      end
+      core.sleep(2000)
+      local after = rss()
+      assert.is_true(after - before < 30 * 1024, "RSS grew by " .. (after - before) .. " KiB")
+      -- and the stream is still alive: reading now gets events
+      local chunk = conn:read(5000)
+      assert.is_truthy(chunk)
+      conn:close()
+    end)
   end)
 end)

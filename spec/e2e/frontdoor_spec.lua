@@ -47,8 +47,8 @@ local function start_server(dir, services, opts)
   end
   for _, l in ipairs(opts.tail or {}) do lines[#lines + 1] = l end
   local cfg = support.write(dir .. "/tenement.toml", table.concat(lines, "\n") .. "\n")
-  local p = io.popen(string.format("env -i PATH=/usr/bin:/bin %s serve --config %s >%s 2>&1 & echo $!",
-    support.quote(TEN), support.quote(cfg), support.quote(dir .. "/serve.log")))
+  local p = io.popen(string.format("%s %s serve --config %s >%s 2>&1 & echo $!",
+    support.clean_env(), support.quote(TEN), support.quote(cfg), support.quote(dir .. "/serve.log")))
   local pid = tonumber(p:read("l"))
   p:close()
   local srv = { pid = pid, port = port, cfg = cfg, dir = dir }
@@ -305,8 +305,10 @@ describe("front door", function()
         end)
       end
       core.sleep(200)
+      local env = { "PATH=/usr/bin:/bin" }
+      if os.getenv("ASAN_OPTIONS") then env[#env + 1] = "ASAN_OPTIONS=" .. os.getenv("ASAN_OPTIONS") end
       local p = assert(core.proc.spawn { argv = { TEN, "rollout", "api", "--config", srv.cfg },
-        env = { "PATH=/usr/bin:/bin" }, stdout = "pipe", stderr = "pipe" })
+        env = env, stdout = "pipe", stderr = "pipe" })
       local out = p.stdout:read(20000) or ""
       local st = p:wait(30000)
       core.sleep(200)
@@ -383,8 +385,8 @@ describe("front door", function()
     -- weights survive a restart of the server
     os.execute("kill -TERM " .. srv.pid)
     sleep(1)
-    local p = io.popen(string.format("env -i PATH=/usr/bin:/bin %s serve --config %s >>%s 2>&1 & echo $!",
-      support.quote(TEN), support.quote(srv.cfg), support.quote(dir .. "/serve.log")))
+    local p = io.popen(string.format("%s %s serve --config %s >>%s 2>&1 & echo $!",
+      support.clean_env(), support.quote(TEN), support.quote(srv.cfg), support.quote(dir .. "/serve.log")))
     srv.pid = tonumber(p:read("l"))
     p:close()
     wait_state(srv, "api:blue", "running")

@@ -24,8 +24,8 @@ end
 
 -- Starts `ten serve` in the background; returns its pid.
 local function serve(cfg_path, log_path)
-  local p = io.popen(string.format("env -i PATH=/usr/bin:/bin %s serve --config %s >%s 2>&1 & echo $!",
-    support.quote(TEN), support.quote(cfg_path), support.quote(log_path)))
+  local p = io.popen(string.format("%s %s serve --config %s >%s 2>&1 & echo $!",
+    support.clean_env(), support.quote(TEN), support.quote(cfg_path), support.quote(log_path)))
   local pid = tonumber(p:read("l"))
   p:close()
   return pid
