@@ -53,6 +53,11 @@ typedef struct tn_ctx {
     int closing;
     int live_tasks;
     tn_task *main_task;  /* the task core.run waits for */
+    /* Coroutines of tasks that ended well, kept for the next core.spawn:
+     * a server spawns a task per request, and a fresh coroutine each time
+     * is most of what a request costs Lua (allocation, then collection). */
+    int spare[64];
+    int nspare;
 } tn_ctx;
 
 static char ctx_key;
@@ -301,8 +306,12 @@ static void task_end(tn_task *t, int failed) {
     }
     task_map_set(L, co, NULL);
     /* Run the coroutine's pending <close> variables and free its stack. */
-    lua_resetthread(co);
-    luaL_unref(L, LUA_REGISTRYINDEX, t->co_ref);
+    int reset = lua_resetthread(co);
+    if (!failed && reset == LUA_OK && lua_gettop(co) == 0 &&
+        ctx->nspare < (int)(sizeof ctx->spare / sizeof ctx->spare[0]))
+        ctx->spare[ctx->nspare++] = t->co_ref;
+    else
+        luaL_unref(L, LUA_REGISTRYINDEX, t->co_ref);
     t->co_ref = LUA_NOREF;
     t->co = NULL;
     ctx->live_tasks--;
@@ -418,9 +427,17 @@ static int l_spawn(lua_State *L) {
     lua_pushvalue(L, -1);
     t->ud_ref = luaL_ref(L, LUA_REGISTRYINDEX);
 
-    lua_State *co = lua_newthread(L);
+    lua_State *co;
+    if (ctx->nspare > 0) {
+        t->co_ref = ctx->spare[--ctx->nspare];
+        lua_rawgeti(L, LUA_REGISTRYINDEX, t->co_ref);
+        co = lua_tothread(L, -1);
+        lua_pop(L, 1);
+    } else {
+        co = lua_newthread(L);
+        t->co_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    }
     t->co = co;
-    t->co_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     task_map_set(L, co, t);
     for (int i = 1; i <= nargs + 1; i++) lua_pushvalue(L, i);
     lua_xmove(L, co, nargs + 1);
