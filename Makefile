@@ -111,11 +111,17 @@ test-only:
 
 ASAN_LIB = $(shell $(CC) -print-file-name=libasan.so)
 UBSAN_LIB = $(shell $(CC) -print-file-name=libubsan.so)
+# Reports of every process (ten serve started by the e2e specs included) go
+# to build-asan/reports: the run fails if any process wrote one.
+ASAN_REPORTS = $(abspath build-asan)/reports
 asan: deps
 	$(Q)$(MAKE) --no-print-directory BUILD=build-asan SAN="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined" CFLAGS="-O1 -g" all
-	$(Q)LD_PRELOAD="$(ASAN_LIB) $(UBSAN_LIB)" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
-	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	$(Q)rm -rf $(ASAN_REPORTS) && mkdir -p $(ASAN_REPORTS)
+	$(Q)LD_PRELOAD="$(ASAN_LIB) $(UBSAN_LIB)" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:log_path=$(ASAN_REPORTS)/asan \
+	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:log_path=$(ASAN_REPORTS)/ubsan \
 	  $(MAKE) --no-print-directory BUILD=build-asan test-only
+	$(Q)if [ -n "$$(ls $(ASAN_REPORTS))" ]; then cat $(ASAN_REPORTS)/*; echo "make asan: sanitizer reports above" >&2; exit 1; fi
+	@echo "make asan: no sanitizer report from any process"
 
 lint:
 	$(Q)for f in $(LUA_SRC) $$(find spec -name '*.lua'); do luac5.4 -p $$f || exit 1; done
@@ -137,5 +143,28 @@ install-rock: $(BUILD)/lib/tenement/core.so
 
 clean:
 	rm -rf build build-asan
+
+# ---- benchmarks, stress and fuzzing (bench/; never part of `make test`) ----
+#   make bench  [BENCH="proxy spawn density logs scale"]  results: bench/results/latest.{md,json}
+#   make stress [STRESS="kill9 serve-kill conns slowloris malformed fuzz"] [FUZZ_SECONDS=60]
+#   make fuzz   [FUZZ_SECONDS=60]  libFuzzer + ASan (clang), targets http and toml
+# Knobs read by bench/: BENCH_SECONDS (wrk run length), BENCH_IDLE_SECONDS, BENCH_KEEP=1.
+BENCH        ?=
+STRESS       ?=
+FUZZ_SECONDS ?= 60
+FUZZ_DIR      = $(BUILD)/fuzz
+BENCH_ENV     = BUILD=$(BUILD) LUA_PATH='bench/?.lua;lua/?.lua;;' LUA_CPATH='$(BUILD)/lib/?.so;;'
+
+.PHONY: bench stress fuzz
+bench: all
+	$(Q)$(BENCH_ENV) $(LUA) bench/run.lua $(BENCH)
+
+stress: all
+	$(Q)sh bench/fuzz/build.sh $(FUZZ_DIR)
+	$(Q)$(BENCH_ENV) FUZZ_DIR=$(FUZZ_DIR) FUZZ_SECONDS=$(FUZZ_SECONDS) $(LUA) bench/stress.lua $(STRESS)
+
+fuzz:
+	$(Q)sh bench/fuzz/build.sh $(FUZZ_DIR)
+	$(Q)sh bench/fuzz/run.sh $(FUZZ_DIR) $(FUZZ_SECONDS) http toml
 
 -include $(wildcard $(BUILD)/obj/*.d)

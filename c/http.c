@@ -1280,20 +1280,23 @@ static int l_req_stream(lua_State *L) {
     r->chunked_out = r->head.minor >= 1;
     int keep = 0;
     build_response_head(L, &out, r, (int)status, hidx, 0, &keep);
-    /* build_response_head framed it with a length: reframe for a stream */
-    char *cl = strstr(out.p, "Content-Length: 0\r\n");
+    /* build_response_head framed it with a length: swap that line for the
+     * stream's framing */
+    static _Thread_local buf head;
+    static const char length_line[] = "Content-Length: 0\r\n";
+    const char *framing = r->chunked_out ? "Transfer-Encoding: chunked\r\n" : "";
+    char *cl = memmem(out.p, out.len, length_line, sizeof length_line - 1);
+    head.len = 0;
     if (cl) {
-        const char *framing = r->chunked_out ? "Transfer-Encoding: chunked\r\n" : "";
-        size_t cut = strlen("Content-Length: 0\r\n"), fl = strlen(framing);
-        size_t tail = out.len - (size_t)(cl - out.p) - cut;
-        if (fl > cut && buf_add(&out, "", fl - cut) != 0) luaL_error(L, "out of memory");
-        cl = strstr(out.p, "Content-Length: 0\r\n");
-        memmove(cl + fl, cl + cut, tail);
-        memcpy(cl, framing, fl);
-        out.len = (size_t)(cl - out.p) + fl + tail;
+        size_t before = (size_t)(cl - out.p), after = out.len - before - (sizeof length_line - 1);
+        if (buf_add(&head, out.p, before) != 0 || buf_addstr(&head, framing) != 0 ||
+            buf_add(&head, cl + sizeof length_line - 1, after) != 0)
+            return luaL_error(L, "out of memory");
+    } else if (buf_add(&head, out.p, out.len) != 0) {
+        return luaL_error(L, "out of memory");
     }
     http_conn *c = stream_conn(r);
-    if (!c || conn_write(c, out.p, out.len, NULL, 0, AFTER_NOTHING) < 0) return stream_closed(L);
+    if (!c || conn_write(c, head.p, head.len, NULL, 0, AFTER_NOTHING) < 0) return stream_closed(L);
     lua_settop(L, 1);
     return 1;
 }

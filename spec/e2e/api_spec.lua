@@ -348,7 +348,13 @@ describe("HTTP API", function()
       end
       core.sleep(2000)
       local after = rss()
-      assert.is_true(after - before < 30 * 1024, "RSS grew by " .. (after - before) .. " KiB")
+      if os.getenv("ASAN_OPTIONS") then
+        -- AddressSanitizer's quarantine keeps freed memory resident: the bound
+        -- says nothing there (the stream itself still runs below)
+        print("\n[skipped under ASan] RSS bound of a stalled event stream")
+      else
+        assert.is_true(after - before < 30 * 1024, "RSS grew by " .. (after - before) .. " KiB")
+      end
       -- and the stream is still alive: reading now gets events
       local chunk = conn:read(5000)
       assert.is_truthy(chunk)
