@@ -10,7 +10,6 @@ local auth = {}
 
 auth.PREFIX_LEN = 8
 local FAIL_WINDOW_MS = 60 * 1000
-local FAIL_FREE = 20          -- wrong tokens per client address per minute before slowing down
 local FAIL_MAX_DELAY_MS = 5000
 local FAIL_TABLE_MAX = 10000  -- addresses remembered at most
 
@@ -76,8 +75,9 @@ end
 local Limiter = {}
 Limiter.__index = Limiter
 
-function auth.limiter()
-  return setmetatable({ by_addr = {}, count = 0 }, Limiter)
+-- auth.limiter(free): `free` wrong tokens per address and minute go unslowed.
+function auth.limiter(free)
+  return setmetatable({ by_addr = {}, count = 0, free = free or 20 }, Limiter)
 end
 
 function Limiter:failed(addr, now)
@@ -97,8 +97,8 @@ end
 -- Milliseconds this address should wait now.
 function Limiter:delay(addr, now)
   local e = self.by_addr[addr]
-  if not e or now - e.first > FAIL_WINDOW_MS or e.n <= FAIL_FREE then return 0 end
-  return math.min(100 * 2 ^ (e.n - FAIL_FREE - 1), FAIL_MAX_DELAY_MS) // 1
+  if not e or now - e.first > FAIL_WINDOW_MS or e.n <= self.free then return 0 end
+  return math.min(100 * 2 ^ (e.n - self.free - 1), FAIL_MAX_DELAY_MS) // 1
 end
 
 function Limiter:prune(now)

@@ -545,6 +545,8 @@ local SETTINGS = {
       doc = "Open connections at most; past it, accepting waits" },
     { name = "drain_timeout", type = "integer", default = 10, min = 0,
       doc = "On SIGTERM, seconds requests in flight have to finish" },
+    { name = "auth_failures_per_minute", type = "integer", default = 20, min = 1,
+      doc = "Wrong tokens one client address may send a minute before each next one is slowed down" },
     { name = "metrics_auth", type = "boolean", default = false,
       doc = "Put /metrics behind an admin bearer token" },
     { name = "max_cold_starts", type = "integer", default = 32, min = 1,

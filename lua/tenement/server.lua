@@ -125,7 +125,7 @@ end
 -- The server's own pages on the bare domain: /health (public), /metrics
 -- (public unless settings.metrics_token), /api/* (bearer token).
 function Server:own_pages()
-  local limiter = auth.limiter()
+  local limiter = auth.limiter(self.cfg.settings.auth_failures_per_minute)
   local last_used = {}
   local JSON = { ["content-type"] = "application/json" }
   local function unauthorized(req, code, message, guess)
