@@ -145,6 +145,77 @@ describe("front door", function()
     end)
   end)
 
+  it("streams 100 MB through, tunnels a WebSocket, and never lets a smuggled request reach the backend", function()
+    local dir = support.tmpdir()
+    srv = start_server(dir, { api = {} }, { settings = { "max_body_mb = 200" }, tail = { "[instances]", 'api = ["big"]' } })
+    wait_state(srv, "api:big", "running")
+    local function rss()
+      local f = io.open("/proc/" .. srv.pid .. "/status")
+      local kb = f:read("a"):match("VmRSS:%s*(%d+)")
+      f:close()
+      return tonumber(kb)
+    end
+    run(function()
+      -- 100 MB upload, streamed: the server's memory stays flat
+      local before = rss()
+      local conn = assert(core.net.connect { host = "127.0.0.1", port = srv.port })
+      local size = 100 * 1024 * 1024
+      assert(conn:write("POST /sink HTTP/1.1\r\nHost: big.api.example.test\r\nContent-Length: " .. size .. "\r\n\r\n"))
+      local piece = string.rep("x", 1024 * 1024)
+      for _ = 1, 100 do assert(conn:write(piece)) end
+      local answer = ""
+      while not answer:find("received", 1, true) do answer = answer .. assert(conn:read(20000)) end
+      assert.matches("received " .. size .. " bytes", answer, 1, true)
+      conn:close()
+      if os.getenv("ASAN_OPTIONS") then
+        print("\n[skipped under ASan] RSS bound of a 100 MB upload")
+      else
+        assert.is_true(rss() - before < 30 * 1024, "RSS grew by " .. (rss() - before) .. " KiB")
+      end
+
+      -- a WebSocket-style upgrade: 101, then bytes both ways
+      local ws = assert(core.net.connect { host = "127.0.0.1", port = srv.port })
+      assert(ws:write("GET /ws HTTP/1.1\r\nHost: big.api.example.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"))
+      local head = ""
+      while not head:find("\r\n\r\n", 1, true) do head = head .. assert(ws:read(5000)) end
+      assert.matches("^HTTP/1.1 101", head)
+      assert(ws:write("ping through the tunnel"))
+      local echoed = ""
+      while #echoed < #"ping through the tunnel" do echoed = echoed .. assert(ws:read(5000)) end
+      assert.are.equal("ping through the tunnel", echoed)
+      ws:close()
+
+      -- request smuggling: every attempt is answered 400 and none reaches the backend
+      local function count()
+        local res = assert(get(srv, "big.api.example.test", "/count"))
+        return tonumber(res.body:match("%d+"))
+      end
+      local before_count = count()
+      local attacks = {
+        "POST / HTTP/1.1\r\nHost: big.api.example.test\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        "POST / HTTP/1.1\r\nHost: big.api.example.test\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcde",
+        "GET / HTTP/1.1\r\nHost: big.api.example.test\r\nX-A: 1\r\n folded\r\n\r\n",
+        "GET / HTTP/1.1\nHost: big.api.example.test\n\n",
+        "POST / HTTP/1.1\r\nHost: big.api.example.test\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+        "POST / HTTP/1.1\r\nHost: big.api.example.test\r\nTransfer-Encoding: chunked\r\n\r\n5;a\"b\r\nhello\r\n0\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost : big.api.example.test\r\n\r\n",
+      }
+      for _, attack in ipairs(attacks) do
+        local c = assert(core.net.connect { host = "127.0.0.1", port = srv.port })
+        assert(c:write(attack))
+        local reply = ""
+        while true do
+          local chunk = c:read(3000)
+          if not chunk then break end
+          reply = reply .. chunk
+        end
+        c:close()
+        assert.matches("^HTTP/1.1 400", reply, nil, attack)
+      end
+      assert.are.equal(before_count + 1, count()) -- only the /count request itself
+    end)
+  end)
+
   it("does not create instances for unknown ids unless the service opts in, within max_instances", function()
     local dir = support.tmpdir()
     srv = start_server(dir, { api = {}, open = { "on_demand = true", "max_instances = 2" } })
