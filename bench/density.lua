@@ -266,7 +266,8 @@ function M.run()
       "all_answer_s: from starting the supervisor to every one of the 1000 sockets answering GET /health with 200 "
         .. "(polled by this script the same way for every peer).",
       "supervisor_*: the supervisor's own processes (ten serve; supervisord; s6-svscan plus its 1000 s6-supervise), "
-        .. "not the 1000 backends. machine_used_mb: MemTotal - MemAvailable, minus the same before the start.",
+        .. "not the 1000 backends; for s6 the RSS is a sum over 1001 processes, so shared pages count 1001 times: "
+        .. "compare PSS. machine_used_mb: MemTotal - MemAvailable, minus the same before the start.",
       string.format("idle_cpu_pct: utime + stime of those processes over %d s, 5 s after all answered.", idle_seconds),
     },
     configs = { ["ten-1000.toml (head)"] = config:sub(1, 600) },

@@ -218,13 +218,19 @@ function lib.all_pids()
   return out
 end
 
--- Descendants of pid (not pid itself).
-function lib.descendants(pid)
+-- pid -> list of its children, for the whole machine, read once.
+function lib.children_map()
   local kids = {}
   for _, e in ipairs(lib.all_pids()) do
     kids[e.ppid] = kids[e.ppid] or {}
     table.insert(kids[e.ppid], e.pid)
   end
+  return kids
+end
+
+-- Descendants of pid (not pid itself); kids: a children_map() to reuse.
+function lib.descendants(pid, kids)
+  kids = kids or lib.children_map()
   local out, queue = {}, { pid }
   while #queue > 0 do
     local p = table.remove(queue)
@@ -251,6 +257,15 @@ function lib.marked(mark)
   end
   p:close()
   return out
+end
+
+-- CPU seconds the whole machine has been busy (all CPUs; /proc/stat).
+function lib.machine_busy()
+  local line = (lib.read("/proc/stat") or ""):match("^cpu%s+([^\n]+)")
+  local f = {}
+  for w in line:gmatch("%d+") do f[#f + 1] = tonumber(w) end
+  -- user nice system idle iowait irq softirq steal
+  return (f[1] + f[2] + f[3] + f[6] + f[7] + (f[8] or 0)) / CLK_TCK
 end
 
 function lib.meminfo()
@@ -405,8 +420,9 @@ function lib.start_ten(o)
   if o.ulimit_n then cmd = string.format("sh -c %s", lib.q("ulimit -n " .. o.ulimit_n .. " && exec " .. cmd)) end
   local t0 = lib.now()
   local pid = lib.start(cmd, log, "ten serve")
-  local srv = { pid = pid, dir = o.dir, cfg = cfg, log = log, sock = o.dir .. "/data/ten.sock",
-    started = t0, port = o.port }
+  local data_dir = o.config:match('\ndata_dir = "([^"]+)"') or (o.dir .. "/data")
+  local srv = { pid = pid, dir = o.dir, cfg = cfg, log = log, sock = data_dir .. "/ten.sock",
+    started = t0, port = o.port, domain = o.config:match('\ndomain = "([^"]+)"') or "localhost" }
   -- up once the control socket answers
   local deadline = lib.now() + (o.timeout or 30)
   while lib.now() < deadline do
@@ -466,7 +482,7 @@ end
 
 function lib.metrics(srv)
   return lib.run(function()
-    local res = lib.get({ host = "127.0.0.1", port = srv.port }, "/metrics", { host = "localhost" }, 10000)
+    local res = lib.get({ host = "127.0.0.1", port = srv.port }, "/metrics", { host = srv.domain or "localhost" }, 10000)
     return res and res.body or ""
   end)
 end
@@ -507,10 +523,17 @@ function lib.wrk(o)
   local cmd = string.format("%swrk -t1 -c%d -d%ds --timeout %ds -s %s %s%s",
     o.cpu and ("taskset -c " .. o.cpu .. " ") or "", o.conns, o.seconds, o.timeout or 5,
     lib.q(o.script or lib.wrk_script), o.host and ("-H " .. lib.q("Host: " .. o.host) .. " ") or "", o.url)
-  local ok, out = lib.sh(cmd)
+  -- the shell's own stat, after wrk was reaped, holds wrk's CPU time as cutime + cstime
+  local ok, out = lib.sh("sh -c " .. lib.q(cmd .. "; cat /proc/$$/stat"))
   local json = out:match("WRKJSON (%b{})")
   if not json then error("wrk gave no result (" .. tostring(ok) .. "): " .. cmd .. "\n" .. out) end
   local r = lib.ints(cjson.decode(json))
+  local stat = out:match("\n(%d+ %(.-%) [^\n]*)%s*$")
+  if stat then
+    local f = {}
+    for w in stat:match("^%d+ %(.*%) (.*)$"):gmatch("%S+") do f[#f + 1] = w end
+    r.wrk_cpu_s = (tonumber(f[14]) + tonumber(f[15])) / CLK_TCK -- fields 16 and 17
+  end
   r.rps = r.requests / (r.duration_us / 1e6)
   r.duration_s = r.duration_us / 1e6
   return r, cmd

@@ -89,7 +89,7 @@ local function wait_port(port, host)
   error("nothing answers on 127.0.0.1:" .. port)
 end
 
-function M.run(ctx)
+function M.run()
   lib.ensure_packages { "wrk", "nginx", "haproxy" }
   local seconds = tonumber(os.getenv("BENCH_SECONDS")) or 5
   local dir = lib.tmpdir("proxy")
@@ -115,58 +115,107 @@ function M.run(ctx)
   local ten_cmd = string.format("taskset -c 0 ten serve --config tenement.toml (backend: %s, isolation process, "
     .. "pinned to CPU 1 with taskset -a -p -c 1)", "build/fixtures/backend")
 
-  -- nginx and HAProxy on CPU 0
+  -- nginx and HAProxy run one at a time, each started for its runs and
+  -- stopped after: the backend fixture polls every connection it holds, so
+  -- another proxy's pooled upstream connections would slow it for the next
   local nginx_port, haproxy_port = lib.free_port(), lib.free_port()
   local nconf = lib.write(dir .. "/nginx.conf", nginx_conf(dir, nginx_port, sock))
-  local nginx_cmd = string.format("taskset -c 0 nginx -p %s/ -c %s", dir, nconf)
-  local nginx_pid = lib.start(nginx_cmd, dir .. "/nginx.out", "nginx")
-  lib.at_exit(function() lib.stop(nginx_pid, "SIGQUIT", 10) end)
-  wait_port(nginx_port)
   local hconf = lib.write(dir .. "/haproxy.cfg", haproxy_conf(haproxy_port, sock))
-  local haproxy_cmd = string.format("taskset -c 0 haproxy -db -f %s", hconf)
-  local haproxy_pid = lib.start(haproxy_cmd, dir .. "/haproxy.out", "haproxy")
-  lib.at_exit(function() lib.stop(haproxy_pid, "SIGUSR1", 10) end)
-  wait_port(haproxy_port)
+  local nginx_cmd = string.format("nginx -p %s/ -c %s", dir, nconf)
+  local haproxy_cmd = string.format("haproxy -db -f %s", hconf)
 
   local host = "b.api.bench.test"
+  local ten_pids = function() return { srv.pid } end
   local targets = {
     { peer = "direct", version = "backend fixture", url = "http://127.0.0.1:" .. backend_port .. "/",
-      pids = function() return {} end, command = "backend over TCP (BACKEND_TCP=1), no proxy" },
-    { peer = "ten", version = versions.ten, url = "http://127.0.0.1:" .. ten_port .. "/",
-      pids = function() return { srv.pid } end, command = ten_cmd },
+      command = "backend over TCP (BACKEND_TCP=1), no proxy",
+      start = function() return function() return {} end end, stop = function() end },
+    { peer = "ten", version = versions.ten, url = "http://127.0.0.1:" .. ten_port .. "/", command = ten_cmd,
+      start = function(cpu)
+        lib.must("taskset -a -p -c " .. cpu .. " " .. srv.pid)
+        return ten_pids
+      end,
+      stop = function() lib.must("taskset -a -p -c 0 " .. srv.pid) end },
     { peer = "nginx", version = versions.nginx, url = "http://127.0.0.1:" .. nginx_port .. "/",
-      pids = function()
-        local p = { nginx_pid }
-        for _, c in ipairs(lib.descendants(nginx_pid)) do p[#p + 1] = c end
-        return p
-      end, command = nginx_cmd .. " (worker_processes 1, upstream keepalive 512 to the Unix socket, access_log off)" },
+      command = "taskset -c 0 " .. nginx_cmd .. " (worker_processes 1, upstream keepalive 512 to the Unix socket, "
+        .. "access_log off)",
+      start = function(cpu)
+        local pid = lib.start("taskset -c " .. cpu .. " " .. nginx_cmd, dir .. "/nginx.out", "nginx")
+        wait_port(nginx_port)
+        return function()
+          local p = { pid }
+          for _, c in ipairs(lib.descendants(pid)) do p[#p + 1] = c end
+          return p
+        end, pid
+      end,
+      stop = function(pid) lib.stop(pid, "SIGQUIT", 10) end },
     { peer = "haproxy", version = versions.haproxy, url = "http://127.0.0.1:" .. haproxy_port .. "/",
-      pids = function() return { haproxy_pid } end, command = haproxy_cmd .. " (nbthread 1, http-reuse always)" },
+      command = "taskset -c 0 " .. haproxy_cmd .. " (nbthread 1, http-reuse always)",
+      start = function(cpu)
+        local pid = lib.start("taskset -c " .. cpu .. " " .. haproxy_cmd, dir .. "/haproxy.out", "haproxy")
+        wait_port(haproxy_port)
+        return function() return { pid } end, pid
+      end,
+      stop = function(pid) lib.stop(pid, "SIGUSR1", 10) end },
   }
 
+  -- one measured run: wrk on CPU 1; the proxy's CPU and everybody else's
+  local function measure(t, pids_fn, conns, secs)
+    local pids = pids_fn()
+    local cpu0, b0, m0 = lib.cpu_sum(pids), lib.cpu_seconds(backend_pid), lib.machine_busy()
+    local r, wrk_cmd = lib.wrk { url = t.url, conns = conns, seconds = secs, cpu = 1, host = host }
+    local cpu = lib.cpu_sum(pids) - cpu0
+    local other = (lib.machine_busy() - m0) - cpu - (lib.cpu_seconds(backend_pid) - b0) - (r.wrk_cpu_s or 0)
+    local errors = 0
+    for _, v in pairs(r.errors) do errors = errors + v end
+    return {
+      peer = t.peer, version = t.version, conns = conns, rps = lib.round(r.rps),
+      proxy_cpu_s = #pids > 0 and lib.round(cpu, 2) or nil,
+      req_per_cpu_s = (#pids > 0 and cpu > 0) and lib.round(r.requests / cpu) or nil,
+      p50_us = r.p50_us, p90_us = r.p90_us, p99_us = r.p99_us, errors = errors, requests = r.requests,
+      other_load_pct = lib.round(math.max(0, other) / (2 * r.duration_s) * 100, 1),
+      command = t.command, wrk = wrk_cmd,
+    }
+  end
+
+  -- First, 1 connection with the proxy on CPU 1 as well: no cross-CPU
+  -- wakeups, so the hop's own processing cost shows. Latency on one CPU is
+  -- the most sensitive to anything else running there: best of three runs
+  -- (the lowest p50), each with the other load shown.
+  local one = {}
+  for _, t in ipairs(targets) do
+    local pids_fn, handle = t.start(1)
+    lib.wrk { url = t.url, conns = 1, seconds = 1, cpu = 1, host = host }
+    for _ = 1, 3 do
+      local row = measure(t, pids_fn, 1, math.max(2, seconds // 2))
+      if not one[t.peer] or row.p50_us < one[t.peer].p50_us then
+        row.command = t.command:gsub("taskset %-c 0", "taskset -c 1")
+        one[t.peer] = row
+      end
+    end
+    t.stop(handle)
+    lib.log("proxy one CPU %-7s c=1 p50 %5d us  p99 %6d us (best of 3)", t.peer, one[t.peer].p50_us, one[t.peer].p99_us)
+  end
+
+  -- Then the pinned runs: proxy on CPU 0, wrk and the backend on CPU 1.
   local rows, by = {}, {}
-  for _, conns in ipairs(CONNS) do
-    for _, t in ipairs(targets) do
+  for _, t in ipairs(targets) do
+    local pids_fn, handle = t.start(0)
+    for _, conns in ipairs(CONNS) do
       lib.wrk { url = t.url, conns = conns, seconds = 1, cpu = 1, host = host } -- warm up
-      local pids = t.pids()
-      local cpu0 = lib.cpu_sum(pids)
-      local r, wrk_cmd = lib.wrk { url = t.url, conns = conns, seconds = seconds, cpu = 1, host = host }
-      local cpu = lib.cpu_sum(pids) - cpu0
-      local errors = 0
-      for _, v in pairs(r.errors) do errors = errors + v end
-      local row = {
-        peer = t.peer, version = t.version, conns = conns, rps = lib.round(r.rps),
-        proxy_cpu_s = #pids > 0 and lib.round(cpu, 2) or nil,
-        req_per_cpu_s = (#pids > 0 and cpu > 0) and lib.round(r.requests / cpu) or nil,
-        p50_us = r.p50_us, p99_us = r.p99_us, errors = errors, requests = r.requests,
-        command = t.command, wrk = wrk_cmd:gsub("%S+/bench/wrk/", "bench/wrk/"),
-      }
+      local row = measure(t, pids_fn, conns, seconds)
       rows[#rows + 1] = row
       by[t.peer .. conns] = row
-      lib.log("proxy %-7s c=%-3d %8.0f req/s  %8s req/cpu-s  p50 %5d us  p99 %6d us  errors %d",
-        t.peer, conns, r.rps, tostring(row.req_per_cpu_s), r.p50_us, r.p99_us, errors)
+      lib.log("proxy %-7s c=%-3d %8.0f req/s  %8s req/cpu-s  p50 %5d us  p99 %6d us  errors %d  other %.0f%%",
+        t.peer, conns, row.rps, tostring(row.req_per_cpu_s), row.p50_us, row.p99_us, row.errors, row.other_load_pct)
     end
+    t.stop(handle)
   end
+  table.sort(rows, function(a, b)
+    if a.conns ~= b.conns then return a.conns < b.conns end
+    local order = { direct = 1, ten = 2, nginx = 3, haproxy = 4 }
+    return order[a.peer] < order[b.peer]
+  end)
   for _, row in ipairs(rows) do
     local base = by["direct" .. row.conns]
     if row.peer ~= "direct" then
@@ -177,18 +226,6 @@ function M.run(ctx)
     if row.req_per_cpu_s and ng.req_per_cpu_s then row.vs_nginx = lib.round(row.req_per_cpu_s / ng.req_per_cpu_s, 2) end
   end
 
-  -- 1 connection with the proxy moved to CPU 1 as well: no cross-CPU
-  -- wakeups, so the hop's own processing cost shows
-  local one = {}
-  for _, t in ipairs(targets) do
-    for _, pid in ipairs(t.pids()) do lib.must("taskset -a -p -c 1 " .. pid) end
-    lib.wrk { url = t.url, conns = 1, seconds = 1, cpu = 1, host = host }
-    local r, wrk_cmd = lib.wrk { url = t.url, conns = 1, seconds = seconds, cpu = 1, host = host }
-    one[t.peer] = { peer = t.peer, version = t.version, conns = 1, rps = lib.round(r.rps), p50_us = r.p50_us,
-      p90_us = r.p90_us, p99_us = r.p99_us, command = t.command:gsub("taskset %-c 0", "taskset -c 1"),
-      wrk = wrk_cmd:gsub("%S+/bench/wrk/", "bench/wrk/") }
-    lib.log("proxy one CPU %-7s c=1 p50 %5d us  p99 %6d us", t.peer, r.p50_us, r.p99_us)
-  end
   local one_rows = {}
   for _, t in ipairs(targets) do
     local row = one[t.peer]
@@ -219,17 +256,15 @@ function M.run(ctx)
         by["nginx1"].added_p50_us, by["haproxy1"].added_p50_us) },
   }
 
-  lib.stop(haproxy_pid, "SIGUSR1", 10)
-  lib.stop(nginx_pid, "SIGQUIT", 10)
   lib.stop_ten(srv)
   return {
     title = M.title,
     tables = {
       { title = "Proxy on CPU 0, wrk and backend on CPU 1",
         columns = { "peer", "conns", "rps", "req_per_cpu_s", "vs_nginx", "p50_us", "p99_us", "added_p50_us",
-          "added_p99_us", "errors" }, rows = rows },
-      { title = "1 connection, proxy, wrk and backend all on CPU 1 (the hop's own cost, no cross-CPU wakeups)",
-        columns = { "peer", "conns", "rps", "p50_us", "p90_us", "p99_us", "added_p50_us", "added_p99_us" },
+          "added_p99_us", "errors", "other_load_pct" }, rows = rows },
+      { title = "1 connection, proxy, wrk and backend all on CPU 1 (the hop's own cost, no cross-CPU wakeups; best of 3)",
+        columns = { "peer", "conns", "rps", "p50_us", "p90_us", "p99_us", "added_p50_us", "added_p99_us", "other_load_pct" },
         rows = one_rows },
     },
     goals = goals, versions = versions,
@@ -239,6 +274,8 @@ function M.run(ctx)
       "req_per_cpu_s: requests / (utime + stime of the proxy's processes over the run, /proc/PID/stat).",
       "added_*: the proxy's latency minus the backend reached directly over TCP at the same connection count.",
       "Every proxy adds X-Forwarded-For/-Host/-Proto; nginx and HAProxy log nothing (access_log off), like ten.",
+      "other_load_pct: CPU the rest of the machine used during the run (/proc/stat busy time minus the proxy, the "
+        .. "backend and wrk), as a share of both CPUs: the machine is shared, and a run with other load is noisier.",
     },
     configs = { ["tenement.toml"] = config, ["nginx.conf"] = lib.read(nconf), ["haproxy.cfg"] = lib.read(hconf) },
   }

@@ -55,12 +55,32 @@ function report.load()
   return data
 end
 
+-- No path or port of this machine goes into the results: the repository
+-- becomes ".", a run's temp dirs "$DIR", loopback ports "$PORT".
+local function sanitize(v)
+  if type(v) == "string" then
+    local root = lib.root:gsub("%p", "%%%0")
+    local tmp = (os.getenv("TMPDIR") or "/tmp"):gsub("%p", "%%%0")
+    v = v:gsub(root .. "/", ""):gsub(root, ".")
+    v = v:gsub(tmp .. "/tenbench%-[%w%-]+%.[%w]+", "$DIR"):gsub(tmp .. "/tenement%-[%w%-]+%.[%w]+", "$DIR")
+    v = v:gsub("127%.0%.0%.1:%d+", "127.0.0.1:$PORT"):gsub("port = %d+", "port = $PORT")
+    return v
+  elseif type(v) == "table" then
+    local out = {}
+    for k, x in pairs(v) do out[k] = sanitize(x) end
+    return out
+  end
+  return v
+end
+report.sanitize = sanitize
+
 function report.merge(sections)
   local data = report.load()
   local date = os.date("!%Y-%m-%d %H:%M UTC")
   data.machine = lib.machine()
   data.date = date
   for name, s in pairs(sections) do
+    s = sanitize(s)
     s.date = date
     data.sections[name] = s
   end
@@ -76,6 +96,8 @@ local function cell(v)
     if math.type(v) == "integer" or v == math.floor(v) and math.abs(v) < 1e15 then
       return tostring(math.tointeger(v) or v)
     end
+    if math.abs(v) >= 100 then return string.format("%.0f", v) end
+    if math.abs(v) >= 10 then return string.format("%.1f", v) end
     return string.format("%.3g", v)
   end
   return (tostring(v):gsub("|", "\\|"):gsub("\n", " "))
@@ -120,8 +142,9 @@ function report.render()
     local s = data.sections[name]
     md[#md + 1] = "## " .. (s.title or name)
     md[#md + 1] = ""
-    md[#md + 1] = string.format("Run %s (%s s). `make %s %s=%s`", s.date or "?", tostring(s.seconds or "?"),
-      name == "stress" and "stress" or "bench", name == "stress" and "STRESS" or "BENCH", name == "stress" and "all" or name)
+    md[#md + 1] = string.format("Run %s, %s s, load average %s before and %s after. Rerun alone: `make %s%s`.",
+      s.date or "?", tostring(s.seconds or "?"), s.load and s.load.before or "?", s.load and s.load.after or "?",
+      name == "stress" and "stress" or "bench", name == "stress" and "" or (" BENCH=" .. name))
     md[#md + 1] = ""
     if s.error then
       md[#md + 1] = "**This benchmark failed:**"

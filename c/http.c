@@ -1590,6 +1590,12 @@ static void on_head(http_conn *c) {
         conn_reject(c, 400, "the only transfer coding accepted is a single \"chunked\"");
         return;
     }
+    /* HTTP/1.0 has no transfer codings: a 1.0 peer that sends one frames its
+     * body in a way the next hop may read differently (RFC 9112, 6.1) */
+    if (te && ps->http_minor == 0) {
+        conn_reject(c, 400, "Transfer-Encoding in an HTTP/1.0 request");
+        return;
+    }
     head_find(h, "host", &n);
     if (n > 1 || (n == 0 && ps->http_minor == 1)) {
         conn_reject(c, 400, "an HTTP/1.1 request needs exactly one Host header");

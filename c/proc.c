@@ -113,6 +113,34 @@ static const struct { const char *name; int resource; } rlimit_names[] = {
     {NULL, 0},
 };
 
+static int rlimit_resource(lua_State *L, int idx) {
+    const char *name = luaL_checkstring(L, idx);
+    for (int i = 0; rlimit_names[i].name; i++)
+        if (strcmp(name, rlimit_names[i].name) == 0) return rlimit_names[i].resource;
+    return luaL_argerror(L, idx, lua_pushfstring(L, "unknown rlimit '%s'", name));
+}
+
+static void push_rlim(lua_State *L, rlim_t v) {
+    if (v == RLIM_INFINITY) lua_pushliteral(L, "unlimited");
+    else lua_pushinteger(L, (lua_Integer)v);
+}
+
+/* proc.rlimit(name [, soft [, hard]]) -> soft, hard (after setting, when
+ * given) | nil, err, code: the server's own limits ("nofile", ...). */
+static int l_proc_rlimit(lua_State *L) {
+    int res = rlimit_resource(L, 1);
+    struct rlimit lim;
+    if (getrlimit(res, &lim) != 0) return tn_fail_errno(L, "getrlimit", errno);
+    if (!lua_isnoneornil(L, 2)) {
+        lim.rlim_cur = (rlim_t)luaL_checkinteger(L, 2);
+        if (!lua_isnoneornil(L, 3)) lim.rlim_max = (rlim_t)luaL_checkinteger(L, 3);
+        if (setrlimit(res, &lim) != 0) return tn_fail_errno(L, "setrlimit", errno);
+    }
+    push_rlim(L, lim.rlim_cur);
+    push_rlim(L, lim.rlim_max);
+    return 2;
+}
+
 static const struct { const char *name; int flag; } clone_flag_names[] = {
     {"newpid", CLONE_NEWPID}, {"newns", CLONE_NEWNS}, {"newipc", CLONE_NEWIPC},
     {"newuts", CLONE_NEWUTS}, {"newnet", CLONE_NEWNET}, {"newuser", CLONE_NEWUSER}, {NULL, 0},
@@ -1421,6 +1449,7 @@ int tn_open_proc(lua_State *L) {
     };
     static const luaL_Reg fns[] = {
         {"spawn", l_proc_spawn}, {"environ", l_proc_environ}, {"getpid", l_proc_getpid},
+        {"rlimit", l_proc_rlimit},
         {"self_exe", l_proc_self_exe},
         {"kill", l_proc_rawkill}, {"signal_name", l_proc_signal_name}, {NULL, NULL},
     };

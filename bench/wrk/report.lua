@@ -1,5 +1,6 @@
 -- wrk script: prints the result as one JSON line (latencies in microseconds).
 -- WRK_HOSTS="a.example,b.example" spreads requests over several Host headers.
+-- luacheck: globals request done wrk
 local hosts = {}
 for h in (os.getenv("WRK_HOSTS") or ""):gmatch("[^,]+") do hosts[#hosts + 1] = h end
 local i = 0
@@ -10,7 +11,7 @@ if #hosts > 0 then
   end
 end
 
-done = function(summary, latency, requests)
+done = function(summary, latency, _)
   local e = summary.errors
   io.write(string.format('WRKJSON {"requests":%d,"duration_us":%d,"p50_us":%d,"p90_us":%d,"p99_us":%d,'
     .. '"max_us":%d,"mean_us":%.1f,"errors":{"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d}}\n',

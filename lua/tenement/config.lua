@@ -543,6 +543,8 @@ local SETTINGS = {
       doc = "Seconds an idle keep-alive connection stays open" },
     { name = "max_connections", type = "integer", default = 4096, min = 1,
       doc = "Open connections at most; past it, accepting waits" },
+    { name = "upstream_keepalive", type = "integer", default = 64, min = 0, max = 4096,
+      doc = "Idle keep-alive connections kept open to each instance" },
     { name = "drain_timeout", type = "integer", default = 10, min = 0,
       doc = "On SIGTERM, seconds requests in flight have to finish" },
     { name = "auth_failures_per_minute", type = "integer", default = 20, min = 1,

@@ -166,8 +166,10 @@ function Door:proxy(req, inst)
   local t0 = core.hrtime()
   local stats, err, code = req:proxy {
     path = socket,
-    timeout = (self.cfg.settings.proxy_timeout or 60) * 1000,
+    timeout = self.cfg.settings.proxy_timeout * 1000,
     forwarded_proto = "http",
+    -- enough idle upstream connections that busy instances never reconnect
+    idle_pool = self.cfg.settings.upstream_keepalive,
   }
   inst.inflight = inst.inflight - 1
   local left = inst.inflight_on[socket] - 1

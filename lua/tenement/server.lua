@@ -73,6 +73,7 @@ function Server:start()
   if not door then return nil, derr end
   self.door = door
   local s = cfg.settings
+  local max_conns = self:connection_budget(s.max_connections)
   local http_listener, herr = core.net.listen { host = s.listen, port = s.port }
   if not http_listener then
     return nil, string.format("cannot listen on %s port %d: %s", s.listen, s.port, herr)
@@ -83,7 +84,7 @@ function Server:start()
     lazy_body = true,
     max_head = s.max_head_kb * 1024, max_headers = s.max_headers, max_body = s.max_body_mb * 1024 * 1024,
     header_timeout = s.header_timeout * 1000, idle_timeout = s.keepalive_timeout * 1000,
-    max_connections = s.max_connections,
+    max_connections = max_conns,
   })
   self.reaper = core.spawn(door.run_reaper, door)
   self.metrics_view = { sup = self.sup, door = door, http = self.http, sink = self.sink,
@@ -93,6 +94,28 @@ function Server:start()
 
   self:restore()
   return true
+end
+
+-- How many client connections the front door may hold: each proxied one
+-- needs a second descriptor upstream, and the supervisor, the store and the
+-- instances' pipes need some too, so past the descriptor limit a busy
+-- server would answer 502 and the control socket nothing at all. The soft
+-- limit is raised to the hard one first, as servers do.
+function Server:connection_budget(wanted)
+  local soft, hard = core.proc.rlimit("nofile")
+  if soft and hard and soft ~= hard then
+    local raised = core.proc.rlimit("nofile", hard == "unlimited" and 1048576 or hard)
+    if raised then soft = raised end
+  end
+  if soft == "unlimited" or not soft then return wanted end
+  local reserve = 256 + 8 * #(self.cfg.instances or {})
+  local budget = math.max(16, (soft - reserve) // 2)
+  if budget < wanted then
+    log.warn("max_connections = %d would run out of file descriptors (limit %d): using %d",
+      wanted, soft, budget)
+    return budget
+  end
+  return wanted
 end
 
 -- cgroups and storage quotas, once at start: say what this host can limit,
@@ -230,8 +253,9 @@ function Server:write_logs()
     if batch then
       local ok, err = self.store:append_logs(batch)
       if not ok then log.error("writing %d log lines failed: %s", #batch, err) end
-      -- let the lines gather a little: fewer, bigger transactions
-      core.sleep(50)
+      -- a small batch: let lines gather a little (fewer, bigger transactions);
+      -- a full one: more are waiting, go on at once
+      if #batch < LOG_BATCH then core.sleep(50) end
     end
     if core.now() >= next_prune then
       next_prune = core.now() + LOG_RETENTION_EVERY_MS

@@ -203,6 +203,10 @@ function Store:logs(f)
   if f.after then where[#where + 1] = "l.seq > ?"; binds[#binds + 1] = f.after end
   local q = f.q and store.fts_query(f.q)
   if q then
+    -- walk the full-text matches newest first and filter them; the unary +
+    -- keeps SQLite from driving the search by the instance index and
+    -- probing the full-text index for every line of that instance
+    for i, w in ipairs(where) do where[i] = w:gsub("^l%.", "+l.") end
     table.insert(where, 1, "log_search MATCH ?")
     table.insert(binds, 1, q)
     sql = "SELECT l.seq, l.ts, l.instance, l.stream, l.message, "
@@ -212,7 +216,7 @@ function Store:logs(f)
     sql = "SELECT l.seq, l.ts, l.instance, l.stream, l.message FROM log_lines l"
   end
   if #where > 0 then sql = sql .. " WHERE " .. table.concat(where, " AND ") end
-  sql = sql .. " ORDER BY l.seq DESC LIMIT " .. limit
+  sql = sql .. (q and " ORDER BY log_search.rowid DESC" or " ORDER BY l.seq DESC") .. " LIMIT " .. limit
   return self.conn:query(sql, table.unpack(binds))
 end
 

@@ -414,7 +414,7 @@ end
 -- Probe until the instance answers, then tell the runner. Retries quickly at
 -- first: most apps are up within milliseconds.
 function Instance:probe_ready(gen, deadline)
-  local pause = 2
+  local pause = 1
   while self.gen == gen and core.now() < deadline do
     local left = deadline - core.now()
     local ok = self:check(math.max(1, math.min(left, 1000)))

@@ -199,6 +199,7 @@ describe("front door", function()
         "POST / HTTP/1.1\r\nHost: big.api.example.test\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
         "POST / HTTP/1.1\r\nHost: big.api.example.test\r\nTransfer-Encoding: chunked\r\n\r\n5;a\"b\r\nhello\r\n0\r\n\r\n",
         "GET / HTTP/1.1\r\nHost : big.api.example.test\r\n\r\n",
+        "POST / HTTP/1.0\r\nHost: big.api.example.test\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
       }
       for _, attack in ipairs(attacks) do
         local c = assert(core.net.connect { host = "127.0.0.1", port = srv.port })

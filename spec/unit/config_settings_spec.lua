@@ -276,7 +276,8 @@ describe("[settings] unknown keys", function()
       "tenement.toml:2:1: settings.workers = 4: unknown key; known keys in [settings]:"
         .. " data_dir, health_check_interval, max_restarts, restart_window, backoff_base_ms,"
         .. " backoff_max_ms, stop_timeout, listen, port, domain, max_head_kb, max_headers, max_body_mb,"
-        .. " header_timeout, keepalive_timeout, max_connections, drain_timeout, auth_failures_per_minute,"
+        .. " header_timeout, keepalive_timeout, max_connections, upstream_keepalive, drain_timeout,"
+        .. " auth_failures_per_minute,"
         .. " metrics_auth, max_cold_starts, proxy_timeout, log_ring_lines, log_retention_days,"
         .. " log_max_lines, tls",
     }, errors("workers = 4"))
