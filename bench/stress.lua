@@ -374,9 +374,9 @@ local function conns()
       seen["200"] or 0, seen["502"] or 0, seen["no answer in 15 s"] or 0))
   result("conns", "accepting backs off instead of spinning", cpu_hold < 50,
     string.format("ten used %.1f%% of a core while the connections were held", cpu_hold))
-  -- up to 16 idle upstream connections may stay pooled (req:proxy idle_pool)
-  result("conns", "descriptors released afterwards", fds1 ~= nil and fds1 <= fds0 + 16 + 5,
-    string.format("%s fds before, %s after (16 may be pooled upstream connections); GET afterwards: %s; "
+  -- up to upstream_keepalive (default 64) idle upstream connections may stay pooled
+  result("conns", "descriptors released afterwards", fds1 ~= nil and fds1 <= fds0 + 64 + 5,
+    string.format("%s fds before, %s after (64 may be pooled upstream connections); GET afterwards: %s; "
       .. "%d error lines in its log", tostring(fds0), tostring(fds1),
       tostring(after), select(2, log:gsub(" error ", ""))))
 end
