@@ -407,3 +407,46 @@ describe("supervisor limits and walls", function()
     end)
   end)
 end)
+
+describe("periodic health checks", function()
+  after_each(support.cleanup)
+
+  it("reuse one connection between checks, and replace it when it goes away", function()
+    local dir = support.tmpdir()
+    local cfg = make_cfg(dir, { api = { 'health = "/health"' } })
+    core.run(function()
+      local path = dir .. "/h.sock"
+      local status = 200
+      local listener = assert(core.net.listen { path = path })
+      local server = core.http.serve(listener, function(req)
+        assert.are.equal("/health", req.path)
+        return status, {}, "ok"
+      end)
+      local sup = supervisor.new(cfg, { environ = {} })
+      local inst = sup:instance("api", "k")
+      inst.socket = path
+      local keep = {}
+      for _ = 1, 5 do assert.is_true((inst:check_kept(keep, 2000))) end
+      assert.are.equal(1, server:stats().connections_accepted)
+      assert.are.equal(5, server:stats().requests)
+      -- a failing answer is a failed check, on the same connection
+      status = 503
+      local ok, why = inst:check_kept(keep, 2000)
+      assert.is_nil(ok)
+      assert.matches("answered 503", why, 1, true)
+      assert.are.equal(1, server:stats().connections_accepted)
+      -- the server drops its connections: the next check opens a new one
+      status = 200
+      server:close()
+      listener:close()
+      core.sleep(20)
+      listener = assert(core.net.listen { path = path })
+      server = core.http.serve(listener, function() return 200, {}, "ok" end)
+      assert.is_true((inst:check_kept(keep, 2000)))
+      assert.are.equal(1, server:stats().connections_accepted)
+      keep.conn:close()
+      server:close()
+      listener:close()
+    end)
+  end)
+end)
