@@ -3,7 +3,7 @@
 local core = require "tenement.core"
 local net, http, fs = core.net, core.http, core.fs
 
-local BACKEND = (os.getenv("TEN_BUILD") or "build") .. "/fixtures/backend"
+local BACKEND = require("backend").PATH
 
 local function tmpdir()
   local base = os.getenv("TMPDIR") or "/tmp"
@@ -96,57 +96,9 @@ local function hello(req)
   return 200, { ["content-type"] = "text/plain" }, "hello " .. req.path
 end
 
--- The backend fixture as a background process; its exit status lands in
--- <dir>/<name>.code.
-local function start_backend(dir, env, name, no_wait)
-  name = name or "backend"
-  local sock = dir .. "/" .. name .. ".sock"
-  local out = dir .. "/" .. name .. ".out"
-  local vars = { "SOCKET_PATH='" .. sock .. "'" }
-  for k, v in pairs(env or {}) do vars[#vars + 1] = k .. "='" .. v .. "'" end
-  local cmd = string.format("cd '%s' && env %s sh -c '%s & echo $! > %s.pid; wait $!; echo $? > %s.code' " ..
-    "> '%s' 2>&1 &", dir, table.concat(vars, " "), BACKEND, name, name, out)
-  assert(os.execute(cmd))
-  local b = { path = sock, out = out, code_file = dir .. "/" .. name .. ".code" }
-  local deadline = core.now() + 5000
-  while core.now() < deadline do
-    if not b.pid then
-      local pf = io.open(dir .. "/" .. name .. ".pid")
-      b.pid = pf and pf:read("n")
-      if pf then pf:close() end
-    end
-    local f = io.open(out)
-    local line = f and f:read("l")
-    if f then f:close() end
-    if b.pid and (no_wait or (line and line:match("^listening on"))) then
-      b.port = line and tonumber(line:match("127%.0%.0%.1:(%d+)"))
-      b.line = line
-      return b
-    end
-    core.sleep(5)
-  end
-  error("the backend did not start: " .. tostring(fs.read(out)))
-end
-
--- The backend's exit status once it exited, or nil after timeout ms.
-local function exit_code(b, timeout)
-  local deadline = core.now() + (timeout or 2000)
-  repeat
-    local text = fs.read(b.code_file)
-    if text and text:match("%d") then return tonumber(text:match("%d+")) end
-    core.sleep(5)
-  until core.now() > deadline
-  return nil
-end
-
--- Kills the backend and waits for its wrapper shell to write the exit
--- status, so that removing the directory afterwards does not race that write.
-local function stop_backend(b)
-  if not (b and b.pid) then return end
-  os.execute("kill -9 " .. b.pid .. " 2>/dev/null")
-  local function wait() exit_code(b, 2000) end
-  if core.current() then wait() else core.run(wait) end
-end
+local fixture = require "backend"
+local function start_backend(dir, env, name, no_wait) return fixture.start(dir, name, env, no_wait) end
+local exit_code, stop_backend = fixture.exit_code, fixture.stop
 
 describe("core.http server", function()
   it("answers GET and POST, and gives the handler the parsed request", function()

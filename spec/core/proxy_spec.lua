@@ -3,8 +3,6 @@
 local core = require "tenement.core"
 local net, http, fs = core.net, core.http, core.fs
 
-local BACKEND = (os.getenv("TEN_BUILD") or "build") .. "/fixtures/backend"
-
 local function tmpdir()
   local base = os.getenv("TMPDIR") or "/tmp"
   local dir = string.format("%s/tn-proxy-%d-%d", base, math.floor(core.time() * 1000) % 1e9,
@@ -118,54 +116,13 @@ end
 
 function Raw:close() self.s:close() end
 
--- The backend fixture as a background process; its exit status lands in
--- <dir>/<name>.code.
+local backend = require "backend"
 local function start_backend(dir, name, env)
-  name = name or "backend"
-  local sock = dir .. "/" .. name .. ".sock"
-  local out = dir .. "/" .. name .. ".out"
-  local vars = { "SOCKET_PATH='" .. sock .. "'", "INSTANCE_ID='" .. name .. "'" }
-  for _, f in ipairs { out, dir .. "/" .. name .. ".pid", dir .. "/" .. name .. ".code" } do os.remove(f) end
-  for k, v in pairs(env or {}) do vars[#vars + 1] = k .. "='" .. v .. "'" end
-  local cmd = string.format("cd '%s' && env %s sh -c '%s & echo $! > %s.pid; wait $!; echo $? > %s.code' " ..
-    "> '%s' 2>&1 &", dir, table.concat(vars, " "), BACKEND, name, name, out)
-  assert(os.execute(cmd))
-  local b = { path = sock, out = out, code_file = dir .. "/" .. name .. ".code" }
-  local deadline = core.now() + 5000
-  while core.now() < deadline do
-    if not b.pid then
-      local pf = io.open(dir .. "/" .. name .. ".pid")
-      b.pid = pf and pf:read("n")
-      if pf then pf:close() end
-    end
-    local text = fs.read(out)
-    if b.pid and text and text:match("^listening on") then
-      b.port = tonumber(text:match("127%.0%.0%.1:(%d+)"))
-      return b
-    end
-    core.sleep(5)
-  end
-  error("the backend did not start: " .. tostring(fs.read(out)))
+  local vars = { INSTANCE_ID = name or "backend" }
+  for k, v in pairs(env or {}) do vars[k] = v end
+  return backend.start(dir, name, vars)
 end
-
-local function exit_code(b, timeout)
-  local deadline = core.now() + (timeout or 2000)
-  repeat
-    local text = fs.read(b.code_file)
-    if text and text:match("%d") then return tonumber(text:match("%d+")) end
-    core.sleep(5)
-  until core.now() > deadline
-  return nil
-end
-
--- Kills the backend and waits for its wrapper shell to write the exit
--- status, so that removing the directory afterwards does not race that write.
-local function stop_backend(b)
-  if not (b and b.pid) then return end
-  os.execute("kill -9 " .. b.pid .. " 2>/dev/null")
-  local function wait() exit_code(b, 2000) end
-  if core.current() then wait() else core.run(wait) end
-end
+local exit_code, stop_backend = backend.exit_code, backend.stop
 
 -- How many requests the backend handled (this question included).
 local function backend_count(b)
