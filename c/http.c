@@ -583,6 +583,8 @@ enum { TIMER_NONE, TIMER_HEADER, TIMER_IDLE, TIMER_BODY, TIMER_SEND, TIMER_LINGE
 typedef struct http_server http_server;
 typedef struct http_conn http_conn;
 typedef struct http_req http_req;
+typedef struct px_upstream px_upstream;
+typedef struct srv_route srv_route;
 
 struct http_server {
     lua_State *L;          /* the main thread */
@@ -599,6 +601,12 @@ struct http_server {
     lua_Integer accepted, requests;
     tn_task *drainer;
     uint64_t dseq;
+    /* direct routes: a Host header as sent -> the upstream its requests go
+     * to without a handler (srv:route) */
+    srv_route **routes;
+    size_t route_buckets, nroutes;
+    lua_Integer direct;    /* requests a direct route took */
+    lua_Integer proxy_errors; /* exchanges through an upstream it failed */
 };
 
 struct http_conn {
@@ -664,9 +672,14 @@ static void px_after_parse(struct px *x);
 static void conn_detach_req(http_conn *c);
 static void conn_linger(http_conn *c);
 static void srv_accept(http_server *s);
+static px_upstream *srv_route_lookup(http_server *s, const http_head *h);
+static int px_start_direct(http_conn *c, http_req *r, px_upstream *u);
+static void srv_routes_clear(http_server *s);
 
 static void srv_unref(http_server *s) {
     if (--s->refs > 0) return;
+    srv_routes_clear(s);
+    free(s->routes);
     luaL_unref(s->L, LUA_REGISTRYINDEX, s->handler_ref);
     luaL_unref(s->L, LUA_REGISTRYINDEX, s->on_error_ref);
     free(s);
@@ -1413,6 +1426,12 @@ static int l_req_index(lua_State *L) {
         lua_pushfstring(L, "%d.%d", h->major, h->minor);
     } else if (strcmp(k, "peer") == 0) {
         lua_pushstring(L, r->peer);
+    } else if (strcmp(k, "host") == 0) {
+        /* as sent: routing normalises it (and keys direct routes by it) */
+        int n;
+        const http_header *x = head_find(h, "host", &n);
+        if (!x || n != 1) return 0;
+        lua_pushlstring(L, head_str(h, x->value), x->value_len);
     } else if (strcmp(k, "responded") == 0) {
         lua_pushboolean(L, r->responded);
     } else if (strcmp(k, "headers") == 0) {
@@ -1641,6 +1660,13 @@ static void on_head(http_conn *c) {
         conn_timer(c, TIMER_BODY, s->lim.body_timeout);
         start_body(c, r);
         return;
+    }
+    if (s->nroutes) {
+        px_upstream *u = srv_route_lookup(s, &r->head);
+        if (u && px_start_direct(c, r, u) == 0) {
+            s->direct++;
+            return;
+        }
     }
     req_dispatch(c, r);
 }
@@ -2074,6 +2100,12 @@ static int l_server_stats(lua_State *L) {
     lua_setfield(L, -2, "connections_accepted");
     lua_pushinteger(L, s->requests);
     lua_setfield(L, -2, "requests");
+    lua_pushinteger(L, s->direct);
+    lua_setfield(L, -2, "direct_requests");
+    lua_pushinteger(L, s->proxy_errors);
+    lua_setfield(L, -2, "proxy_errors");
+    lua_pushinteger(L, (lua_Integer)s->nroutes);
+    lua_setfield(L, -2, "routes");
     return 1;
 }
 
@@ -2510,8 +2542,9 @@ struct px_pool {
     px_state *st;
     uint32_t hash;
     unsigned gen;            /* bumped by pool_close: older connections are not kept */
-    int refs;                /* connections, and exchanges using the pool */
+    int refs;                /* connections, exchanges and upstreams using the pool */
     int nidle, active;
+    int exchanges;           /* requests under way to this address */
     px_up *idle;             /* most recently used first */
     size_t tlen;
     tn_addr addr;
@@ -2546,6 +2579,7 @@ struct px {
     http_req *r;
     px_up *up;
     px_pool *pool;
+    px_upstream *ups;        /* whose counters the exchange feeds, if any */
     tn_task *task;
     uint64_t seq;
     int64_t timeout, connect_timeout;
@@ -2667,6 +2701,399 @@ static void px_pool_unref(px_pool *p) {
     if (*pp) *pp = p->next;
     st->npools--;
     free(p);
+}
+
+/* ---- upstreams ----------------------------------------------------------
+ * An upstream is one service instance as the proxy sees it: where it
+ * listens, how long to wait for it, and the counters of the requests it
+ * served (every request proxied through it, by a handler with
+ * req:proxy(upstream) or by a direct route, is counted here in C, so the
+ * hot path builds no Lua table). Its memory is counted by its Lua object,
+ * the direct routes naming it and the exchanges under way. */
+
+#define UPSTREAM_MT "tenement.http.upstream"
+#define UPS_MAX_BUCKETS 32
+
+struct px_upstream {
+    int refs;
+    px_state *st;
+    px_pool *pool;           /* where it proxies to; NULL until a path is set */
+    unsigned epoch;          /* bumped by invalidate(): older direct routes are stale */
+    int64_t timeout, connect_timeout;
+    int idle_pool;
+    const char *proto;
+    lua_Integer inflight;
+    uint64_t last_active;    /* uv_now when a request last started or ended */
+    uint64_t requests, errors, bytes_in, bytes_out, by_class[5];
+    int nbuckets;
+    double bounds[UPS_MAX_BUCKETS];
+    uint64_t counts[UPS_MAX_BUCKETS]; /* observations <= bounds[i], not cumulative */
+    uint64_t observed;
+    double sum;
+    char name[128];
+};
+
+typedef struct { px_upstream *u; } ups_box;
+
+static void ups_unref(px_upstream *u) {
+    if (--u->refs > 0) return;
+    if (u->pool) px_pool_unref(u->pool);
+    free(u);
+}
+
+static px_upstream *ups_check(lua_State *L, int idx) {
+    ups_box *b = luaL_checkudata(L, idx, UPSTREAM_MT);
+    if (!b->u) luaL_error(L, "the upstream is closed");
+    return b->u;
+}
+
+static void ups_observe(px_upstream *u, double secs) {
+    u->observed++;
+    u->sum += secs;
+    for (int i = 0; i < u->nbuckets; i++) {
+        if (secs <= u->bounds[i]) { u->counts[i]++; return; }
+    }
+}
+
+/* Points u at a Unix socket path. Returns 0, or pushes nil, err, code and
+ * returns 3. */
+static int ups_target(lua_State *L, px_upstream *u, const char *path, size_t n) {
+    if (n == 0) return luaL_error(L, "http.upstream: path is empty");
+    if (u->pool && u->pool->tlen == n && memcmp(u->pool->addr.text, path, n) == 0) return 0;
+    if (n >= sizeof ((tn_addr *)0)->path) {
+        lua_pushnil(L);
+        lua_pushfstring(L, "connect %s: ENAMETOOLONG: a Unix socket path must be shorter than 108 bytes", path);
+        lua_pushliteral(L, "ENAMETOOLONG");
+        return 3;
+    }
+    px_state *st = u->st;
+    uint32_t h = px_hash(1, path, n);
+    px_pool *p = px_pool_find(st, 1, path, n, h);
+    if (!p) {
+        tn_addr a;
+        memset(&a, 0, sizeof a);
+        a.is_pipe = 1;
+        memcpy(a.path, path, n + 1);
+        snprintf(a.text, sizeof a.text, "%s", path);
+        p = px_pool_add(st, &a, h);
+        if (!p) return luaL_error(L, "out of memory");
+    }
+    p->refs++;
+    if (u->pool) px_pool_unref(u->pool);
+    u->pool = p;
+    u->epoch++; /* a direct route must not keep sending to the old path */
+    return 0;
+}
+
+static int ups_int_opt(lua_State *L, const char *name, lua_Integer lo, lua_Integer hi, int64_t *out) {
+    if (!lua_isinteger(L, -1)) return luaL_error(L, "http.upstream: %s must be an integer", name);
+    lua_Integer v = lua_tointeger(L, -1);
+    if (v < lo || v > hi) return luaL_error(L, "http.upstream: %s out of range", name);
+    *out = v;
+    return 0;
+}
+
+/* The options at idx onto u: every name known, a misspelt one raises.
+ * Returns 0, or 3 with nil, err, code pushed (an unusable path). */
+static int ups_set(lua_State *L, px_upstream *u, int idx) {
+    const lua_Integer big = (lua_Integer)1 << 40;
+    const char *path = NULL;
+    size_t path_len = 0;
+    lua_pushnil(L);
+    while (lua_next(L, idx)) {
+        if (lua_type(L, -2) != LUA_TSTRING) return luaL_error(L, "http.upstream: option names are strings");
+        size_t kl;
+        const char *k = lua_tolstring(L, -2, &kl);
+        int64_t v;
+#define IS(lit) (kl == sizeof(lit) - 1 && memcmp(k, lit, kl) == 0)
+        if (IS("path")) {
+            if (lua_type(L, -1) != LUA_TSTRING) return luaL_error(L, "http.upstream: path must be a string");
+            path = lua_tolstring(L, -1, &path_len);
+        } else if (IS("name")) {
+            if (lua_type(L, -1) != LUA_TSTRING) return luaL_error(L, "http.upstream: name must be a string");
+            snprintf(u->name, sizeof u->name, "%s", lua_tostring(L, -1));
+        } else if (IS("timeout")) {
+            ups_int_opt(L, "timeout", 1, big, &u->timeout);
+        } else if (IS("connect_timeout")) {
+            ups_int_opt(L, "connect_timeout", 1, big, &u->connect_timeout);
+        } else if (IS("idle_pool")) {
+            ups_int_opt(L, "idle_pool", 0, 1 << 20, &v);
+            u->idle_pool = (int)v;
+        } else if (IS("forwarded_proto")) {
+            const char *s = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : "";
+            if (strcmp(s, "http") == 0) u->proto = "http";
+            else if (strcmp(s, "https") == 0) u->proto = "https";
+            else return luaL_error(L, "http.upstream: forwarded_proto must be \"http\" or \"https\"");
+        } else if (IS("buckets")) {
+            /* fixed once counted: changing them would mix two histograms */
+            if (u->observed) return luaL_error(L, "http.upstream: buckets cannot change once counting began");
+            if (!lua_istable(L, -1)) return luaL_error(L, "http.upstream: buckets must be a list of numbers");
+            int n = (int)lua_rawlen(L, -1);
+            if (n > UPS_MAX_BUCKETS) return luaL_error(L, "http.upstream: at most %d buckets", UPS_MAX_BUCKETS);
+            for (int i = 1; i <= n; i++) {
+                lua_rawgeti(L, -1, i);
+                int isnum;
+                double b = lua_tonumberx(L, -1, &isnum);
+                lua_pop(L, 1);
+                if (!isnum || (i > 1 && b <= u->bounds[i - 2]))
+                    return luaL_error(L, "http.upstream: buckets must be increasing numbers");
+                u->bounds[i - 1] = b;
+            }
+            u->nbuckets = n;
+        } else {
+            return luaL_error(L, "http.upstream: unknown option '%s'", k);
+        }
+#undef IS
+        lua_pop(L, 1);
+    }
+    if (path) return ups_target(L, u, path, path_len);
+    return 0;
+}
+
+/* http.upstream{ name, path, timeout, connect_timeout, idle_pool,
+ * forwarded_proto, buckets } -> upstream | nil, err, code */
+static int l_upstream(lua_State *L) {
+    luaL_checktype(L, 1, LUA_TTABLE);
+    lua_settop(L, 1);
+    px_state *st = px_state_get(L);
+    ups_box *b = lua_newuserdatauv(L, sizeof *b, 0);
+    b->u = NULL;
+    luaL_setmetatable(L, UPSTREAM_MT);
+    px_upstream *u = calloc(1, sizeof *u);
+    if (!u) return luaL_error(L, "out of memory");
+    u->refs = 1;
+    u->st = st;
+    u->timeout = 60000;
+    u->connect_timeout = 5000;
+    u->idle_pool = 16;
+    u->proto = "http";
+    snprintf(u->name, sizeof u->name, "upstream");
+    b->u = u; /* from here on __gc frees it, also when ups_set raises */
+    int n = ups_set(L, u, 1);
+    if (n) return n;
+    lua_settop(L, 2);
+    return 1;
+}
+
+/* upstream:set{...} -> true | nil, err, code: the options of http.upstream */
+static int l_ups_set(lua_State *L) {
+    px_upstream *u = ups_check(L, 1);
+    luaL_checktype(L, 2, LUA_TTABLE);
+    lua_settop(L, 2);
+    int n = ups_set(L, u, 2);
+    if (n) return n;
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* upstream:invalidate(): the direct routes to it are dropped (each at its
+ * next lookup), so requests go through the handler again. */
+static int l_ups_invalidate(lua_State *L) {
+    ups_check(L, 1)->epoch++;
+    return 0;
+}
+
+static int l_ups_inflight(lua_State *L) {
+    lua_pushinteger(L, ups_check(L, 1)->inflight);
+    return 1;
+}
+
+/* upstream:last_active() -> ms on core.now()'s clock, or nil if never used */
+static int l_ups_last_active(lua_State *L) {
+    px_upstream *u = ups_check(L, 1);
+    if (!u->last_active) lua_pushnil(L);
+    else lua_pushinteger(L, (lua_Integer)u->last_active);
+    return 1;
+}
+
+static void set_int(lua_State *L, const char *k, uint64_t v) {
+    lua_pushinteger(L, (lua_Integer)v);
+    lua_setfield(L, -2, k);
+}
+
+/* upstream:stats() -> { requests, errors, bytes_in, bytes_out, inflight,
+ * path, by_class = { ["2xx"] = n, ... }, latency = { buckets, counts, sum,
+ * count } } (latency in seconds, counts per bucket, not cumulative) */
+static int l_ups_stats(lua_State *L) {
+    px_upstream *u = ups_check(L, 1);
+    lua_createtable(L, 0, 8);
+    set_int(L, "requests", u->requests);
+    set_int(L, "errors", u->errors);
+    set_int(L, "bytes_in", u->bytes_in);
+    set_int(L, "bytes_out", u->bytes_out);
+    set_int(L, "inflight", (uint64_t)u->inflight);
+    if (u->pool) {
+        lua_pushstring(L, u->pool->addr.text);
+        lua_setfield(L, -2, "path");
+    }
+    lua_createtable(L, 0, 5);
+    for (int i = 0; i < 5; i++) {
+        char k[4] = { (char)('1' + i), 'x', 'x', 0 };
+        set_int(L, k, u->by_class[i]);
+    }
+    lua_setfield(L, -2, "by_class");
+    lua_createtable(L, 0, 4);
+    lua_createtable(L, u->nbuckets, 0);
+    lua_createtable(L, u->nbuckets, 0);
+    for (int i = 0; i < u->nbuckets; i++) {
+        lua_pushnumber(L, u->bounds[i]);
+        lua_rawseti(L, -3, i + 1);
+        lua_pushinteger(L, (lua_Integer)u->counts[i]);
+        lua_rawseti(L, -2, i + 1);
+    }
+    lua_setfield(L, -3, "counts");
+    lua_setfield(L, -2, "buckets");
+    lua_pushnumber(L, u->sum);
+    lua_setfield(L, -2, "sum");
+    set_int(L, "count", u->observed);
+    lua_setfield(L, -2, "latency");
+    return 1;
+}
+
+static int l_ups_gc(lua_State *L) {
+    ups_box *b = luaL_checkudata(L, 1, UPSTREAM_MT);
+    if (b->u) {
+        ups_unref(b->u);
+        b->u = NULL;
+    }
+    return 0;
+}
+
+static int l_ups_tostring(lua_State *L) {
+    ups_box *b = luaL_checkudata(L, 1, UPSTREAM_MT);
+    if (!b->u) lua_pushliteral(L, "tenement.http.upstream (closed)");
+    else lua_pushfstring(L, "tenement.http.upstream (%s -> %s)", b->u->name,
+                         b->u->pool ? b->u->pool->addr.text : "nowhere");
+    return 1;
+}
+
+/* What an exchange through u did, counted once at its end. A client that
+ * went away is a request but not the upstream's failure. */
+static void ups_account(px *x) {
+    px_upstream *u = x->ups;
+    u->inflight--;
+    u->requests++;
+    u->last_active = uv_now(x->st->loop);
+    if (x->ok) {
+        int c = x->status / 100;
+        if (c >= 1 && c <= 5) u->by_class[c - 1]++;
+        u->bytes_in += x->bytes_in;
+        u->bytes_out += x->bytes_out;
+        ups_observe(u, (double)(uv_hrtime() - x->t0) / 1e9);
+    } else if (!x->code || strcmp(x->code, "ECONNABORTED") != 0) {
+        u->errors++;
+        u->by_class[4]++;
+        x->r->srv->proxy_errors++;
+    }
+}
+
+/* ---- direct routes ------------------------------------------------------
+ * A handler that decided where a Host goes may tell the server (srv:route),
+ * and the server then proxies that Host's requests itself, with no task,
+ * no request object and no Lua at all, until the upstream is invalidated.
+ * The key is the Host header exactly as sent: normalising belongs to the
+ * handler, and every spelling it routed gets an entry of its own. The
+ * table is bounded: past ROUTES_MAX entries it starts over. */
+
+#define ROUTES_MAX 4096
+
+struct srv_route {
+    srv_route *next;
+    px_upstream *u;
+    unsigned epoch;
+    uint32_t hash;
+    size_t hl;
+    char host[];
+};
+
+static uint32_t route_hash(const char *s, size_t n) { return px_hash(2, s, n); }
+
+static void srv_route_free(srv_route *e) {
+    ups_unref(e->u);
+    free(e);
+}
+
+static void srv_routes_clear(http_server *s) {
+    for (size_t i = 0; i < s->route_buckets; i++) {
+        srv_route *e = s->routes[i];
+        while (e) {
+            srv_route *next = e->next;
+            srv_route_free(e);
+            e = next;
+        }
+        s->routes[i] = NULL;
+    }
+    s->nroutes = 0;
+}
+
+static srv_route **srv_route_slot(http_server *s, const char *host, size_t hl, uint32_t h) {
+    srv_route **pp = &s->routes[h & (s->route_buckets - 1)];
+    while (*pp && !((*pp)->hash == h && (*pp)->hl == hl && memcmp((*pp)->host, host, hl) == 0))
+        pp = &(*pp)->next;
+    return pp;
+}
+
+static px_upstream *srv_route_lookup(http_server *s, const http_head *h) {
+    int n;
+    const http_header *host = head_find(h, "host", &n);
+    if (!host || n != 1) return NULL;
+    const char *v = head_str(h, host->value);
+    uint32_t hash = route_hash(v, host->value_len);
+    srv_route **pp = srv_route_slot(s, v, host->value_len, hash);
+    srv_route *e = *pp;
+    if (!e) return NULL;
+    if (e->epoch != e->u->epoch || !e->u->pool) {
+        *pp = e->next;
+        s->nroutes--;
+        srv_route_free(e);
+        return NULL;
+    }
+    return e->u;
+}
+
+/* srv:route(host, upstream | nil): requests whose Host header is exactly
+ * host go straight to upstream (until it is invalidated); nil removes. */
+static int l_server_route(lua_State *L) {
+    http_server *s = check_server(L);
+    size_t hl;
+    const char *host = luaL_checklstring(L, 2, &hl);
+    px_upstream *u = lua_isnoneornil(L, 3) ? NULL : ups_check(L, 3);
+    if (!s->routes) {
+        s->routes = calloc(1024, sizeof *s->routes);
+        if (!s->routes) return luaL_error(L, "out of memory");
+        s->route_buckets = 1024;
+    }
+    uint32_t h = route_hash(host, hl);
+    srv_route **pp = srv_route_slot(s, host, hl, h);
+    if (*pp) {
+        srv_route *e = *pp;
+        *pp = e->next;
+        s->nroutes--;
+        srv_route_free(e);
+    }
+    if (!u || s->closed) return 0;
+    if (s->nroutes >= ROUTES_MAX) {
+        srv_routes_clear(s);
+        pp = srv_route_slot(s, host, hl, h);
+    }
+    srv_route *e = malloc(sizeof *e + hl);
+    if (!e) return luaL_error(L, "out of memory");
+    memcpy(e->host, host, hl);
+    e->hl = hl;
+    e->hash = h;
+    e->u = u;
+    e->epoch = u->epoch;
+    u->refs++;
+    e->next = *pp;
+    *pp = e;
+    s->nroutes++;
+    return 0;
+}
+
+/* srv:clear_routes(): every request goes through the handler again. */
+static int l_server_clear_routes(lua_State *L) {
+    srv_routes_clear(check_server(L));
+    return 0;
 }
 
 static void batch_reset(px_batch *b) { b->n = 0; b->len = b->stage_len = 0; }
@@ -2974,6 +3401,7 @@ static void px_up_flush(px *x) {
 /* ---- finishing -------------------------------------------------------- */
 
 static void px_drain(px_state *st);
+static void px_queue_done(px *x);
 
 /* Record the outcome, give the upstream connection back (or close it) and
  * let go of the request; the rest waits for px_deliver. */
@@ -3008,6 +3436,11 @@ static void px_end(px *x, int ok, int after, const char *code, const char *fmt, 
         if (c->phase != PHASE_TUNNEL) conn_update_reading(c);
     }
     if (x->in_call) return;
+    px_queue_done(x);
+}
+
+/* To be delivered from the loop, outside whatever callback ended it. */
+static void px_queue_done(px *x) {
     x->next = NULL;
     px_state *st = x->st;
     if (st->done_tail) st->done_tail->next = x;
@@ -3121,6 +3554,16 @@ static void px_follow_up(px *x) {
     case PXA_CLOSE:
         if (c && !c->closing) conn_close(c);
         break;
+    case PXA_NONE:
+        /* through an upstream the proxy answers its failures itself, the
+         * same for a handler and a direct route */
+        if (x->ups && !x->ok && mine && !r->responded &&
+            !(x->code && strcmp(x->code, "ECONNABORTED") == 0)) {
+            char detail[sizeof x->ups->name + sizeof x->err + 32];
+            snprintf(detail, sizeof detail, "%s did not answer (%s)", x->ups->name, x->err);
+            px_respond(r, 502, detail);
+        }
+        break;
     case PXA_RESPOND:
         if (mine && !r->responded)
             px_respond(r, x->respond_status,
@@ -3137,16 +3580,23 @@ static void px_follow_up(px *x) {
 static void px_forget(px *x) {
     http_req *r = x->r;
     px_pool *pool = x->pool;
+    px_upstream *u = x->ups;
     x->r = NULL;
     x->pool = NULL;
+    x->ups = NULL;
     px_release(x);
-    if (pool) px_pool_unref(pool);
+    if (u) ups_unref(u);
+    if (pool) {
+        pool->exchanges--;
+        px_pool_unref(pool);
+    }
     req_unref(r);
 }
 
 /* At the top of a callback: follow up on the client, then resume the task. */
 static void px_deliver(px *x) {
     px_follow_up(x);
+    if (x->ups) ups_account(x);
     px_result res;
     px_result_of(x, &res);
     tn_task *t = x->task;
@@ -3743,16 +4193,21 @@ static size_t peer_ip(const char *peer, const char **out) {
     return colon ? (size_t)(colon - peer) : strlen(peer);
 }
 
-/* The head sent upstream, re-serialised from the parsed one. Raises on bad
- * extra headers: o and the extra buffer are scratch, nothing leaks. */
-static void px_build_request(lua_State *L, buf *o, http_req *r, int hidx, const char *proto,
-                             int tunnel, int body_mode) {
+/* The head sent upstream, re-serialised from the parsed one: 0, or -1 out
+ * of memory. Raises on bad extra headers (only with hidx, so L may be NULL
+ * without): o and the extra buffer are scratch, nothing leaks. */
+static int px_build_request(lua_State *L, buf *o, http_req *r, int hidx, const char *proto,
+                            int tunnel, int body_mode) {
     static _Thread_local buf extra;
     px_extra e = { L, &extra, { { 0 } }, 0 };
     extra.len = 0;
     if (hidx) each_header(L, hidx, "req:proxy", px_extra_header, &e);
     const http_head *h = &r->head;
     o->len = 0;
+    /* all at once, so no append below can fail halfway: every piece of
+     * the arena goes out at most twice (Host again as X-Forwarded-Host),
+     * plus separators, the peer's address and fixed names */
+    if (buf_reserve(o, 2 * (size_t)h->arena.len + 4 * (size_t)h->nhdr + extra.len + 1024)) return -1;
     buf_addstr(o, llhttp_method_name((llhttp_method_t)h->method));
     buf_add(o, " ", 1);
     buf_add(o, h->arena.p, h->first_len);
@@ -3819,7 +4274,7 @@ static void px_build_request(lua_State *L, buf *o, http_req *r, int hidx, const 
         buf_addstr(o, "Connection: keep-alive\r\n");
     }
     buf_add(o, "\r\n", 2);
-    if (!o->p) luaL_error(L, "out of memory");
+    return o->p ? 0 : -1;
 }
 
 /* ---- Lua API ----------------------------------------------------------- */
@@ -3920,6 +4375,7 @@ static px_pool *px_pool_for(lua_State *L, px_state *st, const px_opts *o) {
 /* Deliver an exchange that ended before the first wait. */
 static int px_finish_inline(lua_State *L, px *x) {
     px_follow_up(x);
+    if (x->ups) ups_account(x);
     px_result res;
     px_result_of(x, &res);
     px_forget(x);
@@ -3935,20 +4391,118 @@ static int px_finish_inline(lua_State *L, px *x) {
     return 3;
 }
 
-/* req:proxy(opts) -> stats | nil, err, code (see the top of this file) */
+/* What one exchange needs besides the request: where, and how patient. */
+typedef struct px_plan {
+    px_pool *pool;
+    px_upstream *ups;        /* counted through, or NULL */
+    int64_t timeout, connect_timeout;
+    int idle_pool, body_mode, tunnel;
+} px_plan;
+
+/* The tunnel wish of a request: Connection: upgrade with an Upgrade header
+ * and no body. */
+static int px_wants_tunnel(const http_req *r) {
+    const http_head *h = &r->head;
+    span toks[PX_MAX_TOKENS];
+    int nt = conn_tokens(h, toks, PX_MAX_TOKENS);
+    return !r->expects_body && in_spans(toks, nt, "upgrade", 7) && head_find(h, "upgrade", NULL);
+}
+
+/* Starts the exchange for r with the head in *head (taken; *head gets an
+ * empty buffer back). NULL when out of memory. The caller sets the task,
+ * if any, and looks at x->done afterwards: an exchange can end inside. */
+static px *px_launch(px_state *st, http_req *r, const px_plan *plan, buf *head, tn_task *t) {
+    px *x = px_new(st);
+    if (!x) return NULL;
+    buf tmp = x->head;
+    x->head = *head;
+    *head = tmp;
+    head->len = 0;
+    x->r = r;
+    r->refs++;
+    x->pool = plan->pool;
+    plan->pool->refs++;
+    plan->pool->exchanges++;
+    if (plan->ups) {
+        x->ups = plan->ups;
+        x->ups->refs++;
+        x->ups->inflight++;
+        x->ups->last_active = uv_now(st->loop);
+    }
+    x->timeout = plan->timeout;
+    x->connect_timeout = plan->connect_timeout;
+    x->idle_pool = plan->idle_pool;
+    x->body_mode = plan->body_mode;
+    x->tunnel_wanted = plan->tunnel;
+    x->head_method = r->head.method == HTTP_HEAD;
+    x->t0 = uv_hrtime();
+    if (t) {
+        x->task = tn_task_hold(t);
+        x->seq = tn_task_seq(t);
+    }
+    r->px = x;
+    x->in_call = 1;
+    px_up *up = px_up_take(plan->pool);
+    if (up) {
+        x->reused = 1;
+        up->x = x;
+        x->up = up;
+        px_send_head(x);
+    } else {
+        px_connect(x);
+    }
+    x->in_call = 0;
+    return x;
+}
+
+/* A direct route took r (its body, if any, still unread): proxy it with no
+ * task. 0, or -1 (out of memory) and the handler gets it after all. */
+static int px_start_direct(http_conn *c, http_req *r, px_upstream *u) {
+    static _Thread_local buf hb;
+    (void)c;
+    px_plan plan = { u->pool, u, u->timeout, u->connect_timeout, u->idle_pool, PXB_NONE, 0 };
+    if (r->expects_body)
+        plan.body_mode = head_find(&r->head, "transfer-encoding", NULL) ? PXB_CHUNKED : PXB_LENGTH;
+    plan.tunnel = px_wants_tunnel(r);
+    if (px_build_request(NULL, &hb, r, 0, u->proto, plan.tunnel, plan.body_mode) != 0) return -1;
+    r->dispatched = 1;
+    px *x = px_launch(u->st, r, &plan, &hb, NULL);
+    if (!x) {
+        r->dispatched = 0;
+        return -1;
+    }
+    /* ended at once (a failed connect): delivered from the loop like any
+     * other, not from inside this connection's parser */
+    if (x->done) px_queue_done(x);
+    return 0;
+}
+
+/* req:proxy(opts | upstream) -> stats | nil, err, code (see the top of
+ * this file) */
 static int l_req_proxy(lua_State *L) {
     static _Thread_local buf hb;
     http_req *r = check_req(L, 1);
-    luaL_checktype(L, 2, LUA_TTABLE);
+    px_upstream *u = NULL;
+    if (lua_type(L, 2) == LUA_TUSERDATA) u = ups_check(L, 2);
+    else luaL_checktype(L, 2, LUA_TTABLE);
     lua_settop(L, 2);
     if (r->px) return luaL_error(L, "req:proxy is already running for this request");
     if (r->responded) return luaL_error(L, "a response was already sent for this request");
     px_opts o;
-    px_read_opts(L, &o);
     int hidx = 0;
-    if (o.has_headers) {
-        lua_getfield(L, 2, "headers");
-        hidx = lua_gettop(L);
+    if (u) {
+        if (!u->pool) return luaL_error(L, "req:proxy: the upstream has no path yet (upstream:set{path=})");
+        memset(&o, 0, sizeof o);
+        o.timeout = u->timeout;
+        o.connect_timeout = u->connect_timeout;
+        o.idle_pool = u->idle_pool;
+        o.proto = u->proto;
+    } else {
+        px_read_opts(L, &o);
+        if (o.has_headers) {
+            lua_getfield(L, 2, "headers");
+            hidx = lua_gettop(L);
+        }
     }
     tn_task *t = tn_task_check(L);
     http_conn *c = r->conn;
@@ -3958,7 +4512,6 @@ static int l_req_proxy(lua_State *L) {
         lua_pushliteral(L, "ECONNABORTED");
         return 3;
     }
-    const http_head *h = &r->head;
     int body_mode = PXB_NONE;
     if (r->expects_body) {
         if (r->body_err) {
@@ -3979,50 +4532,21 @@ static int l_req_proxy(lua_State *L) {
             lua_pushliteral(L, "EINVAL");
             return 3;
         }
-        else body_mode = head_find(h, "transfer-encoding", NULL) ? PXB_CHUNKED : PXB_LENGTH;
+        else body_mode = head_find(&r->head, "transfer-encoding", NULL) ? PXB_CHUNKED : PXB_LENGTH;
     }
-    span toks[PX_MAX_TOKENS];
-    int nt = conn_tokens(h, toks, PX_MAX_TOKENS);
-    int tunnel = !r->expects_body && in_spans(toks, nt, "upgrade", 7) && head_find(h, "upgrade", NULL);
-    px_build_request(L, &hb, r, hidx, o.proto, tunnel, body_mode);
+    int tunnel = px_wants_tunnel(r);
+    if (px_build_request(L, &hb, r, hidx, o.proto, tunnel, body_mode) != 0)
+        return luaL_error(L, "out of memory");
 
     px_state *st = px_state_get(L);
-    px_pool *pool = px_pool_for(L, st, &o);
+    px_pool *pool = u ? u->pool : px_pool_for(L, st, &o);
     if (!pool) return 3;
     /* The stats table is made now, while raising is still harmless: the
      * callback that finishes only fills it. It waits on this frame. */
     lua_createtable(L, 0, 6);
-    px *x = px_new(st);
+    px_plan plan = { pool, u, o.timeout, o.connect_timeout, (int)o.idle_pool, body_mode, tunnel };
+    px *x = px_launch(st, r, &plan, &hb, t);
     if (!x) return luaL_error(L, "out of memory");
-    buf tmp = x->head;
-    x->head = hb;
-    hb = tmp;
-    hb.len = 0;
-    x->r = r;
-    r->refs++;
-    x->pool = pool;
-    pool->refs++;
-    x->timeout = o.timeout;
-    x->connect_timeout = o.connect_timeout;
-    x->idle_pool = (int)o.idle_pool;
-    x->body_mode = body_mode;
-    x->tunnel_wanted = tunnel;
-    x->head_method = h->method == HTTP_HEAD;
-    x->t0 = uv_hrtime();
-    x->task = tn_task_hold(t);
-    x->seq = tn_task_seq(t);
-    r->px = x;
-    x->in_call = 1;
-    px_up *up = px_up_take(pool);
-    if (up) {
-        x->reused = 1;
-        up->x = x;
-        x->up = up;
-        px_send_head(x);
-    } else {
-        px_connect(x);
-    }
-    x->in_call = 0;
     if (x->done) {
         tn_task_release(x->task);
         x->task = NULL;
@@ -4033,18 +4557,34 @@ static int l_req_proxy(lua_State *L) {
     return tn_task_wait(L, t, -1);
 }
 
-/* http.pool_stats() -> { [address] = { idle = n, active = n } } */
+static void pool_push(lua_State *L, const px_pool *p) {
+    lua_createtable(L, 0, 3);
+    lua_pushinteger(L, p->nidle);
+    lua_setfield(L, -2, "idle");
+    lua_pushinteger(L, p->active);
+    lua_setfield(L, -2, "active");
+    lua_pushinteger(L, p->exchanges);
+    lua_setfield(L, -2, "exchanges");
+}
+
+/* http.pool_stats() -> { [address] = { idle, active, exchanges } }
+ * http.pool_stats(path) -> { idle, active, exchanges } | nil
+ * idle and active count connections, exchanges the requests under way. */
 static int l_pool_stats(lua_State *L) {
     px_state *st = px_state_peek(L);
+    if (lua_type(L, 1) == LUA_TSTRING) {
+        size_t n;
+        const char *path = lua_tolstring(L, 1, &n);
+        px_pool *p = st ? px_pool_find(st, 1, path, n, px_hash(1, path, n)) : NULL;
+        if (!p) { lua_pushnil(L); return 1; }
+        pool_push(L, p);
+        return 1;
+    }
     lua_newtable(L);
     if (!st) return 1;
     for (size_t i = 0; i < st->nbuckets; i++) {
         for (px_pool *p = st->buckets[i]; p; p = p->next) {
-            lua_createtable(L, 0, 2);
-            lua_pushinteger(L, p->nidle);
-            lua_setfield(L, -2, "idle");
-            lua_pushinteger(L, p->active);
-            lua_setfield(L, -2, "active");
+            pool_push(L, p);
             lua_setfield(L, -2, p->addr.text);
         }
     }
@@ -4092,12 +4632,18 @@ int tn_open_http(lua_State *L) {
     };
     static const luaL_Reg server_methods[] = {
         {"close", l_server_close}, {"drain", l_server_drain}, {"stats", l_server_stats},
+        {"route", l_server_route}, {"clear_routes", l_server_clear_routes},
         {"__gc", l_server_gc}, {"__close", l_server_close}, {"__tostring", l_server_tostring},
         {NULL, NULL},
     };
     static const luaL_Reg fns[] = {
         {"serve", l_serve}, {"request", l_request}, {"pool_stats", l_pool_stats},
-        {"pool_close", l_pool_close}, {NULL, NULL},
+        {"pool_close", l_pool_close}, {"upstream", l_upstream}, {NULL, NULL},
+    };
+    static const luaL_Reg upstream_methods[] = {
+        {"set", l_ups_set}, {"invalidate", l_ups_invalidate}, {"inflight", l_ups_inflight},
+        {"last_active", l_ups_last_active}, {"stats", l_ups_stats},
+        {"__gc", l_ups_gc}, {"__tostring", l_ups_tostring}, {NULL, NULL},
     };
     settings_common(&server_settings);
     server_settings.on_url = cb_first_line_span;
@@ -4125,6 +4671,7 @@ int tn_open_http(lua_State *L) {
     lua_setfield(L, -2, "__newindex");
     lua_pop(L, 1);
     tn_new_class(L, SERVER_MT, server_methods);
+    tn_new_class(L, UPSTREAM_MT, upstream_methods);
 
     /* core.spawn, to start handler tasks from C: tn_open_loop hands out a
      * table of the scheduler's functions. */

@@ -1,9 +1,16 @@
--- The front door: every HTTP request to `ten serve` comes through here once,
--- to decide where it goes; the bytes then flow in C (req:proxy).
+-- The front door: HTTP requests to `ten serve` come through here to decide
+-- where they go; the bytes then flow in C (req:proxy).
 --
 -- Route (policy, hookable) -> wake the instance if it sleeps (one start shared
 -- by every waiting request, bounded by startup_timeout) -> proxy to its Unix
 -- socket. The bare domain is the server's own: /health, /api/, /metrics.
+--
+-- Once a Host has been routed to a running instance (and no router hook
+-- could decide otherwise per request), the decision is handed to the C
+-- server as a direct route: its next requests are proxied without entering
+-- Lua at all. Any change to that instance (its state, its socket, the
+-- configuration) invalidates the direct route, and the next request comes
+-- back here to be decided again.
 local core = require "tenement.core"
 local router = require "tenement.router"
 local hooks = require "tenement.hooks"
@@ -30,11 +37,21 @@ function frontdoor.new(ctx)
     cfg = ctx.cfg, sup = ctx.sup, own = ctx.own, store = ctx.store,
     cold_starts = 0,
     waking = {},       -- "service:id" -> event set when its start is over
-    stats = { requests = 0, by_route = {}, proxy_errors = 0 },
+    stats = { requests = 0, by_route = {} },  -- requests decided here (not the direct ones)
   }, Door)
   local ok, err = self:configure(ctx.cfg)
   if not ok then return nil, err end
+  self.unsubscribe = self.sup:on(function(ev)
+    local inst = ev.instance and self.sup.instances[ev.instance]
+    if inst then inst:reroute() end
+  end)
   return self
+end
+
+-- door:attach(http_server): where direct routes go (the server the
+-- handler serves).
+function Door:attach(http)
+  self.http = http
 end
 
 -- (Re)reads what routing depends on from cfg: the domain, [routing], the
@@ -51,6 +68,7 @@ function Door:configure(cfg)
   self.cfg = cfg
   self.view = { domain = cfg.settings.domain, routing = cfg.routing, services = services }
   self.route_hook = hook
+  if self.http then self.http:clear_routes() end
   return true
 end
 
@@ -70,24 +88,25 @@ local function hook_target(t)
 end
 
 function Door:route(req)
-  local request = { method = req.method, host = req.headers.host, path = req.path, headers = req.headers }
-  if self.route_hook then
-    local view = self.view
-    local function default(r) return router.route(r or request, view) end
-    local ok, result = hooks.call(self.route_hook, request, view, default)
-    if not ok then
-      log.error("router hook failed (the default routing applies): %s", tostring(result))
-    elseif result ~= nil then
-      local target, why = hook_target(result)
-      if target then
-        if (target.kind == "instance" or target.kind == "service") and not self.view.services[target.service] then
-          log.error("router hook chose unknown service %q (the default routing applies)", target.service)
-        else
-          return target
-        end
+  if not self.route_hook then
+    return router.route({ method = req.method, host = req.host, path = req.path }, self.view)
+  end
+  local request = { method = req.method, host = req.host, path = req.path, headers = req.headers }
+  local view = self.view
+  local function default(r) return router.route(r or request, view) end
+  local ok, result = hooks.call(self.route_hook, request, view, default)
+  if not ok then
+    log.error("router hook failed (the default routing applies): %s", tostring(result))
+  elseif result ~= nil then
+    local target, why = hook_target(result)
+    if target then
+      if (target.kind == "instance" or target.kind == "service") and not self.view.services[target.service] then
+        log.error("router hook chose unknown service %q (the default routing applies)", target.service)
       else
-        log.error("router hook returned %s (the default routing applies)", why)
+        return target
       end
+    else
+      log.error("router hook returned %s (the default routing applies)", why)
     end
   end
   return router.route(request, self.view)
@@ -156,43 +175,16 @@ function Door:ensure_running(service, id, on_demand)
   return started
 end
 
--- Proxies req to inst. Counts the request as activity and in flight, so the
--- reaper never puts an instance to sleep under a request.
-function Door:proxy(req, inst)
-  local socket = inst.route_socket or inst.socket
-  inst.inflight = inst.inflight + 1
-  inst.inflight_on[socket] = (inst.inflight_on[socket] or 0) + 1
-  inst.last_activity = core.now()
-  local t0 = core.hrtime()
-  local stats, err, code = req:proxy {
-    path = socket,
-    timeout = self.cfg.settings.proxy_timeout * 1000,
-    forwarded_proto = "http",
-    -- enough idle upstream connections that busy instances never reconnect
-    idle_pool = self.cfg.settings.upstream_keepalive,
-  }
-  inst.inflight = inst.inflight - 1
-  local left = inst.inflight_on[socket] - 1
-  inst.inflight_on[socket] = left > 0 and left or nil
-  inst.last_activity = core.now()
-  local s = inst.stats
-  s.requests = s.requests + 1
-  if stats then
-    local class = (stats.status // 100) .. "xx"
-    s.by_class[class] = (s.by_class[class] or 0) + 1
-    s.bytes_in = s.bytes_in + (stats.bytes_in or 0)
-    s.bytes_out = s.bytes_out + (stats.bytes_out or 0)
-    metrics.observe(s.latency, (core.hrtime() - t0) / 1e9)
-    return
+-- Proxies req to inst through its upstream, which counts the request (in
+-- flight, so the reaper never puts an instance to sleep under one; done,
+-- with its status, bytes and time) and answers 502 itself when the
+-- instance does not. direct: hand this Host to the C server from now on.
+function Door:proxy(req, inst, direct)
+  local upstream = inst:upstream()
+  req:proxy(upstream)
+  if direct and self.http and inst.state == "running" and not inst.route_socket then
+    self.http:route(req.host, upstream)
   end
-  if code == "ECONNABORTED" then return end -- the client went away
-  s.upstream_errors = s.upstream_errors + 1
-  self.stats.proxy_errors = self.stats.proxy_errors + 1
-  s.by_class["5xx"] = (s.by_class["5xx"] or 0) + 1
-  -- the proxy answered itself (504, or a 4xx for a bad body) or the answer
-  -- had started: nothing more to say
-  if req.responded then return end
-  req:respond(502, TEXT, string.format("bad gateway: %s did not answer (%s)\n", inst.key, tostring(err)))
 end
 
 function Door:handle(req)
@@ -207,6 +199,9 @@ function Door:handle(req)
 
   local service, id = target.service, target.id
   local svc = self.cfg.services[service]
+  -- only a route no hook decides can be handed to C: a hook may look at
+  -- the path or the headers of every request
+  local direct = target.kind == "instance" and not self.route_hook
   if target.kind == "service" then
     local candidates = self.sup:of_service(service)
     local pick = router.pick(candidates, math.random)
@@ -228,7 +223,7 @@ function Door:handle(req)
     if status == 503 then return unavailable(req, why) end
     return text_reply(req, status, why)
   end
-  self:proxy(req, inst)
+  self:proxy(req, inst, direct)
 end
 
 -- frontdoor:handler() -> function(req) for core.http.serve
@@ -241,9 +236,9 @@ end
 function Door:reap_idle(now)
   for _, inst in pairs(self.sup.instances) do
     local timeout = inst.svc.idle_timeout
-    if timeout > 0 and inst.state == "running" and inst.inflight == 0 and inst.last_activity
-      and now - inst.last_activity >= timeout * 1000 then
-      log.info("%s idle for %d s: going to sleep", inst.key, (now - inst.last_activity) // 1000)
+    local active = timeout > 0 and inst.state == "running" and inst:last_active()
+    if active and inst:inflight() == 0 and now - active >= timeout * 1000 then
+      log.info("%s idle for %d s: going to sleep", inst.key, (now - active) // 1000)
       core.spawn(self.sup.sleep, self.sup, inst.service, inst.id, "idle for " .. timeout .. " s")
     end
   end

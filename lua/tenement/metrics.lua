@@ -114,14 +114,18 @@ function metrics.render(srv)
     out:sample("tenement_connections_open", nil, st.connections_open)
     out:family("tenement_connections_accepted_total", "counter", "HTTP connections accepted.")
     out:sample("tenement_connections_accepted_total", nil, st.connections_accepted)
+    out:family("tenement_proxy_errors_total", "counter", "Proxied requests that failed upstream.")
+    out:sample("tenement_proxy_errors_total", nil, st.proxy_errors)
   end
   if srv.door then
+    -- requests on a direct route were routed to an instance once, in Lua,
+    -- and then by the C server itself
+    local direct = srv.http and srv.http:stats().direct_requests or 0
     out:family("tenement_http_requests_total", "counter", "HTTP requests by where routing sent them.")
     for _, kind in ipairs { "instance", "service", "self", "status" } do
-      out:sample("tenement_http_requests_total", { "route", kind }, srv.door.stats.by_route[kind] or 0)
+      local n = (srv.door.stats.by_route[kind] or 0) + (kind == "instance" and direct or 0)
+      out:sample("tenement_http_requests_total", { "route", kind }, n)
     end
-    out:family("tenement_proxy_errors_total", "counter", "Proxied requests that failed upstream.")
-    out:sample("tenement_proxy_errors_total", nil, srv.door.stats.proxy_errors)
   end
   if srv.sink then
     local st = srv.sink:stats()
@@ -144,6 +148,8 @@ function metrics.render(srv)
   local list = {}
   for _, inst in pairs(srv.sup.instances) do list[#list + 1] = inst end
   table.sort(list, function(a, b) return a.key < b.key end)
+  local traffic = {}
+  for _, inst in ipairs(list) do traffic[inst] = inst:traffic() end
 
   local counts = {}
   for _, inst in ipairs(list) do counts[inst.state] = (counts[inst.state] or 0) + 1 end
@@ -160,7 +166,7 @@ function metrics.render(srv)
       end },
     { "tenement_instance_weight", "gauge", "Share of its service's traffic (0-100).", function(i) return i.weight end },
     { "tenement_instance_upstream_errors_total", "counter", "Proxied requests the instance failed to answer.",
-      function(i) return i.stats.upstream_errors end },
+      function(i) return traffic[i].errors end },
     { "tenement_instance_wakes_total", "counter", "Starts caused by a request (scale from zero).",
       function(i) return i.stats.wakes end },
     { "tenement_instance_health_check_failures_total", "counter", "Failed health checks.",
@@ -168,9 +174,9 @@ function metrics.render(srv)
     { "tenement_instance_log_lines_total", "counter", "Lines of output captured.",
       function(i) return i.ring:stats().lines end },
     { "tenement_instance_request_bytes_total", "counter", "Request body bytes proxied to the instance.",
-      function(i) return i.stats.bytes_in end },
+      function(i) return traffic[i].bytes_in end },
     { "tenement_instance_response_bytes_total", "counter", "Response bytes proxied from the instance.",
-      function(i) return i.stats.bytes_out end },
+      function(i) return traffic[i].bytes_out end },
   }
   for _, m in ipairs(per) do
     out:family(m[1], m[2], m[3])
@@ -189,7 +195,7 @@ function metrics.render(srv)
   for _, inst in ipairs(list) do
     for _, class in ipairs { "1xx", "2xx", "3xx", "4xx", "5xx" } do
       out:sample("tenement_instance_requests_total", { "service", inst.service, "id", inst.id, "code", class },
-        inst.stats.by_class[class] or 0)
+        traffic[inst].by_class[class] or 0)
     end
   end
 
@@ -218,7 +224,7 @@ function metrics.render(srv)
   out:family("tenement_instance_request_duration_seconds", "histogram", "Time to answer proxied requests.")
   for _, inst in ipairs(list) do
     out:histogram("tenement_instance_request_duration_seconds", { "service", inst.service, "id", inst.id },
-      inst.stats.latency)
+      traffic[inst].latency)
   end
   out:family("tenement_instance_wake_duration_seconds", "histogram",
     "Time from a request for a sleeping instance until it was ready.")

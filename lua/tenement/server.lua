@@ -86,6 +86,7 @@ function Server:start()
     header_timeout = s.header_timeout * 1000, idle_timeout = s.keepalive_timeout * 1000,
     max_connections = max_conns,
   })
+  door:attach(self.http)
   self.reaper = core.spawn(door.run_reaper, door)
   self.metrics_view = { sup = self.sup, door = door, http = self.http, sink = self.sink,
     store_path = paths.db, started = self.started }

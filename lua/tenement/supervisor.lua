@@ -376,9 +376,61 @@ function Instance:launch()
   self.pid = proc.pid
   self.started_at = core.now()
   self.started_wall = core.time()
-  -- a fresh instance counts as just used, so idle_timeout runs from its start
-  self.last_activity = self.started_at
   return proc
+end
+
+-- inst:upstream() -> the C upstream (core.http.upstream) the front door
+-- proxies through: it points at the socket that takes new requests and
+-- counts every request, whichever way it came.
+function Instance:upstream()
+  local up = self.upstream_obj
+  local s = self.sup.cfg.settings
+  if not up or self.upstream_settings ~= s then
+    local opts = {
+      name = self.key,
+      timeout = s.proxy_timeout * 1000,
+      -- enough idle connections that a busy instance never reconnects
+      idle_pool = s.upstream_keepalive,
+    }
+    if up then
+      up:set(opts)
+    else
+      opts.buckets = metrics.BUCKETS
+      up = core.http.upstream(opts)
+      self.upstream_obj = up
+    end
+    self.upstream_settings = s
+  end
+  local socket = self.route_socket or self.socket
+  if socket then assert(up:set { path = socket }) end
+  return up
+end
+
+-- Direct routes to it must be decided again (its socket changed).
+function Instance:reroute()
+  if self.upstream_obj then self.upstream_obj:invalidate() end
+end
+
+-- Proxied requests under way: an instance is never put to sleep under one.
+function Instance:inflight()
+  return self.upstream_obj and self.upstream_obj:inflight() or 0
+end
+
+-- core.now() of the last proxied request, or of the start: idle_timeout
+-- runs from whichever came later (health checks never count).
+function Instance:last_active()
+  local at = self.started_at
+  local used = self.upstream_obj and self.upstream_obj:last_active()
+  if used and (not at or used > at) then at = used end
+  return at
+end
+
+-- What the upstream counted: requests, by_class, bytes_in, bytes_out,
+-- errors, latency (a histogram as metrics.histogram makes).
+function Instance:traffic()
+  if self.upstream_obj then return self.upstream_obj:stats() end
+  return { requests = 0, errors = 0, bytes_in = 0, bytes_out = 0, inflight = 0, by_class = {},
+    latency = metrics.histogram(metrics.BUCKETS) }
 end
 
 function Instance:last_output(n)
@@ -672,11 +724,16 @@ function Instance:replace_process(new_svc)
   end
   -- switch: new requests go to the new process
   self.route_socket = nil
+  self:reroute()
   core.http.pool_close(old.socket)
   core.spawn(self.health_loop, self, self.gen)
   -- drain: requests already on the old process finish (bounded by stop_timeout)
   local deadline = core.now() + self.sup.cfg.settings.stop_timeout * 1000
-  while (self.inflight_on[old.socket] or 0) > 0 and core.now() < deadline do core.sleep(10) end
+  local function busy()
+    local pool = core.http.pool_stats(old.socket)
+    return pool and pool.exchanges > 0
+  end
+  while busy() and core.now() < deadline do core.sleep(10) end
   self:terminate(old.proc, old.driver, old.ctx)
   if old.cg then
     local ok, err = old.cg:kill_all()
@@ -828,11 +885,8 @@ function Supervisor:instance(service, id)
     ring = core.logbuf.ring { tag = key, lines = self.cfg.settings.log_ring_lines, sink = self.sink },
     created = core.time(),
     weight = self.weights[key] or 100,
-    inflight = 0,         -- proxied requests under way: never put to sleep while > 0
-    inflight_on = {},     -- the same, per socket (a rollout drains the old one)
-    last_activity = nil,  -- core.now() of the last proxied request (never health checks)
-    stats = { requests = 0, by_class = {}, bytes_in = 0, bytes_out = 0, upstream_errors = 0, wakes = 0,
-              latency = metrics.histogram(metrics.BUCKETS), wake = metrics.histogram(metrics.WAKE_BUCKETS) },
+    -- requests are counted by its upstream (inst:upstream(), made on the first)
+    stats = { wakes = 0, wake = metrics.histogram(metrics.WAKE_BUCKETS) },
   }, Instance)
   self.instances[key] = inst
   return inst
@@ -918,7 +972,7 @@ end
 function Supervisor:sleep(service, id, reason)
   local inst = self:get(service, id)
   if not inst or not inst.runner then return nil, "not running" end
-  if inst.inflight > 0 then return nil, "busy" end
+  if inst:inflight() > 0 then return nil, "busy" end
   inst.mailbox:put({ type = "sleep", reason = reason or "idle" })
   inst.runner:join()
   return true
@@ -1040,7 +1094,7 @@ function Instance:snapshot()
     state = self.state, health = self.health, pid = self.pid,
     uptime_secs = (self.state == "running" or self.state == "unhealthy") and self.started_at
       and (now - self.started_at) // 1000 or nil,
-    idle_secs = self.last_activity and (now - self.last_activity) // 1000 or nil,
+    idle_secs = self.started_at and (now - self:last_active()) // 1000 or nil,
     restarts = self.restarts, socket = self.socket or (config.instance_vars(self.sup.cfg, self.service, self.id, 0) or {}).socket,
     isolation = self.svc.isolation, last_exit = self.last_exit, reason = self.reason,
     weight = self.weight, port = self.port,

@@ -963,6 +963,190 @@ describe("req:proxy", function()
     end)
   end)
 
+  it("counts every request through an upstream and answers 502 itself, naming it", function()
+    core.run(function()
+      local up = assert(http.upstream { name = "api:one", path = b.path, buckets = { 0.001, 10 } })
+      local l = assert(net.listen { port = 0 })
+      local inflight_seen
+      local srv = http.serve(l, function(req)
+        if req.path == "/sleep" then
+          core.spawn(function() core.sleep(20) inflight_seen = up:inflight() end)
+        end
+        local st, err, code = req:proxy(up)
+        if not st then return nil, err, code end -- answered by the proxy already
+      end, { lazy_body = true })
+      local c = raw(l:port())
+      assert.is_nil(up:last_active())
+      c:send("GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+      assert.are.equal(200, assert(c:response()).status)
+      c:send("POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n\r\nbody")
+      assert.are.equal(200, assert(c:response()).status)
+      c:send("GET /sleep?ms=80 HTTP/1.1\r\nHost: a\r\n\r\n")
+      assert.are.equal(200, assert(c:response()).status)
+      assert.are.equal(1, inflight_seen)
+      c:send("GET /nope-404 HTTP/1.1\r\nHost: a\r\n\r\n")
+      local res = assert(c:response())
+      local st = up:stats()
+      assert.are.equal(4, st.requests)
+      assert.are.equal(0, st.inflight)
+      assert.are.equal(0, st.errors)
+      assert.are.equal(4, st.bytes_in)
+      assert.is_true(st.bytes_out > 0)
+      assert.are.equal(b.path, st.path)
+      assert.are.equal(res.status == 404 and 3 or 4, st.by_class["2xx"])
+      assert.are.same({ 0.001, 10 }, st.latency.buckets)
+      assert.are.equal(4, st.latency.count)
+      assert.are.equal(4, st.latency.counts[1] + st.latency.counts[2])
+      assert.is_true(st.latency.counts[2] >= 1) -- the 80 ms one
+      assert.is_true(st.latency.sum >= 0.08)
+      assert.is_true(up:last_active() >= core.now() - 1000)
+      -- nobody there: 502 from the proxy, named, and counted as the upstream's
+      assert(up:set { path = dir .. "/nobody.sock" })
+      c:send("GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+      res = assert(c:response())
+      assert.are.equal(502, res.status)
+      assert.matches("^502 Bad Gateway: api:one did not answer %(connect .*nobody.sock: ENOENT", res.body)
+      assert.are.equal("keep-alive", res.headers.connection or "keep-alive")
+      st = up:stats()
+      assert.are.equal(5, st.requests)
+      assert.are.equal(1, st.errors)
+      assert.are.equal(1, st.by_class["5xx"])
+      assert.are.equal(1, srv:stats().proxy_errors)
+      -- the connection still serves
+      assert(up:set { path = b.path })
+      c:send("GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+      assert.are.equal(200, assert(c:response()).status)
+      c:close()
+      srv:close()
+    end)
+  end)
+
+  it("refuses upstream misuse", function()
+    core.run(function()
+      local function err_of(f, ...) return select(2, pcall(f, ...)) end
+      assert.matches("unknown option 'paht'", err_of(http.upstream, { paht = "/x" }))
+      assert.matches("timeout must be an integer", err_of(http.upstream, { timeout = "soon" }))
+      assert.matches("buckets must be increasing", err_of(http.upstream, { buckets = { 1, 0.5 } }))
+      assert.matches("forwarded_proto", err_of(http.upstream, { forwarded_proto = "gopher" }))
+      local up, err, code = http.upstream { path = string.rep("p", 200) }
+      assert.is_nil(up)
+      assert.matches("ENAMETOOLONG", err)
+      assert.are.equal("ENAMETOOLONG", code)
+      up = assert(http.upstream { name = "x" })
+      assert.matches("tenement.http.upstream %(x %-> nowhere%)", tostring(up))
+      assert.are.equal(0, up:inflight())
+      local l = assert(net.listen { port = 0 })
+      local seen
+      local srv = http.serve(l, function(req)
+        seen = select(2, pcall(req.proxy, req, up))
+        return 500, {}, "no"
+      end)
+      assert.are.equal(500, assert(http.request { port = l:port(), target = "/" }).status)
+      assert.matches("has no path yet", seen)
+      assert.matches("upstream expected", select(2, pcall(srv.route, srv, "h", {})))
+      srv:close()
+    end)
+  end)
+
+  it("takes a routed Host straight to its upstream, without the handler, until invalidated", function()
+    core.run(function()
+      local up = assert(http.upstream { name = "api:direct", path = b.path })
+      local l = assert(net.listen { port = 0 })
+      local handled = 0
+      local srv
+      srv = http.serve(l, function(req)
+        handled = handled + 1
+        if req.host == "direct.test" then srv:route(req.host, up) end
+        req:proxy(up)
+      end, { lazy_body = true, max_body = 1 << 30 })
+      local c = raw(l:port())
+      for i = 1, 5 do
+        c:send("GET / HTTP/1.1\r\nHost: direct.test\r\n\r\n")
+        local res = assert(c:response())
+        assert.are.equal(200, res.status, "request " .. i)
+        assert.matches("^hello from ", res.body)
+      end
+      assert.are.equal(1, handled)
+      assert.are.equal(4, srv:stats().direct_requests)
+      assert.are.equal(1, srv:stats().routes)
+      -- bodies stream on a direct route too, with a length and chunked
+      c:send("POST /sink HTTP/1.1\r\nHost: direct.test\r\nContent-Length: 5\r\n\r\nhello")
+      assert.matches("received 5 bytes", assert(c:response()).body)
+      c:send("POST /sink HTTP/1.1\r\nHost: direct.test\r\nTransfer-Encoding: chunked\r\n\r\n" ..
+        "3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
+      assert.matches("received 5 bytes", assert(c:response()).body)
+      -- pipelined, answered in order
+      c:send("GET /sleep?ms=30 HTTP/1.1\r\nHost: direct.test\r\n\r\nGET / HTTP/1.1\r\nHost: direct.test\r\n\r\n")
+      assert.are.equal("slept 30 ms\n", assert(c:response()).body)
+      assert.matches("^hello from ", assert(c:response()).body)
+      assert.are.equal(1, handled)
+      -- the request head goes upstream rebuilt as through req:proxy
+      c:send("GET /echo HTTP/1.1\r\nHost: direct.test\r\nConnection: keep-alive, X-Drop\r\nX-Drop: 1\r\n\r\n")
+      local echo = assert(c:response()).body
+      assert.matches("X%-Forwarded%-For: 127%.0%.0%.1", echo)
+      assert.matches("X%-Forwarded%-Host: direct%.test", echo)
+      assert.is_nil(echo:find("X-Drop", 1, true))
+      -- another spelling of the Host is the handler's to decide
+      c:send("GET / HTTP/1.1\r\nHost: DIRECT.test\r\n\r\n")
+      assert.are.equal(200, assert(c:response()).status)
+      assert.are.equal(2, handled)
+      -- counted like any other request through the upstream
+      assert.are.equal(11, up:stats().requests)
+      -- a failing upstream on a direct route: 502 named, connection kept
+      assert(up:set { path = dir .. "/nobody.sock" }) -- a new path drops the route
+      c:send("GET / HTTP/1.1\r\nHost: direct.test\r\n\r\n")
+      assert.are.equal(502, assert(c:response()).status)
+      assert.are.equal(3, handled)
+      c:send("GET / HTTP/1.1\r\nHost: direct.test\r\n\r\n")
+      local res = assert(c:response())
+      assert.are.equal(502, res.status)
+      assert.matches("api:direct did not answer", res.body)
+      assert.are.equal(3, handled) -- the route was made again, and failed in C
+      -- invalidate: back through the handler, which routes it again
+      assert(up:set { path = b.path })
+      up:invalidate()
+      c:send("GET / HTTP/1.1\r\nHost: direct.test\r\n\r\n")
+      assert.are.equal(200, assert(c:response()).status)
+      assert.are.equal(4, handled)
+      -- removed, and cleared
+      srv:route("direct.test", nil)
+      c:send("GET / HTTP/1.1\r\nHost: direct.test\r\n\r\n")
+      assert.are.equal(200, assert(c:response()).status)
+      assert.are.equal(5, handled)
+      srv:clear_routes()
+      assert.are.equal(0, srv:stats().routes)
+      c:send("GET / HTTP/1.1\r\nHost: direct.test\r\n\r\n")
+      assert.are.equal(200, assert(c:response()).status)
+      assert.are.equal(6, handled)
+      c:close()
+      assert.is_true(srv:drain(2000))
+    end)
+  end)
+
+  it("keeps a direct route working after its upstream object is collected, and drops it on clear", function()
+    core.run(function()
+      local l = assert(net.listen { port = 0 })
+      local handled = 0
+      local srv
+      srv = http.serve(l, function(req)
+        handled = handled + 1
+        local up = assert(http.upstream { path = b.path })
+        srv:route(req.host, up)
+        req:proxy(up)
+      end, { lazy_body = true })
+      for _ = 1, 3 do
+        assert.are.equal(200, assert(http.request { port = l:port(), target = "/", headers = { host = "gc.test" } }).status)
+        collectgarbage()
+      end
+      assert.are.equal(1, handled)
+      srv:clear_routes()
+      collectgarbage()
+      assert.are.equal(200, assert(http.request { port = l:port(), target = "/", headers = { host = "gc.test" } }).status)
+      assert.are.equal(2, handled)
+      srv:close()
+    end)
+  end)
+
   it("leaves no task behind", function()
     local before = core.tasks()
     core.run(function()

@@ -417,6 +417,75 @@ describe("front door", function()
     assert.matches("reloaded", log_text(srv), 1, true)
   end)
 
+  it("hands a routed host to the C server and takes it back whenever the instance changes", function()
+    local dir = support.tmpdir()
+    srv = start_server(dir, { api = { 'health = "/health"', "idle_timeout = 2", "[service.api.env]", 'VERSION = "1"' } },
+      { settings = { "proxy_timeout = 10" }, tail = { "[instances]", 'api = ["d"]' } })
+    wait_state(srv, "api:d", "running")
+    local host = "d.api.example.test"
+    local function metric(body, pattern) return tonumber(body:match(pattern)) end
+    run(function()
+      for i = 1, 20 do assert.are.equal(200, assert(get(srv, host, "/")).status, "request " .. i) end
+      -- the first was decided in Lua, the rest went straight through; both
+      -- counted alike
+      local m = assert(get(srv, "example.test", "/metrics")).body
+      assert.are.equal(20, metric(m, 'tenement_http_requests_total{route="instance"} (%d+)'))
+      assert.are.equal(20, metric(m, 'tenement_instance_requests_total{service="api",id="d",code="2xx"} (%d+)'))
+      -- traffic on the direct route is activity: no sleep under it ...
+      for _ = 1, 12 do
+        assert.are.equal(200, assert(get(srv, host, "/")).status)
+        core.sleep(250)
+      end
+    end)
+    assert.are.equal("running", ps(srv)["api:d"].state)
+    -- ... nor under a request in flight longer than idle_timeout
+    run(function() assert.are.equal(200, assert(get(srv, host, "/sleep?ms=3000")).status) end)
+    assert.are.equal("running", ps(srv)["api:d"].state)
+    -- stopped: the next request is decided again (it wakes the instance)
+    -- instead of going to a socket nobody listens on
+    assert.are.equal(0, (ten(srv, "stop", "api:d")))
+    run(function()
+      local res = assert(get(srv, host, "/"))
+      assert.are.equal(200, res.status, res.body)
+      local m = assert(get(srv, "example.test", "/metrics")).body
+      assert.are.equal(1, metric(m, 'tenement_instance_wakes_total{service="api",id="d"} (%d+)'))
+      assert.are.equal(0, metric(m, 'tenement_proxy_errors_total (%d+)'))
+    end)
+    -- a rollout under load on the direct route: traffic follows the new
+    -- process, the old one drains, nothing fails
+    local text = assert(io.open(srv.cfg)):read("a")
+    support.write(srv.cfg, (text:gsub('VERSION = "1"', 'VERSION = "2"')))
+    local total, failed, statuses = 0, 0, {}
+    run(function()
+      local stop = false
+      local load = {}
+      for i = 1, 3 do
+        load[i] = core.spawn(function()
+          while not stop do
+            local res = get(srv, host, "/env")
+            total = total + 1
+            if not res or res.status ~= 200 then
+              failed = failed + 1
+              statuses[#statuses + 1] = res and res.status or "no answer"
+            end
+          end
+        end)
+      end
+      core.sleep(200)
+      local code, out, err = ten(srv, "rollout", "api")
+      core.sleep(200)
+      stop = true
+      for i = 1, 3 do load[i]:join() end
+      assert.are.equal(0, code, out .. err)
+      local res = assert(get(srv, host, "/env"))
+      assert.matches("VERSION=2", res.body, 1, true)
+    end)
+    assert.are.equal(0, failed, "failed requests during the rollout: " .. table.concat(statuses, ", ") .. "\n" .. log_text(srv))
+    assert.is_true(total > 50, "too little load to mean anything: " .. total)
+    -- and once the traffic stops, idle_timeout puts it to sleep
+    wait_state(srv, "api:d", "sleeping")
+  end)
+
   it("follows weights, shifts traffic with route, and deploys only healthy versions", function()
     local dir = support.tmpdir()
     local bad = dir .. "/bad-version"
