@@ -100,7 +100,9 @@ function M.run()
   local ten_port = lib.free_port()
   local config = lib.ten_config {
     settings = { string.format("data_dir = %q", dir .. "/data"), "port = " .. ten_port,
-      'domain = "bench.test"', "health_check_interval = 3600", "log_ring_lines = 100" },
+      'domain = "bench.test"', "health_check_interval = 3600", "log_ring_lines = 100",
+      -- as many idle upstream connections as nginx's keepalive 512 below
+      "upstream_keepalive = 512" },
     services = { { name = "api", lines = { string.format("command = %q", lib.backend),
       string.format("socket = %q", dir .. "/sock/{name}-{id}.sock"), 'isolation = "process"', 'health = "/health"' },
       env = { BACKEND_TCP = "1" } } },
@@ -112,8 +114,8 @@ function M.run()
   local inst = lib.ten_instances(srv)[1]
   local sock, backend_port, backend_pid = inst.socket, inst.port, inst.pid
   lib.must("taskset -a -p -c 1 " .. backend_pid)
-  local ten_cmd = string.format("taskset -c 0 ten serve --config tenement.toml (backend: %s, isolation process, "
-    .. "pinned to CPU 1 with taskset -a -p -c 1)", "build/fixtures/backend")
+  local ten_cmd = string.format("taskset -c 0 ten serve --config tenement.toml (upstream_keepalive = 512; "
+    .. "backend: %s, isolation process, pinned to CPU 1 with taskset -a -p -c 1)", "build/fixtures/backend")
 
   -- nginx and HAProxy run one at a time, each started for its runs and
   -- stopped after: the backend fixture polls every connection it holds, so

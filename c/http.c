@@ -687,7 +687,7 @@ static void srv_unref(http_server *s) {
 
 /* Memory every request needs is kept for the next one: request structs
  * with their head arenas, and 8 KiB connection input buffers. */
-#define REQ_FREE_MAX 256
+#define REQ_FREE_MAX 1024
 #define INBUF_SIZE 8192
 #define INBUF_FREE_MAX 256
 
@@ -2504,7 +2504,8 @@ static int l_request(lua_State *L) {
 #define PX_NIOV 16
 #define PX_STAGE 4096
 #define PX_COPY_MAX 256          /* smaller pieces are copied into the stage */
-#define PX_FREE_MAX 64           /* exchanges kept for reuse */
+#define PX_FREE_MAX 1024         /* exchanges kept for reuse while busy */
+#define PX_FREE_IDLE 64          /* ... and once none is under way */
 #define PX_MAX_EXTRA 32          /* headers in opts.headers */
 #define PX_MAX_TOKENS 16         /* tokens of a Connection header honoured */
 
@@ -2535,6 +2536,7 @@ struct px_state {
     size_t nbuckets, npools;
     px *free_px;
     int nfree;
+    int live;                /* exchanges allocated and not yet released */
 };
 
 struct px_pool {
@@ -3110,6 +3112,7 @@ static px *px_new(px_state *st) {
     }
     x->st = st;
     x->refs = 1;
+    st->live++;
     x->head.len = x->rhead.len = 0;
     batch_reset(&x->to_up);
     batch_reset(&x->to_cli);
@@ -3118,18 +3121,32 @@ static px *px_new(px_state *st) {
 
 static void px_hold(px *x) { x->refs++; }
 
+static void px_free(px *x) {
+    buf_free(&x->head);
+    buf_free(&x->rhead);
+    free(x);
+}
+
+/* Kept for the next exchange: under load as many as were busy at once (a
+ * fresh one is a 9 KiB calloc and two buffers grown again), and once the
+ * last exchange ends, a few. */
 static void px_release(px *x) {
     if (--x->refs > 0) return;
     px_state *st = x->st;
+    st->live--;
     if (st->nfree < PX_FREE_MAX && x->head.cap <= 64 * 1024 && x->rhead.cap <= 64 * 1024) {
         x->next = st->free_px;
         st->free_px = x;
         st->nfree++;
-        return;
+    } else {
+        px_free(x);
     }
-    buf_free(&x->head);
-    buf_free(&x->rhead);
-    free(x);
+    while (st->live == 0 && st->nfree > PX_FREE_IDLE) {
+        px *spare = st->free_px;
+        st->free_px = spare->next;
+        st->nfree--;
+        px_free(spare);
+    }
 }
 
 /* ---- upstream connections ---------------------------------------------- */
