@@ -593,6 +593,8 @@ struct http_server {
     int lis_ref, self_ref, handler_ref, on_error_ref;
     http_limits lim;
     http_conn *conns;
+    http_conn *idle_head, *idle_tail; /* between requests, longest idle first */
+    lua_Integer reclaimed;  /* idle connections closed to admit new ones */
     int open;
     int lingering;         /* open connections past their last response */
     int refs;
@@ -615,6 +617,8 @@ struct http_conn {
     uv_timer_t timer;
     http_server *srv;
     http_conn *prev, *next;
+    http_conn *idle_prev, *idle_next;
+    int in_idle;           /* on the server's idle list */
     http_req *req;         /* the request being handled */
     buf in;                /* bytes read, parsed up to in_off */
     size_t in_off;
@@ -958,8 +962,34 @@ static void drain_wake(http_server *s) {
     tn_task_release(t);
 }
 
+/* A keep-alive connection between requests, the only kind the server may
+ * close on its own to admit a new one when at max_connections: HTTP lets
+ * a client retry a request on a fresh connection when an idle one closes. */
+static void conn_idle_enter(http_conn *c) {
+    http_server *s = c->srv;
+    if (c->in_idle) return;
+    c->in_idle = 1;
+    c->idle_next = NULL;
+    c->idle_prev = s->idle_tail;
+    if (s->idle_tail) s->idle_tail->idle_next = c;
+    else s->idle_head = c;
+    s->idle_tail = c;
+}
+
+static void conn_idle_leave(http_conn *c) {
+    http_server *s = c->srv;
+    if (!c->in_idle) return;
+    c->in_idle = 0;
+    if (c->idle_prev) c->idle_prev->idle_next = c->idle_next;
+    else s->idle_head = c->idle_next;
+    if (c->idle_next) c->idle_next->idle_prev = c->idle_prev;
+    else s->idle_tail = c->idle_prev;
+    c->idle_prev = c->idle_next = NULL;
+}
+
 static void conn_close(http_conn *c) {
     if (c->closing) return;
+    conn_idle_leave(c);
     c->closing = 1;
     c->reading = 0;
     uv_timer_stop(&c->timer);
@@ -1709,10 +1739,18 @@ static void request_finished(http_conn *c) {
     c->p.error_status = 0;
     c->p.error_msg = NULL;
     conn_timer(c, TIMER_IDLE, c->srv->lim.idle_timeout);
-    /* an idle connection keeps no input buffer */
+    /* an idle connection keeps no input buffer; one with a pipelined
+     * request buffered is not idle */
     if (c->in_off == c->in.len) {
         inbuf_release(&c->in);
         c->in_off = 0;
+        conn_idle_enter(c);
+        /* a connection waits to be accepted: an idle one makes room */
+        http_server *s = c->srv;
+        if (s->blocked && !s->closed) {
+            s->blocked = 0;
+            srv_accept(s);
+        }
     }
 }
 
@@ -1747,6 +1785,7 @@ static void conn_exec(http_conn *c, const char *p, size_t n) {
         head_scan(c, p, used);
         if (!c->got_bytes) {
             c->got_bytes = 1;
+            conn_idle_leave(c);
             conn_timer(c, TIMER_HEADER, c->srv->lim.header_timeout);
         }
     }
@@ -1896,6 +1935,12 @@ static int srv_on_message_complete(llhttp_t *ps) {
 static void srv_accept(http_server *s) {
     while (!s->closed && s->lis && s->lis->pending) {
         if (s->open >= s->lim.max_connections) {
+            /* the connection idle the longest makes room, as in nginx */
+            if (s->idle_head) {
+                s->reclaimed++;
+                conn_close(s->idle_head);
+                continue;
+            }
             /* libuv holds the connection and stops watching the socket
              * until it is accepted: the kernel's backlog waits. */
             s->blocked = 1;
@@ -2102,6 +2147,8 @@ static int l_server_stats(lua_State *L) {
     lua_setfield(L, -2, "requests");
     lua_pushinteger(L, s->direct);
     lua_setfield(L, -2, "direct_requests");
+    lua_pushinteger(L, s->reclaimed);
+    lua_setfield(L, -2, "connections_reclaimed");
     lua_pushinteger(L, s->proxy_errors);
     lua_setfield(L, -2, "proxy_errors");
     lua_pushinteger(L, (lua_Integer)s->nroutes);
