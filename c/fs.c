@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <sys/statfs.h>
 #include <unistd.h>
@@ -270,6 +271,23 @@ static int l_open_fd(lua_State *L) {
     return 1;
 }
 
+/* fs.lock(path) -> fd | nil, err, code: an exclusive flock on path (made,
+ * mode 0600, if missing), without waiting: "EAGAIN" while another
+ * open file holds it. The lock lasts as long as the descriptor, in this
+ * process and in any child it is handed to (close_fd releases it). */
+static int l_lock(lua_State *L) {
+    const char *path = luaL_checkstring(L, 1);
+    int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOCTTY, 0600);
+    if (fd < 0) return tn_fail_errno(L, lua_pushfstring(L, "open %s", path), errno);
+    if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
+        int e = errno;
+        close(fd);
+        return tn_fail_errno(L, lua_pushfstring(L, "lock %s", path), e);
+    }
+    lua_pushinteger(L, fd);
+    return 1;
+}
+
 /* fs.close_fd(fd) -> true | nil, err, code */
 static int l_close_fd(lua_State *L) {
     lua_Integer fd = luaL_checkinteger(L, 1);
@@ -352,7 +370,7 @@ int tn_open_fs(lua_State *L) {
         {"mkdir", l_mkdir}, {"rmtree", l_rmtree}, {"unlink", l_unlink}, {"stat", l_stat},
         {"read", l_read}, {"write", l_write}, {"readdir", l_readdir}, {"realpath", l_realpath},
         {"chmod", l_chmod}, {"chown", l_chown}, {"cwd", l_cwd}, {"access", l_access},
-        {"open_fd", l_open_fd}, {"close_fd", l_close_fd}, {"put", l_put}, {"rmdir", l_rmdir},
+        {"open_fd", l_open_fd}, {"close_fd", l_close_fd}, {"lock", l_lock}, {"put", l_put}, {"rmdir", l_rmdir},
         {"truncate", l_truncate}, {"statfs", l_statfs}, {NULL, NULL},
     };
     luaL_newlib(L, fns);

@@ -847,6 +847,7 @@ command {
 
 -- cli.main(args [, io]) -> exit code. io = { out =, err =, env = } for tests.
 function cli.main(args, io_override)
+  if args[1] == "__tenement_keeper" then return require("tenement.keeper").main(args[2], args[3]) end
   io_override = io_override or {}
   local ctx = {
     out = io_override.out or io.stdout,

@@ -2,6 +2,7 @@
 -- socket, on one loop, until SIGTERM or SIGINT.
 local core = require "tenement.core"
 local supervisor = require "tenement.supervisor"
+local keeper = require "tenement.keeper"
 local store_mod = require "tenement.store"
 local api = require "tenement.api"
 local frontdoor = require "tenement.frontdoor"
@@ -49,6 +50,10 @@ function Server:start()
       .. "(its control socket %s answers): stop it first", paths.dir, paths.socket)
   end
   core.fs.unlink(paths.socket)
+  -- held until this server and its keeper are gone
+  local lock_fd, kerr = keeper.lock(paths.dir)
+  if not lock_fd then return nil, kerr end
+  self.lock_fd = lock_fd
 
   local st, serr = store_mod.open(paths.db)
   if not st then return nil, serr end
@@ -135,6 +140,14 @@ function Server:prepare_limits()
   local removed, failures = cgroup.cleanup_stale(layout)
   if removed and #removed > 0 then log.info("cgroups: removed %d left by an earlier run", #removed) end
   for _, f in ipairs(failures or {}) do log.warn("cgroups: %s", tostring(f)) end
+  if layout.track then
+    local proc, kerr = keeper.start(base, self.lock_fd)
+    if proc then
+      self.keeper = proc
+    else
+      log.warn("no keeper (what instances fork may outlive a ten that is killed outright): %s", kerr)
+    end
+  end
   local quotas = false
   for _, svc in pairs(self.cfg.services) do if svc.storage_quota_mb then quotas = true end end
   if quotas then

@@ -11,6 +11,7 @@ end
 
 local TEN = abs(support.ten)
 local BACKEND = abs(support.build .. "/fixtures/backend")
+local FORKN = abs(support.build .. "/fixtures/forkn")
 
 local function sleep(s) os.execute("sleep " .. s) end
 
@@ -72,6 +73,11 @@ describe("ten serve", function()
       string.format("command = %q", BACKEND),
       string.format("socket = %q", dir .. "/sock/{name}-{id}.sock"),
       'health = "/health"',
+      'isolation = "process"',
+      -- an app that leaves three processes of its own behind it
+      "[service.forky]",
+      string.format("command = %q", string.format("sh -c '%s 3 %s & exec %s'", FORKN, dir, BACKEND)),
+      string.format("socket = %q", dir .. "/sock/{name}-{id}.sock"),
       'isolation = "process"',
       "[instances]",
       'api = ["boot"]',
@@ -183,6 +189,51 @@ describe("ten serve", function()
     end
     assert.are.equal("running", by["api:a"].state)
     assert.are.equal("running", by["api:b"].state)
+  end)
+
+  it("kills what a process-isolated instance forked once the server is killed outright", function()
+    local text = assert(io.open(log)):read("a")
+    if not text:find("instance processes tracked in", 1, true) then
+      pending("no instance cgroups on this host (see the serve log): nothing can find an instance's grandchildren")
+      return
+    end
+    assert.are.equal(0, (ten(cfg, "spawn", "forky:a")))
+    -- the forkn processes carry this spec's directory in their argv
+    local function forked()
+      local found = {}
+      local p = io.popen("pgrep -f -- " .. support.quote("^" .. FORKN .. " 3 " .. dir .. "$"))
+      for line in p:lines() do found[#found + 1] = tonumber(line) end
+      p:close()
+      return found
+    end
+    local before
+    for _ = 1, 100 do
+      before = forked()
+      if #before >= 4 then break end
+      sleep(0.05)
+    end
+    assert.are.equal(4, #before, "forkn and its three children")
+    os.execute("kill -KILL " .. pid)
+    local left
+    for _ = 1, 100 do
+      left = {}
+      for _, p in ipairs(before) do if pid_alive(p) then left[#left + 1] = p end end
+      if #left == 0 then break end
+      sleep(0.05)
+    end
+    assert.are.same({}, left, "survived the server: " .. table.concat(left, " "))
+    assert.matches("is gone: killed what was left in", assert(io.open(log)):read("a"), 1, true)
+    -- the next server waited for that cleanup and starts clean
+    pid = serve(cfg, log .. "2")
+    assert.is_true(wait_up(cfg))
+    local state
+    for _ = 1, 100 do
+      local boot = ps(cfg)["api:boot"]
+      state = boot and boot.state
+      if state == "running" then break end
+      sleep(0.05)
+    end
+    assert.are.equal("running", state)
   end)
 
   it("refuses a second server on the same data directory", function()
