@@ -3039,26 +3039,40 @@ static void ups_account(px *x) {
 /* ---- direct routes ------------------------------------------------------
  * A handler that decided where a Host goes may tell the server (srv:route),
  * and the server then proxies that Host's requests itself, with no task,
- * no request object and no Lua at all, until the upstream is invalidated.
- * The key is the Host header exactly as sent: normalising belongs to the
- * handler, and every spelling it routed gets an entry of its own. The
- * table is bounded: past ROUTES_MAX entries it starts over. */
+ * no request object and no Lua at all, until one of the upstreams involved
+ * is invalidated. A route is one upstream, or several with weights (one
+ * is drawn per request), and an optional guard: an upstream used only for
+ * its epoch, which the handler invalidates when the set itself changes (an
+ * instance added to a service, a weight moved). The key is the Host header
+ * exactly as sent: normalising belongs to the handler, and every spelling
+ * it routed gets an entry of its own. The table is bounded: past
+ * ROUTES_MAX entries it starts over. */
 
 #define ROUTES_MAX 4096
+#define ROUTE_MEMBERS_MAX 256
+
+typedef struct route_member {
+    px_upstream *u;
+    unsigned epoch;
+    uint32_t weight;
+} route_member;
 
 struct srv_route {
     srv_route *next;
-    px_upstream *u;
-    unsigned epoch;
-    uint32_t hash;
+    px_upstream *guard;      /* or NULL */
+    unsigned guard_epoch;
+    uint32_t hash, total;    /* total: the sum of the weights */
+    int n;
     size_t hl;
-    char host[];
+    char *host;              /* after the members, in the same allocation */
+    route_member m[];
 };
 
 static uint32_t route_hash(const char *s, size_t n) { return px_hash(2, s, n); }
 
 static void srv_route_free(srv_route *e) {
-    ups_unref(e->u);
+    for (int i = 0; i < e->n; i++) ups_unref(e->m[i].u);
+    if (e->guard) ups_unref(e->guard);
     free(e);
 }
 
@@ -3082,6 +3096,23 @@ static srv_route **srv_route_slot(http_server *s, const char *host, size_t hl, u
     return pp;
 }
 
+static int route_stale(const srv_route *e) {
+    if (e->guard && e->guard->epoch != e->guard_epoch) return 1;
+    for (int i = 0; i < e->n; i++)
+        if (e->m[i].u->epoch != e->m[i].epoch || !e->m[i].u->pool) return 1;
+    return 0;
+}
+
+/* xorshift: the draw among weighted upstreams needs to be cheap, not
+ * unpredictable */
+static uint32_t route_draw(uint32_t total) {
+    static _Thread_local uint32_t x = 2463534242u;
+    x ^= x << 13;
+    x ^= x >> 17;
+    x ^= x << 5;
+    return x % total;
+}
+
 static px_upstream *srv_route_lookup(http_server *s, const http_head *h) {
     int n;
     const http_header *host = head_find(h, "host", &n);
@@ -3091,22 +3122,48 @@ static px_upstream *srv_route_lookup(http_server *s, const http_head *h) {
     srv_route **pp = srv_route_slot(s, v, host->value_len, hash);
     srv_route *e = *pp;
     if (!e) return NULL;
-    if (e->epoch != e->u->epoch || !e->u->pool) {
+    if (route_stale(e)) {
         *pp = e->next;
         s->nroutes--;
         srv_route_free(e);
         return NULL;
     }
-    return e->u;
+    if (e->n == 1) return e->m[0].u;
+    uint32_t r = route_draw(e->total);
+    for (int i = 0; i < e->n; i++) {
+        if (r < e->m[i].weight) return e->m[i].u;
+        r -= e->m[i].weight;
+    }
+    return e->m[e->n - 1].u;
 }
 
-/* srv:route(host, upstream | nil): requests whose Host header is exactly
- * host go straight to upstream (until it is invalidated); nil removes. */
+/* srv:route(host, target [, guard]): requests whose Host header is exactly
+ * host go straight to target, an upstream or a list { up1, weight1, up2,
+ * weight2, ... } drawn from by weight, until any of them (or the guard) is
+ * invalidated; a nil target removes the route. */
 static int l_server_route(lua_State *L) {
     http_server *s = check_server(L);
     size_t hl;
     const char *host = luaL_checklstring(L, 2, &hl);
-    px_upstream *u = lua_isnoneornil(L, 3) ? NULL : ups_check(L, 3);
+    int n = 0;
+    if (lua_istable(L, 3)) {
+        lua_Integer len = (lua_Integer)lua_rawlen(L, 3);
+        if (len < 2 || len % 2 || len / 2 > ROUTE_MEMBERS_MAX)
+            return luaL_argerror(L, 3, "a list of upstream, weight pairs (at most 256)");
+        n = (int)(len / 2);
+        for (int i = 0; i < n; i++) {
+            lua_rawgeti(L, 3, 2 * i + 1);
+            ups_check(L, -1);
+            lua_rawgeti(L, 3, 2 * i + 2);
+            lua_Integer w = lua_isinteger(L, -1) ? lua_tointeger(L, -1) : 0;
+            if (w < 1 || w > 1000000) return luaL_argerror(L, 3, "weights are integers in 1..1000000");
+            lua_pop(L, 2);
+        }
+    } else if (!lua_isnoneornil(L, 3)) {
+        ups_check(L, 3);
+        n = 1;
+    }
+    px_upstream *guard = lua_isnoneornil(L, 4) ? NULL : ups_check(L, 4);
     if (!s->routes) {
         s->routes = calloc(1024, sizeof *s->routes);
         if (!s->routes) return luaL_error(L, "out of memory");
@@ -3120,19 +3177,41 @@ static int l_server_route(lua_State *L) {
         s->nroutes--;
         srv_route_free(e);
     }
-    if (!u || s->closed) return 0;
+    if (n == 0 || s->closed) return 0;
     if (s->nroutes >= ROUTES_MAX) {
         srv_routes_clear(s);
         pp = srv_route_slot(s, host, hl, h);
     }
-    srv_route *e = malloc(sizeof *e + hl);
+    srv_route *e = calloc(1, sizeof *e + (size_t)n * sizeof e->m[0] + hl);
     if (!e) return luaL_error(L, "out of memory");
+    e->n = n;
+    for (int i = 0; i < n; i++) {
+        px_upstream *u;
+        uint32_t w = 1;
+        if (lua_istable(L, 3)) {
+            lua_rawgeti(L, 3, 2 * i + 1);
+            u = ((ups_box *)lua_touserdata(L, -1))->u;
+            lua_rawgeti(L, 3, 2 * i + 2);
+            w = (uint32_t)lua_tointeger(L, -1);
+            lua_pop(L, 2);
+        } else {
+            u = ((ups_box *)lua_touserdata(L, 3))->u;
+        }
+        e->m[i].u = u;
+        e->m[i].epoch = u->epoch;
+        e->m[i].weight = w;
+        e->total += w;
+        u->refs++;
+    }
+    if (guard) {
+        e->guard = guard;
+        e->guard_epoch = guard->epoch;
+        guard->refs++;
+    }
+    e->host = (char *)&e->m[n];
     memcpy(e->host, host, hl);
     e->hl = hl;
     e->hash = h;
-    e->u = u;
-    e->epoch = u->epoch;
-    u->refs++;
     e->next = *pp;
     *pp = e;
     s->nroutes++;

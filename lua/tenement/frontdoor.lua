@@ -37,13 +37,18 @@ function frontdoor.new(ctx)
     cfg = ctx.cfg, sup = ctx.sup, own = ctx.own, store = ctx.store,
     cold_starts = 0,
     waking = {},       -- "service:id" -> event set when its start is over
+    guards = {},       -- service -> upstream invalidated when its set of instances changes
     stats = { requests = 0, by_route = {} },  -- requests decided here (not the direct ones)
   }, Door)
   local ok, err = self:configure(ctx.cfg)
   if not ok then return nil, err end
+  -- whatever happens to an instance (state, weight) may change where its
+  -- host, and its service's host, should go
   self.unsubscribe = self.sup:on(function(ev)
     local inst = ev.instance and self.sup.instances[ev.instance]
     if inst then inst:reroute() end
+    local guard = ev.service and self.guards[ev.service]
+    if guard then guard:invalidate() end
   end)
   return self
 end
@@ -69,6 +74,8 @@ function Door:configure(cfg)
   self.view = { domain = cfg.settings.domain, routing = cfg.routing, services = services }
   self.route_hook = hook
   if self.http then self.http:clear_routes() end
+  -- a reload may add or drop instances of any service
+  for _, guard in pairs(self.guards or {}) do guard:invalidate() end
   return true
 end
 
@@ -175,15 +182,40 @@ function Door:ensure_running(service, id, on_demand)
   return started
 end
 
+-- The weighted set a service host may be handed to C as: every running
+-- instance with a weight, or nil while any of them is mid-rollout.
+function Door:service_set(candidates)
+  local set = {}
+  for _, c in ipairs(candidates) do
+    if c.state == "running" and (c.weight or 0) > 0 then
+      if c.route_socket then return nil end
+      set[#set + 1] = c:upstream()
+      set[#set + 1] = c.weight
+    end
+  end
+  if #set == 0 then return nil end
+  local guard = self.guards[candidates[1].service]
+  if not guard then
+    guard = core.http.upstream { name = candidates[1].service }
+    self.guards[candidates[1].service] = guard
+  end
+  return set, guard
+end
+
 -- Proxies req to inst through its upstream, which counts the request (in
 -- flight, so the reaper never puts an instance to sleep under one; done,
 -- with its status, bytes and time) and answers 502 itself when the
--- instance does not. direct: hand this Host to the C server from now on.
+-- instance does not. direct: hand this Host to the C server from now on
+-- (true: to inst; a function: to the set it returns).
 function Door:proxy(req, inst, direct)
   local upstream = inst:upstream()
   req:proxy(upstream)
-  if direct and self.http and inst.state == "running" and not inst.route_socket then
+  if not (direct and self.http and inst.state == "running" and not inst.route_socket) then return end
+  if direct == true then
     self.http:route(req.host, upstream)
+  else
+    local set, guard = direct()
+    if set then self.http:route(req.host, set, guard) end
   end
 end
 
@@ -199,9 +231,10 @@ function Door:handle(req)
 
   local service, id = target.service, target.id
   local svc = self.cfg.services[service]
-  -- only a route no hook decides can be handed to C: a hook may look at
-  -- the path or the headers of every request
-  local direct = target.kind == "instance" and not self.route_hook
+  -- only a decision made from the host alone can be handed to C, and none
+  -- a hook makes: it may look at the path or the headers of every request
+  local by_host = target.by_host and not self.route_hook
+  local direct = target.kind == "instance" and by_host or nil
   if target.kind == "service" then
     local candidates = self.sup:of_service(service)
     local pick = router.pick(candidates, math.random)
@@ -212,6 +245,8 @@ function Door:handle(req)
       return unavailable(req, "no instance of " .. service .. " can take requests now")
     end
     id = pick.id
+    -- the set is made after the proxy call: by then a woken instance runs
+    if by_host then direct = function() return self:service_set(candidates) end end
   else
     if not self:known(service, id) and not svc.on_demand then
       return text_reply(req, 404, string.format("no instance %s:%s", service, id))

@@ -83,6 +83,8 @@ end
 --   view: { domain, routing = cfg.routing, services = { [name] = true } }
 --   target: { kind = "instance", service, id } | { kind = "service", service }
 --         | { kind = "self" } | { kind = "status", status, reason }
+--   by_host = true on a target decided by the host alone (not the path):
+--   the front door may then hand that host to C for good (a direct route)
 function router.route(request, view)
   local host = router.normalize_host(request.host)
   if not host then
@@ -114,15 +116,15 @@ function router.route(request, view)
   if #labels == 1 then
     local label = labels[1]
     local mapped = routing.subdomain and routing.subdomain[label]
-    if mapped then return { kind = "service", service = mapped } end
-    if view.services[label] then return { kind = "service", service = label } end
+    if mapped then return { kind = "service", service = mapped, by_host = true } end
+    if view.services[label] then return { kind = "service", service = label, by_host = true } end
     return not_found("no service " .. label .. " here")
   elseif #labels == 2 then
     local id, service = labels[1], labels[2]
     service = (routing.subdomain and routing.subdomain[service]) or service
     if not view.services[service] then return not_found("no service " .. labels[2] .. " here") end
     if #id > 63 or not id:match("^[a-z0-9][a-z0-9-]*$") then return not_found("not a valid instance id") end
-    return { kind = "instance", service = service, id = id }
+    return { kind = "instance", service = service, id = id, by_host = true }
   end
   return not_found("no site " .. host .. " here")
 end

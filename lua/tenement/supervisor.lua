@@ -1001,6 +1001,7 @@ function Supervisor:set_weight(service, id, weight)
   end
   local inst = self:instance(service, id)
   inst.weight = weight
+  self:publish({ type = "weight", instance = inst.key, service = service, id = id, weight = weight })
   if self.store then
     local saved, serr = self.store:set_weight(service, id, weight)
     if not saved then return nil, serr, "internal" end

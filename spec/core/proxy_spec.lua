@@ -1043,7 +1043,11 @@ describe("req:proxy", function()
       end)
       assert.are.equal(500, assert(http.request { port = l:port(), target = "/" }).status)
       assert.matches("has no path yet", seen)
-      assert.matches("upstream expected", select(2, pcall(srv.route, srv, "h", {})))
+      assert.matches("upstream expected", select(2, pcall(srv.route, srv, "h", 42)))
+      assert.matches("upstream, weight pairs", select(2, pcall(srv.route, srv, "h", {})))
+      assert.matches("upstream, weight pairs", select(2, pcall(srv.route, srv, "h", { up })))
+      assert.matches("weights are integers", select(2, pcall(srv.route, srv, "h", { up, 0 })))
+      assert.matches("upstream expected", select(2, pcall(srv.route, srv, "h", { up, 1, "x", 1 })))
       srv:close()
     end)
   end)
@@ -1120,6 +1124,49 @@ describe("req:proxy", function()
       assert.are.equal(6, handled)
       c:close()
       assert.is_true(srv:drain(2000))
+    end)
+  end)
+
+  it("draws among weighted upstreams on a direct route, until one of them or the guard is invalidated", function()
+    core.run(function()
+      local b2 = start_backend(dir, "second")
+      local one = assert(http.upstream { name = "api:one", path = b.path })
+      local two = assert(http.upstream { name = "api:two", path = b2.path })
+      local guard = assert(http.upstream { name = "api" })
+      local l = assert(net.listen { port = 0 })
+      local handled = 0
+      local srv
+      srv = http.serve(l, function(req)
+        handled = handled + 1
+        srv:route(req.host, { one, 3, two, 1 }, guard)
+        req:proxy(one)
+      end, { lazy_body = true })
+      local c = raw(l:port())
+      local function go(n)
+        for _ = 1, n do
+          c:send("GET / HTTP/1.1\r\nHost: svc.test\r\n\r\n")
+          assert.are.equal(200, assert(c:response()).status)
+        end
+      end
+      go(401)
+      assert.are.equal(1, handled)
+      local n1, n2 = one:stats().requests - 1, two:stats().requests
+      assert.are.equal(400, n1 + n2)
+      -- 3:1 over 400 draws: far outside these bounds is a broken draw
+      assert.is_true(n1 > 240 and n1 < 360, "one got " .. n1 .. " of 400")
+      -- any member invalidated: decided again
+      two:invalidate()
+      go(1)
+      assert.are.equal(2, handled)
+      go(5)
+      assert.are.equal(2, handled)
+      -- the guard invalidated (say, a new instance of the service): again
+      guard:invalidate()
+      go(1)
+      assert.are.equal(3, handled)
+      c:close()
+      srv:close()
+      stop_backend(b2)
     end)
   end)
 

@@ -12,11 +12,11 @@ end
 
 describe("router.route", function()
   it("sends id.service.domain to that instance", function()
-    assert.are.same({ kind = "instance", service = "api", id = "user123" }, route("user123.api.example.com"))
+    assert.are.same({ kind = "instance", service = "api", id = "user123", by_host = true }, route("user123.api.example.com"))
   end)
 
   it("sends service.domain to the service", function()
-    assert.are.same({ kind = "service", service = "api" }, route("api.example.com"))
+    assert.are.same({ kind = "service", service = "api", by_host = true }, route("api.example.com"))
   end)
 
   it("sends the bare domain to the server's own pages", function()
@@ -30,8 +30,8 @@ describe("router.route", function()
   end)
 
   it("ignores case and the port, and a trailing dot", function()
-    assert.are.same({ kind = "instance", service = "api", id = "prod" }, route("PROD.Api.Example.COM:8080"))
-    assert.are.same({ kind = "service", service = "web" }, route("web.example.com."))
+    assert.are.same({ kind = "instance", service = "api", id = "prod", by_host = true }, route("PROD.Api.Example.COM:8080"))
+    assert.are.same({ kind = "service", service = "web", by_host = true }, route("web.example.com."))
   end)
 
   it("rejects hosts that are not valid names with 400", function()
@@ -53,8 +53,8 @@ describe("router.route", function()
   end)
 
   it("maps subdomains", function()
-    assert.are.same({ kind = "service", service = "admin" }, route("console.example.com"))
-    assert.are.same({ kind = "instance", service = "admin", id = "x" }, route("x.console.example.com"))
+    assert.are.same({ kind = "service", service = "admin", by_host = true }, route("console.example.com"))
+    assert.are.same({ kind = "instance", service = "admin", id = "x", by_host = true }, route("x.console.example.com"))
   end)
 
   it("maps path prefixes on the bare domain, longest first, on segment boundaries", function()
