@@ -1155,6 +1155,21 @@ static void reap_now(int pidfd) {
     }
 }
 
+/* The child's stack: mapped on a thread's first spawn and kept. One is
+ * enough, since CLONE_VFORK holds the thread until the child has left our
+ * memory (exec or exit); a fresh mapping each time cost an mmap, a munmap
+ * (with a TLB shootdown of the CPU the child ran on) and the page faults of
+ * the stack, at every spawn. */
+static void *child_stack(void) {
+    static _Thread_local void *stack;
+    if (!stack) {
+        void *m = mmap(NULL, CHILD_STACK_SIZE, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK | MAP_NORESERVE, -1, 0);
+        if (m != MAP_FAILED) stack = m;
+    }
+    return stack;
+}
+
 /* proc.spawn(spec) -> process | nil, err, code */
 static int l_proc_spawn(lua_State *L) {
     static const char *const stdio_names[] = {"stdin", "stdout", "stderr"};
@@ -1261,7 +1276,7 @@ static int l_proc_spawn(lua_State *L) {
     int devnull = -1;
     const char *fail_stage = NULL;
     int fail_err = 0;
-    void *stack = MAP_FAILED;
+    void *stack = NULL;
     for (int i = 0; i < 3 && !fail_stage; i++) {
         switch (kind[i]) {
         case STDIO_PIPE: {
@@ -1287,9 +1302,8 @@ static int l_proc_spawn(lua_State *L) {
         if (a.parent_pidfd < 0) { fail_stage = "pidfd_open"; fail_err = errno; }
     }
     if (!fail_stage) {
-        stack = mmap(NULL, CHILD_STACK_SIZE, PROT_READ | PROT_WRITE,
-                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK | MAP_NORESERVE, -1, 0);
-        if (stack == MAP_FAILED) { fail_stage = "mmap"; fail_err = errno; }
+        stack = child_stack();
+        if (!stack) { fail_stage = "mmap"; fail_err = errno; }
     }
 
     int pidfd = -1;
@@ -1304,7 +1318,6 @@ static int l_proc_spawn(lua_State *L) {
         pthread_sigmask(SIG_SETMASK, &old, NULL);
         if (pid < 0) { fail_stage = "clone"; fail_err = e; }
     }
-    if (stack != MAP_FAILED) munmap(stack, CHILD_STACK_SIZE);
     for (int i = 0; i < 3; i++) close_fd(&theirs[i]);
     close_fd(&devnull);
     close_fd(&a.parent_pidfd);
