@@ -24,17 +24,18 @@
  *     the init's group, which holds only the init);
  *   - reaps every process that ends in the namespace (orphans are reparented
  *     to PID 1);
- *   - when the app exits, SIGKILLs whatever is left in the namespace, reaps
- *     it, and exits with the app's status: its exit code, or 128 + the
- *     signal that killed it. PID 1 cannot pass a death by signal on by
- *     raising the signal on itself (the kernel ignores it for an init), so
- *     128 + n it is, the shells' convention: SIGKILL gives 137.
+ *   - when the app exits, exits with the app's status; the kernel reports
+ *     that exit only once it has SIGKILLed and reaped whatever was left in
+ *     the namespace. The status is the app's exit code, or 128 + the signal
+ *     that killed it: PID 1 cannot pass a death by signal on by raising the
+ *     signal on itself (the kernel ignores it for an init), so 128 + n it
+ *     is, the shells' convention: SIGKILL gives 137.
  * Its own failures: 125 (bad usage, fork failed); the app not found, 127;
  * found but not runnable, 126, each with one line on stderr.
  *
  * Run by hand outside a PID namespace (it is not PID 1), it still forwards
- * and reaps, as a child subreaper, but kills only the app's process group at
- * the end: kill(-1) there would be every process of the machine.
+ * and reaps, as a child subreaper, and SIGKILLs the app's process group at
+ * the end (no namespace ends with it to take the rest along).
  *
  * Only libc calls that musl and glibc both have, and no tenement header: the
  * alone build has neither Lua nor libuv.
@@ -129,13 +130,12 @@ int tn_init_main(int argc, char **argv, int first) {
         }
     }
 
-    if (pid1) {
-        /* Every process of the namespace but us. Nothing can outlive the
-         * app: the kernel would kill it when we exit anyway, but then
-         * after our status is out, racing whoever restarts the instance. */
-        kill(-1, SIGKILL);
-        while (waitpid(-1, NULL, 0) > 0 || errno == EINTR) {}
-    } else {
+    /* As PID 1, nothing to do: when we exit, the kernel SIGKILLs every
+     * process left in the namespace and waits until all are reaped before
+     * our exit is reported (zap_pid_ns_processes), so nothing outlives our
+     * status. It walks only the namespace's pids, where a kill(-1) from here
+     * would walk every process of the host. */
+    if (!pid1) {
         kill(-app, SIGKILL);
         int dummy = 0, done = 0;
         reap(app, &dummy, &done);
