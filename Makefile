@@ -77,6 +77,8 @@ $(BUILD)/obj/embedded.o: $(BUILD)/gen/embedded.c
 $(BUILD)/tenement-init: c/init.c
 	@mkdir -p $(@D)
 	@$(if $(Q),echo "  INITCC  $@")
+	@command -v $(firstword $(INIT_CC)) >/dev/null || { echo "make: no $(firstword $(INIT_CC)) to build" \
+	  "the instances' init: install musl-tools (make deps does), or set INIT_CC" >&2; exit 1; }
 	$(Q)$(INIT_CC) -std=c11 $(WARN) -Os -static -s -D_GNU_SOURCE -DTN_INIT_ALONE -o $@ $<
 
 # Its bytes, compiled into ten and core.so alike (core.proc.init_fd serves
