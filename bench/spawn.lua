@@ -3,7 +3,7 @@
 -- Spawn: core.proc.spawn with the very spec each runtime driver's prepare()
 -- returns (what the supervisor hands to core.proc.spawn), for a statically
 -- linked child that exits at once; timed from the call to the child reaped
--- (for namespaces that includes ten's init as PID 1 starting the app). Then
+-- (for namespaces that includes tenement's init as PID 1 starting the app). Then
 -- again while this process holds 1 GiB of touched memory, with a plain
 -- fork()+exec reference (bench/apps/forkspawn.c) beside it.
 --
@@ -27,7 +27,7 @@ local function spawn_samples(level, network, n, dir, static)
       local id = "s" .. i
       local ctx = {
         argv = { static }, env = { "PATH=/usr/bin:/bin" }, cwd = dir, stdout_fd = "null", stderr_fd = "null",
-        service = { name = "bench", network = network }, id = id, init_path = lib.ten,
+        service = { name = "bench", network = network }, id = id,
         vars = { name = "bench", id = id, data_dir = dir .. "/data", instance_dir = dir .. "/data/bench/" .. id,
           socket = dir .. "/sock/bench-" .. id .. ".sock" },
       }
@@ -240,7 +240,8 @@ function M.run()
     "Spawn: through core.proc.spawn (not the supervisor), with the spec runtimes/<level>.lua prepare() returns, which "
       .. "is exactly what the supervisor passes to core.proc.spawn; the child is a static binary that exits 0. "
       .. "p50_us/p99_us: call to child reaped; call_*: the spawn call alone (clone + exec with CLONE_VFORK).",
-    "Namespace spawns run ten's own init as PID 1 (ten __tenement_init), which then starts the child.",
+    "Namespace spawns run tenement's init as PID 1 (c/init.c built alone, static, embedded in ten and run from a "
+      .. "sealed memfd), which then starts the child.",
     "Wake: the app's own start (spawn of the fixture to its first answer, without ten) is measured 100 times and "
       .. "its percentile subtracted from the wake percentile.",
   }

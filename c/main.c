@@ -70,8 +70,9 @@ static void warn_to_stderr(void *ud, const char *msg, int tocont) {
 }
 
 int main(int argc, char **argv) {
-    /* PID 1 of a namespaced instance (c/init.c): no Lua state, no loop. */
-    if (argc > 1 && strcmp(argv[1], "__tenement_init") == 0) return tn_init_main(argc, argv);
+    /* The init of namespaced instances (c/init.c), for a run by hand: no Lua
+     * state, no loop. Instances themselves get the small embedded build. */
+    if (argc > 1 && strcmp(argv[1], "__tenement_init") == 0) return tn_init_main(argc, argv, 2);
     lua_State *L = luaL_newstate();
     if (!L) {
         fputs("ten: cannot create the Lua state (out of memory)\n", stderr);

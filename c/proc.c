@@ -34,13 +34,21 @@
  * spawned the child ends, not the process: spawn from the loop's thread only.
  *
  * Namespaces. clone_flags put the child itself into new namespaces (with
- * newpid it is PID 1 there: the namespace runtime makes it `ten`'s init,
- * c/init.c). The child then sets the namespaces up before anything else:
- * with newuser it maps its own uid and gid to 0 (the single mapping an
- * unprivileged process may write for itself); mount_proc makes every mount
- * private and mounts a /proc of the new PID namespace; hostname names its
- * UTS namespace; loopback brings `lo` of its network namespace up. Then the
+ * newpid it is PID 1 there: the namespace runtime makes it the init of
+ * c/init.c, which proc.init_fd serves from memory, run through exec_fd).
+ * The child then sets the namespaces up before anything else: with newuser
+ * it maps its own uid and gid to 0 (the single mapping an unprivileged
+ * process may write for itself); mount_proc makes every mount private and
+ * mounts a /proc of the new PID namespace; hostname names its UTS
+ * namespace; loopback brings `lo` of its network namespace up. Then the
  * cgroups, rlimits and the credential change, as for any child.
+ *
+ * exec_fd runs the program behind an open fd (execveat with AT_EMPTY_PATH,
+ * fexecve's system call) instead of a path: the child keeps that one fd
+ * past the closing of ours, and exec closes it. argv[1] then only names the
+ * program. A script cannot run that way (its interpreter would need the fd
+ * by path, after exec closed it): ELF binaries only, which is what the init
+ * is.
  */
 #include "tn.h"
 
@@ -77,6 +85,10 @@ extern char **environ;
 #define CHILD_STACK_SIZE (256 * 1024)
 #define PIPE_READ_SIZE (64 * 1024)
 #define MAX_RLIMITS 16
+/* In the kernel since 6.3, in glibc's headers since 2.38. */
+#ifndef MFD_EXEC
+#define MFD_EXEC 0x0010U
+#endif
 
 /* ---- signal names ------------------------------------------------------ */
 
@@ -150,7 +162,8 @@ static const struct { const char *name; int flag; } clone_flag_names[] = {
  * stage, err and stage_arg, and only when it fails, and ifr (the kernel's
  * answer to SIOCGIFFLAGS, which the parent never reads). */
 struct child_args {
-    const char *path;
+    const char *path;        /* or, with exec_fd, only the name for messages */
+    int exec_fd;             /* -1: exec path */
     char *const *argv;
     char *const *envp;
     const char *cwd;
@@ -205,6 +218,25 @@ CHILD_CODE static int child_write(const char *path, const char *data, size_t len
     if (n == (ssize_t)len) return 0;
     errno = n < 0 ? err : EIO;
     return -1;
+}
+
+/* Close every fd from 3 up, except keep (the fd to exec, or -1). */
+CHILD_CODE static int child_close_fds(int keep) {
+    unsigned first = 3;
+    if (keep >= 3) {
+        if (keep > 3 && syscall(SYS_close_range, 3U, (unsigned)keep - 1, 0) != 0) goto one_by_one;
+        first = (unsigned)keep + 1;
+    }
+    if (syscall(SYS_close_range, first, ~0U, 0) == 0) return 0;
+one_by_one:
+    if (errno != ENOSYS) return -1;
+    struct rlimit nofile;
+    rlim_t max = 65536;
+    if (getrlimit(RLIMIT_NOFILE, &nofile) == 0 && nofile.rlim_cur < max) max = nofile.rlim_cur;
+    for (rlim_t fd = 3; fd < max; fd++) {
+        if ((int)fd != keep) close((int)fd);
+    }
+    return 0;
 }
 
 CHILD_CODE static int child_main(void *arg) {
@@ -321,15 +353,15 @@ CHILD_CODE static int child_main(void *arg) {
     }
     /* Nothing of ours beyond stdio reaches the program: listening sockets,
      * other instances' pipes, the database. */
-    if (syscall(SYS_close_range, 3U, ~0U, 0) != 0) {
-        if (errno != ENOSYS) child_fail(a, ST_CLOSE_FDS, 0);
-        struct rlimit nofile;
-        rlim_t max = 65536;
-        if (getrlimit(RLIMIT_NOFILE, &nofile) == 0 && nofile.rlim_cur < max) max = nofile.rlim_cur;
-        for (rlim_t fd = 3; fd < max; fd++) close((int)fd);
-    }
+    if (child_close_fds(a->exec_fd) != 0) child_fail(a, ST_CLOSE_FDS, 0);
 
-    execve(a->path, a->argv, a->envp);
+    if (a->exec_fd >= 0) {
+        /* Close-on-exec whatever the caller opened it with: exec closes it. */
+        if (fcntl(a->exec_fd, F_SETFD, FD_CLOEXEC) != 0) child_fail(a, ST_EXEC, 0);
+        syscall(SYS_execveat, a->exec_fd, "", a->argv, a->envp, AT_EMPTY_PATH);
+    } else {
+        execve(a->path, a->argv, a->envp);
+    }
     child_fail(a, ST_EXEC, 0);
 }
 
@@ -854,7 +886,7 @@ static const char *checked_cstring(lua_State *L, int idx, const char *what) {
 static const char *const spec_keys[] = {
     "argv", "env", "cwd", "stdin", "stdout", "stderr", "setsid", "pdeathsig", "cgroup_fds",
     "clone_flags", "uid", "gid", "groups", "no_new_privs", "rlimits", "mount_proc", "hostname",
-    "loopback", NULL,
+    "loopback", "exec_fd", NULL,
 };
 
 static void check_spec_keys(lua_State *L) {
@@ -1155,6 +1187,21 @@ static void reap_now(int pidfd) {
     }
 }
 
+/* The child's stack: mapped on a thread's first spawn and kept. One is
+ * enough, since CLONE_VFORK holds the thread until the child has left our
+ * memory (exec or exit); a fresh mapping each time cost an mmap, a munmap
+ * (with a TLB shootdown of the CPU the child ran on) and the page faults of
+ * the stack, at every spawn. */
+static void *child_stack(void) {
+    static _Thread_local void *stack;
+    if (!stack) {
+        void *m = mmap(NULL, CHILD_STACK_SIZE, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK | MAP_NORESERVE, -1, 0);
+        if (m != MAP_FAILED) stack = m;
+    }
+    return stack;
+}
+
 /* proc.spawn(spec) -> process | nil, err, code */
 static int l_proc_spawn(lua_State *L) {
     static const char *const stdio_names[] = {"stdin", "stdout", "stderr"};
@@ -1166,6 +1213,7 @@ static int l_proc_spawn(lua_State *L) {
     struct child_args a;
     memset(&a, 0, sizeof a);
     a.parent_pidfd = -1;
+    a.exec_fd = -1;
 
     char **argv = read_argv(&r);
     char **envp = read_env(&r);
@@ -1204,13 +1252,23 @@ static int l_proc_spawn(lua_State *L) {
     read_rlimits(L, &a);
     int ns_flags = read_clone_flags(L);
     read_namespace_setup(L, &r, &a, ns_flags);
+    if (lua_getfield(L, 1, "exec_fd") != LUA_TNIL) {
+        lua_Integer fd = lua_tointeger(L, -1);
+        /* 0 to 2 become the child's stdio before exec */
+        if (!lua_isinteger(L, -1) || fd < 3 || fd > INT_MAX)
+            luaL_error(L, "spawn: spec.exec_fd must be a file descriptor above 2");
+        a.exec_fd = (int)fd;
+    }
+    lua_pop(L, 1);
 
     const char *pathvar = DEFAULT_PATH;
     for (char **e = envp; *e; e++) {
         if (strncmp(*e, "PATH=", 5) == 0) { pathvar = *e + 5; break; }
     }
     const char *name = argv[0];
-    int err = resolve_path(&r, name, pathvar, a.cwd, &a.path);
+    int err = 0;
+    if (a.exec_fd >= 0) a.path = name;
+    else err = resolve_path(&r, name, pathvar, a.cwd, &a.path);
     if (err) {
         lua_pushnil(L);
         lua_pushfstring(L, "spawn %s: exec: %s: %s (not found in PATH %s)", name,
@@ -1261,7 +1319,7 @@ static int l_proc_spawn(lua_State *L) {
     int devnull = -1;
     const char *fail_stage = NULL;
     int fail_err = 0;
-    void *stack = MAP_FAILED;
+    void *stack = NULL;
     for (int i = 0; i < 3 && !fail_stage; i++) {
         switch (kind[i]) {
         case STDIO_PIPE: {
@@ -1287,9 +1345,8 @@ static int l_proc_spawn(lua_State *L) {
         if (a.parent_pidfd < 0) { fail_stage = "pidfd_open"; fail_err = errno; }
     }
     if (!fail_stage) {
-        stack = mmap(NULL, CHILD_STACK_SIZE, PROT_READ | PROT_WRITE,
-                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK | MAP_NORESERVE, -1, 0);
-        if (stack == MAP_FAILED) { fail_stage = "mmap"; fail_err = errno; }
+        stack = child_stack();
+        if (!stack) { fail_stage = "mmap"; fail_err = errno; }
     }
 
     int pidfd = -1;
@@ -1304,7 +1361,6 @@ static int l_proc_spawn(lua_State *L) {
         pthread_sigmask(SIG_SETMASK, &old, NULL);
         if (pid < 0) { fail_stage = "clone"; fail_err = e; }
     }
-    if (stack != MAP_FAILED) munmap(stack, CHILD_STACK_SIZE);
     for (int i = 0; i < 3; i++) close_fd(&theirs[i]);
     close_fd(&devnull);
     close_fd(&a.parent_pidfd);
@@ -1385,27 +1441,46 @@ static int l_proc_environ(lua_State *L) {
     return 1;
 }
 
-/* proc.self_exe() -> path | nil, err, code: the file this process runs,
- * resolved now (the namespace runtime execs it as the instance's init, and a
- * child that mounted its own /proc could no longer ask). A binary replaced
- * or deleted since it started has no path any more: that is an error, not
- * the name of whatever file now has that name. */
-static int l_proc_self_exe(lua_State *L) {
-    char buf[PATH_MAX];
-    ssize_t n = readlink("/proc/self/exe", buf, sizeof buf - 1);
-    if (n < 0) return tn_fail_errno(L, "readlink /proc/self/exe", errno);
-    if ((size_t)n == sizeof buf - 1) return tn_fail_errno(L, "readlink /proc/self/exe", ENAMETOOLONG);
-    buf[n] = '\0';
-    static const char deleted[] = " (deleted)";
-    size_t dl = sizeof deleted - 1;
-    if ((size_t)n > dl && strcmp(buf + n - dl, deleted) == 0) {
-        buf[n - dl] = '\0';
-        lua_pushnil(L);
-        lua_pushfstring(L, "%s was replaced or deleted after this process started: restart it", buf);
-        lua_pushliteral(L, "ENOENT");
-        return 3;
+/* proc.init_fd() -> fd | nil, err, code: the init of namespaced instances
+ * (c/init.c built alone, embedded at build time) in a memfd, for
+ * spec.exec_fd. Made on the first call and kept open for the life of the
+ * process: one copy in memory for every instance. Sealed against any write,
+ * growth or shrinking, so nothing can change what later instances run as
+ * PID 1; close-on-exec, so no child keeps it. */
+static int init_fd = -1;
+
+static int l_proc_init_fd(lua_State *L) {
+    if (init_fd >= 0) {
+        lua_pushinteger(L, init_fd);
+        return 1;
     }
-    lua_pushstring(L, buf);
+    int fd = memfd_create("tenement-init", MFD_CLOEXEC | MFD_ALLOW_SEALING | MFD_EXEC);
+    /* Before 6.3 the kernel knows no MFD_EXEC, and every memfd may be run. */
+    if (fd < 0 && errno == EINVAL) fd = memfd_create("tenement-init", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    if (fd < 0) return tn_fail_errno(L, "init: memfd_create", errno);
+    const char *stage = NULL;
+    int err = 0;
+    for (size_t off = 0; off < tn_init_image_size && !stage; ) {
+        ssize_t n = write(fd, tn_init_image + off, tn_init_image_size - off);
+        if (n > 0) off += (size_t)n;
+        else if (n < 0 && errno != EINTR) { stage = "init: write the memfd"; err = errno; }
+    }
+    if (!stage && fcntl(fd, F_ADD_SEALS, F_SEAL_WRITE | F_SEAL_GROW | F_SEAL_SHRINK | F_SEAL_SEAL) != 0) {
+        stage = "init: seal the memfd";
+        err = errno;
+    }
+    if (!stage && fd < 3) {
+        /* Started with stdio closed: 0 to 2 are what a spawn overwrites. */
+        int moved = fcntl(fd, F_DUPFD_CLOEXEC, 3);
+        if (moved < 0) { stage = "init: move the memfd above 2"; err = errno; }
+        else { close(fd); fd = moved; }
+    }
+    if (stage) {
+        close(fd);
+        return tn_fail_errno(L, stage, err);
+    }
+    init_fd = fd;
+    lua_pushinteger(L, init_fd);
     return 1;
 }
 
@@ -1450,7 +1525,7 @@ int tn_open_proc(lua_State *L) {
     static const luaL_Reg fns[] = {
         {"spawn", l_proc_spawn}, {"environ", l_proc_environ}, {"getpid", l_proc_getpid},
         {"rlimit", l_proc_rlimit},
-        {"self_exe", l_proc_self_exe},
+        {"init_fd", l_proc_init_fd},
         {"kill", l_proc_rawkill}, {"signal_name", l_proc_signal_name}, {NULL, NULL},
     };
     /* SIGPIPE is ignored by the module's open (module.c); children get it

@@ -102,8 +102,14 @@ int tn_open_crypto(lua_State *L);
 int tn_open_fs(lua_State *L);
 int tn_open_logbuf(lua_State *L);
 
-/* PID 1 of a namespaced instance (c/init.c): `ten __tenement_init -- app...`,
- * run by main() before any Lua state exists. */
-int tn_init_main(int argc, char **argv);
+/* The init of namespaced instances (c/init.c): `ten __tenement_init -- app...`,
+ * run by main() before any Lua state exists; argv[first] follows the init's
+ * own words. */
+int tn_init_main(int argc, char **argv, int first);
+
+/* The same init built alone (static, musl), embedded by the Makefile
+ * ($(BUILD)/gen/init_image.c): what core.proc.init_fd serves. */
+extern const unsigned char tn_init_image[];
+extern const size_t tn_init_image_size;
 
 #endif

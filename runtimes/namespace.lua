@@ -1,9 +1,10 @@
 -- Isolation level "namespace" (the default): the app runs in its own PID,
 -- mount, IPC and UTS namespaces, with a /proc of its own that shows only its
--- processes, and the hostname "<service>-<id>". PID 1 there is `ten` itself
--- (`ten __tenement_init -- app...`, c/init.c), which forwards signals to
--- the app (PID 2), reaps orphans, kills what the app leaves behind and exits
--- with the app's status (128 + n when a signal killed it).
+-- processes, and the hostname "<service>-<id>". PID 1 there is tenement's
+-- init (c/init.c built alone: a small static binary embedded in ten, run
+-- from a sealed memfd, core.proc.init_fd), which forwards signals to the app
+-- (PID 2), reaps orphans, kills what the app leaves behind and exits with
+-- the app's status (128 + n when a signal killed it).
 --
 -- network = "isolated" adds a network namespace with only loopback up: the
 -- app is reached solely through its Unix socket (a path in the file system,
@@ -27,16 +28,22 @@ local HOSTNAME_MAX = 64
 -- The result of the one probe: { userns = bool } or { reason = "..." }.
 local probed
 
-local function spawn_probe(userns)
+-- The init's argv: its name, then the app's command line.
+local function init_argv(app)
+  local argv = { "tenement-init", "--" }
+  for i, a in ipairs(app) do argv[2 + i] = a end
+  return argv
+end
+
+-- A real start of the init in the namespaces: it proves the namespace steps
+-- (each names its stage when it fails) and that the init's memfd may be run.
+local function spawn_probe(init, userns)
   local flags = { table.unpack(BASE_FLAGS) }
   if userns then flags[#flags + 1] = "newuser" end
   local p, err, code = core.proc.spawn {
-    argv = { "/bin/true" }, env = {}, stdin = "null", stdout = "null", stderr = "null",
-    clone_flags = flags, mount_proc = true, hostname = "tenement-probe",
+    argv = init_argv { "/bin/true" }, exec_fd = init, env = {}, stdin = "null", stdout = "null",
+    stderr = "null", clone_flags = flags, mount_proc = true, hostname = "tenement-probe",
   }
-  -- Every namespace step runs before exec: one that fails names its stage,
-  -- so an exec failure (no /bin/true here) still proves them all.
-  if not p and err and err:find(": exec: ", 1, true) then return true end
   if not p then return nil, err, code end
   if core.current() then p:wait(2000) end
   p:close()
@@ -63,15 +70,23 @@ local function why_not(err_direct, err_userns, code)
     'or set isolation = "process" for the service', err_direct, err_userns or "not tried", fix)
 end
 
--- available() -> true | nil, reason. Probes once with a real clone (about a
--- millisecond), first directly, then in a user namespace; remembers which.
+-- available() -> true | nil, reason. Probes once with a real start of the
+-- init (about a millisecond), first directly, then in a user namespace;
+-- remembers which.
 function driver.available()
   if not probed then
-    local ok, err = spawn_probe(false)
+    local init, err = core.proc.init_fd()
+    local ok
+    if init then ok, err = spawn_probe(init, false) end
     if ok then
       probed = { userns = false }
+    elseif not init or err:find(": exec: ", 1, true) then
+      -- every namespace step ran before exec: only the init could not
+      probed = { reason = string.format("cannot run the init of namespaced instances from memory: %s. Fix: " ..
+        "allow ten executable memfds (sysctl vm.memfd_noexec = 0 or 1, and any security module that " ..
+        'forbids them), or set isolation = "process" for the service', err) }
     else
-      local uok, uerr, ucode = spawn_probe(true)
+      local uok, uerr, ucode = spawn_probe(init, true)
       if uok then probed = { userns = true }
       else probed = { reason = why_not(err, uerr, ucode) } end
     end
@@ -91,36 +106,26 @@ end
 
 -- prepare(instance) -> spec for core.proc.spawn | nil, err
 --   instance: { argv, env (list of "K=V"), cwd, stdout_fd, stderr_fd,
---               service (its config: name, network, ...), id, vars,
---               init_path (the ten binary, which runs as PID 1) }
+--               service (its config: name, network, ...), id, vars }
 function driver.prepare(instance)
-  local init = instance.init_path
-  if type(init) ~= "string" or init == "" then
-    return nil, "namespace isolation needs the ten binary as the instance's init, and none was found " ..
-      "(this process is not ten, and TENEMENT_INIT is not set): set TENEMENT_INIT to the path of ten, " ..
-      'or set isolation = "process" for the service'
-  end
-  if init:sub(1, 1) ~= "/" then
-    return nil, string.format("the init path %q must be absolute (TENEMENT_INIT)", init)
-  end
-  if not probed then
-    local ok, err = driver.available()
-    if not ok then return nil, err end
-  end
+  local ok, err = driver.available()
+  if not ok then return nil, err end
+  -- made by the probe, and kept open by the core from then on
+  local init, ierr = core.proc.init_fd()
+  if not init then return nil, ierr end
   local svc = instance.service or {}
   local network = svc.network or "host"
   if network ~= "host" and network ~= "isolated" then
     return nil, string.format('network = %q: expected "host" or "isolated"', tostring(network))
   end
 
-  local argv = { init, "__tenement_init", "--" }
-  for i, a in ipairs(instance.argv) do argv[3 + i] = a end
   local flags = { table.unpack(BASE_FLAGS) }
   if network == "isolated" then flags[#flags + 1] = "newnet" end
   if probed.userns then flags[#flags + 1] = "newuser" end
   local name = svc.name or (instance.vars and instance.vars.name) or "instance"
   return require("tenement.runtime").credentials(instance, {
-    argv = argv,
+    argv = init_argv(instance.argv),
+    exec_fd = init,
     env = instance.env,
     cwd = instance.cwd,
     stdin = "null",

@@ -73,19 +73,10 @@ function supervisor.new(cfg, opts)
       self.weights[row.service .. ":" .. row.id] = row.weight
     end
   end
-  self.init_path = opts.init_path or supervisor.find_init(self.environ)
   -- cgroup layout: given by the server (which detects it at start and logs
   -- it); otherwise detected the first time a limit asks for it
   self.cgroups = opts.cgroups
   return self
-end
-
--- The `ten` binary, which is also the PID 1 of namespaced instances: this
--- process when it is ten, else $TENEMENT_INIT (specs run under stock lua5.4).
-function supervisor.find_init(environ)
-  local exe = core.proc.self_exe and core.proc.self_exe()
-  if exe and (exe:match("/ten$") or exe:match("/slum$")) then return exe end
-  return environ.TENEMENT_INIT or os.getenv("TENEMENT_INIT")
 end
 
 function supervisor.key(service, id) return service .. ":" .. id end
@@ -334,7 +325,7 @@ function Instance:launch()
   local err_r, err_w = core.logbuf.pipe()
   local ctx = {
     argv = argv, env = env, cwd = cwd, stdout_fd = out_w, stderr_fd = err_w,
-    service = svc, id = self.id, vars = vars, init_path = sup.init_path,
+    service = svc, id = self.id, vars = vars,
     user = user, rlimits = { nofile = svc.nofile, nproc = svc.nproc },
   }
   local spec, prep_err = driver.prepare(ctx)

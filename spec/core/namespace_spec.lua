@@ -1,5 +1,6 @@
--- Isolation level "namespace" (runtimes/namespace.lua, the init in c/init.c,
--- the namespace fields of core.proc.spawn), against the real kernel.
+-- Isolation level "namespace" (runtimes/namespace.lua, the init in c/init.c
+-- as core.proc.init_fd serves it, the namespace fields of core.proc.spawn),
+-- against the real kernel.
 --
 -- Regression: the original's "namespace" isolation called unshare in a
 -- pre-exec hook, which leaves the caller itself in the host's PID namespace:
@@ -39,10 +40,23 @@ local function slurp(path)
   return s
 end
 
+-- The target of a symbolic link such as /proc/PID/exe (even a deleted one).
+local function readlink(path)
+  local code, out = support.run("readlink " .. support.quote(path))
+  assert(code == 0, "readlink " .. path)
+  return (out:gsub("\n$", ""))
+end
+
+-- The shared objects mapped into a process: none for a static binary.
+local function shared_objects(pid)
+  local out = {}
+  for path in (slurp("/proc/" .. pid .. "/maps") or ""):gmatch("%s(/%S+%.so[%.%d]*)\n") do out[path] = true end
+  return out
+end
+
 -- Why these specs cannot run here, or nil.
 local function unable()
   if not is_root() then return "namespace specs run as root (the user-namespace path has its own spec)" end
-  if not TEN or not exists(TEN) then return "no ten binary: run through `make test-only` (it sets TEN)" end
   return nil
 end
 
@@ -80,7 +94,6 @@ local function ns_spawn(cmd, opts)
   local spec = assert(driver.prepare {
     argv = argv, env = opts.env or { "PATH=" .. PATH }, cwd = opts.cwd,
     service = { name = opts.service or "svc", network = opts.network }, id = opts.id or "a",
-    init_path = TEN,
   })
   return assert(proc.spawn(spec))
 end
@@ -139,13 +152,14 @@ describe("namespace isolation", function()
       end)
     end)
 
-    it("builds the spawn spec: ten as init, the namespaces, /proc, hostname", function()
+    it("builds the spawn spec: the init from memory, the namespaces, /proc, hostname", function()
       driver.reset({ userns = false })
       local spec = assert(driver.prepare {
         argv = { "app", "--flag" }, env = { "A=1" }, cwd = "/srv", stdout_fd = 7, stderr_fd = 8,
-        service = { name = "web", network = "host" }, id = "prod", init_path = "/opt/ten",
+        service = { name = "web", network = "host" }, id = "prod",
       })
-      assert.are.same({ "/opt/ten", "__tenement_init", "--", "app", "--flag" }, spec.argv)
+      assert.are.same({ "tenement-init", "--", "app", "--flag" }, spec.argv)
+      assert.are.equal(assert(proc.init_fd()), spec.exec_fd)
       assert.are.same({ "newpid", "newns", "newipc", "newuts" }, spec.clone_flags)
       assert.is_true(spec.mount_proc)
       assert.are.equal("web-prod", spec.hostname)
@@ -159,46 +173,54 @@ describe("namespace isolation", function()
 
       spec = assert(driver.prepare {
         argv = { "app" }, service = { name = string.rep("s", 63), network = "isolated" },
-        id = string.rep("i", 63), init_path = "/opt/ten",
+        id = string.rep("i", 63),
       })
       assert.are.same({ "newpid", "newns", "newipc", "newuts", "newnet" }, spec.clone_flags)
       assert.is_true(spec.loopback)
       assert.are.equal(64, #spec.hostname)
 
       driver.reset({ userns = true })
-      spec = assert(driver.prepare { argv = { "app" }, service = { name = "a" }, id = "b", init_path = "/opt/ten" })
+      spec = assert(driver.prepare { argv = { "app" }, service = { name = "a" }, id = "b" })
       assert.are.same({ "newpid", "newns", "newipc", "newuts", "newuser" }, spec.clone_flags)
       driver.reset(nil)
     end)
 
-    it("refuses to prepare without an init path, and says how to give one", function()
-      driver.reset({ userns = false })
+    it("refuses to prepare where the host cannot, or for a network it does not know", function()
+      driver.reset({ reason = "cannot create the namespaces: (why)" })
       local spec, err = driver.prepare { argv = { "app" }, service = { name = "a" }, id = "b" }
       assert.is_nil(spec)
-      assert.matches("needs the ten binary", err, 1, true)
-      assert.matches("TENEMENT_INIT", err, 1, true)
-      assert.matches('isolation = "process"', err, 1, true)
-      spec, err = driver.prepare { argv = { "app" }, service = { name = "a" }, id = "b", init_path = "ten" }
-      assert.is_nil(spec)
-      assert.matches("must be absolute", err, 1, true)
-      spec, err = driver.prepare { argv = { "app" }, service = { name = "a", network = "bridge" }, id = "b",
-        init_path = "/opt/ten" }
+      assert.are.equal("cannot create the namespaces: (why)", err)
+      driver.reset({ userns = false })
+      spec, err = driver.prepare { argv = { "app" }, service = { name = "a", network = "bridge" }, id = "b" }
       assert.is_nil(spec)
       assert.matches('network = "bridge"', err, 1, true)
       driver.reset(nil)
     end)
 
-    it("an init path that does not exist fails the spawn with its path", function()
-      local why = unable()
-      if why then pending(why) return end
-      core.run(function()
-        local spec = assert(driver.prepare { argv = { "/bin/true" }, service = { name = "a" }, id = "b",
-          init_path = dir .. "/no-ten" })
-        local p, err, code = proc.spawn(spec)
-        assert.is_nil(p)
-        assert.are.equal("ENOENT", code)
-        assert.matches(dir .. "/no-ten: exec", err, 1, true)
-      end)
+    it("serves the init from one sealed memfd per process: a small static binary", function()
+      local fd = assert(proc.init_fd())
+      assert.are.equal(fd, proc.init_fd())
+      local path = "/proc/" .. proc.getpid() .. "/fd/" .. fd
+      assert.are.equal("/memfd:tenement-init (deleted)", readlink(path))
+      -- close-on-exec: no child inherits it
+      local flags = tonumber(slurp("/proc/self/fdinfo/" .. fd):match("flags:%s+(%d+)"), 8)
+      assert.are_not.equal(0, flags & tonumber("2000000", 8))
+      local f = assert(io.open(path, "rb"))
+      local image = f:read("a")
+      f:close()
+      assert.are.equal("\127ELF", image:sub(1, 4))
+      assert.is_true(#image < 256 * 1024, "the init is " .. #image .. " bytes")
+      -- sealed: not a byte of it can change, from any open of it
+      f = assert(io.open(path, "r+b"))
+      f:write("x")
+      local ok, werr = f:flush()
+      f:close()
+      assert.is_nil(ok)
+      assert.matches("Operation not permitted", werr, 1, true)
+      local tok, terr, tcode = fs.truncate(path, 0)
+      assert.is_nil(tok, terr)
+      assert.are.equal("EPERM", tcode)
+      assert.are.equal(string.byte("E"), fs.read(path):byte(2))
     end)
 
     it("explains what is missing when this host cannot make the namespaces", function()
@@ -252,15 +274,17 @@ describe("namespace isolation", function()
   end)
 
   describe("an instance", function()
-    it("runs the app as PID 2, child of the init (PID 1, the ten binary)", function()
+    it("runs the app as PID 2, child of the init (PID 1, the small init from memory)", function()
       local why = unable()
       if why then pending(why) return end
       core.run(function()
         local p = ns_spawn("echo $$ $PPID; cat /proc/1/comm; echo ready; exec sleep 30")
         local out = read_until(p.stdout, "ready\n")
-        assert.are.equal("2 1\nten\nready\n", out)
-        -- from the host: the init is p.pid, runs ten, and has one child, the app
-        assert.are.equal(fs.realpath(TEN), fs.realpath("/proc/" .. p.pid .. "/exe"))
+        assert.are.equal("2 1\ntenement-init\nready\n", out)
+        -- from the host: the init is p.pid, runs the memfd (not ten), static
+        -- (no shared object mapped), and has one child, the app
+        assert.are.equal("/memfd:tenement-init (deleted)", readlink("/proc/" .. p.pid .. "/exe"))
+        assert.are.same({}, shared_objects(p.pid))
         local kids = children(p.pid)
         assert.are.equal(1, #kids)
         -- each pid as the host sees it, then as the instance does
@@ -294,7 +318,7 @@ describe("namespace isolation", function()
         if ps == "" then return end -- no procps here: /proc said it all
         local rows = {}
         for pid, comm in ps:gmatch("%s*(%d+)%s+(%S+)\n") do rows[#rows + 1] = pid .. " " .. comm end
-        assert.are.same({ "1 ten", "2 sh" }, { rows[1], rows[2] })
+        assert.are.same({ "1 tenement-init", "2 sh" }, { rows[1], rows[2] })
         assert.are.equal(3, #rows) -- and ps itself
         assert.matches("^%d+ ps$", rows[3])
       end)
@@ -476,13 +500,13 @@ describe("namespace isolation", function()
         local driver = require "tenement.runtimes.namespace"
         core.run(function()
           local spec = assert(driver.prepare { argv = { %q, "30" }, env = {}, service = { name = "p" },
-            id = "d", init_path = %q })
+            id = "d" })
           local p = assert(core.proc.spawn(spec))
           io.write("ready ", p.pid, "\n")
           io.flush()
           core.sleep(30000)
         end)
-      ]], app, TEN))
+      ]], app))
       -- There is no event for processes that are not ours: poll, with a deadline.
       local function until_true(fn, what)
         local deadline = core.now() + 5000
@@ -511,18 +535,32 @@ describe("namespace isolation", function()
 
     it("outside a PID namespace, forwards and passes the status on, and kills only the app's group", function()
       local why = unable()
+      if not why and not exists(TEN) then why = "no ten binary: run through `make test-only` (it sets TEN)" end
       if why then pending(why) return end
+      -- the same init two ways: by hand as `ten __tenement_init`, and the
+      -- small build from memory
+      local ways = {
+        { name = "ten __tenement_init", argv = { TEN, "__tenement_init" } },
+        { name = "tenement-init", argv = { "tenement-init" }, exec_fd = assert(proc.init_fd()) },
+      }
       core.run(function()
-        local p = assert(proc.spawn { argv = { TEN, "__tenement_init", "--", "/bin/sh", "-c", "exit 3" } })
-        assert.are.equal(3, p:wait(5000).code)
-        p = assert(proc.spawn { argv = { TEN, "__tenement_init", "--", "/bin/sh", "-c",
-          "trap 'exit 9' USR1; echo ready; while :; do sleep 5 & wait $!; done" } })
-        read_until(p.stdout, "ready\n")
-        p:kill("SIGUSR1")
-        assert.are.equal(9, p:wait(5000).code)
-        p = assert(proc.spawn { argv = { TEN, "__tenement_init" }, stderr = "pipe" })
-        assert.matches("usage:", read_all(p.stderr), 1, true)
-        assert.are.equal(125, p:wait(5000).code)
+        for _, way in ipairs(ways) do
+          local function spawn(args, extra)
+            local spec = { argv = { table.unpack(way.argv) }, exec_fd = way.exec_fd }
+            for _, a in ipairs(args) do spec.argv[#spec.argv + 1] = a end
+            for k, v in pairs(extra or {}) do spec[k] = v end
+            return assert(proc.spawn(spec))
+          end
+          local p = spawn { "--", "/bin/sh", "-c", "exit 3" }
+          assert.are.equal(3, p:wait(5000).code, way.name)
+          p = spawn { "--", "/bin/sh", "-c", "trap 'exit 9' USR1; echo ready; while :; do sleep 5 & wait $!; done" }
+          read_until(p.stdout, "ready\n")
+          p:kill("SIGUSR1")
+          assert.are.equal(9, p:wait(5000).code, way.name)
+          p = spawn({}, { stderr = "pipe" })
+          assert.matches("usage: " .. table.concat(way.argv, " ") .. " -- COMMAND", read_all(p.stderr), 1, true)
+          assert.are.equal(125, p:wait(5000).code, way.name)
+        end
       end)
     end)
   end)
@@ -596,31 +634,24 @@ describe("namespace isolation", function()
         spawn_error { groups = { 1 }, clone_flags = { "newuser" } }, 1, true)
     end)
 
-    it("self_exe() names the binary of this process", function()
-      local exe = assert(proc.self_exe())
-      assert.are.equal(fs.realpath("/proc/self/exe"), exe)
-      assert.is_truthy(exists(exe))
-    end)
-
     it("works without root, inside a user namespace that maps the caller to root", function()
       local why = unable()
       if why then pending(why) return end
-      local script = support.write(dir .. "/userns.lua", string.format([[
+      local script = support.write(dir .. "/userns.lua", [[
         local core = require "tenement.core"
         local driver = require "tenement.runtimes.namespace"
         assert(driver.available())
         core.run(function()
           local spec = assert(driver.prepare { argv = { "/bin/sh", "-c",
             "echo $$ $PPID $(id -u) $(hostname); cat /proc/1/comm" },
-            env = { "PATH=/usr/bin:/bin" }, service = { name = "u", network = "isolated" }, id = "ns",
-            init_path = %q })
+            env = { "PATH=/usr/bin:/bin" }, service = { name = "u", network = "isolated" }, id = "ns" })
           io.write(table.concat(spec.clone_flags, ","), "\n")
           local p = assert(core.proc.spawn(spec))
           local out = {}
           while true do local c = p.stdout:read(5000) if not c then break end out[#out + 1] = c end
           io.write(table.concat(out), p:wait(5000).code, "\n")
         end)
-      ]], TEN))
+      ]])
       os.execute("chmod 755 " .. support.quote(dir))
       local code, out, err = support.run(string.format(
         "cd %s && setpriv --reuid=65534 --regid=65534 --clear-groups " ..
@@ -632,7 +663,7 @@ describe("namespace isolation", function()
         return
       end
       assert.are.equal(0, code, err)
-      assert.are.equal("newpid,newns,newipc,newuts,newnet,newuser\n2 1 0 u-ns\nten\n0\n", out)
+      assert.are.equal("newpid,newns,newipc,newuts,newnet,newuser\n2 1 0 u-ns\ntenement-init\n0\n", out)
     end)
   end)
 
@@ -662,7 +693,7 @@ describe("namespace isolation", function()
       local cfg = assert(config.parse(text, dir .. "/tenement.toml", {}))
       core.run(function()
         driver.reset(nil)
-        local sup = supervisor.new(cfg, { environ = { PATH = PATH }, init_path = TEN })
+        local sup = supervisor.new(cfg, { environ = { PATH = PATH } })
         local web = assert(sup:spawn("web", "prod"))
         local quiet = assert(sup:spawn("quiet", "q1"))
         for _, inst in ipairs { web, quiet } do
@@ -671,7 +702,7 @@ describe("namespace isolation", function()
           assert.are.equal(200, res.status)
           assert.matches("INSTANCE_ID=" .. inst.id, res.body, 1, true)
           -- inst.pid is the init; its one child is the backend
-          assert.are.equal("ten\n", slurp("/proc/" .. inst.pid .. "/comm"))
+          assert.are.equal("tenement-init\n", slurp("/proc/" .. inst.pid .. "/comm"))
           local kids = children(inst.pid)
           assert.are.equal(1, #kids)
           assert.are.equal("backend\n", slurp("/proc/" .. kids[1] .. "/comm"))

@@ -176,6 +176,35 @@ describe("core.proc", function()
       assert.are.equal("EACCES", code)
     end)
 
+    it("runs the program behind exec_fd, which argv[1] only names, and passes that fd on to no one", function()
+      core.run(function()
+        -- opened without close-on-exec (Lua's io.open): still not inherited
+        local f = assert(io.open("/bin/sh", "rb"))
+        local out, st = run { argv = { "named-sh", "-c", 'echo "$0"; ls /proc/$$/fd' }, exec_fd = fd_of("/bin/sh") }
+        f:close()
+        assert.are.equal(0, st.code)
+        assert.are.equal("named-sh\n0\n1\n2\n", out)
+      end)
+    end)
+
+    it("reports an exec_fd that cannot be run at the exec stage", function()
+      assert(fs.write(dir .. "/data", "#!/bin/sh\n", 420))
+      local fd = assert(fs.open_fd(dir .. "/data", "r"))
+      local p, err, code = proc.spawn { argv = { "data" }, exec_fd = fd }
+      fs.close_fd(fd)
+      assert.is_nil(p)
+      assert.are.equal("spawn data: exec: EACCES: permission denied", err)
+      assert.are.equal("EACCES", code)
+      p, err, code = proc.spawn { argv = { "gone" }, exec_fd = 9999 }
+      assert.is_nil(p)
+      assert.are.equal("spawn gone: exec: EBADF: bad file descriptor", err)
+      assert.are.equal("EBADF", code)
+      assert.has_error(function() proc.spawn { argv = { "x" }, exec_fd = 2 } end,
+        "spawn: spec.exec_fd must be a file descriptor above 2")
+      assert.has_error(function() proc.spawn { argv = { "x" }, exec_fd = "3" } end,
+        "spawn: spec.exec_fd must be a file descriptor above 2")
+    end)
+
     it("names chdir when the cwd is bad, and leaves no child behind", function()
       core.run(function()
         local before = fd_count()
