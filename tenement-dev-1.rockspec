@@ -1,5 +1,7 @@
 -- For luarocks users: the Lua policy modules and the C core as tenement.core.
 -- Most people want the single `ten` binary instead (`make`, see README.md).
+-- The build also compiles the namespaced instances' init with musl-gcc
+-- (Debian: musl-tools), or with the compiler named by INIT_CC.
 rockspec_format = "3.0"
 package = "tenement"
 version = "dev-1"

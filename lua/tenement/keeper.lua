@@ -41,10 +41,10 @@ function keeper.lock(data_dir)
   end
 end
 
--- keeper.start(base, lock_fd) -> proc | nil, err: from ten serve.
-function keeper.start(base, lock_fd)
-  local exe = core.proc.self_exe and core.proc.self_exe()
-  if not exe then return nil, "the keeper needs ten's own binary, and this process is not ten" end
+-- keeper.start(exe, base, lock_fd) -> proc | nil, err: from ten serve;
+-- exe is the ten binary.
+function keeper.start(exe, base, lock_fd)
+  if not exe then return nil, "the keeper runs the ten binary, and this process is not one" end
   return core.proc.spawn {
     argv = { exe, keeper.ARG, base, tostring(core.proc.getpid()) },
     env = { "PATH=/usr/sbin:/usr/bin:/sbin:/bin" },

@@ -6,5 +6,7 @@ return function(self, argv)
     io.stderr:write("slum: not available yet\n")
     return 1
   end
-  return require("tenement.cli").main(args)
+  -- this binary, for what ten starts of itself (the keeper)
+  local exe = require("tenement.core").proc.self_exe()
+  return require("tenement.cli").main(args, { exe = exe })
 end
