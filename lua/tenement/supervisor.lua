@@ -454,9 +454,13 @@ function Instance:check(timeout_ms)
   return true
 end
 
--- Probe until the instance answers, then tell the runner. Retries quickly at
--- first: most apps are up within milliseconds.
+-- Probe until the instance answers, then tell the runner. Every millisecond
+-- for the first PROBE_FAST_MS (most apps are up within a few, and a request
+-- waiting for a wake waits for this probe; a refused connect costs some
+-- microseconds), then backing off to every 100 ms.
+local PROBE_FAST_MS = 100
 function Instance:probe_ready(gen, deadline)
+  local fast_until = core.now() + PROBE_FAST_MS
   local pause = 1
   while self.gen == gen and core.now() < deadline do
     local left = deadline - core.now()
@@ -467,7 +471,7 @@ function Instance:probe_ready(gen, deadline)
       return
     end
     core.sleep(pause)
-    pause = math.min(pause * 2, 100)
+    if core.now() >= fast_until then pause = math.min(pause * 2, 100) end
   end
 end
 
