@@ -199,11 +199,16 @@ describe("ten serve", function()
     end
     assert.are.equal(0, (ten(cfg, "spawn", "forky:a")))
     -- the forkn processes carry this spec's directory in their argv
+    local wanted = table.concat({ FORKN, "3", dir }, "\0") .. "\0"
     local function forked()
       local found = {}
-      local p = io.popen("pgrep -f -- " .. support.quote("^" .. FORKN .. " 3 " .. dir .. "$"))
-      for line in p:lines() do found[#found + 1] = tonumber(line) end
-      p:close()
+      for _, name in ipairs(require("tenement.core").fs.readdir("/proc") or {}) do
+        local f = name:match("^%d+$") and io.open("/proc/" .. name .. "/cmdline")
+        if f then
+          if f:read("a") == wanted then found[#found + 1] = tonumber(name) end
+          f:close()
+        end
+      end
       return found
     end
     local before
