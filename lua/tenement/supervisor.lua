@@ -3,9 +3,9 @@
 -- Each instance has one runner task that goes through its life in a loop
 -- (start, run, exit, back off, start again) and reads everything that happens
 -- to it from its mailbox: the process exiting, a stop request, failed health
--- checks. Helpers (exit watcher, readiness probe, health checker) only put
--- messages; the runner alone changes state, through the one transition table
--- below, and every transition is published as an event.
+-- checks. Its one helper, the watcher of the process (exit, readiness,
+-- health), only puts messages; the runner alone changes state, through the
+-- one transition table below, and every transition is published as an event.
 local core = require "tenement.core"
 local sync = require "tenement.sync"
 local config = require "tenement.config"
@@ -411,28 +411,6 @@ function Instance:check(timeout_ms)
   return true
 end
 
--- Probe until the instance answers, then tell the runner. Retries quickly at
--- first: most apps are up within milliseconds.
-function Instance:probe_ready(gen, deadline)
-  local pause = 1
-  while self.gen == gen and core.now() < deadline do
-    local left = deadline - core.now()
-    local ok = self:check(math.max(1, math.min(left, 1000)))
-    if self.gen ~= gen then return end
-    if ok then
-      self.mailbox:put({ type = "ready", gen = gen })
-      return
-    end
-    core.sleep(pause)
-    pause = math.min(pause * 2, 100)
-  end
-end
-
-function Instance:watch_exit(proc, gen)
-  local status = proc:wait()
-  self.mailbox:put({ type = "exit", gen = gen, status = status })
-end
-
 -- One GET over a kept-open connection. -> status | nil, err, stale
 -- (stale: the connection died before answering anything, so a fresh one
 -- may be tried), and whether the connection may be used again.
@@ -503,35 +481,81 @@ function Instance:check_kept(keep, timeout_ms)
   end
 end
 
-function Instance:health_loop(gen)
-  local interval = self.sup.cfg.settings.health_check_interval * 1000
-  local failures = 0
+-- The one helper task of a started process (the runner is the other task of
+-- a running instance). It waits on the process's pidfd, so an exit is seen
+-- at once (while a check is in flight, when the check ends: a process that
+-- exits closes its end of the connection). Meanwhile it probes until the
+-- process answers, then checks its health every health_check_interval, over
+-- one connection kept open from the first probe on. It only puts messages;
+-- `gen` says which process they are about. ready_by: the deadline of the
+-- start, or nil for a process that is running already.
+function Instance:watch(proc, gen, ready_by)
   local keep = {}
-  -- jitter spreads 1000 instances' checks over the interval
-  core.sleep(math.random(0, interval))
-  while self.gen == gen and (self.state == "running" or self.state == "unhealthy") do
-    local ok, why = self:check_kept(keep, math.min(interval, 5000))
-    if self.gen ~= gen then return end
+  local status = "ready"
+  if ready_by then status = self:watch_start(proc, gen, ready_by, keep) end
+  if status == "ready" then status = self:watch_health(proc, gen, keep) end
+  if keep.conn then keep.conn:close() end
+  if status then self.mailbox:put({ type = "exit", gen = gen, status = status }) end
+end
+
+-- Probes until the process answers, retrying quickly at first: most apps are
+-- up within milliseconds. -> "ready" | exit status | nil (no longer current)
+function Instance:watch_start(proc, gen, ready_by, keep)
+  local pause = 1
+  while self.gen == gen and core.now() < ready_by do
+    local ok = self:check_kept(keep, math.max(1, math.min(ready_by - core.now(), 1000)))
+    if self.gen ~= gen then return nil end
     if ok then
-      failures = 0
-      self.health = "healthy"
-      if self.state == "unhealthy" then self.mailbox:put({ type = "health_ok", gen = gen }) end
-    else
-      failures = failures + 1
-      self.health_failures = (self.health_failures or 0) + 1
-      self.last_health_error = why
-      if failures >= FAILURES_UNHEALTHY then
-        self.health = "unhealthy"
-        if self.state == "running" then
-          self.mailbox:put({ type = "unhealthy", gen = gen, why = why, failures = failures })
-        end
+      self.mailbox:put({ type = "ready", gen = gen })
+      return "ready"
+    end
+    local status = proc:wait(pause)
+    if status then return status end
+    pause = math.min(pause * 2, 100)
+  end
+  if self.gen ~= gen then return nil end
+  -- not ready in time: the runner stops it, and its exit is reported as ever
+  return (proc:wait())
+end
+
+-- Checks every interval until the process exits or is no longer the current
+-- one. Due times fall on a grid of interval/20 (at most 1 s), each instance
+-- starting on a random step of it: the checks of a thousand instances stay
+-- spread over the interval, and those due on one step share a timer wakeup
+-- and have their answers read together. -> exit status | nil
+function Instance:watch_health(proc, gen, keep)
+  local interval = self.sup.cfg.settings.health_check_interval * 1000
+  local step = math.min(interval // 20, 1000)
+  local timeout = math.min(interval, 5000)
+  local due = (core.now() // step + math.random(1, interval // step)) * step
+  local failures = 0
+  while true do
+    local status, err = proc:wait(due - core.now())
+    if status then return status end
+    if err ~= "timeout" or self.gen ~= gen then return nil end
+    if self.state == "running" or self.state == "unhealthy" then
+      local ok, why = self:check_kept(keep, timeout)
+      if self.gen ~= gen then return nil end
+      if ok then
+        failures = 0
+        self.health = "healthy"
+        if self.state == "unhealthy" then self.mailbox:put({ type = "health_ok", gen = gen }) end
       else
-        self.health = "degraded"
+        failures = failures + 1
+        self.health_failures = (self.health_failures or 0) + 1
+        self.last_health_error = why
+        if failures >= FAILURES_UNHEALTHY then
+          self.health = "unhealthy"
+          if self.state == "running" then
+            self.mailbox:put({ type = "unhealthy", gen = gen, why = why, failures = failures })
+          end
+        else
+          self.health = "degraded"
+        end
       end
     end
-    core.sleep(interval)
+    repeat due = due + interval until due > core.now()
   end
-  if keep.conn then keep.conn:close() end
 end
 
 -- SIGTERM to the process group, SIGKILL after stop_timeout. -> exit status
@@ -600,9 +624,8 @@ function Instance:start_once()
   if not proc then
     return nil, { reason = "start", message = "spawn failed: " .. err }
   end
-  core.spawn(self.watch_exit, self, proc, gen)
   local timeout = self.svc.startup_timeout * 1000
-  core.spawn(self.probe_ready, self, gen, core.now() + timeout)
+  core.spawn(self.watch, self, proc, gen, core.now() + timeout)
   while true do
     local msg = self:next_message(gen, timeout - (core.now() - self.started_at))
     if not msg then
@@ -666,14 +689,12 @@ function Instance:replace_process(new_svc)
     self.driver, self.launch_ctx, self.started_at, self.started_wall = old.driver, old.ctx, old.started_at, old.started_wall
     self.route_socket = nil
     self.gen = self.gen + 1
-    core.spawn(self.watch_exit, self, old.proc, self.gen)
-    core.spawn(self.health_loop, self, self.gen)
+    core.spawn(self.watch, self, old.proc, self.gen)
     return nil, (info and info.message) or "the new process did not start"
   end
   -- switch: new requests go to the new process
   self.route_socket = nil
   core.http.pool_close(old.socket)
-  core.spawn(self.health_loop, self, self.gen)
   -- drain: requests already on the old process finish (bounded by stop_timeout)
   local deadline = core.now() + self.sup.cfg.settings.stop_timeout * 1000
   while (self.inflight_on[old.socket] or 0) > 0 and core.now() < deadline do core.sleep(10) end
@@ -699,7 +720,6 @@ function Instance:run()
       self:transition("ready")
       self.health = "healthy"
       self.ready_event:set(true)
-      core.spawn(self.health_loop, self, self.gen)
       while not exit do
         local msg = self:next_message(self.gen)
         if msg.type == "exit" then

@@ -449,4 +449,34 @@ describe("periodic health checks", function()
       listener:close()
     end)
   end)
+
+  -- The app here is a process that answers nothing itself; the spec serves
+  -- its socket, to count connections and requests.
+  it("probe readiness and check health over one connection for the process's life", function()
+    local dir = support.tmpdir()
+    local cfg = make_cfg(dir, { api = { 'command = "sleep 60"', 'health = "/health"' } })
+    core.run(function()
+      local sup = supervisor.new(cfg, { environ = { PATH = "/usr/bin:/bin" } })
+      local inst = assert(sup:spawn("api", "k", { wait = false }))
+      local deadline = core.now() + 5000
+      while not inst.pid and core.now() < deadline do core.sleep(1) end
+      assert.is_not_nil(inst.pid)
+      local listener = assert(core.net.listen { path = inst.socket })
+      local server = core.http.serve(listener, function(req)
+        assert.are.equal("/health", req.path)
+        assert.are.equal("tenement-health", req.headers["user-agent"])
+        return 200, {}, "ok"
+      end)
+      assert(inst.ready_event:wait(5000))
+      assert.are.equal("running", inst.state)
+      -- health_check_interval = 1: the probe, then two checks
+      while server:stats().requests < 3 and core.now() < deadline do core.sleep(20) end
+      assert.is_true(server:stats().requests >= 3)
+      assert.are.equal(1, server:stats().connections_accepted)
+      assert.are.equal("healthy", inst.health)
+      sup:shutdown()
+      server:close()
+      listener:close()
+    end)
+  end)
 end)
