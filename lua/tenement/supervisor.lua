@@ -339,7 +339,10 @@ function Instance:launch()
   }
   local spec, prep_err = driver.prepare(ctx)
   if spec then
-    self.driver, self.launch_ctx = driver, ctx
+    -- the context is kept only for a driver that stops or cleans up by
+    -- itself (its argv, env and vars are a few KB an instance otherwise)
+    self.driver = driver
+    if driver.stop or driver.cleanup then self.launch_ctx = ctx end
     if driver.setup then
       local ready, serr = driver.setup(ctx)
       if not ready then spec, prep_err = nil, serr end
