@@ -134,11 +134,17 @@ function Instance:transition(event, reason)
   if to == "failed" then self.health = "failed"
   elseif to == "starting" or to == "stopped" or to == "sleeping" then self.health = "unknown" end
   if reason then self.reason = reason end
-  self.sup:publish({ type = "state", instance = self.key, service = self.service, id = self.id,
-    from = from, to = to, event = event, reason = reason, time = core.time() })
+  -- a thousand instances starting at once make thousands of transitions:
+  -- nothing is built for nobody (no subscriber, no task waiting)
+  if #self.sup.listeners > 0 then
+    self.sup:publish({ type = "state", instance = self.key, service = self.service, id = self.id,
+      from = from, to = to, event = event, reason = reason, time = core.time() })
+  end
   local changed = self.state_changed
-  self.state_changed = sync.event()
-  changed:set(to)
+  if changed then
+    self.state_changed = nil
+    changed:set(to)
+  end
 end
 
 -- Waits until the instance's state is one of `states` (a set), or timeout.
@@ -147,7 +153,10 @@ function Instance:wait_state(states, timeout_ms)
   while not states[self.state] do
     local left = deadline and deadline - core.now()
     if left and left <= 0 then return nil, "timeout" end
-    local ok, err = self.state_changed:wait(left)
+    -- made by the first waiter, set and dropped by the next transition
+    local changed = self.state_changed or sync.event()
+    self.state_changed = changed
+    local ok, err = changed:wait(left)
     if not ok and err == "timeout" then return nil, "timeout" end
   end
   return self.state
@@ -847,7 +856,7 @@ function Supervisor:instance(service, id)
   inst = setmetatable({
     sup = self, service = service, id = id, key = key, svc = svc,
     state = "stopped", health = "unknown", gen = 0, restarts = 0, history = {},
-    mailbox = sync.mailbox(), state_changed = sync.event(), ready_event = sync.event(),
+    mailbox = sync.mailbox(), ready_event = sync.event(),
     ring = core.logbuf.ring { tag = key, lines = self.cfg.settings.log_ring_lines, sink = self.sink },
     created = core.time(),
     weight = self.weights[key] or 100,
@@ -890,8 +899,9 @@ function Supervisor:spawn(service, id, opts)
   end
   if inst.state == "stopped" or inst.state == "sleeping" or inst.state == "failed" then
     if inst.state == "failed" then inst.history = {} end
-    inst.ready_event = sync.event()
-    inst.mailbox = sync.mailbox()
+    -- a fresh start: no outcome or message of an earlier life carries over
+    if inst.ready_event:is_set() then inst.ready_event = sync.event() end
+    if inst.mailbox:size() > 0 then inst.mailbox = sync.mailbox() end
     inst:transition("spawn")
     inst.runner = core.spawn(inst.run, inst)
     if self.store and opts.persist ~= false then self.store:set_desired(service, id, true) end
