@@ -632,7 +632,12 @@ end
 function Instance:start_once()
   self.gen = self.gen + 1
   local gen = self.gen
-  local proc, err = self:launch()
+  -- launched by a task of its own: launching goes deep (templates, cgroups,
+  -- the driver), and a runner that did it itself would keep its stack grown
+  -- for the life of the process (a thousand of them, megabytes); a task's
+  -- coroutine is shrunk when it ends
+  local launched, proc, err = core.spawn(self.launch, self):join()
+  if not launched then proc, err = nil, tostring(proc) end
   if not proc then
     return nil, { reason = "start", message = "spawn failed: " .. err }
   end
