@@ -51,6 +51,37 @@ describe("store", function()
     end)
   end)
 
+  -- Each commit appends its pages to the WAL: 200 writes one by one would
+  -- leave hundreds of frames there, committed together a handful.
+  it("commits desired states written at once together, in the order they came", function()
+    core.run(function()
+      local st = assert(store.open(dir .. "/t.db"))
+      local wal0 = core.fs.stat(dir .. "/t.db-wal").size
+      local tasks = {}
+      for i = 1, 200 do
+        tasks[i] = core.spawn(function() return st:set_desired("api", "i" .. i, true) end)
+      end
+      -- the same row set twice: the later write wins
+      tasks[201] = core.spawn(function() return st:set_desired("api", "i1", false) end)
+      for _, t in ipairs(tasks) do
+        local ok, res = t:join()
+        assert.is_true(ok)
+        assert.is_true(res)
+      end
+      local rows = st:instances()
+      assert.are.equal(200, #rows)
+      for _, r in ipairs(rows) do assert.are.equal(r.id ~= "i1", r.desired) end
+      local frames = (core.fs.stat(dir .. "/t.db-wal").size - wal0) / (24 + 4096)
+      assert.is_true(frames < 20, frames .. " WAL frames")
+      st:close()
+    end)
+    -- outside a task the write is made at once
+    local st = assert(store.open(dir .. "/t.db"))
+    assert.is_true(st:set_desired("api", "late", true))
+    assert.are.equal(201, #st:instances())
+    st:close()
+  end)
+
   it("keeps tokens as hashes only, found by their prefix", function()
     local auth = require "tenement.auth"
     core.run(function()
