@@ -427,37 +427,56 @@ end
 -- (stale: the connection died before answering anything, so a fresh one
 -- may be tried), and whether the connection may be used again.
 local HEAD_MAX, BODY_MAX = 16 * 1024, 64 * 1024
-local function kept_get(conn, path, timeout_ms)
-  local ok, err = conn:write("GET " .. path .. " HTTP/1.1\r\nHost: localhost\r\nUser-Agent: tenement-health\r\n\r\n")
+
+-- Header lines are found in the response as it came, whatever the case of
+-- their names: a check copies and lowers nothing (a thousand instances make
+-- a hundred checks a second, each one's garbage collected later).
+local function nocase(word)
+  return (word:gsub("%a", function(c) return "[" .. c:upper() .. c:lower() .. "]" end))
+end
+local CONNECTION_CLOSE = "\n" .. nocase("connection") .. ":%s*" .. nocase("close")
+local CONTENT_LENGTH = "\n" .. nocase("content") .. "%-" .. nocase("length") .. ":%s*(%d+)"
+local CHUNKED = "\n" .. nocase("transfer") .. "%-" .. nocase("encoding") .. ":%s*" .. nocase("chunked")
+
+-- Where `pattern` matches in the head (which ends at head_end): its capture
+-- or true | nil
+local function in_head(buf, pattern, head_end)
+  local at, _, capture = buf:find(pattern)
+  if at and at < head_end then return capture or true end
+  return nil
+end
+
+local function kept_get(conn, request, timeout_ms)
+  local ok, err = conn:write(request)
   if not ok then return nil, err, true end
   local buf = ""
-  while not buf:find("\r\n\r\n", 1, true) do
+  local head_end
+  repeat
     local chunk, rerr = conn:read(timeout_ms)
     if not chunk then return nil, rerr or "the connection closed", buf == "" end
     buf = buf .. chunk
-    if #buf > HEAD_MAX then return nil, "response head too large" end
-  end
-  local head_end = buf:find("\r\n\r\n", 1, true)
+    head_end = buf:find("\r\n\r\n", 1, true)
+    if not head_end and #buf > HEAD_MAX then return nil, "response head too large" end
+  until head_end
   local status = tonumber(buf:match("^HTTP/1%.[01] (%d%d%d)"))
   if not status then return nil, "not an HTTP response" end
-  local head = buf:sub(1, head_end):lower()
-  local body = buf:sub(head_end + 4)
-  local reusable = not head:find("\nconnection:%s*close")
-  local length = tonumber(head:match("\ncontent%-length:%s*(%d+)"))
+  local body_at = head_end + 4
+  local reusable = not in_head(buf, CONNECTION_CLOSE, head_end)
+  local length = tonumber(in_head(buf, CONTENT_LENGTH, head_end))
   if length then
     if length > BODY_MAX then return status, nil, nil, false end
-    while #body < length do
+    while #buf - body_at + 1 < length do
       local chunk = conn:read(timeout_ms)
       if not chunk then return status, nil, nil, false end
-      body = body .. chunk
+      buf = buf .. chunk
     end
-  elseif head:find("\ntransfer%-encoding:%s*chunked") then
-    while not body:find("0\r\n\r\n", 1, true) and #body <= BODY_MAX do
+  elseif in_head(buf, CHUNKED, head_end) then
+    while not buf:find("0\r\n\r\n", body_at, true) and #buf - body_at < BODY_MAX do
       local chunk = conn:read(timeout_ms)
       if not chunk then return status, nil, nil, false end
-      body = body .. chunk
+      buf = buf .. chunk
     end
-    reusable = reusable and #body <= BODY_MAX
+    reusable = reusable and #buf - body_at < BODY_MAX
   elseif status >= 200 and status ~= 204 and status ~= 304 then
     reusable = false -- a body delimited by the close
   end
@@ -481,7 +500,12 @@ function Instance:check_kept(keep, timeout_ms)
       if not conn then return nil, err end
       keep.conn, keep.socket = conn, socket
     end
-    local status, err, stale, reusable = kept_get(keep.conn, self.svc.health, timeout_ms)
+    local path = self.svc.health
+    if keep.path ~= path then
+      keep.path = path
+      keep.request = "GET " .. path .. " HTTP/1.1\r\nHost: localhost\r\nUser-Agent: tenement-health\r\n\r\n"
+    end
+    local status, err, stale, reusable = kept_get(keep.conn, keep.request, timeout_ms)
     if not (status and reusable) then keep.conn:close() keep.conn = nil end
     if status then
       if status < 200 or status > 299 then
