@@ -151,6 +151,45 @@ describe("store", function()
     end)
   end)
 
+  -- Schema 2 indexed each line from a trigger; 3 indexes a batch at once.
+  -- A store written by the older ten keeps what it had indexed and indexes
+  -- what comes after, and the trigger does not index lines twice.
+  it("upgrades a store of schema 2: old and new lines are found, each once", function()
+    core.run(function()
+      local conn = assert(core.db.open(dir .. "/old.db"))
+      for v = 1, 2 do assert(conn:exec(store.migrations[v])) end
+      assert(conn:exec("PRAGMA user_version = 2"))
+      local ins = assert(conn:prepare("INSERT INTO log_lines (ts, instance, stream, message) VALUES (?, ?, ?, ?)"))
+      local t0 = core.time() - 100
+      local old = {}
+      for i = 1, 500 do old[i] = { t0 + i / 100, "api:a", "stdout", "before upgrade line " .. i } end
+      assert(ins:run_many(old))
+      ins:close()
+      conn:close()
+
+      local st = assert(store.open(dir .. "/old.db"))
+      assert.are.equal(3, st.conn:query("PRAGMA user_version")[1].user_version)
+      assert.are.equal(0, #st.conn:query("SELECT name FROM sqlite_master WHERE name = 'log_lines_indexed'"))
+      local new = {}
+      for i = 1, 500 do new[i] = { t0 + 10 + i / 100, "api:b", "stderr", "after upgrade line " .. i } end
+      assert.are.equal(500, assert(st:append_logs(new)))
+      assert.are.equal(500, #assert(st:logs { q = "before upgrade", limit = 1000 }))
+      assert.are.equal(500, #assert(st:logs { q = "after upgrade", limit = 1000 }))
+      local rows = assert(st:logs { q = "line 250", limit = 10 })
+      assert.are.equal(2, #rows)
+      assert.are.equal("after upgrade line 250", rows[1].message)
+      assert.are.equal("[line] [250]", rows[1].highlighted:match("%[line%] %[250%]"))
+      assert.are.equal("before upgrade line 250", rows[2].message)
+      -- every line is in the full-text index exactly once
+      local docs = st.conn:query("SELECT count(*) AS n FROM log_search WHERE log_search MATCH 'upgrade'")
+      assert.are.equal(1000, docs[1].n)
+      -- and pruning still takes lines out of the index
+      assert(st:prune_logs(86400, 600))
+      assert.are.equal(100, #assert(st:logs { q = "before upgrade", limit = 1000 }))
+      st:close()
+    end)
+  end)
+
   it("prunes logs by age and by count", function()
     core.run(function()
       local st = assert(store.open(dir .. "/t.db"))
