@@ -130,7 +130,6 @@ function Instance:transition(event, reason)
     error(string.format("%s: no transition from %s on %s", self.key, from, event))
   end
   self.state = to
-  self.state_since = core.now()
   if to == "failed" then self.health = "failed"
   elseif to == "starting" or to == "stopped" or to == "sleeping" then self.health = "unknown" end
   if reason then self.reason = reason end
@@ -387,7 +386,6 @@ function Instance:launch()
   self.proc = proc
   self.pid = proc.pid
   self.started_at = core.now()
-  self.started_wall = core.time()
   -- a fresh instance counts as just used, so idle_timeout runs from its start
   self.last_activity = self.started_at
   return proc
@@ -707,7 +705,7 @@ end
 function Instance:replace_process(new_svc)
   local old = { proc = self.proc, socket = self.socket, port = self.port, pid = self.pid, cg = self.cg,
     driver = self.driver, ctx = self.launch_ctx, svc = self.svc, gen = self.gen,
-    started_at = self.started_at, started_wall = self.started_wall }
+    started_at = self.started_at }
   -- the proxy keeps using the old socket until the switch
   self.route_socket = old.socket
   self.svc = new_svc
@@ -727,7 +725,7 @@ function Instance:replace_process(new_svc)
     end
     self.svc, self.proc, self.socket, self.port, self.pid = old.svc, old.proc, old.socket, old.port, old.pid
     self.cg = old.cg
-    self.driver, self.launch_ctx, self.started_at, self.started_wall = old.driver, old.ctx, old.started_at, old.started_wall
+    self.driver, self.launch_ctx, self.started_at = old.driver, old.ctx, old.started_at
     self.route_socket = nil
     self.gen = self.gen + 1
     core.spawn(self.watch, self, old.proc, self.gen)
@@ -887,7 +885,6 @@ function Supervisor:instance(service, id)
     state = "stopped", health = "unknown", gen = 0, restarts = 0, history = {},
     mailbox = sync.mailbox(), ready_event = sync.event(),
     ring = core.logbuf.ring { tag = key, lines = self.cfg.settings.log_ring_lines, sink = self.sink },
-    created = core.time(),
     weight = self.weights[key] or 100,
     inflight = 0,         -- proxied requests under way: never put to sleep while > 0
     inflight_on = {},     -- the same, per socket (a rollout drains the old one)
