@@ -532,6 +532,7 @@ describe("periodic health checks", function()
       assert(inst.ready_event:wait(5000))
       assert.are.equal("running", inst.state)
       -- health_check_interval = 1: the probe, then two checks
+      deadline = core.now() + 10000
       while server:stats().requests < 3 and core.now() < deadline do core.sleep(20) end
       assert.is_true(server:stats().requests >= 3)
       assert.are.equal(1, server:stats().connections_accepted)
