@@ -46,7 +46,11 @@
 /* ---- an arena for the values of one operation ---------------------------- */
 
 /* Bind values and results are many small pieces freed together when the
- * operation ends: one bump allocator per operation. */
+ * operation ends: one bump allocator per operation. It starts small and
+ * doubles: a burst of small writes (a thousand instances started at once,
+ * each remembered by the store) queues many operations at a time, and each
+ * needs a few hundred bytes. */
+#define ARENA_FIRST 512
 typedef struct arena_chunk {
     struct arena_chunk *next;
     size_t used, cap;
@@ -60,7 +64,7 @@ static void *arena_alloc(arena *a, size_t n) {
     n = (n + 7) & ~(size_t)7;
     arena_chunk *h = a->head;
     if (!h || h->cap - h->used < n) {
-        size_t cap = a->next_cap ? a->next_cap : 4096;
+        size_t cap = a->next_cap ? a->next_cap : ARENA_FIRST - CHUNK_HDR;
         if (cap < n) cap = n;
         h = malloc(CHUNK_HDR + cap);
         if (!h) return NULL;

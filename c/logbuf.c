@@ -284,8 +284,9 @@ typedef struct lb_ring {
     int closed;
     lb_tag *tag;
     lb_sink *sink;
-    lb_line **slots;
-    size_t nslots, first, count;
+    lb_line **slots;     /* grown by doubling up to max_lines: a quiet */
+    size_t nslots;       /* instance never pays for the lines it does not write */
+    size_t max_lines, first, count;
     size_t max_bytes, held_bytes, max_line;
     uint64_t last_seq, total_bytes, truncated, overwritten;
     int open_fds;
@@ -313,7 +314,32 @@ static void ring_unref(lb_ring *r) {
     free(r);
 }
 
+/* Room for one more line without evicting: the slots double (at least 16,
+ * at most max_lines), copied oldest first. -> 0 when there is none. */
+static int ring_grow(lb_ring *r) {
+    if (r->nslots >= r->max_lines) return 0;
+    size_t ncap = r->nslots ? r->nslots * 2 : 16;
+    if (ncap > r->max_lines) ncap = r->max_lines;
+    lb_line **ns = malloc(ncap * sizeof *ns);
+    if (!ns) return 0;
+    for (size_t i = 0; i < r->count; i++) {
+        size_t j = r->first + i;
+        if (j >= r->nslots) j -= r->nslots;
+        ns[i] = r->slots[j];
+    }
+    free(r->slots);
+    r->slots = ns;
+    r->nslots = ncap;
+    r->first = 0;
+    return 1;
+}
+
 static void ring_push(lb_ring *r, lb_line *l) {
+    if (r->count == r->nslots && !ring_grow(r) && r->nslots == 0) {
+        line_unref(l); /* out of memory before the first line: it is lost */
+        r->overwritten++;
+        return;
+    }
     while (r->count && (r->count == r->nslots || r->held_bytes + l->len > r->max_bytes)) {
         lb_line *old = r->slots[r->first];
         if (++r->first == r->nslots) r->first = 0;
@@ -695,9 +721,8 @@ static int l_ring_new(lua_State *L) {
 
     lb_ring *r = calloc(1, sizeof *r);
     lb_tag *tg = malloc(sizeof *tg + tag_len);
-    lb_line **slots = malloc((size_t)lines * sizeof *slots);
-    if (!r || !tg || !slots) {
-        free(r); free(tg); free(slots);
+    if (!r || !tg) {
+        free(r); free(tg);
         return luaL_error(L, "out of memory");
     }
     tg->refs = 1;
@@ -709,8 +734,7 @@ static int l_ring_new(lua_State *L) {
     r->anchor = LUA_NOREF;
     r->refs = 2; /* the Lua handle, the check handle */
     r->tag = tg;
-    r->slots = slots;
-    r->nslots = (size_t)lines;
+    r->max_lines = (size_t)lines;
     r->max_line = (size_t)max_line;
     r->max_bytes = (size_t)bytes;
     if (sink) { r->sink = sink; sink->refs++; }

@@ -10,18 +10,23 @@ local metrics = {}
 metrics.BUCKETS = { 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10 }
 metrics.WAKE_BUCKETS = { 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30 }
 
+-- The counts come with the first observation: every instance has two
+-- histograms, and most of a thousand instances never serve a request.
 function metrics.histogram(buckets)
-  local counts = {}
-  for i = 1, #buckets do counts[i] = 0 end
-  return { buckets = buckets, counts = counts, sum = 0, count = 0 }
+  return { buckets = buckets, counts = nil, sum = 0, count = 0 }
 end
 
 function metrics.observe(h, v)
   h.sum = h.sum + v
   h.count = h.count + 1
-  local b = h.buckets
+  local b, counts = h.buckets, h.counts
+  if not counts then
+    counts = {}
+    for i = 1, #b do counts[i] = 0 end
+    h.counts = counts
+  end
   for i = 1, #b do
-    if v <= b[i] then h.counts[i] = h.counts[i] + 1 return end
+    if v <= b[i] then counts[i] = counts[i] + 1 return end
   end
 end
 
@@ -62,9 +67,9 @@ function Out:sample(name, l, v)
 end
 
 function Out:histogram(name, l, h)
-  local cum = 0
+  local cum, counts = 0, h.counts
   for i, bound in ipairs(h.buckets) do
-    cum = cum + h.counts[i]
+    cum = cum + (counts and counts[i] or 0)
     local bl = { table.unpack(l) }
     bl[#bl + 1] = "le"
     bl[#bl + 1] = num(bound + 0.0)

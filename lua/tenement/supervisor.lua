@@ -3,9 +3,9 @@
 -- Each instance has one runner task that goes through its life in a loop
 -- (start, run, exit, back off, start again) and reads everything that happens
 -- to it from its mailbox: the process exiting, a stop request, failed health
--- checks. Helpers (exit watcher, readiness probe, health checker) only put
--- messages; the runner alone changes state, through the one transition table
--- below, and every transition is published as an event.
+-- checks. Its one helper, the watcher of the process (exit, readiness,
+-- health), only puts messages; the runner alone changes state, through the
+-- one transition table below, and every transition is published as an event.
 local core = require "tenement.core"
 local sync = require "tenement.sync"
 local config = require "tenement.config"
@@ -121,15 +121,20 @@ function Instance:transition(event, reason)
     error(string.format("%s: no transition from %s on %s", self.key, from, event))
   end
   self.state = to
-  self.state_since = core.now()
   if to == "failed" then self.health = "failed"
   elseif to == "starting" or to == "stopped" or to == "sleeping" then self.health = "unknown" end
   if reason then self.reason = reason end
-  self.sup:publish({ type = "state", instance = self.key, service = self.service, id = self.id,
-    from = from, to = to, event = event, reason = reason, time = core.time() })
+  -- a thousand instances starting at once make thousands of transitions:
+  -- nothing is built for nobody (no subscriber, no task waiting)
+  if #self.sup.listeners > 0 then
+    self.sup:publish({ type = "state", instance = self.key, service = self.service, id = self.id,
+      from = from, to = to, event = event, reason = reason, time = core.time() })
+  end
   local changed = self.state_changed
-  self.state_changed = sync.event()
-  changed:set(to)
+  if changed then
+    self.state_changed = nil
+    changed:set(to)
+  end
 end
 
 -- Waits until the instance's state is one of `states` (a set), or timeout.
@@ -138,7 +143,10 @@ function Instance:wait_state(states, timeout_ms)
   while not states[self.state] do
     local left = deadline and deadline - core.now()
     if left and left <= 0 then return nil, "timeout" end
-    local ok, err = self.state_changed:wait(left)
+    -- made by the first waiter, set and dropped by the next transition
+    local changed = self.state_changed or sync.event()
+    self.state_changed = changed
+    local ok, err = changed:wait(left)
     if not ok and err == "timeout" then return nil, "timeout" end
   end
   return self.state
@@ -330,7 +338,10 @@ function Instance:launch()
   }
   local spec, prep_err = driver.prepare(ctx)
   if spec then
-    self.driver, self.launch_ctx = driver, ctx
+    -- the context is kept only for a driver that stops or cleans up by
+    -- itself (its argv, env and vars are a few KB an instance otherwise)
+    self.driver = driver
+    if driver.stop or driver.cleanup then self.launch_ctx = ctx end
     if driver.setup then
       local ready, serr = driver.setup(ctx)
       if not ready then spec, prep_err = nil, serr end
@@ -366,7 +377,6 @@ function Instance:launch()
   self.proc = proc
   self.pid = proc.pid
   self.started_at = core.now()
-  self.started_wall = core.time()
   return proc
 end
 
@@ -454,67 +464,60 @@ function Instance:check(timeout_ms)
   return true
 end
 
--- Probe until the instance answers, then tell the runner. Every millisecond
--- for the first PROBE_FAST_MS (most apps are up within a few, and a request
--- waiting for a wake waits for this probe; a refused connect costs some
--- microseconds), then backing off to every 100 ms.
-local PROBE_FAST_MS = 100
-function Instance:probe_ready(gen, deadline)
-  local fast_until = core.now() + PROBE_FAST_MS
-  local pause = 1
-  while self.gen == gen and core.now() < deadline do
-    local left = deadline - core.now()
-    local ok = self:check(math.max(1, math.min(left, 1000)))
-    if self.gen ~= gen then return end
-    if ok then
-      self.mailbox:put({ type = "ready", gen = gen })
-      return
-    end
-    core.sleep(pause)
-    if core.now() >= fast_until then pause = math.min(pause * 2, 100) end
-  end
-end
-
-function Instance:watch_exit(proc, gen)
-  local status = proc:wait()
-  self.mailbox:put({ type = "exit", gen = gen, status = status })
-end
-
 -- One GET over a kept-open connection. -> status | nil, err, stale
 -- (stale: the connection died before answering anything, so a fresh one
 -- may be tried), and whether the connection may be used again.
 local HEAD_MAX, BODY_MAX = 16 * 1024, 64 * 1024
-local function kept_get(conn, path, timeout_ms)
-  local ok, err = conn:write("GET " .. path .. " HTTP/1.1\r\nHost: localhost\r\nUser-Agent: tenement-health\r\n\r\n")
+
+-- Header lines are found in the response as it came, whatever the case of
+-- their names: a check copies and lowers nothing (a thousand instances make
+-- a hundred checks a second, each one's garbage collected later).
+local function nocase(word)
+  return (word:gsub("%a", function(c) return "[" .. c:upper() .. c:lower() .. "]" end))
+end
+local CONNECTION_CLOSE = "\n" .. nocase("connection") .. ":%s*" .. nocase("close")
+local CONTENT_LENGTH = "\n" .. nocase("content") .. "%-" .. nocase("length") .. ":%s*(%d+)"
+local CHUNKED = "\n" .. nocase("transfer") .. "%-" .. nocase("encoding") .. ":%s*" .. nocase("chunked")
+
+-- Where `pattern` matches in the head (which ends at head_end): its capture
+-- or true | nil
+local function in_head(buf, pattern, head_end)
+  local at, _, capture = buf:find(pattern)
+  if at and at < head_end then return capture or true end
+  return nil
+end
+
+local function kept_get(conn, request, timeout_ms)
+  local ok, err = conn:write(request)
   if not ok then return nil, err, true end
   local buf = ""
-  while not buf:find("\r\n\r\n", 1, true) do
+  local head_end
+  repeat
     local chunk, rerr = conn:read(timeout_ms)
     if not chunk then return nil, rerr or "the connection closed", buf == "" end
     buf = buf .. chunk
-    if #buf > HEAD_MAX then return nil, "response head too large" end
-  end
-  local head_end = buf:find("\r\n\r\n", 1, true)
+    head_end = buf:find("\r\n\r\n", 1, true)
+    if not head_end and #buf > HEAD_MAX then return nil, "response head too large" end
+  until head_end
   local status = tonumber(buf:match("^HTTP/1%.[01] (%d%d%d)"))
   if not status then return nil, "not an HTTP response" end
-  local head = buf:sub(1, head_end):lower()
-  local body = buf:sub(head_end + 4)
-  local reusable = not head:find("\nconnection:%s*close")
-  local length = tonumber(head:match("\ncontent%-length:%s*(%d+)"))
+  local body_at = head_end + 4
+  local reusable = not in_head(buf, CONNECTION_CLOSE, head_end)
+  local length = tonumber(in_head(buf, CONTENT_LENGTH, head_end))
   if length then
     if length > BODY_MAX then return status, nil, nil, false end
-    while #body < length do
+    while #buf - body_at + 1 < length do
       local chunk = conn:read(timeout_ms)
       if not chunk then return status, nil, nil, false end
-      body = body .. chunk
+      buf = buf .. chunk
     end
-  elseif head:find("\ntransfer%-encoding:%s*chunked") then
-    while not body:find("0\r\n\r\n", 1, true) and #body <= BODY_MAX do
+  elseif in_head(buf, CHUNKED, head_end) then
+    while not buf:find("0\r\n\r\n", body_at, true) and #buf - body_at < BODY_MAX do
       local chunk = conn:read(timeout_ms)
       if not chunk then return status, nil, nil, false end
-      body = body .. chunk
+      buf = buf .. chunk
     end
-    reusable = reusable and #body <= BODY_MAX
+    reusable = reusable and #buf - body_at < BODY_MAX
   elseif status >= 200 and status ~= 204 and status ~= 304 then
     reusable = false -- a body delimited by the close
   end
@@ -538,7 +541,12 @@ function Instance:check_kept(keep, timeout_ms)
       if not conn then return nil, err end
       keep.conn, keep.socket = conn, socket
     end
-    local status, err, stale, reusable = kept_get(keep.conn, self.svc.health, timeout_ms)
+    local path = self.svc.health
+    if keep.path ~= path then
+      keep.path = path
+      keep.request = "GET " .. path .. " HTTP/1.1\r\nHost: localhost\r\nUser-Agent: tenement-health\r\n\r\n"
+    end
+    local status, err, stale, reusable = kept_get(keep.conn, keep.request, timeout_ms)
     if not (status and reusable) then keep.conn:close() keep.conn = nil end
     if status then
       if status < 200 or status > 299 then
@@ -550,35 +558,86 @@ function Instance:check_kept(keep, timeout_ms)
   end
 end
 
-function Instance:health_loop(gen)
-  local interval = self.sup.cfg.settings.health_check_interval * 1000
-  local failures = 0
+-- The one helper task of a started process (the runner is the other task of
+-- a running instance). It waits on the process's pidfd, so an exit is seen
+-- at once (while a check is in flight, when the check ends: a process that
+-- exits closes its end of the connection). Meanwhile it probes until the
+-- process answers, then checks its health every health_check_interval, over
+-- one connection kept open from the first probe on. It only puts messages;
+-- `gen` says which process they are about. ready_by: the deadline of the
+-- start, or nil for a process that is running already.
+function Instance:watch(proc, gen, ready_by)
   local keep = {}
-  -- jitter spreads 1000 instances' checks over the interval
-  core.sleep(math.random(0, interval))
-  while self.gen == gen and (self.state == "running" or self.state == "unhealthy") do
-    local ok, why = self:check_kept(keep, math.min(interval, 5000))
-    if self.gen ~= gen then return end
+  local status = "ready"
+  if ready_by then status = self:watch_start(proc, gen, ready_by, keep) end
+  if status == "ready" then status = self:watch_health(proc, gen, keep) end
+  if keep.conn then keep.conn:close() end
+  if status then self.mailbox:put({ type = "exit", gen = gen, status = status }) end
+end
+
+-- Probes until the process answers: every millisecond for the first
+-- PROBE_FAST_MS (most apps are up within a few, a request waiting for a wake
+-- waits for this probe, and a refused connect costs microseconds), then
+-- backing off to every 100 ms. -> "ready" | exit status | nil (no longer
+-- current)
+local PROBE_FAST_MS = 100
+function Instance:watch_start(proc, gen, ready_by, keep)
+  local fast_until = core.now() + PROBE_FAST_MS
+  local pause = 1
+  while self.gen == gen and core.now() < ready_by do
+    local ok = self:check_kept(keep, math.max(1, math.min(ready_by - core.now(), 1000)))
+    if self.gen ~= gen then return nil end
     if ok then
-      failures = 0
-      self.health = "healthy"
-      if self.state == "unhealthy" then self.mailbox:put({ type = "health_ok", gen = gen }) end
-    else
-      failures = failures + 1
-      self.health_failures = (self.health_failures or 0) + 1
-      self.last_health_error = why
-      if failures >= FAILURES_UNHEALTHY then
-        self.health = "unhealthy"
-        if self.state == "running" then
-          self.mailbox:put({ type = "unhealthy", gen = gen, why = why, failures = failures })
-        end
+      self.mailbox:put({ type = "ready", gen = gen })
+      return "ready"
+    end
+    local status = proc:wait(pause)
+    if status then return status end
+    if core.now() >= fast_until then pause = math.min(pause * 2, 100) end
+  end
+  if self.gen ~= gen then return nil end
+  -- not ready in time: the runner stops it, and its exit is reported as ever
+  return (proc:wait())
+end
+
+-- Checks every interval until the process exits or is no longer the current
+-- one. Due times fall on a grid of interval/20 (at most 1 s), each instance
+-- starting on a random step of it: the checks of a thousand instances stay
+-- spread over the interval, and those due on one step share a timer wakeup
+-- and have their answers read together. -> exit status | nil
+function Instance:watch_health(proc, gen, keep)
+  local interval = self.sup.cfg.settings.health_check_interval * 1000
+  local step = math.min(interval // 20, 1000)
+  local timeout = math.min(interval, 5000)
+  local due = (core.now() // step + math.random(1, interval // step)) * step
+  local failures = 0
+  while true do
+    local status, err = proc:wait(due - core.now())
+    if status then return status end
+    if err ~= "timeout" or self.gen ~= gen then return nil end
+    if self.state == "running" or self.state == "unhealthy" then
+      local ok, why = self:check_kept(keep, timeout)
+      if self.gen ~= gen then return nil end
+      if ok then
+        failures = 0
+        self.health = "healthy"
+        if self.state == "unhealthy" then self.mailbox:put({ type = "health_ok", gen = gen }) end
       else
-        self.health = "degraded"
+        failures = failures + 1
+        self.health_failures = (self.health_failures or 0) + 1
+        self.last_health_error = why
+        if failures >= FAILURES_UNHEALTHY then
+          self.health = "unhealthy"
+          if self.state == "running" then
+            self.mailbox:put({ type = "unhealthy", gen = gen, why = why, failures = failures })
+          end
+        else
+          self.health = "degraded"
+        end
       end
     end
-    core.sleep(interval)
+    repeat due = due + interval until due > core.now()
   end
-  if keep.conn then keep.conn:close() end
 end
 
 -- SIGTERM to the process group, SIGKILL after stop_timeout. -> exit status
@@ -643,13 +702,17 @@ end
 function Instance:start_once()
   self.gen = self.gen + 1
   local gen = self.gen
-  local proc, err = self:launch()
+  -- launched by a task of its own: launching goes deep (templates, cgroups,
+  -- the driver), and a runner that did it itself would keep its stack grown
+  -- for the life of the process (a thousand of them, megabytes); a task's
+  -- coroutine is shrunk when it ends
+  local launched, proc, err = core.spawn(self.launch, self):join()
+  if not launched then proc, err = nil, tostring(proc) end
   if not proc then
     return nil, { reason = "start", message = "spawn failed: " .. err }
   end
-  core.spawn(self.watch_exit, self, proc, gen)
   local timeout = self.svc.startup_timeout * 1000
-  core.spawn(self.probe_ready, self, gen, core.now() + timeout)
+  core.spawn(self.watch, self, proc, gen, core.now() + timeout)
   while true do
     local msg = self:next_message(gen, timeout - (core.now() - self.started_at))
     if not msg then
@@ -690,7 +753,7 @@ end
 function Instance:replace_process(new_svc)
   local old = { proc = self.proc, socket = self.socket, port = self.port, pid = self.pid, cg = self.cg,
     driver = self.driver, ctx = self.launch_ctx, svc = self.svc, gen = self.gen,
-    started_at = self.started_at, started_wall = self.started_wall }
+    started_at = self.started_at }
   -- the proxy keeps using the old socket until the switch
   self.route_socket = old.socket
   self.svc = new_svc
@@ -710,18 +773,16 @@ function Instance:replace_process(new_svc)
     end
     self.svc, self.proc, self.socket, self.port, self.pid = old.svc, old.proc, old.socket, old.port, old.pid
     self.cg = old.cg
-    self.driver, self.launch_ctx, self.started_at, self.started_wall = old.driver, old.ctx, old.started_at, old.started_wall
+    self.driver, self.launch_ctx, self.started_at = old.driver, old.ctx, old.started_at
     self.route_socket = nil
     self.gen = self.gen + 1
-    core.spawn(self.watch_exit, self, old.proc, self.gen)
-    core.spawn(self.health_loop, self, self.gen)
+    core.spawn(self.watch, self, old.proc, self.gen)
     return nil, (info and info.message) or "the new process did not start"
   end
   -- switch: new requests go to the new process
   self.route_socket = nil
   self:reroute()
   core.http.pool_close(old.socket)
-  core.spawn(self.health_loop, self, self.gen)
   -- drain: requests already on the old process finish (bounded by stop_timeout)
   local deadline = core.now() + self.sup.cfg.settings.stop_timeout * 1000
   local function busy()
@@ -751,7 +812,6 @@ function Instance:run()
       self:transition("ready")
       self.health = "healthy"
       self.ready_event:set(true)
-      core.spawn(self.health_loop, self, self.gen)
       while not exit do
         local msg = self:next_message(self.gen)
         if msg.type == "exit" then
@@ -876,9 +936,8 @@ function Supervisor:instance(service, id)
   inst = setmetatable({
     sup = self, service = service, id = id, key = key, svc = svc,
     state = "stopped", health = "unknown", gen = 0, restarts = 0, history = {},
-    mailbox = sync.mailbox(), state_changed = sync.event(), ready_event = sync.event(),
+    mailbox = sync.mailbox(), ready_event = sync.event(),
     ring = core.logbuf.ring { tag = key, lines = self.cfg.settings.log_ring_lines, sink = self.sink },
-    created = core.time(),
     weight = self.weights[key] or 100,
     -- requests are counted by its upstream (inst:upstream(), made on the first)
     stats = { wakes = 0, wake = metrics.histogram(metrics.WAKE_BUCKETS) },
@@ -916,8 +975,9 @@ function Supervisor:spawn(service, id, opts)
   end
   if inst.state == "stopped" or inst.state == "sleeping" or inst.state == "failed" then
     if inst.state == "failed" then inst.history = {} end
-    inst.ready_event = sync.event()
-    inst.mailbox = sync.mailbox()
+    -- a fresh start: no outcome or message of an earlier life carries over
+    if inst.ready_event:is_set() then inst.ready_event = sync.event() end
+    if inst.mailbox:size() > 0 then inst.mailbox = sync.mailbox() end
     inst:transition("spawn")
     inst.runner = core.spawn(inst.run, inst)
     if self.store and opts.persist ~= false then self.store:set_desired(service, id, true) end

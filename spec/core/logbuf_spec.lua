@@ -271,6 +271,46 @@ describe("core.logbuf", function()
       end)
     end)
 
+    -- The slots grow as lines come (a quiet instance holds none); the byte
+    -- cap evicts while there is room, so the ring is often wrapped when it
+    -- grows. A model in Lua says what must be held after every line.
+    it("keeps the newest lines in order while it grows, wrapped or not", function()
+      core.run(function()
+        local max_lines, max_bytes = 100, 600
+        local ring = lb.ring { lines = max_lines, bytes = max_bytes }
+        local out = writer(ring)
+        local model, held_bytes = {}, 0
+        math.randomseed(3)
+        for i = 1, 400 do
+          -- long lines first (few held, the ring wraps), then short ones
+          -- (more held: it grows while wrapped), then a mix
+          local pad = i <= 100 and math.random(30, 60) or i <= 250 and math.random(0, 2) or math.random(0, 40)
+          local text = string.format("%d:", i) .. string.rep("x", pad)
+          model[#model + 1] = text
+          held_bytes = held_bytes + #text
+          while #model > max_lines or (#model > 1 and held_bytes > max_bytes) do
+            held_bytes = held_bytes - #table.remove(model, 1)
+          end
+          out:write(text, "\n")
+          assert(ring:wait(i - 1, 5000))
+          assert.are.same(model, texts(ring))
+        end
+        -- the same with the line cap the limit: 400 short lines into 100 slots
+        local ring2 = lb.ring { lines = max_lines }
+        local out2 = writer(ring2)
+        local want = {}
+        for i = 1, 400 do
+          out2:write(i, "\n")
+          assert(ring2:wait(i - 1, 5000))
+          if i > 300 then want[#want + 1] = tostring(i) end
+        end
+        assert.are.same(want, texts(ring2))
+        assert.are.equal(300, ring2:stats().overwritten)
+        out:close(); out2:close()
+        ring:close(); ring2:close()
+      end)
+    end)
+
     it("lines(after_seq, max) returns what is held after a seq, the newest max", function()
       core.run(function()
         local ring = capture([[printf '1\n2\n3\n4\n5\n6\n7\n']], { lines = 5 })

@@ -51,6 +51,37 @@ describe("store", function()
     end)
   end)
 
+  -- Each commit appends its pages to the WAL: 200 writes one by one would
+  -- leave hundreds of frames there, committed together a handful.
+  it("commits desired states written at once together, in the order they came", function()
+    core.run(function()
+      local st = assert(store.open(dir .. "/t.db"))
+      local wal0 = core.fs.stat(dir .. "/t.db-wal").size
+      local tasks = {}
+      for i = 1, 200 do
+        tasks[i] = core.spawn(function() return st:set_desired("api", "i" .. i, true) end)
+      end
+      -- the same row set twice: the later write wins
+      tasks[201] = core.spawn(function() return st:set_desired("api", "i1", false) end)
+      for _, t in ipairs(tasks) do
+        local ok, res = t:join()
+        assert.is_true(ok)
+        assert.is_true(res)
+      end
+      local rows = st:instances()
+      assert.are.equal(200, #rows)
+      for _, r in ipairs(rows) do assert.are.equal(r.id ~= "i1", r.desired) end
+      local frames = (core.fs.stat(dir .. "/t.db-wal").size - wal0) / (24 + 4096)
+      assert.is_true(frames < 20, frames .. " WAL frames")
+      st:close()
+    end)
+    -- outside a task the write is made at once
+    local st = assert(store.open(dir .. "/t.db"))
+    assert.is_true(st:set_desired("api", "late", true))
+    assert.are.equal(201, #st:instances())
+    st:close()
+  end)
+
   it("keeps tokens as hashes only, found by their prefix", function()
     local auth = require "tenement.auth"
     core.run(function()
@@ -116,6 +147,45 @@ describe("store", function()
       assert.are.equal(11, #rows) -- lines 299990 to 300000
       -- a query with FTS5 syntax in it is taken as words, never an error
       assert.is_table(assert(st:logs { q = 'OR AND "( NEAR* -x' }))
+      st:close()
+    end)
+  end)
+
+  -- Schema 2 indexed each line from a trigger; 3 indexes a batch at once.
+  -- A store written by the older ten keeps what it had indexed and indexes
+  -- what comes after, and the trigger does not index lines twice.
+  it("upgrades a store of schema 2: old and new lines are found, each once", function()
+    core.run(function()
+      local conn = assert(core.db.open(dir .. "/old.db"))
+      for v = 1, 2 do assert(conn:exec(store.migrations[v])) end
+      assert(conn:exec("PRAGMA user_version = 2"))
+      local ins = assert(conn:prepare("INSERT INTO log_lines (ts, instance, stream, message) VALUES (?, ?, ?, ?)"))
+      local t0 = core.time() - 100
+      local old = {}
+      for i = 1, 500 do old[i] = { t0 + i / 100, "api:a", "stdout", "before upgrade line " .. i } end
+      assert(ins:run_many(old))
+      ins:close()
+      conn:close()
+
+      local st = assert(store.open(dir .. "/old.db"))
+      assert.are.equal(3, st.conn:query("PRAGMA user_version")[1].user_version)
+      assert.are.equal(0, #st.conn:query("SELECT name FROM sqlite_master WHERE name = 'log_lines_indexed'"))
+      local new = {}
+      for i = 1, 500 do new[i] = { t0 + 10 + i / 100, "api:b", "stderr", "after upgrade line " .. i } end
+      assert.are.equal(500, assert(st:append_logs(new)))
+      assert.are.equal(500, #assert(st:logs { q = "before upgrade", limit = 1000 }))
+      assert.are.equal(500, #assert(st:logs { q = "after upgrade", limit = 1000 }))
+      local rows = assert(st:logs { q = "line 250", limit = 10 })
+      assert.are.equal(2, #rows)
+      assert.are.equal("after upgrade line 250", rows[1].message)
+      assert.are.equal("[line] [250]", rows[1].highlighted:match("%[line%] %[250%]"))
+      assert.are.equal("before upgrade line 250", rows[2].message)
+      -- every line is in the full-text index exactly once
+      local docs = st.conn:query("SELECT count(*) AS n FROM log_search WHERE log_search MATCH 'upgrade'")
+      assert.are.equal(1000, docs[1].n)
+      -- and pruning still takes lines out of the index
+      assert(st:prune_logs(86400, 600))
+      assert.are.equal(100, #assert(st:logs { q = "before upgrade", limit = 1000 }))
       st:close()
     end)
   end)

@@ -449,4 +449,97 @@ describe("periodic health checks", function()
       listener:close()
     end)
   end)
+
+  -- A server written here answers each request with the next canned
+  -- response, byte for byte: header names in any case, bodies by length,
+  -- chunked or up to the close.
+  it("read the answer's framing whatever the case of its header names", function()
+    local dir = support.tmpdir()
+    local cfg = make_cfg(dir, { api = { 'health = "/health"' } })
+    core.run(function()
+      local path = dir .. "/raw.sock"
+      local listener = assert(core.net.listen { path = path })
+      local answers, accepted = {}, 0
+      core.spawn(function()
+        while true do
+          local ok, s = pcall(listener.accept, listener)
+          if not ok or not s then return end
+          accepted = accepted + 1
+          core.spawn(function()
+            local buf = ""
+            while true do
+              local chunk = s:read()
+              if not chunk then break end
+              buf = buf .. chunk
+              local req_end = buf:find("\r\n\r\n", 1, true)
+              if req_end then
+                assert.matches("^GET /health HTTP/1.1\r\n", buf)
+                buf = buf:sub(req_end + 4)
+                local answer = table.remove(answers, 1)
+                s:write(answer.bytes)
+                if answer.close then break end
+              end
+            end
+            s:close()
+          end)
+        end
+      end)
+      local sup = supervisor.new(cfg, { environ = {} })
+      local inst = sup:instance("api", "k")
+      inst.socket = path
+      local keep = {}
+      local function check(bytes, close)
+        answers[#answers + 1] = { bytes = bytes, close = close }
+        return inst:check_kept(keep, 2000)
+      end
+      assert.is_true(check("HTTP/1.1 200 OK\r\nCONTENT-LENGTH: 2\r\n\r\nok"))
+      -- no body, no length
+      assert.is_true(check("HTTP/1.1 204 No Content\r\ncontent-type: text/plain\r\n\r\n"))
+      assert.is_true(check("HTTP/1.1 200 OK\r\nTransfer-Encoding: Chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"))
+      local ok, why = check("HTTP/1.1 503 Unavailable\r\nContent-Length: 4\r\n\r\nbusy")
+      assert.is_nil(ok)
+      assert.matches("answered 503", why, 1, true)
+      assert.are.equal(1, accepted)
+      -- a connection the server closes is not used again
+      assert.is_true(check("HTTP/1.1 200 OK\r\nConnection: CLOSE\r\nContent-Length: 2\r\n\r\nok", true))
+      assert.is_nil(keep.conn)
+      assert.is_true(check("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"))
+      assert.are.equal(2, accepted)
+      -- a body that ends with the connection cannot be followed by another answer
+      assert.is_true(check("HTTP/1.1 200 OK\r\n\r\nok", true))
+      assert.is_nil(keep.conn)
+      listener:close()
+    end)
+  end)
+
+  -- The app here is a process that answers nothing itself; the spec serves
+  -- its socket, to count connections and requests.
+  it("probe readiness and check health over one connection for the process's life", function()
+    local dir = support.tmpdir()
+    local cfg = make_cfg(dir, { api = { 'command = "sleep 60"', 'health = "/health"' } })
+    core.run(function()
+      local sup = supervisor.new(cfg, { environ = { PATH = "/usr/bin:/bin" } })
+      local inst = assert(sup:spawn("api", "k", { wait = false }))
+      local deadline = core.now() + 5000
+      while not inst.pid and core.now() < deadline do core.sleep(1) end
+      assert.is_not_nil(inst.pid)
+      local listener = assert(core.net.listen { path = inst.socket })
+      local server = core.http.serve(listener, function(req)
+        assert.are.equal("/health", req.path)
+        assert.are.equal("tenement-health", req.headers["user-agent"])
+        return 200, {}, "ok"
+      end)
+      assert(inst.ready_event:wait(5000))
+      assert.are.equal("running", inst.state)
+      -- health_check_interval = 1: the probe, then two checks
+      deadline = core.now() + 10000
+      while server:stats().requests < 3 and core.now() < deadline do core.sleep(20) end
+      assert.is_true(server:stats().requests >= 3)
+      assert.are.equal(1, server:stats().connections_accepted)
+      assert.are.equal("healthy", inst.health)
+      sup:shutdown()
+      server:close()
+      listener:close()
+    end)
+  end)
 end)
