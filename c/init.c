@@ -144,7 +144,95 @@ int tn_init_main(int argc, char **argv, int first) {
 }
 
 #ifdef TN_INIT_ALONE
+#include <dirent.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <time.h>
+
+/* ---- the keeper ----------------------------------------------------------
+ * `tenement-keeper --keep TEN_PID CGROUP_DIR...`: what ten serve starts
+ * beside itself (lua/tenement/keeper.lua) so that nothing its instances
+ * forked outlives it. It sleeps until ten is gone (a parent-death SIGTERM,
+ * or its parent is no longer ten), then SIGKILLs every process in the trees
+ * of the server's instance cgroups until they stay empty, and exits; the
+ * next ten serve removes the empty cgroups (cgroup.cleanup_stale). It lives
+ * in this tiny static binary rather than in ten so that the keeper of every
+ * server costs some kilobytes instead of a Lua state and ten's pages. Its
+ * stdin is the server's lock file, held until it exits. */
+
+/* SIGKILLs what dir's tree holds; -> how many processes were listed. */
+static int kill_tree(const char *dir, int depth) {
+    char path[PATH_MAX];
+    int n = 0;
+    if (depth == 0) {
+        /* cgroup2 takes the whole subtree at once, forks in flight too */
+        snprintf(path, sizeof path, "%s/cgroup.kill", dir);
+        int fd = open(path, O_WRONLY | O_CLOEXEC);
+        if (fd >= 0) {
+            if (write(fd, "1", 1) < 0) { /* v1, or not allowed: the loop below */ }
+            close(fd);
+        }
+    }
+    snprintf(path, sizeof path, "%s/cgroup.procs", dir);
+    FILE *f = fopen(path, "re");
+    if (f) {
+        int pid;
+        while (fscanf(f, "%d", &pid) == 1) {
+            if (pid > 0) kill(pid, SIGKILL);
+            n++;
+        }
+        fclose(f);
+    }
+    if (depth > 32) return n;
+    DIR *d = opendir(dir);
+    if (!d) return n;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        if (e->d_type != DT_DIR || e->d_name[0] == '.') continue;
+        snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+        n += kill_tree(path, depth + 1);
+    }
+    closedir(d);
+    return n;
+}
+
+static int keeper_main(int argc, char **argv) {
+    if (argc < 4) {
+        fputs("usage: tenement-keeper --keep TEN_PID CGROUP_DIR... (ten serve runs it itself)\n", stderr);
+        return EXIT_INIT_FAILED;
+    }
+    pid_t ten = (pid_t)atol(argv[2]);
+    prctl(PR_SET_NAME, "tenement-keeper", 0, 0, 0);
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGTERM);
+    sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGHUP);
+    sigprocmask(SIG_BLOCK, &set, NULL);
+    /* a SIGTERM while ten lives (someone else's) changes nothing, and the
+     * parent is looked at now and then in case the signal was missed */
+    while (getppid() == ten) {
+        struct timespec ts = {10, 0};
+        sigtimedwait(&set, NULL, &ts);
+    }
+    int killed = 0, left = 0;
+    for (int round = 0; round < 500; round++) { /* about 5 s at most */
+        left = 0;
+        for (int i = 3; i < argc; i++) left += kill_tree(argv[i], 0);
+        if (left == 0) break;
+        killed = 1;
+        struct timespec pause = {0, 10 * 1000 * 1000};
+        nanosleep(&pause, NULL);
+    }
+    if (killed)
+        fprintf(stderr, "tenement-keeper: ten serve (pid %ld) is gone: %s\n", (long)ten,
+                left ? "some processes in its instance cgroups would not die" :
+                       "killed what was left in its instance cgroups");
+    return left ? 1 : 0;
+}
+
 int main(int argc, char **argv) {
+    if (argc > 1 && strcmp(argv[1], "--keep") == 0) return keeper_main(argc, argv);
     /* Exec'd from a memfd, the kernel names the process after the memfd
      * ("memfd:tenement-", cut to 15 bytes) or after the fd's number: give
      * ps in the instance a name that says what PID 1 is. */

@@ -139,29 +139,6 @@ static void push_rlim(lua_State *L, rlim_t v) {
 
 /* proc.rlimit(name [, soft [, hard]]) -> soft, hard (after setting, when
  * given) | nil, err, code: the server's own limits ("nofile", ...). */
-/* proc.self_exe() -> path | nil, err, code: the file this process runs,
- * resolved now (ten starts its keeper from it). A binary replaced or
- * deleted since it started has no path any more: that is an error, not the
- * name of whatever file now has that name. */
-static int l_proc_self_exe(lua_State *L) {
-    char buf[PATH_MAX];
-    ssize_t n = readlink("/proc/self/exe", buf, sizeof buf - 1);
-    if (n < 0) return tn_fail_errno(L, "readlink /proc/self/exe", errno);
-    if ((size_t)n == sizeof buf - 1) return tn_fail_errno(L, "readlink /proc/self/exe", ENAMETOOLONG);
-    buf[n] = '\0';
-    static const char deleted[] = " (deleted)";
-    size_t dl = sizeof deleted - 1;
-    if ((size_t)n > dl && strcmp(buf + n - dl, deleted) == 0) {
-        buf[n - dl] = '\0';
-        lua_pushnil(L);
-        lua_pushfstring(L, "%s was replaced or deleted after this process started: restart it", buf);
-        lua_pushliteral(L, "ENOENT");
-        return 3;
-    }
-    lua_pushstring(L, buf);
-    return 1;
-}
-
 static int l_proc_rlimit(lua_State *L) {
     int res = rlimit_resource(L, 1);
     struct rlimit lim;
@@ -1547,7 +1524,7 @@ int tn_open_proc(lua_State *L) {
     };
     static const luaL_Reg fns[] = {
         {"spawn", l_proc_spawn}, {"environ", l_proc_environ}, {"getpid", l_proc_getpid},
-        {"rlimit", l_proc_rlimit}, {"self_exe", l_proc_self_exe},
+        {"rlimit", l_proc_rlimit},
         {"init_fd", l_proc_init_fd},
         {"kill", l_proc_rawkill}, {"signal_name", l_proc_signal_name}, {NULL, NULL},
     };

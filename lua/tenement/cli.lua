@@ -363,7 +363,7 @@ command {
     local core = require "tenement.core"
     local server = require "tenement.server"
     return core.run(function()
-      local srv = server.new(cfg, { environ = ctx.env, exe = ctx.exe })
+      local srv = server.new(cfg, { environ = ctx.env })
       local ok, err = srv:start()
       if not ok then
         ctx.err:write("ten serve: ", err, "\n")
@@ -847,13 +847,11 @@ command {
 
 -- cli.main(args [, io]) -> exit code. io = { out =, err =, env = } for tests.
 function cli.main(args, io_override)
-  if args[1] == "__tenement_keeper" then return require("tenement.keeper").main(args[2], args[3]) end
   io_override = io_override or {}
   local ctx = {
     out = io_override.out or io.stdout,
     err = io_override.err or io.stderr,
     env = io_override.env or environment(),
-    exe = io_override.exe,  -- the ten binary, when this process is one
   }
 
   -- the command is the first argument that is not an option (or an option's value)

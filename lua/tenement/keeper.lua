@@ -1,22 +1,20 @@
--- The keeper: a small process `ten serve` starts beside itself, which
+-- The keeper: a tiny process `ten serve` starts beside itself, which
 -- outlives it only to clean up. Instances under process isolation have no
 -- PID namespace that dies with ten, and what they fork (or what daemonises
 -- with setsid) is not reached by a parent-death signal, so if ten is killed
 -- outright (SIGKILL, OOM killer) their grandchildren would live on. When
--- ten goes, however it goes, the keeper kills everything left in the
--- server's instance cgroups and removes them, exactly what the next start
--- would do (cgroup.cleanup_stale), only at once.
+-- ten goes, however it goes, the keeper SIGKILLs everything left in the
+-- server's instance cgroups at once; the next start removes the empty
+-- cgroups (cgroup.cleanup_stale), as it always did.
 --
 -- The keeper holds the server's lock file (handed over as its stdin), so a
 -- new `ten serve` on the same data directory waits until the cleanup is
 -- over before it starts instances the cleanup could take for leftovers.
 local core = require "tenement.core"
-local cgroup = require "tenement.cgroup"
 local log = require "tenement.log"
 
 local keeper = {}
 
-keeper.ARG = "__tenement_keeper"
 local LOCK_WAIT_MS = 10000
 
 -- The lock file of a data directory, taken once the keeper of a previous
@@ -41,52 +39,28 @@ function keeper.lock(data_dir)
   end
 end
 
--- keeper.start(exe, base, lock_fd) -> proc | nil, err: from ten serve;
--- exe is the ten binary.
-function keeper.start(exe, base, lock_fd)
-  if not exe then return nil, "the keeper runs the ten binary, and this process is not one" end
+-- keeper.start(layout, lock_fd) -> proc | nil, err: from ten serve, once
+-- the instance cgroups of layout (cgroup.detect) are known. The keeper is
+-- the small static init binary in its keeper mode (c/init.c), run from the
+-- same sealed memfd as namespaced instances' PID 1.
+function keeper.start(layout, lock_fd)
+  local dirs = {}
+  for _, h in ipairs(layout.hierarchies) do
+    if h.base and not h.reason then dirs[#dirs + 1] = h.base end
+  end
+  if #dirs == 0 then return nil, "no instance cgroups to watch" end
+  local init, err = core.proc.init_fd()
+  if not init then return nil, err end
+  local argv = { "tenement-keeper", "--keep", tostring(core.proc.getpid()) }
+  for _, d in ipairs(dirs) do argv[#argv + 1] = d end
   return core.proc.spawn {
-    argv = { exe, keeper.ARG, base, tostring(core.proc.getpid()) },
-    env = { "PATH=/usr/sbin:/usr/bin:/sbin:/bin" },
+    argv = argv, exec_fd = init, env = {},
     stdin = lock_fd, stdout = "null", stderr = "inherit",
     -- out of the terminal's process group: a Ctrl-C is for ten, which
     -- stops its instances itself, and the keeper goes when it has gone
     setsid = true,
     pdeathsig = "SIGTERM",
   }
-end
-
-local function parent_pid()
-  local stat = core.fs.read("/proc/self/stat") or ""
-  -- the command may hold spaces and parentheses: the fields follow the last ')'
-  return tonumber(stat:match("%)%s+%S+%s+(%d+)"))
-end
-
--- keeper.main(base, ten_pid) -> exit code: in the keeper process.
-function keeper.main(base, ten_pid)
-  ten_pid = tonumber(ten_pid)
-  if not base or not ten_pid then
-    io.stderr:write("usage: ten ", keeper.ARG, " CGROUP_BASE TEN_PID (started by ten serve)\n")
-    return 2
-  end
-  local code = 0
-  core.run(function()
-    local term = core.signal("SIGTERM")
-    -- SIGTERM comes when ten dies (pdeathsig); one from anyone else while
-    -- ten lives is ignored, and the parent is looked at now and then in
-    -- case the signal was missed
-    while parent_pid() == ten_pid do term:wait(10000) end
-    local layout = cgroup.detect { base = base }
-    local removed, failures = cgroup.cleanup_stale(layout)
-    if #removed > 0 then
-      log.warn("ten serve (pid %d) is gone: killed what was left in %d instance cgroup(s)", ten_pid, #removed)
-    end
-    for _, f in ipairs(failures) do
-      log.error("after ten serve (pid %d): %s", ten_pid, tostring(f))
-      code = 1
-    end
-  end)
-  return code
 end
 
 return keeper

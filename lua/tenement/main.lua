@@ -6,7 +6,5 @@ return function(self, argv)
     io.stderr:write("slum: not available yet\n")
     return 1
   end
-  -- this binary, for what ten starts of itself (the keeper)
-  local exe = require("tenement.core").proc.self_exe()
-  return require("tenement.cli").main(args, { exe = exe })
+  return require("tenement.cli").main(args)
 end

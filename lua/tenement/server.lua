@@ -141,7 +141,7 @@ function Server:prepare_limits()
   if removed and #removed > 0 then log.info("cgroups: removed %d left by an earlier run", #removed) end
   for _, f in ipairs(failures or {}) do log.warn("cgroups: %s", tostring(f)) end
   if layout.track then
-    local proc, kerr = keeper.start(self.opts.exe, base, self.lock_fd)
+    local proc, kerr = keeper.start(layout, self.lock_fd)
     if proc then
       self.keeper = proc
     else

@@ -218,6 +218,21 @@ describe("ten serve", function()
       sleep(0.05)
     end
     assert.are.equal(4, #before, "forkn and its three children")
+    -- the keeper: asleep beside the server, deaf to a SIGTERM while it lives
+    local keeper
+    for _, name in ipairs(require("tenement.core").fs.readdir("/proc") or {}) do
+      local f = name:match("^%d+$") and io.open("/proc/" .. name .. "/stat")
+      if f then
+        local stat = f:read("a") or ""
+        f:close()
+        if stat:match("^%d+ %(tenement%-keeper%) %S+ " .. pid .. " ") then keeper = tonumber(name) end
+      end
+    end
+    assert.is_not_nil(keeper, "no tenement-keeper beside ten serve")
+    os.execute("kill -TERM " .. keeper)
+    sleep(0.2)
+    assert.is_true(pid_alive(keeper))
+    for _, p in ipairs(before) do assert.is_true(pid_alive(p)) end
     os.execute("kill -KILL " .. pid)
     local left
     for _ = 1, 100 do
@@ -227,7 +242,12 @@ describe("ten serve", function()
       sleep(0.05)
     end
     assert.are.same({}, left, "survived the server: " .. table.concat(left, " "))
-    assert.matches("is gone: killed what was left in", assert(io.open(log)):read("a"), 1, true)
+    for _ = 1, 100 do
+      if not pid_alive(keeper) then break end
+      sleep(0.05)
+    end
+    assert.is_false(pid_alive(keeper), "the keeper stayed after its work")
+    assert.matches("is gone: killed what was left in its instance cgroups", assert(io.open(log)):read("a"), 1, true)
     -- the next server waited for that cleanup and starts clean
     pid = serve(cfg, log .. "2")
     assert.is_true(wait_up(cfg))
