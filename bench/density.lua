@@ -75,7 +75,8 @@ local function ten_stopped(services)
     services = list }
   local srv = lib.start_ten { dir = dir, config = config, port = port }
   lib.sleep(2)
-  local rss, pss = lib.rss_kb(srv.pid), lib.pss_kb(srv.pid)
+  local pids = lib.ten_pids(srv.pid)
+  local rss, pss = lib.sum_kb(lib.rss_kb, pids), lib.sum_kb(lib.pss_kb, pids)
   lib.stop_ten(srv)
   return rss, pss
 end
@@ -102,11 +103,13 @@ local function ten_running(idle_seconds)
   local running = lib.ten_wait_state(srv, "running", N, 60, 0.1)
   running = running and (lib.now() - t0)
   lib.sleep(5)
-  local cpu = idle_cpu(function() return { srv.pid } end, idle_seconds)
+  local ten_pids = lib.ten_pids(srv.pid)
+  local cpu = idle_cpu(function() return ten_pids end, idle_seconds)
   local row = {
     peer = "ten", version = lib.ten_version(), services = N, all_answer_s = answered and lib.round(answered, 2),
     ten_says_running_s = running and lib.round(running, 2),
-    supervisor_rss_mb = lib.round(lib.rss_kb(srv.pid) / 1024, 1), supervisor_pss_mb = lib.round(lib.pss_kb(srv.pid) / 1024, 1),
+    supervisor_rss_mb = lib.round(lib.sum_kb(lib.rss_kb, ten_pids) / 1024, 1),
+    supervisor_pss_mb = lib.round(lib.sum_kb(lib.pss_kb, ten_pids) / 1024, 1),
     idle_cpu_pct = lib.round(cpu, 2), machine_used_mb = lib.round((lib.machine_used_kb() - used0) / 1024),
     not_answering = left,
     command = "ten serve (one service, " .. N .. " [instances], isolation process, health_check_interval = 10)",
@@ -265,7 +268,7 @@ function M.run()
     notes = {
       "all_answer_s: from starting the supervisor to every one of the 1000 sockets answering GET /health with 200 "
         .. "(polled by this script the same way for every peer).",
-      "supervisor_*: the supervisor's own processes (ten serve; supervisord; s6-svscan plus its 1000 s6-supervise), "
+      "supervisor_*: the supervisor's own processes (ten serve and its keeper; supervisord; s6-svscan plus its 1000 s6-supervise), "
         .. "not the 1000 backends; for s6 the RSS is a sum over 1001 processes, so shared pages count 1001 times: "
         .. "compare PSS. machine_used_mb: MemTotal - MemAvailable, minus the same before the start.",
       string.format("idle_cpu_pct: utime + stime of those processes over %d s, 5 s after all answered.", idle_seconds),

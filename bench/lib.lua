@@ -204,6 +204,25 @@ function lib.pss_kb(pid)
   return s and tonumber(s:match("\nPss:%s+(%d+) kB"))
 end
 
+-- ten serve's own processes: itself and its keeper (tenement-keeper, a
+-- child of its own that outlives it only to clean up), whose memory and CPU
+-- count as ten's.
+function lib.ten_pids(pid)
+  local out = { pid }
+  for _, e in ipairs(lib.all_pids()) do
+    if e.ppid == pid and (lib.read("/proc/" .. e.pid .. "/comm") or ""):match("^tenement%-keeper") then
+      out[#out + 1] = e.pid
+    end
+  end
+  return out
+end
+
+function lib.sum_kb(fn, pids)
+  local t = 0
+  for _, p in ipairs(pids) do t = t + (fn(p) or 0) end
+  return t
+end
+
 -- Every pid on the machine, with its parent.
 function lib.all_pids()
   local out = {}

@@ -64,7 +64,7 @@ local function large(dir)
   lib.sleep(3)
   local awake = { state = "all " .. N .. " running, " .. ACTIVE .. " under load",
     machine_used_mb = lib.round((lib.machine_used_kb() - used0) / 1024),
-    ten_rss_mb = lib.round(lib.rss_kb(srv.pid) / 1024, 1) }
+    ten_rss_mb = lib.round(lib.sum_kb(lib.rss_kb, lib.ten_pids(srv.pid)) / 1024, 1) }
   local pss, n = instances_pss(srv)
   awake.instances_pss_mb = lib.round(pss / 1024, 1)
   awake.running = n
@@ -76,7 +76,7 @@ local function large(dir)
   local counts = lib.ten_counts(srv)
   local asleep = { state = string.format("%d asleep, %d running under load", counts.sleeping or 0, counts.running or 0),
     machine_used_mb = lib.round((lib.machine_used_kb() - used0) / 1024),
-    ten_rss_mb = lib.round(lib.rss_kb(srv.pid) / 1024, 1) }
+    ten_rss_mb = lib.round(lib.sum_kb(lib.rss_kb, lib.ten_pids(srv.pid)) / 1024, 1) }
   pss, n = instances_pss(srv)
   asleep.instances_pss_mb = lib.round(pss / 1024, 1)
   asleep.running = n
