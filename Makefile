@@ -196,11 +196,11 @@ bench: all
 	$(Q)$(BENCH_ENV) $(LUA) bench/run.lua $(BENCH)
 
 stress: all
-	$(Q)sh bench/fuzz/build.sh $(FUZZ_DIR)
+	$(Q)INIT_IMAGE=$(BUILD)/gen/init_image.c sh bench/fuzz/build.sh $(FUZZ_DIR)
 	$(Q)$(BENCH_ENV) FUZZ_DIR=$(FUZZ_DIR) FUZZ_SECONDS=$(FUZZ_SECONDS) $(LUA) bench/stress.lua $(STRESS)
 
-fuzz:
-	$(Q)sh bench/fuzz/build.sh $(FUZZ_DIR)
+fuzz: $(BUILD)/gen/init_image.c
+	$(Q)INIT_IMAGE=$(BUILD)/gen/init_image.c sh bench/fuzz/build.sh $(FUZZ_DIR)
 	$(Q)sh bench/fuzz/run.sh $(FUZZ_DIR) $(FUZZ_SECONDS) http toml
 
 -include $(wildcard $(BUILD)/obj/*.d)

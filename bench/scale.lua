@@ -151,24 +151,37 @@ function M.run()
   end
   local state_rows = { awake, asleep }
   local c = rows[1]
-  local measured_awake = math.floor(GIB_KB / (awake.machine_used_mb * 1024 / N))
-  local measured_asleep = math.floor(GIB_KB / (asleep.machine_used_mb * 1024 / N))
+  -- the machine-wide figure moves with whatever else the machine does (this
+  -- VM reclaims page cache on its own), so the goal is judged on what ten
+  -- and its instances hold, and the machine's figure is shown beside it
+  for _, st in ipairs(state_rows) do st.ten_and_instances_mb = lib.round(st.ten_rss_mb + st.instances_pss_mb, 1) end
+  local function machine(mb)
+    if mb <= 0 then return "not measurable this run (the machine's free memory moved more than the run used)" end
+    return string.format("%d MB", mb)
+  end
+  local function measured(mb)
+    if mb <= 0 then return "-" end
+    return tostring(math.floor(GIB_KB / (mb * 1024 / N)))
+  end
   local goals = {
-    { goal = "1000 services, 2% active: memory of the whole machine against all 1000 running",
-      value = string.format("%d MB asleep vs %d MB all running", asleep.machine_used_mb, awake.machine_used_mb),
-      met = asleep.machine_used_mb < awake.machine_used_mb,
-      detail = string.format("ten itself %.1f MB vs %.1f MB; %s of %d idle instances asleep within 120 s",
-        asleep.ten_rss_mb, awake.ten_rss_mb, slept and "all" or "NOT all", N - ACTIVE) },
+    { goal = "1000 services, 2% active: memory of ten and its instances against all 1000 running",
+      value = string.format("%.1f MB asleep vs %.1f MB all running", asleep.ten_and_instances_mb,
+        awake.ten_and_instances_mb),
+      met = asleep.ten_and_instances_mb < awake.ten_and_instances_mb,
+      detail = string.format("ten itself %.1f MB vs %.1f MB; whole machine: %s vs %s; %s of %d idle instances asleep "
+        .. "within 120 s", asleep.ten_rss_mb, awake.ten_rss_mb, machine(asleep.machine_used_mb),
+        machine(awake.machine_used_mb), slept and "all" or "NOT all", N - ACTIVE) },
     { goal = "capacity of a 1 GiB server, awake / asleep (2% awake)",
       value = string.format("C %d / %d; Python %d / %d; Node %d / %d", rows[1].awake_capacity, rows[1].asleep_capacity,
         rows[2].awake_capacity, rows[2].asleep_capacity, rows[3].awake_capacity, rows[3].asleep_capacity), met = nil,
-      detail = string.format("C measured on the whole machine: %d awake, %d asleep", measured_awake, measured_asleep) },
+      detail = string.format("C measured on the whole machine: %s awake, %s asleep", measured(awake.machine_used_mb),
+        measured(asleep.machine_used_mb)) },
   }
   return {
     title = M.title,
     tables = {
       { title = string.format("%d services, %d under load (wrk -c%d)", N, ACTIVE, ACTIVE), rows = state_rows,
-        columns = { "state", "machine_used_mb", "ten_rss_mb", "instances_pss_mb", "running" } },
+        columns = { "state", "ten_and_instances_mb", "ten_rss_mb", "instances_pss_mb", "machine_used_mb", "running" } },
       { title = "Capacity of a 1 GiB server", rows = rows,
         columns = { "app", "app_pss_mb", "app_rss_mb", "awake_capacity", "asleep_capacity" } },
     },
