@@ -99,6 +99,41 @@ local function log_text(srv)
   return t
 end
 
+-- `ten ARGS...` from inside a task, which yields while it runs (ten() blocks
+-- the whole loop: no load would flow meanwhile). -> code, stdout
+local function ten_in_task(srv, ...)
+  local env = { "PATH=/usr/bin:/bin" }
+  if os.getenv("ASAN_OPTIONS") then env[#env + 1] = "ASAN_OPTIONS=" .. os.getenv("ASAN_OPTIONS") end
+  local p = assert(core.proc.spawn { argv = { TEN, "--config", srv.cfg, ... }, env = env, stdout = "pipe",
+    stderr = "pipe" })
+  local out = p.stdout:read(20000) or ""
+  local st = p:wait(30000)
+  return st and st.code, out
+end
+
+-- Runs `during()` (in a task) while `clients` tasks GET host/target in a
+-- loop. -> the requests made, and the statuses of those that did not get 200
+local function under_load(srv, host, target, clients, during)
+  local total, failures = 0, {}
+  local stop = false
+  local load = {}
+  for i = 1, clients do
+    load[i] = core.spawn(function()
+      while not stop do
+        local res = get(srv, host, target)
+        total = total + 1
+        if not res or res.status ~= 200 then failures[#failures + 1] = res and res.status or "no answer" end
+      end
+    end)
+  end
+  core.sleep(200)
+  during()
+  core.sleep(200)
+  stop = true
+  for i = 1, clients do load[i]:join() end
+  return total, failures
+end
+
 describe("front door", function()
   local srv
   after_each(function()
@@ -360,36 +395,16 @@ describe("front door", function()
     wait_state(srv, "api:b", "running")
     local before = ps(srv)
     write_cfg("2")
-    local total, failed, statuses = 0, 0, {}
+    local total, failures
     run(function()
-      local stop = false
-      local load = {}
-      for i = 1, 4 do
-        load[i] = core.spawn(function()
-          while not stop do
-            local res = get(srv, "api.example.test", "/")
-            total = total + 1
-            if not res or res.status ~= 200 then
-              failed = failed + 1
-              statuses[#statuses + 1] = res and res.status or "no answer"
-            end
-          end
-        end)
-      end
-      core.sleep(200)
-      local env = { "PATH=/usr/bin:/bin" }
-      if os.getenv("ASAN_OPTIONS") then env[#env + 1] = "ASAN_OPTIONS=" .. os.getenv("ASAN_OPTIONS") end
-      local p = assert(core.proc.spawn { argv = { TEN, "rollout", "api", "--config", srv.cfg },
-        env = env, stdout = "pipe", stderr = "pipe" })
-      local out = p.stdout:read(20000) or ""
-      local st = p:wait(30000)
-      core.sleep(200)
-      stop = true
-      for i = 1, 4 do load[i]:join() end
-      assert.are.equal(0, st.code, out)
+      local code, out
+      total, failures = under_load(srv, "api.example.test", "/", 4, function()
+        code, out = ten_in_task(srv, "rollout", "api")
+      end)
+      assert.are.equal(0, code, out)
       assert.matches("2 instance%(s%) replaced", out)
     end)
-    assert.are.equal(0, failed, "failed requests during the rollout: " .. table.concat(statuses, ", ") .. "\n" .. log_text(srv))
+    assert.are.equal(0, #failures, "failed requests during the rollout: " .. table.concat(failures, ", ") .. "\n" .. log_text(srv))
     assert.is_true(total > 50, "too little load to mean anything: " .. total)
     local after = ps(srv)
     assert.are_not.equal(before["api:a"].pid, after["api:a"].pid)
@@ -455,32 +470,15 @@ describe("front door", function()
     -- process, the old one drains, nothing fails
     local text = assert(io.open(srv.cfg)):read("a")
     support.write(srv.cfg, (text:gsub('VERSION = "1"', 'VERSION = "2"')))
-    local total, failed, statuses = 0, 0, {}
+    local total, failures
     run(function()
-      local stop = false
-      local load = {}
-      for i = 1, 3 do
-        load[i] = core.spawn(function()
-          while not stop do
-            local res = get(srv, host, "/env")
-            total = total + 1
-            if not res or res.status ~= 200 then
-              failed = failed + 1
-              statuses[#statuses + 1] = res and res.status or "no answer"
-            end
-          end
-        end)
-      end
-      core.sleep(200)
-      local code, out, err = ten(srv, "rollout", "api")
-      core.sleep(200)
-      stop = true
-      for i = 1, 3 do load[i]:join() end
-      assert.are.equal(0, code, out .. err)
+      local code, out
+      total, failures = under_load(srv, host, "/env", 3, function() code, out = ten_in_task(srv, "rollout", "api") end)
+      assert.are.equal(0, code, out)
       local res = assert(get(srv, host, "/env"))
       assert.matches("VERSION=2", res.body, 1, true)
     end)
-    assert.are.equal(0, failed, "failed requests during the rollout: " .. table.concat(statuses, ", ") .. "\n" .. log_text(srv))
+    assert.are.equal(0, #failures, "failed requests during the rollout: " .. table.concat(failures, ", ") .. "\n" .. log_text(srv))
     assert.is_true(total > 50, "too little load to mean anything: " .. total)
     -- and once the traffic stops, idle_timeout puts it to sleep
     wait_state(srv, "api:d", "sleeping")
