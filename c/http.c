@@ -676,8 +676,8 @@ static void px_after_parse(struct px *x);
 static void conn_detach_req(http_conn *c);
 static void conn_linger(http_conn *c);
 static void srv_accept(http_server *s);
-static px_upstream *srv_route_lookup(http_server *s, const http_head *h);
-static int px_start_direct(http_conn *c, http_req *r, px_upstream *u);
+static px_upstream *srv_route_lookup(http_server *s, const http_head *h, const http_header *host);
+static int px_start_direct(http_req *r, px_upstream *u, int chunked);
 static void srv_routes_clear(http_server *s);
 
 static void srv_unref(http_server *s) {
@@ -1024,6 +1024,7 @@ static void conn_shutdown_cb(uv_shutdown_t *req, int status) {
  * drop whatever the client still sends until it closes or LINGER_MS pass. */
 static void conn_linger(http_conn *c) {
     if (c->closing || c->phase == PHASE_LINGER) return;
+    conn_idle_leave(c);
     c->phase = PHASE_LINGER;
     c->srv->lingering++;
     c->dead = 1;
@@ -1645,7 +1646,9 @@ static void on_head(http_conn *c) {
         conn_reject(c, 400, "Transfer-Encoding in an HTTP/1.0 request");
         return;
     }
-    head_find(h, "host", &n);
+    /* (the header array moves to the request below with its head: host
+     * stays valid there) */
+    const http_header *host = head_find(h, "host", &n);
     if (n > 1 || (n == 0 && ps->http_minor == 1)) {
         conn_reject(c, 400, "an HTTP/1.1 request needs exactly one Host header");
         return;
@@ -1692,8 +1695,8 @@ static void on_head(http_conn *c) {
         return;
     }
     if (s->nroutes) {
-        px_upstream *u = srv_route_lookup(s, &r->head);
-        if (u && px_start_direct(c, r, u) == 0) {
+        px_upstream *u = host ? srv_route_lookup(s, &r->head, host) : NULL;
+        if (u && px_start_direct(r, u, chunked) == 0) {
             s->direct++;
             return;
         }
@@ -3113,10 +3116,8 @@ static uint32_t route_draw(uint32_t total) {
     return x % total;
 }
 
-static px_upstream *srv_route_lookup(http_server *s, const http_head *h) {
-    int n;
-    const http_header *host = head_find(h, "host", &n);
-    if (!host || n != 1) return NULL;
+/* host: h's one Host header (on_head has checked there is exactly one) */
+static px_upstream *srv_route_lookup(http_server *s, const http_head *h, const http_header *host) {
     const char *v = head_str(h, host->value);
     uint32_t hash = route_hash(v, host->value_len);
     srv_route **pp = srv_route_slot(s, v, host->value_len, hash);
@@ -4600,12 +4601,10 @@ static px *px_launch(px_state *st, http_req *r, const px_plan *plan, buf *head, 
 
 /* A direct route took r (its body, if any, still unread): proxy it with no
  * task. 0, or -1 (out of memory) and the handler gets it after all. */
-static int px_start_direct(http_conn *c, http_req *r, px_upstream *u) {
+static int px_start_direct(http_req *r, px_upstream *u, int chunked) {
     static _Thread_local buf hb;
-    (void)c;
     px_plan plan = { u->pool, u, u->timeout, u->connect_timeout, u->idle_pool, PXB_NONE, 0 };
-    if (r->expects_body)
-        plan.body_mode = head_find(&r->head, "transfer-encoding", NULL) ? PXB_CHUNKED : PXB_LENGTH;
+    if (r->expects_body) plan.body_mode = chunked ? PXB_CHUNKED : PXB_LENGTH;
     plan.tunnel = px_wants_tunnel(r);
     if (px_build_request(NULL, &hb, r, 0, u->proto, plan.tunnel, plan.body_mode) != 0) return -1;
     r->dispatched = 1;

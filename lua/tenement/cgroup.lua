@@ -751,6 +751,16 @@ function cgroup.open(layout, name)
   return new_cgroup(layout, name, members)
 end
 
+-- cgroup.bases(layout) -> the directories under which this server's
+-- instance cgroups live, one per usable hierarchy.
+function cgroup.bases(layout)
+  local out = {}
+  for _, h in ipairs(layout.hierarchies) do
+    if h.base and not h.reason then out[#out + 1] = h.base end
+  end
+  return out
+end
+
 -- cgroup.cleanup_stale(layout [, prefix]) -> removed names, failures
 -- Instance cgroups left under the base by a ten that died (names starting
 -- with prefix, all of them by default): what runs inside is killed, then
@@ -759,12 +769,10 @@ function cgroup.cleanup_stale(layout, prefix)
   prefix = prefix or ""
   local fs = layout.fs
   local names = {}
-  for _, h in ipairs(layout.hierarchies) do
-    if h.base and not h.reason then
-      for _, n in ipairs(fs.readdir(h.base) or {}) do
-        local st = fs.stat(join(h.base, n), false)
-        if st and st.type == "directory" and n:sub(1, #prefix) == prefix then names[n] = true end
-      end
+  for _, base in ipairs(cgroup.bases(layout)) do
+    for _, n in ipairs(fs.readdir(base) or {}) do
+      local st = fs.stat(join(base, n), false)
+      if st and st.type == "directory" and n:sub(1, #prefix) == prefix then names[n] = true end
     end
   end
   local removed, failures = {}, {}

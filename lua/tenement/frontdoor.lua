@@ -75,7 +75,7 @@ function Door:configure(cfg)
   self.route_hook = hook
   if self.http then self.http:clear_routes() end
   -- a reload may add or drop instances of any service
-  for _, guard in pairs(self.guards or {}) do guard:invalidate() end
+  for _, guard in pairs(self.guards) do guard:invalidate() end
   return true
 end
 

@@ -11,6 +11,7 @@
 -- new `ten serve` on the same data directory waits until the cleanup is
 -- over before it starts instances the cleanup could take for leftovers.
 local core = require "tenement.core"
+local cgroup = require "tenement.cgroup"
 local log = require "tenement.log"
 
 local keeper = {}
@@ -44,10 +45,7 @@ end
 -- the small static init binary in its keeper mode (c/init.c), run from the
 -- same sealed memfd as namespaced instances' PID 1.
 function keeper.start(layout, lock_fd)
-  local dirs = {}
-  for _, h in ipairs(layout.hierarchies) do
-    if h.base and not h.reason then dirs[#dirs + 1] = h.base end
-  end
+  local dirs = cgroup.bases(layout)
   if #dirs == 0 then return nil, "no instance cgroups to watch" end
   local init, err = core.proc.init_fd()
   if not init then return nil, err end

@@ -403,7 +403,10 @@ function Instance:upstream()
     self.upstream_settings = s
   end
   local socket = self.route_socket or self.socket
-  if socket then assert(up:set { path = socket }) end
+  if socket and socket ~= self.upstream_path then
+    assert(up:set { path = socket })
+    self.upstream_path = socket
+  end
   return up
 end
 
