@@ -184,7 +184,7 @@ clean:
 #   make bench  [BENCH="proxy spawn density logs scale"]  results: bench/results/latest.{md,json}
 #   make stress [STRESS="kill9 serve-kill conns slowloris malformed fuzz"] [FUZZ_SECONDS=60]
 #   make fuzz   [FUZZ_SECONDS=60]  libFuzzer + ASan (clang), targets http and toml
-# Knobs read by bench/: BENCH_SECONDS (wrk run length), BENCH_IDLE_SECONDS, BENCH_KEEP=1.
+# Knobs read by bench/: BENCH_SECONDS (wrk run length), BENCH_PROXY_ROUNDS, BENCH_IDLE_SECONDS, BENCH_KEEP=1.
 BENCH        ?=
 STRESS       ?=
 FUZZ_SECONDS ?= 60
