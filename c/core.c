@@ -323,7 +323,7 @@ static void task_end(tn_task *t, int failed) {
         if (ctx->main_task != t) report_error(ctx, t, trace ? trace : "(error object)");
         lua_pop(L, 2);
     }
-    if (ctx->main_task == t) uv_stop(&ctx->loop);
+    if (ctx->main_task == t) tn_io_stop(&ctx->loop);
     luaL_unref(L, LUA_REGISTRYINDEX, t->ud_ref);
     t->ud_ref = LUA_NOREF;
     tn_task_release(t); /* alive */
@@ -528,14 +528,14 @@ static int l_run(lua_State *L) {
     if (tn_task_current(L)) return luaL_error(L, "core.run cannot be called from inside a task");
     if (ctx->main_task) return luaL_error(L, "core.run is already running");
     if (lua_isnoneornil(L, 1)) {
-        uv_run(&ctx->loop, UV_RUN_DEFAULT);
+        tn_io_run(&ctx->loop);
         return 0;
     }
     l_spawn(L);
     tn_task *t = check_task(L, -1);
     ctx->main_task = t;
     while (t->state != TASK_DONE && t->state != TASK_FAILED) {
-        if (uv_run(&ctx->loop, UV_RUN_DEFAULT) == 0 &&
+        if (tn_io_run(&ctx->loop) == 0 &&
             t->state != TASK_DONE && t->state != TASK_FAILED) {
             ctx->main_task = NULL;
             return luaL_error(L, "core.run: the main task is waiting for something that "

@@ -613,7 +613,7 @@ struct http_server {
 
 struct http_conn {
     http_parse p;          /* first: llhttp's data pointer is the connection */
-    tn_sock sock;
+    tn_io io;
     uv_timer_t timer;
     http_server *srv;
     http_conn *prev, *next;
@@ -825,10 +825,10 @@ static void conn_update_reading(http_conn *c) {
                (c->phase == PHASE_LINGER ? c->shut :
                 c->phase == PHASE_TUNNEL ? 1 : ((!c->paused && !c->dead) || watch));
     if (want && !c->reading) {
-        if (uv_read_start(&c->sock.stream, conn_alloc, conn_read_cb) == 0) c->reading = 1;
-        else conn_close(c);
+        tn_io_read_start(&c->io, conn_alloc, conn_read_cb);
+        c->reading = 1;
     } else if (!want && c->reading) {
-        uv_read_stop(&c->sock.stream);
+        tn_io_read_stop(&c->io);
         c->reading = 0;
     }
 }
@@ -838,7 +838,7 @@ static void conn_update_reading(http_conn *c) {
 enum { AFTER_NOTHING, AFTER_RESPONSE };
 
 typedef struct conn_write_op {
-    uv_write_t req;
+    tn_io_req req;
     http_conn *c;
     int after;
     char data[];
@@ -846,7 +846,7 @@ typedef struct conn_write_op {
 
 static void response_written(http_conn *c);
 
-static void conn_write_cb(uv_write_t *req, int status) {
+static void conn_write_cb(tn_io_req *req, int status) {
     conn_write_op *w = req->data;
     http_conn *c = w->c;
     int after = w->after;
@@ -870,7 +870,7 @@ static int conn_write(http_conn *c, const char *h, size_t hl, const char *b, siz
     uv_buf_t bufs[2] = { uv_buf_init((char *)h, (unsigned)hl), uv_buf_init((char *)b, (unsigned)bl) };
     int nb = bl ? 2 : 1;
     size_t total = hl + bl;
-    int n = uv_try_write(&c->sock.stream, bufs, nb);
+    int n = tn_io_try_write(&c->io, bufs, (unsigned)nb);
     if (n >= 0 && (size_t)n == total) return 1;
     if (n < 0 && n != UV_EAGAIN) { conn_close(c); return -1; }
     size_t done = n > 0 ? (size_t)n : 0;
@@ -888,8 +888,7 @@ static int conn_write(http_conn *c, const char *h, size_t hl, const char *b, siz
     } else {
         memcpy(dst, b + (done - hl), bl - (done - hl));
     }
-    uv_buf_t one = uv_buf_init(w->data, (unsigned)rest);
-    if (uv_write(&w->req, &c->sock.stream, &one, 1, conn_write_cb) != 0) {
+    if (tn_io_write(&c->io, &w->req, w->data, rest, conn_write_cb) != 0) {
         free(w);
         conn_close(c);
         return -1;
@@ -993,7 +992,7 @@ static void conn_close(http_conn *c) {
     c->closing = 1;
     c->reading = 0;
     uv_timer_stop(&c->timer);
-    uv_close(&c->sock.handle, conn_handle_closed);
+    tn_io_close(&c->io, conn_handle_closed);
     uv_close((uv_handle_t *)&c->timer, conn_handle_closed);
     http_server *s = c->srv;
     if (c->prev) c->prev->next = c->next;
@@ -1010,7 +1009,7 @@ static void conn_close(http_conn *c) {
     drain_wake(s);
 }
 
-static void conn_shutdown_cb(uv_shutdown_t *req, int status) {
+static void conn_shutdown_cb(tn_io_req *req, int status) {
     http_conn *c = req->data;
     free(req);
     if (c->closing) return;
@@ -1031,10 +1030,10 @@ static void conn_linger(http_conn *c) {
     conn_detach_req(c);
     drain_wake(c->srv);
     if (c->closing) return;
-    uv_shutdown_t *req = malloc(sizeof *req);
+    tn_io_req *req = malloc(sizeof *req);
     if (!req) { conn_close(c); return; }
     req->data = c;
-    if (uv_shutdown(req, &c->sock.stream, conn_shutdown_cb) != 0) {
+    if (tn_io_shutdown(&c->io, req, conn_shutdown_cb) != 0) {
         free(req);
         conn_close(c);
         return;
@@ -1371,7 +1370,7 @@ static int l_req_write(lua_State *L) {
 static int l_req_queued(lua_State *L) {
     http_req *r = check_req(L, 1);
     http_conn *c = stream_conn(r);
-    lua_pushinteger(L, c ? (lua_Integer)uv_stream_get_write_queue_size(&c->sock.stream) : 0);
+    lua_pushinteger(L, c ? (lua_Integer)tn_io_queued(&c->io) : 0);
     return 1;
 }
 
@@ -1953,9 +1952,9 @@ static void srv_accept(http_server *s) {
         if (!c) return;
         uv_loop_t *loop = s->lis->sock.handle.loop;
         c->is_pipe = s->lis->is_pipe;
-        if (tn_sock_init(loop, &c->sock, c->is_pipe) != 0) { free(c); return; }
+        if (tn_sock_init(loop, &c->io.sock, c->is_pipe) != 0) { free(c); return; }
         uv_timer_init(loop, &c->timer);
-        c->sock.handle.data = c;
+        c->io.sock.handle.data = c;
         c->timer.data = c;
         c->handles = 2;
         c->srv = s;
@@ -1964,13 +1963,14 @@ static void srv_accept(http_server *s) {
         if (s->conns) s->conns->prev = c;
         s->conns = c;
         s->open++;
-        int rc = tn_listener_accept(s->lis, &c->sock);
+        int rc = tn_listener_accept(s->lis, &c->io.sock);
+        if (!rc) rc = tn_io_open(&c->io);
         if (rc) { conn_close(c); return; }
         s->accepted++;
-        tn_sock_peer(&c->sock, c->is_pipe, c->peer, sizeof c->peer);
+        tn_sock_peer(&c->io.sock, c->is_pipe, c->peer, sizeof c->peer);
         /* responses go out whole or as streamed pieces: none should wait
          * for the client's delayed ACK (Nagle) */
-        if (!c->is_pipe) uv_tcp_nodelay(&c->sock.tcp, 1);
+        if (!c->is_pipe) uv_tcp_nodelay(&c->io.sock.tcp, 1);
         llhttp_init(&c->p.parser, HTTP_REQUEST, &server_settings);
         c->p.parser.data = c;
         c->p.max_head = s->lim.max_head;
@@ -2604,7 +2604,7 @@ struct px_pool {
 
 struct px_up {
     http_parse p;            /* first: llhttp's data pointer is the connection */
-    tn_sock sock;
+    tn_io io;
     uv_timer_t timer;        /* connect timeout and exchange inactivity (lazy) */
     uint64_t timer_due;      /* when it fires; 0 when stopped */
     uv_connect_t creq;
@@ -2648,7 +2648,7 @@ struct px {
     double upstream_ms;
     const char *code;
     char err[240];
-    uv_shutdown_t shut;
+    tn_io_req shut;
     /* kept across exchanges */
     buf head;                /* the request head, kept for a retry */
     buf rhead;               /* the response head for the client */
@@ -3288,9 +3288,9 @@ static void px_up_closed_cb(uv_handle_t *h) {
 static px_up *px_up_new(px_state *st, px_pool *pool) {
     px_up *up = calloc(1, sizeof *up);
     if (!up) return NULL;
-    if (tn_sock_init(st->loop, &up->sock, pool->addr.is_pipe) != 0) { free(up); return NULL; }
+    if (tn_sock_init(st->loop, &up->io.sock, pool->addr.is_pipe) != 0) { free(up); return NULL; }
     uv_timer_init(st->loop, &up->timer);
-    up->sock.handle.data = up;
+    up->io.sock.handle.data = up;
     up->timer.data = up;
     up->handles = 2;
     up->st = st;
@@ -3330,7 +3330,7 @@ static void px_up_close(px_up *up) {
     px_pool_unref(up->pool);
     up->pool = NULL;
     up->x = NULL;
-    uv_close(&up->sock.handle, px_up_closed_cb);
+    tn_io_close(&up->io, px_up_closed_cb);
     uv_close((uv_handle_t *)&up->timer, px_up_closed_cb);
 }
 
@@ -3345,9 +3345,10 @@ static void px_up_read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *b);
 static void px_up_update_reading(px_up *up) {
     int want = !up->closing && up->connected && !up->throttled;
     if (want && !up->reading) {
-        if (uv_read_start(&up->sock.stream, px_up_alloc, px_up_read_cb) == 0) up->reading = 1;
+        tn_io_read_start(&up->io, px_up_alloc, px_up_read_cb);
+        up->reading = 1;
     } else if (!want && up->reading) {
-        uv_read_stop(&up->sock.stream);
+        tn_io_read_stop(&up->io);
         up->reading = 0;
     }
 }
@@ -3385,7 +3386,7 @@ static void px_up_release(px_up *up, int idle_pool) {
     px_pool *pool = up->pool;
     up->x = NULL;
     if (up->gen != pool->gen || pool->nidle >= idle_pool || up->wpending ||
-        uv_stream_get_write_queue_size(&up->sock.stream) > 0) {
+        tn_io_queued(&up->io) > 0) {
         px_up_close(up);
         return;
     }
@@ -3412,7 +3413,7 @@ static void px_up_release(px_up *up, int idle_pool) {
     st->lru_tail = up;
     if (!st->sweep_due) px_sweep_arm(st);
     /* idle connections do not keep the loop running */
-    uv_unref(&up->sock.handle);
+    tn_io_ref(&up->io, 0);
     uv_unref((uv_handle_t *)&up->timer);
 }
 
@@ -3421,7 +3422,7 @@ static px_up *px_up_take(px_pool *pool) {
     if (!up) return NULL;
     px_idle_unlink(up);
     pool->active++;
-    uv_ref(&up->sock.handle);
+    tn_io_ref(&up->io, 1);
     uv_ref((uv_handle_t *)&up->timer);
     return up;
 }
@@ -3429,7 +3430,7 @@ static px_up *px_up_take(px_pool *pool) {
 /* ---- batches ------------------------------------------------------------ */
 
 typedef struct px_wop {
-    uv_write_t req;
+    tn_io_req req;
     void *owner;             /* the px_up or the http_conn written to */
     char data[];
 } px_wop;
@@ -3464,10 +3465,10 @@ static int batch_ref(px_batch *b, const char *p, size_t n) {
 
 /* Write the batch: what the kernel takes now, and a copy of the rest in a
  * write request. 0, or a libuv error. */
-static int batch_flush(px_batch *b, uv_stream_t *s, void *owner, uv_write_cb cb, int *queued) {
+static int batch_flush(px_batch *b, tn_io *io, void *owner, tn_io_cb cb, int *queued) {
     if (b->n == 0) return 0;
     size_t total = b->len;
-    int n = uv_try_write(s, b->iov, (unsigned)b->n);
+    int n = tn_io_try_write(io, b->iov, (unsigned)b->n);
     if (n == UV_EAGAIN || n == UV_ENOSYS) n = 0;
     if (n < 0) { batch_reset(b); return n; }
     size_t skip = (size_t)n;
@@ -3484,10 +3485,7 @@ static int batch_flush(px_batch *b, uv_stream_t *s, void *owner, uv_write_cb cb,
         }
         w->owner = owner;
         w->req.data = w;
-        uv_buf_t one;
-        one.base = w->data;
-        one.len = (size_t)(dst - w->data);
-        int rc = uv_write(&w->req, s, &one, 1, cb);
+        int rc = tn_io_write(io, &w->req, w->data, (size_t)(dst - w->data), cb);
         if (rc) { free(w); batch_reset(b); return rc; }
         (*queued)++;
     }
@@ -3507,8 +3505,8 @@ static void px_out(px *x, int side, const char *p, size_t n, int copy) {
     }
 }
 
-static void px_cli_write_cb(uv_write_t *req, int status);
-static void px_up_write_cb(uv_write_t *req, int status);
+static void px_cli_write_cb(tn_io_req *req, int status);
+static void px_up_write_cb(tn_io_req *req, int status);
 
 static http_conn *px_client(px *x) {
     http_conn *c = x->r->conn;
@@ -3520,10 +3518,10 @@ static void px_cli_flush(px *x) {
     http_conn *c = px_client(x);
     if (!c) { batch_reset(&x->to_cli); return; }
     x->bytes_out += x->to_cli.len;
-    int rc = batch_flush(&x->to_cli, &c->sock.stream, c, px_cli_write_cb, &x->cli_pending);
+    int rc = batch_flush(&x->to_cli, &c->io, c, px_cli_write_cb, &x->cli_pending);
     if (rc) { conn_close(c); return; } /* which ends the exchange */
     px_up *up = x->up;
-    if (up && !up->throttled && uv_stream_get_write_queue_size(&c->sock.stream) > PX_HIGH_WATER) {
+    if (up && !up->throttled && tn_io_queued(&c->io) > PX_HIGH_WATER) {
         up->throttled = 1;
         px_up_update_reading(up);
     }
@@ -3533,10 +3531,10 @@ static void px_up_flush(px *x) {
     if (x->done || x->to_up.n == 0) return;
     px_up *up = x->up;
     if (!up || x->up_failed) { batch_reset(&x->to_up); return; }
-    int rc = batch_flush(&x->to_up, &up->sock.stream, up, px_up_write_cb, &up->wpending);
+    int rc = batch_flush(&x->to_up, &up->io, up, px_up_write_cb, &up->wpending);
     if (rc) { px_up_write_failed(x, rc); return; }
     http_conn *c = px_client(x);
-    if (c && !c->throttled && uv_stream_get_write_queue_size(&up->sock.stream) > PX_HIGH_WATER) {
+    if (c && !c->throttled && tn_io_queued(&up->io) > PX_HIGH_WATER) {
         c->throttled = 1;
         conn_update_reading(c);
     }
@@ -3824,7 +3822,7 @@ static void px_timeout(px *x) {
     }
     int streaming = x->body_mode == PXB_LENGTH || x->body_mode == PXB_CHUNKED;
     int client_stall = streaming && !x->body_done && !x->up_failed && x->up &&
-                       uv_stream_get_write_queue_size(&x->up->sock.stream) == 0;
+                       tn_io_queued(&x->up->io) == 0;
     if (client_stall) x->r->keep_alive = 0;
     x->respond_status = client_stall ? 408 : 504;
     px_end(x, 0, PXA_RESPOND, "ETIMEDOUT", "timeout");
@@ -3892,7 +3890,7 @@ static void px_client_gone(struct px *x) {
     else px_end(x, 0, PXA_NONE, "ECONNABORTED", "client closed");
 }
 
-static void px_cli_write_cb(uv_write_t *req, int status) {
+static void px_cli_write_cb(tn_io_req *req, int status) {
     px_wop *w = req->data;
     http_conn *c = w->owner;
     free(w);
@@ -3905,7 +3903,7 @@ static void px_cli_write_cb(uv_write_t *req, int status) {
     x->cli_pending--;
     x->last = uv_now(st->loop);
     px_up *up = x->up;
-    if (up && up->throttled && uv_stream_get_write_queue_size(&c->sock.stream) < PX_LOW_WATER) {
+    if (up && up->throttled && tn_io_queued(&c->io) < PX_LOW_WATER) {
         up->throttled = 0;
         px_up_update_reading(up);
     }
@@ -3916,7 +3914,7 @@ static void px_cli_write_cb(uv_write_t *req, int status) {
 
 /* ---- the upstream side ------------------------------------------------- */
 
-static void px_up_write_cb(uv_write_t *req, int status) {
+static void px_up_write_cb(tn_io_req *req, int status) {
     px_wop *w = req->data;
     px_up *up = w->owner;
     free(w);
@@ -3931,7 +3929,7 @@ static void px_up_write_cb(uv_write_t *req, int status) {
     } else {
         x->last = uv_now(st->loop);
         http_conn *c = px_client(x);
-        if (c && c->throttled && uv_stream_get_write_queue_size(&up->sock.stream) < PX_LOW_WATER) {
+        if (c && c->throttled && tn_io_queued(&up->io) < PX_LOW_WATER) {
             c->throttled = 0;
             conn_update_reading(c);
         }
@@ -3946,11 +3944,12 @@ static void px_connect_cb(uv_connect_t *req, int status) {
     px *x = up->x;
     px_state *st = up->st;
     px_hold(x);
+    if (status >= 0) status = tn_io_open(&up->io);
     if (status < 0) {
         px_fail_connect(x, status);
     } else {
         up->connected = 1;
-        if (!up->pool->addr.is_pipe) uv_tcp_nodelay(&up->sock.tcp, 1);
+        if (!up->pool->addr.is_pipe) uv_tcp_nodelay(&up->io.sock.tcp, 1);
         px_up_update_reading(up);
         px_send_head(x);
     }
@@ -3991,7 +3990,7 @@ static void px_connect(px *x) {
     up->x = x;
     x->up = up;
     up->creq.data = up;
-    int rc = tn_sock_connect(&up->creq, &up->sock, &x->pool->addr, px_connect_cb);
+    int rc = tn_sock_connect(&up->creq, &up->io.sock, &x->pool->addr, px_connect_cb);
     if (rc) { px_fail_connect(x, rc); return; }
     x->connect_deadline = uv_now(x->st->loop) + (uint64_t)x->connect_timeout;
     px_up_arm(up, x->connect_deadline);
@@ -4212,7 +4211,7 @@ static void px_up_eof(px *x) {
 
 /* ---- the tunnel (after 101) -------------------------------------------- */
 
-static void px_shut_cb(uv_shutdown_t *req, int status) {
+static void px_shut_cb(tn_io_req *req, int status) {
     (void)status;
     px *x = req->data;
     px_state *st = x->st;
@@ -4232,10 +4231,10 @@ static void px_tunnel_end(px *x, int from_client, ssize_t err) {
     conn_update_reading(c);
     x->up->throttled = 1;
     px_up_update_reading(x->up);
-    uv_stream_t *other = from_client ? &x->up->sock.stream : &c->sock.stream;
+    tn_io *other = from_client ? &x->up->io : &c->io;
     x->shut.data = x;
     px_hold(x);
-    if (uv_shutdown(&x->shut, other, px_shut_cb) != 0) {
+    if (tn_io_shutdown(other, &x->shut, px_shut_cb) != 0) {
         px_release(x);
         px_end(x, 1, PXA_CLOSE, NULL, NULL);
     }

@@ -1,7 +1,8 @@
 /*
- * The private interface between net.c and http.c: socket addresses, the
- * TCP/Unix handle union, and listeners that a C owner (the HTTP server) can
- * take over from Lua. Nothing else includes this file.
+ * The private interface between net.c, sockio.c and http.c: socket
+ * addresses, the TCP/Unix handle union, listeners that a C owner (the HTTP
+ * server) can take over from Lua, and the server's socket I/O. Nothing else
+ * includes this file.
  */
 #ifndef TN_NET_H
 #define TN_NET_H
@@ -61,6 +62,64 @@ struct tn_listener {
 };
 
 #define TN_LISTENER_MT "tenement.listener"
+
+/* Socket I/O for the HTTP server's connections and the proxy's upstream
+ * connections (sockio.c), the hot path of every proxied byte. The libuv
+ * handle in sock still owns the fd (accept, connect, close), but once
+ * tn_io_open has run, libuv never reads or writes it: the fd sits in the
+ * edge-triggered epoll set that tn_io_run blocks in, and is read with recv
+ * and written with send. That saves what a libuv stream costs per request
+ * on Linux: the level-triggered epoll's second look at every socket it
+ * reported, read/write through the VFS, and a turn of libuv's loop.
+ *
+ * The calls mirror the libuv stream calls they replace, and keep their
+ * promises: callbacks of writes and shutdowns never run inside the call
+ * that queued them; a close calls back what is still queued (completed
+ * ones with their status, the rest with UV_ECANCELED) before close_cb; a
+ * stream keeps the loop alive while it reads or has bytes to write,
+ * unless tn_io_ref(io, 0). */
+typedef struct tn_io tn_io;
+typedef struct tn_io_req tn_io_req;
+typedef void (*tn_io_cb)(tn_io_req *req, int status);
+
+struct tn_io_req {
+    tn_io_req *next;
+    const char *base;         /* what is still to be written */
+    size_t len;
+    tn_io_cb cb;
+    void *data;
+    int status;
+    int is_shutdown;
+};
+
+struct tn_io {
+    tn_sock sock;             /* first: a handle's close callback finds its tn_io */
+    int fd;
+    unsigned opened : 1, closing : 1, reading : 1, readable : 1, hup : 1, want_out : 1, unref : 1, active : 1, pending : 1;
+    uv_alloc_cb alloc_cb;
+    uv_read_cb read_cb;
+    tn_io_req *wq_head, *wq_tail;     /* not yet written, in order */
+    tn_io_req *done_head, *done_tail; /* finished, not yet called back */
+    tn_io_req *shut;                  /* FIN once the queue is written */
+    size_t queued;                    /* bytes in wq */
+    tn_io *pend_prev, *pend_next;     /* reads or callbacks owed outside epoll */
+    uv_close_cb close_cb;
+};
+
+/* Take over sock's fd (connected or accepted). 0 or a libuv error. */
+int tn_io_open(tn_io *io);
+void tn_io_read_start(tn_io *io, uv_alloc_cb alloc_cb, uv_read_cb read_cb);
+void tn_io_read_stop(tn_io *io);
+/* Bytes the kernel took now; UV_EAGAIN when none or writes are queued. */
+int tn_io_try_write(tn_io *io, const uv_buf_t *bufs, unsigned n);
+/* Queue len bytes at base (kept by the caller until cb). 0 or an error. */
+int tn_io_write(tn_io *io, tn_io_req *req, const char *base, size_t len, tn_io_cb cb);
+/* FIN once everything queued is written. 0 or an error. */
+int tn_io_shutdown(tn_io *io, tn_io_req *req, tn_io_cb cb);
+size_t tn_io_queued(const tn_io *io);
+void tn_io_ref(tn_io *io, int ref);
+/* Stop and close; close_cb gets &io->sock.handle once libuv is done. */
+void tn_io_close(tn_io *io, uv_close_cb close_cb);
 
 /* The listener at idx (raises if it is not one or is closed). */
 tn_listener *tn_listener_check(lua_State *L, int idx);

@@ -45,6 +45,11 @@ typedef struct tn_task tn_task;
 
 /* The loop this Lua state runs on (one per state, created on first use). */
 uv_loop_t *tn_loop(lua_State *L);
+/* Run the loop as uv_run(UV_RUN_DEFAULT) does, with the HTTP server's
+ * sockets polled first-hand (sockio.c); 0 once nothing is left to do. */
+int tn_io_run(uv_loop_t *loop);
+/* Make tn_io_run return after the events at hand, as uv_stop does. */
+void tn_io_stop(uv_loop_t *loop);
 
 /* The task running on L, or NULL when L is not a task's coroutine. */
 tn_task *tn_task_current(lua_State *L);
