@@ -2,9 +2,19 @@
 -- HTTP client.
 local support = {}
 
+-- What a config file names or another directory runs must not depend on
+-- the directory the specs run from.
+function support.abs(p)
+  if p:sub(1, 1) == "/" then return p end
+  return os.getenv("PWD") .. "/" .. p
+end
+
 local build = os.getenv("TEN_BUILD") or "build"
-support.ten = os.getenv("TEN") or (build .. "/ten")
+support.ten = support.abs(os.getenv("TEN") or (build .. "/ten"))
 support.build = build
+
+-- A program of spec/fixtures/ as built.
+function support.fixture(name) return support.abs(build .. "/fixtures/" .. name) end
 
 local function sh_quote(s)
   return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
@@ -60,6 +70,19 @@ function support.ten_run(args, env)
   for _, a in ipairs(args) do parts[#parts + 1] = sh_quote(a) end
   return support.run(table.concat(parts, " "))
 end
+
+-- Starts `ten serve --config cfg` in the background, its output written to
+-- log (added to it when append). -> its pid
+function support.ten_serve(cfg, log, append)
+  local p = io.popen(string.format("%s %s serve --config %s %s%s 2>&1 & echo $!",
+    support.clean_env(), sh_quote(support.ten), sh_quote(cfg), append and ">>" or ">", sh_quote(log)))
+  local pid = tonumber(p:read("l"))
+  p:close()
+  return pid
+end
+
+-- Blocks the whole process, event loop included (core.sleep yields its task).
+function support.sleep(s) os.execute("sleep " .. s) end
 
 -- Pids of live (not zombie) processes in process group pgid. Zombies are
 -- dead already; whoever they were reparented to reaps them in its own time.
