@@ -2,6 +2,7 @@
 -- and the C test backend (spec/fixtures/backend.c).
 local core = require "tenement.core"
 local net, http, fs = core.net, core.http, core.fs
+local support = require "support"
 
 local BACKEND = require("backend").PATH
 
@@ -13,73 +14,9 @@ local function tmpdir()
   return dir
 end
 
--- A raw client connection that parses responses the way a strict peer would.
-local Raw = {}
-Raw.__index = Raw
-
-local function raw(port_or_path)
-  local s, err
-  if type(port_or_path) == "number" then
-    s, err = net.connect { port = port_or_path, timeout = 2000 }
-  else
-    s, err = net.connect { path = port_or_path, timeout = 2000 }
-  end
-  assert(s, err)
-  return setmetatable({ s = s, buf = "" }, Raw)
-end
-
-function Raw:send(bytes) assert(self.s:write(bytes)) end
-
--- More bytes into the buffer; false at EOF, nil, err on error or timeout.
-function Raw:fill(timeout)
-  local chunk, err = self.s:read(timeout or 2000)
-  if chunk then
-    self.buf = self.buf .. chunk
-    return true
-  end
-  if err then return nil, err end
-  return false
-end
-
--- The next response: { status, reason, headers (lower case), body, raw_head }.
-function Raw:response(opts)
-  opts = opts or {}
-  while not self.buf:find("\r\n\r\n", 1, true) do
-    local ok, err = self:fill(opts.timeout)
-    if not ok then return nil, err or "eof" end
-  end
-  local head_end = self.buf:find("\r\n\r\n", 1, true)
-  local head = self.buf:sub(1, head_end + 1)
-  self.buf = self.buf:sub(head_end + 4)
-  local status, reason = head:match("^HTTP/1%.1 (%d%d%d) ([^\r]*)\r\n")
-  assert(status, "bad status line in " .. head)
-  local res = { status = tonumber(status), reason = reason, headers = {}, raw_head = head }
-  for name, value in head:gmatch("\r\n([^:\r\n]+): ([^\r\n]*)") do
-    res.headers[name:lower()] = value
-  end
-  local len = tonumber(res.headers["content-length"] or "0")
-  if opts.head or res.status == 204 or res.status == 304 or (res.status >= 100 and res.status < 200) then
-    len = 0
-  end
-  while #self.buf < len do
-    local ok, err = self:fill(opts.timeout)
-    if not ok then return nil, err or "eof in body" end
-  end
-  res.body = self.buf:sub(1, len)
-  self.buf = self.buf:sub(len + 1)
-  return res
-end
-
--- True when the server closed the connection (after any bytes left).
-function Raw:closed(timeout)
-  while true do
-    local ok, err = self:fill(timeout or 2000)
-    if ok == false then return true end
-    if ok == nil then return err == "timeout" and false or true end
-  end
-end
-
-function Raw:close() self.s:close() end
+-- Responses read the way a strict peer would: a body the server frames by
+-- anything but Content-Length is not taken for one.
+local function raw(port_or_path) return support.raw(port_or_path, { length_only = true }) end
 
 -- A server on an ephemeral TCP port; calls counts handler calls.
 local function serve(handler, opts)

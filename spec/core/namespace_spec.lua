@@ -14,12 +14,8 @@ local support = require "support"
 
 local PATH = "/usr/local/bin:/usr/bin:/bin"
 
-local function abs(p)
-  if p and p:sub(1, 1) ~= "/" then return os.getenv("PWD") .. "/" .. p end
-  return p
-end
-local TEN = abs(os.getenv("TEN") or support.ten)
-local BACKEND = abs(support.build .. "/fixtures/backend")
+local TEN = support.ten
+local BACKEND = support.fixture("backend")
 
 local function is_root()
   local f = assert(io.open("/proc/self/status"))
@@ -260,7 +256,7 @@ describe("namespace isolation", function()
         "unshare -m sh -c 'mount --make-rprivate / && mount -t tmpfs none /proc/fs && " ..
         "exec setpriv --reuid=65534 --regid=65534 --clear-groups " ..
         "lua5.4 -e \"package.path=%s; package.cpath=%s\" -l helper %s'",
-        "[[lua/?.lua;spec/?.lua]]", "[[" .. abs(support.build) .. "/lib/?.so]]", script))
+        "[[lua/?.lua;spec/?.lua]]", "[[" .. support.abs(support.build) .. "/lib/?.so]]", script))
       if code ~= 0 and err:match("Permission denied") then
         pending("nobody cannot read the build: " .. err)
         return
@@ -517,7 +513,7 @@ describe("namespace isolation", function()
       end
       core.run(function()
         local server = assert(proc.spawn { argv = { "lua5.4", "-e",
-          string.format("package.path=%q; package.cpath=%q", "lua/?.lua;spec/?.lua", abs(support.build) .. "/lib/?.so"),
+          string.format("package.path=%q; package.cpath=%q", "lua/?.lua;spec/?.lua", support.abs(support.build) .. "/lib/?.so"),
           "-l", "helper", script }, env = proc.environ(), stderr = "inherit" })
         local init = tonumber(read_until(server.stdout, "ready %d+\n"):match("ready (%d+)"))
         until_true(function() return #pids_named("tn-pdeath") == 1 end, "the app did not start")
@@ -657,7 +653,7 @@ describe("namespace isolation", function()
         "cd %s && setpriv --reuid=65534 --regid=65534 --clear-groups " ..
         "lua5.4 -e \"package.path=%s; package.cpath=%s\" -l helper %s",
         support.quote(os.getenv("PWD")), "[[lua/?.lua;spec/?.lua]]",
-        "[[" .. abs(support.build) .. "/lib/?.so]]", script))
+        "[[" .. support.abs(support.build) .. "/lib/?.so]]", script))
       if code ~= 0 and err:match("Permission denied") then
         pending("nobody cannot read the build: " .. err)
         return

@@ -2,6 +2,7 @@
 -- (spec/fixtures/backend.c) on a Unix socket and raw client connections.
 local core = require "tenement.core"
 local net, http, fs = core.net, core.http, core.fs
+local support = require "support"
 
 local function tmpdir()
   local base = os.getenv("TMPDIR") or "/tmp"
@@ -11,110 +12,7 @@ local function tmpdir()
   return dir
 end
 
--- A raw client connection that parses responses the way a strict peer would.
-local Raw = {}
-Raw.__index = Raw
-
-local function raw(port)
-  local s, err = net.connect { port = port, timeout = 2000 }
-  assert(s, err)
-  return setmetatable({ s = s, buf = "" }, Raw)
-end
-
-function Raw:send(bytes) assert(self.s:write(bytes)) end
-
-function Raw:fill(timeout)
-  local chunk, err = self.s:read(timeout or 5000)
-  if chunk then
-    self.buf = self.buf .. chunk
-    return true
-  end
-  if err then return nil, err end
-  return false
-end
-
--- n bytes, or everything up to EOF when n is nil
-function Raw:take(n, timeout)
-  while n == nil or #self.buf < n do
-    local ok, err = self:fill(timeout)
-    if ok == false and n == nil then break end
-    if not ok then return nil, err or "eof" end
-  end
-  n = n or #self.buf
-  local out = self.buf:sub(1, n)
-  self.buf = self.buf:sub(n + 1)
-  return out
-end
-
-function Raw:line(timeout)
-  while not self.buf:find("\r\n", 1, true) do
-    local ok, err = self:fill(timeout)
-    if not ok then return nil, err or "eof" end
-  end
-  local i = self.buf:find("\r\n", 1, true)
-  local l = self.buf:sub(1, i - 1)
-  self.buf = self.buf:sub(i + 2)
-  return l
-end
-
--- The next response: { status, reason, headers (lower case), body, raw_head,
--- framing = "length" | "chunked" | "eof" | "none" }.
-function Raw:response(opts)
-  opts = opts or {}
-  while not self.buf:find("\r\n\r\n", 1, true) do
-    local ok, err = self:fill(opts.timeout)
-    if not ok then return nil, err or "eof" end
-  end
-  local head_end = self.buf:find("\r\n\r\n", 1, true)
-  local head = self.buf:sub(1, head_end + 1)
-  self.buf = self.buf:sub(head_end + 4)
-  local status, reason = head:match("^HTTP/1%.1 (%d%d%d) ([^\r]*)\r\n")
-  assert(status, "bad status line in " .. head)
-  local res = { status = tonumber(status), reason = reason, headers = {}, raw_head = head }
-  for name, value in head:gmatch("\r\n([^:\r\n]+): ([^\r\n]*)") do
-    res.headers[name:lower()] = value
-  end
-  local err
-  if opts.head or res.status == 204 or res.status == 304 or res.status < 200 then
-    res.framing, res.body = "none", ""
-  elseif res.headers["transfer-encoding"] == "chunked" then
-    res.framing = "chunked"
-    local parts = {}
-    while true do
-      local size_line
-      size_line, err = self:line(opts.timeout)
-      if not size_line then return nil, err end
-      local size = tonumber(size_line:match("^%x+"), 16)
-      if size == 0 then
-        assert.are.equal("", self:line(opts.timeout))
-        break
-      end
-      parts[#parts + 1], err = self:take(size, opts.timeout)
-      if not parts[#parts] then return nil, err end
-      assert.are.equal("", self:line(opts.timeout))
-    end
-    res.body = table.concat(parts)
-  elseif res.headers["content-length"] then
-    res.framing = "length"
-    res.body, err = self:take(tonumber(res.headers["content-length"]), opts.timeout)
-    if not res.body then return nil, err end
-  else
-    res.framing = "eof"
-    res.body = self:take(nil, opts.timeout)
-  end
-  return res
-end
-
--- True when the server closed the connection (after any bytes left).
-function Raw:closed(timeout)
-  while true do
-    local ok, err = self:fill(timeout or 2000)
-    if ok == false then return true end
-    if ok == nil then return err ~= "timeout" end
-  end
-end
-
-function Raw:close() self.s:close() end
+local function raw(port) return support.raw(port, { timeout = 5000 }) end
 
 local backend = require "backend"
 local function start_backend(dir, name, env)

@@ -16,11 +16,7 @@ local support = require "support"
 
 local PATH = "/usr/local/bin:/usr/bin:/bin"
 
-local function abs(p)
-  if p and p:sub(1, 1) ~= "/" then return os.getenv("PWD") .. "/" .. p end
-  return p
-end
-local BACKEND = abs(support.build .. "/fixtures/backend")
+local BACKEND = support.fixture("backend")
 
 local function is_root()
   local f = assert(io.open("/proc/self/status"))

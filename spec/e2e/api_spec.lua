@@ -5,15 +5,9 @@ local support = require "support"
 local _ -- a place for values a spec does not look at
 local cjson = require "cjson"
 
-local function abs(p)
-  if p:sub(1, 1) == "/" then return p end
-  return os.getenv("PWD") .. "/" .. p
-end
+local BACKEND = support.fixture("backend")
 
-local TEN = abs(support.ten)
-local BACKEND = abs(support.build .. "/fixtures/backend")
-
-local function sleep(s) os.execute("sleep " .. s) end
+local sleep = support.sleep
 
 local function start_server(dir, extra, services)
   local port = support.free_port()
@@ -33,10 +27,7 @@ local function start_server(dir, extra, services)
     "[instances]",
     'api = ["one", "two"]',
   }, "\n") .. "\n")
-  local p = io.popen(string.format("%s %s serve --config %s >%s 2>&1 & echo $!",
-    support.clean_env(), support.quote(TEN), support.quote(cfg), support.quote(dir .. "/serve.log")))
-  local pid = tonumber(p:read("l"))
-  p:close()
+  local pid = support.ten_serve(cfg, dir .. "/serve.log")
   for _ = 1, 100 do
     local code, out = support.ten_run { "ps", "--json", "--config", cfg }
     if code == 0 then
@@ -311,7 +302,7 @@ describe("HTTP API", function()
     -- ten logs -f, remote, follows the same stream
     local log = srv.dir .. "/follow.out"
     local p = io.popen(string.format("%s %s logs api:two -f --server http://127.0.0.1:%d --token %s >%s 2>&1 & echo $!",
-      support.clean_env(), support.quote(TEN), srv.port, admin, log))
+      support.clean_env(), support.quote(support.ten), srv.port, admin, log))
     local follower = tonumber(p:read("l"))
     p:close()
     sleep(0.5)

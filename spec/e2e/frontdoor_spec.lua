@@ -5,15 +5,9 @@ local support = require "support"
 local _ -- a place for values a spec does not look at
 local cjson = require "cjson"
 
-local function abs(p)
-  if p:sub(1, 1) == "/" then return p end
-  return os.getenv("PWD") .. "/" .. p
-end
+local BACKEND = support.fixture("backend")
 
-local TEN = abs(support.ten)
-local BACKEND = abs(support.build .. "/fixtures/backend")
-
-local function sleep(s) os.execute("sleep " .. s) end
+local sleep = support.sleep
 
 -- services: name -> extra TOML lines; instances: TOML of [instances]
 local function start_server(dir, services, opts)
@@ -47,11 +41,7 @@ local function start_server(dir, services, opts)
   end
   for _, l in ipairs(opts.tail or {}) do lines[#lines + 1] = l end
   local cfg = support.write(dir .. "/tenement.toml", table.concat(lines, "\n") .. "\n")
-  local p = io.popen(string.format("%s %s serve --config %s >%s 2>&1 & echo $!",
-    support.clean_env(), support.quote(TEN), support.quote(cfg), support.quote(dir .. "/serve.log")))
-  local pid = tonumber(p:read("l"))
-  p:close()
-  local srv = { pid = pid, port = port, cfg = cfg, dir = dir }
+  local srv = { pid = support.ten_serve(cfg, dir .. "/serve.log"), port = port, cfg = cfg, dir = dir }
   for _ = 1, 100 do
     if support.ten_run { "ps", "--config", cfg } == 0 then break end
     sleep(0.05)
@@ -104,7 +94,7 @@ end
 local function ten_in_task(srv, ...)
   local env = { "PATH=/usr/bin:/bin" }
   if os.getenv("ASAN_OPTIONS") then env[#env + 1] = "ASAN_OPTIONS=" .. os.getenv("ASAN_OPTIONS") end
-  local p = assert(core.proc.spawn { argv = { TEN, "--config", srv.cfg, ... }, env = env, stdout = "pipe",
+  local p = assert(core.proc.spawn { argv = { support.ten, "--config", srv.cfg, ... }, env = env, stdout = "pipe",
     stderr = "pipe" })
   local out = p.stdout:read(20000) or ""
   local st = p:wait(30000)
@@ -524,10 +514,7 @@ describe("front door", function()
     -- weights survive a restart of the server
     os.execute("kill -TERM " .. srv.pid)
     sleep(1)
-    local p = io.popen(string.format("%s %s serve --config %s >>%s 2>&1 & echo $!",
-      support.clean_env(), support.quote(TEN), support.quote(srv.cfg), support.quote(dir .. "/serve.log")))
-    srv.pid = tonumber(p:read("l"))
-    p:close()
+    srv.pid = support.ten_serve(srv.cfg, dir .. "/serve.log", true)
     wait_state(srv, "api:blue", "running")
     assert.are.equal(0, ps(srv)["api:blue"].weight)
     assert.are.equal(100, ps(srv)["api:v3"].weight)

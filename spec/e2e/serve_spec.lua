@@ -4,16 +4,10 @@ local support = require "support"
 local _ -- a place for values a spec does not look at
 local cjson = require "cjson"
 
-local function abs(p)
-  if p:sub(1, 1) == "/" then return p end
-  return os.getenv("PWD") .. "/" .. p
-end
+local BACKEND = support.fixture("backend")
+local FORKN = support.fixture("forkn")
 
-local TEN = abs(support.ten)
-local BACKEND = abs(support.build .. "/fixtures/backend")
-local FORKN = abs(support.build .. "/fixtures/forkn")
-
-local function sleep(s) os.execute("sleep " .. s) end
+local sleep = support.sleep
 
 local function pid_alive(pid)
   local f = io.open("/proc/" .. pid .. "/stat")
@@ -21,15 +15,6 @@ local function pid_alive(pid)
   local stat = f:read("a")
   f:close()
   return stat:match("%) (%S)") ~= "Z"
-end
-
--- Starts `ten serve` in the background; returns its pid.
-local function serve(cfg_path, log_path)
-  local p = io.popen(string.format("%s %s serve --config %s >%s 2>&1 & echo $!",
-    support.clean_env(), support.quote(TEN), support.quote(cfg_path), support.quote(log_path)))
-  local pid = tonumber(p:read("l"))
-  p:close()
-  return pid
 end
 
 local function ten(cfg_path, ...)
@@ -82,7 +67,7 @@ describe("ten serve", function()
       "[instances]",
       'api = ["boot"]',
     }, "\n") .. "\n")
-    pid = serve(cfg, log)
+    pid = support.ten_serve(cfg, log)
     assert.is_true(wait_up(cfg), "ten serve did not come up")
   end)
 
@@ -152,7 +137,7 @@ describe("ten serve", function()
     f:close()
     assert.matches("stopping every instance", text, 1, true)
 
-    pid = serve(cfg, log .. "2")
+    pid = support.ten_serve(cfg, log .. "2")
     assert.is_true(wait_up(cfg))
     -- wait for the restored instances
     local by
@@ -179,7 +164,7 @@ describe("ten serve", function()
     sleep(1)
     for _, p in ipairs(pids) do assert.is_false(pid_alive(p), "instance " .. p .. " survived") end
     -- and a new server cleans up and restores them
-    pid = serve(cfg, log .. "2")
+    pid = support.ten_serve(cfg, log .. "2")
     assert.is_true(wait_up(cfg))
     local by
     for _ = 1, 100 do
@@ -249,7 +234,7 @@ describe("ten serve", function()
     assert.is_false(pid_alive(keeper), "the keeper stayed after its work")
     assert.matches("is gone: killed what was left in its instance cgroups", assert(io.open(log)):read("a"), 1, true)
     -- the next server waited for that cleanup and starts clean
-    pid = serve(cfg, log .. "2")
+    pid = support.ten_serve(cfg, log .. "2")
     assert.is_true(wait_up(cfg))
     local state
     for _ = 1, 100 do
