@@ -28,6 +28,7 @@
 #include <stdlib.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
+#include <sys/timerfd.h>
 #include <unistd.h>
 
 #define IO_EVENTS 256      /* epoll events taken per wakeup */
@@ -38,23 +39,32 @@
  * tn_io_run or tn_io_open, kept as long as the loop. */
 typedef struct io_loop {
     int ep;
+    int tfd;               /* libuv's next timer, as a timerfd in the set */
+    uint64_t armed;        /* its deadline in loop time (ms), 0 when not set */
     int stop;              /* tn_io_stop was called */
     int active;            /* streams keeping the loop alive */
     int npend;
     tn_io *pend_head, *pend_tail;
 } io_loop;
 
-/* The data of libuv's epoll fd in the set: no stream has this address. */
+/* The data of libuv's epoll fd and of the timerfd in the set: no stream
+ * has these addresses. */
 #define IO_LIBUV ((void *)&io_of)
+#define IO_TIMER ((void *)&io_loop_of)
+static io_loop *io_loop_of(const tn_io *io);
 
 static io_loop *io_of(uv_loop_t *loop) {
     if (loop->data) return loop->data;
     io_loop *il = calloc(1, sizeof *il);
     if (!il) return NULL;
     il->ep = epoll_create1(EPOLL_CLOEXEC);
+    il->tfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
     struct epoll_event ev = { .events = EPOLLIN, .data.ptr = IO_LIBUV };
-    if (il->ep < 0 || epoll_ctl(il->ep, EPOLL_CTL_ADD, uv_backend_fd(loop), &ev) != 0) {
+    struct epoll_event tev = { .events = EPOLLIN, .data.ptr = IO_TIMER };
+    if (il->ep < 0 || il->tfd < 0 || epoll_ctl(il->ep, EPOLL_CTL_ADD, uv_backend_fd(loop), &ev) != 0 ||
+        epoll_ctl(il->ep, EPOLL_CTL_ADD, il->tfd, &tev) != 0) {
         if (il->ep >= 0) close(il->ep);
+        if (il->tfd >= 0) close(il->tfd);
         free(il);
         return NULL;
     }
@@ -232,6 +242,18 @@ int tn_io_run(uv_loop_t *loop) {
         if (!uv_alive && il->active == 0 && !il->pend_head) return 0;
         /* libuv's own timeout: its next timer, or 0 with callbacks queued */
         int timeout = il->pend_head ? 0 : uv_alive ? uv_backend_timeout(loop) : -1;
+        if (timeout > 0) {
+            /* The timerfd is set only when the next timer changes: a wait
+             * with a timeout would arm and cancel a kernel timer on every
+             * wakeup, twice per proxied request at one connection. */
+            uint64_t due = uv_now(loop) + (uint64_t)timeout;
+            if (due != il->armed) {
+                struct itimerspec its = { .it_value = { .tv_sec = (time_t)(due / 1000),
+                                                        .tv_nsec = (long)(due % 1000) * 1000000 } };
+                if (timerfd_settime(il->tfd, TFD_TIMER_ABSTIME, &its, NULL) == 0) il->armed = due;
+            }
+            if (il->armed == due) timeout = -1;
+        }
         int n = epoll_wait(il->ep, ev, IO_EVENTS, timeout);
         if (n < 0) n = 0; /* EINTR: a signal, which libuv sees through its own fd */
         uv_update_time(loop);
@@ -240,8 +262,16 @@ int tn_io_run(uv_loop_t *loop) {
          * memory: it is freed in its close callback, which libuv runs
          * after this batch. */
         for (int i = 0; i < n; i++) {
-            if (ev[i].data.ptr == IO_LIBUV) run_uv = 1;
-            else io_event(ev[i].data.ptr, ev[i].events);
+            if (ev[i].data.ptr == IO_LIBUV) {
+                run_uv = 1;
+            } else if (ev[i].data.ptr == IO_TIMER) {
+                uint64_t expirations;
+                if (read(il->tfd, &expirations, sizeof expirations) < 0) { /* raced a re-arm */ }
+                il->armed = 0;
+                run_uv = 1;
+            } else {
+                io_event(ev[i].data.ptr, ev[i].events);
+            }
         }
         if (il->pend_head) io_run_pending(il);
         if (il->stop) break;
