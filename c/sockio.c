@@ -34,6 +34,7 @@
 #define IO_EVENTS 256      /* epoll events taken per wakeup */
 #define IO_READS 32        /* reads of one stream before the others' turn */
 #define IO_READ_HINT (64 * 1024)
+#define IO_SKIPS 8         /* libuv turns in a row before the set is looked at */
 
 /* Per loop, in its data pointer (nothing else uses it): made by the first
  * tn_io_run or tn_io_open, kept as long as the loop. */
@@ -237,11 +238,22 @@ int tn_io_run(uv_loop_t *loop) {
     if (!il) return uv_run(loop, UV_RUN_DEFAULT);
     struct epoll_event ev[IO_EVENTS];
     il->stop = 0;
+    int skipped = 0;
     for (;;) {
         int uv_alive = uv_loop_alive(loop);
         if (!uv_alive && il->active == 0 && !il->pend_head) return 0;
         /* libuv's own timeout: its next timer, or 0 with callbacks queued */
         int timeout = il->pend_head ? 0 : uv_alive ? uv_backend_timeout(loop) : -1;
+        if (timeout == 0 && !il->pend_head && skipped < IO_SKIPS) {
+            /* libuv has callbacks queued (a task to resume, a handle to
+             * close): its turn at once, as its own loop would, without a
+             * look at the set first; the set waits a few such turns at most */
+            skipped++;
+            uv_run(loop, UV_RUN_NOWAIT);
+            if (il->stop) break;
+            continue;
+        }
+        skipped = 0;
         if (timeout > 0) {
             /* The timerfd is set only when the next timer changes: a wait
              * with a timeout would arm and cancel a kernel timer on every
