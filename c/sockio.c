@@ -36,12 +36,23 @@
 #define IO_READ_HINT (64 * 1024)
 #define IO_SKIPS 8         /* libuv turns in a row before the set is looked at */
 
+/* From 1.44, uv_backend_timeout is 0 while watchers wait to be registered
+ * with the kernel; the loop relies on it when a socket callback starts a
+ * libuv watcher (a proxy connect, an accept) outside uv_run. */
+#if UV_VERSION_HEX < 0x012c00
+#error "tenement needs libuv 1.44 or newer"
+#endif
+
 /* Per loop, in its data pointer (nothing else uses it): made by the first
  * tn_io_run or tn_io_open, kept as long as the loop. */
 typedef struct io_loop {
     int ep;
     int tfd;               /* libuv's next timer, as a timerfd in the set */
     uint64_t armed;        /* its deadline in loop time (ms), 0 when not set */
+    uint64_t fired;        /* the deadline the timerfd last fired for */
+    uv_async_t keep;       /* referenced while streams are active: libuv
+                            * then counts as alive, so its turns run its
+                            * unreferenced handles (signals) and timers */
     int stop;              /* tn_io_stop was called */
     int active;            /* streams keeping the loop alive */
     int npend;
@@ -54,10 +65,13 @@ typedef struct io_loop {
 #define IO_TIMER ((void *)&io_loop_of)
 static io_loop *io_loop_of(const tn_io *io);
 
+static int io_unavailable; /* the set could not be made: no stream either */
+
 static io_loop *io_of(uv_loop_t *loop) {
     if (loop->data) return loop->data;
+    if (io_unavailable) return NULL;
     io_loop *il = calloc(1, sizeof *il);
-    if (!il) return NULL;
+    if (!il) { io_unavailable = 1; return NULL; }
     il->ep = epoll_create1(EPOLL_CLOEXEC);
     il->tfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
     struct epoll_event ev = { .events = EPOLLIN, .data.ptr = IO_LIBUV };
@@ -67,8 +81,11 @@ static io_loop *io_of(uv_loop_t *loop) {
         if (il->ep >= 0) close(il->ep);
         if (il->tfd >= 0) close(il->tfd);
         free(il);
+        io_unavailable = 1;
         return NULL;
     }
+    uv_async_init(loop, &il->keep, NULL);
+    uv_unref((uv_handle_t *)&il->keep);
     loop->data = il;
     return il;
 }
@@ -81,7 +98,10 @@ static void io_activity(tn_io *io) {
     int active = !io->closing && !io->unref && (io->reading || io->wq_head || io->shut);
     if (active == (int)io->active) return;
     io->active = (unsigned)active;
-    io_loop_of(io)->active += active ? 1 : -1;
+    io_loop *il = io_loop_of(io);
+    il->active += active ? 1 : -1;
+    if (active && il->active == 1) uv_ref((uv_handle_t *)&il->keep);
+    if (!active && il->active == 0) uv_unref((uv_handle_t *)&il->keep);
 }
 
 static void io_pend(tn_io *io) {
@@ -129,6 +149,7 @@ static void io_done(tn_io *io, tn_io_req *r, int status) {
 static void io_do_shutdown(tn_io *io) {
     tn_io_req *r = io->shut;
     io->shut = NULL;
+    io->shut_done = 1;
     io_done(io, r, shutdown(io->fd, SHUT_WR) == 0 ? 0 : -errno);
     io_activity(io);
 }
@@ -153,6 +174,7 @@ static void io_flush(tn_io *io) {
             if (io->shut) {
                 tn_io_req *s = io->shut;
                 io->shut = NULL;
+                io->shut_done = 1;
                 io_done(io, s, err);
             }
             io_activity(io);
@@ -257,14 +279,19 @@ int tn_io_run(uv_loop_t *loop) {
         if (timeout > 0) {
             /* The timerfd is set only when the next timer changes: a wait
              * with a timeout would arm and cancel a kernel timer on every
-             * wakeup, twice per proxied request at one connection. */
+             * wakeup, twice per proxied request at one connection. When it
+             * fired and libuv's clock (which may be the coarse one, a tick
+             * behind) does not see the deadline yet, a plain wait of the
+             * remaining time follows instead of a timerfd already due. */
             uint64_t due = uv_now(loop) + (uint64_t)timeout;
-            if (due != il->armed) {
+            if (due <= il->fired) {
+                /* keep the plain timeout */
+            } else if (due != il->armed) {
                 struct itimerspec its = { .it_value = { .tv_sec = (time_t)(due / 1000),
                                                         .tv_nsec = (long)(due % 1000) * 1000000 } };
                 if (timerfd_settime(il->tfd, TFD_TIMER_ABSTIME, &its, NULL) == 0) il->armed = due;
             }
-            if (il->armed == due) timeout = -1;
+            if (il->armed == due && due > il->fired) timeout = -1;
         }
         int n = epoll_wait(il->ep, ev, IO_EVENTS, timeout);
         if (n < 0) n = 0; /* EINTR: a signal, which libuv sees through its own fd */
@@ -279,6 +306,7 @@ int tn_io_run(uv_loop_t *loop) {
             } else if (ev[i].data.ptr == IO_TIMER) {
                 uint64_t expirations;
                 if (read(il->tfd, &expirations, sizeof expirations) < 0) { /* raced a re-arm */ }
+                il->fired = il->armed;
                 il->armed = 0;
                 run_uv = 1;
             } else {
@@ -348,7 +376,7 @@ int tn_io_try_write(tn_io *io, const uv_buf_t *bufs, unsigned n) {
 int tn_io_write(tn_io *io, tn_io_req *req, const char *base, size_t len, tn_io_cb cb) {
     if (io->closing) return UV_EBADF;
     if (!io_of(io->sock.handle.loop)) return UV_ENOMEM; /* queued while connecting */
-    if (io->shut) return UV_EPIPE;
+    if (io->shut || io->shut_done) return UV_EPIPE;
     req->next = NULL;
     req->base = base;
     req->len = len;
@@ -370,7 +398,7 @@ int tn_io_write(tn_io *io, tn_io_req *req, const char *base, size_t len, tn_io_c
 int tn_io_shutdown(tn_io *io, tn_io_req *req, tn_io_cb cb) {
     if (io->closing) return UV_EBADF;
     if (!io_of(io->sock.handle.loop)) return UV_ENOMEM;
-    if (io->shut) return UV_EALREADY;
+    if (io->shut || io->shut_done) return UV_EALREADY;
     req->next = NULL;
     req->base = NULL;
     req->len = 0;
