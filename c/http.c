@@ -2139,23 +2139,21 @@ static int l_server_drain(lua_State *L) {
     return tn_task_wait_cancel(L, t, timeout, drain_cancel, s);
 }
 
+static void set_int(lua_State *L, const char *k, uint64_t v) {
+    lua_pushinteger(L, (lua_Integer)v);
+    lua_setfield(L, -2, k);
+}
+
 static int l_server_stats(lua_State *L) {
     http_server *s = check_server(L);
     lua_createtable(L, 0, 3);
-    lua_pushinteger(L, s->open);
-    lua_setfield(L, -2, "connections_open");
-    lua_pushinteger(L, s->accepted);
-    lua_setfield(L, -2, "connections_accepted");
-    lua_pushinteger(L, s->requests);
-    lua_setfield(L, -2, "requests");
-    lua_pushinteger(L, s->direct);
-    lua_setfield(L, -2, "direct_requests");
-    lua_pushinteger(L, s->reclaimed);
-    lua_setfield(L, -2, "connections_reclaimed");
-    lua_pushinteger(L, s->proxy_errors);
-    lua_setfield(L, -2, "proxy_errors");
-    lua_pushinteger(L, (lua_Integer)s->nroutes);
-    lua_setfield(L, -2, "routes");
+    set_int(L, "connections_open", (uint64_t)s->open);
+    set_int(L, "connections_accepted", (uint64_t)s->accepted);
+    set_int(L, "requests", (uint64_t)s->requests);
+    set_int(L, "direct_requests", (uint64_t)s->direct);
+    set_int(L, "connections_reclaimed", (uint64_t)s->reclaimed);
+    set_int(L, "proxy_errors", (uint64_t)s->proxy_errors);
+    set_int(L, "routes", s->nroutes);
     return 1;
 }
 
@@ -2956,11 +2954,6 @@ static int l_ups_last_active(lua_State *L) {
     if (!u->last_active) lua_pushnil(L);
     else lua_pushinteger(L, (lua_Integer)u->last_active);
     return 1;
-}
-
-static void set_int(lua_State *L, const char *k, uint64_t v) {
-    lua_pushinteger(L, (lua_Integer)v);
-    lua_setfield(L, -2, k);
 }
 
 /* upstream:stats() -> { requests, errors, bytes_in, bytes_out, inflight,
@@ -4700,12 +4693,9 @@ static int l_req_proxy(lua_State *L) {
 
 static void pool_push(lua_State *L, const px_pool *p) {
     lua_createtable(L, 0, 3);
-    lua_pushinteger(L, p->nidle);
-    lua_setfield(L, -2, "idle");
-    lua_pushinteger(L, p->active);
-    lua_setfield(L, -2, "active");
-    lua_pushinteger(L, p->exchanges);
-    lua_setfield(L, -2, "exchanges");
+    set_int(L, "idle", (uint64_t)p->nidle);
+    set_int(L, "active", (uint64_t)p->active);
+    set_int(L, "exchanges", (uint64_t)p->exchanges);
 }
 
 /* http.pool_stats() -> { [address] = { idle, active, exchanges } }

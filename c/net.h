@@ -89,7 +89,6 @@ struct tn_io_req {
     tn_io_cb cb;
     void *data;
     int status;
-    int is_shutdown;
 };
 
 struct tn_io {

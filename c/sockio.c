@@ -77,14 +77,13 @@ static io_loop *io_of(uv_loop_t *loop) {
     struct epoll_event ev = { .events = EPOLLIN, .data.ptr = IO_LIBUV };
     struct epoll_event tev = { .events = EPOLLIN, .data.ptr = IO_TIMER };
     if (il->ep < 0 || il->tfd < 0 || epoll_ctl(il->ep, EPOLL_CTL_ADD, uv_backend_fd(loop), &ev) != 0 ||
-        epoll_ctl(il->ep, EPOLL_CTL_ADD, il->tfd, &tev) != 0) {
+        epoll_ctl(il->ep, EPOLL_CTL_ADD, il->tfd, &tev) != 0 || uv_async_init(loop, &il->keep, NULL) != 0) {
         if (il->ep >= 0) close(il->ep);
         if (il->tfd >= 0) close(il->tfd);
         free(il);
         io_unavailable = 1;
         return NULL;
     }
-    uv_async_init(loop, &il->keep, NULL);
     uv_unref((uv_handle_t *)&il->keep);
     loop->data = il;
     return il;
@@ -382,7 +381,6 @@ int tn_io_write(tn_io *io, tn_io_req *req, const char *base, size_t len, tn_io_c
     req->len = len;
     req->cb = cb;
     req->status = 0;
-    req->is_shutdown = 0;
     int was_empty = io->wq_head == NULL;
     if (io->wq_tail) io->wq_tail->next = req;
     else io->wq_head = req;
@@ -404,7 +402,6 @@ int tn_io_shutdown(tn_io *io, tn_io_req *req, tn_io_cb cb) {
     req->len = 0;
     req->cb = cb;
     req->status = 0;
-    req->is_shutdown = 1;
     io->shut = req;
     if (io->opened && !io->wq_head) io_do_shutdown(io);
     io_activity(io);
