@@ -36,6 +36,7 @@ struct tn_task {
     int nresume;         /* values on co's stack for the next resume */
     uint64_t seq;        /* number of the current (or next) wait */
     int parked;          /* waiting in core.park or join: core.wake may resume it */
+    int wakeable;        /* in a wait core.wake may cut short (cancel first) */
     tn_cancel_fn cancel;
     void *cancel_arg;
     int timer_active;
@@ -337,6 +338,7 @@ static void task_step(tn_task *t) {
     t->state = TASK_RUNNING;
     t->cancel = NULL;
     t->parked = 0;
+    t->wakeable = 0;
     tn_task_hold(t);
     int st = lua_resume(co, t->ctx->L, nargs, &nres);
     if (st == LUA_YIELD) {
@@ -389,11 +391,41 @@ int tn_task_wait(lua_State *L, tn_task *t, int64_t timeout_ms) {
     return tn_task_wait_cancel(L, t, timeout_ms, NULL, NULL);
 }
 
+int tn_task_wait_wakeable(lua_State *L, tn_task *t, int64_t timeout_ms,
+                          tn_cancel_fn cancel, void *arg) {
+    t->wakeable = 1;
+    return tn_task_wait_cancel(L, t, timeout_ms, cancel, arg);
+}
+
+static int task_can_wake(tn_task *t) {
+    return t->state == TASK_WAITING && (t->parked || t->wakeable);
+}
+
+/* Ends the wait with the n values already on t's stack. Never runs the task
+ * synchronously, so the waker keeps its own invariants. */
+static void task_wake(tn_task *t, int n) {
+    if (t->timer_active) { uv_timer_stop(&t->timer); t->timer_active = 0; }
+    if (t->cancel) t->cancel(t->cancel_arg);
+    t->cancel = NULL;
+    t->seq++;
+    t->nresume = n;
+    ready_push(t);
+}
+
+int tn_task_wake(tn_task *t) {
+    if (!task_can_wake(t)) return 0;
+    lua_settop(t->co, 0);
+    task_wake(t, 0);
+    return 1;
+}
+
 /* ---- Lua API ----------------------------------------------------------- */
 
 static tn_task *check_task(lua_State *L, int idx) {
     return ((task_box *)luaL_checkudata(L, idx, TASK_MT))->t;
 }
+
+tn_task *tn_task_arg(lua_State *L, int idx) { return check_task(L, idx); }
 
 static int task_gc(lua_State *L) {
     task_box *b = luaL_checkudata(L, 1, TASK_MT);
@@ -585,27 +617,22 @@ static int l_park(lua_State *L) {
     return tn_task_wait(L, t, timeout);
 }
 
-/* core.wake(task, ...) -> true if the task was parked (it resumes on the next
- * turn with the values), false otherwise. Never runs it synchronously, so the
- * waker keeps its own invariants. */
+/* core.wake(task, ...) -> true if the task was parked or in a wakeable wait
+ * (it resumes on the next turn with the values), false otherwise. Any other
+ * operation in flight owns the task's resumption. */
 static int l_wake(lua_State *L) {
     tn_task *t = check_task(L, 1);
     int n = lua_gettop(L) - 1;
-    if (t->state != TASK_WAITING || !t->parked) {
+    if (!task_can_wake(t)) {
         lua_pushboolean(L, 0);
         return 1;
     }
-    /* Only a task parked by core.park or join can be woken: an operation in
-     * flight owns the task's resumption. */
-    if (t->timer_active) { uv_timer_stop(&t->timer); t->timer_active = 0; }
-    t->seq++;
     lua_State *co = t->co;
     lua_settop(co, 0);
     luaL_checkstack(co, n, "too many values");
     for (int i = 2; i <= n + 1; i++) lua_pushvalue(L, i);
     lua_xmove(L, co, n);
-    t->nresume = n;
-    ready_push(t);
+    task_wake(t, n);
     lua_pushboolean(L, 1);
     return 1;
 }

@@ -365,13 +365,150 @@ static int l_statfs(lua_State *L) {
     return 1;
 }
 
+/* ---- watching a directory ----------------------------------------------
+ * fs.watch(dir) -> watcher: names in dir that appear or change (inotify,
+ * through libuv) wake the tasks waiting for them. A supervisor waiting for a
+ * started app's socket then waits for the event instead of polling, and
+ * probes the moment the app binds.
+ *   w:wake_on(name, task)  on the next event for name, tn_task_wake(task)
+ *                          (core.park, or a wakeable wait such as p:wait);
+ *                          task nil forgets name
+ *   w:take(name) -> true if name had an event since the last take
+ *   w:close()
+ * An event on the directory itself (moved, removed) counts for every name. */
+#define WATCH_MT "tenement.fs.watch"
+
+typedef struct {
+    uv_fs_event_t ev;
+    lua_State *L;   /* the main thread: callbacks run outside any task */
+    int names_ref;  /* name -> task handle */
+    int fired_ref;  /* name -> true */
+    int closed;
+} fs_watch;
+
+typedef struct { fs_watch *w; } watch_box;
+
+static void watch_fire(lua_State *L, int fired, const char *name, int task) {
+    lua_pushboolean(L, 1);
+    lua_setfield(L, fired, name);
+    tn_task_wake(tn_task_arg(L, task));
+}
+
+static void watch_cb(uv_fs_event_t *h, const char *name, int events, int status) {
+    (void)events;
+    fs_watch *w = h->data;
+    lua_State *L = w->L;
+    if (w->closed || !lua_checkstack(L, 6)) return;
+    int top = lua_gettop(L);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, w->names_ref);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, w->fired_ref);
+    int names = top + 1, fired = top + 2;
+    if (status < 0 || !name || !*name) {
+        lua_pushnil(L);
+        while (lua_next(L, names)) {
+            if (lua_type(L, -2) == LUA_TSTRING) watch_fire(L, fired, lua_tostring(L, -2), lua_gettop(L));
+            lua_pop(L, 1);
+        }
+    } else if (lua_getfield(L, names, name) != LUA_TNIL) {
+        watch_fire(L, fired, name, lua_gettop(L));
+    }
+    lua_settop(L, top);
+}
+
+static fs_watch *check_watch(lua_State *L) {
+    watch_box *b = luaL_checkudata(L, 1, WATCH_MT);
+    if (!b->w) luaL_error(L, "the watch is closed");
+    return b->w;
+}
+
+static void watch_close_cb(uv_handle_t *h) { free(h->data); }
+
+static void watch_close(lua_State *L, watch_box *b) {
+    fs_watch *w = b->w;
+    if (!w) return;
+    b->w = NULL;
+    w->closed = 1;
+    luaL_unref(L, LUA_REGISTRYINDEX, w->names_ref);
+    luaL_unref(L, LUA_REGISTRYINDEX, w->fired_ref);
+    uv_close((uv_handle_t *)&w->ev, watch_close_cb);
+}
+
+static int l_watch(lua_State *L) {
+    const char *dir = luaL_checkstring(L, 1);
+    uv_loop_t *loop = tn_loop(L);
+    watch_box *b = lua_newuserdatauv(L, sizeof *b, 0);
+    b->w = NULL;
+    luaL_setmetatable(L, WATCH_MT);
+    fs_watch *w = calloc(1, sizeof *w);
+    if (!w) return luaL_error(L, "out of memory");
+    int rc = uv_fs_event_init(loop, &w->ev);
+    if (rc == 0) {
+        w->ev.data = w;
+        rc = uv_fs_event_start(&w->ev, watch_cb, dir, 0);
+        if (rc != 0) { uv_close((uv_handle_t *)&w->ev, watch_close_cb); w = NULL; }
+    } else {
+        free(w);
+        w = NULL;
+    }
+    if (!w) return tn_fail_uv(L, dir, rc);
+    /* an idle watch must not keep the loop alive: it only ever wakes tasks
+     * that wait for something else as well */
+    uv_unref((uv_handle_t *)&w->ev);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_MAINTHREAD);
+    w->L = lua_tothread(L, -1);
+    lua_pop(L, 1);
+    lua_newtable(L);
+    w->names_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    lua_newtable(L);
+    w->fired_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    b->w = w;
+    return 1;
+}
+
+static int l_watch_wake_on(lua_State *L) {
+    fs_watch *w = check_watch(L);
+    const char *name = luaL_checkstring(L, 2);
+    if (!lua_isnil(L, 3)) tn_task_arg(L, 3);
+    lua_settop(L, 3);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, w->names_ref);
+    lua_pushvalue(L, 3);
+    lua_setfield(L, -2, name);
+    if (lua_isnil(L, 3)) {
+        lua_rawgeti(L, LUA_REGISTRYINDEX, w->fired_ref);
+        lua_pushnil(L);
+        lua_setfield(L, -2, name);
+    }
+    return 0;
+}
+
+static int l_watch_take(lua_State *L) {
+    fs_watch *w = check_watch(L);
+    const char *name = luaL_checkstring(L, 2);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, w->fired_ref);
+    int fired = lua_getfield(L, -1, name) != LUA_TNIL;
+    lua_pop(L, 1);
+    if (fired) { lua_pushnil(L); lua_setfield(L, -2, name); }
+    lua_pushboolean(L, fired);
+    return 1;
+}
+
+static int l_watch_close(lua_State *L) {
+    watch_close(L, luaL_checkudata(L, 1, WATCH_MT));
+    return 0;
+}
+
 int tn_open_fs(lua_State *L) {
+    static const luaL_Reg watch_methods[] = {
+        {"wake_on", l_watch_wake_on}, {"take", l_watch_take}, {"close", l_watch_close},
+        {"__gc", l_watch_close}, {"__close", l_watch_close}, {NULL, NULL},
+    };
+    tn_new_class(L, WATCH_MT, watch_methods);
     static const luaL_Reg fns[] = {
         {"mkdir", l_mkdir}, {"rmtree", l_rmtree}, {"unlink", l_unlink}, {"stat", l_stat},
         {"read", l_read}, {"write", l_write}, {"readdir", l_readdir}, {"realpath", l_realpath},
         {"chmod", l_chmod}, {"chown", l_chown}, {"cwd", l_cwd}, {"access", l_access},
         {"open_fd", l_open_fd}, {"close_fd", l_close_fd}, {"lock", l_lock}, {"put", l_put}, {"rmdir", l_rmdir},
-        {"truncate", l_truncate}, {"statfs", l_statfs}, {NULL, NULL},
+        {"truncate", l_truncate}, {"statfs", l_statfs}, {"watch", l_watch}, {NULL, NULL},
     };
     luaL_newlib(L, fns);
     return 1;

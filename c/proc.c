@@ -729,7 +729,9 @@ static proc_box *check_proc(lua_State *L) {
 }
 
 /* p:wait([timeout_ms]) -> status | nil, "timeout". Any number of tasks may
- * wait; once the child ended, the stored status comes back at once. */
+ * wait; once the child ended, the stored status comes back at once.
+ * core.wake(task, ...) ends the wait early with its values (a supervisor
+ * waiting for the exit hears of a socket appearing meanwhile). */
 static int l_proc_wait(lua_State *L) {
     tn_proc *p = check_proc(L)->p;
     lua_Integer timeout = luaL_optinteger(L, 2, -1);
@@ -747,7 +749,7 @@ static int l_proc_wait(lua_State *L) {
     /* Somebody waits for this exit: it must keep the loop running. */
     if (p->nwaiters++ == 0) uv_ref((uv_handle_t *)&p->poll);
     lua_settop(L, 0);
-    return tn_task_wait_cancel(L, t, timeout, waiter_cancel, w);
+    return tn_task_wait_wakeable(L, t, timeout, waiter_cancel, w);
 }
 
 /* p:status() -> "running" | status */

@@ -66,6 +66,18 @@ int tn_task_wait(lua_State *L, tn_task *t, int64_t timeout_ms);
 typedef void (*tn_cancel_fn)(void *arg);
 int tn_task_wait_cancel(lua_State *L, tn_task *t, int64_t timeout_ms,
                         tn_cancel_fn cancel, void *arg);
+/* The same, and core.wake (or tn_task_wake) may also end the wait early: it
+ * calls cancel(arg), and the task resumes with the waker's values. For waits
+ * a task may want to cut short on news from elsewhere (a process's exit,
+ * while a socket may appear). */
+int tn_task_wait_wakeable(lua_State *L, tn_task *t, int64_t timeout_ms,
+                          tn_cancel_fn cancel, void *arg);
+/* End t's wait, if it is parked (core.park, join) or in a wakeable wait; it
+ * resumes with no values on a later turn. -> 1 if it was woken. */
+int tn_task_wake(tn_task *t);
+/* The task behind a task handle (core.spawn's result) at idx; raises if it
+ * is not one. */
+tn_task *tn_task_arg(lua_State *L, int idx);
 /* The sequence number of the wait that tn_task_wait is about to begin or has
  * begun; read it before calling tn_task_wait. */
 uint64_t tn_task_seq(tn_task *t);

@@ -67,6 +67,7 @@ function supervisor.new(cfg, opts)
     listeners = {},
     shutting_down = false,
     weights = {},        -- key -> weight remembered by the store
+    socket_watches = {}, -- dir -> { watch, users }: starts waiting for sockets there
   }, Supervisor)
   if self.store then
     for _, row in ipairs(self.store:instances() or {}) do
@@ -578,29 +579,74 @@ function Instance:watch(proc, gen, ready_by)
   if status then self.mailbox:put({ type = "exit", gen = gen, status = status }) end
 end
 
--- Probes until the process answers: every millisecond for the first
--- PROBE_FAST_MS (most apps are up within a few, a request waiting for a wake
--- waits for this probe, and a refused connect costs microseconds), then
--- backing off to every 100 ms. -> "ready" | exit status | nil (no longer
+-- The watch on a socket directory, shared by the starts waiting there.
+-- -> watch | nil (the directory cannot be watched: those starts only poll)
+function Supervisor:watch_socket_dir(dir)
+  local entry = self.socket_watches[dir]
+  if not entry then
+    local watch, err = core.fs.watch(dir)
+    if not watch then
+      log.debug("cannot watch %s for sockets (%s): starts there are noticed by polling only", dir, tostring(err))
+      return nil
+    end
+    entry = { watch = watch, users = 0 }
+    self.socket_watches[dir] = entry
+  end
+  entry.users = entry.users + 1
+  return entry.watch
+end
+
+function Supervisor:unwatch_socket_dir(dir)
+  local entry = self.socket_watches[dir]
+  entry.users = entry.users - 1
+  if entry.users == 0 then
+    entry.watch:close()
+    self.socket_watches[dir] = nil
+  end
+end
+
+-- Probes until the process answers: at once when its socket appears (the
+-- directory is watched), and otherwise every millisecond for the first
+-- PROBE_FAST_MS, then backing off to every 100 ms (an app that listens
+-- before it answers its health check is only polled). A request waiting for
+-- a wake waits for this probe. -> "ready" | exit status | nil (no longer
 -- current)
 local PROBE_FAST_MS = 100
 function Instance:watch_start(proc, gen, ready_by, keep)
+  local status = self:probe_until_ready(proc, gen, ready_by, keep)
+  if status == "ready" or self.gen ~= gen then return status end
+  -- not ready in time: the runner stops it, and its exit is reported as ever
+  return status or (proc:wait())
+end
+
+function Instance:probe_until_ready(proc, gen, ready_by, keep)
+  local dir, name = dirname(self.socket), self.socket:match("[^/]*$")
+  local watch = self.sup:watch_socket_dir(dir)
+  -- released however this ends: a later wait must not be cut short by it
+  local _ <close> = watch and setmetatable({}, { __close = function()
+    watch:wake_on(name, nil)
+    self.sup:unwatch_socket_dir(dir)
+  end })
+  if watch then watch:wake_on(name, core.current()) end
   local fast_until = core.now() + PROBE_FAST_MS
   local pause = 1
   while self.gen == gen and core.now() < ready_by do
+    -- what the directory told before this probe is answered by it
+    if watch then watch:take(name) end
     local ok = self:check_kept(keep, math.max(1, math.min(ready_by - core.now(), 1000)))
     if self.gen ~= gen then return nil end
     if ok then
       self.mailbox:put({ type = "ready", gen = gen })
       return "ready"
     end
-    local status = proc:wait(pause)
-    if status then return status end
+    -- the socket changed while it was probed: probe again at once; else wait
+    -- for the exit, the socket, or the pause (the watch wakes this wait)
+    if not (watch and watch:take(name)) then
+      local status = proc:wait(pause)
+      if status then return status end
+    end
     if core.now() >= fast_until then pause = math.min(pause * 2, 100) end
   end
-  if self.gen ~= gen then return nil end
-  -- not ready in time: the runner stops it, and its exit is reported as ever
-  return (proc:wait())
 end
 
 -- Checks every interval until the process exits or is no longer the current

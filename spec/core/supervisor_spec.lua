@@ -271,6 +271,14 @@ describe("supervisor", function()
       for i = 1, 200 do
         tasks[i] = core.spawn(function() return sup:spawn("many", "i" .. i) end)
       end
+      local most_waiting, done = 0, false
+      local sampler = core.spawn(function()
+        while not done do
+          local w = sup.socket_watches[dir .. "/sock"]
+          most_waiting = math.max(most_waiting, w and w.users or 0)
+          coroutine.yield()
+        end
+      end)
       local ports = {}
       for i = 1, 200 do
         local ok, inst = tasks[i]:join()
@@ -281,6 +289,11 @@ describe("supervisor", function()
         ports[inst.port] = true
       end
       assert.are.equal(200, #sup:list())
+      done = true
+      sampler:join()
+      -- they waited for their sockets on one watch of the directory, and let it go
+      assert.is_true(most_waiting > 1, "starts waiting on the watch at once: " .. most_waiting)
+      assert.is_nil(next(sup.socket_watches))
       sup:shutdown()
       for _, s in ipairs(sup:list()) do assert.are.equal("stopped", s.state) end
     end)
