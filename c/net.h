@@ -94,7 +94,7 @@ struct tn_io_req {
 struct tn_io {
     tn_sock sock;             /* first: a handle's close callback finds its tn_io */
     int fd;
-    unsigned opened : 1, closing : 1, reading : 1, readable : 1, hup : 1, want_out : 1, shut_done : 1, unref : 1, active : 1, pending : 1;
+    unsigned opened : 1, closing : 1, reading : 1, readable : 1, hup : 1, urgent : 1, want_out : 1, shut_done : 1, unref : 1, active : 1, pending : 1;
     uv_alloc_cb alloc_cb;
     uv_read_cb read_cb;
     tn_io_req *wq_head, *wq_tail;     /* not yet written, in order */

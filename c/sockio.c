@@ -17,7 +17,8 @@
  *
  * Edges: an event says "something changed", so a socket that is readable
  * stays marked readable until a read finds it drained (a short read or
- * EAGAIN). Reading stopped with bytes left, or a read burst cut short for
+ * EAGAIN; only EAGAIN once TCP urgent data was seen, for a read stops short
+ * at its mark with bytes left behind it). Reading stopped with bytes left, or a read burst cut short for
  * fairness, leaves the stream on the pending list, served from an idle
  * handle before the loop blocks again. Callbacks of queued writes go the
  * same way, so none runs inside the call that queued it.
@@ -35,6 +36,7 @@
 #define IO_READS 32        /* reads of one stream before the others' turn */
 #define IO_READ_HINT (64 * 1024)
 #define IO_SKIPS 8         /* libuv turns in a row before the set is looked at */
+#define IO_IN (EPOLLIN | EPOLLPRI | EPOLLRDHUP | EPOLLET)
 
 /* From 1.44, uv_backend_timeout is 0 while watchers wait to be registered
  * with the kernel; the loop relies on it when a socket callback starts a
@@ -131,8 +133,7 @@ static void io_unpend(tn_io *io) {
  * time its peer reads, which would wake the loop once more per request. */
 static void io_want_out(tn_io *io, int want) {
     if (!io->opened || (int)io->want_out == want) return;
-    struct epoll_event ev = { .events = EPOLLIN | EPOLLRDHUP | EPOLLET | (want ? EPOLLOUT : 0),
-                              .data.ptr = io };
+    struct epoll_event ev = { .events = IO_IN | (want ? EPOLLOUT : 0), .data.ptr = io };
     if (epoll_ctl(io_loop_of(io)->ep, EPOLL_CTL_MOD, io->fd, &ev) == 0) io->want_out = (unsigned)want;
 }
 
@@ -207,8 +208,9 @@ static void io_read(tn_io *io) {
         ssize_t n = recv(io->fd, b.base, b.len, MSG_DONTWAIT);
         if (n > 0) {
             /* a short read drained the socket, and the next bytes raise a
-             * new edge; but a FIN already reported raises none: read on */
-            if ((size_t)n < b.len && !io->hup) io->readable = 0;
+             * new edge; but a FIN already reported raises none, and urgent
+             * data may have stopped the read at its mark: read on */
+            if ((size_t)n < b.len && !io->hup && !io->urgent) io->readable = 0;
             io->read_cb(s, n, &b);
             continue;
         }
@@ -247,8 +249,9 @@ static void io_event(tn_io *io, uint32_t e) {
     if (io->closing) return;
     if ((e & (EPOLLOUT | EPOLLERR | EPOLLHUP)) && io->wq_head) io_flush(io);
     if (io->closing) return;
-    if (e & (EPOLLIN | EPOLLRDHUP | EPOLLERR | EPOLLHUP)) {
+    if (e & (EPOLLIN | EPOLLPRI | EPOLLRDHUP | EPOLLERR | EPOLLHUP)) {
         io->readable = 1;
+        if (e & EPOLLPRI) io->urgent = 1;
         if (e & (EPOLLRDHUP | EPOLLERR | EPOLLHUP)) io->hup = 1;
         io_read(io);
     }
@@ -335,7 +338,7 @@ int tn_io_open(tn_io *io) {
     if (rc) return rc;
     io->fd = fd;
     /* registering reports what is already there, so nothing is missed */
-    struct epoll_event ev = { .events = EPOLLIN | EPOLLRDHUP | EPOLLET, .data.ptr = io };
+    struct epoll_event ev = { .events = IO_IN, .data.ptr = io };
     if (epoll_ctl(il->ep, EPOLL_CTL_ADD, fd, &ev) != 0) return -errno;
     io->opened = 1;
     if (io->wq_head || io->shut) io_flush(io); /* queued while connecting */

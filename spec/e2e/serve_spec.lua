@@ -6,6 +6,7 @@ local cjson = require "cjson"
 
 local BACKEND = support.fixture("backend")
 local FORKN = support.fixture("forkn")
+local URGENT = support.fixture("urgent")
 
 local sleep = support.sleep
 
@@ -41,16 +42,17 @@ local function ps(cfg_path)
 end
 
 describe("ten serve", function()
-  local dir, cfg, log, pid
+  local dir, cfg, log, pid, port
 
   before_each(function()
     dir = support.tmpdir()
     cfg = dir .. "/tenement.toml"
     log = dir .. "/serve.log"
+    port = support.free_port()
     support.write(cfg, table.concat({
       "[settings]",
       'data_dir = "data"',
-      "port = " .. support.free_port(),
+      "port = " .. port,
       "health_check_interval = 1",
       "backoff_base_ms = 50",
       "stop_timeout = 2",
@@ -244,6 +246,16 @@ describe("ten serve", function()
       sleep(0.05)
     end
     assert.are.equal("running", state)
+  end)
+
+  it("reads on past a TCP urgent mark instead of waiting for an edge that never comes", function()
+    -- the request is queued whole, with urgent data in its middle, while the
+    -- server is stopped; the server's first read ends at the mark
+    local p = io.popen(string.format("%s %d localhost %d 2>&1", URGENT, port, pid))
+    local out = p:read("a")
+    local ok = p:close()
+    assert.is_true(ok, out)
+    assert.matches("^HTTP/1.1 %d%d%d", out)
   end)
 
   it("refuses a second server on the same data directory", function()
