@@ -112,6 +112,22 @@ function metrics.render(srv)
   out:sample("tenement_build_info", { "version", core.version }, 1)
   out:family("tenement_uptime_seconds", "gauge", "Seconds since ten serve started.")
   out:sample("tenement_uptime_seconds", nil, (core.now() - srv.started) / 1000)
+  -- the server's own use, under the names every Prometheus client library
+  -- gives them, so the usual dashboards and alerts find them
+  local own = metrics.proc_usage(core.proc.getpid())
+  if own then
+    out:family("process_cpu_seconds_total", "counter", "CPU time ten serve used, user and system.")
+    out:sample("process_cpu_seconds_total", nil, own.cpu_seconds + 0.0)
+    out:family("process_resident_memory_bytes", "gauge", "Resident memory of ten serve.")
+    out:sample("process_resident_memory_bytes", nil, own.memory_bytes)
+  end
+  local fds = core.fs.readdir("/proc/self/fd")
+  if fds then
+    out:family("process_open_fds", "gauge", "File descriptors ten serve holds open.")
+    out:sample("process_open_fds", nil, #fds - 1) -- less the one that listed them
+  end
+  out:family("tenement_lua_memory_bytes", "gauge", "Bytes the Lua heap holds (within the resident memory).")
+  out:sample("tenement_lua_memory_bytes", nil, math.floor(collectgarbage("count") * 1024))
 
   if srv.http then
     local st = srv.http:stats()

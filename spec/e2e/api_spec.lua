@@ -131,6 +131,12 @@ describe("HTTP API", function()
     local _, _, text = call(srv, "GET", "/metrics")
     assert.matches('tenement_instance_state{service="crash",id="x",state="failed"} 1', text, 1, true)
     assert.matches('tenement_instance_state{service="sleepy",id="z",state="sleeping"} 1', text, 1, true)
+    -- the server's own use: its resident memory holds the Lua heap, and it has fds open
+    local rss = tonumber(text:match("\nprocess_resident_memory_bytes (%d+)"))
+    local lua_heap = tonumber(text:match("\ntenement_lua_memory_bytes (%d+)"))
+    assert.is_true(rss > lua_heap and lua_heap > 0, text)
+    assert.is_true(tonumber(text:match("\nprocess_open_fds (%d+)")) > 3)
+    assert.is_truthy(text:match("\nprocess_cpu_seconds_total [%d.]+"))
     -- every metric the shipped Grafana board uses exists
     local board_file = assert(io.open("config/grafana-dashboard.json"))
     local board = board_file:read("a")
