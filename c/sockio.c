@@ -35,7 +35,10 @@
 #define IO_EVENTS 256      /* epoll events taken per wakeup */
 #define IO_READS 32        /* reads of one stream before the others' turn */
 #define IO_READ_HINT (64 * 1024)
-#define IO_SKIPS 8         /* libuv turns in a row before the set is looked at */
+#define IO_SKIPS 8         /* libuv turns in a row before the set is looked at, */
+#define IO_SKIP_NS 200000  /* and for at most this long: a Lua task that works
+                            * in slices (yielding) must not hold the sockets
+                            * back for eight of its slices */
 #define IO_IN (EPOLLIN | EPOLLPRI | EPOLLRDHUP | EPOLLET)
 
 /* From 1.44, uv_backend_timeout is 0 while watchers wait to be registered
@@ -263,16 +266,18 @@ int tn_io_run(uv_loop_t *loop) {
     struct epoll_event ev[IO_EVENTS];
     il->stop = 0;
     int skipped = 0;
+    uint64_t skipping_since = 0;
     for (;;) {
         int uv_alive = uv_loop_alive(loop);
         if (!uv_alive && il->active == 0 && !il->pend_head) return 0;
         /* libuv's own timeout: its next timer, or 0 with callbacks queued */
         int timeout = il->pend_head ? 0 : uv_alive ? uv_backend_timeout(loop) : -1;
-        if (timeout == 0 && !il->pend_head && skipped < IO_SKIPS) {
+        if (timeout == 0 && !il->pend_head && skipped < IO_SKIPS &&
+            (skipped == 0 || uv_hrtime() - skipping_since < IO_SKIP_NS)) {
             /* libuv has callbacks queued (a task to resume, a handle to
              * close): its turn at once, as its own loop would, without a
-             * look at the set first; the set waits a few such turns at most */
-            skipped++;
+             * look at the set first; the set waits a few short turns at most */
+            if (skipped++ == 0) skipping_since = uv_hrtime();
             uv_run(loop, UV_RUN_NOWAIT);
             if (il->stop) break;
             continue;

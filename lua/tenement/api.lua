@@ -118,11 +118,9 @@ function api.new(ctx)
   end
 
   route("GET", "/health", function()
-    local counts = {}
-    for _, snap in ipairs(sup:list()) do counts[snap.state] = (counts[snap.state] or 0) + 1 end
     return reply(200, {
       status = "ok", version = core.version,
-      uptime_secs = (core.now() - ctx.started) // 1000, instances = counts,
+      uptime_secs = (core.now() - ctx.started) // 1000, instances = sup:state_counts(),
     })
   end, "public")
 

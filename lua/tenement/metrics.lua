@@ -30,55 +30,120 @@ function metrics.observe(h, v)
   end
 end
 
+local SPECIAL = { ["\\"] = "\\\\", ["\n"] = "\\n", ['"'] = '\\"' }
 local function escape(v)
-  return (tostring(v):gsub("[\\\n\"]", { ["\\"] = "\\\\", ["\n"] = "\\n", ['"'] = '\\"' }))
+  v = tostring(v)
+  if not v:find('[\\\n"]') then return v end
+  return (v:gsub('[\\\n"]', SPECIAL))
 end
 
-local function labels(t)
+-- { "k", "v", ... } -> 'k="v",...', the text between the braces
+local function label_text(t)
   if not t or #t == 0 then return "" end
   local parts = {}
   for i = 1, #t, 2 do parts[#parts + 1] = t[i] .. '="' .. escape(t[i + 1]) .. '"' end
-  return "{" .. table.concat(parts, ",") .. "}"
+  return table.concat(parts, ",")
 end
 
+-- The shortest text that reads back as the same number.
 local function num(v)
   if math.type(v) == "integer" then return string.format("%d", v) end
   if v ~= v then return "NaN" end
   if v == math.huge then return "+Inf" end
   if v == -math.huge then return "-Inf" end
-  return string.format("%.17g", v)
+  local s = string.format("%.15g", v)
+  if tonumber(s) ~= v then s = string.format("%.17g", v) end
+  return s
 end
 
--- A writer collecting families in order, one HELP/TYPE per family.
+-- The le="..." label texts of a bucket list, made once per distinct list (a
+-- histogram from C brings a fresh copy of its bounds every time).
+local le_made = {}
+local function le_texts(buckets)
+  for _, made in ipairs(le_made) do
+    local b = made.buckets
+    if #b == #buckets then
+      local same = true
+      for i = 1, #b do if b[i] ~= buckets[i] then same = false break end end
+      if same then return made.texts end
+    end
+  end
+  local texts = {}
+  for i, bound in ipairs(buckets) do texts[i] = 'le="' .. num(bound + 0.0) .. '"} ' end
+  texts[#buckets + 1] = 'le="+Inf"} '
+  le_made[#le_made + 1] = { buckets = { table.unpack(buckets) }, texts = texts }
+  return texts
+end
+
+-- A writer collecting families in order, one HELP/TYPE per family. Label
+-- sets are given as tables, or as the text label_text made of them (made
+-- once per instance: a thousand instances are 57,000 samples). Rendering
+-- that many (and reading a thousand cgroups' usage) takes a hundred
+-- milliseconds and more, which requests waiting on the same loop would
+-- feel: a writer inside a task gives the others a turn every SLICE_NS.
+local SLICE_NS = 5e5
 local Out = {}
 Out.__index = Out
 
-local function new_out() return setmetatable({ lines = {}, seen = {} }, Out) end
+-- Lines are joined into a chunk every CHUNK_LINES and the chunk handed to
+-- emit (the response, as it is made) or kept: either way the lines die
+-- young, where the generational collector frees them cheaply, instead of
+-- living through the whole rendering into the old generation.
+local CHUNK_LINES = 512
+
+local function new_out(emit)
+  return setmetatable({ lines = {}, n = 0, chunks = {}, emit = emit, seen = {},
+    in_task = core.current() ~= nil, since = core.hrtime() }, Out)
+end
+
+function Out:flush()
+  if self.n == 0 then return end
+  local chunk = table.concat(self.lines, "\n", 1, self.n) .. "\n"
+  self.n = 0
+  if self.emit then self.emit(chunk) else self.chunks[#self.chunks + 1] = chunk end
+end
+
+function Out:add(line)
+  local n = self.n + 1
+  self.lines[n] = line
+  self.n = n
+  if n % 16 ~= 0 then return end
+  if n >= CHUNK_LINES then self:flush() end
+  if self.in_task and core.hrtime() - self.since > SLICE_NS then
+    coroutine.yield()
+    self.since = core.hrtime()
+  end
+end
+
+function Out:text()
+  self:flush()
+  return table.concat(self.chunks)
+end
 
 function Out:family(name, kind, help)
   if self.seen[name] then return end
   self.seen[name] = true
-  self.lines[#self.lines + 1] = "# HELP " .. name .. " " .. help
-  self.lines[#self.lines + 1] = "# TYPE " .. name .. " " .. kind
+  self:add("# HELP " .. name .. " " .. help)
+  self:add("# TYPE " .. name .. " " .. kind)
 end
 
 function Out:sample(name, l, v)
-  self.lines[#self.lines + 1] = name .. labels(l) .. " " .. num(v)
+  if type(l) == "table" then l = label_text(l) end
+  if l and l ~= "" then self:add(name .. "{" .. l .. "} " .. num(v))
+  else self:add(name .. " " .. num(v)) end
 end
 
 function Out:histogram(name, l, h)
+  if type(l) == "table" then l = label_text(l) end
+  l = l or ""
+  local texts = le_texts(h.buckets)
+  local prefix = name .. "_bucket{" .. l .. (l ~= "" and "," or "")
   local cum, counts = 0, h.counts
-  for i, bound in ipairs(h.buckets) do
+  for i = 1, #h.buckets do
     cum = cum + (counts and counts[i] or 0)
-    local bl = { table.unpack(l) }
-    bl[#bl + 1] = "le"
-    bl[#bl + 1] = num(bound + 0.0)
-    self:sample(name .. "_bucket", bl, cum)
+    self:add(prefix .. texts[i] .. num(cum))
   end
-  local bl = { table.unpack(l) }
-  bl[#bl + 1] = "le"
-  bl[#bl + 1] = "+Inf"
-  self:sample(name .. "_bucket", bl, h.count)
+  self:add(prefix .. texts[#texts] .. num(h.count))
   self:sample(name .. "_sum", l, h.sum + 0.0)
   self:sample(name .. "_count", l, h.count)
 end
@@ -104,10 +169,11 @@ end
 
 local STATES = { "stopped", "starting", "running", "unhealthy", "backoff", "stopping", "sleeping", "failed" }
 
--- metrics.render(server) -> text
+-- metrics.render(server [, emit]) -> text, or with emit(chunk) the text
+-- piece by piece (4 MB for a thousand instances need not be held whole)
 -- server: { sup, door, http (core.http server), sink, store_path, started }
-function metrics.render(srv)
-  local out = new_out()
+function metrics.render(srv, emit)
+  local out = new_out(emit)
   out:family("tenement_build_info", "gauge", "Version of the running ten.")
   out:sample("tenement_build_info", { "version", core.version }, 1)
   out:family("tenement_uptime_seconds", "gauge", "Seconds since ten serve started.")
@@ -169,11 +235,13 @@ function metrics.render(srv)
   local list = {}
   for _, inst in pairs(srv.sup.instances) do list[#list + 1] = inst end
   table.sort(list, function(a, b) return a.key < b.key end)
-  local traffic = {}
-  for _, inst in ipairs(list) do traffic[inst] = inst:traffic() end
+  local traffic, il = {}, {}
+  for _, inst in ipairs(list) do
+    traffic[inst] = inst:traffic()
+    il[inst] = label_text { "service", inst.service, "id", inst.id }
+  end
 
-  local counts = {}
-  for _, inst in ipairs(list) do counts[inst.state] = (counts[inst.state] or 0) + 1 end
+  local counts = srv.sup:state_counts()
   out:family("tenement_instances", "gauge", "Known instances by state.")
   for _, state in ipairs(STATES) do out:sample("tenement_instances", { "state", state }, counts[state] or 0) end
 
@@ -201,21 +269,20 @@ function metrics.render(srv)
   }
   for _, m in ipairs(per) do
     out:family(m[1], m[2], m[3])
-    for _, inst in ipairs(list) do out:sample(m[1], { "service", inst.service, "id", inst.id }, m[4](inst)) end
+    for _, inst in ipairs(list) do out:sample(m[1], il[inst], m[4](inst)) end
   end
 
   out:family("tenement_instance_state", "gauge", "1 for the state the instance is in.")
   for _, inst in ipairs(list) do
     for _, state in ipairs(STATES) do
-      out:sample("tenement_instance_state", { "service", inst.service, "id", inst.id, "state", state },
-        inst.state == state and 1 or 0)
+      out:sample("tenement_instance_state", il[inst] .. ',state="' .. state .. '"', inst.state == state and 1 or 0)
     end
   end
 
   out:family("tenement_instance_requests_total", "counter", "Proxied requests by status class.")
   for _, inst in ipairs(list) do
     for _, class in ipairs { "1xx", "2xx", "3xx", "4xx", "5xx" } do
-      out:sample("tenement_instance_requests_total", { "service", inst.service, "id", inst.id, "code", class },
+      out:sample("tenement_instance_requests_total", il[inst] .. ',code="' .. class .. '"',
         traffic[inst].by_class[class] or 0)
     end
   end
@@ -225,7 +292,7 @@ function metrics.render(srv)
   for _, inst in ipairs(list) do
     local u = inst.usage and inst:usage() or metrics.proc_usage(inst.pid)
     if u then
-      local l = { "service", inst.service, "id", inst.id }
+      local l = il[inst]
       if u.memory_bytes then out:sample("tenement_instance_memory_bytes", l, u.memory_bytes) end
       if u.cpu_seconds then out:sample("tenement_instance_cpu_seconds_total", l, u.cpu_seconds + 0.0) end
     end
@@ -236,7 +303,7 @@ function metrics.render(srv)
   for _, inst in ipairs(list) do
     if inst.storage and inst.dir then
       local used, quota = require("tenement.storage").usage(inst.dir)
-      local l = { "service", inst.service, "id", inst.id }
+      local l = il[inst]
       if used then out:sample("tenement_instance_storage_bytes", l, used) end
       if quota then out:sample("tenement_instance_storage_quota_bytes", l, quota) end
     end
@@ -244,16 +311,14 @@ function metrics.render(srv)
 
   out:family("tenement_instance_request_duration_seconds", "histogram", "Time to answer proxied requests.")
   for _, inst in ipairs(list) do
-    out:histogram("tenement_instance_request_duration_seconds", { "service", inst.service, "id", inst.id },
-      traffic[inst].latency)
+    out:histogram("tenement_instance_request_duration_seconds", il[inst], traffic[inst].latency)
   end
   out:family("tenement_instance_wake_duration_seconds", "histogram",
     "Time from a request for a sleeping instance until it was ready.")
   for _, inst in ipairs(list) do
-    out:histogram("tenement_instance_wake_duration_seconds", { "service", inst.service, "id", inst.id },
-      inst.stats.wake)
+    out:histogram("tenement_instance_wake_duration_seconds", il[inst], inst.stats.wake)
   end
-  return table.concat(out.lines, "\n") .. "\n"
+  return out:text()
 end
 
 return metrics

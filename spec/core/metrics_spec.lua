@@ -1,0 +1,77 @@
+-- Prometheus text for many instances: made in slices that let the rest of
+-- the loop run, streamed piece by piece, exact in its numbers.
+local core = require "tenement.core"
+local config = require "tenement.config"
+local supervisor = require "tenement.supervisor"
+local metrics = require "tenement.metrics"
+local support = require "support"
+
+local function make_sup(dir, n)
+  local cfg = assert(config.parse(table.concat({
+    "[settings]",
+    string.format("data_dir = %q", dir .. "/data"),
+    "[service.app]",
+    'command = "/bin/true"',
+    string.format("socket = %q", dir .. "/sock/{name}-{id}.sock"),
+  }, "\n") .. "\n", dir .. "/tenement.toml", {}))
+  local sup = supervisor.new(cfg, { environ = {} })
+  for i = 1, n do sup:instance("app", string.format("i%04d", i)) end
+  return sup
+end
+
+-- the text without the lines that change from one rendering to the next
+local function steady(text)
+  return (text:gsub("\n(tenement_uptime_seconds) [^\n]*", "\n%1")
+    :gsub("\n(process_[%w_]+) [^\n]*", "\n%1"):gsub("\n(tenement_lua_memory_bytes) [^\n]*", "\n%1"))
+end
+
+describe("metrics.render", function()
+  local dir
+  before_each(function() dir = support.tmpdir() end)
+  after_each(support.cleanup)
+
+  it("gives other tasks turns while it renders a thousand instances, and streams what it makes", function()
+    core.run(function()
+      local sup = make_sup(dir, 1000)
+      local view = { sup = sup, started = core.now() }
+      local turns, done = 0, false
+      local other = core.spawn(function()
+        while not done do
+          turns = turns + 1
+          coroutine.yield()
+        end
+      end)
+      local chunks = {}
+      metrics.render(view, function(chunk) chunks[#chunks + 1] = chunk end)
+      done = true
+      other:join()
+      assert.is_true(turns > 1, "turns of another task during the rendering: " .. turns)
+      assert.is_true(#chunks > 10)
+      local streamed = table.concat(chunks)
+      assert.are.equal(steady(metrics.render(view)), steady(streamed))
+      local _, samples = streamed:gsub('\ntenement_instance_state{service="app",id="i%d+",state="stopped"} 1', "")
+      assert.are.equal(1000, samples)
+    end)
+  end)
+
+  it("writes numbers in their shortest exact form", function()
+    core.run(function()
+      local sup = make_sup(dir, 1)
+      local inst = sup:get("app", "i0001")
+      metrics.observe(inst.stats.wake, 0.0123)
+      local text = metrics.render { sup = sup, started = core.now() }
+      assert.matches('tenement_instance_wake_duration_seconds_bucket{service="app",id="i0001",le="0.005"} 0\n',
+        text, 1, true)
+      assert.matches('tenement_instance_wake_duration_seconds_bucket{service="app",id="i0001",le="0.025"} 1\n',
+        text, 1, true)
+      assert.matches('tenement_instance_wake_duration_seconds_sum{service="app",id="i0001"} 0.0123\n', text, 1, true)
+      assert.matches('tenement_instance_wake_duration_seconds_bucket{service="app",id="i0001",le="+Inf"} 1\n',
+        text, 1, true)
+      -- a value that needs all 17 digits keeps them
+      metrics.observe(inst.stats.wake, 0.1 + 0.2 - 0.0123)
+      text = metrics.render { sup = sup, started = core.now() }
+      local sum = text:match('tenement_instance_wake_duration_seconds_sum{service="app",id="i0001"} (%S+)')
+      assert.are.equal(0.0123 + (0.1 + 0.2 - 0.0123), tonumber(sum))
+    end)
+  end)
+end)
