@@ -702,6 +702,55 @@ describe("req:proxy", function()
     end)
   end)
 
+  -- A tunnel lives in the socket set alone. Once nothing referenced is left
+  -- in libuv (the listener closed, the timers fired), libuv must still count
+  -- as alive: otherwise a signal for an unreferenced watcher leaves libuv's
+  -- fd readable, each of its turns returns at once, and the loop burns a CPU
+  -- until the tunnel ends. The client is another process, as a libuv stream
+  -- of ours would keep the loop alive and hide that.
+  it("stays idle through a signal while a tunnel is all that is open", function()
+    -- -> our pid, our CPU seconds so far
+    local function self_stat()
+      local f = assert(io.open("/proc/self/stat"))
+      local stat = f:read("a")
+      f:close()
+      local utime, stime = stat:match("%) %S+" .. (" %S+"):rep(10) .. " (%d+) (%d+)")
+      return tonumber(stat:match("^%d+")), (utime + stime) / 100 -- USER_HZ
+    end
+    core.run(function()
+      -- an idle pooled connection would arm the pool's sweep timer
+      for addr in pairs(http.pool_stats()) do
+        local host, tcp = addr:match("^(.+):(%d+)$")
+        http.pool_close(host and { host = host, port = tonumber(tcp) } or addr)
+      end
+      -- short timeouts, so their timers have fired before the signal comes
+      local srv, port, log = front(b.path, { connect_timeout = 100 }, { header_timeout = 100 })
+      -- woken when the tunnel ends: a polling wait would keep a timer alive
+      local me = core.current()
+      setmetatable(log, { __newindex = function(t, k, v) rawset(t, k, v); core.wake(me) end })
+      local sig = core.signal("USR1")
+      local out = dir .. "/tunnel.out"
+      assert(os.execute(string.format("%s %d %d >%s 2>&1 &", support.quote(support.fixture("tunnel")), port,
+        (self_stat()), support.quote(out))))
+      assert.is_true(eventually(function() return fs.read(out) == "up\n" end), fs.read(out))
+      srv:close()
+      local _, cpu0 = self_stat()
+      local t0 = core.hrtime()
+      core.park()
+      local cpu, wall = select(2, self_stat()) - cpu0, (core.hrtime() - t0) / 1e9
+      assert.are.equal("up\nok\n", fs.read(out))
+      assert.is_true(wall > 0.5, "the tunnel ended early: " .. wall .. " s")
+      -- a spin takes all of the time after the signal, about 2/3 of it
+      assert.is_true(cpu < 0.3 * wall, string.format("%.2f s of CPU in %.2f s", cpu, wall))
+      assert.are.equal(10, sig:wait(0)) -- SIGUSR1, kept for us
+      sig:close()
+      local st = log[1][1]
+      assert.is_true(st.upgraded)
+      assert.are.equal(8, st.bytes_in)
+      assert.is_true(st.bytes_out > 8)
+    end)
+  end)
+
   it("lets no smuggled request reach the upstream", function()
     core.run(function()
       local srv, port, log = front(b.path)
