@@ -372,47 +372,69 @@ static int l_statfs(lua_State *L) {
  * probes the moment the app binds.
  *   w:wake_on(name, task)  on the next event for name, tn_task_wake(task)
  *                          (core.park, or a wakeable wait such as p:wait);
- *                          task nil forgets name
- *   w:take(name) -> true if name had an event since the last take
+ *                          a later registration of name replaces it
+ *   w:take(task) -> true if an event woke (or would have woken) task since
+ *                   its last take
+ *   w:forget(name, task)   ends task's registration, if it is still its
+ *   w:moved() -> true once the directory itself moved or went away (its
+ *                events stopped: a new watch of the path is needed)
  *   w:close()
- * An event on the directory itself (moved, removed) counts for every name. */
+ * The news is kept per task: a task that registers a name another still
+ * holds (a restart while the last start's watcher finishes) neither loses
+ * its own news to the other nor has it taken. */
 #define WATCH_MT "tenement.fs.watch"
 
 typedef struct {
     uv_fs_event_t ev;
     lua_State *L;   /* the main thread: callbacks run outside any task */
     int names_ref;  /* name -> task handle */
-    int fired_ref;  /* name -> true */
-    int closed;
+    int fired_ref;  /* task handle -> true */
+    int closed, moved;
+    char base[NAME_MAX + 1]; /* the directory's own name */
 } fs_watch;
 
 typedef struct { fs_watch *w; } watch_box;
 
-static void watch_fire(lua_State *L, int fired, const char *name, int task) {
+static void watch_fire(lua_State *L, int fired, int task) {
+    lua_pushvalue(L, task);
     lua_pushboolean(L, 1);
-    lua_setfield(L, fired, name);
+    lua_rawset(L, fired);
     tn_task_wake(tn_task_arg(L, task));
+}
+
+/* In a protected call: the table work may raise (out of memory). */
+static int watch_event(lua_State *L) {
+    fs_watch *w = lua_touserdata(L, 1);
+    const char *name = lua_tostring(L, 2);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, w->names_ref);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, w->fired_ref);
+    int names = lua_gettop(L) - 1, fired = names + 1;
+    /* libuv names an event of the directory itself by the directory's own
+     * name (and a file of that name inside is told apart from it by none):
+     * then every waiter looks again, and the watch is known to be stale */
+    if (!name || !*name || strcmp(name, w->base) == 0) {
+        w->moved = 1;
+        lua_pushnil(L);
+        while (lua_next(L, names)) {
+            watch_fire(L, fired, lua_gettop(L));
+            lua_pop(L, 1);
+        }
+    } else if (lua_getfield(L, names, name) != LUA_TNIL) {
+        watch_fire(L, fired, lua_gettop(L));
+    }
+    return 0;
 }
 
 static void watch_cb(uv_fs_event_t *h, const char *name, int events, int status) {
     (void)events;
     fs_watch *w = h->data;
     lua_State *L = w->L;
-    if (w->closed || !lua_checkstack(L, 6)) return;
-    int top = lua_gettop(L);
-    lua_rawgeti(L, LUA_REGISTRYINDEX, w->names_ref);
-    lua_rawgeti(L, LUA_REGISTRYINDEX, w->fired_ref);
-    int names = top + 1, fired = top + 2;
-    if (status < 0 || !name || !*name) {
-        lua_pushnil(L);
-        while (lua_next(L, names)) {
-            if (lua_type(L, -2) == LUA_TSTRING) watch_fire(L, fired, lua_tostring(L, -2), lua_gettop(L));
-            lua_pop(L, 1);
-        }
-    } else if (lua_getfield(L, names, name) != LUA_TNIL) {
-        watch_fire(L, fired, name, lua_gettop(L));
-    }
-    lua_settop(L, top);
+    if (w->closed || !lua_checkstack(L, 8)) return;
+    lua_pushcfunction(L, watch_event);
+    lua_pushlightuserdata(L, w);
+    if (status < 0 || !name) lua_pushnil(L);
+    else lua_pushstring(L, name);
+    if (lua_pcall(L, 2, 0, 0) != LUA_OK) lua_pop(L, 1); /* out of memory: the waiters poll */
 }
 
 static fs_watch *check_watch(lua_State *L) {
@@ -423,14 +445,16 @@ static fs_watch *check_watch(lua_State *L) {
 
 static void watch_close_cb(uv_handle_t *h) { free(h->data); }
 
-static void watch_close(lua_State *L, watch_box *b) {
+static int l_watch_close(lua_State *L) {
+    watch_box *b = luaL_checkudata(L, 1, WATCH_MT);
     fs_watch *w = b->w;
-    if (!w) return;
+    if (!w) return 0;
     b->w = NULL;
     w->closed = 1;
     luaL_unref(L, LUA_REGISTRYINDEX, w->names_ref);
     luaL_unref(L, LUA_REGISTRYINDEX, w->fired_ref);
     uv_close((uv_handle_t *)&w->ev, watch_close_cb);
+    return 0;
 }
 
 static int l_watch(lua_State *L) {
@@ -441,6 +465,8 @@ static int l_watch(lua_State *L) {
     luaL_setmetatable(L, WATCH_MT);
     fs_watch *w = calloc(1, sizeof *w);
     if (!w) return luaL_error(L, "out of memory");
+    const char *slash = strrchr(dir, '/');
+    snprintf(w->base, sizeof w->base, "%s", slash ? slash + 1 : dir);
     int rc = uv_fs_event_init(loop, &w->ev);
     if (rc == 0) {
         w->ev.data = w;
@@ -468,38 +494,55 @@ static int l_watch(lua_State *L) {
 static int l_watch_wake_on(lua_State *L) {
     fs_watch *w = check_watch(L);
     const char *name = luaL_checkstring(L, 2);
-    if (!lua_isnil(L, 3)) tn_task_arg(L, 3);
-    lua_settop(L, 3);
+    tn_task_arg(L, 3);
     lua_rawgeti(L, LUA_REGISTRYINDEX, w->names_ref);
     lua_pushvalue(L, 3);
     lua_setfield(L, -2, name);
-    if (lua_isnil(L, 3)) {
-        lua_rawgeti(L, LUA_REGISTRYINDEX, w->fired_ref);
+    return 0;
+}
+
+static int l_watch_forget(lua_State *L) {
+    fs_watch *w = check_watch(L);
+    const char *name = luaL_checkstring(L, 2);
+    tn_task_arg(L, 3);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, w->names_ref);
+    lua_getfield(L, -1, name);
+    if (lua_rawequal(L, -1, 3)) {
         lua_pushnil(L);
-        lua_setfield(L, -2, name);
+        lua_setfield(L, -3, name);
     }
+    lua_rawgeti(L, LUA_REGISTRYINDEX, w->fired_ref);
+    lua_pushvalue(L, 3);
+    lua_pushnil(L);
+    lua_rawset(L, -3);
     return 0;
 }
 
 static int l_watch_take(lua_State *L) {
     fs_watch *w = check_watch(L);
-    const char *name = luaL_checkstring(L, 2);
+    tn_task_arg(L, 2);
     lua_rawgeti(L, LUA_REGISTRYINDEX, w->fired_ref);
-    int fired = lua_getfield(L, -1, name) != LUA_TNIL;
+    lua_pushvalue(L, 2);
+    int fired = lua_rawget(L, -2) != LUA_TNIL;
     lua_pop(L, 1);
-    if (fired) { lua_pushnil(L); lua_setfield(L, -2, name); }
+    if (fired) {
+        lua_pushvalue(L, 2);
+        lua_pushnil(L);
+        lua_rawset(L, -3);
+    }
     lua_pushboolean(L, fired);
     return 1;
 }
 
-static int l_watch_close(lua_State *L) {
-    watch_close(L, luaL_checkudata(L, 1, WATCH_MT));
-    return 0;
+static int l_watch_moved(lua_State *L) {
+    lua_pushboolean(L, check_watch(L)->moved);
+    return 1;
 }
 
 int tn_open_fs(lua_State *L) {
     static const luaL_Reg watch_methods[] = {
-        {"wake_on", l_watch_wake_on}, {"take", l_watch_take}, {"close", l_watch_close},
+        {"wake_on", l_watch_wake_on}, {"forget", l_watch_forget}, {"take", l_watch_take},
+        {"moved", l_watch_moved}, {"close", l_watch_close},
         {"__gc", l_watch_close}, {"__close", l_watch_close}, {NULL, NULL},
     };
     tn_new_class(L, WATCH_MT, watch_methods);

@@ -1286,6 +1286,8 @@ static int l_req_respond(lua_State *L) {
  *   req:write(data)  -> true | nil, "closed"                 one piece
  *   req:queued()     -> bytes written but not yet taken by the client
  *   req:finish()     -> true | nil, "closed"                 the end
+ * A handler that returns (or fails) before req:finish has its connection
+ * closed: the client sees the body cut, never a short body passed as whole.
  *
  * The body is chunked to HTTP/1.1 clients and delimited by the close to
  * HTTP/1.0 ones; the connection closes after the end (a stream is long and
@@ -1533,6 +1535,16 @@ static void req_log_failure(lua_State *L, http_req *r, const char *what) {
     lua_pop(L, 1);
 }
 
+/* A handler that ended (or failed) in the middle of a stream: the head is
+ * out, so the connection closes without the last chunk, which tells the
+ * client the body is cut (finishing would pass it as whole). */
+static void stream_abandon(http_req *r) {
+    if (!r->streaming) return;
+    r->streaming = 0;
+    http_conn *c = stream_conn(r);
+    if (c) conn_close(c);
+}
+
 /* Stack: 1 request, 2 handler, 3 message handler, then the handler's
  * results or its error. */
 static int req_task_k(lua_State *L, int status, lua_KContext k) {
@@ -1540,9 +1552,11 @@ static int req_task_k(lua_State *L, int status, lua_KContext k) {
     http_req *r = check_req(L, 1);
     if (status != LUA_OK && status != LUA_YIELD) {
         req_log_failure(L, r, lua_tostring(L, -1) ? lua_tostring(L, -1) : "(error object)");
+        stream_abandon(r);
         if (!r->responded) req_internal_error(r);
         return 0;
     }
+    stream_abandon(r);
     int nres = lua_gettop(L) - 3;
     if (nres > 0 && !lua_isnil(L, 4)) {
         int nargs = nres > 3 ? 3 : nres;

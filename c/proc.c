@@ -615,6 +615,7 @@ typedef struct proc_waiter {
     struct tn_proc *p;
     tn_task *task;
     uint64_t seq;
+    int detached;            /* taken off the process by the loop resuming them */
 } proc_waiter;
 
 typedef struct tn_proc {
@@ -657,8 +658,12 @@ static void push_status(lua_State *L, tn_proc *p) {
     lua_setfield(L, -2, "core_dumped");
 }
 
+/* The loop that resumes the detached waiters owns them: a resumed task may
+ * core.wake another waiter of the list, whose cancel must then leave its
+ * entry to the loop instead of unlinking and freeing it under it. */
 static proc_waiter *detach_waiters(tn_proc *p) {
     proc_waiter *w = p->waiters;
+    for (proc_waiter *d = w; d; d = d->next) d->detached = 1;
     p->waiters = NULL;
     p->nwaiters = 0;
     if (p->watching && !p->exited) uv_unref((uv_handle_t *)&p->poll);
@@ -713,6 +718,7 @@ static void proc_poll_cb(uv_poll_t *h, int status, int events) {
 
 static void waiter_cancel(void *arg) {
     proc_waiter *w = arg;
+    if (w->detached) return;
     tn_proc *p = w->p;
     if (w->prev) w->prev->next = w->next;
     else p->waiters = w->next;
@@ -742,6 +748,7 @@ static int l_proc_wait(lua_State *L) {
     w->p = p;
     w->task = tn_task_hold(t);
     w->seq = tn_task_seq(t);
+    w->detached = 0;
     w->prev = NULL;
     w->next = p->waiters;
     if (p->waiters) p->waiters->prev = w;

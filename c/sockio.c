@@ -18,9 +18,9 @@
  * Edges: an event says "something changed", so a socket that is readable
  * stays marked readable until a read finds it drained (a short read or
  * EAGAIN; only EAGAIN once TCP urgent data was seen, for a read stops short
- * at its mark with bytes left behind it). Reading stopped with bytes left, or a read burst cut short for
- * fairness, leaves the stream on the pending list, served from an idle
- * handle before the loop blocks again. Callbacks of queued writes go the
+ * at its mark with bytes left behind it). Reading stopped with bytes left,
+ * or a read burst cut short for fairness, leaves the stream on the pending
+ * list, served from an idle handle before the loop blocks again. Callbacks of queued writes go the
  * same way, so none runs inside the call that queued it.
  */
 #include "net.h"

@@ -69,7 +69,10 @@ int tn_task_wait_cancel(lua_State *L, tn_task *t, int64_t timeout_ms,
 /* The same, and core.wake (or tn_task_wake) may also end the wait early: it
  * calls cancel(arg), and the task resumes with the waker's values. For waits
  * a task may want to cut short on news from elsewhere (a process's exit,
- * while a socket may appear). */
+ * while a socket may appear). cancel then runs from whatever Lua code woke
+ * the task, which may be a task this operation's own completion is resuming:
+ * an operation that resumes a list of waiters must own the list while it
+ * walks it (see detach_waiters in proc.c). */
 int tn_task_wait_wakeable(lua_State *L, tn_task *t, int64_t timeout_ms,
                           tn_cancel_fn cancel, void *arg);
 /* End t's wait, if it is parked (core.park, join) or in a wakeable wait; it

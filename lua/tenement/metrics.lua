@@ -52,8 +52,10 @@ local function num(v)
   if v == math.huge then return "+Inf" end
   if v == -math.huge then return "-Inf" end
   local s = string.format("%.15g", v)
-  if tonumber(s) ~= v then s = string.format("%.17g", v) end
-  return s
+  if tonumber(s) == v then return s end
+  s = string.format("%.16g", v)
+  if tonumber(s) == v then return s end
+  return string.format("%.17g", v)
 end
 
 -- The le="..." label texts of a bucket list, made once per distinct list (a
@@ -232,14 +234,26 @@ function metrics.render(srv, emit)
     out:sample("tenement_store_size_bytes", nil, size)
   end
 
+  -- What each instance counts is read here, before the first slice ends:
+  -- an instance forgotten while the text is made (its ring closed, its
+  -- cgroup gone) still appears as it was. Only its cgroup and storage are
+  -- read later, and only while it is still known.
   local list = {}
   for _, inst in pairs(srv.sup.instances) do list[#list + 1] = inst end
   table.sort(list, function(a, b) return a.key < b.key end)
-  local traffic, il = {}, {}
-  for _, inst in ipairs(list) do
-    traffic[inst] = inst:traffic()
-    il[inst] = label_text { "service", inst.service, "id", inst.id }
+  local now = core.now()
+  local rec = {}
+  for i, inst in ipairs(list) do
+    local running = inst.state == "running" or inst.state == "unhealthy"
+    rec[i] = {
+      inst = inst, labels = label_text { "service", inst.service, "id", inst.id }, state = inst.state,
+      traffic = inst:traffic(), log_lines = inst.ring:stats().lines,
+      uptime = running and inst.started_at and (now - inst.started_at) / 1000 or 0,
+      restarts = inst.restarts, weight = inst.weight, wakes = inst.stats.wakes, wake = inst.stats.wake,
+      health_failures = inst.health_failures or 0, storage = inst.storage and inst.dir,
+    }
   end
+  local function known(r) return srv.sup.instances[r.inst.key] == r.inst end
 
   local counts = srv.sup:state_counts()
   out:family("tenement_instances", "gauge", "Known instances by state.")
@@ -247,76 +261,73 @@ function metrics.render(srv, emit)
 
   local per = {
     { "tenement_instance_up", "gauge", "1 if the instance is running and ready for traffic.",
-      function(i) return i.state == "running" and 1 or 0 end },
-    { "tenement_instance_restarts_total", "counter", "Restarts of the instance.", function(i) return i.restarts end },
+      function(r) return r.state == "running" and 1 or 0 end },
+    { "tenement_instance_restarts_total", "counter", "Restarts of the instance.", function(r) return r.restarts end },
     { "tenement_instance_uptime_seconds", "gauge", "Seconds since the instance's process started.",
-      function(i)
-        return (i.state == "running" or i.state == "unhealthy") and i.started_at and (core.now() - i.started_at) / 1000 or 0
-      end },
-    { "tenement_instance_weight", "gauge", "Share of its service's traffic (0-100).", function(i) return i.weight end },
+      function(r) return r.uptime end },
+    { "tenement_instance_weight", "gauge", "Share of its service's traffic (0-100).", function(r) return r.weight end },
     { "tenement_instance_upstream_errors_total", "counter", "Proxied requests the instance failed to answer.",
-      function(i) return traffic[i].errors end },
+      function(r) return r.traffic.errors end },
     { "tenement_instance_wakes_total", "counter", "Starts caused by a request (scale from zero).",
-      function(i) return i.stats.wakes end },
+      function(r) return r.wakes end },
     { "tenement_instance_health_check_failures_total", "counter", "Failed health checks.",
-      function(i) return i.health_failures or 0 end },
+      function(r) return r.health_failures end },
     { "tenement_instance_log_lines_total", "counter", "Lines of output captured.",
-      function(i) return i.ring:stats().lines end },
+      function(r) return r.log_lines end },
     { "tenement_instance_request_bytes_total", "counter", "Request body bytes proxied to the instance.",
-      function(i) return traffic[i].bytes_in end },
+      function(r) return r.traffic.bytes_in end },
     { "tenement_instance_response_bytes_total", "counter", "Response bytes proxied from the instance.",
-      function(i) return traffic[i].bytes_out end },
+      function(r) return r.traffic.bytes_out end },
   }
   for _, m in ipairs(per) do
     out:family(m[1], m[2], m[3])
-    for _, inst in ipairs(list) do out:sample(m[1], il[inst], m[4](inst)) end
+    for _, r in ipairs(rec) do out:sample(m[1], r.labels, m[4](r)) end
   end
 
   out:family("tenement_instance_state", "gauge", "1 for the state the instance is in.")
-  for _, inst in ipairs(list) do
+  for _, r in ipairs(rec) do
     for _, state in ipairs(STATES) do
-      out:sample("tenement_instance_state", il[inst] .. ',state="' .. state .. '"', inst.state == state and 1 or 0)
+      out:sample("tenement_instance_state", r.labels .. ',state="' .. state .. '"', r.state == state and 1 or 0)
     end
   end
 
   out:family("tenement_instance_requests_total", "counter", "Proxied requests by status class.")
-  for _, inst in ipairs(list) do
+  for _, r in ipairs(rec) do
     for _, class in ipairs { "1xx", "2xx", "3xx", "4xx", "5xx" } do
-      out:sample("tenement_instance_requests_total", il[inst] .. ',code="' .. class .. '"',
-        traffic[inst].by_class[class] or 0)
+      out:sample("tenement_instance_requests_total", r.labels .. ',code="' .. class .. '"',
+        r.traffic.by_class[class] or 0)
     end
   end
 
   out:family("tenement_instance_memory_bytes", "gauge", "Memory used by the instance (cgroup, else its main process RSS).")
   out:family("tenement_instance_cpu_seconds_total", "counter", "CPU time used by the instance.")
-  for _, inst in ipairs(list) do
-    local u = inst.usage and inst:usage() or metrics.proc_usage(inst.pid)
+  for _, r in ipairs(rec) do
+    local inst = r.inst
+    local u = known(r) and (inst.usage and inst:usage() or metrics.proc_usage(inst.pid))
     if u then
-      local l = il[inst]
-      if u.memory_bytes then out:sample("tenement_instance_memory_bytes", l, u.memory_bytes) end
-      if u.cpu_seconds then out:sample("tenement_instance_cpu_seconds_total", l, u.cpu_seconds + 0.0) end
+      if u.memory_bytes then out:sample("tenement_instance_memory_bytes", r.labels, u.memory_bytes) end
+      if u.cpu_seconds then out:sample("tenement_instance_cpu_seconds_total", r.labels, u.cpu_seconds + 0.0) end
     end
   end
 
   out:family("tenement_instance_storage_bytes", "gauge", "Bytes used in the instance's quota file system.")
   out:family("tenement_instance_storage_quota_bytes", "gauge", "The instance's storage quota.")
-  for _, inst in ipairs(list) do
-    if inst.storage and inst.dir then
-      local used, quota = require("tenement.storage").usage(inst.dir)
-      local l = il[inst]
-      if used then out:sample("tenement_instance_storage_bytes", l, used) end
-      if quota then out:sample("tenement_instance_storage_quota_bytes", l, quota) end
+  for _, r in ipairs(rec) do
+    if r.storage and known(r) then
+      local used, quota = require("tenement.storage").usage(r.storage)
+      if used then out:sample("tenement_instance_storage_bytes", r.labels, used) end
+      if quota then out:sample("tenement_instance_storage_quota_bytes", r.labels, quota) end
     end
   end
 
   out:family("tenement_instance_request_duration_seconds", "histogram", "Time to answer proxied requests.")
-  for _, inst in ipairs(list) do
-    out:histogram("tenement_instance_request_duration_seconds", il[inst], traffic[inst].latency)
+  for _, r in ipairs(rec) do
+    out:histogram("tenement_instance_request_duration_seconds", r.labels, r.traffic.latency)
   end
   out:family("tenement_instance_wake_duration_seconds", "histogram",
     "Time from a request for a sleeping instance until it was ready.")
-  for _, inst in ipairs(list) do
-    out:histogram("tenement_instance_wake_duration_seconds", il[inst], inst.stats.wake)
+  for _, r in ipairs(rec) do
+    out:histogram("tenement_instance_wake_duration_seconds", r.labels, r.wake)
   end
   return out:text()
 end

@@ -367,16 +367,24 @@ end
 -- response), at every scrape. A scraper that reads slowly holds the
 -- rendering back, not the memory.
 local METRICS_QUEUE = 256 * 1024
+local METRICS_TYPE = { ["content-type"] = "text/plain; version=0.0.4; charset=utf-8" }
+local GONE = {}
 function Server:serve_metrics(req)
-  local out, err = req:stream(200, { ["content-type"] = "text/plain; version=0.0.4; charset=utf-8" })
+  -- HEAD gets the head a GET would, length included
+  if req.method == "HEAD" then return 200, METRICS_TYPE, metrics.render(self.metrics_view) end
+  local out, err = req:stream(200, METRICS_TYPE)
   if not out then return nil, err end
-  local gone = false
-  metrics.render(self.metrics_view, function(chunk)
-    if gone then return end
-    gone = not out:write(chunk)
-    while not gone and out:queued() > METRICS_QUEUE do core.sleep(10) end
+  local ok, why = pcall(metrics.render, self.metrics_view, function(chunk)
+    if not out:write(chunk) then error(GONE) end -- nobody left to render for
+    while out:queued() > METRICS_QUEUE do core.sleep(10) end
   end)
-  if not gone then out:finish() end
+  if ok then
+    out:finish()
+  elseif why ~= GONE then
+    -- unfinished, the stream ends with its connection: the scraper sees the
+    -- text cut, where finishing it would pass it as whole
+    log.error("/metrics: %s", tostring(why))
+  end
 end
 
 -- Waits for SIGTERM or SIGINT, then stops everything. -> exit code

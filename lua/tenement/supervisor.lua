@@ -579,30 +579,30 @@ function Instance:watch(proc, gen, ready_by)
   if status then self.mailbox:put({ type = "exit", gen = gen, status = status }) end
 end
 
--- The watch on a socket directory, shared by the starts waiting there.
--- -> watch | nil (the directory cannot be watched: those starts only poll)
+-- The watch on a socket directory, shared by the starts waiting there; a
+-- directory moved or removed and made again gets a new one (the starts
+-- still on the old one poll). -> entry { watch, users } | nil (the
+-- directory cannot be watched: those starts only poll)
 function Supervisor:watch_socket_dir(dir)
   local entry = self.socket_watches[dir]
-  if not entry then
+  if not entry or entry.watch:moved() then
     local watch, err = core.fs.watch(dir)
     if not watch then
       log.debug("cannot watch %s for sockets (%s): starts there are noticed by polling only", dir, tostring(err))
       return nil
     end
-    entry = { watch = watch, users = 0 }
+    entry = { watch = watch, users = 0, dir = dir }
     self.socket_watches[dir] = entry
   end
   entry.users = entry.users + 1
-  return entry.watch
+  return entry
 end
 
-function Supervisor:unwatch_socket_dir(dir)
-  local entry = self.socket_watches[dir]
+function Supervisor:unwatch_socket_dir(entry)
   entry.users = entry.users - 1
-  if entry.users == 0 then
-    entry.watch:close()
-    self.socket_watches[dir] = nil
-  end
+  if entry.users > 0 then return end
+  entry.watch:close()
+  if self.socket_watches[entry.dir] == entry then self.socket_watches[entry.dir] = nil end
 end
 
 -- Probes until the process answers: at once when its socket appears (the
@@ -620,19 +620,20 @@ function Instance:watch_start(proc, gen, ready_by, keep)
 end
 
 function Instance:probe_until_ready(proc, gen, ready_by, keep)
-  local dir, name = dirname(self.socket), self.socket:match("[^/]*$")
-  local watch = self.sup:watch_socket_dir(dir)
+  local name, me = self.socket:match("[^/]*$"), core.current()
+  local entry = self.sup:watch_socket_dir(dirname(self.socket))
+  local watch = entry and entry.watch
   -- released however this ends: a later wait must not be cut short by it
-  local _ <close> = watch and setmetatable({}, { __close = function()
-    watch:wake_on(name, nil)
-    self.sup:unwatch_socket_dir(dir)
+  local _ <close> = entry and setmetatable({}, { __close = function()
+    watch:forget(name, me)
+    self.sup:unwatch_socket_dir(entry)
   end })
-  if watch then watch:wake_on(name, core.current()) end
+  if watch then watch:wake_on(name, me) end
   local fast_until = core.now() + PROBE_FAST_MS
   local pause = 1
   while self.gen == gen and core.now() < ready_by do
     -- what the directory told before this probe is answered by it
-    if watch then watch:take(name) end
+    if watch then watch:take(me) end
     local ok = self:check_kept(keep, math.max(1, math.min(ready_by - core.now(), 1000)))
     if self.gen ~= gen then return nil end
     if ok then
@@ -641,7 +642,7 @@ function Instance:probe_until_ready(proc, gen, ready_by, keep)
     end
     -- the socket changed while it was probed: probe again at once; else wait
     -- for the exit, the socket, or the pause (the watch wakes this wait)
-    if not (watch and watch:take(name)) then
+    if not (watch and watch:take(me)) then
       local status = proc:wait(pause)
       if status then return status end
     end
@@ -661,10 +662,12 @@ function Instance:watch_health(proc, gen, keep)
   local due = (core.now() // step + math.random(1, interval // step)) * step
   local failures = 0
   while true do
-    local status, err = proc:wait(due - core.now())
+    local status, err = proc:wait(math.max(0, due - core.now()))
     if status then return status end
-    if err ~= "timeout" or self.gen ~= gen then return nil end
-    if self.state == "running" or self.state == "unhealthy" then
+    if self.gen ~= gen or err == "closed" then return nil end
+    -- a wake (a stray one: nothing here asks for any) only waits again
+    local checking = core.now() >= due
+    if checking and (self.state == "running" or self.state == "unhealthy") then
       local ok, why = self:check_kept(keep, timeout)
       if self.gen ~= gen then return nil end
       if ok then
@@ -685,7 +688,9 @@ function Instance:watch_health(proc, gen, keep)
         end
       end
     end
-    repeat due = due + interval until due > core.now()
+    if checking then
+      repeat due = due + interval until due > core.now()
+    end
   end
 end
 
@@ -699,10 +704,14 @@ function Instance:terminate(proc, driver, ctx)
     if ok then asked = true else log.warn("%s: %s", self.key, tostring(err)) end
   end
   if not asked then proc:kill("SIGTERM", true) end
-  local timeout = self.sup.cfg.settings.stop_timeout * 1000
-  local status = proc:wait(timeout)
+  local deadline = core.now() + self.sup.cfg.settings.stop_timeout * 1000
+  -- only the exit or the deadline ends the wait (a wake would be a stray one)
+  local status, err
+  repeat
+    status, err = proc:wait(math.max(0, deadline - core.now()))
+  until status or err == "closed" or core.now() >= deadline
   if not status then
-    log.warn("%s did not stop within %d s of SIGTERM: SIGKILL", self.key, timeout // 1000)
+    log.warn("%s did not stop within %d s of SIGTERM: SIGKILL", self.key, self.sup.cfg.settings.stop_timeout)
     proc:kill("SIGKILL", true)
     status = proc:wait()
   else

@@ -54,6 +54,22 @@ describe("metrics.render", function()
     end)
   end)
 
+  it("keeps an instance forgotten while the text is made as it was, and the text whole", function()
+    core.run(function()
+      local sup = make_sup(dir, 1000)
+      local chunks = {}
+      metrics.render({ sup = sup, started = core.now() }, function(chunk)
+        -- as the first chunk goes out, every instance was read
+        if #chunks == 0 then assert(sup:forget("app", "i0999")) end
+        chunks[#chunks + 1] = chunk
+      end)
+      local text = table.concat(chunks)
+      assert.is_nil(sup:get("app", "i0999"))
+      assert.matches('tenement_instance_log_lines_total{service="app",id="i0999"} 0\n', text, 1, true)
+      assert.matches('tenement_instance_wake_duration_seconds_count{service="app",id="i1000"} 0\n$', text)
+    end)
+  end)
+
   it("writes numbers in their shortest exact form", function()
     core.run(function()
       local sup = make_sup(dir, 1)
@@ -67,11 +83,12 @@ describe("metrics.render", function()
       assert.matches('tenement_instance_wake_duration_seconds_sum{service="app",id="i0001"} 0.0123\n', text, 1, true)
       assert.matches('tenement_instance_wake_duration_seconds_bucket{service="app",id="i0001",le="+Inf"} 1\n',
         text, 1, true)
-      -- a value that needs all 17 digits keeps them
-      metrics.observe(inst.stats.wake, 0.1 + 0.2 - 0.0123)
+      -- a value that needs more digits gets as many as it needs, and no more
+      metrics.observe(inst.stats.wake, 0.1 + 0.7 - 0.0123)
       text = metrics.render { sup = sup, started = core.now() }
       local sum = text:match('tenement_instance_wake_duration_seconds_sum{service="app",id="i0001"} (%S+)')
-      assert.are.equal(0.0123 + (0.1 + 0.2 - 0.0123), tonumber(sum))
+      assert.are.equal(0.0123 + (0.1 + 0.7 - 0.0123), tonumber(sum))
+      assert.are.equal("0.7999999999999999", sum)
     end)
   end)
 end)

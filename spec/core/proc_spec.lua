@@ -417,6 +417,27 @@ describe("core.proc", function()
       end)
     end)
 
+    it("lets a waiter resumed by the exit wake another waiter of the same process", function()
+      core.run(function()
+        local p = assert(proc.spawn { argv = { "/bin/sleep", "100" } })
+        local y = core.spawn(function() return table.pack(p:wait(60000)) end)
+        local x = core.spawn(function()
+          local st = p:wait(60000)
+          core.wake(y, "from x")
+          return st
+        end)
+        until_waiting(y, x)
+        p:kill("KILL")
+        local ok, st = x:join(5000)
+        assert.is_true(ok)
+        assert.are.equal("SIGKILL", st.signal)
+        local ok2, got = y:join(5000)
+        assert.is_true(ok2)
+        -- the exit or x, whichever came first: never both, never neither
+        assert.is_true(got[1] == "from x" or got[1].signal == "SIGKILL")
+      end)
+    end)
+
     it("sees the exit of a child the handle of which was dropped mid-wait", function()
       core.run(function()
         local pid
