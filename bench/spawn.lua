@@ -241,7 +241,9 @@ function M.run()
       .. "is exactly what the supervisor passes to core.proc.spawn; the child is a static binary that exits 0. "
       .. "p50_us/p99_us: call to child reaped; call_*: the spawn call alone (clone + exec with CLONE_VFORK).",
     "Namespace spawns run tenement's init as PID 1 (c/init.c built alone, static, embedded in ten and run from a "
-      .. "sealed memfd), which then starts the child.",
+      .. "sealed memfd), which then starts the child. With a network namespace, as root, the child joins one the "
+      .. "runtime made ahead on a thread (two kept ready, refilled after each take, as ten serve does); the first "
+      .. "spawn of a run makes its own.",
     "Wake: the app's own start (spawn of the fixture to its first answer, without ten) is measured 100 times and "
       .. "its percentile subtracted from the wake percentile.",
   }

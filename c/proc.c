@@ -105,13 +105,13 @@ static const char *signal_name(int sig, char *buf, size_t size) {
 
 enum child_stage {
     ST_NONE, ST_SIGMASK, ST_SETSID, ST_SETPGID, ST_USERNS, ST_MOUNT_PRIVATE, ST_MOUNT_PROC,
-    ST_HOSTNAME, ST_LOOPBACK, ST_CGROUP, ST_RLIMIT, ST_SETGROUPS, ST_SETGID, ST_SETUID,
+    ST_HOSTNAME, ST_LOOPBACK, ST_NETNS, ST_CGROUP, ST_RLIMIT, ST_SETGROUPS, ST_SETGID, ST_SETUID,
     ST_PDEATHSIG, ST_PARENT, ST_NO_NEW_PRIVS, ST_CHDIR, ST_STDIO, ST_CLOSE_FDS, ST_EXEC,
 };
 
 static const char *const stage_names[] = {
     "", "sigprocmask", "setsid", "setpgid", "user namespace id maps", "mount --make-rslave /",
-    "mount proc on /proc", "sethostname", "bring up lo", "cgroup", "setrlimit", "setgroups", "setgid",
+    "mount proc on /proc", "sethostname", "bring up lo", "join the network namespace (setns)", "cgroup", "setrlimit", "setgroups", "setgid",
     "setuid", "prctl(PR_SET_PDEATHSIG)", "parent exited", "prctl(PR_SET_NO_NEW_PRIVS)",
     "chdir", "dup2", "close_range", "exec",
 };
@@ -180,6 +180,7 @@ struct child_args {
     size_t hostname_len;
     int loopback;
     struct ifreq ifr;
+    int netns_fd;            /* -1, or a network namespace to join */
     const int *cgroup_fds;
     int ncgroup_fds;
     struct { int resource; struct rlimit lim; } rlimits[MAX_RLIMITS];
@@ -284,6 +285,7 @@ CHILD_CODE static int child_main(void *arg) {
             child_fail(a, ST_MOUNT_PROC, 0);
     }
     if (a->hostname && sethostname(a->hostname, a->hostname_len) != 0) child_fail(a, ST_HOSTNAME, 0);
+    if (a->netns_fd >= 0 && syscall(SYS_setns, a->netns_fd, CLONE_NEWNET) != 0) child_fail(a, ST_NETNS, 0);
     if (a->loopback) {
         /* A new network namespace has lo, down. Raw ioctl: the sanitizers'
          * interceptor would touch its runtime from here. */
@@ -895,7 +897,7 @@ static const char *checked_cstring(lua_State *L, int idx, const char *what) {
 static const char *const spec_keys[] = {
     "argv", "env", "cwd", "stdin", "stdout", "stderr", "setsid", "pdeathsig", "cgroup_fds",
     "clone_flags", "uid", "gid", "groups", "no_new_privs", "rlimits", "mount_proc", "hostname",
-    "loopback", "exec_fd", NULL,
+    "loopback", "exec_fd", "netns_fd", NULL,
 };
 
 static void check_spec_keys(lua_State *L) {
@@ -1082,6 +1084,9 @@ static void read_namespace_setup(lua_State *L, spec_reader *r, struct child_args
         luaL_error(L, "spawn: spec.hostname needs clone_flag newuts (without it, it would rename this host)");
     if (a->loopback && !(ns_flags & CLONE_NEWNET))
         luaL_error(L, "spawn: spec.loopback needs clone_flag newnet");
+    if (a->netns_fd >= 0 && (ns_flags & (CLONE_NEWNET | CLONE_NEWUSER)))
+        luaL_error(L, "spawn: spec.netns_fd is a network namespace to join: it excludes clone_flags "
+                      "newnet (a new one) and newuser (from there it may not be joined)");
     if (a->loopback) {
         memset(&a->ifr, 0, sizeof a->ifr);
         memcpy(a->ifr.ifr_name, "lo", 3);
@@ -1211,18 +1216,49 @@ static void *child_stack(void) {
     return stack;
 }
 
+/* spec.netns_fd is the spawn's to close, whatever happens (an error in the
+ * spec included): a network namespace lives while an fd refers to it, so
+ * one left open would keep a namespace per spawn. The fd is held in a
+ * to-be-closed slot of the call until the clone no longer needs it. */
+#define FD_HOLD_MT "tenement.proc.fd_hold"
+typedef struct { int fd; } fd_hold;
+
+static int fd_hold_close(lua_State *L) {
+    fd_hold *h = luaL_checkudata(L, 1, FD_HOLD_MT);
+    if (h->fd >= 0) close(h->fd);
+    h->fd = -1;
+    return 0;
+}
+
+static fd_hold *read_netns_fd(lua_State *L) {
+    fd_hold *h = lua_newuserdatauv(L, sizeof *h, 0);
+    h->fd = -1;
+    luaL_setmetatable(L, FD_HOLD_MT);
+    lua_toclose(L, -1);
+    if (lua_getfield(L, 1, "netns_fd") != LUA_TNIL) {
+        lua_Integer fd = lua_tointeger(L, -1);
+        if (!lua_isinteger(L, -1) || fd < 3 || fd > INT_MAX)
+            luaL_error(L, "spawn: spec.netns_fd must be a file descriptor above 2");
+        h->fd = (int)fd;
+    }
+    lua_pop(L, 1);
+    return h;
+}
+
 /* proc.spawn(spec) -> process | nil, err, code */
 static int l_proc_spawn(lua_State *L) {
     static const char *const stdio_names[] = {"stdin", "stdout", "stderr"};
     luaL_checktype(L, 1, LUA_TTABLE);
     lua_settop(L, 1);
-    check_spec_keys(L);
     lua_newtable(L);
     spec_reader r = {L, 2, 0};
+    fd_hold *netns = read_netns_fd(L); /* 3 */
+    check_spec_keys(L);
     struct child_args a;
     memset(&a, 0, sizeof a);
     a.parent_pidfd = -1;
     a.exec_fd = -1;
+    a.netns_fd = netns->fd;
 
     char **argv = read_argv(&r);
     char **envp = read_env(&r);
@@ -1373,6 +1409,7 @@ static int l_proc_spawn(lua_State *L) {
     for (int i = 0; i < 3; i++) close_fd(&theirs[i]);
     close_fd(&devnull);
     close_fd(&a.parent_pidfd);
+    close_fd(&netns->fd);
 
     if (!fail_stage && a.stage != ST_NONE) {
         /* The child failed before exec and is exiting: vfork let us go at
@@ -1493,6 +1530,95 @@ static int l_proc_init_fd(lua_State *L) {
     return 1;
 }
 
+/* proc.netns_new() -> fd | nil, err, code: a new network namespace with lo
+ * up, for spec.netns_fd. Making one takes the kernel about a millisecond,
+ * and inside a clone(CLONE_NEWNET) that millisecond is the loop's, frozen
+ * in vfork: made ahead by a thread, it is the thread's. A thread of its own
+ * (unshare moves only the calling thread), which ends with it: no thread of
+ * the pool is ever left in another namespace. */
+typedef struct {
+    uv_work_t req;
+    tn_task *task;
+    uint64_t seq;
+    int fd, err;
+    const char *stage;
+} netns_op;
+
+static void *netns_thread(void *arg) {
+    netns_op *op = arg;
+    if (unshare(CLONE_NEWNET) != 0) { op->stage = "unshare(CLONE_NEWNET)"; op->err = errno; return NULL; }
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    memcpy(ifr.ifr_name, "lo", 3);
+    int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (s < 0 || ioctl(s, SIOCGIFFLAGS, &ifr) != 0 ||
+        (ifr.ifr_flags |= IFF_UP | IFF_RUNNING, ioctl(s, SIOCSIFFLAGS, &ifr) != 0)) {
+        op->stage = "bring up lo";
+        op->err = errno;
+        if (s >= 0) close(s);
+        return NULL;
+    }
+    close(s);
+    /* above 2: 0 to 2 are what a spawn overwrites, and may be closed here */
+    int fd = open("/proc/thread-self/ns/net", O_RDONLY | O_CLOEXEC);
+    if (fd >= 0 && fd < 3) {
+        int moved = fcntl(fd, F_DUPFD_CLOEXEC, 3);
+        close(fd);
+        fd = moved;
+    }
+    if (fd < 0) { op->stage = "open /proc/thread-self/ns/net"; op->err = errno; return NULL; }
+    op->fd = fd;
+    return NULL;
+}
+
+static void netns_work(uv_work_t *req) {
+    netns_op *op = req->data;
+    pthread_t t;
+    int rc = pthread_create(&t, NULL, netns_thread, op);
+    if (rc != 0) { op->stage = "pthread_create"; op->err = rc; return; }
+    pthread_join(t, NULL);
+}
+
+static void netns_done(uv_work_t *req, int status) {
+    netns_op *op = req->data;
+    if (tn_task_waiting_for(op->task, op->seq)) {
+        lua_State *co = tn_task_thread(op->task);
+        if (status == UV_ECANCELED) {
+            tn_fail_uv(co, "netns", status);
+            tn_task_resume(op->task, 3);
+        } else if (op->fd >= 0) {
+            lua_pushinteger(co, op->fd);
+            op->fd = -1;
+            tn_task_resume(op->task, 1);
+        } else {
+            tn_fail_errno(co, lua_pushfstring(co, "netns: %s", op->stage), op->err);
+            lua_remove(co, -4); /* the message pushed for tn_fail_errno */
+            tn_task_resume(op->task, 3);
+        }
+    }
+    if (op->fd >= 0) close(op->fd);
+    tn_task_release(op->task);
+    free(op);
+}
+
+static int l_proc_netns_new(lua_State *L) {
+    tn_task *t = tn_task_check(L);
+    netns_op *op = calloc(1, sizeof *op);
+    if (!op) return luaL_error(L, "out of memory");
+    op->fd = -1;
+    op->req.data = op;
+    op->task = tn_task_hold(t);
+    op->seq = tn_task_seq(t);
+    int rc = uv_queue_work(tn_loop(L), &op->req, netns_work, netns_done);
+    if (rc != 0) {
+        tn_task_release(op->task);
+        free(op);
+        return tn_fail_uv(L, "netns", rc);
+    }
+    lua_settop(L, 0);
+    return tn_task_wait(L, t, -1);
+}
+
 static int l_proc_getpid(lua_State *L) {
     lua_pushinteger(L, getpid());
     return 1;
@@ -1534,11 +1660,17 @@ int tn_open_proc(lua_State *L) {
     static const luaL_Reg fns[] = {
         {"spawn", l_proc_spawn}, {"environ", l_proc_environ}, {"getpid", l_proc_getpid},
         {"rlimit", l_proc_rlimit},
-        {"init_fd", l_proc_init_fd},
+        {"init_fd", l_proc_init_fd}, {"netns_new", l_proc_netns_new},
         {"kill", l_proc_rawkill}, {"signal_name", l_proc_signal_name}, {NULL, NULL},
     };
     /* SIGPIPE is ignored by the module's open (module.c); children get it
      * back at its default (child_main). */
+    luaL_newmetatable(L, FD_HOLD_MT);
+    lua_pushcfunction(L, fd_hold_close);
+    lua_setfield(L, -2, "__close");
+    lua_pushcfunction(L, fd_hold_close);
+    lua_setfield(L, -2, "__gc");
+    lua_pop(L, 1);
     luaL_newmetatable(L, PROC_MT);
     lua_pushcfunction(L, l_proc_gc);
     lua_setfield(L, -2, "__gc");

@@ -8,7 +8,11 @@
 --
 -- network = "isolated" adds a network namespace with only loopback up: the
 -- app is reached solely through its Unix socket (a path in the file system,
--- which crosses network namespaces).
+-- which crosses network namespaces). Run as root, the server keeps a few
+-- such namespaces made ahead (by a thread, core.proc.netns_new) and the app
+-- joins one: making it inside the spawn took a millisecond or two, with the
+-- whole server waiting. In a user namespace the app makes its own, as one
+-- made outside could not be joined from there.
 --
 -- When the server may create namespaces (root), it does so directly;
 -- otherwise inside a new user namespace where the server's uid and gid are
@@ -98,6 +102,37 @@ end
 -- For specs: forget the probe, or force its outcome ({ userns = bool }).
 function driver.reset(state) probed = state end
 
+-- Network namespaces made ahead. Each is used once (an app's namespace is
+-- its own), so the pool refills itself after every take; until the first is
+-- made, and if making them fails, a spawn makes its own as before.
+local NETNS_AHEAD = 2
+local netns = { ready = {}, filling = false, failed = nil }
+driver.netns = netns
+
+local function fill_netns()
+  if netns.filling or netns.failed or not core.current() then return end
+  netns.filling = true
+  core.spawn(function()
+    while #netns.ready < NETNS_AHEAD do
+      local fd, err = core.proc.netns_new()
+      if not fd then
+        netns.failed = err
+        require("tenement.log").warn("network namespaces are made inside each spawn: %s", err)
+        break
+      end
+      netns.ready[#netns.ready + 1] = fd
+    end
+    netns.filling = false
+  end)
+end
+
+-- -> fd of a fresh network namespace (the spawn closes it) | nil
+local function take_netns()
+  local fd = table.remove(netns.ready)
+  fill_netns()
+  return fd
+end
+
 local function hostname(service, id)
   local name = tostring(service) .. "-" .. tostring(id)
   if #name > HOSTNAME_MAX then name = name:sub(1, HOSTNAME_MAX) end
@@ -120,7 +155,8 @@ function driver.prepare(instance)
   end
 
   local flags = { table.unpack(BASE_FLAGS) }
-  if network == "isolated" then flags[#flags + 1] = "newnet" end
+  local netns_fd = network == "isolated" and not probed.userns and take_netns() or nil
+  if network == "isolated" and not netns_fd then flags[#flags + 1] = "newnet" end
   if probed.userns then flags[#flags + 1] = "newuser" end
   local name = svc.name or (instance.vars and instance.vars.name) or "instance"
   return require("tenement.runtime").credentials(instance, {
@@ -135,7 +171,8 @@ function driver.prepare(instance)
     clone_flags = flags,
     mount_proc = true,
     hostname = hostname(name, instance.id),
-    loopback = network == "isolated" or nil,
+    loopback = (network == "isolated" and not netns_fd) or nil,
+    netns_fd = netns_fd,
   })
 end
 

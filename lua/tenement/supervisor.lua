@@ -338,28 +338,26 @@ function Instance:launch()
     user = user, rlimits = { nofile = svc.nofile, nproc = svc.nproc },
   }
   local spec, prep_err = driver.prepare(ctx)
-  if spec then
-    -- the context is kept only for a driver that stops or cleans up by
-    -- itself (its argv, env and vars are a few KB an instance otherwise)
-    self.driver = driver
-    if driver.stop or driver.cleanup then self.launch_ctx = ctx end
-    if driver.setup then
-      local ready, serr = driver.setup(ctx)
-      if not ready then spec, prep_err = nil, serr end
-    end
-  end
-  if not spec then
+  -- a network namespace made ahead is the spawn's to close; a start that
+  -- ends before the spawn closes it here
+  local function abandon(why)
     for _, fd in ipairs { out_r, out_w, err_r, err_w } do core.logbuf.close_fd(fd) end
+    if spec and spec.netns_fd then core.fs.close_fd(spec.netns_fd) end
     self:release_start()
-    return nil, prep_err
+    return nil, why
+  end
+  if not spec then return abandon(prep_err) end
+  -- the context is kept only for a driver that stops or cleans up by
+  -- itself (its argv, env and vars are a few KB an instance otherwise)
+  self.driver = driver
+  if driver.stop or driver.cleanup then self.launch_ctx = ctx end
+  if driver.setup then
+    local ready, serr = driver.setup(ctx)
+    if not ready then return abandon(serr) end
   end
   if cg then
     local fds, ferr = cg:proc_fds()
-    if not fds then
-      for _, fd in ipairs { out_r, out_w, err_r, err_w } do core.logbuf.close_fd(fd) end
-      self:release_start()
-      return nil, ferr
-    end
+    if not fds then return abandon(ferr) end
     -- the child joins its cgroups before it execs: no allocation escapes
     spec.cgroup_fds = fds
   end

@@ -590,6 +590,38 @@ describe("namespace isolation", function()
       end)
     end)
 
+    it("joins a namespace made ahead once the pool has one, isolated the same", function()
+      local why = unable()
+      if why then pending(why) return end
+      core.run(function()
+        driver.reset({ userns = false })
+        local pool = driver.netns
+        -- the first take finds none and starts the filling
+        ns_run("true", { network = "isolated" })
+        for _ = 1, 500 do
+          if #pool.ready == 2 then break end
+          core.sleep(10)
+        end
+        assert.are.equal(2, #pool.ready)
+        local l = assert(core.net.listen { host = "127.0.0.1", port = 0 })
+        local probe = string.format([[
+          tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '
+          bash -c 'exec 3<>/dev/tcp/127.0.0.1/%d' 2>&1 | grep -o 'Connection refused' | head -1
+        ]], l:port())
+        local spec = assert(driver.prepare { argv = { "/bin/sh", "-c", probe }, env = { "PATH=" .. PATH },
+          service = { name = "a", network = "isolated" }, id = "b" })
+        assert.is_number(spec.netns_fd)
+        assert.are.same({ "newpid", "newns", "newipc", "newuts" }, spec.clone_flags)
+        assert.is_nil(spec.loopback)
+        local p = assert(proc.spawn(spec))
+        local out, err = read_all(p.stdout), read_all(p.stderr)
+        assert.are.equal(0, p:wait(5000).code, err)
+        -- only lo, up (refused, not unreachable), and the host's listener is not there
+        assert.are.equal("lo\nConnection refused\n", out)
+        l:close()
+      end)
+    end)
+
     it("is reached through a Unix socket the app binds in a directory of the host", function()
       local why = unable()
       if why then pending(why) return end

@@ -321,6 +321,49 @@ describe("core.proc", function()
       end)
     end)
 
+    it("joins a network namespace made ahead, and closes its fd whatever happens", function()
+      if not is_root() then
+        pending("network namespaces need root")
+        return
+      end
+      -- the network namespaces this process holds fds of
+      local function held()
+        local n = 0
+        for _, fd in ipairs(assert(fs.readdir("/proc/self/fd"))) do
+          local p = io.popen("readlink /proc/" .. proc.getpid() .. "/fd/" .. fd .. " 2>/dev/null")
+          if (p:read("a") or ""):find("^net:") then n = n + 1 end
+          p:close()
+        end
+        return n
+      end
+      core.run(function()
+        local before = held()
+        local fd = assert(proc.netns_new())
+        assert.are.equal(before + 1, held())
+        local host = io.popen("readlink /proc/self/ns/net"):read("l")
+        -- lo is up: a connection to a closed port is refused, not unreachable
+        local out = run { argv = { "/bin/sh", "-c", "readlink /proc/self/ns/net; tail -n +3 /proc/net/dev | " ..
+          "cut -d: -f1 | tr -d ' '; bash -c 'exec 3<>/dev/tcp/127.0.0.1/9' 2>&1 | grep -o 'Connection refused' | head -1" },
+          netns_fd = fd }
+        local ns, rest = out:match("^(net:%[%d+%])\n(.*)$")
+        assert.is_truthy(ns, out)
+        assert.are_not.equal(host, ns)
+        assert.are.equal("lo\nConnection refused\n", rest)
+        assert.are.equal(before, held())
+        -- a spawn that fails closes it too, and so does a spec it refuses
+        fd = assert(proc.netns_new())
+        local p, err = proc.spawn { argv = { "/nonexistent/app" }, netns_fd = fd }
+        assert.is_nil(p)
+        assert.matches("ENOENT", err)
+        assert.are.equal(before, held())
+        fd = assert(proc.netns_new())
+        assert.has_error(function() proc.spawn { argv = { "/bin/true" }, netns_fd = fd, clone_flags = { "newnet" } } end,
+          "spawn: spec.netns_fd is a network namespace to join: it excludes clone_flags newnet (a new one) " ..
+          "and newuser (from there it may not be joined)")
+        assert.are.equal(before, held())
+      end)
+    end)
+
     it("keeps working with a big parent (~200 MB of Lua strings)", function()
       local big = {}
       for i = 1, 200 do big[i] = string.rep(string.char(65 + i % 26), 1 << 20) .. i end
