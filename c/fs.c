@@ -379,9 +379,10 @@ static int l_statfs(lua_State *L) {
  *   w:moved() -> true once the directory itself moved or went away (its
  *                events stopped: a new watch of the path is needed)
  *   w:close()
- * The news is kept per task: a task that registers a name another still
- * holds (a restart while the last start's watcher finishes) neither loses
- * its own news to the other nor has it taken. */
+ * The news is kept per task: when a task registers a name another still
+ * holds (a restart while the last start's watcher finishes), the other
+ * keeps what it was told but is woken no more (it polls), and takes none of
+ * the new holder's news. */
 #define WATCH_MT "tenement.fs.watch"
 
 typedef struct {
@@ -390,8 +391,17 @@ typedef struct {
     int names_ref;  /* name -> task handle */
     int fired_ref;  /* task handle -> true */
     int closed, moved;
-    char base[NAME_MAX + 1]; /* the directory's own name */
+    dev_t dev;               /* the directory watched, as it was */
+    ino_t ino;
+    char base[NAME_MAX + 1]; /* its own name */
+    char path[PATH_MAX];
 } fs_watch;
+
+/* Is path no longer the directory the watch was made on? */
+static int watch_dir_gone(const fs_watch *w) {
+    struct stat st;
+    return stat(w->path, &st) != 0 || st.st_dev != w->dev || st.st_ino != w->ino;
+}
 
 typedef struct { fs_watch *w; } watch_box;
 
@@ -410,9 +420,11 @@ static int watch_event(lua_State *L) {
     lua_rawgeti(L, LUA_REGISTRYINDEX, w->fired_ref);
     int names = lua_gettop(L) - 1, fired = names + 1;
     /* libuv names an event of the directory itself by the directory's own
-     * name (and a file of that name inside is told apart from it by none):
-     * then every waiter looks again, and the watch is known to be stale */
-    if (!name || !*name || strcmp(name, w->base) == 0) {
+     * name, and tells it apart from a file of that name inside by nothing
+     * reliable: so the path is looked at. Moved or removed, every waiter
+     * looks again and the watch is known to be stale; a chmod of it is no
+     * more than a file's event. */
+    if (!name || !*name || (strcmp(name, w->base) == 0 && watch_dir_gone(w))) {
         w->moved = 1;
         lua_pushnil(L);
         while (lua_next(L, names)) {
@@ -467,6 +479,15 @@ static int l_watch(lua_State *L) {
     if (!w) return luaL_error(L, "out of memory");
     const char *slash = strrchr(dir, '/');
     snprintf(w->base, sizeof w->base, "%s", slash ? slash + 1 : dir);
+    struct stat st;
+    if (strlen(dir) >= sizeof w->path || stat(dir, &st) != 0) {
+        int e = strlen(dir) >= sizeof w->path ? ENAMETOOLONG : errno;
+        free(w);
+        return tn_fail_errno(L, dir, e);
+    }
+    memcpy(w->path, dir, strlen(dir) + 1);
+    w->dev = st.st_dev;
+    w->ino = st.st_ino;
     int rc = uv_fs_event_init(loop, &w->ev);
     if (rc == 0) {
         w->ev.data = w;

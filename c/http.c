@@ -647,6 +647,7 @@ struct http_req {
     int want_body, msg_complete, responded, written, keep_alive, discard, head_method;
     int expects_body, dispatched, expect_continue, continue_sent;
     int streaming, chunked_out; /* req:stream: the body goes out piece by piece */
+    int stream_headed;     /* req:stream on HEAD: the head went out, and that was all */
     const char *body_err;
     struct px *px;         /* a proxy exchange in progress (req:proxy) */
     tn_task *waiter;
@@ -1287,7 +1288,10 @@ static int l_req_respond(lua_State *L) {
  *   req:queued()     -> bytes written but not yet taken by the client
  *   req:finish()     -> true | nil, "closed"                 the end
  * A handler that returns (or fails) before req:finish has its connection
- * closed: the client sees the body cut, never a short body passed as whole.
+ * closed, with what was still queued: an HTTP/1.1 client sees the body cut
+ * (no last chunk); an HTTP/1.0 one, whose body ends at the close, cannot.
+ * To HEAD, req:stream sends the head and ends the response: writes after it
+ * return nil, "closed".
  *
  * The body is chunked to HTTP/1.1 clients and delimited by the close to
  * HTTP/1.0 ones; the connection closes after the end (a stream is long and
@@ -1341,6 +1345,18 @@ static int l_req_stream(lua_State *L) {
         return luaL_error(L, "out of memory");
     }
     http_conn *c = stream_conn(r);
+    if (r->head_method) {
+        /* the head a GET would get, and the response is whole: the writes
+         * that follow are refused as to a client that left, so a producer
+         * stops at once instead of making a body nobody is sent */
+        r->streaming = 0;
+        r->stream_headed = 1;
+        int rc = c ? conn_write(c, head.p, head.len, NULL, 0, AFTER_RESPONSE) : -1;
+        if (rc == 1) response_written(c);
+        if (rc < 0) return stream_closed(L);
+        lua_settop(L, 1);
+        return 1;
+    }
     if (!c || conn_write(c, head.p, head.len, NULL, 0, AFTER_NOTHING) < 0) return stream_closed(L);
     lua_settop(L, 1);
     return 1;
@@ -1351,6 +1367,7 @@ static int l_req_write(lua_State *L) {
     http_req *r = check_req(L, 1);
     size_t n;
     const char *data = luaL_checklstring(L, 2, &n);
+    if (r->stream_headed) return stream_closed(L);
     if (!r->streaming) return luaL_error(L, "req:write needs req:stream first");
     http_conn *c = stream_conn(r);
     if (!c) return stream_closed(L);
@@ -1378,6 +1395,7 @@ static int l_req_queued(lua_State *L) {
 
 static int l_req_finish(lua_State *L) {
     http_req *r = check_req(L, 1);
+    if (r->stream_headed) { lua_pushboolean(L, 1); return 1; }
     if (!r->streaming) return luaL_error(L, "req:finish needs req:stream first");
     r->streaming = 0;
     http_conn *c = stream_conn(r);
@@ -1536,8 +1554,9 @@ static void req_log_failure(lua_State *L, http_req *r, const char *what) {
 }
 
 /* A handler that ended (or failed) in the middle of a stream: the head is
- * out, so the connection closes without the last chunk, which tells the
- * client the body is cut (finishing would pass it as whole). */
+ * out, so the connection closes without the last chunk (and without what
+ * was still queued), which tells an HTTP/1.1 client the body is cut, where
+ * finishing would pass it as whole. */
 static void stream_abandon(http_req *r) {
     if (!r->streaming) return;
     r->streaming = 0;

@@ -1580,13 +1580,11 @@ static void netns_work(uv_work_t *req) {
 }
 
 static void netns_done(uv_work_t *req, int status) {
+    (void)status; /* nothing cancels it */
     netns_op *op = req->data;
     if (tn_task_waiting_for(op->task, op->seq)) {
         lua_State *co = tn_task_thread(op->task);
-        if (status == UV_ECANCELED) {
-            tn_fail_uv(co, "netns", status);
-            tn_task_resume(op->task, 3);
-        } else if (op->fd >= 0) {
+        if (op->fd >= 0) {
             lua_pushinteger(co, op->fd);
             op->fd = -1;
             tn_task_resume(op->task, 1);
@@ -1668,8 +1666,6 @@ int tn_open_proc(lua_State *L) {
     luaL_newmetatable(L, FD_HOLD_MT);
     lua_pushcfunction(L, fd_hold_close);
     lua_setfield(L, -2, "__close");
-    lua_pushcfunction(L, fd_hold_close);
-    lua_setfield(L, -2, "__gc");
     lua_pop(L, 1);
     luaL_newmetatable(L, PROC_MT);
     lua_pushcfunction(L, l_proc_gc);

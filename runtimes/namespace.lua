@@ -99,35 +99,49 @@ function driver.available()
   return true
 end
 
--- For specs: forget the probe, or force its outcome ({ userns = bool }).
-function driver.reset(state) probed = state end
-
 -- Network namespaces made ahead. Each is used once (an app's namespace is
 -- its own), so the pool refills itself after every take; until the first is
--- made, and if making them fails, a spawn makes its own as before.
+-- made, and for a while after making one failed (out of fds, memory or
+-- namespaces: a burst passes), a spawn makes its own as before.
 local NETNS_AHEAD = 2
-local netns = { ready = {}, filling = false, failed = nil }
+local NETNS_RETRY_MS = 30000
+local netns = { ready = {}, filling = false, failed_at = nil }
 driver.netns = netns
 
+-- For specs: forget the probe, or force its outcome ({ userns = bool }),
+-- and let go of the namespaces made ahead.
+function driver.reset(state)
+  probed = state
+  for _, fd in ipairs(netns.ready) do core.fs.close_fd(fd) end
+  netns.ready, netns.failed_at = {}, nil
+end
+
 local function fill_netns()
-  if netns.filling or netns.failed or not core.current() then return end
+  if netns.filling or not core.current() then return end
+  if netns.failed_at and core.now() - netns.failed_at < NETNS_RETRY_MS then return end
   netns.filling = true
   core.spawn(function()
+    local _ <close> = setmetatable({}, { __close = function() netns.filling = false end })
     while #netns.ready < NETNS_AHEAD do
       local fd, err = core.proc.netns_new()
       if not fd then
-        netns.failed = err
-        require("tenement.log").warn("network namespaces are made inside each spawn: %s", err)
-        break
+        if not netns.failed_at then
+          require("tenement.log").warn("network namespaces are made inside each spawn for now: %s", err)
+        end
+        netns.failed_at = core.now()
+        return
       end
+      netns.failed_at = nil
       netns.ready[#netns.ready + 1] = fd
     end
-    netns.filling = false
   end)
 end
 
--- -> fd of a fresh network namespace (the spawn closes it) | nil
+-- -> fd of a fresh network namespace (the spawn closes it) | nil. Only
+-- inside a task (the server's starts): what prepares a spec outside one
+-- makes no namespace to be spawned later.
 local function take_netns()
+  if not core.current() then return nil end
   local fd = table.remove(netns.ready)
   fill_netns()
   return fd

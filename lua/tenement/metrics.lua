@@ -234,10 +234,10 @@ function metrics.render(srv, emit)
     out:sample("tenement_store_size_bytes", nil, size)
   end
 
-  -- What each instance counts is read here, before the first slice ends:
-  -- an instance forgotten while the text is made (its ring closed, its
-  -- cgroup gone) still appears as it was. Only its cgroup and storage are
-  -- read later, and only while it is still known.
+  -- What each instance counts is read here, in one go with no sample
+  -- written (so no yield) in between: an instance forgotten while the text
+  -- is made (its ring closed, its cgroup gone) still appears as it was. Only
+  -- its cgroup and storage are read later, and only while it is still known.
   local list = {}
   for _, inst in pairs(srv.sup.instances) do list[#list + 1] = inst end
   table.sort(list, function(a, b) return a.key < b.key end)

@@ -370,10 +370,9 @@ local METRICS_QUEUE = 256 * 1024
 local METRICS_TYPE = { ["content-type"] = "text/plain; version=0.0.4; charset=utf-8" }
 local GONE = {}
 function Server:serve_metrics(req)
-  -- HEAD gets the head a GET would, length included
-  if req.method == "HEAD" then return 200, METRICS_TYPE, metrics.render(self.metrics_view) end
   local out, err = req:stream(200, METRICS_TYPE)
   if not out then return nil, err end
+  if req.method == "HEAD" then return end -- the head was all of it
   local ok, why = pcall(metrics.render, self.metrics_view, function(chunk)
     if not out:write(chunk) then error(GONE) end -- nobody left to render for
     while out:queued() > METRICS_QUEUE do core.sleep(10) end

@@ -339,10 +339,13 @@ function Instance:launch()
   }
   local spec, prep_err = driver.prepare(ctx)
   -- a network namespace made ahead is the spawn's to close; a start that
-  -- ends before the spawn closes it here
+  -- ends before the spawn, by a failure or an error raised, closes it here
+  local spawned = false
+  local _ <close> = setmetatable({}, { __close = function()
+    if not spawned and spec and spec.netns_fd then core.fs.close_fd(spec.netns_fd) end
+  end })
   local function abandon(why)
     for _, fd in ipairs { out_r, out_w, err_r, err_w } do core.logbuf.close_fd(fd) end
-    if spec and spec.netns_fd then core.fs.close_fd(spec.netns_fd) end
     self:release_start()
     return nil, why
   end
@@ -361,6 +364,7 @@ function Instance:launch()
     -- the child joins its cgroups before it execs: no allocation escapes
     spec.cgroup_fds = fds
   end
+  spawned = true
   local proc, serr = core.proc.spawn(spec)
   if cg then cg:close_fds() end
   core.logbuf.close_fd(out_w)

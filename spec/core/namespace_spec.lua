@@ -594,7 +594,7 @@ describe("namespace isolation", function()
       local why = unable()
       if why then pending(why) return end
       core.run(function()
-        driver.reset({ userns = false })
+        driver.reset({ userns = false }) -- which empties the pool
         local pool = driver.netns
         -- the first take finds none and starts the filling
         ns_run("true", { network = "isolated" })
