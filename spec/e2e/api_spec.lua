@@ -147,10 +147,23 @@ describe("HTTP API", function()
     local board_file = assert(io.open("config/grafana-dashboard.json"))
     local board = board_file:read("a")
     board_file:close()
-    for name in board:gmatch("(tenement_[%w_]+)") do
-      local base = name:gsub("_bucket$", "")
-      assert.matches("\n# TYPE " .. base .. " ", text, 1, true)
+    for name in board:gmatch('"([%w_]+)') do
+      if name:match("^tenement_") or name:match("^process_") then
+        local base = name:gsub("_bucket$", "")
+        assert.matches("\n# TYPE " .. base .. " ", text, 1, true)
+      end
     end
+    -- and its queries are PromQL (promtool parses them as recording rules)
+    local rules = { "groups:", "  - name: board", "    rules:" }
+    for _, panel in ipairs(cjson.decode(board).panels) do
+      for i, target in ipairs(panel.targets or {}) do
+        rules[#rules + 1] = string.format("      - record: board:p%d_%d", panel.id, i)
+        rules[#rules + 1] = "        expr: " .. cjson.encode((target.expr:gsub("%$__rate_interval", "5m")))
+      end
+    end
+    local rules_path = support.write(srv.dir .. "/board-rules.yml", table.concat(rules, "\n") .. "\n")
+    local rcode, rout, rerr = support.run("promtool check rules " .. rules_path)
+    assert.are.equal(0, rcode, rout .. rerr)
     local path = support.write(srv.dir .. "/metrics.txt", text)
     local code, out, err = support.run("promtool check metrics < " .. path)
     assert.are.equal(0, code, out .. err)
