@@ -183,6 +183,8 @@ struct child_args {
     int netns_fd;            /* -1, or a network namespace to join */
     const int *cgroup_fds;
     int ncgroup_fds;
+    int cgroup_into;         /* -1, or a cgroup2 directory to be born into */
+    int into_done;           /* clone3 put the child there already */
     struct { int resource; struct rlimit lim; } rlimits[MAX_RLIMITS];
     int nrlimits;
     int set_groups;
@@ -301,6 +303,12 @@ CHILD_CODE static int child_main(void *arg) {
      * already accounted and limited. Done as the spawner, who may write. */
     for (int i = 0; i < a->ncgroup_fds; i++) {
         if (write(a->cgroup_fds[i], "0", 1) != 1) child_fail(a, ST_CGROUP, i);
+    }
+    if (a->cgroup_into >= 0 && !a->into_done) {
+        /* the kernel could not clone into it: move in the old way */
+        int fd = openat(a->cgroup_into, "cgroup.procs", O_WRONLY | O_CLOEXEC);
+        if (fd < 0 || write(fd, "0", 1) != 1) child_fail(a, ST_CGROUP, a->ncgroup_fds);
+        close(fd);
     }
     for (int i = 0; i < a->nrlimits; i++) {
         if (setrlimit(a->rlimits[i].resource, &a->rlimits[i].lim) != 0)
@@ -895,7 +903,7 @@ static const char *checked_cstring(lua_State *L, int idx, const char *what) {
 }
 
 static const char *const spec_keys[] = {
-    "argv", "env", "cwd", "stdin", "stdout", "stderr", "setsid", "pdeathsig", "cgroup_fds",
+    "argv", "env", "cwd", "stdin", "stdout", "stderr", "setsid", "pdeathsig", "cgroup_fds", "cgroup_into",
     "clone_flags", "uid", "gid", "groups", "no_new_privs", "rlimits", "mount_proc", "hostname",
     "loopback", "exec_fd", "netns_fd", NULL,
 };
@@ -1216,6 +1224,66 @@ static void *child_stack(void) {
     return stack;
 }
 
+/* clone3(CLONE_INTO_CGROUP): the child is born in its cgroup2 group. Moving
+ * it there by a write to cgroup.procs (as cgroup v1 must) takes the
+ * kernel's cgroup_threadgroup_rwsem for writing, which waits for an RCU
+ * grace period unless one passed moments before: about 7 ms on a VM where
+ * spawns are a second apart, with this thread frozen in vfork all along.
+ * glibc has no clone3 wrapper that runs a function on a new stack, so the
+ * child's side is a few instructions here: it calls child_main on the
+ * stack given and exits with its value (child_main execs or _exits). */
+#if defined(__x86_64__) && defined(SYS_clone3)
+/* the kernel's struct clone_args as of 5.7 (linux/sched.h, whose macros
+ * would clash with glibc's sched.h) */
+#define TN_CLONE_INTO_CGROUP 0x200000000ULL
+struct tn_clone_args {
+    uint64_t flags, pidfd, child_tid, parent_tid, exit_signal, stack, stack_size, tls;
+    uint64_t set_tid, set_tid_size, cgroup;
+};
+static pid_t clone_into_cgroup(struct child_args *a, void *stack, unsigned long flags, int *pidfd) {
+    struct tn_clone_args ca;
+    memset(&ca, 0, sizeof ca);
+    ca.flags = flags | TN_CLONE_INTO_CGROUP;
+    ca.pidfd = (uint64_t)(uintptr_t)pidfd;
+    ca.exit_signal = SIGCHLD;
+    ca.stack = (uint64_t)(uintptr_t)stack;
+    ca.stack_size = CHILD_STACK_SIZE;
+    ca.cgroup = (uint64_t)a->cgroup_into;
+    long ret;
+    int (*fn)(void *) = child_main;
+    __asm__ volatile(
+        "mov %[fn], %%r12\n\t"
+        "mov %[arg], %%r13\n\t"
+        "syscall\n\t"
+        "test %%rax, %%rax\n\t"
+        "jnz 1f\n\t"
+        /* the child, on its own stack: no frame of ours to return to */
+        "xor %%ebp, %%ebp\n\t"
+        "mov %%r13, %%rdi\n\t"
+        "call *%%r12\n\t"
+        "mov %%eax, %%edi\n\t"
+        "mov %[exit_nr], %%eax\n\t"
+        "syscall\n\t"
+        "hlt\n\t"
+        "1:\n\t"
+        : "=a"(ret)
+        : "a"((long)SYS_clone3), "D"(&ca), "S"(sizeof ca), [fn] "r"(fn), [arg] "r"(a),
+          [exit_nr] "i"(SYS_exit)
+        : "rcx", "r11", "r12", "r13", "memory");
+    if (ret < 0) {
+        errno = (int)-ret;
+        return -1;
+    }
+    return (pid_t)ret;
+}
+#else
+static pid_t clone_into_cgroup(struct child_args *a, void *stack, unsigned long flags, int *pidfd) {
+    (void)a; (void)stack; (void)flags; (void)pidfd;
+    errno = ENOSYS;
+    return -1;
+}
+#endif
+
 /* spec.netns_fd is the spawn's to close, whatever happens (an error in the
  * spec included): a network namespace lives while an fd refers to it, so
  * one left open would keep a namespace per spawn. The fd is held in a
@@ -1258,6 +1326,7 @@ static int l_proc_spawn(lua_State *L) {
     memset(&a, 0, sizeof a);
     a.parent_pidfd = -1;
     a.exec_fd = -1;
+    a.cgroup_into = -1;
     a.netns_fd = netns->fd;
 
     char **argv = read_argv(&r);
@@ -1284,6 +1353,13 @@ static int l_proc_spawn(lua_State *L) {
     size_t n;
     a.cgroup_fds = read_int_list(&r, "cgroup_fds", 0, &n);
     a.ncgroup_fds = (int)n;
+    if (lua_getfield(L, 1, "cgroup_into") != LUA_TNIL) {
+        lua_Integer fd = lua_tointeger(L, -1);
+        if (!lua_isinteger(L, -1) || fd < 0 || fd > INT_MAX)
+            luaL_error(L, "spawn: spec.cgroup_into must be a file descriptor (a cgroup2 directory)");
+        a.cgroup_into = (int)fd;
+    }
+    lua_pop(L, 1);
     a.groups = read_int_list(&r, "groups", 1, &a.ngroups);
     a.set_groups = a.groups != NULL;
     lua_Integer id;
@@ -1400,11 +1476,29 @@ static int l_proc_spawn(lua_State *L) {
         sigset_t all, old;
         sigfillset(&all);
         pthread_sigmask(SIG_BLOCK, &all, &old);
-        pid = clone(child_main, (char *)stack + CHILD_STACK_SIZE,
-                    CLONE_VM | CLONE_VFORK | CLONE_PIDFD | ns_flags | SIGCHLD, &a, &pidfd);
-        int e = errno;
+        pid = -1;
+        int e = ENOSYS, fell_back = 1;
+        if (a.cgroup_into >= 0) {
+            /* set before: the child reads it while this thread waits */
+            a.into_done = 1;
+            pid = clone_into_cgroup(&a, stack, CLONE_VM | CLONE_VFORK | CLONE_PIDFD | ns_flags, &pidfd);
+            e = errno;
+            if (pid < 0) a.into_done = 0;
+        }
+        /* without it (or where the kernel cannot: before 5.7, another
+         * architecture) the child moves itself, as for cgroup v1 */
+        if (pid < 0 && (a.cgroup_into < 0 || e == ENOSYS || e == E2BIG || e == EINVAL || e == EOPNOTSUPP)) {
+            pid = clone(child_main, (char *)stack + CHILD_STACK_SIZE,
+                        CLONE_VM | CLONE_VFORK | CLONE_PIDFD | ns_flags | SIGCHLD, &a, &pidfd);
+            e = errno;
+        } else if (pid < 0) {
+            fell_back = 0;
+        }
         pthread_sigmask(SIG_SETMASK, &old, NULL);
-        if (pid < 0) { fail_stage = "clone"; fail_err = e; }
+        if (pid < 0) {
+            fail_stage = fell_back ? "clone" : "clone into spec.cgroup_into (a cgroup2 directory?)";
+            fail_err = e;
+        }
     }
     for (int i = 0; i < 3; i++) close_fd(&theirs[i]);
     close_fd(&devnull);
@@ -1423,7 +1517,10 @@ static int l_proc_spawn(lua_State *L) {
         else if (a.stage == ST_USERNS) {
             static const char *const files[] = {"setgroups", "uid_map", "gid_map"};
             stage = lua_pushfstring(L, "user namespace: write /proc/self/%s", files[a.stage_arg]);
-        } else if (a.stage == ST_CGROUP) stage = lua_pushfstring(L, "cgroup (cgroup_fds[%d])", a.stage_arg + 1);
+        } else if (a.stage == ST_CGROUP) {
+            stage = a.stage_arg < a.ncgroup_fds ? lua_pushfstring(L, "cgroup (cgroup_fds[%d])", a.stage_arg + 1)
+                                                 : "cgroup (cgroup_into)";
+        }
         else if (a.stage == ST_SETUID) stage = lua_pushfstring(L, "setuid %d", (int)a.uid);
         else if (a.stage == ST_SETGID) stage = lua_pushfstring(L, "setgid %d", (int)a.gid);
         else if (a.stage == ST_RLIMIT) {

@@ -639,22 +639,32 @@ local function member_with(cg, pred)
   end
 end
 
--- cg:proc_fds() -> { fd, ... } | nil, err: cgroup.procs of each hierarchy,
--- open O_WRONLY|O_CLOEXEC, for core.proc.spawn's cgroup_fds (the child
--- writes "0" to each before exec). Close them with cg:close_fds() after.
+-- cg:proc_fds() -> { fd, ... }, into | nil, err: for core.proc.spawn, the
+-- cgroup.procs of each v1 hierarchy, open O_WRONLY|O_CLOEXEC, as its
+-- cgroup_fds (the child writes "0" to each before exec), and the cgroup2
+-- directory, open O_RDONLY, as its cgroup_into (the child is born there:
+-- no migration, which would wait for an RCU grace period). Close them with
+-- cg:close_fds() after.
 function Cgroup:proc_fds()
   self:close_fds()
-  local fds = {}
+  local fds, all, into = {}, {}, nil
   for _, m in ipairs(self.members) do
-    local fd, err = self.fs.open_fd(join(m.dir, "cgroup.procs"), "w")
+    local fd, err
+    if m.version == 2 then
+      fd, err = self.fs.open_fd(m.dir, "r")
+      into = fd
+    else
+      fd, err = self.fs.open_fd(join(m.dir, "cgroup.procs"), "w")
+      fds[#fds + 1] = fd
+    end
     if not fd then
-      for _, f in ipairs(fds) do self.fs.close_fd(f) end
+      for _, f in ipairs(all) do self.fs.close_fd(f) end
       return nil, err
     end
-    fds[#fds + 1] = fd
+    all[#all + 1] = fd
   end
-  self.fds = fds
-  return fds
+  self.fds = all
+  return fds, into
 end
 
 -- cg:close_fds(): idempotent

@@ -359,10 +359,10 @@ function Instance:launch()
     if not ready then return abandon(serr) end
   end
   if cg then
-    local fds, ferr = cg:proc_fds()
-    if not fds then return abandon(ferr) end
-    -- the child joins its cgroups before it execs: no allocation escapes
-    spec.cgroup_fds = fds
+    local fds, into = cg:proc_fds()
+    if not fds then return abandon(into) end
+    -- the child is in its cgroups before it execs: no allocation escapes
+    spec.cgroup_fds, spec.cgroup_into = fds, into
   end
   spawned = true
   local proc, serr = core.proc.spawn(spec)

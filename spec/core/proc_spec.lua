@@ -364,6 +364,17 @@ describe("core.proc", function()
       end)
     end)
 
+    it("refuses a cgroup_into that is no cgroup2 directory, saying which", function()
+      core.run(function()
+        local fd = assert(fs.open_fd("/tmp", "r"))
+        local p, err, code = proc.spawn { argv = { "/bin/true" }, cgroup_into = fd }
+        fs.close_fd(fd)
+        assert.is_nil(p)
+        assert.matches("cgroup_into", err, 1, true)
+        assert.are.equal("EBADF", code)
+      end)
+    end)
+
     it("keeps working with a big parent (~200 MB of Lua strings)", function()
       local big = {}
       for i = 1, 200 do big[i] = string.rep(string.char(65 + i % 26), 1 << 20) .. i end
