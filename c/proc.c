@@ -70,9 +70,11 @@
 #include <sys/socket.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#include <linux/magic.h>
 
 extern char **environ;
 
@@ -1232,10 +1234,11 @@ static void *child_stack(void) {
  * glibc has no clone3 wrapper that runs a function on a new stack, so the
  * child's side is a few instructions here: it calls child_main on the
  * stack given and exits with its value (child_main execs or _exits). */
-#if defined(__x86_64__) && defined(SYS_clone3)
+#if defined(__x86_64__) && !defined(__ILP32__) && defined(SYS_clone3)
 /* the kernel's struct clone_args as of 5.7 (linux/sched.h, whose macros
  * would clash with glibc's sched.h) */
 #define TN_CLONE_INTO_CGROUP 0x200000000ULL
+_Static_assert(CHILD_STACK_SIZE % 16 == 0, "the child's first call needs a 16-byte aligned stack");
 struct tn_clone_args {
     uint64_t flags, pidfd, child_tid, parent_tid, exit_signal, stack, stack_size, tls;
     uint64_t set_tid, set_tid_size, cgroup;
@@ -1243,7 +1246,7 @@ struct tn_clone_args {
 static pid_t clone_into_cgroup(struct child_args *a, void *stack, unsigned long flags, int *pidfd) {
     struct tn_clone_args ca;
     memset(&ca, 0, sizeof ca);
-    ca.flags = flags | TN_CLONE_INTO_CGROUP;
+    ca.flags = (uint64_t)(uint32_t)flags | TN_CLONE_INTO_CGROUP;
     ca.pidfd = (uint64_t)(uintptr_t)pidfd;
     ca.exit_signal = SIGCHLD;
     ca.stack = (uint64_t)(uintptr_t)stack;
@@ -1264,7 +1267,7 @@ static pid_t clone_into_cgroup(struct child_args *a, void *stack, unsigned long 
         "mov %%eax, %%edi\n\t"
         "mov %[exit_nr], %%eax\n\t"
         "syscall\n\t"
-        "hlt\n\t"
+        "ud2\n\t"
         "1:\n\t"
         : "=a"(ret)
         : "a"((long)SYS_clone3), "D"(&ca), "S"(sizeof ca), [fn] "r"(fn), [arg] "r"(a),
@@ -1283,6 +1286,8 @@ static pid_t clone_into_cgroup(struct child_args *a, void *stack, unsigned long 
     return -1;
 }
 #endif
+
+static int clone3_unusable;
 
 /* spec.netns_fd is the spawn's to close, whatever happens (an error in the
  * spec included): a network namespace lives while an fd refers to it, so
@@ -1360,6 +1365,12 @@ static int l_proc_spawn(lua_State *L) {
         a.cgroup_into = (int)fd;
     }
     lua_pop(L, 1);
+    /* the same answer whichever way the child gets there: clone3 refuses
+     * anything else, and the fallback's write would land in another
+     * hierarchy */
+    struct statfs into_fs;
+    if (a.cgroup_into >= 0 && (fstatfs(a.cgroup_into, &into_fs) != 0 || into_fs.f_type != CGROUP2_SUPER_MAGIC))
+        return tn_fail_errno(L, "spawn: spec.cgroup_into is not a cgroup2 directory", EBADF);
     a.groups = read_int_list(&r, "groups", 1, &a.ngroups);
     a.set_groups = a.groups != NULL;
     lua_Integer id;
@@ -1477,26 +1488,30 @@ static int l_proc_spawn(lua_State *L) {
         sigfillset(&all);
         pthread_sigmask(SIG_BLOCK, &all, &old);
         pid = -1;
-        int e = ENOSYS, fell_back = 1;
-        if (a.cgroup_into >= 0) {
+        int e = 0, tried = a.cgroup_into >= 0 && !clone3_unusable;
+        if (tried) {
             /* set before: the child reads it while this thread waits */
             a.into_done = 1;
             pid = clone_into_cgroup(&a, stack, CLONE_VM | CLONE_VFORK | CLONE_PIDFD | ns_flags, &pidfd);
             e = errno;
             if (pid < 0) a.into_done = 0;
+            /* no clone3 here (before 5.7, another architecture, a seccomp
+             * filter saying EPERM): not worth a try at every spawn */
+            if (pid < 0 && (e == ENOSYS || e == E2BIG || (e == EPERM && !ns_flags))) clone3_unusable = 1;
         }
-        /* without it (or where the kernel cannot: before 5.7, another
-         * architecture) the child moves itself, as for cgroup v1 */
-        if (pid < 0 && (a.cgroup_into < 0 || e == ENOSYS || e == E2BIG || e == EINVAL || e == EOPNOTSUPP)) {
+        /* The group itself refusing the child is final; anything else is
+         * tried again the old way, the child moving itself (as for v1),
+         * which fails the spawn if the group will not have it. */
+        int group_refused = tried && pid < 0 &&
+            (e == EBADF || e == ENOENT || e == ENODEV || e == EACCES || e == EBUSY || e == EOPNOTSUPP);
+        if (pid < 0 && !group_refused) {
             pid = clone(child_main, (char *)stack + CHILD_STACK_SIZE,
                         CLONE_VM | CLONE_VFORK | CLONE_PIDFD | ns_flags | SIGCHLD, &a, &pidfd);
             e = errno;
-        } else if (pid < 0) {
-            fell_back = 0;
         }
         pthread_sigmask(SIG_SETMASK, &old, NULL);
         if (pid < 0) {
-            fail_stage = fell_back ? "clone" : "clone into spec.cgroup_into (a cgroup2 directory?)";
+            fail_stage = group_refused ? "clone3 into spec.cgroup_into" : "clone";
             fail_err = e;
         }
     }
