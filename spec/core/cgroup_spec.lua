@@ -254,6 +254,32 @@ describe("tenement.cgroup", function()
       end)
     end)
 
+    it("is born in its cgroup2 group, or moves there where clone3 is refused", function()
+      if real_reason then pending(real_reason) return end
+      if not (layout.track and layout.track.version == 2) then pending("no cgroup2 hierarchy to track instances") return end
+      local cg
+      core.run(function() cg = assert(cgroup.create(layout, "born.test", {}, { accounting = false })) end)
+      local dir = cg:dirs()[1]
+      local rel = dir:sub(#layout.track.mount + 1)
+      -- a Lua of its own: the filter stays with the process it is put on
+      local script = string.format([[
+        local core = require "tenement.core"
+        core.run(function()
+          local fd = assert(core.fs.open_fd(%q, "r"))
+          local p = assert(core.proc.spawn { argv = { "/bin/cat", "/proc/self/cgroup" }, cgroup_into = fd })
+          io.write(p.stdout:read(5000) or "")
+          p:wait(5000)
+        end)
+      ]], dir)
+      for _, how in ipairs { "", FIXTURES .. "noclone3 38 ", FIXTURES .. "noclone3 1 " } do
+        local code, out, err = support.run(string.format("LUA_CPATH=%s %slua5.4 -e %s",
+          support.quote(support.build .. "/lib/?.so"), how, support.quote(script)))
+        assert.are.equal(0, code, err)
+        assert.truthy(out:find("\n0::" .. rel .. "\n", 1, true) or out:find("^0::" .. rel .. "\n"), how .. ": " .. out)
+      end
+      core.run(function() assert.is_true(cg:remove()) end)
+    end)
+
     it("puts a child that is PID 1 of new namespaces in every hierarchy of its cgroup", function()
       if real_reason then pending(real_reason) return end
       if not layout.track then pending("no hierarchy to track instances: " .. layout.track_reason) return end
