@@ -480,12 +480,12 @@ static int l_watch(lua_State *L) {
     const char *slash = strrchr(dir, '/');
     snprintf(w->base, sizeof w->base, "%s", slash ? slash + 1 : dir);
     struct stat st;
-    if (strlen(dir) >= sizeof w->path || stat(dir, &st) != 0) {
-        int e = strlen(dir) >= sizeof w->path ? ENAMETOOLONG : errno;
+    int e = snprintf(w->path, sizeof w->path, "%s", dir) >= (int)sizeof w->path ? ENAMETOOLONG
+          : stat(dir, &st) != 0 ? errno : 0;
+    if (e) {
         free(w);
         return tn_fail_errno(L, dir, e);
     }
-    memcpy(w->path, dir, strlen(dir) + 1);
     w->dev = st.st_dev;
     w->ino = st.st_ino;
     int rc = uv_fs_event_init(loop, &w->ev);

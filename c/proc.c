@@ -244,6 +244,23 @@ one_by_one:
     return 0;
 }
 
+/* Brings up lo of the caller's network namespace; ifr names it ("lo"),
+ * filled by the caller (memset is the sanitizers' in the child). Raw ioctl:
+ * their interceptor would touch its runtime from the child. -> 0 | -1 */
+CHILD_CODE static int lo_up(struct ifreq *ifr) {
+    int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (s < 0) return -1;
+    int rc = (int)syscall(SYS_ioctl, s, SIOCGIFFLAGS, ifr);
+    if (rc == 0) {
+        ifr->ifr_flags |= IFF_UP | IFF_RUNNING;
+        rc = (int)syscall(SYS_ioctl, s, SIOCSIFFLAGS, ifr);
+    }
+    int e = errno;
+    close(s);
+    errno = e;
+    return rc;
+}
+
 CHILD_CODE static int child_main(void *arg) {
     struct child_args *a = arg;
 
@@ -290,16 +307,8 @@ CHILD_CODE static int child_main(void *arg) {
     }
     if (a->hostname && sethostname(a->hostname, a->hostname_len) != 0) child_fail(a, ST_HOSTNAME, 0);
     if (a->netns_fd >= 0 && syscall(SYS_setns, a->netns_fd, CLONE_NEWNET) != 0) child_fail(a, ST_NETNS, 0);
-    if (a->loopback) {
-        /* A new network namespace has lo, down. Raw ioctl: the sanitizers'
-         * interceptor would touch its runtime from here. */
-        int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-        if (s < 0) child_fail(a, ST_LOOPBACK, 0);
-        if (syscall(SYS_ioctl, s, SIOCGIFFLAGS, &a->ifr) != 0) child_fail(a, ST_LOOPBACK, 0);
-        a->ifr.ifr_flags |= IFF_UP | IFF_RUNNING;
-        if (syscall(SYS_ioctl, s, SIOCSIFFLAGS, &a->ifr) != 0) child_fail(a, ST_LOOPBACK, 0);
-        close(s);
-    }
+    /* a new network namespace has lo, down */
+    if (a->loopback && lo_up(&a->ifr) != 0) child_fail(a, ST_LOOPBACK, 0);
 
     /* Into the cgroups before exec, so the program's first allocation is
      * already accounted and limited. Done as the spawner, who may write. */
@@ -1303,18 +1312,26 @@ static int fd_hold_close(lua_State *L) {
     return 0;
 }
 
+/* spec[key]: an fd, or -1 when absent; above 2 unless any_fd (0 to 2 become
+ * the child's stdio before exec) */
+static int opt_fd(lua_State *L, const char *key, int any_fd) {
+    int fd = -1;
+    if (lua_getfield(L, 1, key) != LUA_TNIL) {
+        lua_Integer v = lua_tointeger(L, -1);
+        if (!lua_isinteger(L, -1) || v < (any_fd ? 0 : 3) || v > INT_MAX)
+            luaL_error(L, "spawn: spec.%s must be a file descriptor%s", key, any_fd ? "" : " above 2");
+        fd = (int)v;
+    }
+    lua_pop(L, 1);
+    return fd;
+}
+
 static fd_hold *read_netns_fd(lua_State *L) {
     fd_hold *h = lua_newuserdatauv(L, sizeof *h, 0);
     h->fd = -1;
     luaL_setmetatable(L, FD_HOLD_MT);
     lua_toclose(L, -1);
-    if (lua_getfield(L, 1, "netns_fd") != LUA_TNIL) {
-        lua_Integer fd = lua_tointeger(L, -1);
-        if (!lua_isinteger(L, -1) || fd < 3 || fd > INT_MAX)
-            luaL_error(L, "spawn: spec.netns_fd must be a file descriptor above 2");
-        h->fd = (int)fd;
-    }
-    lua_pop(L, 1);
+    h->fd = opt_fd(L, "netns_fd", 0);
     return h;
 }
 
@@ -1358,13 +1375,7 @@ static int l_proc_spawn(lua_State *L) {
     size_t n;
     a.cgroup_fds = read_int_list(&r, "cgroup_fds", 0, &n);
     a.ncgroup_fds = (int)n;
-    if (lua_getfield(L, 1, "cgroup_into") != LUA_TNIL) {
-        lua_Integer fd = lua_tointeger(L, -1);
-        if (!lua_isinteger(L, -1) || fd < 0 || fd > INT_MAX)
-            luaL_error(L, "spawn: spec.cgroup_into must be a file descriptor (a cgroup2 directory)");
-        a.cgroup_into = (int)fd;
-    }
-    lua_pop(L, 1);
+    a.cgroup_into = opt_fd(L, "cgroup_into", 1);
     /* the same answer whichever way the child gets there: clone3 refuses
      * anything else, and the fallback's write would land in another
      * hierarchy */
@@ -1384,14 +1395,7 @@ static int l_proc_spawn(lua_State *L) {
     read_rlimits(L, &a);
     int ns_flags = read_clone_flags(L);
     read_namespace_setup(L, &r, &a, ns_flags);
-    if (lua_getfield(L, 1, "exec_fd") != LUA_TNIL) {
-        lua_Integer fd = lua_tointeger(L, -1);
-        /* 0 to 2 become the child's stdio before exec */
-        if (!lua_isinteger(L, -1) || fd < 3 || fd > INT_MAX)
-            luaL_error(L, "spawn: spec.exec_fd must be a file descriptor above 2");
-        a.exec_fd = (int)fd;
-    }
-    lua_pop(L, 1);
+    a.exec_fd = opt_fd(L, "exec_fd", 0);
 
     const char *pathvar = DEFAULT_PATH;
     for (char **e = envp; *e; e++) {
@@ -1599,6 +1603,18 @@ static int l_proc_environ(lua_State *L) {
     return 1;
 }
 
+/* An fd kept for spawns, moved above 2 if it is not (a server started
+ * with stdio closed): 0 to 2 are what a spawn overwrites. Takes fd; -> the
+ * fd to keep | -1 (errno), fd closed. */
+static int above_stdio(int fd) {
+    if (fd < 0 || fd > 2) return fd;
+    int moved = fcntl(fd, F_DUPFD_CLOEXEC, 3);
+    int e = errno;
+    close(fd);
+    errno = e;
+    return moved;
+}
+
 /* proc.init_fd() -> fd | nil, err, code: the init of namespaced instances
  * (c/init.c built alone, embedded at build time) in a memfd, for
  * spec.exec_fd. Made on the first call and kept open for the life of the
@@ -1627,14 +1643,9 @@ static int l_proc_init_fd(lua_State *L) {
         stage = "init: seal the memfd";
         err = errno;
     }
-    if (!stage && fd < 3) {
-        /* Started with stdio closed: 0 to 2 are what a spawn overwrites. */
-        int moved = fcntl(fd, F_DUPFD_CLOEXEC, 3);
-        if (moved < 0) { stage = "init: move the memfd above 2"; err = errno; }
-        else { close(fd); fd = moved; }
-    }
+    if (!stage && (fd = above_stdio(fd)) < 0) { stage = "init: move the memfd above 2"; err = errno; }
     if (stage) {
-        close(fd);
+        if (fd >= 0) close(fd);
         return tn_fail_errno(L, stage, err);
     }
     init_fd = fd;
@@ -1662,22 +1673,8 @@ static void *netns_thread(void *arg) {
     struct ifreq ifr;
     memset(&ifr, 0, sizeof ifr);
     memcpy(ifr.ifr_name, "lo", 3);
-    int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-    if (s < 0 || ioctl(s, SIOCGIFFLAGS, &ifr) != 0 ||
-        (ifr.ifr_flags |= IFF_UP | IFF_RUNNING, ioctl(s, SIOCSIFFLAGS, &ifr) != 0)) {
-        op->stage = "bring up lo";
-        op->err = errno;
-        if (s >= 0) close(s);
-        return NULL;
-    }
-    close(s);
-    /* above 2: 0 to 2 are what a spawn overwrites, and may be closed here */
-    int fd = open("/proc/thread-self/ns/net", O_RDONLY | O_CLOEXEC);
-    if (fd >= 0 && fd < 3) {
-        int moved = fcntl(fd, F_DUPFD_CLOEXEC, 3);
-        close(fd);
-        fd = moved;
-    }
+    if (lo_up(&ifr) != 0) { op->stage = "bring up lo"; op->err = errno; return NULL; }
+    int fd = above_stdio(open("/proc/thread-self/ns/net", O_RDONLY | O_CLOEXEC));
     if (fd < 0) { op->stage = "open /proc/thread-self/ns/net"; op->err = errno; return NULL; }
     op->fd = fd;
     return NULL;

@@ -117,7 +117,7 @@ function driver.reset(state)
 end
 
 local function fill_netns()
-  if netns.filling or not core.current() then return end
+  if netns.filling then return end
   if netns.failed_at and core.now() - netns.failed_at < NETNS_RETRY_MS then return end
   netns.filling = true
   core.spawn(function()
