@@ -369,6 +369,45 @@ function lib.cleanup()
   end
 end
 
+-- The machine's own stalls: a stall probe (bench/apps/stall_probe.c) on
+-- each CPU sleeps 1 ms at a time for `seconds` and counts the sleeps that
+-- ended late. Run beside nothing else: running it during a measurement
+-- would wake each CPU every millisecond and change what is measured.
+-- lib.stalls(phase, seconds) -> one row per CPU
+function lib.stalls(phase, seconds)
+  local probe = lib.compile("stall_probe")
+  local _, out = lib.sh("nproc")
+  local dir, probes = lib.tmpdir("stalls"), {}
+  for cpu = 0, (tonumber(out:match("%d+")) or 1) - 1 do
+    local log = dir .. "/cpu" .. cpu .. ".out"
+    local pid = lib.start(string.format("taskset -c %d %s", cpu, lib.q(probe)), log, "stall probe")
+    probes[#probes + 1] = { cpu = cpu, pid = pid, log = log }
+  end
+  lib.sleep(seconds)
+  local rows = {}
+  for _, p in ipairs(probes) do
+    lib.stop(p.pid, "SIGTERM", 5)
+    local text = lib.read(p.log) or ""
+    local row = { phase = phase, cpu = p.cpu }
+    for k, v in text:gmatch("(%a[%w_]*) ([%d.]+)") do row[k] = tonumber(v) end
+    if not row.sleeps then error("the stall probe on CPU " .. p.cpu .. " printed nothing: " .. text) end
+    rows[#rows + 1] = row
+  end
+  return rows
+end
+
+-- Over the rows of lib.stalls: stalls > 2 ms per CPU-second, and a sentence.
+function lib.stalls_rate(rows)
+  local over2, over5, worst, cpu_s = 0, 0, 0, 0
+  for _, r in ipairs(rows) do
+    over2, over5 = over2 + r.over_2ms, over5 + r.over_5ms
+    worst, cpu_s = math.max(worst, r.max_ms), cpu_s + r.seconds
+  end
+  local rate = cpu_s > 0 and over2 / cpu_s or 0
+  return rate, string.format("with nothing else running, a 1 ms sleep ended > 2 ms late %d times in %.0f CPU-seconds "
+    .. "(%.1f per CPU-second; > 5 ms: %d; longest %.1f ms)", over2, cpu_s, rate, over5, worst)
+end
+
 ---------------------------------------------------------------------------
 -- peers from Debian
 
