@@ -1618,20 +1618,17 @@ static int dispatch_protected(lua_State *L) {
  * every LF must follow a CR, and no line may start with white space
  * (obsolete folding). */
 static void head_scan(http_conn *c, const char *p, size_t n) {
-    if (c->bad_head) return;
+    if (c->bad_head || n == 0) return;
+    /* line by line (memchr), not byte by byte: this runs for every request */
+    static const char *const bare_lf = "bare LF in the request head";
+    static const char *const folded = "obsolete line folding in the request head";
     const char *end = p + n;
-    char prev = c->scan_prev;
-    for (const char *q = p; q < end; q++) {
-        char ch = *q;
-        if (ch == '\n') {
-            if (prev != '\r') { c->bad_head = "bare LF in the request head"; return; }
-        } else if ((ch == ' ' || ch == '\t') && prev == '\n') {
-            c->bad_head = "obsolete line folding in the request head";
-            return;
-        }
-        prev = ch;
+    if (c->scan_prev == '\n' && (p[0] == ' ' || p[0] == '\t')) { c->bad_head = folded; return; }
+    for (const char *lf = memchr(p, '\n', n); lf; lf = memchr(lf + 1, '\n', (size_t)(end - lf - 1))) {
+        if ((lf > p ? lf[-1] : c->scan_prev) != '\r') { c->bad_head = bare_lf; return; }
+        if (lf + 1 < end && (lf[1] == ' ' || lf[1] == '\t')) { c->bad_head = folded; return; }
     }
-    c->scan_prev = prev;
+    c->scan_prev = end[-1];
 }
 
 /* Start the handler's task for r. */

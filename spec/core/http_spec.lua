@@ -497,6 +497,37 @@ describe("core.http server", function()
     end
   end)
 
+  it("checks line endings and folding wherever the reads split the head", function()
+    -- the raw head is scanned piece by piece as it arrives: a CR, LF or
+    -- folding white space at the edge of a read must count like any other
+    local heads = {
+      { "GET / HTTP/1.1\r\nHost: a\r\nX-A: b\r\n c\r\n\r\n", 400 },
+      { "GET / HTTP/1.1\r\nHost: a\r\nX-A: b\r\n\tc\r\n\r\n", 400 },
+      { "GET / HTTP/1.1\r\nHost: a\nX: y\r\n\r\n", 400 },
+      { "GET / HTTP/1.1\nHost: a\r\n\r\n", 400 },
+      { "GET / HTTP/1.1\r\nHost: a\r\nX-A: b c\r\n\r\n", 200 },
+    }
+    core.run(function()
+      local srv, port, calls = serve(hello)
+      local want_calls = 0
+      for _, h in ipairs(heads) do
+        local text, status = h[1], h[2]
+        for cut = 1, #text - 1 do
+          local c = raw(port)
+          c:send(text:sub(1, cut))
+          core.sleep(2) -- its own read
+          c:send(text:sub(cut + 1))
+          local res = assert(c:response())
+          assert.are.equal(status, res.status, string.format("%q cut after %d bytes", text, cut))
+          if status == 200 then want_calls = want_calls + 1 end
+          c:close()
+        end
+      end
+      assert.are.equal(want_calls, calls.n)
+      srv:close()
+    end)
+  end)
+
   it("does not let a smuggled request through after an ambiguous one", function()
     core.run(function()
       local srv, port, calls = serve(hello)
