@@ -350,10 +350,16 @@ command {
   run = function(ctx)
     local cfg = load_config(ctx)
     if not cfg then return 1 end
-    if ctx.opts["data-dir"] then cfg.settings.data_dir = ctx.opts["data-dir"] end
     local config = require "tenement.config"
-    for _, o in ipairs { { "port", "--port" }, { "listen", "--listen" }, { "domain", "--domain" } } do
-      local v = ctx.opts[o[1]]
+    -- The client commands find the control socket through the same
+    -- --data-dir / $TENEMENT_DATA_DIR, so the server must honour both.
+    local dir, dir_origin = ctx.opts["data-dir"], "--data-dir"
+    if not dir and ctx.env.TENEMENT_DATA_DIR and ctx.env.TENEMENT_DATA_DIR ~= "" then
+      dir, dir_origin = ctx.env.TENEMENT_DATA_DIR, "TENEMENT_DATA_DIR"
+    end
+    for _, o in ipairs { { "data_dir", dir_origin, dir and absolute(dir) }, { "port", "--port" },
+      { "listen", "--listen" }, { "domain", "--domain" } } do
+      local v = o[3] or ctx.opts[o[1]]
       if v ~= nil then
         if o[1] == "domain" then v = v:lower() end
         local ok, err = config.override(cfg, o[1], v, o[2])

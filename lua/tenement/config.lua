@@ -1319,14 +1319,26 @@ function config.check(doc, source, env, text)
 end
 
 -- config.override(cfg, name, value, origin) -> true | nil, err: sets one
--- [settings] value from the command line, checked by the same rules.
+-- [settings] value from the command line, checked by the same rules. It is
+-- also kept in cfg.overrides: the command line outranks the file, so a
+-- reload of the file must put it back (config.reapply).
 function config.override(cfg, name, value, origin)
   local _, err = config.check({ settings = { [name] = value } }, nil, {})
   if err then
     return nil, (origin or name) .. ": " .. (err:gsub("^[^:]*: ", ""):gsub("^settings%." .. name .. " = ", ""))
   end
   cfg.settings[name] = value
+  cfg.overrides = cfg.overrides or {}
+  cfg.overrides[name] = value
   return true
+end
+
+-- config.reapply(new, old): gives a freshly loaded cfg the command-line
+-- overrides the running one was started with.
+function config.reapply(new, old)
+  for name, value in pairs(old.overrides or {}) do new.settings[name] = value end
+  new.overrides = old.overrides
+  return new
 end
 
 -- Parses TOML text and validates it. env: host environment used for ${VAR}.

@@ -103,6 +103,67 @@ describe("ten CLI", function()
     assert.matches("SERVICE:ID", err2, 1, true)
   end)
 
+  describe("ten serve and the data directory and overrides it is given", function()
+    local pid
+
+    -- Starts ten serve in the background with extra arguments and environment.
+    local function serve(dir, args, env)
+      local parts = { support.clean_env() }
+      for k, v in pairs(env or {}) do parts[#parts + 1] = k .. "=" .. support.quote(v) end
+      parts[#parts + 1] = support.quote(support.ten) .. " serve"
+      for _, a in ipairs(args) do parts[#parts + 1] = support.quote(a) end
+      local p = io.popen(table.concat(parts, " ") .. " >" .. support.quote(dir .. "/serve.log") .. " 2>&1 & echo $!")
+      pid = tonumber(p:read("l"))
+      p:close()
+    end
+
+    local function wait_up(args, env)
+      for _ = 1, 100 do
+        if support.ten_run(args, env) == 0 then return true end
+        support.sleep(0.05)
+      end
+      return false
+    end
+
+    after_each(function()
+      if pid then os.execute("kill -KILL " .. pid .. " 2>/dev/null") end
+      pid = nil
+    end)
+
+    it("uses $TENEMENT_DATA_DIR, as the client commands do", function()
+      local dir = support.tmpdir()
+      local cfg = support.write(dir .. "/tenement.toml",
+        '[settings]\ndata_dir = "from-file"\nport = ' .. support.free_port() .. "\n")
+      local env = { TENEMENT_DATA_DIR = dir .. "/from-env" }
+      serve(dir, { "--config", cfg }, env)
+      assert.is_true(wait_up({ "ps", "--config", cfg }, env), "ten ps did not find the server")
+      assert.is_true(os.execute("test -S " .. support.quote(dir .. "/from-env/ten.sock")))
+    end)
+
+    it("keeps --port and --domain across ten reload", function()
+      local dir = support.tmpdir()
+      local cfg = support.write(dir .. "/tenement.toml",
+        '[settings]\ndata_dir = "data"\nport = ' .. support.free_port() .. "\n")
+      local port = support.free_port()
+      serve(dir, { "--config", cfg, "--port", tostring(port), "--domain", "example.test" })
+      assert.is_true(wait_up { "ps", "--config", cfg }, "ten serve did not come up")
+      local function health_status()
+        return require("tenement.core").run(function()
+          local c = support.raw(port)
+          c:send("GET /health HTTP/1.1\r\nHost: example.test\r\nConnection: close\r\n\r\n")
+          local res = assert(c:response())
+          c:close()
+          return res.status
+        end)
+      end
+      assert.are.equal(200, health_status())
+      local code, out, err = support.ten_run { "reload", "--config", cfg }
+      assert.are.equal(0, code, err)
+      assert.is_nil(out:find("needs a restart", 1, true), out)
+      assert.are.equal(200, health_status())
+    end)
+  end)
+
   describe("ten init", function()
     local function init_in(dir, ...)
       local args = { ... }
