@@ -448,6 +448,40 @@ function config.expand(template, vars)
   return table.concat(out)
 end
 
+-- The socket is only known per instance, but a template that cannot give an
+-- absolute path, or whose fixed part is already too long, fails every spawn:
+-- say so at load time, with the line. Runs after the template check passed.
+local function check_socket_template(s, ctx)
+  local parts = parse_template(s)
+  local first, start = parts[1], ""
+  if first.text then
+    start = first.text
+  elseif first.var then
+    start = tostring(ctx.env[first.var] or "")
+  elseif first.ph == "data_dir" or first.ph == "instance_dir" then
+    start = "/"
+  end
+  if start:sub(1, 1) ~= "/" then
+    return nil, 'must be an absolute path: start it with "/", {data_dir}, {instance_dir} or'
+      .. " a ${VAR} that holds one"
+  end
+  local len = 0
+  for _, p in ipairs(parts) do
+    if p.text then
+      len = len + #p.text
+    elseif p.var then
+      len = len + #tostring(ctx.env[p.var] or "")
+    else
+      len = len + 1 -- every placeholder's value has at least one character
+    end
+  end
+  if len > SOCKET_PATH_MAX then
+    return nil, ("expanded, it is at least %d bytes long, and Unix sockets allow at most %d:"
+      .. " use a shorter directory"):format(len, SOCKET_PATH_MAX)
+  end
+  return true
+end
+
 local ALL = {}
 for _, p in ipairs(PLACEHOLDERS) do ALL[p] = true end
 
@@ -578,7 +612,8 @@ local SERVICE = {
     { name = "workdir", type = "string", nonempty = true, template = PER_INSTANCE,
       doc = "Working directory for the process" },
     { name = "socket", type = "string", default = "/tmp/tenement/{name}-{id}.sock",
-      nonempty = true, template = SOCKET_TEMPLATE, doc = "Unix socket path template" },
+      nonempty = true, template = SOCKET_TEMPLATE, check = check_socket_template,
+      doc = "Unix socket path template" },
     { name = "health", type = "string", check = check_http_path,
       doc = "HTTP path for health checks" },
     { name = "startup_timeout", type = "integer", default = 10, min = 1,
