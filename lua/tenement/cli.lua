@@ -832,6 +832,7 @@ command {
   name = "help",
   summary = "Show help for a command",
   usage = "ten help [COMMAND]",
+  max_args = 1,
   run = function(ctx, args)
     local name = args[1]
     if not name then ctx.out:write(main_help()) return 0 end
@@ -903,7 +904,7 @@ function cli.main(args, io_override)
     ctx.out:write(cmd and command_help(cmd) or main_help())
     return cmd and 0 or (opts.help and 0 or 2)
   end
-  if cmd.max_args and #positional > cmd.max_args or (not cmd.max_args and #positional > 0 and cmd.name ~= "help") then
+  if #positional > (cmd.max_args or 0) then
     ctx.err:write(string.format("ten %s: unexpected argument '%s'\nUsage: %s\n", cmd.name,
       positional[(cmd.max_args or 0) + 1], cmd.usage))
     return 2

@@ -39,6 +39,10 @@ describe("ten CLI", function()
     local code2, _, err2 = support.ten_run { "help", "nope" }
     assert.are.equal(2, code2)
     assert.matches("unknown command 'nope'", err2, 1, true)
+    local code3, out3, err3 = support.ten_run { "help", "logs", "extra" }
+    assert.are.equal(2, code3)
+    assert.are.equal("", out3)
+    assert.matches("ten help: unexpected argument 'extra'", err3, 1, true)
   end)
 
   it("ten config prints the resolved file and JSON", function()
