@@ -744,7 +744,9 @@ local function where_value(ctx, tbl, key)
   if line and ctx.text then
     if not ctx.lines then
       ctx.lines = {}
-      for l in (ctx.text .. "\n"):gmatch("([^\n]*)\n") do ctx.lines[#ctx.lines + 1] = l end
+      -- toml counts columns after a byte order mark, so the lines must too.
+      local text = ctx.text:gsub("^\239\187\191", "")
+      for l in (text .. "\n"):gmatch("([^\n]*)\n") do ctx.lines[#ctx.lines + 1] = l end
     end
     local text = ctx.lines[line]
     local vcol = text and value_col(text, col)

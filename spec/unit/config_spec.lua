@@ -440,6 +440,11 @@ describe("reporting", function()
     }, parse_errors('[service.api]\ncommand = "x"\n[routing.subdomain]\n"\u{e9}t\u{e9}" = 5\n'))
   end)
 
+  it("points at the value on the first line of a file that starts with a byte order mark", function()
+    assert.same({ "tenement.toml:1:17: settings.port = 0: out of range: expected an integer"
+      .. " from 1 to 65535" }, parse_errors("\239\187\191settings.port = 0\n"))
+  end)
+
   it("checks a plain table too, without positions", function()
     local cfg, err = config.check({ settings = { port = 0 } }, "x.toml", {})
     assert.is_nil(cfg)
