@@ -133,7 +133,11 @@ local function show(v)
     return tostring(v)
   elseif k == "array" or k == "empty" then
     local items = {}
-    for i = 1, #v do items[i] = show(v[i]) end
+    for i = 1, #v do
+      items[i] = show(v[i])
+      -- an array of tables (`[[x]]`) has no short text; "[]" would say it is empty
+      if items[i] == nil then return nil end
+    end
     s = "[" .. table.concat(items, ", ") .. "]"
     if #s > SHOW_MAX then s = s:sub(1, SHOW_MAX - 4) .. "...]" end
     return s
@@ -850,6 +854,12 @@ local function type_error(ctx, line, col, path, v, want)
   local hint = ""
   if want == "string" and (math.type(v) or type(v) == "boolean") then
     hint = (" (quote it: %s)"):format(quote(tostring(v)))
+  elseif want == "table" and kind(v) == "array" and kind(v[1]) == "table" then
+    local header = (path == "service" or path == "process") and (path .. ".NAME] sections")
+      or (path .. "]")
+    report(ctx, line, col, path, v, ("expected a table, got an array of tables: write [%s, not [[%s]]")
+      :format(header, path))
+    return
   end
   report(ctx, line, col, path, v, ("expected %s, got %s%s"):format(a(want), a(kind(v)), hint))
 end

@@ -327,6 +327,17 @@ describe("top-level keys", function()
   end)
 end)
 
+describe("an array of tables where a table belongs", function()
+  it("is named as such, with the header to write instead", function()
+    assert.same({
+      "tenement.toml:1:3: service: expected a table, got an array of tables: write"
+        .. " [service.NAME] sections, not [[service]]",
+      "tenement.toml:3:3: settings: expected a table, got an array of tables: write"
+        .. " [settings], not [[settings]]",
+    }, parse_errors('[[service]]\ncommand = "x"\n[[settings]]\nport = 80\n'))
+  end)
+end)
+
 describe("config.valid_name", function()
   it("accepts names of a-z, 0-9 and -", function()
     for _, s in ipairs({ "a", "0", "api", "web-2", "a1-b2-c3", ("x"):rep(63), "9lives" }) do
