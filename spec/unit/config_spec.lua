@@ -327,6 +327,18 @@ describe("top-level keys", function()
   end)
 end)
 
+describe("docs/configuration.md", function()
+  it("shows errors as config reports them", function()
+    local f = assert(io.open("docs/configuration.md"))
+    local doc = f:read("a")
+    f:close()
+    local example = assert(doc:match("\n```\n(tenement%.toml:.-)\n```"))
+    local _, err = config.parse('[service.api]\ncommand = "./api"\nrestart = "sometimes"\nhelth = "/h"\n',
+      "tenement.toml", {})
+    assert.equal(example, err)
+  end)
+end)
+
 describe("an array of tables where a table belongs", function()
   it("is named as such, with the header to write instead", function()
     assert.same({
