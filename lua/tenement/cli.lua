@@ -230,14 +230,11 @@ local function data_dir(ctx)
   local config = require "tenement.config"
   local path, origin = config.find(ctx.opts.config, ctx.env)
   local f = io.open(path)
-  if not f then
-    if origin ~= "default" then
-      ctx.err:write("cannot read config file ", path, "\n")
-      return nil
-    end
+  if not f and origin == "default" then
     return config.defaults().settings.data_dir
   end
-  f:close()
+  if f then f:close() end
+  -- A file named but missing is reported by load_config, reason and fix included.
   local cfg = load_config(ctx)
   return cfg and cfg.settings.data_dir
 end

@@ -80,6 +80,13 @@ describe("ten CLI", function()
     assert.matches("ten init", err, 1, true)
   end)
 
+  it("client commands on a missing config file give the reason and the fix", function()
+    local code, _, err = support.ten_run { "ps", "--config", "/nonexistent/tenement.toml" }
+    assert.are.equal(1, code)
+    assert.matches("cannot read config file /nonexistent/tenement.toml: No such file or directory;", err, 1, true)
+    assert.matches("ten init", err, 1, true)
+  end)
+
   it("finds ./tenement.toml when nothing else is named", function()
     local dir = support.tmpdir()
     support.write(dir .. "/tenement.toml", '[service.web]\ncommand = "./web"\n')
