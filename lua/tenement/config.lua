@@ -775,6 +775,14 @@ local function report(ctx, line, col, path, value, msg)
   ctx.errors[#ctx.errors + 1] = { line = line, col = col, text = head .. ": " .. msg }
 end
 
+-- What tenement sets in each app's environment, by the placeholder that
+-- gives the same value: ${PORT} in a template is the server's variable, read
+-- at load time, which is rarely what was meant.
+local APP_VARS = {
+  PORT = "port", SOCKET_PATH = "socket", INSTANCE_DIR = "instance_dir", INSTANCE_ID = "id",
+  SERVICE_NAME = "name",
+}
+
 local function check_template(ctx, s, tpl, line, col, path, field)
   local parts, err = parse_template(s)
   if not parts then
@@ -804,8 +812,11 @@ local function check_template(ctx, s, tpl, line, col, path, field)
       local v = ctx.env[p.var]
       if v == nil then
         ok = false
+        local own = APP_VARS[p.var]
         report(ctx, line, col, path, s,
-          ("%s is not set in the environment of ten serve"):format(p.var))
+          ("%s is not set in the environment of ten serve%s"):format(p.var, own
+            and (" (${VAR} is read when the file loads); for the instance's own %s write {%s}")
+              :format(p.var, own) or ""))
       else
         ctx.host_env[p.var] = tostring(v)
       end

@@ -150,6 +150,17 @@ describe("templates at load time", function()
 end)
 
 describe("${VAR} at load time", function()
+  it("points at the placeholder when the variable is one tenement sets for the app", function()
+    assert.same({
+      'tenement.toml:2:11: service.api.command = "./app --port ${PORT}": PORT is not set in the'
+        .. " environment of ten serve (${VAR} is read when the file loads); for the instance's"
+        .. " own PORT write {port}",
+      'tenement.toml:4:6: service.api.env.DB = "${INSTANCE_DIR}/db": INSTANCE_DIR is not set in the'
+        .. " environment of ten serve (${VAR} is read when the file loads); for the instance's"
+        .. " own INSTANCE_DIR write {instance_dir}",
+    }, errors('[service.api]\ncommand = "./app --port ${PORT}"\n[service.api.env]\nDB = "${INSTANCE_DIR}/db"\n'))
+  end)
+
   it("is an error when the variable is not set, in env values", function()
     assert.same({
       'tenement.toml:4:14: service.api.env.SECRET_KEY = "${SECRET_KEY}": SECRET_KEY is not set'
