@@ -363,6 +363,14 @@ command {
         if not ok then ctx.err:write("ten serve: ", err, "\n") return 2 end
       end
     end
+    -- The original's configs carry [settings.tls]; they load, but nothing
+    -- here speaks TLS yet, and a user who asked for HTTPS must not find out
+    -- from a browser.
+    if cfg.settings.tls.enabled then
+      require("tenement.log").warn("settings.tls.enabled = true: HTTPS is not served by this version"
+        .. " of ten; it serves plain HTTP on %s:%d. Put a TLS proxy (Caddy, say) in front of it",
+        cfg.settings.listen, cfg.settings.port)
+    end
     local core = require "tenement.core"
     local server = require "tenement.server"
     return core.run(function()

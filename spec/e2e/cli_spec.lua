@@ -114,7 +114,7 @@ describe("ten CLI", function()
     assert.matches("SERVICE:ID", err2, 1, true)
   end)
 
-  describe("ten serve and the data directory and overrides it is given", function()
+  describe("ten serve as the command line and the file set it up", function()
     local pid
 
     -- Starts ten serve in the background with extra arguments and environment.
@@ -149,6 +149,18 @@ describe("ten CLI", function()
       serve(dir, { "--config", cfg }, env)
       assert.is_true(wait_up({ "ps", "--config", cfg }, env), "ten ps did not find the server")
       assert.is_true(os.execute("test -S " .. support.quote(dir .. "/from-env/ten.sock")))
+    end)
+
+    it("says that [settings.tls] enabled = true does not give HTTPS", function()
+      local dir = support.tmpdir()
+      local cfg = support.write(dir .. "/tenement.toml", table.concat({
+        "[settings]", 'data_dir = "data"', "port = " .. support.free_port(),
+        "[settings.tls]", "enabled = true", 'acme_email = "a@example.com"', 'domain = "example.com"',
+      }, "\n") .. "\n")
+      serve(dir, { "--config", cfg })
+      assert.is_true(wait_up { "ps", "--config", cfg }, "ten serve did not come up")
+      local log = assert(io.open(dir .. "/serve.log")):read("a")
+      assert.matches("settings.tls.enabled = true: HTTPS is not served", log, 1, true)
     end)
 
     it("keeps --port and --domain across ten reload", function()
