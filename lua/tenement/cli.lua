@@ -333,12 +333,20 @@ end
 command {
   name = "serve",
   summary = "Run the server: supervise the instances, keep their logs",
-  usage = "ten serve [--config FILE] [-p PORT] [--listen ADDR] [-d DOMAIN]",
+  usage = "ten serve [--config FILE] [-p PORT] [--listen ADDR] [-d DOMAIN] [--tls --email EMAIL [--staging]]",
   options = {
     { long = "port", short = "p", arg = "PORT", help = "HTTP port (overrides settings.port)",
       check = function(v) local n = math.tointeger(tonumber(v)) return n, "expected a port number" end },
     { long = "listen", arg = "ADDR", help = "address to listen on (overrides settings.listen)" },
     { long = "domain", short = "d", arg = "DOMAIN", help = "routing domain (overrides settings.domain)" },
+    -- The original's flags: its users' scripts pass them.
+    { long = "tls", help = "set settings.tls.enabled (the certificate is for --domain unless the file names one)" },
+    { long = "email", arg = "EMAIL", help = "ACME account email (overrides settings.tls.acme_email)",
+      check = function(v)
+        local _, err = require("tenement.config").check({ settings = { tls = { acme_email = v } } }, nil, {})
+        return err == nil, err and err:gsub("^[^:]*: ", "")
+      end },
+    { long = "staging", help = "use the ACME staging environment (settings.tls.staging)" },
   },
   description = "Starts the instances of [instances] and those that were running when the\n" ..
     "server last stopped, restarts them by their policy, and answers the other\n" ..
@@ -362,6 +370,24 @@ command {
         local ok, err = config.override(cfg, o[1], v, o[2])
         if not ok then ctx.err:write("ten serve: ", err, "\n") return 2 end
       end
+    end
+    local o = ctx.opts
+    if o.tls or o.email or o.staging then
+      local tls = {}
+      for k, v in pairs(cfg.settings.tls) do tls[k] = v end
+      tls.enabled = tls.enabled or o.tls == true
+      tls.staging = tls.staging or o.staging == true
+      tls.acme_email = o.email or tls.acme_email
+      if o.domain and tls.domain == nil then tls.domain = o.domain:lower() end
+      local checked, err = config.check({ settings = { tls = tls } }, nil, {})
+      if not checked then
+        ctx.err:write("ten serve: --tls: ", (err:gsub("\n", "\n  ")),
+          "\n(on the command line: --email EMAIL, --domain DOMAIN)\n")
+        return 2
+      end
+      cfg.settings.tls = checked.settings.tls
+      cfg.overrides = cfg.overrides or {}
+      cfg.overrides.tls = cfg.settings.tls
     end
     -- The original's configs carry [settings.tls]; they load, but nothing
     -- here speaks TLS yet, and a user who asked for HTTPS must not find out

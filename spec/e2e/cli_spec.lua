@@ -163,6 +163,23 @@ describe("ten CLI", function()
       assert.matches("settings.tls.enabled = true: HTTPS is not served", log, 1, true)
     end)
 
+    it("accepts the original's --tls, --email and --staging, checked like the file", function()
+      local dir = support.tmpdir()
+      local cfg = support.write(dir .. "/tenement.toml",
+        '[settings]\ndata_dir = "data"\nport = ' .. support.free_port() .. "\n")
+      local code, _, err = support.ten_run { "serve", "--config", cfg, "--tls", "--domain", "example.com" }
+      assert.are.equal(2, code)
+      assert.matches("ten serve: --tls: settings.tls.acme_email: missing", err, 1, true)
+      assert.matches("--email", err, 1, true)
+      code, _, err = support.ten_run { "serve", "--config", cfg, "--tls", "--email", "nope", "--domain", "example.com" }
+      assert.are.equal(2, code)
+      assert.matches('--email nope: expected an email address like "admin@example.com"', err, 1, true)
+      serve(dir, { "--config", cfg, "--tls", "--email", "a@example.com", "--domain", "example.com", "--staging" })
+      assert.is_true(wait_up { "ps", "--config", cfg }, "ten serve did not come up")
+      local log = assert(io.open(dir .. "/serve.log")):read("a")
+      assert.matches("settings.tls.enabled = true: HTTPS is not served", log, 1, true)
+    end)
+
     it("keeps --port and --domain across ten reload", function()
       local dir = support.tmpdir()
       local cfg = support.write(dir .. "/tenement.toml",
