@@ -92,6 +92,11 @@ local function parse_args(cmd, args)
         if value == nil then
           i = i + 1
           value = args[i]
+          -- `--id --data-dir D` forgot the id: taking "--data-dir" as the id
+          -- would blame D instead. A value that looks like an option can be
+          -- given as --id=VALUE.
+          local next_name = value and value:match("^%-%-([^=]+)")
+          if next_name and by_long[next_name] then value = nil end
           if value == nil then
             error(usage_error(string.format("option '--%s' needs a value (%s)", spec.long, spec.arg)))
           end

@@ -112,6 +112,10 @@ describe("ten CLI", function()
     local code2, _, err2 = support.ten_run { "spawn", "api", "--data-dir", dir }
     assert.are.equal(2, code2)
     assert.matches("SERVICE:ID", err2, 1, true)
+    -- an option's missing value is not taken from the next option
+    local code3, _, err3 = support.ten_run { "spawn", "api", "--id", "--data-dir", dir }
+    assert.are.equal(2, code3)
+    assert.matches("ten spawn: option '--id' needs a value (ID)", err3, 1, true)
   end)
 
   describe("ten serve as the command line and the file set it up", function()
