@@ -520,6 +520,7 @@ local CACHE_TEMPLATE = {
 --   key_check, value_check   maps: the same, for each key / each value
 --   template  which placeholders the string (or each item/value) may use
 --   path      a file path: relative ones are resolved against the config file's directory
+--   fs        a file system path: a leading "~" is an error (nothing expands it)
 --   alias_of  a legacy name for another row; setting both is an error
 --   doc       one line for `ten config` and the docs
 -- A schema is { fields = { rows }, check = function(ctx, values, bad, tbl, path) } where
@@ -534,7 +535,7 @@ local TLS = {
     { name = "domain", type = "string", check = check_dns_name,
       doc = "Domain for the TLS certificate (required when enabled)" },
     { name = "cache_dir", type = "string", default = "{data_dir}/acme", nonempty = true,
-      template = CACHE_TEMPLATE, doc = "Directory for the certificate cache" },
+      template = CACHE_TEMPLATE, fs = true, doc = "Directory for the certificate cache" },
     { name = "staging", type = "boolean", default = false,
       doc = "Use the Let's Encrypt staging environment (avoids rate limits)" },
     { name = "https_port", type = "integer", default = 443, min = 1, max = 65535,
@@ -549,7 +550,7 @@ local TLS = {
 local SETTINGS = {
   fields = {
     { name = "data_dir", type = "string", default = "/var/lib/tenement", nonempty = true,
-      template = GLOBAL_ONLY, path = true,
+      template = GLOBAL_ONLY, path = true, fs = true,
       doc = "Base directory for instance data (relative: to the config file's directory)" },
     { name = "health_check_interval", type = "integer", default = 10, min = 1,
       doc = "Seconds between health checks" },
@@ -613,7 +614,7 @@ local SERVICE = {
       template = PER_INSTANCE, doc = "Command that starts the service" },
     { name = "args", type = "array", items = "string", default = {}, template = PER_INSTANCE,
       doc = "Command arguments" },
-    { name = "workdir", type = "string", nonempty = true, template = PER_INSTANCE,
+    { name = "workdir", type = "string", nonempty = true, template = PER_INSTANCE, fs = true,
       doc = "Working directory for the process" },
     { name = "socket", type = "string", default = "/tmp/tenement/{name}-{id}.sock",
       nonempty = true, template = SOCKET_TEMPLATE, check = check_socket_template,
@@ -665,7 +666,7 @@ local ROUTING = {
 
 local HOOKS = {
   fields = {
-    { name = "router", type = "string", nonempty = true, path = true,
+    { name = "router", type = "string", nonempty = true, path = true, fs = true,
       doc = "Lua file whose route() wraps or replaces the router" },
   },
 }
@@ -834,6 +835,12 @@ local function check_string(ctx, row, s, line, col, path, check)
   end
   if row.nonempty and not s:find("%S") then
     report(ctx, line, col, path, s, "must not be empty")
+    return false
+  end
+  -- "~/x" would be a directory named "~" (next to the config, for data_dir).
+  if row.fs and s:sub(1, 1) == "~" then
+    report(ctx, line, col, path, s,
+      '"~" is not expanded here (no shell reads this file): write ${HOME} instead')
     return false
   end
   if row.one_of then

@@ -175,6 +175,21 @@ describe("[settings] data_dir", function()
     }, errors('data_dir = "/srv/{id}"'))
   end)
 
+  it("rejects a leading ~, which no shell expands here, in every path", function()
+    local fix = '"~" is not expanded here (no shell reads this file): write ${HOME} instead'
+    assert.same({ 'tenement.toml:2:12: settings.data_dir = "~/tenement": ' .. fix },
+      errors('data_dir = "~/tenement"'))
+    local _, err = config.parse('[settings.tls]\ncache_dir = "~/acme"\n[hooks]\nrouter = "~/r.lua"\n'
+      .. '[service.api]\ncommand = "x"\nworkdir = "~"\n', "tenement.toml", {})
+    assert.same({
+      'tenement.toml:2:13: settings.tls.cache_dir = "~/acme": ' .. fix,
+      'tenement.toml:4:10: hooks.router = "~/r.lua": ' .. fix,
+      'tenement.toml:7:11: service.api.workdir = "~": ' .. fix,
+    }, lines(err))
+    assert.equal("/etc/t/a~b", assert(config.parse('[settings]\ndata_dir = "a~b"\n', "/etc/t/t.toml", {}))
+      .settings.data_dir)
+  end)
+
   it("rejects an empty string and a non-string", function()
     assert.same({ 'tenement.toml:2:12: settings.data_dir = "": must not be empty' },
       errors('data_dir = ""'))
