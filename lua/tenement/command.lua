@@ -11,8 +11,13 @@ local command = {}
 -- pipelines, lists, globbing, comments, assignments, subshells.
 local SHELL_SYNTAX = "[|&;<>()$`\\\"'*?%[%]#~=%%{}!\n]"
 
+-- `exec` is a shell builtin: no program of that name exists for execve.
+local function starts_with_exec(cmd, from)
+  return cmd:find("^exec%f[%s\0]", from or cmd:match("^%s*()")) ~= nil
+end
+
 function command.needs_shell(cmd)
-  return cmd:find(SHELL_SYNTAX) ~= nil
+  return cmd:find(SHELL_SYNTAX) ~= nil or starts_with_exec(cmd)
 end
 
 -- Single-quote s for /bin/sh.
@@ -66,7 +71,9 @@ function command.argv(cmd, args)
     local parts = { cmd }
     if not is_list(cmd) then
       local at = after_assignments(cmd)
-      parts[1] = cmd:sub(1, at - 1) .. "exec " .. cmd:sub(at)
+      if not starts_with_exec(cmd, at) then
+        parts[1] = cmd:sub(1, at - 1) .. "exec " .. cmd:sub(at)
+      end
     end
     for _, a in ipairs(args) do parts[#parts + 1] = command.quote(a) end
     return { "/bin/sh", "-c", table.concat(parts, " ") }

@@ -35,6 +35,14 @@ describe("command.argv", function()
     assert.matches("TEN_SPEC_FOO=bar", out, 1, true)
   end)
 
+  it("does not add exec to a command that starts with exec itself", function()
+    assert.are.same({ "/bin/sh", "-c", "exec ./app > log" }, command.argv("exec ./app > log"))
+    assert.are.same({ "/bin/sh", "-c", "FOO=1 exec ./app" }, command.argv("FOO=1 exec ./app"))
+    -- exec is a shell builtin, not a program execve could find
+    assert.are.same({ "/bin/sh", "-c", "exec ./app 'a b'" }, command.argv("exec ./app", { "a b" }))
+    assert.are.same({ "./executor", "x" }, command.argv("./executor x"))
+  end)
+
   it("rejects an empty command", function()
     assert.are.same({ nil, "command is empty" }, { command.argv("   ") })
     assert.are.same({ nil, "command is empty" }, { command.argv("") })
