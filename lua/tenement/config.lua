@@ -1138,6 +1138,19 @@ SETTINGS.check = function(ctx, out, bad, tbl, path)
   end
 end
 
+SERVICE.check = function(ctx, out, bad, tbl, path)
+  -- The process level never reads `network`: the app would keep the host's
+  -- network while the file says it is isolated.
+  if not bad.network and not bad.isolation and out.network == "isolated"
+    and out.isolation == "process" then
+    local line, col = where_value(ctx, tbl, "network")
+    report(ctx, line, col, join(path, "network"), out.network, "process isolation shares the"
+      .. ' host\'s network, so the app would not be isolated: use isolation = "namespace"'
+      .. ' (or "sandbox", which has no network at all)')
+    bad.network = true
+  end
+end
+
 ROUTING.check = function(_, out)
   -- Longest prefix first, so "/api/v2" is tried before "/api"; ties in name order.
   local list = {}
