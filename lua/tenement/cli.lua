@@ -207,6 +207,7 @@ end
 
 command {
   name = "config",
+  local_only = true,
   summary = "Load, validate and print the resolved configuration",
   usage = "ten config [--json]",
   description = "Reads tenement.toml (see --config), checks every field, fills in the\n" ..
@@ -337,6 +338,7 @@ end
 
 command {
   name = "serve",
+  local_only = true,
   summary = "Run the server: supervise the instances, keep their logs",
   usage = "ten serve [--config FILE] [-p PORT] [--listen ADDR] [-d DOMAIN] [--tls --email EMAIL [--staging]]",
   options = {
@@ -704,6 +706,7 @@ end
 
 command {
   name = "token-gen",
+  local_only = true,
   summary = "Create an API token and print it once",
   usage = "ten token-gen [--name NAME] [--tenant SERVICE:ID|ID] [--description TEXT]",
   description = "Prints a new bearer token (43 characters). Only its hash is stored: copy it\n" ..
@@ -740,6 +743,7 @@ command {
 
 command {
   name = "token-list",
+  local_only = true,
   summary = "List API tokens (names and scopes, never the tokens)",
   usage = "ten token-list",
   run = function(ctx)
@@ -760,6 +764,7 @@ command {
 
 command {
   name = "token-revoke",
+  local_only = true,
   summary = "Revoke an API token by name",
   usage = "ten token-revoke NAME",
   max_args = 1,
@@ -826,6 +831,7 @@ command {
 
 command {
   name = "init",
+  local_only = true,
   summary = "Write a starter tenement.toml for the app in this directory",
   usage = "ten init [--name NAME] [--command CMD] [--force]",
   description = "Looks at the current directory (pyproject.toml or requirements.txt: Python;\n" ..
@@ -939,6 +945,15 @@ function cli.main(args, io_override)
   if opts.help or not cmd then
     ctx.out:write(cmd and command_help(cmd) or main_help())
     return cmd and 0 or (opts.help and 0 or 2)
+  end
+  -- `ten --server URL token-gen` would make a token in the local store that
+  -- the remote server has never heard of: refuse rather than ignore.
+  for _, o in ipairs { "server", "token" } do
+    if cmd.local_only and opts[o] then
+      ctx.err:write(string.format("ten %s: --%s does not apply: this command works on this machine's"
+        .. " files, not through a server; run it where the server runs\nUsage: %s\n", cmd.name, o, cmd.usage))
+      return 2
+    end
   end
   if #positional > (cmd.max_args or 0) then
     ctx.err:write(string.format("ten %s: unexpected argument '%s'\nUsage: %s\n", cmd.name,

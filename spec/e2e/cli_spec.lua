@@ -80,6 +80,18 @@ describe("ten CLI", function()
     assert.matches("ten init", err, 1, true)
   end)
 
+  it("refuses --server and --token for commands that never talk to a server", function()
+    local dir = support.tmpdir()
+    local code, out, err = support.ten_run { "token-gen", "--server", "http://127.0.0.1:1", "--data-dir", dir .. "/d" }
+    assert.are.equal(2, code)
+    assert.are.equal("", out)
+    assert.matches("ten token-gen: --server does not apply", err, 1, true)
+    assert.is_nil(io.open(dir .. "/d/tenement.db"))
+    code, _, err = support.ten_run { "config", "--token", "t", "--config", "/nonexistent/t.toml" }
+    assert.are.equal(2, code)
+    assert.matches("ten config: --token does not apply", err, 1, true)
+  end)
+
   it("client commands on a missing config file give the reason and the fix", function()
     local code, _, err = support.ten_run { "ps", "--config", "/nonexistent/tenement.toml" }
     assert.are.equal(1, code)
