@@ -833,10 +833,11 @@ command {
   name = "init",
   local_only = true,
   summary = "Write a starter tenement.toml for the app in this directory",
-  usage = "ten init [--name NAME] [--command CMD] [--force]",
+  usage = "ten init [--name NAME] [--command CMD] [--force] [--config FILE]",
   description = "Looks at the current directory (pyproject.toml or requirements.txt: Python;\n" ..
     "package.json: Node; go.mod: Go; Cargo.toml: Rust; else an executable named\n" ..
-    "like the directory) and writes a tenement.toml that runs it.",
+    "like the directory) and writes a tenement.toml that runs it (or FILE, with\n" ..
+    "--config FILE).",
   options = {
     { long = "name", arg = "NAME", help = "service name (default: the directory's name)" },
     { long = "command", arg = "CMD", help = "the command that starts the app (default: detected)" },
@@ -848,7 +849,8 @@ command {
     local cwd = core.fs.cwd()
     local text, err = starter.generate(cwd, { name = ctx.opts.name, command = ctx.opts.command })
     if not text then ctx.err:write("ten init: ", err, "\n") return 1 end
-    local path = cwd .. "/tenement.toml"
+    -- --config names the file the other commands will read: write that one.
+    local path = ctx.opts.config and absolute(ctx.opts.config) or (cwd .. "/tenement.toml")
     if core.fs.stat(path) and not ctx.opts.force then
       ctx.err:write("ten init: ", path, " already exists (use --force to overwrite it)\n")
       return 1
