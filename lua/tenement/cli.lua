@@ -202,6 +202,18 @@ local function load_config(ctx)
   return cfg
 end
 
+-- --data-dir, else $TENEMENT_DATA_DIR, over the file's data_dir: the client
+-- commands find the control socket the same way, so ten serve (and ten
+-- config, which shows what serve will use) must agree. -> true | nil, err
+local function apply_data_dir(ctx, cfg)
+  local dir, origin = ctx.opts["data-dir"], "--data-dir"
+  if not dir and ctx.env.TENEMENT_DATA_DIR and ctx.env.TENEMENT_DATA_DIR ~= "" then
+    dir, origin = ctx.env.TENEMENT_DATA_DIR, "TENEMENT_DATA_DIR"
+  end
+  if not dir then return true end
+  return require("tenement.config").override(cfg, "data_dir", absolute(dir), origin)
+end
+
 ---------------------------------------------------------------------------
 -- commands
 
@@ -219,6 +231,8 @@ command {
   run = function(ctx)
     local cfg = load_config(ctx)
     if not cfg then return 1 end
+    local ok, err = apply_data_dir(ctx, cfg)
+    if not ok then ctx.err:write("ten config: ", err, "\n") return 2 end
     if ctx.opts.json then
       local json = require "tenement.json"
       ctx.out:write(json.encode(require("tenement.config").public(cfg, json.array), "  "), "\n")
@@ -363,15 +377,10 @@ command {
     local cfg = load_config(ctx)
     if not cfg then return 1 end
     local config = require "tenement.config"
-    -- The client commands find the control socket through the same
-    -- --data-dir / $TENEMENT_DATA_DIR, so the server must honour both.
-    local dir, dir_origin = ctx.opts["data-dir"], "--data-dir"
-    if not dir and ctx.env.TENEMENT_DATA_DIR and ctx.env.TENEMENT_DATA_DIR ~= "" then
-      dir, dir_origin = ctx.env.TENEMENT_DATA_DIR, "TENEMENT_DATA_DIR"
-    end
-    for _, o in ipairs { { "data_dir", dir_origin, dir and absolute(dir) }, { "port", "--port" },
-      { "listen", "--listen" }, { "domain", "--domain" } } do
-      local v = o[3] or ctx.opts[o[1]]
+    local dok, derr = apply_data_dir(ctx, cfg)
+    if not dok then ctx.err:write("ten serve: ", derr, "\n") return 2 end
+    for _, o in ipairs { { "port", "--port" }, { "listen", "--listen" }, { "domain", "--domain" } } do
+      local v = ctx.opts[o[1]]
       if v ~= nil then
         if o[1] == "domain" then v = v:lower() end
         local ok, err = config.override(cfg, o[1], v, o[2])

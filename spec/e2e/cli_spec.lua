@@ -61,6 +61,17 @@ describe("ten CLI", function()
     assert.are.equal("prod", cfg.instances[1].id)
   end)
 
+  it("ten config shows the data_dir that --data-dir or $TENEMENT_DATA_DIR gives ten serve", function()
+    local dir = support.tmpdir()
+    local path = support.write(dir .. "/tenement.toml", '[settings]\ndata_dir = "from-file"\n')
+    local code, out, err = support.ten_run { "config", "--config", path, "--data-dir", dir .. "/flag" }
+    assert.are.equal(0, code, err)
+    assert.matches('data_dir = "' .. dir .. '/flag"', out, 1, true)
+    code, out, err = support.ten_run({ "config", "--config", path }, { TENEMENT_DATA_DIR = dir .. "/env" })
+    assert.are.equal(0, code, err)
+    assert.matches('data_dir = "' .. dir .. '/env"', out, 1, true)
+  end)
+
   it("ten config exits 1 with every error, file and line", function()
     local dir = support.tmpdir()
     local path = support.write(dir .. "/bad.toml",
