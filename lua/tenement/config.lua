@@ -515,6 +515,7 @@ local CACHE_TEMPLATE = {
 --   required  an error when absent
 --   nonempty  strings: an error when empty or only spaces
 --   min, max  integers: inclusive range
+--   limit     integers: { max, unit } the largest value the server can convert to unit
 --   one_of    strings: the allowed values
 --   check     function(value, ctx) -> true[, normalized] | nil, message
 --   key_check, value_check   maps: the same, for each key / each value
@@ -526,6 +527,13 @@ local CACHE_TEMPLATE = {
 -- A schema is { fields = { rows }, check = function(ctx, values, bad, tbl, path) } where
 -- `check` does the cross-field rules once every field of the section is known.
 ---------------------------------------------------------------------------------------
+
+-- Upper limits of values the server converts (seconds to milliseconds, days
+-- to milliseconds, MiB to bytes): past them the product wraps around in 64
+-- bits. Far beyond any real setting.
+local SECONDS = { max = 1000000000000, unit = "milliseconds" }
+local DAYS = { max = 1000000000, unit = "milliseconds" }
+local MEGABYTES = { max = 1000000000000, unit = "bytes" }
 
 local TLS = {
   fields = {
@@ -552,17 +560,17 @@ local SETTINGS = {
     { name = "data_dir", type = "string", default = "/var/lib/tenement", nonempty = true,
       template = GLOBAL_ONLY, path = true, fs = true,
       doc = "Base directory for instance data (relative: to the config file's directory)" },
-    { name = "health_check_interval", type = "integer", default = 10, min = 1,
+    { name = "health_check_interval", type = "integer", limit = SECONDS, default = 10, min = 1,
       doc = "Seconds between health checks" },
     { name = "max_restarts", type = "integer", default = 3, min = 0,
       doc = "Max restarts within restart_window before giving up" },
-    { name = "restart_window", type = "integer", default = 300, min = 1,
+    { name = "restart_window", type = "integer", limit = SECONDS, default = 300, min = 1,
       doc = "Window for counting restarts (seconds)" },
     { name = "backoff_base_ms", type = "integer", default = 1000, min = 1,
       doc = "Initial restart backoff delay (ms)" },
     { name = "backoff_max_ms", type = "integer", default = 60000, min = 1,
       doc = "Maximum restart backoff delay (ms), at least backoff_base_ms" },
-    { name = "stop_timeout", type = "integer", default = 10, min = 0,
+    { name = "stop_timeout", type = "integer", limit = SECONDS, default = 10, min = 0,
       doc = "Seconds between SIGTERM and SIGKILL when stopping an instance" },
     { name = "listen", type = "string", default = "127.0.0.1", check = check_address,
       doc = "Address the HTTP server listens on" },
@@ -574,17 +582,17 @@ local SETTINGS = {
       doc = "Largest request head in KiB (431 past it)" },
     { name = "max_headers", type = "integer", default = 100, min = 1, max = 10000,
       doc = "Most header fields in a request (431 past it)" },
-    { name = "max_body_mb", type = "integer", default = 10, min = 0,
+    { name = "max_body_mb", type = "integer", limit = MEGABYTES, default = 10, min = 0,
       doc = "Largest request body in MiB (413 past it)" },
-    { name = "header_timeout", type = "integer", default = 10, min = 1,
+    { name = "header_timeout", type = "integer", limit = SECONDS, default = 10, min = 1,
       doc = "Seconds a client has to send a request head (408 past it)" },
-    { name = "keepalive_timeout", type = "integer", default = 60, min = 1,
+    { name = "keepalive_timeout", type = "integer", limit = SECONDS, default = 60, min = 1,
       doc = "Seconds an idle keep-alive connection stays open" },
     { name = "max_connections", type = "integer", default = 4096, min = 1,
       doc = "Open connections at most; past it, accepting waits" },
     { name = "upstream_keepalive", type = "integer", default = 64, min = 0, max = 4096,
       doc = "Idle keep-alive connections kept open to each instance" },
-    { name = "drain_timeout", type = "integer", default = 10, min = 0,
+    { name = "drain_timeout", type = "integer", limit = SECONDS, default = 10, min = 0,
       doc = "On SIGTERM, seconds requests in flight have to finish" },
     { name = "auth_failures_per_minute", type = "integer", default = 20, min = 1,
       doc = "Wrong tokens one client address may send a minute before each next one is slowed down" },
@@ -592,11 +600,11 @@ local SETTINGS = {
       doc = "Put /metrics behind an admin bearer token" },
     { name = "max_cold_starts", type = "integer", default = 32, min = 1,
       doc = "Instances that requests may be starting at once (woken or on demand)" },
-    { name = "proxy_timeout", type = "integer", default = 60, min = 1,
+    { name = "proxy_timeout", type = "integer", limit = SECONDS, default = 60, min = 1,
       doc = "Seconds an instance has to start answering a proxied request (then 504)" },
     { name = "log_ring_lines", type = "integer", default = 1000, min = 10, max = 1000000,
       doc = "Lines of output kept in memory per instance (the newest)" },
-    { name = "log_retention_days", type = "integer", default = 7, min = 1,
+    { name = "log_retention_days", type = "integer", limit = DAYS, default = 7, min = 1,
       doc = "Days of instance output kept in the store" },
     { name = "log_max_lines", type = "integer", default = 1000000, min = 1000,
       doc = "Lines of instance output kept in the store at most (the oldest go first)" },
@@ -621,9 +629,9 @@ local SERVICE = {
       doc = "Unix socket path template" },
     { name = "health", type = "string", check = check_http_path,
       doc = "HTTP path for health checks" },
-    { name = "startup_timeout", type = "integer", default = 10, min = 1,
+    { name = "startup_timeout", type = "integer", limit = SECONDS, default = 10, min = 1,
       doc = "Max seconds to wait for the socket" },
-    { name = "idle_timeout", type = "integer", default = 0, min = 0,
+    { name = "idle_timeout", type = "integer", limit = SECONDS, default = 0, min = 0,
       doc = "Stop after N seconds idle (0 = never)" },
     { name = "restart", type = "string", default = "on-failure", one_of = RESTART,
       doc = "Restart policy" },
@@ -636,11 +644,11 @@ local SERVICE = {
       doc = "Run as this user (name or uid): its uid and gid, no supplementary groups, no new privileges" },
     { name = "nofile", type = "integer", min = 16, doc = "Limit on open files (RLIMIT_NOFILE)" },
     { name = "nproc", type = "integer", min = 1, doc = "Limit on processes of the user (RLIMIT_NPROC)" },
-    { name = "memory_limit_mb", type = "integer", min = 1, doc = "Memory limit in MB" },
+    { name = "memory_limit_mb", type = "integer", limit = MEGABYTES, min = 1, doc = "Memory limit in MB" },
     -- Any integer is kept: the spawn path clamps it to 1-10000 and logs that it did.
     { name = "cpu_shares", type = "integer", doc = "CPU weight 1-10000" },
     { name = "pids_limit", type = "integer", min = 1, doc = "Most processes the instance may have (cgroup pids)" },
-    { name = "storage_quota_mb", type = "integer", min = 1,
+    { name = "storage_quota_mb", type = "integer", limit = MEGABYTES, min = 1,
       doc = "Max disk usage per instance (MB)" },
     { name = "on_demand", type = "boolean", default = false,
       doc = "Let a request for an unknown id start a new instance (within max_instances)" },
@@ -921,6 +929,11 @@ local function check_field(ctx, row, v, tbl, key, path)
         range = ("expected an integer <= %d"):format(row.max)
       end
       report(ctx, line, col, path, v, "out of range: " .. range)
+      return false
+    end
+    if row.limit and v > row.limit.max then
+      report(ctx, line, col, path, v, ("out of range: expected an integer <= %d (it is converted"
+        .. " to %s, which must fit in 64 bits)"):format(row.limit.max, row.limit.unit))
       return false
     end
     return true, v
