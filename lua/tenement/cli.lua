@@ -856,7 +856,7 @@ command {
     local starter = require "tenement.starter"
     local core = require "tenement.core"
     local cwd = core.fs.cwd()
-    local text, err = starter.generate(cwd, { name = ctx.opts.name, command = ctx.opts.command })
+    local text, err = starter.generate(cwd, { name = ctx.opts.name, command = ctx.opts.command, env = ctx.env })
     if not text then ctx.err:write("ten init: ", err, "\n") return 1 end
     -- --config names the file the other commands will read: write that one.
     local path = ctx.opts.config and absolute(ctx.opts.config) or (cwd .. "/tenement.toml")

@@ -48,7 +48,9 @@ local function toml_string(s)
   end) .. '"'
 end
 
--- starter.generate(dir, {name=, command=}) -> toml text | nil, err
+-- starter.generate(dir, {name=, command=, env=}) -> toml text | nil, err
+-- env: the variables ${VAR} in the command is checked against (ten init's own
+-- environment, the best guess at the one ten serve will have).
 function starter.generate(dir, opts)
   local name = opts.name or starter.service_name(dir:match("([^/]+)$") or "app")
   local ok, err = config.valid_name(name)
@@ -80,7 +82,7 @@ function starter.generate(dir, opts)
   lines[#lines + 1] = "[instances]"
   lines[#lines + 1] = name .. ' = ["prod"]'
   local text = table.concat(lines, "\n") .. "\n"
-  local cfg, cerr, problems = config.parse(text, "tenement.toml", {})
+  local cfg, cerr, problems = config.parse(text, "tenement.toml", opts.env or {})
   if not cfg then
     -- Only what was given (the command, the directory) can make the file
     -- fail to load: a brace or ${VAR} the templates do not accept, say.
