@@ -253,7 +253,20 @@ local function data_dir(ctx)
   if not f and origin == "default" then
     return config.defaults().settings.data_dir
   end
-  if f then f:close() end
+  if f then
+    -- Only data_dir matters here: a ${VAR} elsewhere in the file that only
+    -- ten serve's environment has (a secret for an app, say) must not stop
+    -- ten ps in an admin's shell. The whole file is checked only when
+    -- data_dir itself is in doubt, for the errors with their lines.
+    local text = f:read("a")
+    f:close()
+    local doc = text and require("tenement.toml").parse(text, path)
+    local settings = type(doc) == "table" and (doc.settings or {})
+    if type(settings) == "table" then
+      local cfg = config.check({ settings = { data_dir = settings.data_dir } }, absolute(path), ctx.env)
+      if cfg then return cfg.settings.data_dir end
+    end
+  end
   -- A file named but missing is reported by load_config, reason and fix included.
   local cfg = load_config(ctx)
   return cfg and cfg.settings.data_dir

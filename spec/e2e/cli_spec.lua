@@ -103,6 +103,21 @@ describe("ten CLI", function()
     assert.matches("ten config: --token does not apply", err, 1, true)
   end)
 
+  it("client commands need only data_dir from the file, not ten serve's ${VAR}s", function()
+    local dir = support.tmpdir()
+    local path = support.write(dir .. "/tenement.toml", '[settings]\ndata_dir = "data"\n'
+      .. '[service.api]\ncommand = "./api"\n[service.api.env]\nSECRET_KEY = "${SECRET_KEY}"\n')
+    local code, _, err = support.ten_run { "ps", "--config", path }
+    assert.are.equal(1, code)
+    assert.is_nil(err:find("SECRET_KEY", 1, true), err)
+    assert.matches("no ten server is running for this data directory (" .. dir .. "/data/ten.sock", err, 1, true)
+    -- and without a [settings] section, the default data_dir
+    path = support.write(dir .. "/nosettings.toml", '[service.api]\ncommand = "./api"\n'
+      .. '[service.api.env]\nSECRET_KEY = "${SECRET_KEY}"\n')
+    _, _, err = support.ten_run { "ps", "--config", path }
+    assert.is_nil(err:find("SECRET_KEY", 1, true), err)
+  end)
+
   it("client commands on a missing config file give the reason and the fix", function()
     local code, _, err = support.ten_run { "ps", "--config", "/nonexistent/tenement.toml" }
     assert.are.equal(1, code)
