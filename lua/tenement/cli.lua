@@ -92,6 +92,11 @@ local function parse_args(cmd, args)
         if value == nil then
           i = i + 1
           value = args[i]
+          -- `--id --data-dir D` forgot the id: taking "--data-dir" as the id
+          -- would blame D instead. A value that looks like an option can be
+          -- given as --id=VALUE.
+          local next_name = value and value:match("^%-%-([^=]+)")
+          if next_name and by_long[next_name] then value = nil end
           if value == nil then
             error(usage_error(string.format("option '--%s' needs a value (%s)", spec.long, spec.arg)))
           end
@@ -197,11 +202,24 @@ local function load_config(ctx)
   return cfg
 end
 
+-- --data-dir, else $TENEMENT_DATA_DIR, over the file's data_dir: the client
+-- commands find the control socket the same way, so ten serve (and ten
+-- config, which shows what serve will use) must agree. -> true | nil, err
+local function apply_data_dir(ctx, cfg)
+  local dir, origin = ctx.opts["data-dir"], "--data-dir"
+  if not dir and ctx.env.TENEMENT_DATA_DIR and ctx.env.TENEMENT_DATA_DIR ~= "" then
+    dir, origin = ctx.env.TENEMENT_DATA_DIR, "TENEMENT_DATA_DIR"
+  end
+  if not dir then return true end
+  return require("tenement.config").override(cfg, "data_dir", absolute(dir), origin)
+end
+
 ---------------------------------------------------------------------------
 -- commands
 
 command {
   name = "config",
+  local_only = true,
   summary = "Load, validate and print the resolved configuration",
   usage = "ten config [--json]",
   description = "Reads tenement.toml (see --config), checks every field, fills in the\n" ..
@@ -213,6 +231,8 @@ command {
   run = function(ctx)
     local cfg = load_config(ctx)
     if not cfg then return 1 end
+    local ok, err = apply_data_dir(ctx, cfg)
+    if not ok then ctx.err:write("ten config: ", err, "\n") return 2 end
     if ctx.opts.json then
       local json = require "tenement.json"
       ctx.out:write(json.encode(require("tenement.config").public(cfg, json.array), "  "), "\n")
@@ -230,14 +250,24 @@ local function data_dir(ctx)
   local config = require "tenement.config"
   local path, origin = config.find(ctx.opts.config, ctx.env)
   local f = io.open(path)
-  if not f then
-    if origin ~= "default" then
-      ctx.err:write("cannot read config file ", path, "\n")
-      return nil
-    end
+  if not f and origin == "default" then
     return config.defaults().settings.data_dir
   end
-  f:close()
+  if f then
+    -- Only data_dir matters here: a ${VAR} elsewhere in the file that only
+    -- ten serve's environment has (a secret for an app, say) must not stop
+    -- ten ps in an admin's shell. The whole file is checked only when
+    -- data_dir itself is in doubt, for the errors with their lines.
+    local text = f:read("a")
+    f:close()
+    local doc = text and require("tenement.toml").parse(text, path)
+    local settings = type(doc) == "table" and (doc.settings or {})
+    if type(settings) == "table" then
+      local cfg = config.check({ settings = { data_dir = settings.data_dir } }, absolute(path), ctx.env)
+      if cfg then return cfg.settings.data_dir end
+    end
+  end
+  -- A file named but missing is reported by load_config, reason and fix included.
   local cfg = load_config(ctx)
   return cfg and cfg.settings.data_dir
 end
@@ -335,13 +365,22 @@ end
 
 command {
   name = "serve",
+  local_only = true,
   summary = "Run the server: supervise the instances, keep their logs",
-  usage = "ten serve [--config FILE] [-p PORT] [--listen ADDR] [-d DOMAIN]",
+  usage = "ten serve [--config FILE] [-p PORT] [--listen ADDR] [-d DOMAIN] [--tls --email EMAIL [--staging]]",
   options = {
     { long = "port", short = "p", arg = "PORT", help = "HTTP port (overrides settings.port)",
       check = function(v) local n = math.tointeger(tonumber(v)) return n, "expected a port number" end },
     { long = "listen", arg = "ADDR", help = "address to listen on (overrides settings.listen)" },
     { long = "domain", short = "d", arg = "DOMAIN", help = "routing domain (overrides settings.domain)" },
+    -- The original's flags: its users' scripts pass them.
+    { long = "tls", help = "set settings.tls.enabled (the certificate is for --domain unless the file names one)" },
+    { long = "email", arg = "EMAIL", help = "ACME account email (overrides settings.tls.acme_email)",
+      check = function(v)
+        local _, err = require("tenement.config").check({ settings = { tls = { acme_email = v } } }, nil, {})
+        return err == nil, err and err:gsub("^[^:]*: ", "")
+      end },
+    { long = "staging", help = "use the ACME staging environment (settings.tls.staging)" },
   },
   description = "Starts the instances of [instances] and those that were running when the\n" ..
     "server last stopped, restarts them by their policy, and answers the other\n" ..
@@ -350,8 +389,9 @@ command {
   run = function(ctx)
     local cfg = load_config(ctx)
     if not cfg then return 1 end
-    if ctx.opts["data-dir"] then cfg.settings.data_dir = ctx.opts["data-dir"] end
     local config = require "tenement.config"
+    local dok, derr = apply_data_dir(ctx, cfg)
+    if not dok then ctx.err:write("ten serve: ", derr, "\n") return 2 end
     for _, o in ipairs { { "port", "--port" }, { "listen", "--listen" }, { "domain", "--domain" } } do
       local v = ctx.opts[o[1]]
       if v ~= nil then
@@ -359,6 +399,32 @@ command {
         local ok, err = config.override(cfg, o[1], v, o[2])
         if not ok then ctx.err:write("ten serve: ", err, "\n") return 2 end
       end
+    end
+    local o = ctx.opts
+    if o.tls or o.email or o.staging then
+      local tls = {}
+      for k, v in pairs(cfg.settings.tls) do tls[k] = v end
+      tls.enabled = tls.enabled or o.tls == true
+      tls.staging = tls.staging or o.staging == true
+      tls.acme_email = o.email or tls.acme_email
+      if o.domain and tls.domain == nil then tls.domain = o.domain:lower() end
+      local checked, err = config.check({ settings = { tls = tls } }, nil, {})
+      if not checked then
+        ctx.err:write("ten serve: --tls: ", (err:gsub("\n", "\n  ")),
+          "\n(on the command line: --email EMAIL, --domain DOMAIN)\n")
+        return 2
+      end
+      cfg.settings.tls = checked.settings.tls
+      cfg.overrides = cfg.overrides or {}
+      cfg.overrides.tls = cfg.settings.tls
+    end
+    -- The original's configs carry [settings.tls]; they load, but nothing
+    -- here speaks TLS yet, and a user who asked for HTTPS must not find out
+    -- from a browser.
+    if cfg.settings.tls.enabled then
+      require("tenement.log").warn("settings.tls.enabled = true: HTTPS is not served by this version"
+        .. " of ten; it serves plain HTTP on %s:%d. Put a TLS proxy (Caddy, say) in front of it",
+        cfg.settings.listen, cfg.settings.port)
     end
     local core = require "tenement.core"
     local server = require "tenement.server"
@@ -662,6 +728,7 @@ end
 
 command {
   name = "token-gen",
+  local_only = true,
   summary = "Create an API token and print it once",
   usage = "ten token-gen [--name NAME] [--tenant SERVICE:ID|ID] [--description TEXT]",
   description = "Prints a new bearer token (43 characters). Only its hash is stored: copy it\n" ..
@@ -698,6 +765,7 @@ command {
 
 command {
   name = "token-list",
+  local_only = true,
   summary = "List API tokens (names and scopes, never the tokens)",
   usage = "ten token-list",
   run = function(ctx)
@@ -718,6 +786,7 @@ command {
 
 command {
   name = "token-revoke",
+  local_only = true,
   summary = "Revoke an API token by name",
   usage = "ten token-revoke NAME",
   max_args = 1,
@@ -784,11 +853,13 @@ command {
 
 command {
   name = "init",
+  local_only = true,
   summary = "Write a starter tenement.toml for the app in this directory",
-  usage = "ten init [--name NAME] [--command CMD] [--force]",
+  usage = "ten init [--name NAME] [--command CMD] [--force] [--config FILE]",
   description = "Looks at the current directory (pyproject.toml or requirements.txt: Python;\n" ..
     "package.json: Node; go.mod: Go; Cargo.toml: Rust; else an executable named\n" ..
-    "like the directory) and writes a tenement.toml that runs it.",
+    "like the directory) and writes a tenement.toml that runs it (or FILE, with\n" ..
+    "--config FILE).",
   options = {
     { long = "name", arg = "NAME", help = "service name (default: the directory's name)" },
     { long = "command", arg = "CMD", help = "the command that starts the app (default: detected)" },
@@ -798,9 +869,10 @@ command {
     local starter = require "tenement.starter"
     local core = require "tenement.core"
     local cwd = core.fs.cwd()
-    local text, err = starter.generate(cwd, { name = ctx.opts.name, command = ctx.opts.command })
+    local text, err = starter.generate(cwd, { name = ctx.opts.name, command = ctx.opts.command, env = ctx.env })
     if not text then ctx.err:write("ten init: ", err, "\n") return 1 end
-    local path = cwd .. "/tenement.toml"
+    -- --config names the file the other commands will read: write that one.
+    local path = ctx.opts.config and absolute(ctx.opts.config) or (cwd .. "/tenement.toml")
     if core.fs.stat(path) and not ctx.opts.force then
       ctx.err:write("ten init: ", path, " already exists (use --force to overwrite it)\n")
       return 1
@@ -826,6 +898,7 @@ command {
   name = "help",
   summary = "Show help for a command",
   usage = "ten help [COMMAND]",
+  max_args = 1,
   run = function(ctx, args)
     local name = args[1]
     if not name then ctx.out:write(main_help()) return 0 end
@@ -897,7 +970,16 @@ function cli.main(args, io_override)
     ctx.out:write(cmd and command_help(cmd) or main_help())
     return cmd and 0 or (opts.help and 0 or 2)
   end
-  if cmd.max_args and #positional > cmd.max_args or (not cmd.max_args and #positional > 0 and cmd.name ~= "help") then
+  -- `ten --server URL token-gen` would make a token in the local store that
+  -- the remote server has never heard of: refuse rather than ignore.
+  for _, o in ipairs { "server", "token" } do
+    if cmd.local_only and opts[o] then
+      ctx.err:write(string.format("ten %s: --%s does not apply: this command works on this machine's"
+        .. " files, not through a server; run it where the server runs\nUsage: %s\n", cmd.name, o, cmd.usage))
+      return 2
+    end
+  end
+  if #positional > (cmd.max_args or 0) then
     ctx.err:write(string.format("ten %s: unexpected argument '%s'\nUsage: %s\n", cmd.name,
       positional[(cmd.max_args or 0) + 1], cmd.usage))
     return 2

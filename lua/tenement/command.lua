@@ -11,8 +11,13 @@ local command = {}
 -- pipelines, lists, globbing, comments, assignments, subshells.
 local SHELL_SYNTAX = "[|&;<>()$`\\\"'*?%[%]#~=%%{}!\n]"
 
+-- `exec` is a shell builtin: no program of that name exists for execve.
+local function starts_with_exec(cmd, from)
+  return cmd:find("^exec%f[%s\0]", from or cmd:match("^%s*()")) ~= nil
+end
+
 function command.needs_shell(cmd)
-  return cmd:find(SHELL_SYNTAX) ~= nil
+  return cmd:find(SHELL_SYNTAX) ~= nil or starts_with_exec(cmd)
 end
 
 -- Single-quote s for /bin/sh.
@@ -31,13 +36,45 @@ local function is_list(cmd)
   return unquoted:find("[;&|\n()]") ~= nil or unquoted:find("^%s*!") ~= nil
 end
 
+-- Where the command proper starts, after any leading `NAME=value` words:
+-- `exec FOO=1 app` would look for a program named "FOO=1", so exec goes
+-- after them (`FOO=1 exec app` sets FOO for the app). Values may be quoted.
+local function after_assignments(cmd)
+  local i = cmd:match("^%s*()")
+  while true do
+    local j = cmd:match("^[A-Za-z_][A-Za-z0-9_]*=()", i)
+    if not j then return i end
+    while j <= #cmd and not cmd:sub(j, j):find("%s") do
+      local c = cmd:sub(j, j)
+      if c == "'" then
+        j = (cmd:find("'", j + 1, true) or #cmd) + 1
+      elseif c == '"' then
+        j = j + 1
+        while j <= #cmd and cmd:sub(j, j) ~= '"' do
+          j = j + (cmd:sub(j, j) == "\\" and 2 or 1)
+        end
+        j = j + 1
+      else
+        j = j + (c == "\\" and 2 or 1)
+      end
+    end
+    i = cmd:match("^%s*()", j)
+  end
+end
+
 function command.argv(cmd, args)
   args = args or {}
   if type(cmd) ~= "string" or not cmd:find("%S") then
     return nil, "command is empty"
   end
   if command.needs_shell(cmd) then
-    local parts = { (is_list(cmd) and "" or "exec ") .. cmd }
+    local parts = { cmd }
+    if not is_list(cmd) then
+      local at = after_assignments(cmd)
+      if not starts_with_exec(cmd, at) then
+        parts[1] = cmd:sub(1, at - 1) .. "exec " .. cmd:sub(at)
+      end
+    end
     for _, a in ipairs(args) do parts[#parts + 1] = command.quote(a) end
     return { "/bin/sh", "-c", table.concat(parts, " ") }
   end

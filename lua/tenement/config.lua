@@ -133,7 +133,11 @@ local function show(v)
     return tostring(v)
   elseif k == "array" or k == "empty" then
     local items = {}
-    for i = 1, #v do items[i] = show(v[i]) end
+    for i = 1, #v do
+      items[i] = show(v[i])
+      -- an array of tables (`[[x]]`) has no short text; "[]" would say it is empty
+      if items[i] == nil then return nil end
+    end
     s = "[" .. table.concat(items, ", ") .. "]"
     if #s > SHOW_MAX then s = s:sub(1, SHOW_MAX - 4) .. "...]" end
     return s
@@ -448,6 +452,40 @@ function config.expand(template, vars)
   return table.concat(out)
 end
 
+-- The socket is only known per instance, but a template that cannot give an
+-- absolute path, or whose fixed part is already too long, fails every spawn:
+-- say so at load time, with the line. Runs after the template check passed.
+local function check_socket_template(s, ctx)
+  local parts = parse_template(s)
+  local first, start = parts[1], ""
+  if first.text then
+    start = first.text
+  elseif first.var then
+    start = tostring(ctx.env[first.var] or "")
+  elseif first.ph == "data_dir" or first.ph == "instance_dir" then
+    start = "/"
+  end
+  if start:sub(1, 1) ~= "/" then
+    return nil, 'must be an absolute path: start it with "/", {data_dir}, {instance_dir} or'
+      .. " a ${VAR} that holds one"
+  end
+  local len = 0
+  for _, p in ipairs(parts) do
+    if p.text then
+      len = len + #p.text
+    elseif p.var then
+      len = len + #tostring(ctx.env[p.var] or "")
+    else
+      len = len + 1 -- every placeholder's value has at least one character
+    end
+  end
+  if len > SOCKET_PATH_MAX then
+    return nil, ("expanded, it is at least %d bytes long, and Unix sockets allow at most %d:"
+      .. " use a shorter directory"):format(len, SOCKET_PATH_MAX)
+  end
+  return true
+end
+
 local ALL = {}
 for _, p in ipairs(PLACEHOLDERS) do ALL[p] = true end
 
@@ -477,16 +515,25 @@ local CACHE_TEMPLATE = {
 --   required  an error when absent
 --   nonempty  strings: an error when empty or only spaces
 --   min, max  integers: inclusive range
+--   limit     integers: { max, unit } the largest value the server can convert to unit
 --   one_of    strings: the allowed values
 --   check     function(value, ctx) -> true[, normalized] | nil, message
 --   key_check, value_check   maps: the same, for each key / each value
 --   template  which placeholders the string (or each item/value) may use
 --   path      a file path: relative ones are resolved against the config file's directory
+--   fs        a file system path: a leading "~" is an error (nothing expands it)
 --   alias_of  a legacy name for another row; setting both is an error
 --   doc       one line for `ten config` and the docs
 -- A schema is { fields = { rows }, check = function(ctx, values, bad, tbl, path) } where
 -- `check` does the cross-field rules once every field of the section is known.
 ---------------------------------------------------------------------------------------
+
+-- Upper limits of values the server converts (seconds to milliseconds, days
+-- to milliseconds, MiB to bytes): past them the product wraps around in 64
+-- bits. Far beyond any real setting.
+local SECONDS = { max = 1000000000000, unit = "milliseconds" }
+local DAYS = { max = 1000000000, unit = "milliseconds" }
+local MEGABYTES = { max = 1000000000000, unit = "bytes" }
 
 local TLS = {
   fields = {
@@ -496,7 +543,7 @@ local TLS = {
     { name = "domain", type = "string", check = check_dns_name,
       doc = "Domain for the TLS certificate (required when enabled)" },
     { name = "cache_dir", type = "string", default = "{data_dir}/acme", nonempty = true,
-      template = CACHE_TEMPLATE, doc = "Directory for the certificate cache" },
+      template = CACHE_TEMPLATE, fs = true, doc = "Directory for the certificate cache" },
     { name = "staging", type = "boolean", default = false,
       doc = "Use the Let's Encrypt staging environment (avoids rate limits)" },
     { name = "https_port", type = "integer", default = 443, min = 1, max = 65535,
@@ -511,19 +558,19 @@ local TLS = {
 local SETTINGS = {
   fields = {
     { name = "data_dir", type = "string", default = "/var/lib/tenement", nonempty = true,
-      template = GLOBAL_ONLY, path = true,
+      template = GLOBAL_ONLY, path = true, fs = true,
       doc = "Base directory for instance data (relative: to the config file's directory)" },
-    { name = "health_check_interval", type = "integer", default = 10, min = 1,
+    { name = "health_check_interval", type = "integer", limit = SECONDS, default = 10, min = 1,
       doc = "Seconds between health checks" },
     { name = "max_restarts", type = "integer", default = 3, min = 0,
       doc = "Max restarts within restart_window before giving up" },
-    { name = "restart_window", type = "integer", default = 300, min = 1,
+    { name = "restart_window", type = "integer", limit = SECONDS, default = 300, min = 1,
       doc = "Window for counting restarts (seconds)" },
     { name = "backoff_base_ms", type = "integer", default = 1000, min = 1,
       doc = "Initial restart backoff delay (ms)" },
     { name = "backoff_max_ms", type = "integer", default = 60000, min = 1,
       doc = "Maximum restart backoff delay (ms), at least backoff_base_ms" },
-    { name = "stop_timeout", type = "integer", default = 10, min = 0,
+    { name = "stop_timeout", type = "integer", limit = SECONDS, default = 10, min = 0,
       doc = "Seconds between SIGTERM and SIGKILL when stopping an instance" },
     { name = "listen", type = "string", default = "127.0.0.1", check = check_address,
       doc = "Address the HTTP server listens on" },
@@ -535,17 +582,17 @@ local SETTINGS = {
       doc = "Largest request head in KiB (431 past it)" },
     { name = "max_headers", type = "integer", default = 100, min = 1, max = 10000,
       doc = "Most header fields in a request (431 past it)" },
-    { name = "max_body_mb", type = "integer", default = 10, min = 0,
+    { name = "max_body_mb", type = "integer", limit = MEGABYTES, default = 10, min = 0,
       doc = "Largest request body in MiB (413 past it)" },
-    { name = "header_timeout", type = "integer", default = 10, min = 1,
+    { name = "header_timeout", type = "integer", limit = SECONDS, default = 10, min = 1,
       doc = "Seconds a client has to send a request head (408 past it)" },
-    { name = "keepalive_timeout", type = "integer", default = 60, min = 1,
+    { name = "keepalive_timeout", type = "integer", limit = SECONDS, default = 60, min = 1,
       doc = "Seconds an idle keep-alive connection stays open" },
     { name = "max_connections", type = "integer", default = 4096, min = 1,
       doc = "Open connections at most; past it, accepting waits" },
     { name = "upstream_keepalive", type = "integer", default = 64, min = 0, max = 4096,
       doc = "Idle keep-alive connections kept open to each instance" },
-    { name = "drain_timeout", type = "integer", default = 10, min = 0,
+    { name = "drain_timeout", type = "integer", limit = SECONDS, default = 10, min = 0,
       doc = "On SIGTERM, seconds requests in flight have to finish" },
     { name = "auth_failures_per_minute", type = "integer", default = 20, min = 1,
       doc = "Wrong tokens one client address may send a minute before each next one is slowed down" },
@@ -553,11 +600,11 @@ local SETTINGS = {
       doc = "Put /metrics behind an admin bearer token" },
     { name = "max_cold_starts", type = "integer", default = 32, min = 1,
       doc = "Instances that requests may be starting at once (woken or on demand)" },
-    { name = "proxy_timeout", type = "integer", default = 60, min = 1,
+    { name = "proxy_timeout", type = "integer", limit = SECONDS, default = 60, min = 1,
       doc = "Seconds an instance has to start answering a proxied request (then 504)" },
     { name = "log_ring_lines", type = "integer", default = 1000, min = 10, max = 1000000,
       doc = "Lines of output kept in memory per instance (the newest)" },
-    { name = "log_retention_days", type = "integer", default = 7, min = 1,
+    { name = "log_retention_days", type = "integer", limit = DAYS, default = 7, min = 1,
       doc = "Days of instance output kept in the store" },
     { name = "log_max_lines", type = "integer", default = 1000000, min = 1000,
       doc = "Lines of instance output kept in the store at most (the oldest go first)" },
@@ -575,15 +622,16 @@ local SERVICE = {
       template = PER_INSTANCE, doc = "Command that starts the service" },
     { name = "args", type = "array", items = "string", default = {}, template = PER_INSTANCE,
       doc = "Command arguments" },
-    { name = "workdir", type = "string", nonempty = true, template = PER_INSTANCE,
+    { name = "workdir", type = "string", nonempty = true, template = PER_INSTANCE, fs = true,
       doc = "Working directory for the process" },
     { name = "socket", type = "string", default = "/tmp/tenement/{name}-{id}.sock",
-      nonempty = true, template = SOCKET_TEMPLATE, doc = "Unix socket path template" },
+      nonempty = true, template = SOCKET_TEMPLATE, check = check_socket_template,
+      doc = "Unix socket path template" },
     { name = "health", type = "string", check = check_http_path,
       doc = "HTTP path for health checks" },
-    { name = "startup_timeout", type = "integer", default = 10, min = 1,
+    { name = "startup_timeout", type = "integer", limit = SECONDS, default = 10, min = 1,
       doc = "Max seconds to wait for the socket" },
-    { name = "idle_timeout", type = "integer", default = 0, min = 0,
+    { name = "idle_timeout", type = "integer", limit = SECONDS, default = 0, min = 0,
       doc = "Stop after N seconds idle (0 = never)" },
     { name = "restart", type = "string", default = "on-failure", one_of = RESTART,
       doc = "Restart policy" },
@@ -596,11 +644,11 @@ local SERVICE = {
       doc = "Run as this user (name or uid): its uid and gid, no supplementary groups, no new privileges" },
     { name = "nofile", type = "integer", min = 16, doc = "Limit on open files (RLIMIT_NOFILE)" },
     { name = "nproc", type = "integer", min = 1, doc = "Limit on processes of the user (RLIMIT_NPROC)" },
-    { name = "memory_limit_mb", type = "integer", min = 1, doc = "Memory limit in MB" },
+    { name = "memory_limit_mb", type = "integer", limit = MEGABYTES, min = 1, doc = "Memory limit in MB" },
     -- Any integer is kept: the spawn path clamps it to 1-10000 and logs that it did.
     { name = "cpu_shares", type = "integer", doc = "CPU weight 1-10000" },
     { name = "pids_limit", type = "integer", min = 1, doc = "Most processes the instance may have (cgroup pids)" },
-    { name = "storage_quota_mb", type = "integer", min = 1,
+    { name = "storage_quota_mb", type = "integer", limit = MEGABYTES, min = 1,
       doc = "Max disk usage per instance (MB)" },
     { name = "on_demand", type = "boolean", default = false,
       doc = "Let a request for an unknown id start a new instance (within max_instances)" },
@@ -626,7 +674,7 @@ local ROUTING = {
 
 local HOOKS = {
   fields = {
-    { name = "router", type = "string", nonempty = true, path = true,
+    { name = "router", type = "string", nonempty = true, path = true, fs = true,
       doc = "Lua file whose route() wraps or replaces the router" },
   },
 }
@@ -709,7 +757,9 @@ local function where_value(ctx, tbl, key)
   if line and ctx.text then
     if not ctx.lines then
       ctx.lines = {}
-      for l in (ctx.text .. "\n"):gmatch("([^\n]*)\n") do ctx.lines[#ctx.lines + 1] = l end
+      -- toml counts columns after a byte order mark, so the lines must too.
+      local text = ctx.text:gsub("^\239\187\191", "")
+      for l in (text .. "\n"):gmatch("([^\n]*)\n") do ctx.lines[#ctx.lines + 1] = l end
     end
     local text = ctx.lines[line]
     local vcol = text and value_col(text, col)
@@ -733,6 +783,14 @@ local function report(ctx, line, col, path, value, msg)
   end
   ctx.errors[#ctx.errors + 1] = { line = line, col = col, text = head .. ": " .. msg }
 end
+
+-- What tenement sets in each app's environment, by the placeholder that
+-- gives the same value: ${PORT} in a template is the server's variable, read
+-- at load time, which is rarely what was meant.
+local APP_VARS = {
+  PORT = "port", SOCKET_PATH = "socket", INSTANCE_DIR = "instance_dir", INSTANCE_ID = "id",
+  SERVICE_NAME = "name",
+}
 
 local function check_template(ctx, s, tpl, line, col, path, field)
   local parts, err = parse_template(s)
@@ -763,8 +821,11 @@ local function check_template(ctx, s, tpl, line, col, path, field)
       local v = ctx.env[p.var]
       if v == nil then
         ok = false
+        local own = APP_VARS[p.var]
         report(ctx, line, col, path, s,
-          ("%s is not set in the environment of ten serve"):format(p.var))
+          ("%s is not set in the environment of ten serve%s"):format(p.var, own
+            and (" (${VAR} is read when the file loads); for the instance's own %s write {%s}")
+              :format(p.var, own) or ""))
       else
         ctx.host_env[p.var] = tostring(v)
       end
@@ -782,6 +843,12 @@ local function check_string(ctx, row, s, line, col, path, check)
   end
   if row.nonempty and not s:find("%S") then
     report(ctx, line, col, path, s, "must not be empty")
+    return false
+  end
+  -- "~/x" would be a directory named "~" (next to the config, for data_dir).
+  if row.fs and s:sub(1, 1) == "~" then
+    report(ctx, line, col, path, s,
+      '"~" is not expanded here (no shell reads this file): write ${HOME} instead')
     return false
   end
   if row.one_of then
@@ -813,6 +880,12 @@ local function type_error(ctx, line, col, path, v, want)
   local hint = ""
   if want == "string" and (math.type(v) or type(v) == "boolean") then
     hint = (" (quote it: %s)"):format(quote(tostring(v)))
+  elseif want == "table" and kind(v) == "array" and kind(v[1]) == "table" then
+    local header = (path == "service" or path == "process") and (path .. ".NAME] sections")
+      or (path .. "]")
+    report(ctx, line, col, path, v, ("expected a table, got an array of tables: write [%s, not [[%s]]")
+      :format(header, path))
+    return
   end
   report(ctx, line, col, path, v, ("expected %s, got %s%s"):format(a(want), a(kind(v)), hint))
 end
@@ -856,6 +929,11 @@ local function check_field(ctx, row, v, tbl, key, path)
         range = ("expected an integer <= %d"):format(row.max)
       end
       report(ctx, line, col, path, v, "out of range: " .. range)
+      return false
+    end
+    if row.limit and v > row.limit.max then
+      report(ctx, line, col, path, v, ("out of range: expected an integer <= %d (it is converted"
+        .. " to %s, which must fit in 64 bits)"):format(row.limit.max, row.limit.unit))
       return false
     end
     return true, v
@@ -1070,6 +1148,19 @@ SETTINGS.check = function(ctx, out, bad, tbl, path)
       report(ctx, line, col, join(path, "tls.cache_dir"), tls.cache_dir, err)
       bad.tls = true
     end
+  end
+end
+
+SERVICE.check = function(ctx, out, bad, tbl, path)
+  -- The process level never reads `network`: the app would keep the host's
+  -- network while the file says it is isolated.
+  if not bad.network and not bad.isolation and out.network == "isolated"
+    and out.isolation == "process" then
+    local line, col = where_value(ctx, tbl, "network")
+    report(ctx, line, col, join(path, "network"), out.network, "process isolation shares the"
+      .. ' host\'s network, so the app would not be isolated: use isolation = "namespace"'
+      .. ' (or "sandbox", which has no network at all)')
+    bad.network = true
   end
 end
 
@@ -1319,14 +1410,26 @@ function config.check(doc, source, env, text)
 end
 
 -- config.override(cfg, name, value, origin) -> true | nil, err: sets one
--- [settings] value from the command line, checked by the same rules.
+-- [settings] value from the command line, checked by the same rules. It is
+-- also kept in cfg.overrides: the command line outranks the file, so a
+-- reload of the file must put it back (config.reapply).
 function config.override(cfg, name, value, origin)
   local _, err = config.check({ settings = { [name] = value } }, nil, {})
   if err then
     return nil, (origin or name) .. ": " .. (err:gsub("^[^:]*: ", ""):gsub("^settings%." .. name .. " = ", ""))
   end
   cfg.settings[name] = value
+  cfg.overrides = cfg.overrides or {}
+  cfg.overrides[name] = value
   return true
+end
+
+-- config.reapply(new, old): gives a freshly loaded cfg the command-line
+-- overrides the running one was started with.
+function config.reapply(new, old)
+  for name, value in pairs(old.overrides or {}) do new.settings[name] = value end
+  new.overrides = old.overrides
+  return new
 end
 
 -- Parses TOML text and validates it. env: host environment used for ${VAR}.

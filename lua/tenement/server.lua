@@ -308,6 +308,7 @@ function Server:reload()
   local new, err = config.load(self.cfg.source, self.opts.environ)
   if not new then return nil, err end
   local old = self.cfg
+  config.reapply(new, old)
   local summary = { added = {}, removed = {}, rolled_out = {}, failed = {}, restart_needed = {} }
   for _, key in ipairs { "listen", "port", "data_dir" } do
     if new.settings[key] ~= old.settings[key] then summary.restart_needed[#summary.restart_needed + 1] = key end

@@ -36,7 +36,21 @@ function starter.service_name(s)
   return s:sub(1, 63)
 end
 
--- starter.generate(dir, {name=, command=}) -> toml text | nil, err
+-- A TOML basic string: Lua's %q escapes control characters as \ddd, which
+-- TOML does not know.
+local function toml_string(s)
+  return '"' .. s:gsub('[%c"\\]', function(c)
+    if c == '"' then return '\\"' end
+    if c == "\\" then return "\\\\" end
+    if c == "\t" then return "\\t" end
+    if c == "\n" then return "\\n" end
+    return ("\\u%04X"):format(c:byte())
+  end) .. '"'
+end
+
+-- starter.generate(dir, {name=, command=, env=}) -> toml text | nil, err
+-- env: the variables ${VAR} in the command is checked against (ten init's own
+-- environment, the best guess at the one ten serve will have).
 function starter.generate(dir, opts)
   local name = opts.name or starter.service_name(dir:match("([^/]+)$") or "app")
   local ok, err = config.valid_name(name)
@@ -57,10 +71,10 @@ function starter.generate(dir, opts)
     "",
     "[service." .. name .. "]",
     "# The app must listen on the Unix socket in $SOCKET_PATH (or on $PORT).",
-    "command = " .. string.format("%q", cmd),
+    "command = " .. toml_string(cmd),
   }
   if note then lines[#lines + 1] = "# " .. note end
-  lines[#lines + 1] = "workdir = " .. string.format("%q", dir)
+  lines[#lines + 1] = "workdir = " .. toml_string(dir)
   lines[#lines + 1] = 'health = "/health"'
   lines[#lines + 1] = "idle_timeout = 300"
   lines[#lines + 1] = 'restart = "on-failure"'
@@ -68,8 +82,18 @@ function starter.generate(dir, opts)
   lines[#lines + 1] = "[instances]"
   lines[#lines + 1] = name .. ' = ["prod"]'
   local text = table.concat(lines, "\n") .. "\n"
-  local cfg, cerr = config.parse(text, "tenement.toml", {})
-  if not cfg then return nil, "generated an invalid file (a bug): " .. cerr end
+  local cfg, cerr, problems = config.parse(text, "tenement.toml", opts.env or {})
+  if not cfg then
+    -- Only what was given (the command, the directory) can make the file
+    -- fail to load: a brace or ${VAR} the templates do not accept, say.
+    local what = {}
+    for i, p in ipairs(problems or {}) do
+      local key = p.text:match("^service%.[^.]+%.(%w+)")
+      what[i] = (key == "command" and opts.command and "--command: " or key == "workdir" and
+        "the directory: " or "") .. p.text
+    end
+    return nil, "cannot write a tenement.toml that loads: " .. (#what > 0 and table.concat(what, "; ") or cerr)
+  end
   return text
 end
 

@@ -448,6 +448,14 @@ local function parse_document(s)
     if multiline and (e == 32 or e == 9 or e == 10 or e == 13) then
       fail(j, "a line-ending backslash must be followed by nothing but whitespace up to the end of line")
     end
+    -- Quoting a line break or a control character would break the
+    -- one-line message apart.
+    if e == 10 or e == 13 then
+      fail(j, 'a backslash cannot end a line of a single-line string: use a """multi-line"""'
+        .. " string for a line-ending backslash")
+    elseif e < 32 or e == 127 then
+      fail(j, "invalid escape sequence: a backslash followed by control character U+%04X", e)
+    end
     fail(j, "invalid escape sequence '\\%s'", match(s, "^" .. utf8.charpattern, j + 1) or "")
   end
 

@@ -39,6 +39,10 @@ describe("ten CLI", function()
     local code2, _, err2 = support.ten_run { "help", "nope" }
     assert.are.equal(2, code2)
     assert.matches("unknown command 'nope'", err2, 1, true)
+    local code3, out3, err3 = support.ten_run { "help", "logs", "extra" }
+    assert.are.equal(2, code3)
+    assert.are.equal("", out3)
+    assert.matches("ten help: unexpected argument 'extra'", err3, 1, true)
   end)
 
   it("ten config prints the resolved file and JSON", function()
@@ -57,6 +61,17 @@ describe("ten CLI", function()
     assert.are.equal("prod", cfg.instances[1].id)
   end)
 
+  it("ten config shows the data_dir that --data-dir or $TENEMENT_DATA_DIR gives ten serve", function()
+    local dir = support.tmpdir()
+    local path = support.write(dir .. "/tenement.toml", '[settings]\ndata_dir = "from-file"\n')
+    local code, out, err = support.ten_run { "config", "--config", path, "--data-dir", dir .. "/flag" }
+    assert.are.equal(0, code, err)
+    assert.matches('data_dir = "' .. dir .. '/flag"', out, 1, true)
+    code, out, err = support.ten_run({ "config", "--config", path }, { TENEMENT_DATA_DIR = dir .. "/env" })
+    assert.are.equal(0, code, err)
+    assert.matches('data_dir = "' .. dir .. '/env"', out, 1, true)
+  end)
+
   it("ten config exits 1 with every error, file and line", function()
     local dir = support.tmpdir()
     local path = support.write(dir .. "/bad.toml",
@@ -73,6 +88,40 @@ describe("ten CLI", function()
     local code, _, err = support.ten_run { "config", "--config", "/nonexistent/tenement.toml" }
     assert.are.equal(1, code)
     assert.matches("/nonexistent/tenement.toml", err, 1, true)
+    assert.matches("ten init", err, 1, true)
+  end)
+
+  it("refuses --server and --token for commands that never talk to a server", function()
+    local dir = support.tmpdir()
+    local code, out, err = support.ten_run { "token-gen", "--server", "http://127.0.0.1:1", "--data-dir", dir .. "/d" }
+    assert.are.equal(2, code)
+    assert.are.equal("", out)
+    assert.matches("ten token-gen: --server does not apply", err, 1, true)
+    assert.is_nil(io.open(dir .. "/d/tenement.db"))
+    code, _, err = support.ten_run { "config", "--token", "t", "--config", "/nonexistent/t.toml" }
+    assert.are.equal(2, code)
+    assert.matches("ten config: --token does not apply", err, 1, true)
+  end)
+
+  it("client commands need only data_dir from the file, not ten serve's ${VAR}s", function()
+    local dir = support.tmpdir()
+    local path = support.write(dir .. "/tenement.toml", '[settings]\ndata_dir = "data"\n'
+      .. '[service.api]\ncommand = "./api"\n[service.api.env]\nSECRET_KEY = "${SECRET_KEY}"\n')
+    local code, _, err = support.ten_run { "ps", "--config", path }
+    assert.are.equal(1, code)
+    assert.is_nil(err:find("SECRET_KEY", 1, true), err)
+    assert.matches("no ten server is running for this data directory (" .. dir .. "/data/ten.sock", err, 1, true)
+    -- and without a [settings] section, the default data_dir
+    path = support.write(dir .. "/nosettings.toml", '[service.api]\ncommand = "./api"\n'
+      .. '[service.api.env]\nSECRET_KEY = "${SECRET_KEY}"\n')
+    _, _, err = support.ten_run { "ps", "--config", path }
+    assert.is_nil(err:find("SECRET_KEY", 1, true), err)
+  end)
+
+  it("client commands on a missing config file give the reason and the fix", function()
+    local code, _, err = support.ten_run { "ps", "--config", "/nonexistent/tenement.toml" }
+    assert.are.equal(1, code)
+    assert.matches("cannot read config file /nonexistent/tenement.toml: No such file or directory;", err, 1, true)
     assert.matches("ten init", err, 1, true)
   end)
 
@@ -101,6 +150,100 @@ describe("ten CLI", function()
     local code2, _, err2 = support.ten_run { "spawn", "api", "--data-dir", dir }
     assert.are.equal(2, code2)
     assert.matches("SERVICE:ID", err2, 1, true)
+    -- an option's missing value is not taken from the next option
+    local code3, _, err3 = support.ten_run { "spawn", "api", "--id", "--data-dir", dir }
+    assert.are.equal(2, code3)
+    assert.matches("ten spawn: option '--id' needs a value (ID)", err3, 1, true)
+  end)
+
+  describe("ten serve as the command line and the file set it up", function()
+    local pid
+
+    -- Starts ten serve in the background with extra arguments and environment.
+    local function serve(dir, args, env)
+      local parts = { support.clean_env() }
+      for k, v in pairs(env or {}) do parts[#parts + 1] = k .. "=" .. support.quote(v) end
+      parts[#parts + 1] = support.quote(support.ten) .. " serve"
+      for _, a in ipairs(args) do parts[#parts + 1] = support.quote(a) end
+      local p = io.popen(table.concat(parts, " ") .. " >" .. support.quote(dir .. "/serve.log") .. " 2>&1 & echo $!")
+      pid = tonumber(p:read("l"))
+      p:close()
+    end
+
+    local function wait_up(args, env)
+      for _ = 1, 100 do
+        if support.ten_run(args, env) == 0 then return true end
+        support.sleep(0.05)
+      end
+      return false
+    end
+
+    after_each(function()
+      if pid then os.execute("kill -KILL " .. pid .. " 2>/dev/null") end
+      pid = nil
+    end)
+
+    it("uses $TENEMENT_DATA_DIR, as the client commands do", function()
+      local dir = support.tmpdir()
+      local cfg = support.write(dir .. "/tenement.toml",
+        '[settings]\ndata_dir = "from-file"\nport = ' .. support.free_port() .. "\n")
+      local env = { TENEMENT_DATA_DIR = dir .. "/from-env" }
+      serve(dir, { "--config", cfg }, env)
+      assert.is_true(wait_up({ "ps", "--config", cfg }, env), "ten ps did not find the server")
+      assert.is_true(os.execute("test -S " .. support.quote(dir .. "/from-env/ten.sock")))
+    end)
+
+    it("says that [settings.tls] enabled = true does not give HTTPS", function()
+      local dir = support.tmpdir()
+      local cfg = support.write(dir .. "/tenement.toml", table.concat({
+        "[settings]", 'data_dir = "data"', "port = " .. support.free_port(),
+        "[settings.tls]", "enabled = true", 'acme_email = "a@example.com"', 'domain = "example.com"',
+      }, "\n") .. "\n")
+      serve(dir, { "--config", cfg })
+      assert.is_true(wait_up { "ps", "--config", cfg }, "ten serve did not come up")
+      local log = assert(io.open(dir .. "/serve.log")):read("a")
+      assert.matches("settings.tls.enabled = true: HTTPS is not served", log, 1, true)
+    end)
+
+    it("accepts the original's --tls, --email and --staging, checked like the file", function()
+      local dir = support.tmpdir()
+      local cfg = support.write(dir .. "/tenement.toml",
+        '[settings]\ndata_dir = "data"\nport = ' .. support.free_port() .. "\n")
+      local code, _, err = support.ten_run { "serve", "--config", cfg, "--tls", "--domain", "example.com" }
+      assert.are.equal(2, code)
+      assert.matches("ten serve: --tls: settings.tls.acme_email: missing", err, 1, true)
+      assert.matches("--email", err, 1, true)
+      code, _, err = support.ten_run { "serve", "--config", cfg, "--tls", "--email", "nope", "--domain", "example.com" }
+      assert.are.equal(2, code)
+      assert.matches('--email nope: expected an email address like "admin@example.com"', err, 1, true)
+      serve(dir, { "--config", cfg, "--tls", "--email", "a@example.com", "--domain", "example.com", "--staging" })
+      assert.is_true(wait_up { "ps", "--config", cfg }, "ten serve did not come up")
+      local log = assert(io.open(dir .. "/serve.log")):read("a")
+      assert.matches("settings.tls.enabled = true: HTTPS is not served", log, 1, true)
+    end)
+
+    it("keeps --port and --domain across ten reload", function()
+      local dir = support.tmpdir()
+      local cfg = support.write(dir .. "/tenement.toml",
+        '[settings]\ndata_dir = "data"\nport = ' .. support.free_port() .. "\n")
+      local port = support.free_port()
+      serve(dir, { "--config", cfg, "--port", tostring(port), "--domain", "example.test" })
+      assert.is_true(wait_up { "ps", "--config", cfg }, "ten serve did not come up")
+      local function health_status()
+        return require("tenement.core").run(function()
+          local c = support.raw(port)
+          c:send("GET /health HTTP/1.1\r\nHost: example.test\r\nConnection: close\r\n\r\n")
+          local res = assert(c:response())
+          c:close()
+          return res.status
+        end)
+      end
+      assert.are.equal(200, health_status())
+      local code, out, err = support.ten_run { "reload", "--config", cfg }
+      assert.are.equal(0, code, err)
+      assert.is_nil(out:find("needs a restart", 1, true), out)
+      assert.are.equal(200, health_status())
+    end)
   end)
 
   describe("ten init", function()
@@ -134,6 +277,33 @@ describe("ten CLI", function()
         assert.are.equal(0, code)
         assert.matches('command = "' .. command .. '"', out, 1, true)
       end
+    end)
+
+    it("writes any command as a TOML string that loads, and says why one cannot be used", function()
+      local dir = support.tmpdir()
+      local code, out, err = init_in(dir, "--command", "./app\targ", "--name", "web")
+      assert.are.equal(0, code, err)
+      assert.matches('command = "./app\\targ"', out, 1, true)
+      assert.are.equal(0, (support.ten_run { "config", "--config", dir .. "/tenement.toml" }))
+      -- ${VAR} is read from the environment ten init runs in, as ten serve will
+      code, _, err = support.run("cd " .. support.quote(dir) .. " && " .. support.clean_env()
+        .. " APP_BIN=/opt/app " .. support.quote(support.ten) .. " init --force --command '${APP_BIN}/server'")
+      assert.are.equal(0, code, err)
+      code, _, err = init_in(dir, "--command", "./app --port ${PORT}", "--force")
+      assert.are.equal(1, code)
+      assert.is_nil(err:find("a bug", 1, true), err)
+      assert.matches("--command", err, 1, true)
+      assert.matches("write {port}", err, 1, true)
+    end)
+
+    it("writes the file --config names", function()
+      local dir = support.tmpdir()
+      os.execute("mkdir -p " .. support.quote(dir .. "/etc"))
+      local code, out, err = init_in(dir, "--command", "./x", "--name", "web", "--config", dir .. "/etc/ten.toml")
+      assert.are.equal(0, code, err)
+      assert.matches("wrote " .. dir .. "/etc/ten.toml", out, 1, true)
+      assert.is_nil(io.open(dir .. "/tenement.toml"))
+      assert.are.equal(0, (support.ten_run { "config", "--config", dir .. "/etc/ten.toml" }))
     end)
 
     it("refuses to overwrite without --force, and says what to do when it cannot tell", function()

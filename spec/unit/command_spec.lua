@@ -23,6 +23,26 @@ describe("command.argv", function()
     assert.are.same({ "/bin/sh", "-c", "exec app > log 2>&1" }, command.argv("app > log 2>&1"))
   end)
 
+  it("puts variable assignments before exec, where the shell reads them as assignments", function()
+    assert.are.same({ "/bin/sh", "-c", "FOO=1 BAR='a b' exec ./app --x" },
+      command.argv("FOO=1 BAR='a b' ./app --x"))
+    assert.are.same({ "/bin/sh", "-c", [[A="x \" y" B=c\ d exec env]] },
+      command.argv([[A="x \" y" B=c\ d env]]))
+    local argv = command.argv("TEN_SPEC_FOO=bar env", {})
+    local p = io.popen(table.concat({ argv[1], argv[2], command.quote(argv[3]) }, " "))
+    local out = p:read("a")
+    p:close()
+    assert.matches("TEN_SPEC_FOO=bar", out, 1, true)
+  end)
+
+  it("does not add exec to a command that starts with exec itself", function()
+    assert.are.same({ "/bin/sh", "-c", "exec ./app > log" }, command.argv("exec ./app > log"))
+    assert.are.same({ "/bin/sh", "-c", "FOO=1 exec ./app" }, command.argv("FOO=1 exec ./app"))
+    -- exec is a shell builtin, not a program execve could find
+    assert.are.same({ "/bin/sh", "-c", "exec ./app 'a b'" }, command.argv("exec ./app", { "a b" }))
+    assert.are.same({ "./executor", "x" }, command.argv("./executor x"))
+  end)
+
   it("rejects an empty command", function()
     assert.are.same({ nil, "command is empty" }, { command.argv("   ") })
     assert.are.same({ nil, "command is empty" }, { command.argv("") })

@@ -30,6 +30,18 @@ local function errors(text, env)
   return lines(err)
 end
 
+describe("[service.NAME] network", function()
+  it("refuses an isolated network that the isolation level would not give", function()
+    assert.same({
+      'tenement.toml:4:11: service.api.network = "isolated": process isolation shares the'
+        .. ' host\'s network, so the app would not be isolated: use isolation = "namespace"'
+        .. ' (or "sandbox", which has no network at all)',
+    }, api_errors('isolation = "process"\nnetwork = "isolated"'))
+    assert.equal("isolated", api('network = "isolated"').network)
+    assert.equal("isolated", api('isolation = "sandbox"\nnetwork = "isolated"').network)
+  end)
+end)
+
 describe("[service.NAME] defaults", function()
   it("fills every optional field", function()
     assert.same({

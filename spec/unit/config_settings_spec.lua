@@ -45,6 +45,33 @@ local INTEGERS = {
   { "port", 8080, 443, min = 1, max = 65535 },
 }
 
+describe("durations and sizes too large to convert", function()
+  -- The server works in milliseconds and bytes: stop_timeout * 1000 and
+  -- max_body_mb * 1024 * 1024 wrapped around (stop_timeout = 9999999999999999
+  -- gave a deadline in the past: SIGKILL at once, no grace at all).
+  local SECONDS = { "health_check_interval", "restart_window", "stop_timeout", "header_timeout",
+    "keepalive_timeout", "drain_timeout", "proxy_timeout" }
+  it("refuses them where the unit is converted, and accepts the largest allowed", function()
+    for _, name in ipairs(SECONDS) do
+      assert.same({ ("tenement.toml:2:%d: settings.%s = 9999999999999999: out of range: expected"
+        .. " an integer <= 1000000000000 (it is converted to milliseconds, which must fit in 64"
+        .. " bits)"):format(#name + 4, name) }, errors(name .. " = 9999999999999999"))
+      assert.equal(1000000000000, settings(name .. " = 1000000000000")[name])
+    end
+    assert.same({ "tenement.toml:2:15: settings.max_body_mb = 17592186044416: out of range: expected"
+      .. " an integer <= 1000000000000 (it is converted to bytes, which must fit in 64 bits)" },
+      errors("max_body_mb = 17592186044416"))
+    assert.same({ "tenement.toml:2:22: settings.log_retention_days = 106751991167301: out of range:"
+      .. " expected an integer <= 1000000000 (it is converted to milliseconds, which must fit in 64"
+      .. " bits)" }, errors("log_retention_days = 106751991167301"))
+    for _, name in ipairs { "startup_timeout", "idle_timeout", "memory_limit_mb", "storage_quota_mb" } do
+      local _, err = config.parse('[service.api]\ncommand = "x"\n' .. name .. " = 9999999999999999\n",
+        "tenement.toml", {})
+      assert.matches("service.api." .. name .. " = 9999999999999999: out of range: expected an integer <= ", err, 1, true)
+    end
+  end)
+end)
+
 describe("[settings] integer fields", function()
   for _, f in ipairs(INTEGERS) do
     local name, default, valid = f[1], f[2], f[3]
@@ -173,6 +200,21 @@ describe("[settings] data_dir", function()
       'tenement.toml:2:12: settings.data_dir = "/srv/{id}": {id} cannot be used in'
         .. " settings.data_dir (data_dir is global, not per instance); allowed here: ${VAR}",
     }, errors('data_dir = "/srv/{id}"'))
+  end)
+
+  it("rejects a leading ~, which no shell expands here, in every path", function()
+    local fix = '"~" is not expanded here (no shell reads this file): write ${HOME} instead'
+    assert.same({ 'tenement.toml:2:12: settings.data_dir = "~/tenement": ' .. fix },
+      errors('data_dir = "~/tenement"'))
+    local _, err = config.parse('[settings.tls]\ncache_dir = "~/acme"\n[hooks]\nrouter = "~/r.lua"\n'
+      .. '[service.api]\ncommand = "x"\nworkdir = "~"\n', "tenement.toml", {})
+    assert.same({
+      'tenement.toml:2:13: settings.tls.cache_dir = "~/acme": ' .. fix,
+      'tenement.toml:4:10: hooks.router = "~/r.lua": ' .. fix,
+      'tenement.toml:7:11: service.api.workdir = "~": ' .. fix,
+    }, lines(err))
+    assert.equal("/etc/t/a~b", assert(config.parse('[settings]\ndata_dir = "a~b"\n', "/etc/t/t.toml", {}))
+      .settings.data_dir)
   end)
 
   it("rejects an empty string and a non-string", function()

@@ -327,6 +327,29 @@ describe("top-level keys", function()
   end)
 end)
 
+describe("docs/configuration.md", function()
+  it("shows errors as config reports them", function()
+    local f = assert(io.open("docs/configuration.md"))
+    local doc = f:read("a")
+    f:close()
+    local example = assert(doc:match("\n```\n(tenement%.toml:.-)\n```"))
+    local _, err = config.parse('[service.api]\ncommand = "./api"\nrestart = "sometimes"\nhelth = "/h"\n',
+      "tenement.toml", {})
+    assert.equal(example, err)
+  end)
+end)
+
+describe("an array of tables where a table belongs", function()
+  it("is named as such, with the header to write instead", function()
+    assert.same({
+      "tenement.toml:1:3: service: expected a table, got an array of tables: write"
+        .. " [service.NAME] sections, not [[service]]",
+      "tenement.toml:3:3: settings: expected a table, got an array of tables: write"
+        .. " [settings], not [[settings]]",
+    }, parse_errors('[[service]]\ncommand = "x"\n[[settings]]\nport = 80\n'))
+  end)
+end)
+
 describe("config.valid_name", function()
   it("accepts names of a-z, 0-9 and -", function()
     for _, s in ipairs({ "a", "0", "api", "web-2", "a1-b2-c3", ("x"):rep(63), "9lives" }) do
@@ -438,6 +461,11 @@ describe("reporting", function()
       'tenement.toml:4:9: routing.subdomain."\u{e9}t\u{e9}" = 5: expected a string, got an'
         .. ' integer (quote it: "5")',
     }, parse_errors('[service.api]\ncommand = "x"\n[routing.subdomain]\n"\u{e9}t\u{e9}" = 5\n'))
+  end)
+
+  it("points at the value on the first line of a file that starts with a byte order mark", function()
+    assert.same({ "tenement.toml:1:17: settings.port = 0: out of range: expected an integer"
+      .. " from 1 to 65535" }, parse_errors("\239\187\191settings.port = 0\n"))
   end)
 
   it("checks a plain table too, without positions", function()

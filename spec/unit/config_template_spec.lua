@@ -97,6 +97,28 @@ describe("templates at load time", function()
     }, errors('[service.api]\ncommand = "x"\nsocket = "{socket}.2"\n'))
   end)
 
+  it("reject a socket template that can never give an absolute path", function()
+    local fix = 'must be an absolute path: start it with "/", {data_dir}, {instance_dir} or'
+      .. " a ${VAR} that holds one"
+    assert.same({ 'tenement.toml:3:10: service.api.socket = "{name}-{id}.sock": ' .. fix },
+      errors('[service.api]\ncommand = "x"\nsocket = "{name}-{id}.sock"\n'))
+    assert.same({ 'tenement.toml:3:10: service.api.socket = "run/{id}.sock": ' .. fix },
+      errors('[service.api]\ncommand = "x"\nsocket = "run/{id}.sock"\n'))
+    assert.same({ 'tenement.toml:3:10: service.api.socket = "${RUN}/{id}.sock": ' .. fix },
+      errors('[service.api]\ncommand = "x"\nsocket = "${RUN}/{id}.sock"\n', { RUN = "run" }))
+    assert.equal("${RUN}/{id}.sock", parse_ok('[service.api]\ncommand = "x"\nsocket = "${RUN}/{id}.sock"\n',
+      { RUN = "/run/t" }).services.api.socket)
+    assert.equal("{instance_dir}/s", parse_ok('[service.api]\ncommand = "x"\nsocket = "{instance_dir}/s"\n')
+      .services.api.socket)
+  end)
+
+  it("reject a socket template too long for any instance", function()
+    local socket = "/run/" .. ("d"):rep(100) .. "/{name}-{id}.sock"
+    assert.same({ ('tenement.toml:3:10: service.api.socket = "%s: expanded, it is at least'
+      .. " 114 bytes long, and Unix sockets allow at most 107: use a shorter directory"):format(socket:sub(1, 55) .. '..."') },
+      errors('[service.api]\ncommand = "x"\nsocket = "' .. socket .. '"\n'))
+  end)
+
   it("reject braces that do not form a placeholder", function()
     local where = "braces are only allowed in " .. KNOWN
     assert.same({
@@ -128,6 +150,17 @@ describe("templates at load time", function()
 end)
 
 describe("${VAR} at load time", function()
+  it("points at the placeholder when the variable is one tenement sets for the app", function()
+    assert.same({
+      'tenement.toml:2:11: service.api.command = "./app --port ${PORT}": PORT is not set in the'
+        .. " environment of ten serve (${VAR} is read when the file loads); for the instance's"
+        .. " own PORT write {port}",
+      'tenement.toml:4:6: service.api.env.DB = "${INSTANCE_DIR}/db": INSTANCE_DIR is not set in the'
+        .. " environment of ten serve (${VAR} is read when the file loads); for the instance's"
+        .. " own INSTANCE_DIR write {instance_dir}",
+    }, errors('[service.api]\ncommand = "./app --port ${PORT}"\n[service.api.env]\nDB = "${INSTANCE_DIR}/db"\n'))
+  end)
+
   it("is an error when the variable is not set, in env values", function()
     assert.same({
       'tenement.toml:4:14: service.api.env.SECRET_KEY = "${SECRET_KEY}": SECRET_KEY is not set'
@@ -225,11 +258,12 @@ describe("config.instance_vars", function()
     'socket = "{instance_dir}/${RUN_SUFFIX}-{port}.sock"',
     "[service.rel]",
     'command = "z"',
-    'socket = "{name}-{id}.sock"',
     "[service.long]",
     'command = "z"',
-    'socket = "/run/' .. ("d"):rep(100) .. '/{name}-{id}.sock"',
   }, "\n"), { RUN_SUFFIX = "s" })
+  -- Loading refuses these two; instance_vars must refuse them all the same.
+  cfg.services.rel.socket = "{name}-{id}.sock"
+  cfg.services.long.socket = "/run/" .. ("d"):rep(100) .. "/{name}-{id}.sock"
 
   it("builds the values of one instance", function()
     assert.same({

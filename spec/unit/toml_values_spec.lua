@@ -149,6 +149,19 @@ describe("toml values", function()
     { [[x = "ends with escaped backslash\\"]], "ends with escaped backslash\\" },
   })
 
+  describe("a backslash before a line break or a control character in a basic string", function()
+    it("gets a one-line message that says where such a backslash works", function()
+      for _, text in ipairs { 'x = "a\\\nb"', 'x = "a\\\r\nb"' } do
+        local _, err = toml.parse(text)
+        assert.are.equal('<string>:1:7: a backslash cannot end a line of a single-line string:'
+          .. ' use a """multi-line""" string for a line-ending backslash', err)
+      end
+      local _, err = toml.parse('x = "a\\\tb"')
+      assert.are.equal("<string>:1:7: invalid escape sequence: a backslash followed by"
+        .. " control character U+0009", err)
+    end)
+  end)
+
   invalid_docs("invalid basic strings", {
     { [[x = "unterminated]], 1, 5, "unterminated string" },
     { 'x = "line\nbreak"', 1, 5, "cannot contain a newline" },
