@@ -241,9 +241,11 @@ end
 
 -- Turns free text into an FTS5 query that cannot be a syntax error: each
 -- word becomes a quoted term (prefix match for the last), all must match.
+-- A NUL separates words: FTS5 reads the query as a C string, so one inside a
+-- quoted term left it unterminated, and the tokenizer splits lines there too.
 function store.fts_query(text)
   local terms = {}
-  for word in tostring(text):gmatch("%S+") do
+  for word in tostring(text):gsub("\0", " "):gmatch("%S+") do
     terms[#terms + 1] = '"' .. word:gsub('"', '""') .. '"'
   end
   if #terms == 0 then return nil end
@@ -255,7 +257,8 @@ end
 -- -> rows newest first: {seq, ts, instance, stream, message, highlighted?}
 function Store:logs(f)
   local where, binds = {}, {}
-  local limit = math.max(1, math.min(tonumber(f.limit) or 100, 10000))
+  -- a whole number: SQLite refuses LIMIT 2.5 as a datatype mismatch
+  local limit = math.floor(math.max(1, math.min(tonumber(f.limit) or 100, 10000)))
   local sql
   if f.instance then where[#where + 1] = "l.instance = ?"; binds[#binds + 1] = f.instance end
   if f.stream then where[#where + 1] = "l.stream = ?"; binds[#binds + 1] = f.stream end

@@ -190,6 +190,29 @@ describe("store", function()
     end)
   end)
 
+  it("takes a q with a NUL byte as words and a fractional limit as a count, never an SQL error", function()
+    core.run(function()
+      local st = assert(store.open(dir .. "/t.db"))
+      local batch = {}
+      for i = 1, 20 do batch[i] = { core.time(), "api:a", "stdout", "plain line " .. i } end
+      batch[21] = { core.time(), "api:a", "stdout", "nul\0separated words" }
+      assert(st:append_logs(batch))
+      -- a NUL ended FTS5's reading of the query inside a quoted term
+      local rows, err = st:logs { q = "nul\0separated", limit = 10 }
+      assert.is_nil(err)
+      assert.are.equal(1, #rows)
+      assert.are.equal("nul\0separated words", rows[1].message)
+      -- LIMIT 2.5 is a datatype mismatch to SQLite
+      rows, err = st:logs { limit = 2.5 }
+      assert.is_nil(err)
+      assert.are.equal(2, #rows)
+      rows, err = st:logs { q = "plain", limit = 2.5 }
+      assert.is_nil(err)
+      assert.are.equal(2, #rows)
+      st:close()
+    end)
+  end)
+
   it("prunes logs by age and by count", function()
     core.run(function()
       local st = assert(store.open(dir .. "/t.db"))
