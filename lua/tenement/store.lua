@@ -254,7 +254,8 @@ function store.fts_query(text)
 end
 
 -- Store:logs{ instance=, instances= {set}, q=, stream=, since= (epoch s), after= (seq), limit= }
--- -> rows newest first: {seq, ts, instance, stream, message, highlighted?}
+-- -> rows newest first: {seq, ts, instance, stream, message, highlighted?};
+-- the newest `limit`, or with `after` the first `limit` past it
 function Store:logs(f)
   local where, binds = {}, {}
   -- a whole number: SQLite refuses LIMIT 2.5 as a datatype mismatch
@@ -279,8 +280,16 @@ function Store:logs(f)
     sql = "SELECT l.seq, l.ts, l.instance, l.stream, l.message FROM log_lines l"
   end
   if #where > 0 then sql = sql .. " WHERE " .. table.concat(where, " AND ") end
-  sql = sql .. (q and " ORDER BY log_search.rowid DESC" or " ORDER BY l.seq DESC") .. " LIMIT " .. limit
-  return self.conn:query(sql, table.unpack(binds))
+  -- after a seq, the first lines past it: the newest ones would leave a gap
+  -- between it and them that a reader paging forward (the event stream,
+  -- `ten logs -f`) never sees
+  local dir = f.after and " ASC" or " DESC"
+  sql = sql .. (q and " ORDER BY log_search.rowid" or " ORDER BY l.seq") .. dir .. " LIMIT " .. limit
+  local rows, err, code = self.conn:query(sql, table.unpack(binds))
+  if rows and f.after then
+    for i = 1, #rows // 2 do rows[i], rows[#rows + 1 - i] = rows[#rows + 1 - i], rows[i] end
+  end
+  return rows, err, code
 end
 
 -- Retention: drop lines older than max_age seconds and beyond max_lines.

@@ -213,6 +213,29 @@ describe("store", function()
     end)
   end)
 
+  it("with after, returns the lines right after it, so a reader pages forward without a gap", function()
+    core.run(function()
+      local st = assert(store.open(dir .. "/t.db"))
+      local batch = {}
+      for i = 1, 50 do batch[i] = { core.time(), "api:a", "stdout", "page line " .. i } end
+      assert(st:append_logs(batch))
+      for _, q in ipairs { false, "page" } do
+        local seen, after = {}, 0
+        for _ = 1, 10 do
+          local rows = assert(st:logs { after = after, limit = 20, q = q or nil })
+          if #rows == 0 then break end
+          -- newest first, like every answer of Store:logs
+          for i = 2, #rows do assert.is_true(rows[i - 1].seq > rows[i].seq) end
+          for i = #rows, 1, -1 do seen[#seen + 1] = rows[i].message end
+          after = rows[1].seq
+        end
+        assert.are.equal(50, #seen)
+        for i = 1, 50 do assert.are.equal("page line " .. i, seen[i]) end
+      end
+      st:close()
+    end)
+  end)
+
   it("prunes logs by age and by count", function()
     core.run(function()
       local st = assert(store.open(dir .. "/t.db"))

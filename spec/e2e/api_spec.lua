@@ -349,6 +349,34 @@ describe("HTTP API", function()
     assert.matches("flood two line 2\n", text, 1, true)
   end)
 
+  it("streams every line after the given seq, in order, when more than a page waits", function()
+    local admin = token(srv)
+    local seen = {}
+    core.run(function()
+      assert(core.http.request { host = "127.0.0.1", port = srv.port, target = "/flood?lines=2500",
+        headers = { host = "one.api.example.test" } })
+      local conn = assert(core.net.connect { host = "127.0.0.1", port = srv.port })
+      assert(conn:write("GET /api/logs/stream?instance=api:one&after=0 HTTP/1.1\r\nHost: example.test\r\n" ..
+        "Authorization: Bearer " .. admin .. "\r\n\r\n"))
+      local text = ""
+      local deadline = core.now() + 10000
+      while core.now() < deadline and not text:find("flood one line 2500\"", 1, true) do
+        local chunk = conn:read(2000)
+        if not chunk then break end
+        text = text .. chunk
+      end
+      conn:close()
+      for data in text:gmatch("data: ([^\r\n]+)") do
+        local n = cjson.decode(data).message:match("^flood one line (%d+)$")
+        if n then seen[#seen + 1] = tonumber(n) end
+      end
+    end)
+    -- the stream pages 1000 lines at a time: each page must start where the
+    -- last one ended
+    assert.are.equal(2500, #seen)
+    for i = 1, 2500 do assert.are.equal(i, seen[i]) end
+  end)
+
   it("keeps its memory flat when an event stream reader does not read", function()
     local admin = token(srv)
     local function rss()
