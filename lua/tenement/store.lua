@@ -220,6 +220,8 @@ end
 -- segment).
 function Store:append_logs(batch)
   if #batch == 0 then return 0 end
+  -- the writer may still hold a batch when the server closes the store
+  if not self.conn then return nil, "the store is closed", "SQLITE_MISUSE" end
   if not self.insert_log then
     local stmt, err, code = self.conn:prepare("INSERT INTO log_lines (ts, instance, stream, message) VALUES (?, ?, ?, ?)")
     if not stmt then return nil, err, code end
