@@ -304,6 +304,14 @@ function api.new(ctx)
     if (not instance or instance == "") and p.process then
       instance = p.id and (p.process .. ":" .. p.id) or nil
     end
+    -- a value that is not a number is refused: taken as absent, since=DATE
+    -- filtered nothing and limit=ten gave 100 lines, without a word
+    for _, field in ipairs { "since", "after", "limit", "wait" } do
+      local v = p[field]
+      if v and v ~= "" and not tonumber(v) then
+        return nil, fail("bad_request", string.format("%s must be a number, not %q", field, v))
+      end
+    end
     local filter = {
       instance = instance ~= "" and instance or nil,
       q = p.q or p.search, stream = p.stream or p.level,

@@ -244,6 +244,28 @@ describe("HTTP API", function()
     assert.are.equal(400, status)
   end)
 
+  it("searches any q literally and refuses a log filter that is not a number, naming it", function()
+    local admin = token(srv)
+    local h = with_auth(admin)
+    for _, q in ipairs { "%22", "%2A", "NEAR(a%20b)", "message:x", "(listening", "a)%22%22(", "-x", "a%00b",
+      "listening%20OR", "%FF%FE" } do
+      local status, _, body = call(srv, "GET", "/api/logs?q=" .. q, { headers = h })
+      assert.are.equal(200, status, q)
+      assert.is_table(body, q)
+    end
+    local status, _, body = call(srv, "GET", "/api/logs?limit=2.5", { headers = h })
+    assert.are.equal(200, status)
+    assert.are.equal(2, #body)
+    -- a date where seconds since the epoch were expected filtered nothing,
+    -- without a word
+    for _, field in ipairs { "since", "after", "limit", "wait" } do
+      status, _, body = call(srv, "GET", "/api/logs?" .. field .. "=2024-01-01", { headers = h })
+      assert.are.equal(400, status, field)
+      assert.are.equal("bad_request", body.error.code)
+      assert.matches(field, body.error.message, 1, true)
+    end
+  end)
+
   it("spawns and stops through the API, with the original's paths too", function()
     local admin = token(srv)
     local h = with_auth(admin, { ["content-type"] = "application/json" })
