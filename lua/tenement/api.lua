@@ -369,6 +369,15 @@ function api.new(ctx)
     local filter, status, headers, body = log_filter(req)
     if not filter then return status, headers, body end
     if not req.stream then return fail("internal", "this build cannot stream responses") end
+    -- each event carries its seq as its id, which a client reconnecting
+    -- sends back: without it, what came while it was away was never shown
+    local last_id = req.headers and req.headers["last-event-id"]
+    if not filter.after and last_id and last_id ~= "" then
+      filter.after = tonumber(last_id)
+      if not filter.after then
+        return fail("bad_request", string.format("Last-Event-ID must be a number, not %q", last_id))
+      end
+    end
     if not filter.after then
       if ctx.flush_logs then ctx.flush_logs() end
       local last = store:logs { instance = filter.instance, limit = 1 }

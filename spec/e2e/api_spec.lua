@@ -399,6 +399,34 @@ describe("HTTP API", function()
     for i = 1, 2500 do assert.are.equal(i, seen[i]) end
   end)
 
+  it("resumes an event stream after the Last-Event-ID a reconnecting client sends", function()
+    local admin = token(srv)
+    local seen = {}
+    core.run(function()
+      assert(core.http.request { host = "127.0.0.1", port = srv.port, target = "/flood?lines=5",
+        headers = { host = "one.api.example.test" } })
+      local res = assert(core.http.request { host = "127.0.0.1", port = srv.port,
+        target = "/api/logs?instance=api:one&q=flood%20one%20line&limit=5",
+        headers = { host = "example.test", authorization = "Bearer " .. admin } })
+      local lines = cjson.decode(res.body)
+      assert.are.equal(5, #lines)
+      -- the client saw the event of line 2, then lost its connection
+      local conn = assert(core.net.connect { host = "127.0.0.1", port = srv.port })
+      assert(conn:write("GET /api/logs/stream?instance=api:one HTTP/1.1\r\nHost: example.test\r\n" ..
+        "Authorization: Bearer " .. admin .. "\r\nLast-Event-ID: " .. lines[2].seq .. "\r\n\r\n"))
+      local text = ""
+      local deadline = core.now() + 3000
+      while core.now() < deadline and not text:find("flood one line 5\"", 1, true) do
+        local chunk = conn:read(1000)
+        if not chunk then break end
+        text = text .. chunk
+      end
+      conn:close()
+      for data in text:gmatch("data: ([^\r\n]+)") do seen[#seen + 1] = cjson.decode(data).message end
+    end)
+    assert.are.same({ "flood one line 3", "flood one line 4", "flood one line 5" }, seen)
+  end)
+
   it("keeps log lines the store refused for a while, or counts them as dropped", function()
     local admin = token(srv)
     -- another writer holds the store longer than its 5 s busy timeout
