@@ -317,6 +317,12 @@ function api.new(ctx)
       q = p.q or p.search, stream = p.stream or p.level,
       since = tonumber(p.since), after = tonumber(p.after), limit = tonumber(p.limit),
     }
+    if filter.q then
+      -- here and not only in the store: the event stream never reads the
+      -- store's errors, it would ask again every 250 ms and send nothing
+      local _, qerr = require("tenement.store").fts_query(filter.q)
+      if qerr then return nil, fail("bad_request", qerr) end
+    end
     if filter.stream and filter.stream ~= "stdout" and filter.stream ~= "stderr" then
       return nil, fail("bad_request", "stream must be stdout or stderr")
     end

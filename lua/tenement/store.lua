@@ -241,16 +241,25 @@ function Store:append_logs(batch)
   end)
 end
 
+-- FTS5's time grows with the square of a query's terms (4000, which fit in
+-- a request head, took seconds of the store's only connection), and a search
+-- of people's words needs few.
+store.MAX_QUERY_WORDS = 32
+
 -- Turns free text into an FTS5 query that cannot be a syntax error: each
 -- word becomes a quoted term (prefix match for the last), all must match.
 -- A NUL separates words: FTS5 reads the query as a C string, so one inside a
 -- quoted term left it unterminated, and the tokenizer splits lines there too.
+-- -> query | nil (no words) | nil, err (too many)
 function store.fts_query(text)
   local terms = {}
   for word in tostring(text):gsub("\0", " "):gmatch("%S+") do
     terms[#terms + 1] = '"' .. word:gsub('"', '""') .. '"'
   end
   if #terms == 0 then return nil end
+  if #terms > store.MAX_QUERY_WORDS then
+    return nil, string.format("q has %d words, at most %d are searched", #terms, store.MAX_QUERY_WORDS)
+  end
   terms[#terms] = terms[#terms] .. "*"
   return table.concat(terms, " AND ")
 end
@@ -267,7 +276,11 @@ function Store:logs(f)
   if f.stream then where[#where + 1] = "l.stream = ?"; binds[#binds + 1] = f.stream end
   if f.since then where[#where + 1] = "l.ts >= ?"; binds[#binds + 1] = f.since end
   if f.after then where[#where + 1] = "l.seq > ?"; binds[#binds + 1] = f.after end
-  local q = f.q and store.fts_query(f.q)
+  local q, qerr
+  if f.q then
+    q, qerr = store.fts_query(f.q)
+    if qerr then return nil, qerr end
+  end
   if q then
     -- walk the full-text matches newest first and filter them; the unary +
     -- keeps SQLite from driving the search by the instance index and

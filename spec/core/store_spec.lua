@@ -213,6 +213,24 @@ describe("store", function()
     end)
   end)
 
+  it("refuses a q of more words than it searches at once, before SQLite spends seconds on it", function()
+    core.run(function()
+      local st = assert(store.open(dir .. "/t.db"))
+      local batch = {}
+      for i = 1, 5000 do batch[i] = { core.time(), "api:a", "stdout", "a line " .. i } end
+      assert(st:append_logs(batch))
+      assert.are.equal(10, #assert(st:logs { q = string.rep("a ", store.MAX_QUERY_WORDS), limit = 10 }))
+      -- 4000 words (8 KB, a request head holds 16) took FTS5 about 3 s, the
+      -- store's one connection held all along
+      local t = core.now()
+      local rows, err = st:logs { q = string.rep("a ", 4000) }
+      assert.is_nil(rows)
+      assert.matches("q has 4000 words, at most " .. store.MAX_QUERY_WORDS, err, 1, true)
+      assert.is_true(core.now() - t < 500)
+      st:close()
+    end)
+  end)
+
   it("with after, returns the lines right after it, so a reader pages forward without a gap", function()
     core.run(function()
       local st = assert(store.open(dir .. "/t.db"))

@@ -253,7 +253,13 @@ describe("HTTP API", function()
       assert.are.equal(200, status, q)
       assert.is_table(body, q)
     end
-    local status, _, body = call(srv, "GET", "/api/logs?limit=2.5", { headers = h })
+    local status, _, body = call(srv, "GET", "/api/logs?q=" .. string.rep("a+", 4000), { headers = h })
+    assert.are.equal(400, status)
+    assert.matches("q has 4000 words", body.error.message, 1, true)
+    -- the event stream asks the store again and again: it must refuse first
+    status = call(srv, "GET", "/api/logs/stream?q=" .. string.rep("a+", 4000), { headers = h })
+    assert.are.equal(400, status)
+    status, _, body = call(srv, "GET", "/api/logs?limit=2.5", { headers = h })
     assert.are.equal(200, status)
     assert.are.equal(2, #body)
     -- a date where seconds since the epoch were expected filtered nothing,
