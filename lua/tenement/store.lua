@@ -59,6 +59,13 @@ store.migrations = {
   [[
   DROP TRIGGER log_lines_indexed;
   ]],
+  -- 4: the last seq given, kept apart from the lines: a seq is INTEGER
+  -- PRIMARY KEY, one more than the largest held, so once pruning took every
+  -- line the seqs began again at 1, under the cursor of every reader
+  [[
+  CREATE TABLE log_seq (one INTEGER PRIMARY KEY CHECK (one = 1), last INTEGER NOT NULL);
+  INSERT INTO log_seq (one, last) SELECT 1, coalesce(max(seq), 0) FROM log_lines;
+  ]],
 }
 
 local Store = {}
@@ -215,27 +222,33 @@ end
 -- logs -------------------------------------------------------------------
 
 -- Appends a batch from core.logbuf's sink: { {ts, instance, stream, text}, ... }
--- -> lines written | nil, err, code. One transaction: the lines, then their
--- full-text entries in one statement (FTS5 indexes a statement's rows as one
--- segment).
+-- (each row gets its seq as a 5th value) -> lines written | nil, err, code.
+-- One transaction: the lines, then their full-text entries in one statement
+-- (FTS5 indexes a statement's rows as one segment).
 function Store:append_logs(batch)
   if #batch == 0 then return 0 end
   -- the writer may still hold a batch when the server closes the store
   if not self.conn then return nil, "the store is closed", "SQLITE_MISUSE" end
   if not self.insert_log then
-    local stmt, err, code = self.conn:prepare("INSERT INTO log_lines (ts, instance, stream, message) VALUES (?, ?, ?, ?)")
+    local stmt, err, code = self.conn:prepare(
+      "INSERT INTO log_lines (ts, instance, stream, message, seq) VALUES (?, ?, ?, ?, ?)")
     if not stmt then return nil, err, code end
     self.insert_log = stmt
   end
   return self.conn:transaction(function(conn)
-    local rows, err, code = conn:query("SELECT coalesce(max(seq), 0) AS last FROM log_lines")
+    local rows, err, code = conn:query(
+      "SELECT max(coalesce((SELECT max(seq) FROM log_lines), 0), coalesce((SELECT last FROM log_seq), 0)) AS last")
     if not rows then return nil, err, code end
+    local last = rows[1].last
+    for i, row in ipairs(batch) do row[5] = last + i end
     local n
     n, err, code = self.insert_log:run_many(batch)
     if not n then return nil, err, code end
     local ok
+    ok, err, code = conn:run("INSERT OR REPLACE INTO log_seq (one, last) VALUES (1, ?)", last + #batch)
+    if not ok then return nil, err, code end
     ok, err, code = conn:run("INSERT INTO log_search (rowid, message) SELECT seq, message FROM log_lines WHERE seq > ?",
-      rows[1].last)
+      last)
     if not ok then return nil, err, code end
     return n
   end)

@@ -168,7 +168,7 @@ describe("store", function()
       conn:close()
 
       local st = assert(store.open(dir .. "/old.db"))
-      assert.are.equal(3, st.conn:query("PRAGMA user_version")[1].user_version)
+      assert.are.equal(#store.migrations, st.conn:query("PRAGMA user_version")[1].user_version)
       assert.are.equal(0, #st.conn:query("SELECT name FROM sqlite_master WHERE name = 'log_lines_indexed'"))
       local new = {}
       for i = 1, 500 do new[i] = { t0 + 10 + i / 100, "api:b", "stderr", "after upgrade line " .. i } end
@@ -250,6 +250,34 @@ describe("store", function()
         assert.are.equal(50, #seen)
         for i = 1, 50 do assert.are.equal("page line " .. i, seen[i]) end
       end
+      st:close()
+    end)
+  end)
+
+  it("never gives a seq twice, even after pruning took every line", function()
+    core.run(function()
+      local st = assert(store.open(dir .. "/t.db"))
+      local old = {}
+      for i = 1, 10 do old[i] = { core.time() - 10 * 86400, "api:a", "stdout", "old line " .. i } end
+      assert(st:append_logs(old))
+      assert.are.equal(10, st:logs { limit = 1 }[1].seq)
+      -- a store quiet for longer than the retention loses every line
+      assert(st:prune_logs(7 * 86400, 1000))
+      assert.are.equal(0, #assert(st:logs {}))
+      assert(st:append_logs { { core.time(), "api:a", "stdout", "new line" } })
+      -- a reader that got up to seq 10 (the event stream, Last-Event-ID)
+      -- must see the new line after it
+      local rows = assert(st:logs { after = 10 })
+      assert.are.equal(1, #rows)
+      assert.are.equal("new line", rows[1].message)
+      st:close()
+      st = assert(store.open(dir .. "/t.db"))
+      assert(st:prune_logs(0, 1000))
+      assert(st:append_logs { { core.time(), "api:a", "stdout", "newer line" } })
+      rows = assert(st:logs { after = 11 })
+      assert.are.equal(1, #rows)
+      assert.are.equal("newer line", rows[1].message)
+      assert.are.equal(1, #assert(st:logs { q = "newer" }))
       st:close()
     end)
   end)
