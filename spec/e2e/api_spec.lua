@@ -272,6 +272,27 @@ describe("HTTP API", function()
     end
   end)
 
+  it("serves a line with invalid UTF-8 with its valid characters intact", function()
+    os.execute("kill -TERM " .. srv.pid .. " 2>/dev/null; sleep 0.3; kill -KILL " .. srv.pid .. " 2>/dev/null")
+    local dir = support.tmpdir()
+    srv = start_server(dir, nil, table.concat({
+      "[service.bin]",
+      'command = "/bin/sh"',
+      string.format("args = [\"-c\", %q]", "printf 'caf\\303\\251 \\377 na\\303\\257ve\\n'; exec " .. BACKEND),
+      string.format("socket = %q", dir .. "/sock/{name}-{id}.sock"),
+      'health = "/health"',
+      'isolation = "process"',
+    }, "\n") .. "\n")
+    local admin = token(srv)
+    local code, _, err = support.ten_run { "spawn", "bin:x", "--config", srv.cfg }
+    assert.are.equal(0, code, err)
+    local status, _, lines = call(srv, "GET", "/api/logs?instance=bin:x&q=caf", { headers = with_auth(admin) })
+    assert.are.equal(200, status)
+    assert.are.equal(1, #lines)
+    -- the one bad byte, not every byte above 127, is replaced
+    assert.are.equal("caf\u{e9} \u{fffd} na\u{ef}ve", lines[1].message)
+  end)
+
   it("spawns and stops through the API, with the original's paths too", function()
     local admin = token(srv)
     local h = with_auth(admin, { ["content-type"] = "application/json" })
