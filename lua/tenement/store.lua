@@ -263,15 +263,22 @@ store.MAX_QUERY_WORDS = 32
 -- word becomes a quoted term (prefix match for the last), all must match.
 -- A NUL separates words: FTS5 reads the query as a C string, so one inside a
 -- quoted term left it unterminated, and the tokenizer splits lines there too.
+-- A word of ASCII punctuation only ("=", "->") has no token in the index and
+-- its empty phrase matches no line: it is left out, unless nothing else is.
 -- -> query | nil (no words) | nil, err (too many)
 function store.fts_query(text)
-  local terms = {}
-  for word in tostring(text):gsub("\0", " "):gmatch("%S+") do
-    terms[#terms + 1] = '"' .. word:gsub('"', '""') .. '"'
+  local words = {}
+  for word in tostring(text):gsub("\0", " "):gmatch("%S+") do words[#words + 1] = word end
+  if #words == 0 then return nil end
+  if #words > store.MAX_QUERY_WORDS then
+    return nil, string.format("q has %d words, at most %d are searched", #words, store.MAX_QUERY_WORDS)
   end
-  if #terms == 0 then return nil end
-  if #terms > store.MAX_QUERY_WORDS then
-    return nil, string.format("q has %d words, at most %d are searched", #terms, store.MAX_QUERY_WORDS)
+  local terms = {}
+  for _, word in ipairs(words) do
+    if word:find("[%w\128-\255]") then terms[#terms + 1] = '"' .. word:gsub('"', '""') .. '"' end
+  end
+  if #terms == 0 then
+    for i, word in ipairs(words) do terms[i] = '"' .. word:gsub('"', '""') .. '"' end
   end
   terms[#terms] = terms[#terms] .. "*"
   return table.concat(terms, " AND ")

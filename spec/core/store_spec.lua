@@ -213,6 +213,25 @@ describe("store", function()
     end)
   end)
 
+  it("finds a line by its own text when q holds words of punctuation only", function()
+    core.run(function()
+      local st = assert(store.open(dir .. "/t.db"))
+      assert(st:append_logs {
+        { core.time(), "api:a", "stdout", "request status = 500 (took 3 ms) - retrying" },
+        { core.time(), "api:a", "stdout", "GET /api/users -> 200" },
+      })
+      -- such a word has no token for the index: FTS5 took its empty phrase
+      -- as matching no line, so the whole search found nothing
+      for _, q in ipairs { "status = 500", "took 3 ms) - retrying", "GET /api/users -> 200", "users ->" } do
+        local rows = assert(st:logs { q = q })
+        assert.are.equal(1, #rows, q)
+      end
+      -- punctuation alone still finds nothing, rather than every line
+      assert.are.equal(0, #assert(st:logs { q = "= ->" }))
+      st:close()
+    end)
+  end)
+
   it("refuses a q of more words than it searches at once, before SQLite spends seconds on it", function()
     core.run(function()
       local st = assert(store.open(dir .. "/t.db"))
