@@ -301,8 +301,17 @@ function api.new(ctx)
   local function log_filter(req)
     local p = api.parse_query(req.query)
     local instance = p.instance
-    if (not instance or instance == "") and p.process then
-      instance = p.id and (p.process .. ":" .. p.id) or nil
+    local service
+    if (not instance or instance == "") and p.process and p.process ~= "" then
+      if p.id and p.id ~= "" then
+        instance = p.process .. ":" .. p.id
+      else
+        -- the original's process alone names a service: dropped, it gave
+        -- every service's lines
+        local ok, why = require("tenement.config").valid_name(p.process)
+        if not ok then return nil, fail("bad_request", "process " .. why) end
+        service = p.process
+      end
     end
     -- a value that is not a number is refused: taken as absent, since=DATE
     -- filtered nothing and limit=ten gave 100 lines, without a word
@@ -313,7 +322,7 @@ function api.new(ctx)
       end
     end
     local filter = {
-      instance = instance ~= "" and instance or nil,
+      instance = instance ~= "" and instance or nil, service = service,
       q = p.q or p.search, stream = p.stream or p.level,
       since = tonumber(p.since), after = tonumber(p.after), limit = tonumber(p.limit),
     }

@@ -284,7 +284,7 @@ function store.fts_query(text)
   return table.concat(terms, " AND ")
 end
 
--- Store:logs{ instance=, instances= {set}, q=, stream=, since= (epoch s), after= (seq), limit= }
+-- Store:logs{ instance=, service=, q=, stream=, since= (epoch s), after= (seq), limit= }
 -- -> rows newest first: {seq, ts, instance, stream, message, highlighted?};
 -- the newest `limit`, or with `after` the first `limit` past it
 function Store:logs(f)
@@ -293,6 +293,11 @@ function Store:logs(f)
   local limit = math.floor(math.max(1, math.min(tonumber(f.limit) or 100, 10000)))
   local sql
   if f.instance then where[#where + 1] = "l.instance = ?"; binds[#binds + 1] = f.instance end
+  if f.service then
+    -- "svc:" up to "svc;" (';' follows ':'): every id of the service, by the index
+    where[#where + 1] = "l.instance >= ?"; binds[#binds + 1] = f.service .. ":"
+    where[#where + 1] = "l.instance < ?"; binds[#binds + 1] = f.service .. ";"
+  end
   if f.stream then where[#where + 1] = "l.stream = ?"; binds[#binds + 1] = f.stream end
   if f.since then where[#where + 1] = "l.ts >= ?"; binds[#binds + 1] = f.since end
   if f.after then where[#where + 1] = "l.seq > ?"; binds[#binds + 1] = f.after end

@@ -272,6 +272,31 @@ describe("HTTP API", function()
     end
   end)
 
+  it("filters logs by service with the original's process parameter alone", function()
+    os.execute("kill -TERM " .. srv.pid .. " 2>/dev/null; sleep 0.3; kill -KILL " .. srv.pid .. " 2>/dev/null")
+    local dir = support.tmpdir()
+    srv = start_server(dir, nil, table.concat({
+      "[service.web]",
+      string.format("command = %q", BACKEND),
+      string.format("socket = %q", dir .. "/sock/{name}-{id}.sock"),
+      'health = "/health"',
+      'isolation = "process"',
+    }, "\n") .. "\n")
+    local admin = token(srv)
+    local code, _, err = support.ten_run { "spawn", "web:x", "--config", srv.cfg }
+    assert.are.equal(0, code, err)
+    local status, _, lines = call(srv, "GET", "/api/logs?process=web", { headers = with_auth(admin) })
+    assert.are.equal(200, status)
+    assert.is_true(#lines > 0)
+    for _, l in ipairs(lines) do assert.are.equal("web", l.process, l.instance) end
+    -- a service's name is not a prefix of another's
+    status, _, lines = call(srv, "GET", "/api/logs?process=we", { headers = with_auth(admin) })
+    assert.are.equal(200, status)
+    assert.are.equal(0, #lines)
+    status = call(srv, "GET", "/api/logs?process=..", { headers = with_auth(admin) })
+    assert.are.equal(400, status)
+  end)
+
   it("serves a line with invalid UTF-8 with its valid characters intact", function()
     os.execute("kill -TERM " .. srv.pid .. " 2>/dev/null; sleep 0.3; kill -KILL " .. srv.pid .. " 2>/dev/null")
     local dir = support.tmpdir()
