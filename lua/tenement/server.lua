@@ -305,9 +305,10 @@ end
 
 -- Writes what is pending now (before a query, so a reader sees the latest).
 -- While the writer is trying a refused batch again, the store would refuse
--- these too: they wait in the sink for it.
-function Server:flush_logs()
-  while not self.log_retrying do
+-- these too: they wait in the sink for it, except at the end (`final`),
+-- when nothing comes after to write or count them.
+function Server:flush_logs(final)
+  while final or not self.log_retrying do
     local stats = self.sink:stats()
     if stats.pending == 0 then return end
     local batch = self.sink:take(LOG_BATCH, 0)
@@ -451,7 +452,7 @@ function Server:shutdown()
   if self.control_listener then self.control_listener:close() end
   core.fs.unlink(self.paths.socket)
   self.sup:shutdown()
-  self:flush_logs()
+  self:flush_logs(true)
   self.stopping = true
   self.store:close()
   log.info("stopped")
