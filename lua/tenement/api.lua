@@ -15,6 +15,9 @@ local STATUS_FOR_CODE = {
 }
 
 local JSON_HEADERS = { ["content-type"] = "application/json" }
+-- messages in one answer of /api/logs (a page of the event stream) at most:
+-- encoding is done on the loop, which reads every instance's pipes too
+local LOG_ANSWER_BYTES = 4 * 1024 * 1024
 
 -- May this request act on service:id? (No principal: the control socket.)
 function api.allows(req, service, id)
@@ -325,6 +328,7 @@ function api.new(ctx)
       instance = instance ~= "" and instance or nil, service = service,
       q = p.q or p.search, stream = p.stream or p.level,
       since = tonumber(p.since), after = tonumber(p.after), limit = tonumber(p.limit),
+      max_bytes = LOG_ANSWER_BYTES,
     }
     if filter.q then
       -- here and not only in the store: the event stream never reads the
@@ -424,7 +428,7 @@ function api.new(ctx)
         ok = true
       end
       if not ok then return end -- the client went away
-      core.sleep(#rows == filter.limit and 0 or 250)
+      core.sleep((#rows == filter.limit or rows.capped) and 0 or 250)
     end
   end, "scoped")
 

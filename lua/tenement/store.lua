@@ -284,14 +284,14 @@ function store.fts_query(text)
   return table.concat(terms, " AND ")
 end
 
--- Store:logs{ instance=, service=, q=, stream=, since= (epoch s), after= (seq), limit= }
--- -> rows newest first: {seq, ts, instance, stream, message, highlighted?};
--- the newest `limit`, or with `after` the first `limit` past it
+-- Store:logs{ instance=, service=, q=, stream=, since= (epoch s), after= (seq), limit=,
+-- max_bytes= } -> rows newest first: {seq, ts, instance, stream, message,
+-- highlighted?}; the newest `limit`, or with `after` the first `limit` past it,
+-- fewer when their messages would pass max_bytes (then rows.capped)
 function Store:logs(f)
   local where, binds = {}, {}
   -- a whole number: SQLite refuses LIMIT 2.5 as a datatype mismatch
   local limit = math.floor(math.max(1, math.min(tonumber(f.limit) or 100, 10000)))
-  local sql
   if f.instance then where[#where + 1] = "l.instance = ?"; binds[#binds + 1] = f.instance end
   if f.service then
     -- "svc:" up to "svc;" (';' follows ':'): every id of the service, by the index
@@ -306,6 +306,7 @@ function Store:logs(f)
     q, qerr = store.fts_query(f.q)
     if qerr then return nil, qerr end
   end
+  local from
   if q then
     -- walk the full-text matches newest first and filter them; the unary +
     -- keeps SQLite from driving the search by the instance index and
@@ -313,22 +314,48 @@ function Store:logs(f)
     for i, w in ipairs(where) do where[i] = w:gsub("^l%.", "+l.") end
     table.insert(where, 1, "log_search MATCH ?")
     table.insert(binds, 1, q)
-    sql = "SELECT l.seq, l.ts, l.instance, l.stream, l.message, "
-      .. "highlight(log_search, 0, '[', ']') AS highlighted "
-      .. "FROM log_search JOIN log_lines l ON l.seq = log_search.rowid"
+    from = " FROM log_search JOIN log_lines l ON l.seq = log_search.rowid"
   else
-    sql = "SELECT l.seq, l.ts, l.instance, l.stream, l.message FROM log_lines l"
+    from = " FROM log_lines l"
   end
-  if #where > 0 then sql = sql .. " WHERE " .. table.concat(where, " AND ") end
   -- after a seq, the first lines past it: the newest ones would leave a gap
   -- between it and them that a reader paging forward (the event stream,
   -- `ten logs -f`) never sees
-  local dir = f.after and " ASC" or " DESC"
-  sql = sql .. (q and " ORDER BY log_search.rowid" or " ORDER BY l.seq") .. dir .. " LIMIT " .. limit
-  local rows, err, code = self.conn:query(sql, table.unpack(binds))
+  local order = (q and " ORDER BY log_search.rowid" or " ORDER BY l.seq") .. (f.after and " ASC" or " DESC")
+  local function select(columns, n, extra, extra_bind)
+    local w, b = where, binds
+    if extra then
+      w, b = { table.unpack(where) }, { table.unpack(binds) }
+      w[#w + 1], b[#b + 1] = extra, extra_bind
+    end
+    local sql = "SELECT " .. columns .. from
+    if #w > 0 then sql = sql .. " WHERE " .. table.concat(w, " AND ") end
+    return self.conn:query(sql .. order .. " LIMIT " .. n, table.unpack(b))
+  end
+  -- A line may hold 16 KiB: ten thousand of them were 160 MB to copy and
+  -- encode on the loop. Past the default limit the sizes are read first
+  -- (not the text) and the answer stops before max_bytes.
+  local capped, bound, bound_seq
+  if f.max_bytes and limit > 100 then
+    local sizes, err, code = select("l.seq AS seq, length(CAST(l.message AS BLOB)) AS n", limit)
+    if not sizes then return nil, err, code end
+    local total = 0
+    for i, r in ipairs(sizes) do
+      total = total + r.n
+      if total > f.max_bytes and i > 1 then
+        limit, capped = i - 1, true
+        break
+      end
+    end
+    -- newest first, lines written since would come before those measured
+    if capped and not f.after then bound, bound_seq = (q and "+" or "") .. "l.seq <= ?", sizes[1].seq end
+  end
+  local rows, err, code = select("l.seq, l.ts, l.instance, l.stream, l.message"
+    .. (q and ", highlight(log_search, 0, '[', ']') AS highlighted" or ""), limit, bound, bound_seq)
   if rows and f.after then
     for i = 1, #rows // 2 do rows[i], rows[#rows + 1 - i] = rows[#rows + 1 - i], rows[i] end
   end
+  if rows then rows.capped = capped end
   return rows, err, code
 end
 

@@ -297,6 +297,48 @@ describe("HTTP API", function()
     assert.are.equal(400, status)
   end)
 
+  it("bounds the bytes of one log answer, and pages on from it without a gap", function()
+    local admin = token(srv)
+    -- 1000 lines of 16 KiB, the longest a line is kept (as if api:one had
+    -- printed them), written the way the server writes them
+    local st = assert(require("tenement.store").open(srv.dir .. "/data/tenement.db"))
+    core.run(function()
+      local batch = {}
+      for i = 1, 1000 do
+        batch[i] = { core.time(), "api:one", "stdout", string.format("long %04d ", i) .. string.rep("x", 16374) }
+      end
+      assert(st:append_logs(batch))
+      st:close()
+    end)
+    -- 16 MB of messages in one answer took the loop seconds to encode, and
+    -- a few of them hundreds of MB
+    local status, _, lines = call(srv, "GET", "/api/logs?instance=api:one&q=long&limit=10000",
+      { headers = with_auth(admin) })
+    assert.are.equal(200, status)
+    local bytes = 0
+    for _, l in ipairs(lines) do bytes = bytes + #l.message end
+    assert.is_true(#lines > 0 and bytes <= 4 * 1024 * 1024, #lines .. " lines, " .. bytes .. " bytes")
+    assert.are.equal("long 1000", lines[#lines].message:sub(1, 9)) -- the newest, oldest first
+    status, _, lines = call(srv, "GET", "/api/logs?instance=api:one&limit=10000", { headers = with_auth(admin) })
+    assert.are.equal(200, status)
+    assert.is_true(#lines > 0 and #lines < 1000)
+    assert.are.equal("long 1000", lines[#lines].message:sub(1, 9))
+    -- paging on with after gets every line once, in order
+    local seen, after = 0, 0
+    for _ = 1, 100 do
+      status, _, lines = call(srv, "GET", "/api/logs?instance=api:one&q=long&limit=10000&after=" .. after,
+        { headers = with_auth(admin) })
+      assert.are.equal(200, status)
+      if #lines == 0 then break end
+      for _, l in ipairs(lines) do
+        seen = seen + 1
+        assert.are.equal(string.format("long %04d", seen), l.message:sub(1, 9))
+      end
+      after = lines[#lines].seq
+    end
+    assert.are.equal(1000, seen)
+  end)
+
   it("serves a line with invalid UTF-8 with its valid characters intact", function()
     os.execute("kill -TERM " .. srv.pid .. " 2>/dev/null; sleep 0.3; kill -KILL " .. srv.pid .. " 2>/dev/null")
     local dir = support.tmpdir()
