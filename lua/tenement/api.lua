@@ -315,6 +315,8 @@ function api.new(ctx)
         if not ok then return nil, fail("bad_request", "process " .. why) end
         service = p.process
       end
+    elseif (not instance or instance == "") and p.id and p.id ~= "" then
+      return nil, fail("bad_request", "id needs process (the service), or use instance=SERVICE:ID")
     end
     -- a value that is not a number is refused: taken as absent, since=DATE
     -- filtered nothing and limit=ten gave 100 lines, without a word

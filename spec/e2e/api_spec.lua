@@ -295,6 +295,11 @@ describe("HTTP API", function()
     assert.are.equal(0, #lines)
     status = call(srv, "GET", "/api/logs?process=..", { headers = with_auth(admin) })
     assert.are.equal(400, status)
+    -- id alone named nothing and was dropped too: every line came back
+    local body
+    status, _, body = call(srv, "GET", "/api/logs?id=x", { headers = with_auth(admin) })
+    assert.are.equal(400, status)
+    assert.matches("process", body.error.message, 1, true)
   end)
 
   it("bounds the bytes of one log answer, and pages on from it without a gap", function()
