@@ -15,6 +15,9 @@ local STATUS_FOR_CODE = {
 }
 
 local JSON_HEADERS = { ["content-type"] = "application/json" }
+-- messages in one answer of /api/logs (a page of the event stream) at most:
+-- encoding is done on the loop, which reads every instance's pipes too
+local LOG_ANSWER_BYTES = 4 * 1024 * 1024
 
 -- May this request act on service:id? (No principal: the control socket.)
 function api.allows(req, service, id)
@@ -301,14 +304,40 @@ function api.new(ctx)
   local function log_filter(req)
     local p = api.parse_query(req.query)
     local instance = p.instance
-    if (not instance or instance == "") and p.process then
-      instance = p.id and (p.process .. ":" .. p.id) or nil
+    local service
+    if (not instance or instance == "") and p.process and p.process ~= "" then
+      if p.id and p.id ~= "" then
+        instance = p.process .. ":" .. p.id
+      else
+        -- the original's process alone names a service: dropped, it gave
+        -- every service's lines
+        local ok, why = require("tenement.config").valid_name(p.process)
+        if not ok then return nil, fail("bad_request", "process " .. why) end
+        service = p.process
+      end
+    elseif (not instance or instance == "") and p.id and p.id ~= "" then
+      return nil, fail("bad_request", "id needs process (the service), or use instance=SERVICE:ID")
+    end
+    -- a value that is not a number is refused: taken as absent, since=DATE
+    -- filtered nothing and limit=ten gave 100 lines, without a word
+    for _, field in ipairs { "since", "after", "limit", "wait" } do
+      local v = p[field]
+      if v and v ~= "" and not tonumber(v) then
+        return nil, fail("bad_request", string.format("%s must be a number, not %q", field, v))
+      end
     end
     local filter = {
-      instance = instance ~= "" and instance or nil,
+      instance = instance ~= "" and instance or nil, service = service,
       q = p.q or p.search, stream = p.stream or p.level,
       since = tonumber(p.since), after = tonumber(p.after), limit = tonumber(p.limit),
+      max_bytes = LOG_ANSWER_BYTES,
     }
+    if filter.q then
+      -- here and not only in the store: the event stream never reads the
+      -- store's errors, it would ask again every 250 ms and send nothing
+      local _, qerr = require("tenement.store").fts_query(filter.q)
+      if qerr then return nil, fail("bad_request", qerr) end
+    end
     if filter.stream and filter.stream ~= "stdout" and filter.stream ~= "stderr" then
       return nil, fail("bad_request", "stream must be stdout or stderr")
     end
@@ -361,6 +390,15 @@ function api.new(ctx)
     local filter, status, headers, body = log_filter(req)
     if not filter then return status, headers, body end
     if not req.stream then return fail("internal", "this build cannot stream responses") end
+    -- each event carries its seq as its id, which a client reconnecting
+    -- sends back: without it, what came while it was away was never shown
+    local last_id = req.headers and req.headers["last-event-id"]
+    if not filter.after and last_id and last_id ~= "" then
+      filter.after = tonumber(last_id)
+      if not filter.after then
+        return fail("bad_request", string.format("Last-Event-ID must be a number, not %q", last_id))
+      end
+    end
     if not filter.after then
       if ctx.flush_logs then ctx.flush_logs() end
       local last = store:logs { instance = filter.instance, limit = 1 }
@@ -392,7 +430,7 @@ function api.new(ctx)
         ok = true
       end
       if not ok then return end -- the client went away
-      core.sleep(#rows == filter.limit and 0 or 250)
+      core.sleep((#rows == filter.limit or rows.capped) and 0 or 250)
     end
   end, "scoped")
 

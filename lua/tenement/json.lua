@@ -22,11 +22,25 @@ local function escape_char(c)
   return escapes[c] or string.format("\\u%04x", c:byte())
 end
 
-local function encode_string(s)
-  if not utf8.len(s) then
-    -- invalid UTF-8 would make the whole document invalid: replace bytes
-    s = s:gsub("[\128-\255]", "?")
+-- Invalid UTF-8 would make the whole document invalid: each byte that does
+-- not belong to a valid sequence becomes U+FFFD, the rest stays as it was
+-- (an instance's "café" next to one stray byte is still "café").
+local function valid_utf8(s)
+  local len, bad = utf8.len(s)
+  if len then return s end
+  local parts, i = {}, 1
+  while not len do
+    parts[#parts + 1] = s:sub(i, bad - 1)
+    parts[#parts + 1] = "\u{FFFD}"
+    i = bad + 1
+    len, bad = utf8.len(s, i)
   end
+  parts[#parts + 1] = s:sub(i)
+  return table.concat(parts)
+end
+
+local function encode_string(s)
+  s = valid_utf8(s)
   return '"' .. s:gsub('[%c"\\]', escape_char) .. '"'
 end
 

@@ -173,7 +173,7 @@ local STATES = { "stopped", "starting", "running", "unhealthy", "backoff", "stop
 
 -- metrics.render(server [, emit]) -> text, or with emit(chunk) the text
 -- piece by piece (4 MB for a thousand instances need not be held whole)
--- server: { sup, door, http (core.http server), sink, store_path, started }
+-- server: { sup, door, http (core.http server), sink, log_stats, store_path, started }
 function metrics.render(srv, emit)
   local out = new_out(emit)
   out:family("tenement_build_info", "gauge", "Version of the running ten.")
@@ -221,8 +221,9 @@ function metrics.render(srv, emit)
     out:family("tenement_log_lines_pending", "gauge", "Captured lines waiting to be written to the store.")
     out:sample("tenement_log_lines_pending", nil, st.pending)
     out:family("tenement_log_lines_dropped_total", "counter",
-      "Captured lines dropped because the store could not keep up.")
-    out:sample("tenement_log_lines_dropped_total", nil, st.dropped)
+      "Captured lines dropped because the store could not keep up or refused them.")
+    out:sample("tenement_log_lines_dropped_total", nil,
+      st.dropped + (srv.log_stats and srv.log_stats.write_dropped or 0))
   end
   if srv.store_path then
     local size = 0

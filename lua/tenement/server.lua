@@ -14,6 +14,11 @@ local log = require "tenement.log"
 local server = {}
 
 local LOG_BATCH = 5000
+-- a batch the store refuses (locked by another writer past the busy
+-- timeout, a full disk) is tried this many times, a second apart, before
+-- its lines are counted as dropped; meanwhile new lines wait in the sink,
+-- which stays bounded
+local LOG_WRITE_TRIES = 5
 local LOG_RETENTION_EVERY_MS = 60 * 1000
 
 local Server = {}
@@ -61,6 +66,7 @@ function Server:start()
   core.fs.chmod(paths.db, tonumber("600", 8))
 
   self.sink = core.logbuf.sink { max_pending = cfg.settings.log_max_pending or 100000 }
+  self.log_stats = { write_dropped = 0 }
   local layout = self:prepare_limits()
   self.sup = supervisor.new(cfg, { store = st, sink = self.sink, environ = self.opts.environ, cgroups = layout })
   self.log_writer = core.spawn(self.write_logs, self)
@@ -94,6 +100,7 @@ function Server:start()
   door:attach(self.http)
   self.reaper = core.spawn(door.run_reaper, door)
   self.metrics_view = { sup = self.sup, door = door, http = self.http, sink = self.sink,
+    log_stats = self.log_stats,
     store_path = paths.db, started = self.started }
   log.info("ten %s serving http://%s:%d/ for %s; data_dir %s, control socket %s", core.version,
     s.listen, http_listener:port(), s.domain, paths.dir, paths.socket)
@@ -265,8 +272,7 @@ function Server:write_logs()
   while not self.stopping do
     local batch = self.sink:take(LOG_BATCH, 1000)
     if batch then
-      local ok, err = self.store:append_logs(batch)
-      if not ok then log.error("writing %d log lines failed: %s", #batch, err) end
+      self:store_logs(batch, LOG_WRITE_TRIES)
       -- a small batch: let lines gather a little (fewer, bigger transactions);
       -- a full one: more are waiting, go on at once
       if #batch < LOG_BATCH then core.sleep(50) end
@@ -279,14 +285,35 @@ function Server:write_logs()
   end
 end
 
+-- Appends a batch, tried up to `tries` times; lines the store would not
+-- take are counted as dropped, like those the sink drops. -> true | nil
+function Server:store_logs(batch, tries)
+  for try = 1, tries do
+    local ok, err = self.store:append_logs(batch)
+    if ok then return true end
+    if try == tries or self.stopping then
+      self.log_stats.write_dropped = self.log_stats.write_dropped + #batch
+      log.error("writing %d log lines failed, dropped: %s", #batch, err)
+      return nil
+    end
+    log.warn("writing %d log lines failed, trying again: %s", #batch, err)
+    self.log_retrying = true
+    core.sleep(1000)
+    self.log_retrying = nil
+  end
+end
+
 -- Writes what is pending now (before a query, so a reader sees the latest).
-function Server:flush_logs()
-  while true do
+-- While the writer is trying a refused batch again, the store would refuse
+-- these too: they wait in the sink for it, except at the end (`final`),
+-- when nothing comes after to write or count them.
+function Server:flush_logs(final)
+  while final or not self.log_retrying do
     local stats = self.sink:stats()
     if stats.pending == 0 then return end
     local batch = self.sink:take(LOG_BATCH, 0)
     if not batch then return end
-    self.store:append_logs(batch)
+    if not self:store_logs(batch, 1) then return end
   end
 end
 
@@ -426,7 +453,7 @@ function Server:shutdown()
   if self.control_listener then self.control_listener:close() end
   core.fs.unlink(self.paths.socket)
   self.sup:shutdown()
-  self:flush_logs()
+  self:flush_logs(true)
   self.stopping = true
   self.store:close()
   log.info("stopped")

@@ -59,6 +59,13 @@ store.migrations = {
   [[
   DROP TRIGGER log_lines_indexed;
   ]],
+  -- 4: the last seq given, kept apart from the lines: a seq is INTEGER
+  -- PRIMARY KEY, one more than the largest held, so once pruning took every
+  -- line the seqs began again at 1, under the cursor of every reader
+  [[
+  CREATE TABLE log_seq (one INTEGER PRIMARY KEY CHECK (one = 1), last INTEGER NOT NULL);
+  INSERT INTO log_seq (one, last) SELECT 1, coalesce(max(seq), 0) FROM log_lines;
+  ]],
 }
 
 local Store = {}
@@ -215,53 +222,91 @@ end
 -- logs -------------------------------------------------------------------
 
 -- Appends a batch from core.logbuf's sink: { {ts, instance, stream, text}, ... }
--- -> lines written | nil, err, code. One transaction: the lines, then their
--- full-text entries in one statement (FTS5 indexes a statement's rows as one
--- segment).
+-- (each row gets its seq as a 5th value) -> lines written | nil, err, code.
+-- One transaction: the lines, then their full-text entries in one statement
+-- (FTS5 indexes a statement's rows as one segment).
 function Store:append_logs(batch)
   if #batch == 0 then return 0 end
+  -- the writer may still hold a batch when the server closes the store
+  if not self.conn then return nil, "the store is closed", "SQLITE_MISUSE" end
   if not self.insert_log then
-    local stmt, err, code = self.conn:prepare("INSERT INTO log_lines (ts, instance, stream, message) VALUES (?, ?, ?, ?)")
+    local stmt, err, code = self.conn:prepare(
+      "INSERT INTO log_lines (ts, instance, stream, message, seq) VALUES (?, ?, ?, ?, ?)")
     if not stmt then return nil, err, code end
     self.insert_log = stmt
   end
   return self.conn:transaction(function(conn)
-    local rows, err, code = conn:query("SELECT coalesce(max(seq), 0) AS last FROM log_lines")
+    local rows, err, code = conn:query(
+      "SELECT max(coalesce((SELECT max(seq) FROM log_lines), 0), coalesce((SELECT last FROM log_seq), 0)) AS last")
     if not rows then return nil, err, code end
+    local last = rows[1].last
+    for i, row in ipairs(batch) do row[5] = last + i end
     local n
     n, err, code = self.insert_log:run_many(batch)
     if not n then return nil, err, code end
     local ok
+    ok, err, code = conn:run("INSERT OR REPLACE INTO log_seq (one, last) VALUES (1, ?)", last + #batch)
+    if not ok then return nil, err, code end
     ok, err, code = conn:run("INSERT INTO log_search (rowid, message) SELECT seq, message FROM log_lines WHERE seq > ?",
-      rows[1].last)
+      last)
     if not ok then return nil, err, code end
     return n
   end)
 end
 
+-- FTS5's time grows with the square of a query's terms (4000, which fit in
+-- a request head, took seconds of the store's only connection), and a search
+-- of people's words needs few.
+store.MAX_QUERY_WORDS = 32
+
 -- Turns free text into an FTS5 query that cannot be a syntax error: each
 -- word becomes a quoted term (prefix match for the last), all must match.
+-- A NUL separates words: FTS5 reads the query as a C string, so one inside a
+-- quoted term left it unterminated, and the tokenizer splits lines there too.
+-- A word of ASCII punctuation only ("=", "->") has no token in the index and
+-- its empty phrase matches no line: it is left out, unless nothing else is.
+-- -> query | nil (no words) | nil, err (too many)
 function store.fts_query(text)
-  local terms = {}
-  for word in tostring(text):gmatch("%S+") do
-    terms[#terms + 1] = '"' .. word:gsub('"', '""') .. '"'
+  local words = {}
+  for word in tostring(text):gsub("\0", " "):gmatch("%S+") do words[#words + 1] = word end
+  if #words == 0 then return nil end
+  if #words > store.MAX_QUERY_WORDS then
+    return nil, string.format("q has %d words, at most %d are searched", #words, store.MAX_QUERY_WORDS)
   end
-  if #terms == 0 then return nil end
+  local terms = {}
+  for _, word in ipairs(words) do
+    if word:find("[%w\128-\255]") then terms[#terms + 1] = '"' .. word:gsub('"', '""') .. '"' end
+  end
+  if #terms == 0 then
+    for i, word in ipairs(words) do terms[i] = '"' .. word:gsub('"', '""') .. '"' end
+  end
   terms[#terms] = terms[#terms] .. "*"
   return table.concat(terms, " AND ")
 end
 
--- Store:logs{ instance=, instances= {set}, q=, stream=, since= (epoch s), after= (seq), limit= }
--- -> rows newest first: {seq, ts, instance, stream, message, highlighted?}
+-- Store:logs{ instance=, service=, q=, stream=, since= (epoch s), after= (seq), limit=,
+-- max_bytes= } -> rows newest first: {seq, ts, instance, stream, message,
+-- highlighted?}; the newest `limit`, or with `after` the first `limit` past it,
+-- fewer when their messages would pass max_bytes (then rows.capped)
 function Store:logs(f)
   local where, binds = {}, {}
-  local limit = math.max(1, math.min(tonumber(f.limit) or 100, 10000))
-  local sql
+  -- a whole number: SQLite refuses LIMIT 2.5 as a datatype mismatch
+  local limit = math.floor(math.max(1, math.min(tonumber(f.limit) or 100, 10000)))
   if f.instance then where[#where + 1] = "l.instance = ?"; binds[#binds + 1] = f.instance end
+  if f.service then
+    -- "svc:" up to "svc;" (';' follows ':'): every id of the service, by the index
+    where[#where + 1] = "l.instance >= ?"; binds[#binds + 1] = f.service .. ":"
+    where[#where + 1] = "l.instance < ?"; binds[#binds + 1] = f.service .. ";"
+  end
   if f.stream then where[#where + 1] = "l.stream = ?"; binds[#binds + 1] = f.stream end
   if f.since then where[#where + 1] = "l.ts >= ?"; binds[#binds + 1] = f.since end
   if f.after then where[#where + 1] = "l.seq > ?"; binds[#binds + 1] = f.after end
-  local q = f.q and store.fts_query(f.q)
+  local q, qerr
+  if f.q then
+    q, qerr = store.fts_query(f.q)
+    if qerr then return nil, qerr end
+  end
+  local from
   if q then
     -- walk the full-text matches newest first and filter them; the unary +
     -- keeps SQLite from driving the search by the instance index and
@@ -269,15 +314,49 @@ function Store:logs(f)
     for i, w in ipairs(where) do where[i] = w:gsub("^l%.", "+l.") end
     table.insert(where, 1, "log_search MATCH ?")
     table.insert(binds, 1, q)
-    sql = "SELECT l.seq, l.ts, l.instance, l.stream, l.message, "
-      .. "highlight(log_search, 0, '[', ']') AS highlighted "
-      .. "FROM log_search JOIN log_lines l ON l.seq = log_search.rowid"
+    from = " FROM log_search JOIN log_lines l ON l.seq = log_search.rowid"
   else
-    sql = "SELECT l.seq, l.ts, l.instance, l.stream, l.message FROM log_lines l"
+    from = " FROM log_lines l"
   end
-  if #where > 0 then sql = sql .. " WHERE " .. table.concat(where, " AND ") end
-  sql = sql .. (q and " ORDER BY log_search.rowid DESC" or " ORDER BY l.seq DESC") .. " LIMIT " .. limit
-  return self.conn:query(sql, table.unpack(binds))
+  -- after a seq, the first lines past it: the newest ones would leave a gap
+  -- between it and them that a reader paging forward (the event stream,
+  -- `ten logs -f`) never sees
+  local order = (q and " ORDER BY log_search.rowid" or " ORDER BY l.seq") .. (f.after and " ASC" or " DESC")
+  local function select(columns, n, extra, extra_bind)
+    local w, b = where, binds
+    if extra then
+      w, b = { table.unpack(where) }, { table.unpack(binds) }
+      w[#w + 1], b[#b + 1] = extra, extra_bind
+    end
+    local sql = "SELECT " .. columns .. from
+    if #w > 0 then sql = sql .. " WHERE " .. table.concat(w, " AND ") end
+    return self.conn:query(sql .. order .. " LIMIT " .. n, table.unpack(b))
+  end
+  -- A line may hold 16 KiB: ten thousand of them were 160 MB to copy and
+  -- encode on the loop. Past the default limit the sizes are read first
+  -- (not the text) and the answer stops before max_bytes.
+  local capped, bound, bound_seq
+  if f.max_bytes and limit > 100 then
+    local sizes, err, code = select("l.seq AS seq, length(CAST(l.message AS BLOB)) AS n", limit)
+    if not sizes then return nil, err, code end
+    local total = 0
+    for i, r in ipairs(sizes) do
+      total = total + r.n
+      if total > f.max_bytes and i > 1 then
+        limit, capped = i - 1, true
+        break
+      end
+    end
+    -- newest first, lines written since would come before those measured
+    if capped and not f.after then bound, bound_seq = (q and "+" or "") .. "l.seq <= ?", sizes[1].seq end
+  end
+  local rows, err, code = select("l.seq, l.ts, l.instance, l.stream, l.message"
+    .. (q and ", highlight(log_search, 0, '[', ']') AS highlighted" or ""), limit, bound, bound_seq)
+  if rows and f.after then
+    for i = 1, #rows // 2 do rows[i], rows[#rows + 1 - i] = rows[#rows + 1 - i], rows[i] end
+  end
+  if rows then rows.capped = capped end
+  return rows, err, code
 end
 
 -- Retention: drop lines older than max_age seconds and beyond max_lines.

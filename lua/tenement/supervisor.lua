@@ -375,6 +375,9 @@ function Instance:launch()
     self:release_start()
     return nil, serr
   end
+  -- the ring holds earlier runs too: an error about this one quotes only
+  -- what this one said
+  self.output_after = self.ring:last_seq()
   self.ring:capture(out_r, "stdout")
   self.ring:capture(err_r, "stderr")
   self.proc = proc
@@ -441,7 +444,7 @@ function Instance:traffic()
 end
 
 function Instance:last_output(n)
-  local lines = self.ring:lines(0, n or OUTPUT_LINES_IN_ERRORS)
+  local lines = self.ring:lines(self.output_after or 0, n or OUTPUT_LINES_IN_ERRORS)
   if #lines == 0 then return "" end
   local out = { "\nlast output:" }
   for _, l in ipairs(lines) do out[#out + 1] = "  " .. l.stream .. ": " .. l.text end

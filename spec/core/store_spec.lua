@@ -168,7 +168,7 @@ describe("store", function()
       conn:close()
 
       local st = assert(store.open(dir .. "/old.db"))
-      assert.are.equal(3, st.conn:query("PRAGMA user_version")[1].user_version)
+      assert.are.equal(#store.migrations, st.conn:query("PRAGMA user_version")[1].user_version)
       assert.are.equal(0, #st.conn:query("SELECT name FROM sqlite_master WHERE name = 'log_lines_indexed'"))
       local new = {}
       for i = 1, 500 do new[i] = { t0 + 10 + i / 100, "api:b", "stderr", "after upgrade line " .. i } end
@@ -186,6 +186,117 @@ describe("store", function()
       -- and pruning still takes lines out of the index
       assert(st:prune_logs(86400, 600))
       assert.are.equal(100, #assert(st:logs { q = "before upgrade", limit = 1000 }))
+      st:close()
+    end)
+  end)
+
+  it("takes a q with a NUL byte as words and a fractional limit as a count, never an SQL error", function()
+    core.run(function()
+      local st = assert(store.open(dir .. "/t.db"))
+      local batch = {}
+      for i = 1, 20 do batch[i] = { core.time(), "api:a", "stdout", "plain line " .. i } end
+      batch[21] = { core.time(), "api:a", "stdout", "nul\0separated words" }
+      assert(st:append_logs(batch))
+      -- a NUL ended FTS5's reading of the query inside a quoted term
+      local rows, err = st:logs { q = "nul\0separated", limit = 10 }
+      assert.is_nil(err)
+      assert.are.equal(1, #rows)
+      assert.are.equal("nul\0separated words", rows[1].message)
+      -- LIMIT 2.5 is a datatype mismatch to SQLite
+      rows, err = st:logs { limit = 2.5 }
+      assert.is_nil(err)
+      assert.are.equal(2, #rows)
+      rows, err = st:logs { q = "plain", limit = 2.5 }
+      assert.is_nil(err)
+      assert.are.equal(2, #rows)
+      st:close()
+    end)
+  end)
+
+  it("finds a line by its own text when q holds words of punctuation only", function()
+    core.run(function()
+      local st = assert(store.open(dir .. "/t.db"))
+      assert(st:append_logs {
+        { core.time(), "api:a", "stdout", "request status = 500 (took 3 ms) - retrying" },
+        { core.time(), "api:a", "stdout", "GET /api/users -> 200" },
+      })
+      -- such a word has no token for the index: FTS5 took its empty phrase
+      -- as matching no line, so the whole search found nothing
+      for _, q in ipairs { "status = 500", "took 3 ms) - retrying", "GET /api/users -> 200", "users ->" } do
+        local rows = assert(st:logs { q = q })
+        assert.are.equal(1, #rows, q)
+      end
+      -- punctuation alone still finds nothing, rather than every line
+      assert.are.equal(0, #assert(st:logs { q = "= ->" }))
+      st:close()
+    end)
+  end)
+
+  it("refuses a q of more words than it searches at once, before SQLite spends seconds on it", function()
+    core.run(function()
+      local st = assert(store.open(dir .. "/t.db"))
+      local batch = {}
+      for i = 1, 5000 do batch[i] = { core.time(), "api:a", "stdout", "a line " .. i } end
+      assert(st:append_logs(batch))
+      assert.are.equal(10, #assert(st:logs { q = string.rep("a ", store.MAX_QUERY_WORDS), limit = 10 }))
+      -- 4000 words (8 KB, a request head holds 16) took FTS5 about 3 s, the
+      -- store's one connection held all along
+      local t = core.now()
+      local rows, err = st:logs { q = string.rep("a ", 4000) }
+      assert.is_nil(rows)
+      assert.matches("q has 4000 words, at most " .. store.MAX_QUERY_WORDS, err, 1, true)
+      assert.is_true(core.now() - t < 500)
+      st:close()
+    end)
+  end)
+
+  it("with after, returns the lines right after it, so a reader pages forward without a gap", function()
+    core.run(function()
+      local st = assert(store.open(dir .. "/t.db"))
+      local batch = {}
+      for i = 1, 50 do batch[i] = { core.time(), "api:a", "stdout", "page line " .. i } end
+      assert(st:append_logs(batch))
+      for _, q in ipairs { false, "page" } do
+        local seen, after = {}, 0
+        for _ = 1, 10 do
+          local rows = assert(st:logs { after = after, limit = 20, q = q or nil })
+          if #rows == 0 then break end
+          -- newest first, like every answer of Store:logs
+          for i = 2, #rows do assert.is_true(rows[i - 1].seq > rows[i].seq) end
+          for i = #rows, 1, -1 do seen[#seen + 1] = rows[i].message end
+          after = rows[1].seq
+        end
+        assert.are.equal(50, #seen)
+        for i = 1, 50 do assert.are.equal("page line " .. i, seen[i]) end
+      end
+      st:close()
+    end)
+  end)
+
+  it("never gives a seq twice, even after pruning took every line", function()
+    core.run(function()
+      local st = assert(store.open(dir .. "/t.db"))
+      local old = {}
+      for i = 1, 10 do old[i] = { core.time() - 10 * 86400, "api:a", "stdout", "old line " .. i } end
+      assert(st:append_logs(old))
+      assert.are.equal(10, st:logs { limit = 1 }[1].seq)
+      -- a store quiet for longer than the retention loses every line
+      assert(st:prune_logs(7 * 86400, 1000))
+      assert.are.equal(0, #assert(st:logs {}))
+      assert(st:append_logs { { core.time(), "api:a", "stdout", "new line" } })
+      -- a reader that got up to seq 10 (the event stream, Last-Event-ID)
+      -- must see the new line after it
+      local rows = assert(st:logs { after = 10 })
+      assert.are.equal(1, #rows)
+      assert.are.equal("new line", rows[1].message)
+      st:close()
+      st = assert(store.open(dir .. "/t.db"))
+      assert(st:prune_logs(0, 1000))
+      assert(st:append_logs { { core.time(), "api:a", "stdout", "newer line" } })
+      rows = assert(st:logs { after = 11 })
+      assert.are.equal(1, #rows)
+      assert.are.equal("newer line", rows[1].message)
+      assert.are.equal(1, #assert(st:logs { q = "newer" }))
       st:close()
     end)
   end)

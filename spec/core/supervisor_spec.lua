@@ -143,6 +143,27 @@ describe("supervisor", function()
     end)
   end)
 
+  it("shows in a failed start's error the output of that start only", function()
+    local mark = dir .. "/ran-once"
+    local script = string.format("if [ -e %s ]; then exit 3; fi; touch %s; echo 'FOO is not set' >&2; exit 1",
+      mark, mark)
+    local cfg = make_cfg(dir, { flaky = { 'command = "/bin/sh"', string.format("args = [\"-c\", %q]", script),
+      'restart = "never"' } })
+    core.run(function()
+      local sup = supervisor.new(cfg, { environ = { PATH = "/usr/bin:/bin" } })
+      local inst, err = sup:spawn("flaky", "a")
+      assert.is_nil(inst)
+      assert.matches("exited with code 1", err, 1, true)
+      assert.matches("stderr: FOO is not set", err, 1, true)
+      -- the second run says nothing: the first one's words are not its own
+      inst, err = sup:spawn("flaky", "a")
+      assert.is_nil(inst)
+      assert.matches("exited with code 3", err, 1, true)
+      assert.is_nil(err:find("FOO is not set", 1, true), err)
+      sup:shutdown()
+    end)
+  end)
+
   it("restarts a crashing instance with backoff, then marks it failed", function()
     local cfg = make_cfg(dir, { crash = { "[service.crash.env]", 'BACKEND_EXIT_AT_ONCE = "3"' } },
       { "max_restarts = 2" })

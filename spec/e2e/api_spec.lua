@@ -244,6 +244,127 @@ describe("HTTP API", function()
     assert.are.equal(400, status)
   end)
 
+  it("searches any q literally and refuses a log filter that is not a number, naming it", function()
+    local admin = token(srv)
+    local h = with_auth(admin)
+    for _, q in ipairs { "%22", "%2A", "NEAR(a%20b)", "message:x", "(listening", "a)%22%22(", "-x", "a%00b",
+      "listening%20OR", "%FF%FE" } do
+      local status, _, body = call(srv, "GET", "/api/logs?q=" .. q, { headers = h })
+      assert.are.equal(200, status, q)
+      assert.is_table(body, q)
+    end
+    local status, _, body = call(srv, "GET", "/api/logs?q=" .. string.rep("a+", 4000), { headers = h })
+    assert.are.equal(400, status)
+    assert.matches("q has 4000 words", body.error.message, 1, true)
+    -- the event stream asks the store again and again: it must refuse first
+    status = call(srv, "GET", "/api/logs/stream?q=" .. string.rep("a+", 4000), { headers = h })
+    assert.are.equal(400, status)
+    status, _, body = call(srv, "GET", "/api/logs?limit=2.5", { headers = h })
+    assert.are.equal(200, status)
+    assert.are.equal(2, #body)
+    -- a date where seconds since the epoch were expected filtered nothing,
+    -- without a word
+    for _, field in ipairs { "since", "after", "limit", "wait" } do
+      status, _, body = call(srv, "GET", "/api/logs?" .. field .. "=2024-01-01", { headers = h })
+      assert.are.equal(400, status, field)
+      assert.are.equal("bad_request", body.error.code)
+      assert.matches(field, body.error.message, 1, true)
+    end
+  end)
+
+  it("filters logs by service with the original's process parameter alone", function()
+    os.execute("kill -TERM " .. srv.pid .. " 2>/dev/null; sleep 0.3; kill -KILL " .. srv.pid .. " 2>/dev/null")
+    local dir = support.tmpdir()
+    srv = start_server(dir, nil, table.concat({
+      "[service.web]",
+      string.format("command = %q", BACKEND),
+      string.format("socket = %q", dir .. "/sock/{name}-{id}.sock"),
+      'health = "/health"',
+      'isolation = "process"',
+    }, "\n") .. "\n")
+    local admin = token(srv)
+    local code, _, err = support.ten_run { "spawn", "web:x", "--config", srv.cfg }
+    assert.are.equal(0, code, err)
+    local status, _, lines = call(srv, "GET", "/api/logs?process=web", { headers = with_auth(admin) })
+    assert.are.equal(200, status)
+    assert.is_true(#lines > 0)
+    for _, l in ipairs(lines) do assert.are.equal("web", l.process, l.instance) end
+    -- a service's name is not a prefix of another's
+    status, _, lines = call(srv, "GET", "/api/logs?process=we", { headers = with_auth(admin) })
+    assert.are.equal(200, status)
+    assert.are.equal(0, #lines)
+    status = call(srv, "GET", "/api/logs?process=..", { headers = with_auth(admin) })
+    assert.are.equal(400, status)
+    -- id alone named nothing and was dropped too: every line came back
+    local body
+    status, _, body = call(srv, "GET", "/api/logs?id=x", { headers = with_auth(admin) })
+    assert.are.equal(400, status)
+    assert.matches("process", body.error.message, 1, true)
+  end)
+
+  it("bounds the bytes of one log answer, and pages on from it without a gap", function()
+    local admin = token(srv)
+    -- 1000 lines of 16 KiB, the longest a line is kept (as if api:one had
+    -- printed them), written the way the server writes them
+    local st = assert(require("tenement.store").open(srv.dir .. "/data/tenement.db"))
+    core.run(function()
+      local batch = {}
+      for i = 1, 1000 do
+        batch[i] = { core.time(), "api:one", "stdout", string.format("long %04d ", i) .. string.rep("x", 16374) }
+      end
+      assert(st:append_logs(batch))
+      st:close()
+    end)
+    -- 16 MB of messages in one answer took the loop seconds to encode, and
+    -- a few of them hundreds of MB
+    local status, _, lines = call(srv, "GET", "/api/logs?instance=api:one&q=long&limit=10000",
+      { headers = with_auth(admin) })
+    assert.are.equal(200, status)
+    local bytes = 0
+    for _, l in ipairs(lines) do bytes = bytes + #l.message end
+    assert.is_true(#lines > 0 and bytes <= 4 * 1024 * 1024, #lines .. " lines, " .. bytes .. " bytes")
+    assert.are.equal("long 1000", lines[#lines].message:sub(1, 9)) -- the newest, oldest first
+    status, _, lines = call(srv, "GET", "/api/logs?instance=api:one&limit=10000", { headers = with_auth(admin) })
+    assert.are.equal(200, status)
+    assert.is_true(#lines > 0 and #lines < 1000)
+    assert.are.equal("long 1000", lines[#lines].message:sub(1, 9))
+    -- paging on with after gets every line once, in order
+    local seen, after = 0, 0
+    for _ = 1, 100 do
+      status, _, lines = call(srv, "GET", "/api/logs?instance=api:one&q=long&limit=10000&after=" .. after,
+        { headers = with_auth(admin) })
+      assert.are.equal(200, status)
+      if #lines == 0 then break end
+      for _, l in ipairs(lines) do
+        seen = seen + 1
+        assert.are.equal(string.format("long %04d", seen), l.message:sub(1, 9))
+      end
+      after = lines[#lines].seq
+    end
+    assert.are.equal(1000, seen)
+  end)
+
+  it("serves a line with invalid UTF-8 with its valid characters intact", function()
+    os.execute("kill -TERM " .. srv.pid .. " 2>/dev/null; sleep 0.3; kill -KILL " .. srv.pid .. " 2>/dev/null")
+    local dir = support.tmpdir()
+    srv = start_server(dir, nil, table.concat({
+      "[service.bin]",
+      'command = "/bin/sh"',
+      string.format("args = [\"-c\", %q]", "printf 'caf\\303\\251 \\377 na\\303\\257ve\\n'; exec " .. BACKEND),
+      string.format("socket = %q", dir .. "/sock/{name}-{id}.sock"),
+      'health = "/health"',
+      'isolation = "process"',
+    }, "\n") .. "\n")
+    local admin = token(srv)
+    local code, _, err = support.ten_run { "spawn", "bin:x", "--config", srv.cfg }
+    assert.are.equal(0, code, err)
+    local status, _, lines = call(srv, "GET", "/api/logs?instance=bin:x&q=caf", { headers = with_auth(admin) })
+    assert.are.equal(200, status)
+    assert.are.equal(1, #lines)
+    -- the one bad byte, not every byte above 127, is replaced
+    assert.are.equal("caf\u{e9} \u{fffd} na\u{ef}ve", lines[1].message)
+  end)
+
   it("spawns and stops through the API, with the original's paths too", function()
     local admin = token(srv)
     local h = with_auth(admin, { ["content-type"] = "application/json" })
@@ -347,6 +468,89 @@ describe("HTTP API", function()
     assert.matches("listening on", text, 1, true) -- the history first
     assert.matches("flood two line 1\n", text, 1, true) -- then what came after
     assert.matches("flood two line 2\n", text, 1, true)
+  end)
+
+  it("streams every line after the given seq, in order, when more than a page waits", function()
+    local admin = token(srv)
+    local seen = {}
+    core.run(function()
+      assert(core.http.request { host = "127.0.0.1", port = srv.port, target = "/flood?lines=2500",
+        headers = { host = "one.api.example.test" } })
+      local conn = assert(core.net.connect { host = "127.0.0.1", port = srv.port })
+      assert(conn:write("GET /api/logs/stream?instance=api:one&after=0 HTTP/1.1\r\nHost: example.test\r\n" ..
+        "Authorization: Bearer " .. admin .. "\r\n\r\n"))
+      local text = ""
+      local deadline = core.now() + 10000
+      while core.now() < deadline and not text:find("flood one line 2500\"", 1, true) do
+        local chunk = conn:read(2000)
+        if not chunk then break end
+        text = text .. chunk
+      end
+      conn:close()
+      for data in text:gmatch("data: ([^\r\n]+)") do
+        local n = cjson.decode(data).message:match("^flood one line (%d+)$")
+        if n then seen[#seen + 1] = tonumber(n) end
+      end
+    end)
+    -- the stream pages 1000 lines at a time: each page must start where the
+    -- last one ended
+    assert.are.equal(2500, #seen)
+    for i = 1, 2500 do assert.are.equal(i, seen[i]) end
+  end)
+
+  it("resumes an event stream after the Last-Event-ID a reconnecting client sends", function()
+    local admin = token(srv)
+    local seen = {}
+    core.run(function()
+      assert(core.http.request { host = "127.0.0.1", port = srv.port, target = "/flood?lines=5",
+        headers = { host = "one.api.example.test" } })
+      local res = assert(core.http.request { host = "127.0.0.1", port = srv.port,
+        target = "/api/logs?instance=api:one&q=flood%20one%20line&limit=5",
+        headers = { host = "example.test", authorization = "Bearer " .. admin } })
+      local lines = cjson.decode(res.body)
+      assert.are.equal(5, #lines)
+      -- the client saw the event of line 2, then lost its connection
+      local conn = assert(core.net.connect { host = "127.0.0.1", port = srv.port })
+      assert(conn:write("GET /api/logs/stream?instance=api:one HTTP/1.1\r\nHost: example.test\r\n" ..
+        "Authorization: Bearer " .. admin .. "\r\nLast-Event-ID: " .. lines[2].seq .. "\r\n\r\n"))
+      local text = ""
+      local deadline = core.now() + 3000
+      while core.now() < deadline and not text:find("flood one line 5\"", 1, true) do
+        local chunk = conn:read(1000)
+        if not chunk then break end
+        text = text .. chunk
+      end
+      conn:close()
+      for data in text:gmatch("data: ([^\r\n]+)") do seen[#seen + 1] = cjson.decode(data).message end
+    end)
+    assert.are.same({ "flood one line 3", "flood one line 4", "flood one line 5" }, seen)
+  end)
+
+  it("keeps log lines the store refused for a while, or counts them as dropped", function()
+    local admin = token(srv)
+    -- another writer holds the store longer than its 5 s busy timeout
+    local db = assert(core.db.open(srv.dir .. "/data/tenement.db"))
+    assert(db:exec("BEGIN IMMEDIATE"))
+    core.run(function()
+      assert(core.http.request { host = "127.0.0.1", port = srv.port, target = "/flood?lines=3",
+        headers = { host = "one.api.example.test" } })
+    end)
+    sleep(6.5)
+    assert(db:exec("COMMIT"))
+    db:close()
+    local found, dropped
+    for _ = 1, 100 do
+      local status, _, lines = call(srv, "GET", "/api/logs?instance=api:one&q=flood", { headers = with_auth(admin) })
+      assert.are.equal(200, status)
+      found = #lines
+      local _, _, text = call(srv, "GET", "/metrics")
+      dropped = tonumber(text:match("\ntenement_log_lines_dropped_total (%d+)"))
+      if found + dropped >= 3 then break end
+      sleep(0.1)
+    end
+    -- nothing lost without a count, and a lock that ends loses nothing
+    assert.are.equal(3, found + dropped)
+    assert.are.equal(3, found)
   end)
 
   it("keeps its memory flat when an event stream reader does not read", function()
