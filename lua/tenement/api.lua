@@ -203,6 +203,12 @@ function api.new(ctx)
     if not body then return fail("bad_request", err) end
     local w = body.weight
     if math.type(w) ~= "integer" then return fail("bad_request", 'field "weight" must be an integer from 0 to 100') end
+    -- set_weight makes the instance it names (a deploy weighs its version
+    -- before starting it): from here that would leave one nobody spawned,
+    -- which its subdomain would then wake
+    if ctx.cfg.services[service] and not sup:get(service, id) then
+      return fail("not_found", "no instance " .. supervisor.key(service, id))
+    end
     local inst, why, code = sup:set_weight(service, id, w)
     if not inst then return fail(code or "internal", why) end
     return reply(200, { instance = inst.key, weight = inst.weight })

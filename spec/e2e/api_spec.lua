@@ -384,3 +384,25 @@ describe("HTTP API", function()
     end)
   end)
 end)
+
+describe("HTTP API review", function()
+  local srv
+  before_each(function() srv = start_server(support.tmpdir(), "auth_failures_per_minute = 1000") end)
+  after_each(function()
+    if srv then os.execute("kill -TERM " .. srv.pid .. " 2>/dev/null; sleep 0.3; kill -KILL " .. srv.pid .. " 2>/dev/null") end
+    support.cleanup()
+  end)
+
+  it("answers 404 to a weight for an instance that does not exist, and makes none", function()
+    local admin = token(srv)
+    local h = with_auth(admin, { ["content-type"] = "application/json" })
+    local status, _, body = call(srv, "PUT", "/api/instances/api:nope/weight", { headers = h, body = '{"weight":5}' })
+    assert.are.equal(404, status)
+    assert.are.equal("not_found", body.error.code)
+    assert.are.equal(404, (call(srv, "GET", "/api/instances/api:nope", { headers = h })))
+    local _, _, list = call(srv, "GET", "/api/instances", { headers = h })
+    assert.are.equal(2, #list)
+    -- nor may its subdomain wake an instance nobody spawned
+    assert.are.equal(404, (call(srv, "GET", "/", { headers = { host = "nope.api.example.test" } })))
+  end)
+end)
