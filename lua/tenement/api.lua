@@ -212,7 +212,7 @@ function api.new(ctx)
     local inst, why, code = sup:set_weight(service, id, w)
     if not inst then return fail(code or "internal", why) end
     return reply(200, { instance = inst.key, weight = inst.weight })
-  end, "instance")
+  end, "admin") -- a weight shares out the service's traffic, which is no tenant's alone
 
   route("GET", "/api/routes/([^/]+)", function(_, service)
     if not ctx.cfg.services[service] then return fail("not_found", "no service " .. service) end

@@ -405,4 +405,17 @@ describe("HTTP API review", function()
     -- nor may its subdomain wake an instance nobody spawned
     assert.are.equal(404, (call(srv, "GET", "/", { headers = { host = "nope.api.example.test" } })))
   end)
+
+  it("keeps weights to admin tokens, as documented: a tenant cannot pull its service's traffic", function()
+    local admin = token(srv, "--name", "admin")
+    local tenant = token(srv, "--name", "one", "--tenant", "api:one")
+    local status, _, body = call(srv, "PUT", "/api/instances/api:one/weight",
+      { headers = with_auth(tenant, { ["content-type"] = "application/json" }), body = '{"weight":0}' })
+    assert.are.equal(403, status)
+    assert.are.equal("forbidden", body.error.code)
+    local _, _, one = call(srv, "GET", "/api/instances/api:one", { headers = with_auth(admin) })
+    assert.are.equal(100, one.weight)
+    assert.are.equal(200, (call(srv, "PUT", "/api/instances/api:one/weight",
+      { headers = with_auth(admin, { ["content-type"] = "application/json" }), body = '{"weight":0}' })))
+  end)
 end)
