@@ -289,12 +289,17 @@ function api.new(ctx)
     return reply(200, { service = service, replaced = n })
   end, "admin")
 
-  route("GET", "/api/services", function()
+  route("GET", "/api/services", function(req)
     local out = json.array()
+    -- a tenant sees the services its instances belong to, not how the
+    -- others are run (their command lines may carry anything)
+    local scope = req.principal and not req.principal.admin and (req.principal.scope or {})
     for _, name in ipairs(ctx.cfg.service_names or {}) do
       local s = ctx.cfg.services[name]
-      out[#out + 1] = { name = name, command = s.command, isolation = s.isolation,
-        health = s.health, restart = s.restart, idle_timeout = s.idle_timeout }
+      if not scope or (scope.id and (scope.service == nil or scope.service == name)) then
+        out[#out + 1] = { name = name, command = s.command, isolation = s.isolation,
+          health = s.health, restart = s.restart, idle_timeout = s.idle_timeout }
+      end
     end
     return reply(200, out)
   end, "scoped")

@@ -418,4 +418,26 @@ describe("HTTP API review", function()
     assert.are.equal(200, (call(srv, "PUT", "/api/instances/api:one/weight",
       { headers = with_auth(admin, { ["content-type"] = "application/json" }), body = '{"weight":0}' })))
   end)
+
+  it("lists to a tenant token only the services its scope reaches", function()
+    os.execute("kill -TERM " .. srv.pid)
+    sleep(0.5)
+    local dir = support.tmpdir()
+    srv = start_server(dir, "", table.concat({
+      "[service.billing]", string.format("command = %q", BACKEND .. " --secret-flag"), 'isolation = "process"',
+      string.format("socket = %q", dir .. "/sock/{name}-{id}.sock"),
+    }, "\n") .. "\n")
+    local admin = token(srv, "--name", "admin")
+    local tenant = token(srv, "--name", "one", "--tenant", "api:one")
+    local _, _, all = call(srv, "GET", "/api/services", { headers = with_auth(admin) })
+    assert.are.equal(2, #all)
+    local status, _, seen = call(srv, "GET", "/api/services", { headers = with_auth(tenant) })
+    assert.are.equal(200, status)
+    assert.are.equal(1, #seen)
+    assert.are.equal("api", seen[1].name)
+    -- a token for an id in every service reaches every service
+    local any = token(srv, "--name", "any", "--tenant", "one")
+    local _, _, every = call(srv, "GET", "/api/services", { headers = with_auth(any) })
+    assert.are.equal(2, #every)
+  end)
 end)
