@@ -6,6 +6,7 @@ local json = require "tenement.json"
 local supervisor = require "tenement.supervisor"
 local deploy = require "tenement.deploy"
 local auth = require "tenement.auth"
+local sync = require "tenement.sync"
 
 local api = {}
 
@@ -111,6 +112,27 @@ function api.new(ctx)
     routes[#routes + 1] = { method = method, pattern = "^" .. pattern .. "$", fn = fn, access = access }
   end
 
+  -- Starts and restarts of one instance take turns: a restart's stop, run
+  -- beside another restart, stopped the instance that one had just
+  -- started, which then answered 502 although nothing had failed. A stop
+  -- takes no turn (it must be able to cut a hanging start short); a start
+  -- it cuts short says so with 409, not as a start that failed.
+  local turns = {}
+  local function start_in_turn(service, id, fn)
+    local key = supervisor.key(service, id)
+    while turns[key] do turns[key]:wait() end
+    local mine = sync.event()
+    turns[key] = mine
+    local res = table.pack(pcall(fn, sup, service, id))
+    turns[key] = nil
+    mine:set()
+    if not res[1] then error(res[2], 0) end
+    if not res[2] and res[4] == "start_failed" and mine.stopped then
+      return nil, key .. " was stopped by another call while it started", "conflict"
+    end
+    return table.unpack(res, 2, res.n)
+  end
+
   local function target(key)
     local service, id = supervisor.parse_key(api.unescape(key))
     if not service then return nil, id end
@@ -140,7 +162,7 @@ function api.new(ctx)
     local id, ierr = field(body, "id")
     if not id then return fail("bad_request", ierr) end
     if not api.allows(req, service, id) then return fail("forbidden", "this token does not cover " .. service .. ":" .. id) end
-    local inst, why, code = sup:spawn(service, id)
+    local inst, why, code = start_in_turn(service, id, sup.spawn)
     if not inst then return fail(code or "internal", why) end
     return reply(compat and 200 or 201, spawned_json(inst))
   end
@@ -158,6 +180,8 @@ function api.new(ctx)
   route("DELETE", "/api/instances/([^/]+)", function(_, key)
     local service, id = target(key)
     if not service then return fail("bad_request", id) end
+    local turn = turns[supervisor.key(service, id)]
+    if turn then turn.stopped = true end
     local ok, why, code = sup:stop(service, id)
     if not ok then return fail(code or "internal", why) end
     return 204, {}, ""
@@ -166,7 +190,7 @@ function api.new(ctx)
   route("POST", "/api/instances/([^/]+)/restart", function(_, key)
     local service, id = target(key)
     if not service then return fail("bad_request", id) end
-    local inst, why, code = sup:restart(service, id)
+    local inst, why, code = start_in_turn(service, id, sup.restart)
     if not inst then return fail(code or "internal", why) end
     return reply(200, spawned_json(inst))
   end, "instance")

@@ -440,4 +440,64 @@ describe("HTTP API review", function()
     local _, _, every = call(srv, "GET", "/api/services", { headers = with_auth(any) })
     assert.are.equal(2, #every)
   end)
+
+  it("answers two calls acting on one instance at once as if one came after the other", function()
+    local admin = token(srv)
+    -- -> the statuses of the requests, sent all at once
+    local function together(requests)
+      local statuses = {}
+      core.run(function()
+        local tasks = {}
+        for i, r in ipairs(requests) do
+          tasks[i] = core.spawn(function()
+            local res = assert(core.http.request { host = "127.0.0.1", port = srv.port, method = r[1],
+              target = r[2], headers = with_auth(admin), timeout = 20000 })
+            statuses[i] = res.status .. " " .. r[1] .. " " .. res.body
+          end)
+        end
+        for _, t in ipairs(tasks) do t:join() end
+      end)
+      return statuses
+    end
+    local restart = { "POST", "/api/instances/api:one/restart" }
+    for _, s in ipairs(together { restart, restart, restart, restart }) do
+      assert.matches("^200 ", s)
+    end
+    local _, _, one = call(srv, "GET", "/api/instances/api:one", { headers = with_auth(admin) })
+    assert.are.equal("running", one.state)
+    -- stops and restarts: each done in some order, or a start cut short
+    -- by a stop says so (409), none claims the app failed to start (502)
+    local stop = { "DELETE", "/api/instances/api:two" }
+    local again = { "POST", "/api/instances/api:two/restart" }
+    for _, s in ipairs(together { again, stop, again, stop }) do
+      assert.is_truthy(s:match("^200 POST") or s:match("^204 DELETE") or s:match('^409 POST.*"conflict"'), s)
+    end
+  end)
+
+  it("answers 409, not 502, to a start that a stop cut short", function()
+    os.execute("kill -TERM " .. srv.pid)
+    sleep(0.5)
+    local dir = support.tmpdir()
+    srv = start_server(dir, "", table.concat({
+      "[service.slow]", string.format("command = %q", BACKEND), 'isolation = "process"',
+      string.format("socket = %q", dir .. "/sock/{name}-{id}.sock"), "startup_timeout = 10",
+      "[service.slow.env]", 'BACKEND_START_DELAY_MS = "3000"',
+    }, "\n") .. "\n")
+    local admin = token(srv)
+    local spawned, stopped
+    core.run(function()
+      local t = core.spawn(function()
+        spawned = assert(core.http.request { host = "127.0.0.1", port = srv.port, method = "POST",
+          target = "/api/instances", headers = with_auth(admin, { ["content-type"] = "application/json" }),
+          body = '{"service":"slow","id":"x"}', timeout = 20000 })
+      end)
+      core.sleep(500)
+      stopped = assert(core.http.request { host = "127.0.0.1", port = srv.port, method = "DELETE",
+        target = "/api/instances/slow:x", headers = with_auth(admin), timeout = 20000 })
+      t:join()
+    end)
+    assert.are.equal(204, stopped.status)
+    assert.are.equal(409, spawned.status, spawned.body)
+    assert.are.equal("conflict", cjson.decode(spawned.body).error.code)
+  end)
 end)
