@@ -11,7 +11,8 @@ local sync = require "tenement.sync"
 local api = {}
 
 local STATUS_FOR_CODE = {
-  bad_request = 400, unauthorized = 401, forbidden = 403, not_found = 404, conflict = 409, start_failed = 502,
+  bad_request = 400, unauthorized = 401, forbidden = 403, not_found = 404, conflict = 409, too_large = 413,
+  start_failed = 502,
   unavailable = 503, not_running = 409, internal = 500,
 }
 
@@ -60,10 +61,14 @@ function api.parse_query(q)
   return out
 end
 
--- Reads a JSON object body. -> table | nil, err
+-- Reads a JSON object body. -> table | nil, err, code
 local function json_body(req)
   local body, err = req:body(1024 * 1024)
-  if not body then return nil, "cannot read the request body: " .. tostring(err) end
+  if not body then
+    -- a client told 400 would look for a fault in its JSON, not its size
+    local code = tostring(err):find("too large", 1, true) and "too_large" or "bad_request"
+    return nil, "cannot read the request body: " .. tostring(err), code
+  end
   if body == "" then return {} end
   local v, jerr = json.decode(body)
   if type(v) ~= "table" then
@@ -155,8 +160,8 @@ function api.new(ctx)
   end, "scoped")
 
   local function spawn(req, compat)
-    local body, err = json_body(req)
-    if not body then return fail("bad_request", err) end
+    local body, err, bcode = json_body(req)
+    if not body then return fail(bcode or "bad_request", err) end
     local service, serr = field(body, "service", "process")
     if not service then return fail("bad_request", serr) end
     local id, ierr = field(body, "id")
@@ -223,8 +228,8 @@ function api.new(ctx)
   route("PUT", "/api/instances/([^/]+)/weight", function(req, key)
     local service, id = target(key)
     if not service then return fail("bad_request", id) end
-    local body, err = json_body(req)
-    if not body then return fail("bad_request", err) end
+    local body, err, bcode = json_body(req)
+    if not body then return fail(bcode or "bad_request", err) end
     local w = body.weight
     if math.type(w) ~= "integer" then return fail("bad_request", 'field "weight" must be an integer from 0 to 100') end
     -- set_weight makes the instance it names (a deploy weighs its version
@@ -248,8 +253,8 @@ function api.new(ctx)
   -- PUT /api/routes/SERVICE {"weights": {"ID": n, ...}}: several at once
   route("PUT", "/api/routes/([^/]+)", function(req, service)
     if not ctx.cfg.services[service] then return fail("not_found", "no service " .. service) end
-    local body, err = json_body(req)
-    if not body then return fail("bad_request", err) end
+    local body, err, bcode = json_body(req)
+    if not body then return fail(bcode or "bad_request", err) end
     if type(body.weights) ~= "table" then return fail("bad_request", 'field "weights" must be an object of id: weight') end
     for id, w in pairs(body.weights) do
       if math.type(w) ~= "integer" or w < 0 or w > 100 then
@@ -264,8 +269,8 @@ function api.new(ctx)
   end, "admin")
 
   route("POST", "/api/route", function(req)
-    local body, err = json_body(req)
-    if not body then return fail("bad_request", err) end
+    local body, err, bcode = json_body(req)
+    if not body then return fail(bcode or "bad_request", err) end
     local service, serr = field(body, "service", "process")
     if not service then return fail("bad_request", serr) end
     local from, ferr = field(body, "from")
@@ -278,8 +283,8 @@ function api.new(ctx)
   end, "admin")
 
   route("POST", "/api/deploy", function(req)
-    local body, err = json_body(req)
-    if not body then return fail("bad_request", err) end
+    local body, err, bcode = json_body(req)
+    if not body then return fail(bcode or "bad_request", err) end
     local service, serr = field(body, "service", "process")
     if not service then return fail("bad_request", serr) end
     local version, verr = field(body, "version")
