@@ -65,9 +65,10 @@ function Server:start()
   self.sup = supervisor.new(cfg, { store = st, sink = self.sink, environ = self.opts.environ, cgroups = layout })
   self.log_writer = core.spawn(self.write_logs, self)
 
-  local listener, lerr = core.net.listen { path = paths.socket }
+  -- 0600 before listen(2): a chmod after it left a moment in which another
+  -- user could connect, and a connection made then stays open (and admin)
+  local listener, lerr = core.net.listen { path = paths.socket, mode = tonumber("600", 8) }
   if not listener then return nil, "control socket: " .. lerr end
-  core.fs.chmod(paths.socket, tonumber("600", 8))
   self.control_listener = listener
   self.handler = api.new { sup = self.sup, store = st, cfg = cfg, started = self.started,
     flush_logs = function() self:flush_logs() end,

@@ -512,4 +512,52 @@ describe("HTTP API review", function()
     assert.are.equal(400, status)
     assert.are.equal("bad_request", body.error.code)
   end)
+
+  it("never lets the control socket take a connection before it is 0600", function()
+    local tools = io.popen("command -v strace && command -v setpriv && id -u")
+    local have = tools:read("a")
+    tools:close()
+    if not have:match("\n0\n$") then
+      pending("needs root, strace and setpriv (util-linux)")
+      return
+    end
+    os.execute("kill -TERM " .. srv.pid)
+    sleep(0.5)
+    local dir = support.tmpdir()
+    os.execute("chmod 755 " .. support.quote(dir)) -- others may walk to the socket: its mode alone guards it
+    local cfg = support.write(dir .. "/tenement.toml", table.concat({
+      "[settings]", 'data_dir = "data"', "port = " .. support.free_port(), 'domain = "example.test"',
+      "[service.api]", string.format("command = %q", BACKEND),
+      string.format("socket = %q", dir .. "/sock/{name}-{id}.sock"), 'isolation = "process"',
+    }, "\n") .. "\n")
+    -- the server's first listen(2), the control socket's, returns 1.5 s late:
+    -- a window stretched wide enough to walk into, under a permissive umask
+    local p = io.popen(string.format("umask 000; %s strace -o /dev/null -e trace=listen "
+      .. "-e inject=listen:delay_exit=1500000:when=1 %s serve --config %s >%s 2>&1 & echo $!",
+      support.clean_env(), support.quote(support.ten), support.quote(cfg), support.quote(dir .. "/serve.log")))
+    local tracer = tonumber(p:read("l"))
+    p:close()
+    local sock = dir .. "/data/ten.sock"
+    for _ = 1, 100 do
+      if core.fs.stat(sock) then break end
+      sleep(0.02)
+    end
+    sleep(0.2)
+    -- another user on the machine
+    local code, out = support.run(string.format("setpriv --reuid=65534 --regid=65534 --clear-groups %s ps --json --data-dir %s",
+      support.quote(support.ten), support.quote(dir .. "/data")))
+    local kids = io.open("/proc/" .. tracer .. "/task/" .. tracer .. "/children")
+    local server = kids and tonumber(kids:read("a"):match("%d+"))
+    if kids then kids:close() end
+    srv.pid = server or tracer
+    -- the server itself goes on as usual (and is stopped as usual, by after_each)
+    local up
+    for _ = 1, 100 do
+      up = support.ten_run { "ps", "--data-dir", dir .. "/data" } == 0
+      if up then break end
+      sleep(0.05)
+    end
+    assert.is_true(up)
+    assert.are_not.equal(0, code, "a user other than the server's got an answer on its control socket: " .. out)
+  end)
 end)
