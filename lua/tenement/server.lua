@@ -25,6 +25,23 @@ function server.paths(cfg)
   return { dir = dir, db = dir .. "/tenement.db", socket = dir .. "/ten.sock" }
 end
 
+-- server.private_store(path) -> true | nil, err: the store holds token
+-- hashes and every instance's logs, for its owner only. SQLite makes the
+-- -wal and -shm files with the database file's mode, so that mode must be
+-- 0600 before the first open: a chmod afterwards left them 0644, readable
+-- through the 0711 data_dir by anyone who knows their names.
+function server.private_store(path)
+  local private = tonumber("600", 8)
+  if not core.fs.stat(path) then
+    local ok, err = core.fs.write(path, "", private) -- SQLite takes an empty file for a new database
+    if not ok then return nil, err end
+  end
+  for _, p in ipairs { path, path .. "-wal", path .. "-shm" } do
+    if core.fs.stat(p) then core.fs.chmod(p, private) end
+  end
+  return true
+end
+
 -- server.new(cfg, opts) -> srv | nil, err
 function server.new(cfg, opts)
   opts = opts or {}
@@ -55,10 +72,11 @@ function Server:start()
   if not lock_fd then return nil, kerr end
   self.lock_fd = lock_fd
 
+  local private, perr = server.private_store(paths.db)
+  if not private then return nil, perr end
   local st, serr = store_mod.open(paths.db)
   if not st then return nil, serr end
   self.store = st
-  core.fs.chmod(paths.db, tonumber("600", 8))
 
   self.sink = core.logbuf.sink { max_pending = cfg.settings.log_max_pending or 100000 }
   local layout = self:prepare_limits()

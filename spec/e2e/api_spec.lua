@@ -560,4 +560,26 @@ describe("HTTP API review", function()
     assert.is_true(up)
     assert.are_not.equal(0, code, "a user other than the server's got an answer on its control socket: " .. out)
   end)
+
+  it("keeps the store, tokens and logs, readable by its owner only, its WAL too", function()
+    local function mode(path)
+      local p = io.popen("stat -c %a " .. support.quote(path) .. " 2>/dev/null")
+      local m = p:read("l")
+      p:close()
+      return m
+    end
+    token(srv)
+    local db = srv.dir .. "/data/tenement.db"
+    for _, f in ipairs { db, db .. "-wal", db .. "-shm" } do
+      assert.are.equal("600", mode(f), f)
+    end
+    -- made by a token command while no server runs
+    local dir = support.tmpdir()
+    local cfg = support.write(dir .. "/tenement.toml", table.concat({
+      "[settings]", 'data_dir = "data"',
+      "[service.api]", string.format("command = %q", BACKEND), 'isolation = "process"',
+    }, "\n") .. "\n")
+    assert.are.equal(0, (support.ten_run { "token-gen", "--config", cfg }))
+    assert.are.equal("600", mode(dir .. "/data/tenement.db"))
+  end)
 end)
