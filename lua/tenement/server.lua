@@ -212,7 +212,27 @@ function Server:own_pages()
       last_used[principal.name] = now
       self.store:token_used(principal.name)
     end
-    return principal
+    return principal, token
+  end
+  -- A streamed answer (an event stream runs for hours) outlives the check
+  -- made when it began: each write asks again, so a revoked token's stream
+  -- ends at its next event instead of going on for good.
+  local function revocable(req, token)
+    local stream = req.stream
+    req.stream = function(r, ...)
+      local out, err = stream(r, ...)
+      if not out then return out, err end
+      return setmetatable({
+        write = function(_, data)
+          if not auth.verify(self.store, token) then return false end
+          return out:write(data)
+        end,
+      }, { __index = function(_, k)
+        local v = out[k]
+        if type(v) ~= "function" then return v end
+        return function(_, ...) return v(out, ...) end
+      end })
+    end
   end
   return function(req)
     local path = req.path
@@ -231,6 +251,8 @@ function Server:own_pages()
       local principal, status, headers, body = authenticate(req)
       if not principal then return status, headers, body end
       req.principal = principal
+      local token = status -- what authenticate gives second when it lets a request in
+      revocable(req, token)
       return self.handler(req)
     end
     if path == "/" then

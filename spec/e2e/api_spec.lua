@@ -582,4 +582,33 @@ describe("HTTP API review", function()
     assert.are.equal(0, (support.ten_run { "token-gen", "--config", cfg }))
     assert.are.equal("600", mode(dir .. "/data/tenement.db"))
   end)
+
+  it("ends an event stream once its token is revoked, before the next line goes out", function()
+    local admin = token(srv, "--name", "admin")
+    local watcher = token(srv, "--name", "watcher")
+    local text, closed = "", false
+    core.run(function()
+      local conn = assert(core.net.connect { host = "127.0.0.1", port = srv.port })
+      assert(conn:write("GET /api/logs/stream?instance=api:one HTTP/1.1\r\nHost: example.test\r\n" ..
+        "Authorization: Bearer " .. watcher .. "\r\n\r\n"))
+      while not text:find("\r\n\r\n", 1, true) do text = text .. assert(conn:read(5000)) end
+      assert.matches("^HTTP/1.1 200", text)
+      text = ""
+      local code = support.ten_run { "token-revoke", "watcher", "--config", srv.cfg }
+      assert.are.equal(0, code)
+      assert(core.http.request { host = "127.0.0.1", port = srv.port, target = "/flood?lines=3",
+        headers = { host = "one.api.example.test" } })
+      local deadline = core.now() + 3000
+      while core.now() < deadline do
+        local chunk, err = conn:read(500)
+        if chunk then text = text .. chunk
+        elseif err ~= "timeout" then closed = true break end
+      end
+      conn:close()
+    end)
+    assert.is_nil(text:find("flood one line", 1, true), "lines went out on a revoked token: " .. text)
+    assert.is_true(closed, "the stream stayed open")
+    -- and the other tokens go on working
+    assert.are.equal(200, (call(srv, "GET", "/api/instances", { headers = with_auth(admin) })))
+  end)
 end)
