@@ -459,7 +459,13 @@ function api.new(ctx)
           end
           return status, headers, body
         end
-        allowed[#allowed + 1] = r.method
+        if not allowed[r.method] then
+          allowed[r.method] = true
+          allowed[#allowed + 1] = r.method
+          -- HEAD is answered wherever GET is: a client told
+          -- otherwise by Allow would not try it
+          if r.method == "GET" then allowed[#allowed + 1] = "HEAD" end
+        end
       end
     end
     if #allowed > 0 then
