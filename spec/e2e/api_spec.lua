@@ -622,4 +622,33 @@ describe("HTTP API review", function()
     assert.are.equal(405, status)
     assert.are.equal("GET, HEAD, DELETE", headers.allow)
   end)
+
+  it("leaves an instance that existed as it was when a deploy of its id fails", function()
+    os.execute("kill -TERM " .. srv.pid)
+    sleep(0.5)
+    local dir = support.tmpdir()
+    local bad = dir .. "/bad-version"
+    srv = start_server(dir, "", table.concat({
+      "[service.web]", 'isolation = "process"', 'health = "/health"', "startup_timeout = 2",
+      string.format("command = %q", "test ! -f " .. bad .. "-{id} && exec " .. BACKEND),
+      string.format("socket = %q", dir .. "/sock/{name}-{id}.sock"),
+    }, "\n") .. "\n")
+    local h = with_auth(token(srv), { ["content-type"] = "application/json" })
+    assert.are.equal(201, (call(srv, "POST", "/api/instances", { headers = h, body = '{"service":"web","id":"v1"}' })))
+    assert.are.equal(200, (call(srv, "PUT", "/api/instances/web:v1/weight", { headers = h, body = '{"weight":40}' })))
+    assert.are.equal(204, (call(srv, "DELETE", "/api/instances/web:v1", { headers = h })))
+    support.write(bad .. "-v1", "")
+    local status, _, body = call(srv, "POST", "/api/deploy", { headers = h,
+      body = '{"service":"web","version":"v1","timeout":3}' })
+    assert.are.equal(502, status)
+    assert.matches("nothing changed", body.error.message, 1, true)
+    local istatus, _, v1 = call(srv, "GET", "/api/instances/web:v1", { headers = h })
+    assert.are.equal(200, istatus)
+    assert.are.equal("stopped", v1.state)
+    assert.are.equal(40, v1.weight)
+    -- and a deploy of a new id that fails leaves nothing behind
+    support.write(bad .. "-v2", "")
+    assert.are.equal(502, (call(srv, "POST", "/api/deploy", { headers = h, body = '{"service":"web","version":"v2","timeout":3}' })))
+    assert.are.equal(404, (call(srv, "GET", "/api/instances/web:v2", { headers = h })))
+  end)
 end)
