@@ -234,9 +234,21 @@ function Server:own_pages()
       end })
     end
   end
+  -- / and /metrics are read-only pages: a POST or a DELETE is a mistake
+  -- to report, not a read to answer 200
+  local function read_only(req)
+    if req.method == "GET" or req.method == "HEAD" then return nil end
+    return 405, { ["content-type"] = "application/json", allow = "GET, HEAD" },
+      json.encode({ error = { code = "method_not_allowed",
+        message = req.method .. " is not allowed on " .. req.path } }) .. "\n"
+  end
   return function(req)
     local path = req.path
     if path == "/health" then return self.handler(req) end
+    if path == "/" or path == "/metrics" then
+      local status, headers, body = read_only(req)
+      if status then return status, headers, body end
+    end
     if path == "/metrics" then
       if self.cfg.settings.metrics_auth then
         local principal, status, headers, body = authenticate(req)

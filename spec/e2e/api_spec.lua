@@ -651,4 +651,17 @@ describe("HTTP API review", function()
     assert.are.equal(502, (call(srv, "POST", "/api/deploy", { headers = h, body = '{"service":"web","version":"v2","timeout":3}' })))
     assert.are.equal(404, (call(srv, "GET", "/api/instances/web:v2", { headers = h })))
   end)
+
+  it("answers 405 to methods other than GET and HEAD on the bare domain's / and /metrics", function()
+    for _, path in ipairs { "/", "/metrics" } do
+      for _, method in ipairs { "POST", "PUT", "DELETE" } do
+        local status, headers, body = call(srv, method, path)
+        assert.are.equal(405, status, method .. " " .. path)
+        assert.are.equal("GET, HEAD", headers.allow)
+        assert.are.equal("method_not_allowed", body.error.code)
+      end
+      assert.are.equal(200, (call(srv, "GET", path)))
+      assert.are.equal(200, (call(srv, "HEAD", path)))
+    end
+  end)
 end)
