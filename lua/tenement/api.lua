@@ -25,9 +25,18 @@ end
 
 -- Bytes a directory tree takes on disk (links not followed), for instances
 -- without a quota image. Bounded: past 100,000 entries it stops counting.
+-- In a task it lets the loop run every half millisecond: a tenant's files
+-- are the tenant's to multiply, and 100,000 stats in one go held every
+-- other request up for half a second.
+local DISK_USAGE_SLICE_NS = 500000
 function api.disk_usage(path)
   local total, seen = 0, 0
+  local in_task, since = core.current() ~= nil, core.hrtime()
   local function walk(p)
+    if in_task and core.hrtime() - since > DISK_USAGE_SLICE_NS then
+      coroutine.yield()
+      since = core.hrtime()
+    end
     local st = core.fs.stat(p, false)
     if not st then return end
     total = total + (st.allocated or 0)

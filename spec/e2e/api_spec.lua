@@ -664,4 +664,31 @@ describe("HTTP API review", function()
       assert.are.equal(200, (call(srv, "HEAD", path)))
     end
   end)
+
+  it("measures an instance's storage without holding up everyone else's requests", function()
+    local tenant = token(srv, "--tenant", "api:one")
+    -- what api:one's app may well do: a hundred thousand files of its own
+    local many = srv.dir .. "/data/api/one/many"
+    assert.are.equal(0, (support.run("mkdir -p " .. many .. " && cd " .. many .. " && seq 1 100000 | xargs touch")))
+    local worst, storage_status = 0, nil
+    core.run(function()
+      local done = false
+      local t = core.spawn(function()
+        local res = assert(core.http.request { host = "127.0.0.1", port = srv.port, timeout = 30000,
+          target = "/api/instances/api:one/storage", headers = with_auth(tenant) })
+        storage_status, done = res.status, true
+      end)
+      core.sleep(20)
+      while not done do
+        local start = core.hrtime()
+        assert(core.http.request { host = "127.0.0.1", port = srv.port, target = "/",
+          headers = { host = "two.api.example.test" } })
+        worst = math.max(worst, (core.hrtime() - start) / 1e6)
+        core.sleep(5)
+      end
+      t:join()
+    end)
+    assert.are.equal(200, storage_status)
+    assert.is_true(worst < 200, string.format("a request to api:two waited %.0f ms", worst))
+  end)
 end)
