@@ -126,9 +126,10 @@ function api.new(ctx)
     routes[#routes + 1] = { method = method, pattern = "^" .. pattern .. "$", fn = fn, access = access }
   end
 
-  -- Starts and restarts of one instance take turns: a restart's stop, run
-  -- beside another restart, stopped the instance that one had just
-  -- started, which then answered 502 although nothing had failed. A stop
+  -- Starts, restarts and deploys of one instance take turns: a restart's
+  -- stop, run beside another restart, stopped the instance that one had
+  -- just started, which then answered 502 although nothing had failed;
+  -- deploys of one version at once all answered 200. A stop
   -- takes no turn (it must be able to cut a hanging start short); a start
   -- it cuts short says so with 409, not as a start that failed.
   local turns = {}
@@ -309,7 +310,9 @@ function api.new(ctx)
     if not ctx.cfg.services[service] then return fail("not_found", "no service " .. service) end
     local ok, nerr = require("tenement.config").valid_name(version)
     if not ok then return fail("bad_request", "version " .. nerr) end
-    local res, why, code = deploy.deploy(sup, service, version, weight, timeout)
+    local res, why, code = start_in_turn(service, version, function()
+      return deploy.deploy(sup, service, version, weight, timeout)
+    end)
     if not res then return fail(code or "internal", why) end
     return reply(200, res)
   end, "admin")

@@ -691,4 +691,23 @@ describe("HTTP API review", function()
     assert.are.equal(200, storage_status)
     assert.is_true(worst < 200, string.format("a request to api:two waited %.0f ms", worst))
   end)
+
+  it("deploys a version once when three deploys of it come at once", function()
+    local admin = token(srv)
+    local statuses = {}
+    core.run(function()
+      local tasks = {}
+      for i = 1, 3 do
+        tasks[i] = core.spawn(function()
+          local res = assert(core.http.request { host = "127.0.0.1", port = srv.port, method = "POST",
+            target = "/api/deploy", headers = with_auth(admin, { ["content-type"] = "application/json" }),
+            body = string.format('{"service":"api","version":"v2","weight":%d}', i * 10), timeout = 20000 })
+          statuses[#statuses + 1] = res.status
+        end)
+      end
+      for _, t in ipairs(tasks) do t:join() end
+    end)
+    table.sort(statuses)
+    assert.are.same({ 200, 409, 409 }, statuses)
+  end)
 end)
