@@ -265,7 +265,13 @@ function Server:own_pages()
       req.principal = principal
       local token = status -- what authenticate gives second when it lets a request in
       revocable(req, token)
-      return self.handler(req)
+      local rstatus, rheaders, rbody = self.handler(req)
+      -- a read may have waited (a long poll of the logs waits up to a
+      -- minute): what it found goes only to a token still valid now
+      if rstatus and (req.method == "GET" or req.method == "HEAD") and not auth.verify(self.store, token) then
+        return unauthorized(req, "unauthorized", "invalid or revoked token")
+      end
+      return rstatus, rheaders, rbody
     end
     if path == "/" then
       return 200, { ["content-type"] = "text/plain; charset=utf-8" },

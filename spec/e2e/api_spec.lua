@@ -710,4 +710,24 @@ describe("HTTP API review", function()
     table.sort(statuses)
     assert.are.same({ 200, 409, 409 }, statuses)
   end)
+
+  it("answers 401, not the new lines, to a long poll whose token was revoked while it waited", function()
+    local watcher = token(srv, "--name", "watcher")
+    local _, _, last = call(srv, "GET", "/api/logs?instance=api:one&limit=1", { headers = with_auth(watcher) })
+    local after = last[#last] and last[#last].seq or 0
+    local res
+    core.run(function()
+      local t = core.spawn(function()
+        res = assert(core.http.request { host = "127.0.0.1", port = srv.port, timeout = 20000,
+          target = "/api/logs?instance=api:one&wait=10&after=" .. after, headers = with_auth(watcher) })
+      end)
+      core.sleep(300)
+      assert.are.equal(0, (support.ten_run { "token-revoke", "watcher", "--config", srv.cfg }))
+      assert(core.http.request { host = "127.0.0.1", port = srv.port, target = "/flood?lines=2",
+        headers = { host = "one.api.example.test" } })
+      t:join()
+    end)
+    assert.is_nil(res.body:find("flood one line", 1, true), "lines went out on a revoked token: " .. res.body)
+    assert.are.equal(401, res.status)
+  end)
 end)
