@@ -184,7 +184,9 @@ function Server:own_pages()
   local limiter = auth.limiter(self.cfg.settings.auth_failures_per_minute)
   local last_used = {}
   local JSON = { ["content-type"] = "application/json" }
-  local function unauthorized(req, code, message, guess)
+  -- sent: a bearer token came with the request. Without one, RFC 6750
+  -- asks for no error code: the client may not know it needs a token.
+  local function unauthorized(req, code, message, guess, sent)
     -- repeated wrong tokens from one address wait longer and longer, so
     -- guessing is slow for that address only (a missing header is no guess)
     if guess then
@@ -192,20 +194,21 @@ function Server:own_pages()
       if delay > 0 then core.sleep(delay) end
     end
     return 401, { ["content-type"] = "application/json",
-      ["www-authenticate"] = 'Bearer realm="tenement", error="invalid_token"' },
+      ["www-authenticate"] = 'Bearer realm="tenement"' .. (sent and ', error="invalid_token"' or "") },
       json.encode({ error = { code = code, message = message } }) .. "\n"
   end
   local function authenticate(req)
+    local token, why = auth.bearer(req.headers.authorization)
+    local sent = token ~= nil or why == "malformed token"
     if self.store:token_count() == 0 then
       return nil, unauthorized(req, "no_tokens", "no API token exists yet: create one on the server with "
-        .. "`ten token-gen` (the ten CLI on the server works without one)")
+        .. "`ten token-gen` (the ten CLI on the server works without one)", false, sent)
     end
-    local token, why = auth.bearer(req.headers.authorization)
     if not token then
-      return nil, unauthorized(req, "unauthorized", "send Authorization: Bearer TOKEN (" .. why .. ")")
+      return nil, unauthorized(req, "unauthorized", "send Authorization: Bearer TOKEN (" .. why .. ")", false, sent)
     end
     local principal = auth.verify(self.store, token)
-    if not principal then return nil, unauthorized(req, "unauthorized", "invalid or revoked token", true) end
+    if not principal then return nil, unauthorized(req, "unauthorized", "invalid or revoked token", true, true) end
     -- "last used" to the minute: one write a minute per token, not one per call
     local now = core.now()
     if now - (last_used[principal.name] or -math.huge) > 60000 then
@@ -269,7 +272,7 @@ function Server:own_pages()
       -- a read may have waited (a long poll of the logs waits up to a
       -- minute): what it found goes only to a token still valid now
       if rstatus and (req.method == "GET" or req.method == "HEAD") and not auth.verify(self.store, token) then
-        return unauthorized(req, "unauthorized", "invalid or revoked token")
+        return unauthorized(req, "unauthorized", "invalid or revoked token", false, true)
       end
       return rstatus, rheaders, rbody
     end
