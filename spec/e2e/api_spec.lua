@@ -385,7 +385,7 @@ describe("HTTP API", function()
   end)
 end)
 
-describe("HTTP API review", function()
+describe("HTTP API: scopes, races and revocation", function()
   local srv
   before_each(function() srv = start_server(support.tmpdir(), "auth_failures_per_minute = 1000") end)
   after_each(function()
