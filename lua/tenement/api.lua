@@ -6,11 +6,13 @@ local json = require "tenement.json"
 local supervisor = require "tenement.supervisor"
 local deploy = require "tenement.deploy"
 local auth = require "tenement.auth"
+local sync = require "tenement.sync"
 
 local api = {}
 
 local STATUS_FOR_CODE = {
-  bad_request = 400, unauthorized = 401, forbidden = 403, not_found = 404, conflict = 409, start_failed = 502,
+  bad_request = 400, unauthorized = 401, forbidden = 403, not_found = 404, conflict = 409, too_large = 413,
+  start_failed = 502,
   unavailable = 503, not_running = 409, internal = 500,
 }
 
@@ -26,9 +28,18 @@ end
 
 -- Bytes a directory tree takes on disk (links not followed), for instances
 -- without a quota image. Bounded: past 100,000 entries it stops counting.
+-- In a task it lets the loop run every half millisecond: a tenant's files
+-- are the tenant's to multiply, and 100,000 stats in one go held every
+-- other request up for half a second.
+local DISK_USAGE_SLICE_NS = 500000
 function api.disk_usage(path)
   local total, seen = 0, 0
+  local in_task, since = core.current() ~= nil, core.hrtime()
   local function walk(p)
+    if in_task and core.hrtime() - since > DISK_USAGE_SLICE_NS then
+      coroutine.yield()
+      since = core.hrtime()
+    end
     local st = core.fs.stat(p, false)
     if not st then return end
     total = total + (st.allocated or 0)
@@ -62,10 +73,14 @@ function api.parse_query(q)
   return out
 end
 
--- Reads a JSON object body. -> table | nil, err
+-- Reads a JSON object body. -> table | nil, err, code
 local function json_body(req)
   local body, err = req:body(1024 * 1024)
-  if not body then return nil, "cannot read the request body: " .. tostring(err) end
+  if not body then
+    -- a client told 400 would look for a fault in its JSON, not its size
+    local code = tostring(err):find("too large", 1, true) and "too_large" or "bad_request"
+    return nil, "cannot read the request body: " .. tostring(err), code
+  end
   if body == "" then return {} end
   local v, jerr = json.decode(body)
   if type(v) ~= "table" then
@@ -114,6 +129,28 @@ function api.new(ctx)
     routes[#routes + 1] = { method = method, pattern = "^" .. pattern .. "$", fn = fn, access = access }
   end
 
+  -- Starts, restarts and deploys of one instance take turns: a restart's
+  -- stop, run beside another restart, stopped the instance that one had
+  -- just started, which then answered 502 although nothing had failed;
+  -- deploys of one version at once all answered 200. A stop
+  -- takes no turn (it must be able to cut a hanging start short); a start
+  -- it cuts short says so with 409, not as a start that failed.
+  local turns = {}
+  local function start_in_turn(service, id, fn)
+    local key = supervisor.key(service, id)
+    while turns[key] do turns[key]:wait() end
+    local mine = sync.event()
+    turns[key] = mine
+    local res = table.pack(pcall(fn, sup, service, id))
+    turns[key] = nil
+    mine:set()
+    if not res[1] then error(res[2], 0) end
+    if not res[2] and res[4] == "start_failed" and mine.stopped then
+      return nil, key .. " was stopped by another call while it started", "conflict"
+    end
+    return table.unpack(res, 2, res.n)
+  end
+
   local function target(key)
     local service, id = supervisor.parse_key(api.unescape(key))
     if not service then return nil, id end
@@ -136,14 +173,14 @@ function api.new(ctx)
   end, "scoped")
 
   local function spawn(req, compat)
-    local body, err = json_body(req)
-    if not body then return fail("bad_request", err) end
+    local body, err, bcode = json_body(req)
+    if not body then return fail(bcode or "bad_request", err) end
     local service, serr = field(body, "service", "process")
     if not service then return fail("bad_request", serr) end
     local id, ierr = field(body, "id")
     if not id then return fail("bad_request", ierr) end
     if not api.allows(req, service, id) then return fail("forbidden", "this token does not cover " .. service .. ":" .. id) end
-    local inst, why, code = sup:spawn(service, id)
+    local inst, why, code = start_in_turn(service, id, sup.spawn)
     if not inst then return fail(code or "internal", why) end
     return reply(compat and 200 or 201, spawned_json(inst))
   end
@@ -161,6 +198,8 @@ function api.new(ctx)
   route("DELETE", "/api/instances/([^/]+)", function(_, key)
     local service, id = target(key)
     if not service then return fail("bad_request", id) end
+    local turn = turns[supervisor.key(service, id)]
+    if turn then turn.stopped = true end
     local ok, why, code = sup:stop(service, id)
     if not ok then return fail(code or "internal", why) end
     return 204, {}, ""
@@ -169,7 +208,7 @@ function api.new(ctx)
   route("POST", "/api/instances/([^/]+)/restart", function(_, key)
     local service, id = target(key)
     if not service then return fail("bad_request", id) end
-    local inst, why, code = sup:restart(service, id)
+    local inst, why, code = start_in_turn(service, id, sup.restart)
     if not inst then return fail(code or "internal", why) end
     return reply(200, spawned_json(inst))
   end, "instance")
@@ -202,14 +241,20 @@ function api.new(ctx)
   route("PUT", "/api/instances/([^/]+)/weight", function(req, key)
     local service, id = target(key)
     if not service then return fail("bad_request", id) end
-    local body, err = json_body(req)
-    if not body then return fail("bad_request", err) end
+    local body, err, bcode = json_body(req)
+    if not body then return fail(bcode or "bad_request", err) end
     local w = body.weight
     if math.type(w) ~= "integer" then return fail("bad_request", 'field "weight" must be an integer from 0 to 100') end
+    -- set_weight makes the instance it names (a deploy weighs its version
+    -- before starting it): from here that would leave one nobody spawned,
+    -- which its subdomain would then wake
+    if ctx.cfg.services[service] and not sup:get(service, id) then
+      return fail("not_found", "no instance " .. supervisor.key(service, id))
+    end
     local inst, why, code = sup:set_weight(service, id, w)
     if not inst then return fail(code or "internal", why) end
     return reply(200, { instance = inst.key, weight = inst.weight })
-  end, "instance")
+  end, "admin") -- a weight shares out the service's traffic, which is no tenant's alone
 
   route("GET", "/api/routes/([^/]+)", function(_, service)
     if not ctx.cfg.services[service] then return fail("not_found", "no service " .. service) end
@@ -221,8 +266,8 @@ function api.new(ctx)
   -- PUT /api/routes/SERVICE {"weights": {"ID": n, ...}}: several at once
   route("PUT", "/api/routes/([^/]+)", function(req, service)
     if not ctx.cfg.services[service] then return fail("not_found", "no service " .. service) end
-    local body, err = json_body(req)
-    if not body then return fail("bad_request", err) end
+    local body, err, bcode = json_body(req)
+    if not body then return fail(bcode or "bad_request", err) end
     if type(body.weights) ~= "table" then return fail("bad_request", 'field "weights" must be an object of id: weight') end
     for id, w in pairs(body.weights) do
       if math.type(w) ~= "integer" or w < 0 or w > 100 then
@@ -237,8 +282,8 @@ function api.new(ctx)
   end, "admin")
 
   route("POST", "/api/route", function(req)
-    local body, err = json_body(req)
-    if not body then return fail("bad_request", err) end
+    local body, err, bcode = json_body(req)
+    if not body then return fail(bcode or "bad_request", err) end
     local service, serr = field(body, "service", "process")
     if not service then return fail("bad_request", serr) end
     local from, ferr = field(body, "from")
@@ -251,8 +296,8 @@ function api.new(ctx)
   end, "admin")
 
   route("POST", "/api/deploy", function(req)
-    local body, err = json_body(req)
-    if not body then return fail("bad_request", err) end
+    local body, err, bcode = json_body(req)
+    if not body then return fail(bcode or "bad_request", err) end
     local service, serr = field(body, "service", "process")
     if not service then return fail("bad_request", serr) end
     local version, verr = field(body, "version")
@@ -268,7 +313,9 @@ function api.new(ctx)
     if not ctx.cfg.services[service] then return fail("not_found", "no service " .. service) end
     local ok, nerr = require("tenement.config").valid_name(version)
     if not ok then return fail("bad_request", "version " .. nerr) end
-    local res, why, code = deploy.deploy(sup, service, version, weight, timeout)
+    local res, why, code = start_in_turn(service, version, function()
+      return deploy.deploy(sup, service, version, weight, timeout)
+    end)
     if not res then return fail(code or "internal", why) end
     return reply(200, res)
   end, "admin")
@@ -286,12 +333,17 @@ function api.new(ctx)
     return reply(200, { service = service, replaced = n })
   end, "admin")
 
-  route("GET", "/api/services", function()
+  route("GET", "/api/services", function(req)
     local out = json.array()
+    -- a tenant sees the services its instances belong to, not how the
+    -- others are run (their command lines may carry anything)
+    local scope = req.principal and not req.principal.admin and (req.principal.scope or {})
     for _, name in ipairs(ctx.cfg.service_names or {}) do
       local s = ctx.cfg.services[name]
-      out[#out + 1] = { name = name, command = s.command, isolation = s.isolation,
-        health = s.health, restart = s.restart, idle_timeout = s.idle_timeout }
+      if not scope or (scope.id and (scope.service == nil or scope.service == name)) then
+        out[#out + 1] = { name = name, command = s.command, isolation = s.isolation,
+          health = s.health, restart = s.restart, idle_timeout = s.idle_timeout }
+      end
     end
     return reply(200, out)
   end, "scoped")
@@ -457,7 +509,13 @@ function api.new(ctx)
           end
           return status, headers, body
         end
-        allowed[#allowed + 1] = r.method
+        if not allowed[r.method] then
+          allowed[r.method] = true
+          allowed[#allowed + 1] = r.method
+          -- HEAD is answered wherever GET is: a client told
+          -- otherwise by Allow would not try it
+          if r.method == "GET" then allowed[#allowed + 1] = "HEAD" end
+        end
       end
     end
     if #allowed > 0 then

@@ -718,6 +718,8 @@ local function with_store(ctx, fn)
   return core.run(function()
     local ok, err = core.fs.mkdir(dir, tonumber("711", 8))
     if not ok then ctx.err:write("ten: data_dir ", err, "\n") return 1 end
+    local private, perr = require("tenement.server").private_store(dir .. "/tenement.db")
+    if not private then ctx.err:write("ten: ", perr, "\n") return 1 end
     local store, serr = require("tenement.store").open(dir .. "/tenement.db")
     if not store then ctx.err:write("ten: ", serr, "\n") return 1 end
     local code = fn(store)

@@ -43,21 +43,30 @@ end
 
 -- deploy.deploy(sup, service, version, weight, timeout_s) -> result | nil, err, code
 -- Starts SERVICE:VERSION with no traffic, waits until it is healthy, and
--- only then gives it `weight`. On failure or timeout it is removed and
--- nothing else changes.
+-- only then gives it `weight`. On failure or timeout nothing changes: an
+-- instance the deploy made is removed, one that existed gets its weight back.
 function deploy.deploy(sup, service, version, weight, timeout_s)
   local existing = sup:get(service, version)
   if existing and (existing.state == "running" or existing.state == "starting") then
     return nil, existing.key .. " exists already: deploy a new version id, or `ten restart` it", "conflict"
   end
+  local before = existing and { weight = existing.weight, asleep = existing.state == "sleeping" }
   local w, werr = sup:set_weight(service, version, 0)
   if not w then return nil, werr, "bad_request" end
   local task = core.spawn(sup.spawn, sup, service, version)
   local joined, inst, err = task:join(timeout_s * 1000)
   if not joined or not inst then
     local why = joined and err or string.format("not healthy within %d s", timeout_s)
-    sup:stop(service, version, { reason = "deploy failed" })
-    sup:forget(service, version)
+    -- one that existed (stopped, failed or asleep) stays, as it was: only
+    -- what the deploy itself made may go
+    sup:stop(service, version, { reason = "deploy failed", persist = not (before and before.asleep) })
+    if before then
+      sup:set_weight(service, version, before.weight)
+      local asleep = before.asleep and sup:remember_asleep(service, version)
+      if asleep then asleep.last_exit = "asleep (a deploy of this id failed)" end
+    else
+      sup:forget(service, version)
+    end
     return nil, string.format("deploy of %s:%s failed: %s; nothing changed", service, version, why), "start_failed"
   end
   local ok, set_err = sup:set_weight(service, version, weight)

@@ -30,6 +30,23 @@ function server.paths(cfg)
   return { dir = dir, db = dir .. "/tenement.db", socket = dir .. "/ten.sock" }
 end
 
+-- server.private_store(path) -> true | nil, err: the store holds token
+-- hashes and every instance's logs, for its owner only. SQLite makes the
+-- -wal and -shm files with the database file's mode, so that mode must be
+-- 0600 before the first open: a chmod afterwards left them 0644, readable
+-- through the 0711 data_dir by anyone who knows their names.
+function server.private_store(path)
+  local private = tonumber("600", 8)
+  if not core.fs.stat(path) then
+    local ok, err = core.fs.write(path, "", private) -- SQLite takes an empty file for a new database
+    if not ok then return nil, err end
+  end
+  for _, p in ipairs { path, path .. "-wal", path .. "-shm" } do
+    if core.fs.stat(p) then core.fs.chmod(p, private) end
+  end
+  return true
+end
+
 -- server.new(cfg, opts) -> srv | nil, err
 function server.new(cfg, opts)
   opts = opts or {}
@@ -60,10 +77,11 @@ function Server:start()
   if not lock_fd then return nil, kerr end
   self.lock_fd = lock_fd
 
+  local private, perr = server.private_store(paths.db)
+  if not private then return nil, perr end
   local st, serr = store_mod.open(paths.db)
   if not st then return nil, serr end
   self.store = st
-  core.fs.chmod(paths.db, tonumber("600", 8))
 
   self.sink = core.logbuf.sink { max_pending = cfg.settings.log_max_pending or 100000 }
   self.log_stats = { write_dropped = 0 }
@@ -71,9 +89,10 @@ function Server:start()
   self.sup = supervisor.new(cfg, { store = st, sink = self.sink, environ = self.opts.environ, cgroups = layout })
   self.log_writer = core.spawn(self.write_logs, self)
 
-  local listener, lerr = core.net.listen { path = paths.socket }
+  -- 0600 before listen(2): a chmod after it left a moment in which another
+  -- user could connect, and a connection made then stays open (and admin)
+  local listener, lerr = core.net.listen { path = paths.socket, mode = tonumber("600", 8) }
   if not listener then return nil, "control socket: " .. lerr end
-  core.fs.chmod(paths.socket, tonumber("600", 8))
   self.control_listener = listener
   self.handler = api.new { sup = self.sup, store = st, cfg = cfg, started = self.started,
     flush_logs = function() self:flush_logs() end,
@@ -172,7 +191,9 @@ function Server:own_pages()
   local limiter = auth.limiter(self.cfg.settings.auth_failures_per_minute)
   local last_used = {}
   local JSON = { ["content-type"] = "application/json" }
-  local function unauthorized(req, code, message, guess)
+  -- sent: a bearer token came with the request. Without one, RFC 6750
+  -- asks for no error code: the client may not know it needs a token.
+  local function unauthorized(req, code, message, guess, sent)
     -- repeated wrong tokens from one address wait longer and longer, so
     -- guessing is slow for that address only (a missing header is no guess)
     if guess then
@@ -180,31 +201,64 @@ function Server:own_pages()
       if delay > 0 then core.sleep(delay) end
     end
     return 401, { ["content-type"] = "application/json",
-      ["www-authenticate"] = 'Bearer realm="tenement", error="invalid_token"' },
+      ["www-authenticate"] = 'Bearer realm="tenement"' .. (sent and ', error="invalid_token"' or "") },
       json.encode({ error = { code = code, message = message } }) .. "\n"
   end
   local function authenticate(req)
+    local token, why = auth.bearer(req.headers.authorization)
+    local sent = token ~= nil or why == "malformed token"
     if self.store:token_count() == 0 then
       return nil, unauthorized(req, "no_tokens", "no API token exists yet: create one on the server with "
-        .. "`ten token-gen` (the ten CLI on the server works without one)")
+        .. "`ten token-gen` (the ten CLI on the server works without one)", false, sent)
     end
-    local token, why = auth.bearer(req.headers.authorization)
     if not token then
-      return nil, unauthorized(req, "unauthorized", "send Authorization: Bearer TOKEN (" .. why .. ")")
+      return nil, unauthorized(req, "unauthorized", "send Authorization: Bearer TOKEN (" .. why .. ")", false, sent)
     end
     local principal = auth.verify(self.store, token)
-    if not principal then return nil, unauthorized(req, "unauthorized", "invalid or revoked token", true) end
+    if not principal then return nil, unauthorized(req, "unauthorized", "invalid or revoked token", true, true) end
     -- "last used" to the minute: one write a minute per token, not one per call
     local now = core.now()
     if now - (last_used[principal.name] or -math.huge) > 60000 then
       last_used[principal.name] = now
       self.store:token_used(principal.name)
     end
-    return principal
+    return principal, token
+  end
+  -- A streamed answer (an event stream runs for hours) outlives the check
+  -- made when it began: each write asks again, so a revoked token's stream
+  -- ends at its next event instead of going on for good.
+  local function revocable(req, token)
+    local stream = req.stream
+    req.stream = function(r, ...)
+      local out, err = stream(r, ...)
+      if not out then return out, err end
+      return setmetatable({
+        write = function(_, data)
+          if not auth.verify(self.store, token) then return false end
+          return out:write(data)
+        end,
+      }, { __index = function(_, k)
+        local v = out[k]
+        if type(v) ~= "function" then return v end
+        return function(_, ...) return v(out, ...) end
+      end })
+    end
+  end
+  -- / and /metrics are read-only pages: a POST or a DELETE is a mistake
+  -- to report, not a read to answer 200
+  local function read_only(req)
+    if req.method == "GET" or req.method == "HEAD" then return nil end
+    return 405, { ["content-type"] = "application/json", allow = "GET, HEAD" },
+      json.encode({ error = { code = "method_not_allowed",
+        message = req.method .. " is not allowed on " .. req.path } }) .. "\n"
   end
   return function(req)
     local path = req.path
     if path == "/health" then return self.handler(req) end
+    if path == "/" or path == "/metrics" then
+      local status, headers, body = read_only(req)
+      if status then return status, headers, body end
+    end
     if path == "/metrics" then
       if self.cfg.settings.metrics_auth then
         local principal, status, headers, body = authenticate(req)
@@ -219,7 +273,15 @@ function Server:own_pages()
       local principal, status, headers, body = authenticate(req)
       if not principal then return status, headers, body end
       req.principal = principal
-      return self.handler(req)
+      local token = status -- what authenticate gives second when it lets a request in
+      revocable(req, token)
+      local rstatus, rheaders, rbody = self.handler(req)
+      -- a read may have waited (a long poll of the logs waits up to a
+      -- minute): what it found goes only to a token still valid now
+      if rstatus and (req.method == "GET" or req.method == "HEAD") and not auth.verify(self.store, token) then
+        return unauthorized(req, "unauthorized", "invalid or revoked token", false, true)
+      end
+      return rstatus, rheaders, rbody
     end
     if path == "/" then
       return 200, { ["content-type"] = "text/plain; charset=utf-8" },

@@ -588,3 +588,362 @@ describe("HTTP API", function()
     end)
   end)
 end)
+
+describe("HTTP API: scopes, races and revocation", function()
+  local srv
+  before_each(function() srv = start_server(support.tmpdir(), "auth_failures_per_minute = 1000") end)
+  after_each(function()
+    if srv then os.execute("kill -TERM " .. srv.pid .. " 2>/dev/null; sleep 0.3; kill -KILL " .. srv.pid .. " 2>/dev/null") end
+    support.cleanup()
+  end)
+
+  it("answers 404 to a weight for an instance that does not exist, and makes none", function()
+    local admin = token(srv)
+    local h = with_auth(admin, { ["content-type"] = "application/json" })
+    local status, _, body = call(srv, "PUT", "/api/instances/api:nope/weight", { headers = h, body = '{"weight":5}' })
+    assert.are.equal(404, status)
+    assert.are.equal("not_found", body.error.code)
+    assert.are.equal(404, (call(srv, "GET", "/api/instances/api:nope", { headers = h })))
+    local _, _, list = call(srv, "GET", "/api/instances", { headers = h })
+    assert.are.equal(2, #list)
+    -- nor may its subdomain wake an instance nobody spawned
+    assert.are.equal(404, (call(srv, "GET", "/", { headers = { host = "nope.api.example.test" } })))
+  end)
+
+  it("keeps weights to admin tokens, as documented: a tenant cannot pull its service's traffic", function()
+    local admin = token(srv, "--name", "admin")
+    local tenant = token(srv, "--name", "one", "--tenant", "api:one")
+    local status, _, body = call(srv, "PUT", "/api/instances/api:one/weight",
+      { headers = with_auth(tenant, { ["content-type"] = "application/json" }), body = '{"weight":0}' })
+    assert.are.equal(403, status)
+    assert.are.equal("forbidden", body.error.code)
+    local _, _, one = call(srv, "GET", "/api/instances/api:one", { headers = with_auth(admin) })
+    assert.are.equal(100, one.weight)
+    assert.are.equal(200, (call(srv, "PUT", "/api/instances/api:one/weight",
+      { headers = with_auth(admin, { ["content-type"] = "application/json" }), body = '{"weight":0}' })))
+  end)
+
+  it("lists to a tenant token only the services its scope reaches", function()
+    os.execute("kill -TERM " .. srv.pid)
+    sleep(0.5)
+    local dir = support.tmpdir()
+    srv = start_server(dir, "", table.concat({
+      "[service.billing]", string.format("command = %q", BACKEND .. " --secret-flag"), 'isolation = "process"',
+      string.format("socket = %q", dir .. "/sock/{name}-{id}.sock"),
+    }, "\n") .. "\n")
+    local admin = token(srv, "--name", "admin")
+    local tenant = token(srv, "--name", "one", "--tenant", "api:one")
+    local _, _, all = call(srv, "GET", "/api/services", { headers = with_auth(admin) })
+    assert.are.equal(2, #all)
+    local status, _, seen = call(srv, "GET", "/api/services", { headers = with_auth(tenant) })
+    assert.are.equal(200, status)
+    assert.are.equal(1, #seen)
+    assert.are.equal("api", seen[1].name)
+    -- a token for an id in every service reaches every service
+    local any = token(srv, "--name", "any", "--tenant", "one")
+    local _, _, every = call(srv, "GET", "/api/services", { headers = with_auth(any) })
+    assert.are.equal(2, #every)
+  end)
+
+  it("answers two calls acting on one instance at once as if one came after the other", function()
+    local admin = token(srv)
+    -- -> the statuses of the requests, sent all at once
+    local function together(requests)
+      local statuses = {}
+      core.run(function()
+        local tasks = {}
+        for i, r in ipairs(requests) do
+          tasks[i] = core.spawn(function()
+            local res = assert(core.http.request { host = "127.0.0.1", port = srv.port, method = r[1],
+              target = r[2], headers = with_auth(admin), timeout = 20000 })
+            statuses[i] = res.status .. " " .. r[1] .. " " .. res.body
+          end)
+        end
+        for _, t in ipairs(tasks) do t:join() end
+      end)
+      return statuses
+    end
+    local restart = { "POST", "/api/instances/api:one/restart" }
+    for _, s in ipairs(together { restart, restart, restart, restart }) do
+      assert.matches("^200 ", s)
+    end
+    local _, _, one = call(srv, "GET", "/api/instances/api:one", { headers = with_auth(admin) })
+    assert.are.equal("running", one.state)
+    -- stops and restarts: each done in some order, or a start cut short
+    -- by a stop says so (409), none claims the app failed to start (502)
+    local stop = { "DELETE", "/api/instances/api:two" }
+    local again = { "POST", "/api/instances/api:two/restart" }
+    for _, s in ipairs(together { again, stop, again, stop }) do
+      assert.is_truthy(s:match("^200 POST") or s:match("^204 DELETE") or s:match('^409 POST.*"conflict"'), s)
+    end
+  end)
+
+  it("answers 409, not 502, to a start that a stop cut short", function()
+    os.execute("kill -TERM " .. srv.pid)
+    sleep(0.5)
+    local dir = support.tmpdir()
+    srv = start_server(dir, "", table.concat({
+      "[service.slow]", string.format("command = %q", BACKEND), 'isolation = "process"',
+      string.format("socket = %q", dir .. "/sock/{name}-{id}.sock"), "startup_timeout = 10",
+      "[service.slow.env]", 'BACKEND_START_DELAY_MS = "3000"',
+    }, "\n") .. "\n")
+    local admin = token(srv)
+    local spawned, stopped
+    core.run(function()
+      local t = core.spawn(function()
+        spawned = assert(core.http.request { host = "127.0.0.1", port = srv.port, method = "POST",
+          target = "/api/instances", headers = with_auth(admin, { ["content-type"] = "application/json" }),
+          body = '{"service":"slow","id":"x"}', timeout = 20000 })
+      end)
+      core.sleep(500)
+      stopped = assert(core.http.request { host = "127.0.0.1", port = srv.port, method = "DELETE",
+        target = "/api/instances/slow:x", headers = with_auth(admin), timeout = 20000 })
+      t:join()
+    end)
+    assert.are.equal(204, stopped.status)
+    assert.are.equal(409, spawned.status, spawned.body)
+    assert.are.equal("conflict", cjson.decode(spawned.body).error.code)
+  end)
+
+  it("answers 413 to a body larger than the API reads, 400 to one it cannot parse", function()
+    local admin = token(srv)
+    local h = with_auth(admin, { ["content-type"] = "application/json" })
+    local big = '{"service":"api","id":"' .. ("a"):rep(2 * 1024 * 1024) .. '"}'
+    local status, _, body = call(srv, "POST", "/api/instances", { headers = h, body = big })
+    assert.are.equal(413, status)
+    assert.are.equal("too_large", body.error.code)
+    status, _, body = call(srv, "POST", "/api/instances", { headers = h, body = ("["):rep(100000) })
+    assert.are.equal(400, status)
+    assert.are.equal("bad_request", body.error.code)
+  end)
+
+  it("never lets the control socket take a connection before it is 0600", function()
+    local tools = io.popen("command -v strace && command -v setpriv && id -u")
+    local have = tools:read("a")
+    tools:close()
+    if not have:match("\n0\n$") then
+      pending("needs root, strace and setpriv (util-linux)")
+      return
+    end
+    os.execute("kill -TERM " .. srv.pid)
+    sleep(0.5)
+    local dir = support.tmpdir()
+    os.execute("chmod 755 " .. support.quote(dir)) -- others may walk to the socket: its mode alone guards it
+    local cfg = support.write(dir .. "/tenement.toml", table.concat({
+      "[settings]", 'data_dir = "data"', "port = " .. support.free_port(), 'domain = "example.test"',
+      "[service.api]", string.format("command = %q", BACKEND),
+      string.format("socket = %q", dir .. "/sock/{name}-{id}.sock"), 'isolation = "process"',
+    }, "\n") .. "\n")
+    -- the server's first listen(2), the control socket's, returns 1.5 s late:
+    -- a window stretched wide enough to walk into, under a permissive umask
+    local p = io.popen(string.format("umask 000; %s strace -o /dev/null -e trace=listen "
+      .. "-e inject=listen:delay_exit=1500000:when=1 %s serve --config %s >%s 2>&1 & echo $!",
+      support.clean_env(), support.quote(support.ten), support.quote(cfg), support.quote(dir .. "/serve.log")))
+    local tracer = tonumber(p:read("l"))
+    p:close()
+    local sock = dir .. "/data/ten.sock"
+    for _ = 1, 100 do
+      if core.fs.stat(sock) then break end
+      sleep(0.02)
+    end
+    sleep(0.2)
+    -- another user on the machine
+    local code, out = support.run(string.format("setpriv --reuid=65534 --regid=65534 --clear-groups %s ps --json --data-dir %s",
+      support.quote(support.ten), support.quote(dir .. "/data")))
+    local kids = io.open("/proc/" .. tracer .. "/task/" .. tracer .. "/children")
+    local server = kids and tonumber(kids:read("a"):match("%d+"))
+    if kids then kids:close() end
+    srv.pid = server or tracer
+    -- the server itself goes on as usual (and is stopped as usual, by after_each)
+    local up
+    for _ = 1, 100 do
+      up = support.ten_run { "ps", "--data-dir", dir .. "/data" } == 0
+      if up then break end
+      sleep(0.05)
+    end
+    assert.is_true(up)
+    assert.are_not.equal(0, code, "a user other than the server's got an answer on its control socket: " .. out)
+  end)
+
+  it("keeps the store, tokens and logs, readable by its owner only, its WAL too", function()
+    local function mode(path)
+      local p = io.popen("stat -c %a " .. support.quote(path) .. " 2>/dev/null")
+      local m = p:read("l")
+      p:close()
+      return m
+    end
+    token(srv)
+    local db = srv.dir .. "/data/tenement.db"
+    for _, f in ipairs { db, db .. "-wal", db .. "-shm" } do
+      assert.are.equal("600", mode(f), f)
+    end
+    -- made by a token command while no server runs
+    local dir = support.tmpdir()
+    local cfg = support.write(dir .. "/tenement.toml", table.concat({
+      "[settings]", 'data_dir = "data"',
+      "[service.api]", string.format("command = %q", BACKEND), 'isolation = "process"',
+    }, "\n") .. "\n")
+    assert.are.equal(0, (support.ten_run { "token-gen", "--config", cfg }))
+    assert.are.equal("600", mode(dir .. "/data/tenement.db"))
+  end)
+
+  it("ends an event stream once its token is revoked, before the next line goes out", function()
+    local admin = token(srv, "--name", "admin")
+    local watcher = token(srv, "--name", "watcher")
+    local text, closed = "", false
+    core.run(function()
+      local conn = assert(core.net.connect { host = "127.0.0.1", port = srv.port })
+      assert(conn:write("GET /api/logs/stream?instance=api:one HTTP/1.1\r\nHost: example.test\r\n" ..
+        "Authorization: Bearer " .. watcher .. "\r\n\r\n"))
+      while not text:find("\r\n\r\n", 1, true) do text = text .. assert(conn:read(5000)) end
+      assert.matches("^HTTP/1.1 200", text)
+      text = ""
+      local code = support.ten_run { "token-revoke", "watcher", "--config", srv.cfg }
+      assert.are.equal(0, code)
+      assert(core.http.request { host = "127.0.0.1", port = srv.port, target = "/flood?lines=3",
+        headers = { host = "one.api.example.test" } })
+      local deadline = core.now() + 3000
+      while core.now() < deadline do
+        local chunk, err = conn:read(500)
+        if chunk then text = text .. chunk
+        elseif err ~= "timeout" then closed = true break end
+      end
+      conn:close()
+    end)
+    assert.is_nil(text:find("flood one line", 1, true), "lines went out on a revoked token: " .. text)
+    assert.is_true(closed, "the stream stayed open")
+    -- and the other tokens go on working
+    assert.are.equal(200, (call(srv, "GET", "/api/instances", { headers = with_auth(admin) })))
+  end)
+
+  it("lists in Allow every method a path answers, HEAD with GET, each once", function()
+    local h = with_auth(token(srv))
+    local status, headers = call(srv, "PATCH", "/api/instances", { headers = h })
+    assert.are.equal(405, status)
+    assert.are.equal("GET, HEAD, POST", headers.allow)
+    assert.are.equal(200, (call(srv, "HEAD", "/api/instances", { headers = h })))
+    status, headers = call(srv, "PUT", "/api/instances/api:one", { headers = h })
+    assert.are.equal(405, status)
+    assert.are.equal("GET, HEAD, DELETE", headers.allow)
+  end)
+
+  it("leaves an instance that existed as it was when a deploy of its id fails", function()
+    os.execute("kill -TERM " .. srv.pid)
+    sleep(0.5)
+    local dir = support.tmpdir()
+    local bad = dir .. "/bad-version"
+    srv = start_server(dir, "", table.concat({
+      "[service.web]", 'isolation = "process"', 'health = "/health"', "startup_timeout = 2",
+      string.format("command = %q", "test ! -f " .. bad .. "-{id} && exec " .. BACKEND),
+      string.format("socket = %q", dir .. "/sock/{name}-{id}.sock"),
+    }, "\n") .. "\n")
+    local h = with_auth(token(srv), { ["content-type"] = "application/json" })
+    assert.are.equal(201, (call(srv, "POST", "/api/instances", { headers = h, body = '{"service":"web","id":"v1"}' })))
+    assert.are.equal(200, (call(srv, "PUT", "/api/instances/web:v1/weight", { headers = h, body = '{"weight":40}' })))
+    assert.are.equal(204, (call(srv, "DELETE", "/api/instances/web:v1", { headers = h })))
+    support.write(bad .. "-v1", "")
+    local status, _, body = call(srv, "POST", "/api/deploy", { headers = h,
+      body = '{"service":"web","version":"v1","timeout":3}' })
+    assert.are.equal(502, status)
+    assert.matches("nothing changed", body.error.message, 1, true)
+    local istatus, _, v1 = call(srv, "GET", "/api/instances/web:v1", { headers = h })
+    assert.are.equal(200, istatus)
+    assert.are.equal("stopped", v1.state)
+    assert.are.equal(40, v1.weight)
+    -- and a deploy of a new id that fails leaves nothing behind
+    support.write(bad .. "-v2", "")
+    assert.are.equal(502, (call(srv, "POST", "/api/deploy", { headers = h, body = '{"service":"web","version":"v2","timeout":3}' })))
+    assert.are.equal(404, (call(srv, "GET", "/api/instances/web:v2", { headers = h })))
+  end)
+
+  it("answers 405 to methods other than GET and HEAD on the bare domain's / and /metrics", function()
+    for _, path in ipairs { "/", "/metrics" } do
+      for _, method in ipairs { "POST", "PUT", "DELETE" } do
+        local status, headers, body = call(srv, method, path)
+        assert.are.equal(405, status, method .. " " .. path)
+        assert.are.equal("GET, HEAD", headers.allow)
+        assert.are.equal("method_not_allowed", body.error.code)
+      end
+      assert.are.equal(200, (call(srv, "GET", path)))
+      assert.are.equal(200, (call(srv, "HEAD", path)))
+    end
+  end)
+
+  it("measures an instance's storage without holding up everyone else's requests", function()
+    local tenant = token(srv, "--tenant", "api:one")
+    -- what api:one's app may well do: a hundred thousand files of its own
+    local many = srv.dir .. "/data/api/one/many"
+    assert.are.equal(0, (support.run("mkdir -p " .. many .. " && cd " .. many .. " && seq 1 100000 | xargs touch")))
+    local worst, storage_status = 0, nil
+    core.run(function()
+      local done = false
+      local t = core.spawn(function()
+        local res = assert(core.http.request { host = "127.0.0.1", port = srv.port, timeout = 30000,
+          target = "/api/instances/api:one/storage", headers = with_auth(tenant) })
+        storage_status, done = res.status, true
+      end)
+      core.sleep(20)
+      while not done do
+        local start = core.hrtime()
+        assert(core.http.request { host = "127.0.0.1", port = srv.port, target = "/",
+          headers = { host = "two.api.example.test" } })
+        worst = math.max(worst, (core.hrtime() - start) / 1e6)
+        core.sleep(5)
+      end
+      t:join()
+    end)
+    assert.are.equal(200, storage_status)
+    assert.is_true(worst < 200, string.format("a request to api:two waited %.0f ms", worst))
+  end)
+
+  it("deploys a version once when three deploys of it come at once", function()
+    local admin = token(srv)
+    local statuses = {}
+    core.run(function()
+      local tasks = {}
+      for i = 1, 3 do
+        tasks[i] = core.spawn(function()
+          local res = assert(core.http.request { host = "127.0.0.1", port = srv.port, method = "POST",
+            target = "/api/deploy", headers = with_auth(admin, { ["content-type"] = "application/json" }),
+            body = string.format('{"service":"api","version":"v2","weight":%d}', i * 10), timeout = 20000 })
+          statuses[#statuses + 1] = res.status
+        end)
+      end
+      for _, t in ipairs(tasks) do t:join() end
+    end)
+    table.sort(statuses)
+    assert.are.same({ 200, 409, 409 }, statuses)
+  end)
+
+  it("answers 401, not the new lines, to a long poll whose token was revoked while it waited", function()
+    local watcher = token(srv, "--name", "watcher")
+    local _, _, last = call(srv, "GET", "/api/logs?instance=api:one&limit=1", { headers = with_auth(watcher) })
+    local after = last[#last] and last[#last].seq or 0
+    local res
+    core.run(function()
+      local t = core.spawn(function()
+        res = assert(core.http.request { host = "127.0.0.1", port = srv.port, timeout = 20000,
+          target = "/api/logs?instance=api:one&wait=10&after=" .. after, headers = with_auth(watcher) })
+      end)
+      core.sleep(300)
+      assert.are.equal(0, (support.ten_run { "token-revoke", "watcher", "--config", srv.cfg }))
+      assert(core.http.request { host = "127.0.0.1", port = srv.port, target = "/flood?lines=2",
+        headers = { host = "one.api.example.test" } })
+      t:join()
+    end)
+    assert.is_nil(res.body:find("flood one line", 1, true), "lines went out on a revoked token: " .. res.body)
+    assert.are.equal(401, res.status)
+  end)
+
+  it("names invalid_token in WWW-Authenticate only when a token was sent (RFC 6750)", function()
+    local _, headers = call(srv, "GET", "/api/instances")
+    assert.are.equal('Bearer realm="tenement"', headers["www-authenticate"])
+    token(srv)
+    _, headers = call(srv, "GET", "/api/instances")
+    assert.are.equal('Bearer realm="tenement"', headers["www-authenticate"])
+    _, headers = call(srv, "GET", "/api/instances", { headers = with_auth(("D"):rep(43)) })
+    assert.are.equal('Bearer realm="tenement", error="invalid_token"', headers["www-authenticate"])
+    _, headers = call(srv, "GET", "/api/instances", { headers = with_auth("short") })
+    assert.are.equal('Bearer realm="tenement", error="invalid_token"', headers["www-authenticate"])
+  end)
+end)
