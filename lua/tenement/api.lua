@@ -372,10 +372,10 @@ function api.new(ctx)
     end
     -- a value that is not a number is refused: taken as absent, since=DATE
     -- filtered nothing and limit=ten gave 100 lines, without a word
-    for _, field in ipairs { "since", "after", "limit", "wait" } do
-      local v = p[field]
+    for _, name in ipairs { "since", "after", "limit", "wait" } do
+      local v = p[name]
       if v and v ~= "" and not tonumber(v) then
-        return nil, fail("bad_request", string.format("%s must be a number, not %q", field, v))
+        return nil, fail("bad_request", string.format("%s must be a number, not %q", name, v))
       end
     end
     local filter = {
