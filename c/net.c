@@ -24,6 +24,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -461,6 +462,29 @@ static int l_stream_peer(lua_State *L) {
     return 1;
 }
 
+/* s:credentials() -> { pid, uid, gid } of the process that listened on the
+ * Unix socket this stream connected to (SO_PEERCRED, taken by the kernel
+ * at listen time) | nil, err. Whoever can create a file at a socket path
+ * can answer there: this says who actually does. */
+static int l_stream_credentials(lua_State *L) {
+    net_stream *s = check_stream(L, 1);
+    if (!s->is_pipe) return tn_fail(L, "credentials: not a Unix socket");
+    uv_os_fd_t fd;
+    struct ucred cred;
+    socklen_t len = sizeof cred;
+    int rc = uv_fileno(&s->sock.handle, &fd);
+    if (rc != 0) return tn_fail_uv(L, "credentials", rc);
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) return tn_fail_errno(L, "credentials", errno);
+    lua_createtable(L, 0, 3);
+    lua_pushinteger(L, cred.pid);
+    lua_setfield(L, -2, "pid");
+    lua_pushinteger(L, cred.uid);
+    lua_setfield(L, -2, "uid");
+    lua_pushinteger(L, cred.gid);
+    lua_setfield(L, -2, "gid");
+    return 1;
+}
+
 static int l_stream_tostring(lua_State *L) {
     stream_box *b = luaL_checkudata(L, 1, STREAM_MT);
     if (b->s) lua_pushfstring(L, "tenement.stream (%s)", b->s->peer);
@@ -756,7 +780,8 @@ static int l_listener_tostring(lua_State *L) {
 int tn_open_net(lua_State *L) {
     static const luaL_Reg stream_methods[] = {
         {"read", l_stream_read}, {"write", l_stream_write}, {"shutdown", l_stream_shutdown},
-        {"close", l_stream_close}, {"peer", l_stream_peer}, {"__gc", l_stream_gc},
+        {"close", l_stream_close}, {"peer", l_stream_peer}, {"credentials", l_stream_credentials},
+        {"__gc", l_stream_gc},
         {"__close", l_stream_close}, {"__tostring", l_stream_tostring}, {NULL, NULL},
     };
     static const luaL_Reg listener_methods[] = {

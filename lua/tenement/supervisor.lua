@@ -624,6 +624,38 @@ function Instance:watch_start(proc, gen, ready_by, keep)
   return status or (proc:wait())
 end
 
+-- Whether pid is root or runs under it (the parent links in /proc).
+local function descends_from(pid, root)
+  for _ = 1, 64 do
+    if pid == root then return true end
+    if pid <= 1 then return false end
+    local stat = core.fs.read("/proc/" .. pid .. "/stat")
+    -- the command name may hold spaces and parentheses: the parent's pid
+    -- follows the state, after the last ')'
+    pid = stat and tonumber(stat:match(".*%) %S+ (%d+)"))
+    if not pid then return false end
+  end
+  return false
+end
+
+-- An answer on the socket makes the instance ready only if its own process
+-- gave it: whoever may create files in the socket directory could bind
+-- the path first (the app then fails with EADDRINUSE) and be handed its
+-- traffic. The kernel says who listened (SO_PEERCRED). -> true | nil, why
+function Instance:answered_by(proc, conn)
+  local own, err = conn
+  if not own then
+    own, err = core.net.connect { path = self.socket, timeout = 1000 }
+    if not own then return nil, err end
+  end
+  local cred, cerr = own:credentials()
+  if own ~= conn then own:close() end
+  if not cred then return nil, cerr end
+  if descends_from(cred.pid, proc.pid) then return true end
+  return nil, string.format("%s is served by pid %d (uid %d), which is neither the instance's process (%d) nor "
+    .. "one of its children: something else bound the path", self.socket, cred.pid, cred.uid, proc.pid)
+end
+
 function Instance:probe_until_ready(proc, gen, ready_by, keep)
   local name, me = self.socket:match("[^/]*$"), core.current()
   local entry = self.sup:watch_socket_dir(dirname(self.socket))
@@ -635,12 +667,21 @@ function Instance:probe_until_ready(proc, gen, ready_by, keep)
   end })
   if watch then watch:wake_on(name, me) end
   local fast_until = core.now() + PROBE_FAST_MS
-  local pause = 1
+  local pause, told = 1, nil
   while self.gen == gen and core.now() < ready_by do
     -- what the directory told before this probe is answered by it
     if watch then watch:take(me) end
     local ok = self:check_kept(keep, math.max(1, math.min(ready_by - core.now(), 1000)))
     if self.gen ~= gen then return nil end
+    if ok then
+      local mine, why = self:answered_by(proc, keep.conn)
+      if self.gen ~= gen then return nil end
+      if not mine then
+        if why ~= told then log.warn("%s: not started: %s", self.key, why) end
+        told, ok = why, false
+        self.refused_answer = why
+      end
+    end
     if ok then
       self.mailbox:put({ type = "ready", gen = gen })
       return "ready"
@@ -775,6 +816,7 @@ function Instance:start_once()
     return nil, { reason = "start", message = "spawn failed: " .. err }
   end
   local timeout = self.svc.startup_timeout * 1000
+  self.refused_answer = nil
   core.spawn(self.watch, self, proc, gen, core.now() + timeout)
   while true do
     local msg = self:next_message(gen, timeout - (core.now() - self.started_at))
@@ -783,8 +825,9 @@ function Instance:start_once()
       self:terminate(proc)
       local what = self.svc.health and ("answer GET " .. self.svc.health .. " with 2xx") or "accept connections"
       local info = { reason = "start", message = string.format(
-        "did not %s on %s within startup_timeout = %d s%s", what, self.socket,
-        self.svc.startup_timeout, self:last_output()) }
+        "did not %s on %s within startup_timeout = %d s%s%s", what, self.socket,
+        self.svc.startup_timeout, self.refused_answer and (" (" .. self.refused_answer .. ")") or "",
+        self:last_output()) }
       self:release_start()
       return nil, info
     elseif msg.type == "ready" then

@@ -143,6 +143,40 @@ describe("supervisor", function()
     end)
   end)
 
+  it("takes an answer on the socket as the start only from the instance's own processes", function()
+    -- the app never binds its socket; a process of someone else's binds the
+    -- path once the start has cleared it, and answers the health check
+    local cfg = make_cfg(dir, { api = { 'health = "/health"', 'restart = "never"', "startup_timeout = 2",
+      "[service.api.env]", 'BACKEND_NO_SOCKET = "1"' } })
+    core.run(function()
+      local sup = supervisor.new(cfg, { environ = {} })
+      local sock = dir .. "/sock/api-x.sock"
+      local stranger
+      core.spawn(function()
+        repeat core.sleep(5) until sup:get("api", "x") and sup:get("api", "x").pid
+        stranger = assert(core.proc.spawn { argv = { BACKEND }, env = { "SOCKET_PATH=" .. sock },
+          stdout = "null", stderr = "null", pdeathsig = "SIGKILL" })
+      end)
+      local inst, err = sup:spawn("api", "x")
+      assert.is_nil(inst)
+      assert.matches("did not answer GET /health", err, 1, true)
+      assert.matches("something else bound the path", err, 1, true)
+      assert.matches("pid " .. stranger.pid, err, 1, true)
+      stranger:kill("SIGKILL")
+      stranger:wait(5000)
+      stranger:close()
+
+      -- the app that binds its socket itself, or has a child bind it, is taken
+      cfg = make_cfg(dir, { api = { 'health = "/health"' },
+        wrapped = { string.format('command = "sh -c \'%s; true\'"', BACKEND), 'health = "/health"' } })
+      sup = supervisor.new(cfg, { environ = {} })
+      assert(sup:spawn("api", "y"))
+      local w = assert(sup:spawn("wrapped", "z"))
+      assert.are.equal(200, assert(get(w, "/health")).status)
+      sup:shutdown()
+    end)
+  end)
+
   it("shows in a failed start's error the output of that start only", function()
     local mark = dir .. "/ran-once"
     local script = string.format("if [ -e %s ]; then exit 3; fi; touch %s; echo 'FOO is not set' >&2; exit 1",
@@ -550,30 +584,22 @@ describe("periodic health checks", function()
   -- its socket, to count connections and requests.
   it("probe readiness and check health over one connection for the process's life", function()
     local dir = support.tmpdir()
-    local cfg = make_cfg(dir, { api = { 'command = "sleep 60"', 'health = "/health"' } })
+    local cfg = make_cfg(dir, { api = { 'health = "/health"' } })
     core.run(function()
       local sup = supervisor.new(cfg, { environ = { PATH = "/usr/bin:/bin" } })
-      local inst = assert(sup:spawn("api", "k", { wait = false }))
-      local deadline = core.now() + 5000
-      while not inst.pid and core.now() < deadline do core.sleep(1) end
-      assert.is_not_nil(inst.pid)
-      local listener = assert(core.net.listen { path = inst.socket })
-      local server = core.http.serve(listener, function(req)
-        assert.are.equal("/health", req.path)
-        assert.are.equal("tenement-health", req.headers["user-agent"])
-        return 200, {}, "ok"
-      end)
-      assert(inst.ready_event:wait(5000))
+      local inst = assert(sup:spawn("api", "k"))
       assert.are.equal("running", inst.state)
-      -- health_check_interval = 1: the probe, then two checks
-      deadline = core.now() + 10000
-      while server:stats().requests < 3 and core.now() < deadline do core.sleep(20) end
-      assert.is_true(server:stats().requests >= 3)
-      assert.are.equal(1, server:stats().connections_accepted)
+      -- health_check_interval = 1: the probe, then two checks, all on the
+      -- one connection (each of this spec's questions comes on one more)
+      local deadline, stats, asked = core.now() + 10000, nil, 0
+      repeat
+        core.sleep(100)
+        stats, asked = assert(get(inst, "/stats")).body, asked + 1
+      until tonumber(stats:match("health (%d+)")) >= 3 or core.now() > deadline
+      assert.is_true(tonumber(stats:match("health (%d+)")) >= 3, stats)
+      assert.are.equal(1 + asked, tonumber(stats:match("connections (%d+)")), stats)
       assert.are.equal("healthy", inst.health)
       sup:shutdown()
-      server:close()
-      listener:close()
     end)
   end)
 end)
