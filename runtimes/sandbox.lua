@@ -11,9 +11,11 @@
 --   - no network at all (runsc --network=none: a loopback only): it is
 --     reached through $SOCKET_PATH, which runsc --host-uds=create lets it
 --     create on the host, exactly as at every other level;
---   - root inside, with gVisor's default capabilities only (KILL,
---     NET_BIND_SERVICE, AUDIT_WRITE), no new privileges, hostname
---     "<service>-<id>", the environment and argv the supervisor computed.
+--   - the service's `user` (no supplementary groups, no capabilities) and
+--     its nofile and nproc limits; without `user`, root inside, with
+--     gVisor's default capabilities only (KILL, NET_BIND_SERVICE,
+--     AUDIT_WRITE); no new privileges, hostname "<service>-<id>", the
+--     environment and argv the supervisor computed.
 --
 -- Life of one start (the supervisor calls, in this order):
 --   prepare(instance) -> spawn spec   pure: plans the bundle in instance.sandbox
@@ -369,8 +371,21 @@ function driver.prepare(instance)
   end
   -- what the supervisor computed is well formed; a NUL byte from a config
   -- value is not, and becomes this start's error rather than a crash
+  -- the service's user and limits, as at the other levels: without them
+  -- the app would run as the sandbox's root, and the limits be ignored
+  local user = instance.user
+  local rlimits
+  if instance.rlimits and next(instance.rlimits) then
+    rlimits = {}
+    for k, v in pairs(oci.DEFAULT_RLIMITS) do rlimits[k] = v end
+    if instance.rlimits.nofile then rlimits.NOFILE = { instance.rlimits.nofile, instance.rlimits.nofile } end
+    if instance.rlimits.nproc then rlimits.NPROC = { instance.rlimits.nproc, instance.rlimits.nproc } end
+  end
   local made, config = pcall(oci.config, {
     args = args, env = env, cwd = cwd, hostname = hostname(name, id), binds = binds, hide = hide,
+    uid = user and user.uid, gid = user and user.gid, additional_gids = user and {} or nil,
+    -- a user other than root holds no capabilities, as when it execs elsewhere
+    caps = user and user.uid ~= 0 and {} or nil, rlimits = rlimits,
   })
   if not made then return nil, "sandbox bundle: " .. tostring(config):gsub("^oci: ", "") end
   local sandbox = {

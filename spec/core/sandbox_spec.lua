@@ -86,7 +86,7 @@ local function instance(dir, argv, opts)
   return {
     argv = type(argv) == "table" and argv or { "/bin/sh", "-c", argv },
     env = env, cwd = opts.cwd, stdout_fd = "pipe", stderr_fd = "pipe",
-    service = { name = name }, id = id, vars = vars,
+    service = { name = name }, id = id, vars = vars, user = opts.user, rlimits = opts.rlimits,
   }
 end
 
@@ -376,6 +376,33 @@ describe("sandbox isolation (gVisor)", function()
         assert.is_false(exists("/etc/tenement-sandbox-probe"))
         assert.is_false(exists("/tmp/scratch") and slurp("/tmp/scratch") == "scratch\n")
         assert.are.equal("inside\n", slurp(dir .. "/data/svc/a/made-inside"))
+      end)
+    end)
+
+    it("runs as the service's user (no groups, no capabilities), with its nofile and nproc limits", function()
+      local why = unable()
+      if why then pending(why) return end
+      core.run(function()
+        local inst = instance(dir, table.concat({
+          "id -u; id -g; id -G", "ulimit -n; ulimit -p",
+          "grep -E '^Cap(Prm|Eff)' /proc/self/status",
+          "echo mine > $INSTANCE_DIR/file && echo data=ok",
+        }, "; "), { user = { uid = 65534, gid = 65534 }, rlimits = { nofile = 100, nproc = 50 } })
+        -- the supervisor hands the instance directory to its user
+        assert(fs.chown(inst.vars.instance_dir, 65534, 65534))
+        local p = start(inst)
+        local out = read_all(p.stdout)
+        local err = read_all(p.stderr)
+        local st = p:wait(10000)
+        assert(driver.cleanup(inst))
+        assert.are.equal(0, st.code, err)
+        local lines = {}
+        for l in out:gmatch("[^\n]+") do lines[#lines + 1] = l end
+        assert.are.same({ "65534", "65534", "65534", "100", "50" }, { table.unpack(lines, 1, 5) })
+        assert.matches("CapPrm:%s+0+\n", out)
+        assert.matches("CapEff:%s+0+\n", out)
+        assert.matches("data=ok", out, 1, true)
+        assert.are.equal(65534, fs.stat(dir .. "/data/svc/a/file").uid)
       end)
     end)
 
