@@ -78,7 +78,10 @@ local function instance(dir, argv, opts)
     socket = opts.socket or (dir .. "/sock/" .. name .. "-" .. id .. ".sock"),
   }
   assert(fs.mkdir(vars.instance_dir, 448))
+  -- sticky and open like /tmp, as the supervisor makes it: the app, not
+  -- root, creates its socket there
   assert(fs.mkdir(vars.socket:match("^(.*)/"), 493))
+  assert(fs.chmod(vars.socket:match("^(.*)/"), tonumber("1777", 8)))
   local env = opts.env or {
     "PATH=" .. PATH, "SOCKET_PATH=" .. vars.socket, "INSTANCE_DIR=" .. vars.instance_dir,
     "INSTANCE_ID=" .. id, "SERVICE_NAME=" .. name,
@@ -362,7 +365,8 @@ describe("sandbox isolation (gVisor)", function()
           "cat " .. dir .. "/data/svc/other/secret || echo other=hidden",
           "cat " .. dir .. "/data/tenement.db || echo db=hidden",
           "echo scratch > /tmp/scratch && echo tmp=writable",
-        }, "; "))
+          -- as root: what stops the writes is the read-only root, not permissions
+        }, "; "), { user = { uid = 0, gid = 0 } })
         assert.are.equal(0, st.code, err)
         assert.matches("outside=failed", out, 1, true)
         assert.matches("Read-only file system", err, 1, true)
@@ -376,6 +380,23 @@ describe("sandbox isolation (gVisor)", function()
         assert.is_false(exists("/etc/tenement-sandbox-probe"))
         assert.is_false(exists("/tmp/scratch") and slurp("/tmp/scratch") == "scratch\n")
         assert.are.equal("inside\n", slurp(dir .. "/data/svc/a/made-inside"))
+      end)
+    end)
+
+    it("without a `user`, is not root: the host's files only root may read stay closed to it", function()
+      local why = unable()
+      if why then pending(why) return end
+      if not exists("/etc/shadow") then pending("this host has no /etc/shadow to try") return end
+      core.run(function()
+        local out, st, err = sandboxed(dir, table.concat({
+          "id -u",
+          "head -c 1 /etc/shadow >/dev/null && echo shadow=read || echo shadow=closed",
+          "echo mine > $INSTANCE_DIR/file && echo data=ok",
+        }, "; "))
+        assert.are.equal(0, st.code, err)
+        assert.are_not.equal("0", out:match("^(%d+)\n"))
+        assert.matches("shadow=closed", out, 1, true)
+        assert.matches("data=ok", out, 1, true)
       end)
     end)
 
