@@ -154,8 +154,9 @@ int tn_init_main(int argc, char **argv, int first) {
  * beside itself (lua/tenement/keeper.lua) so that nothing its instances
  * forked outlives it. It sleeps until ten is gone (a parent-death SIGTERM,
  * or its parent is no longer ten), then SIGKILLs every process in the trees
- * of the server's instance cgroups until they stay empty, and exits; the
- * next ten serve removes the empty cgroups (cgroup.cleanup_stale). It lives
+ * of the server's instance cgroups until they stay empty, removes those
+ * cgroups and exits; what it could not remove, the next ten serve on that
+ * data directory does (cgroup.cleanup_stale). It lives
  * in this tiny static binary rather than in ten so that the keeper of every
  * server costs some kilobytes instead of a Lua state and ten's pages. Its
  * stdin is the server's lock file, held until it exits. */
@@ -196,6 +197,31 @@ static int kill_tree(const char *dir, int depth) {
     return n;
 }
 
+/* rmdir dir's tree, deepest first (a cgroup goes only once its children
+ * have). A cgroup whose last process is still exiting stays busy for a
+ * moment: retried for about 2 s. -> how many cgroups are left. */
+static int remove_tree(const char *dir, int depth) {
+    char path[PATH_MAX];
+    int left = 0;
+    DIR *d = depth > 32 ? NULL : opendir(dir);
+    if (d) {
+        struct dirent *e;
+        while ((e = readdir(d))) {
+            if (e->d_type != DT_DIR || e->d_name[0] == '.') continue;
+            snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+            left += remove_tree(path, depth + 1);
+        }
+        closedir(d);
+    }
+    for (int tries = 0; tries < 200; tries++) {
+        if (rmdir(dir) == 0 || errno == ENOENT) return left;
+        if (errno != EBUSY) break;
+        struct timespec pause = {0, 10 * 1000 * 1000};
+        nanosleep(&pause, NULL);
+    }
+    return left + 1;
+}
+
 static int keeper_main(int argc, char **argv) {
     if (argc < 4) {
         fputs("usage: tenement-keeper --keep TEN_PID CGROUP_DIR... (ten serve runs it itself)\n", stderr);
@@ -228,7 +254,16 @@ static int keeper_main(int argc, char **argv) {
         fprintf(stderr, "tenement-keeper: ten serve (pid %ld) is gone: %s\n", (long)ten,
                 left ? "some processes in its instance cgroups would not die" :
                        "killed what was left in its instance cgroups");
-    return left ? 1 : 0;
+    if (left) return 1;
+    /* Emptied, the cgroups go too, the bases with them: a server whose data
+     * directory never serves again (retired, a test's) would otherwise
+     * leave them for good, each one kernel memory. A ten that starts next
+     * on this data directory waits for us (the lock), so none is its. */
+    int kept = 0;
+    for (int i = 3; i < argc; i++) kept += remove_tree(argv[i], 0);
+    if (kept) fprintf(stderr, "tenement-keeper: %d of the instance cgroups of ten serve (pid %ld) could not be "
+                      "removed; the next start on its data directory removes them\n", kept, (long)ten);
+    return 0;
 }
 
 int main(int argc, char **argv) {

@@ -11,8 +11,11 @@
 --   - no network at all (runsc --network=none: a loopback only): it is
 --     reached through $SOCKET_PATH, which runsc --host-uds=create lets it
 --     create on the host, exactly as at every other level;
---   - root inside, with gVisor's default capabilities only (KILL,
---     NET_BIND_SERVICE, AUDIT_WRITE), no new privileges, hostname
+--   - the service's `user`, else nobody (65534), who gets $INSTANCE_DIR:
+--     root in here would own the host's /etc/shadow and every file only
+--     root may read; no supplementary groups, no capabilities (with `user =
+--     "root"`, gVisor's defaults: KILL, NET_BIND_SERVICE, AUDIT_WRITE), no
+--     new privileges; the service's nofile and nproc limits; hostname
 --     "<service>-<id>", the environment and argv the supervisor computed.
 --
 -- Life of one start (the supervisor calls, in this order):
@@ -52,6 +55,9 @@ driver.lookup = { path = nil, dirs = { "/usr/local/sbin", "/usr/local/bin", "/us
 -- platform hangs on these hosts. Networking "none": runsc's own needs
 -- iptables, and the app is reached through its Unix socket anyway.
 driver.FLAGS = { "--platform=ptrace", "--ignore-cgroups", "--network=none", "--host-uds=create" }
+
+-- Who the app is inside when the service names no `user`: nobody.
+driver.DEFAULT_USER = { uid = 65534, gid = 65534 }
 
 driver.PROBE_TIMEOUT_MS = 20000
 driver.COMMAND_TIMEOUT_MS = 5000
@@ -369,8 +375,22 @@ function driver.prepare(instance)
   end
   -- what the supervisor computed is well formed; a NUL byte from a config
   -- value is not, and becomes this start's error rather than a crash
+  -- the service's user and limits, as at the other levels. Without a user,
+  -- not root: the host's root file system is the sandbox's, and root in
+  -- there owns /etc/shadow, root's keys and every 0600 file root wrote
+  local user = instance.user or driver.DEFAULT_USER
+  local rlimits
+  if instance.rlimits and next(instance.rlimits) then
+    rlimits = {}
+    for k, v in pairs(oci.DEFAULT_RLIMITS) do rlimits[k] = v end
+    if instance.rlimits.nofile then rlimits.NOFILE = { instance.rlimits.nofile, instance.rlimits.nofile } end
+    if instance.rlimits.nproc then rlimits.NPROC = { instance.rlimits.nproc, instance.rlimits.nproc } end
+  end
   local made, config = pcall(oci.config, {
     args = args, env = env, cwd = cwd, hostname = hostname(name, id), binds = binds, hide = hide,
+    uid = user.uid, gid = user.gid, additional_gids = {},
+    -- a user other than root holds no capabilities, as when it execs elsewhere
+    caps = user.uid ~= 0 and {} or nil, rlimits = rlimits,
   })
   if not made then return nil, "sandbox bundle: " .. tostring(config):gsub("^oci: ", "") end
   local sandbox = {
@@ -379,6 +399,10 @@ function driver.prepare(instance)
     -- unique per start, so no state a crashed start left can block this one
     cid = string.format("%s-%s-%x%x", name, id, math.floor(core.time()), starts),
     config = config,
+    -- the supervisor hands the instance directory to a service's user;
+    -- to the sandbox's own, this driver does
+    owner = not instance.user and user or nil,
+    inst_dir = inst_dir,
   }
   sandbox.root = sandbox.dir .. "/state"
   instance.sandbox = sandbox
@@ -415,6 +439,10 @@ function driver.setup(instance)
   if not ok then return nil, err end
   ok, err = core.fs.mkdir(s.root, 448, false)
   if not ok then return nil, err end
+  if s.owner then
+    ok, err = core.fs.chown(s.inst_dir, s.owner.uid, s.owner.gid)
+    if not ok then return nil, err end
+  end
   for _, m in ipairs(s.config.mounts) do
     if m.type == "bind" then
       local st = core.fs.stat(m.source)

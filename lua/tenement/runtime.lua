@@ -38,16 +38,31 @@ function runtime.get(level)
   return driver
 end
 
+local function server_euid()
+  local f = io.open("/proc/self/status")
+  local s = f and f:read("a") or ""
+  if f then f:close() end
+  return tonumber(s:match("\nUid:%s+%d+%s+(%d+)"))
+end
+
 -- The spawn fields every driver that runs the app directly shares: the
 -- service's user (its uid and gid, no supplementary groups, no new
 -- privileges: a non-root uid holds no capabilities after exec) and rlimits.
 -- instance.user = { uid, gid } or nil; instance.rlimits = { nofile =, nproc = }.
+-- -> spec | nil, err
 function runtime.credentials(instance, spec)
   local user = instance.user
   if user then
     spec.uid, spec.gid, spec.groups, spec.no_new_privs = user.uid, user.gid, {}, true
   end
-  if instance.rlimits and next(instance.rlimits) then spec.rlimits = instance.rlimits end
+  local rl = instance.rlimits
+  if rl and rl.nproc and (user and user.uid or server_euid()) == 0 then
+    -- fork never checks RLIMIT_NPROC for root: written, it would limit nothing
+    return nil, string.format("nproc = %d cannot limit an app that runs as root (the kernel exempts " ..
+      "root from it): set pids_limit, a cgroup limit that holds root too, or a user for the service",
+      rl.nproc)
+  end
+  if rl and next(rl) then spec.rlimits = rl end
   return spec
 end
 

@@ -515,6 +515,7 @@ function Server:shutdown()
   if self.control_listener then self.control_listener:close() end
   core.fs.unlink(self.paths.socket)
   self.sup:shutdown()
+  require("tenement.storage").unshare(self.cfg.settings.data_dir) -- storage.share's bind mount, if it made one
   self:flush_logs(true)
   self.stopping = true
   self.store:close()

@@ -436,6 +436,32 @@ end
 -- file system then really goes away when ten unmounts it. Namespaces made
 -- with private propagation keep their copies whatever this does. Call it
 -- once at server start, before instances are spawned. In a task; root.
+-- The data directories share() bound on themselves: unshare() takes
+-- those mounts away again, and no other.
+local bound = {}
+
+-- Is the mount on top of dir a bind of dir on itself (what share() makes,
+-- here or in a ten that died before it could undo it)? Same device as the
+-- mount beneath, and rooted at dir's own place in it.
+local function self_bound(dir)
+  local by_id, top = {}, nil
+  for line in (fs.read("/proc/self/mountinfo") or ""):gmatch("[^\n]+") do
+    local id, parent, dev, root, point = line:match("^(%d+) (%d+) (%S+) (%S+) (%S+) ")
+    if id then
+      local m = { parent = parent, dev = dev, root = unescape(root), point = unescape(point) }
+      by_id[id] = m
+      if m.point == dir then top = m end
+    end
+  end
+  local under = top and by_id[top.parent]
+  if not under or under.dev ~= top.dev then return false end
+  local rel
+  if under.point == "/" then rel = dir
+  elseif dir:sub(1, #under.point + 1) == under.point .. "/" then rel = dir:sub(#under.point + 1)
+  else return false end
+  return top.root == (under.root == "/" and rel or under.root .. rel)
+end
+
 function storage.share(data_dir, opts)
   opts = opts or {}
   local root, euid = is_root()
@@ -446,9 +472,31 @@ function storage.share(data_dir, opts)
   if #mounts_at(dir) == 0 then
     ok, err = run({ "mount", "--bind", dir, dir }, opts)
     if not ok then return nil, err end
+    bound[dir] = true
+  elseif self_bound(dir) then
+    -- left by a ten killed before it could take it away: ours to undo
+    bound[dir] = true
   end
   ok, err = run({ "mount", "--make-shared", dir }, opts)
   if not ok then return nil, err end
+  return true
+end
+
+-- storage.unshare(data_dir [, opts]) -> true | nil, err. At server stop,
+-- once every instance is detached: unmounts the bind mount share() made
+-- (left there, the data directory would stay a mount point after ten is
+-- gone: `rm -r` of it fails, and every stop and start of ten on another
+-- directory would leave one more). A mount share() found there already,
+-- or one with instance images still on it, stays. In a task.
+function storage.unshare(data_dir, opts)
+  local dir = fs.realpath(data_dir)
+  if not dir or not bound[dir] then return true end
+  if #storage.mounted(dir) > 0 then return nil, dir .. " still has instance images mounted: left shared" end
+  -- lazily: ten still holds files open there (its lock), and a bind of
+  -- the directory on itself hides nothing, so nothing differs meanwhile
+  local ok, err = run({ "umount", "-l", dir }, opts or {})
+  if not ok then return nil, err end
+  bound[dir] = nil
   return true
 end
 

@@ -398,6 +398,117 @@ describe("tenement.cgroup", function()
     end)
   end)
 
+  -- What a whole `ten serve` leaves in the cgroup hierarchies once it is
+  -- gone: nothing, whether it stopped on SIGTERM or was killed outright (its
+  -- keeper cleans up), and even when no server ever starts on that data
+  -- directory again (a test's, a host's that was retired).
+  describe("after ten serve", function()
+    local dir, cfg, log, pid
+
+    local function alive(p)
+      local stat = fs.read("/proc/" .. p .. "/stat")
+      return stat ~= nil and stat:match("%) (%S)") ~= "Z"
+    end
+
+    local function wait(pred, ms)
+      local deadline = os.time() + ms / 1000
+      repeat
+        if pred() then return true end
+        support.sleep(0.05)
+      until os.time() > deadline
+      return pred()
+    end
+
+    -- the cgroup directories ten serve says it uses, from its log
+    local function bases()
+      local out = {}
+      for line in assert(fs.read(log)):gmatch("[^\n]+") do
+        local d = line:match("limits: cgroup v%d, in (/%S+)") or line:match("tracked in cgroup %S+ (/%S+)")
+          or line:match("tracked in cgroup v1 %S+ (/%S+)")
+        if d then out[d] = true end
+      end
+      local list = {}
+      for d in pairs(out) do list[#list + 1] = d end
+      table.sort(list)
+      return list
+    end
+
+    before_each(function()
+      if real_reason then return end
+      dir = support.tmpdir()
+      cfg, log = dir .. "/tenement.toml", dir .. "/serve.log"
+      support.write(cfg, table.concat({
+        "[settings]",
+        string.format("data_dir = %q", dir .. "/data"),
+        "port = " .. support.free_port(),
+        "stop_timeout = 2",
+        "[service.lim]",
+        string.format("command = %q", support.fixture("backend")),
+        string.format("socket = %q", dir .. "/sock/{name}-{id}.sock"),
+        'isolation = "process"',
+        "startup_timeout = 1",
+        'restart = "never"',
+        "pids_limit = 50",
+        "memory_limit_mb = 64",
+        "[service.free]",
+        string.format("command = %q", support.fixture("backend")),
+        string.format("socket = %q", dir .. "/sock/{name}-{id}.sock"),
+        'isolation = "process"',
+        "startup_timeout = 1",
+        'restart = "never"',
+      }, "\n") .. "\n")
+      pid = support.ten_serve(cfg, log)
+      assert.is_true(wait(function() return support.ten_run { "ps", "--config", cfg } == 0 end, 5000),
+        "ten serve did not come up")
+      assert.are.equal(0, (support.ten_run { "spawn", "lim:a", "--config", cfg }))
+      assert.are.equal(0, (support.ten_run { "spawn", "free:a", "--config", cfg }))
+    end)
+
+    after_each(function()
+      if pid and alive(pid) then os.execute("kill -KILL " .. pid) end
+      for _, d in ipairs(dir and log and fs.stat(log) and bases() or {}) do
+        for _, sub in ipairs(fs.readdir(d) or {}) do
+          if fs.stat(d .. "/" .. sub .. "/cgroup.procs") then fs.rmdir(d .. "/" .. sub) end
+        end
+        fs.rmdir(d)
+      end
+      support.cleanup()
+    end)
+
+    local function left_behind(list)
+      local left = {}
+      for _, d in ipairs(list) do
+        if fs.stat(d) then
+          local subs = {}
+          for _, n in ipairs(fs.readdir(d) or {}) do
+            if fs.stat(d .. "/" .. n .. "/cgroup.procs") then subs[#subs + 1] = n end
+          end
+          left[#left + 1] = d .. (#subs > 0 and (" (" .. table.concat(subs, " ") .. ")") or "")
+        end
+      end
+      return left
+    end
+
+    it("stopped by SIGTERM, leaves no cgroup, not even the base of its instances", function()
+      if real_reason then pending(real_reason) return end
+      local list = bases()
+      if #list == 0 then pending("no instance cgroups on this host (see the serve log)") return end
+      os.execute("kill -TERM " .. pid)
+      assert.is_true(wait(function() return not alive(pid) end, 10000), "ten serve did not stop")
+      wait(function() return #left_behind(list) == 0 end, 3000)
+      assert.are.same({}, left_behind(list))
+    end)
+
+    it("killed outright, leaves no cgroup once its keeper is done", function()
+      if real_reason then pending(real_reason) return end
+      local list = bases()
+      if #list == 0 then pending("no instance cgroups on this host (see the serve log)") return end
+      os.execute("kill -KILL " .. pid)
+      wait(function() return #left_behind(list) == 0 end, 5000)
+      assert.are.same({}, left_behind(list))
+    end)
+  end)
+
   -- The cgroup2 path where this host's cgroup2 has no controllers: a fake
   -- cgroupfs in a temp dir whose mkdir creates the control files, whose
   -- subtree_control refuses controllers while the cgroup holds processes

@@ -78,7 +78,10 @@ local function instance(dir, argv, opts)
     socket = opts.socket or (dir .. "/sock/" .. name .. "-" .. id .. ".sock"),
   }
   assert(fs.mkdir(vars.instance_dir, 448))
+  -- sticky and open like /tmp, as the supervisor makes it: the app, not
+  -- root, creates its socket there
   assert(fs.mkdir(vars.socket:match("^(.*)/"), 493))
+  assert(fs.chmod(vars.socket:match("^(.*)/"), tonumber("1777", 8)))
   local env = opts.env or {
     "PATH=" .. PATH, "SOCKET_PATH=" .. vars.socket, "INSTANCE_DIR=" .. vars.instance_dir,
     "INSTANCE_ID=" .. id, "SERVICE_NAME=" .. name,
@@ -86,7 +89,7 @@ local function instance(dir, argv, opts)
   return {
     argv = type(argv) == "table" and argv or { "/bin/sh", "-c", argv },
     env = env, cwd = opts.cwd, stdout_fd = "pipe", stderr_fd = "pipe",
-    service = { name = name }, id = id, vars = vars,
+    service = { name = name }, id = id, vars = vars, user = opts.user, rlimits = opts.rlimits,
   }
 end
 
@@ -362,7 +365,8 @@ describe("sandbox isolation (gVisor)", function()
           "cat " .. dir .. "/data/svc/other/secret || echo other=hidden",
           "cat " .. dir .. "/data/tenement.db || echo db=hidden",
           "echo scratch > /tmp/scratch && echo tmp=writable",
-        }, "; "))
+          -- as root: what stops the writes is the read-only root, not permissions
+        }, "; "), { user = { uid = 0, gid = 0 } })
         assert.are.equal(0, st.code, err)
         assert.matches("outside=failed", out, 1, true)
         assert.matches("Read-only file system", err, 1, true)
@@ -376,6 +380,50 @@ describe("sandbox isolation (gVisor)", function()
         assert.is_false(exists("/etc/tenement-sandbox-probe"))
         assert.is_false(exists("/tmp/scratch") and slurp("/tmp/scratch") == "scratch\n")
         assert.are.equal("inside\n", slurp(dir .. "/data/svc/a/made-inside"))
+      end)
+    end)
+
+    it("without a `user`, is not root: the host's files only root may read stay closed to it", function()
+      local why = unable()
+      if why then pending(why) return end
+      if not exists("/etc/shadow") then pending("this host has no /etc/shadow to try") return end
+      core.run(function()
+        local out, st, err = sandboxed(dir, table.concat({
+          "id -u",
+          "head -c 1 /etc/shadow >/dev/null && echo shadow=read || echo shadow=closed",
+          "echo mine > $INSTANCE_DIR/file && echo data=ok",
+        }, "; "))
+        assert.are.equal(0, st.code, err)
+        assert.are_not.equal("0", out:match("^(%d+)\n"))
+        assert.matches("shadow=closed", out, 1, true)
+        assert.matches("data=ok", out, 1, true)
+      end)
+    end)
+
+    it("runs as the service's user (no groups, no capabilities), with its nofile and nproc limits", function()
+      local why = unable()
+      if why then pending(why) return end
+      core.run(function()
+        local inst = instance(dir, table.concat({
+          "id -u; id -g; id -G", "ulimit -n; ulimit -p",
+          "grep -E '^Cap(Prm|Eff)' /proc/self/status",
+          "echo mine > $INSTANCE_DIR/file && echo data=ok",
+        }, "; "), { user = { uid = 65534, gid = 65534 }, rlimits = { nofile = 100, nproc = 50 } })
+        -- the supervisor hands the instance directory to its user
+        assert(fs.chown(inst.vars.instance_dir, 65534, 65534))
+        local p = start(inst)
+        local out = read_all(p.stdout)
+        local err = read_all(p.stderr)
+        local st = p:wait(10000)
+        assert(driver.cleanup(inst))
+        assert.are.equal(0, st.code, err)
+        local lines = {}
+        for l in out:gmatch("[^\n]+") do lines[#lines + 1] = l end
+        assert.are.same({ "65534", "65534", "65534", "100", "50" }, { table.unpack(lines, 1, 5) })
+        assert.matches("CapPrm:%s+0+\n", out)
+        assert.matches("CapEff:%s+0+\n", out)
+        assert.matches("data=ok", out, 1, true)
+        assert.are.equal(65534, fs.stat(dir .. "/data/svc/a/file").uid)
       end)
     end)
 

@@ -293,6 +293,45 @@ describe("tenement.storage", function()
     end)
   end)
 
+  it("through ten serve: a server that stops leaves nothing mounted, not even its data directory", function()
+    if reason then pending(reason) return end
+    local dir = support.tmpdir()
+    local cfg, log = dir .. "/tenement.toml", dir .. "/serve.log"
+    local data = fs.realpath(data_dir)
+    support.write(cfg, table.concat({
+      "[settings]",
+      string.format("data_dir = %q", data),
+      "port = " .. support.free_port(),
+      "[service.api]",
+      string.format("command = %q", support.fixture("backend")),
+      string.format("socket = %q", dir .. "/sock/{name}-{id}.sock"),
+      "storage_quota_mb = 5",
+    }, "\n") .. "\n")
+    -- what a ten killed outright leaves: share()'s bind, which the next
+    -- ten takes for its own; a mount of anything else would stay
+    assert(fs.mkdir(data, 493))
+    assert.are.equal(0, (support.run("mount --bind " .. support.quote(data) .. " " .. support.quote(data))))
+    local pid = support.ten_serve(cfg, log)
+    local up = false
+    for _ = 1, 100 do
+      if support.ten_run { "ps", "--config", cfg } == 0 then up = true break end
+      support.sleep(0.05)
+    end
+    assert.is_true(up, "ten serve did not come up")
+    local code, _, err = support.ten_run { "spawn", "api:a", "--config", cfg }
+    assert.are.equal(0, code, err)
+    assert.is_true(is_mount_point(data .. "/api/a"))
+    os.execute("kill -TERM " .. pid)
+    for _ = 1, 100 do
+      if not fs.stat("/proc/" .. pid) then break end
+      support.sleep(0.05)
+    end
+    assert.is_nil(fs.stat("/proc/" .. pid), "ten serve did not stop")
+    assert.is_false(is_mount_point(data .. "/api/a"))
+    -- storage.share bound it on itself at start: that mount is ten's too
+    assert.is_false(is_mount_point(data), assert(fs.read(log)))
+  end)
+
   it("refuses to hide files or a foreign mount, and an image that is not ext4", function()
     if reason then pending(reason) return end
     core.run(function()
