@@ -1189,7 +1189,9 @@ function Supervisor:restart(service, id)
     return nil, string.format("no instance %s: spawn it first", supervisor.key(service, id)), "not_found"
   end
   local restarts = inst.restarts
-  local ok, err, code = self:stop(service, id, { persist = false, reason = "restarting" })
+  -- the same instance comes back: its data stays, as after a crash (a stop
+  -- without keep_data removed the instance directory and its storage image)
+  local ok, err, code = self:stop(service, id, { persist = false, keep_data = true, reason = "restarting" })
   if not ok then return nil, err, code end
   local res, serr, scode = self:spawn(service, id)
   inst.restarts = restarts + 1

@@ -577,3 +577,38 @@ describe("periodic health checks", function()
     end)
   end)
 end)
+
+describe("supervisor stops, sleeps and restarts", function()
+  local dir
+  before_each(function() dir = support.tmpdir() end)
+  after_each(support.cleanup)
+
+  local function wait_for(cond, ms)
+    local deadline = core.now() + (ms or 10000)
+    while not cond() and core.now() < deadline do core.sleep(10) end
+    return cond()
+  end
+
+  it("keeps the instance's data across `ten restart`, running or failed", function()
+    local cfg = make_cfg(dir, { api = {}, crash = { "[service.crash.env]", 'BACKEND_EXIT_AT_ONCE = "3"' } },
+      { "max_restarts = 0" })
+    core.run(function()
+      local sup = supervisor.new(cfg, { environ = {} })
+      assert(sup:spawn("api", "a"))
+      support.write(dir .. "/data/api/a/state.db", "precious")
+      assert(sup:restart("api", "a"))
+      assert.is_true(exists(dir .. "/data/api/a/state.db"))
+      assert.are.equal("running", sup:get("api", "a").state)
+
+      assert.is_nil(sup:spawn("crash", "a"))
+      assert.are.equal("failed", sup:get("crash", "a").state)
+      support.write(dir .. "/data/crash/a/state.db", "precious")
+      assert.is_nil(sup:restart("crash", "a"))
+      assert.is_true(exists(dir .. "/data/crash/a/state.db"))
+      -- a stop is still a stop: the data goes
+      assert.is_true(sup:stop("api", "a"))
+      assert.is_false(exists(dir .. "/data/api/a/state.db"))
+      sup:shutdown()
+    end)
+  end)
+end)
