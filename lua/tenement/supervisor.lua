@@ -24,12 +24,13 @@ local supervisor = {}
 supervisor.transitions = {
   stopped   = { spawn = "starting" },
   sleeping  = { spawn = "starting", stop = "stopped" },
-  starting  = { ready = "running", restart = "backoff", fail = "failed", down = "stopped", stop = "stopping" },
+  starting  = { ready = "running", restart = "backoff", fail = "failed", down = "stopped", stop = "stopping",
+                sleep = "stopping" },
   running   = { health_bad = "unhealthy", restart = "backoff", fail = "failed", down = "stopped",
                 stop = "stopping", sleep = "stopping" },
   unhealthy = { health_ok = "running", restart = "backoff", fail = "failed", down = "stopped",
                 stop = "stopping", sleep = "stopping" },
-  backoff   = { retry = "starting", stop = "stopped" },
+  backoff   = { retry = "starting", stop = "stopped", sleep = "sleeping" },
   stopping  = { stopped = "stopped", slept = "sleeping" },
   failed    = { spawn = "starting", stop = "stopped" },
 }
@@ -934,8 +935,10 @@ function Instance:run()
       local delay = math.max(decision.delay_ms, 10)
       local msg = self:next_message(nil, delay)
       if msg and (msg.type == "stop" or msg.type == "sleep") then
-        self:transition("stop", msg.reason)
-        self:finish_stop("stop", msg.keep_data)
+        -- a sleep asked while it ran (the reaper's) is still a sleep: its
+        -- data stays for the wake
+        self:transition(msg.type, msg.reason)
+        self:finish_stop(msg.type, msg.keep_data)
         return
       end
       self.history[#self.history + 1] = core.now() / 1000
