@@ -792,6 +792,7 @@ function Instance:start_once()
       return "ready"
     elseif msg.type == "exit" then
       self.gen = self.gen + 1
+      proc:kill("SIGKILL", true)
       self:settle_output()
       local info = self:exit_info(msg.status)
       info.message = info.message .. " during startup" .. self:last_output()
@@ -879,6 +880,10 @@ function Instance:run()
       while not exit do
         local msg = self:next_message(self.gen)
         if msg.type == "exit" then
+          -- what the app forked goes with it, as after a stop: without a
+          -- cgroup nothing else would end it, and the next start would run
+          -- beside it (an error only says the group is empty already)
+          self.proc:kill("SIGKILL", true)
           self:settle_output()
           exit = self:exit_info(msg.status)
           self.gen = self.gen + 1
