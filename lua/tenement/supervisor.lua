@@ -777,6 +777,12 @@ function Instance:start_once()
   end
   local timeout = self.svc.startup_timeout * 1000
   core.spawn(self.watch, self, proc, gen, core.now() + timeout)
+  -- a rollout's request that comes during the start is for the process
+  -- that results: put back for the runner, whatever the start's outcome
+  local deferred = {}
+  local _ <close> = setmetatable({}, { __close = function()
+    for _, m in ipairs(deferred) do self.mailbox:put(m) end
+  end })
   while true do
     local msg = self:next_message(gen, timeout - (core.now() - self.started_at))
     if not msg then
@@ -800,6 +806,8 @@ function Instance:start_once()
       return nil, info
     elseif msg.type == "stop" or msg.type == "sleep" then
       return msg.type, msg
+    elseif msg.type == "replace" then
+      deferred[#deferred + 1] = msg
     end
   end
 end
@@ -938,7 +946,12 @@ function Instance:run()
       self:transition("restart", exit.message)
       -- s6's rule: no policy may restart faster than this
       local delay = math.max(decision.delay_ms, 10)
-      local msg = self:next_message(nil, delay)
+      local retry_at = core.now() + delay
+      local msg
+      repeat
+        msg = self:next_message(nil, math.max(0, retry_at - core.now()))
+        if msg and msg.type == "replace" then self:take_definition(msg) end
+      until not msg or msg.type ~= "replace"
       if msg and (msg.type == "stop" or msg.type == "sleep") then
         -- a sleep asked while it ran (the reaper's) is still a sleep: its
         -- data stays for the wake
@@ -954,12 +967,14 @@ function Instance:run()
       self.last_exit = exit.message .. "; " .. decision.reason
       self:transition("fail", self.last_exit)
       self.ready_event:set(nil, self.last_exit)
+      self:answer_replaces()
       self.runner = nil
       return
     else
       log.info("%s %s; %s", self.key, exit.message:match("^[^\n]*"), decision.reason)
       self:transition("down", decision.reason)
       self.ready_event:set(nil, exit.message)
+      self:answer_replaces()
       self.runner = nil
       return
     end
@@ -981,7 +996,24 @@ function Instance:finish_stop(outcome, keep_data)
       if not ok then log.warn("%s: could not remove %s: %s", self.key, self.dir, err) end
     end
   end
+  self:answer_replaces()
   self.runner = nil
+end
+
+-- A rollout's request for an instance with no process to replace (backing
+-- off, or its runner ending): its next start takes the new definition, as
+-- for an instance that was not running. Left unanswered, the rollout
+-- waited for good and the service stayed locked against rollouts.
+function Instance:take_definition(msg)
+  self.svc = msg.svc
+  msg.done:set(true)
+end
+
+function Instance:answer_replaces()
+  while self.mailbox:size() > 0 do
+    local msg = self.mailbox:take(0)
+    if msg and msg.type == "replace" then self:take_definition(msg) end
+  end
 end
 
 function Instance:detach_storage()

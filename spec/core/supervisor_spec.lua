@@ -658,4 +658,31 @@ describe("supervisor stops, sleeps and restarts", function()
       sup:shutdown()
     end)
   end)
+
+  it("answers a rollout that reaches an instance while it is being restarted", function()
+    local sick = { 'health = "/health"', "[service.api.env]", 'BACKEND_FAIL_HEALTH_AFTER = "2"',
+      'BACKEND_IGNORE_TERM = "1"' }
+    local cfg = make_cfg(dir, { api = sick })
+    local new_svc = make_cfg(dir, { api = { 'health = "/health"', "[service.api.env]", 'VERSION = "2"' } })
+      .services.api
+    core.run(function()
+      local sup = supervisor.new(cfg, { environ = {} })
+      local inst = assert(sup:spawn("api", "a"))
+      local rollout
+      sup:on(function(e)
+        -- the runner now ends the unhealthy process (which ignores SIGTERM)
+        -- and then backs off: the rollout's request waits in its mailbox
+        if e.instance == "api:a" and e.to == "unhealthy" and not rollout then
+          rollout = core.spawn(sup.rollout, sup, "api", new_svc)
+        end
+      end)
+      assert.is_true(wait_for(function() return rollout ~= nil end, 15000))
+      local finished = rollout:join(10000)
+      assert.is_true(finished, "the rollout never finished")
+      assert.is_nil(sup.rolling.api)
+      assert.is_true(wait_for(function() return inst.state == "running" and inst.svc == new_svc end))
+      assert.matches("VERSION=2", assert(get(inst, "/env")).body, 1, true)
+      sup:shutdown()
+    end)
+  end)
 end)
