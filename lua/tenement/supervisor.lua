@@ -640,7 +640,11 @@ function Instance:probe_until_ready(proc, gen, ready_by, keep)
   while self.gen == gen and core.now() < ready_by do
     -- what the directory told before this probe is answered by it
     if watch then watch:take(me) end
-    local ok = self:check_kept(keep, math.max(1, math.min(ready_by - core.now(), 1000)))
+    -- a probe that got through waits for its answer as long as the start
+    -- may take: cut at a second, a health check slower than that was sent
+    -- again and again, and never answered in time (an exit ends the wait,
+    -- closing the connection)
+    local ok = self:check_kept(keep, math.max(1, ready_by - core.now()))
     if self.gen ~= gen then return nil end
     if ok then
       self.mailbox:put({ type = "ready", gen = gen })
