@@ -8,12 +8,34 @@ local hooks = {}
 
 hooks.BUDGET = 1000000 -- instructions per call
 
+-- The budget's error, told apart from any other: a hook's own pcall must
+-- not catch it, or a hook looping around a pcall ran for good.
+local EXCEEDED = setmetatable({}, { __tostring = function()
+  return "hook exceeded its budget of " .. hooks.BUDGET .. " instructions"
+end })
+
+local function rethrow_budget(ok, ...)
+  if not ok and ... == EXCEEDED then error(EXCEEDED, 0) end
+  return ok, ...
+end
+
+-- Copies: the server's own libraries are shared by all its code, and a hook
+-- that changed one (string.format = nil) broke the server, not only itself.
+local function copy(lib)
+  local t = {}
+  for k, v in pairs(lib) do t[k] = v end
+  return t
+end
+
 local function sandbox(name)
   local env = {
-    string = string, table = table, math = math, utf8 = utf8,
+    string = copy(string), table = copy(table), math = copy(math), utf8 = copy(utf8),
     pairs = pairs, ipairs = ipairs, next = next, select = select, type = type,
     tostring = tostring, tonumber = tonumber, error = error, assert = assert,
-    pcall = pcall, setmetatable = setmetatable, getmetatable = getmetatable,
+    pcall = function(...) return rethrow_budget(pcall(...)) end,
+    setmetatable = setmetatable,
+    -- a string's metatable leads to the server's string library
+    getmetatable = function(v) if type(v) == "table" then return getmetatable(v) end end,
     rawget = rawget, rawset = rawset, rawequal = rawequal, rawlen = rawlen,
     print = function(...)
       local parts = {}
@@ -53,10 +75,11 @@ function hooks.call(fn, ...)
   local previous = { debug.gethook(thread) }
   debug.sethook(thread, function()
     count = count + 1000
-    if count > hooks.BUDGET then error("hook exceeded its budget of " .. hooks.BUDGET .. " instructions", 2) end
+    if count > hooks.BUDGET then error(EXCEEDED, 0) end
   end, "", 1000)
   local result = table.pack(pcall(fn, ...))
   debug.sethook(thread, table.unpack(previous))
+  if not result[1] and result[2] == EXCEEDED then return false, tostring(EXCEEDED) end
   return table.unpack(result, 1, result.n)
 end
 

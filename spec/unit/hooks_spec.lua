@@ -1,0 +1,57 @@
+-- User hooks run in a box: what they do stays in it.
+local hooks = require "tenement.hooks"
+local support = require "support"
+
+local function load_hook(text)
+  local dir = support.tmpdir()
+  local path = support.write(dir .. "/hook.lua", text)
+  return hooks.load(path, "route")
+end
+
+describe("hooks", function()
+  after_each(support.cleanup)
+
+  it("cannot change the server's string, table, math or utf8 libraries", function()
+    local format, insert, floor, char, rep = string.format, table.insert, math.floor, utf8.char, string.rep
+    local loaded, err = load_hook([[
+      string.format = nil
+      table.insert = nil
+      math.floor = nil
+      utf8.char = nil
+      getmetatable("").__index.rep = nil
+      return function() return string.rep("x", 2) end
+    ]])
+    local ok = pcall(function() assert.are.equal(format, string.format) end)
+    local kept = { string.rep == rep, table.insert == insert, math.floor == floor, utf8.char == char }
+    string.format, table.insert, math.floor, utf8.char, string.rep = format, insert, floor, char, rep
+    assert.is_true(ok, "a hook removed string.format from the server")
+    assert.are.same({ true, true, true, true }, kept)
+    -- the hook itself failed on its own change, or ran: either way contained
+    if loaded then
+      local called = hooks.call(loaded.route)
+      assert.is_boolean(called)
+    else
+      assert.is_string(err)
+    end
+  end)
+
+  it("stops a hook that catches its own budget error and loops on", function()
+    -- in a process of its own: the old behaviour was to loop for good
+    local dir = support.tmpdir()
+    support.write(dir .. "/hook.lua", [[
+      return function()
+        while true do pcall(function() while true do end end) end
+      end
+    ]])
+    local script = support.write(dir .. "/run.lua", string.format([[
+      package.path = %q
+      local hooks = require "tenement.hooks"
+      local h = assert(hooks.load(%q, "route"))
+      local ok, err = hooks.call(h.route)
+      io.write(tostring(ok), " ", tostring(err))
+    ]], support.abs("lua") .. "/?.lua", dir .. "/hook.lua"))
+    local code, out = support.run("timeout 30 lua5.4 " .. support.quote(script))
+    assert.are.equal(0, code, "the hook was never stopped")
+    assert.matches("^false hook exceeded its budget", out)
+  end)
+end)
