@@ -1107,7 +1107,10 @@ function Supervisor:stop(service, id, opts)
   if inst.runner then
     inst.mailbox:put({ type = "stop", reason = opts.reason or "stopped by request", keep_data = opts.keep_data })
     inst.runner:join()
-  elseif inst.state == "failed" or inst.state == "sleeping" then
+  end
+  -- without a runner, or after one that ended otherwise (a sleep asked
+  -- before this stop, a give-up): a stop still ends stopped
+  if not inst.runner and (inst.state == "failed" or inst.state == "sleeping") then
     inst:transition("stop", opts.reason or "stopped by request")
     inst.last_exit = inst.last_exit or "stopped"
     inst:finish_stop("stop", opts.keep_data)
