@@ -1204,7 +1204,10 @@ function Supervisor:rollout(service, new_svc)
     return ev:wait()
   end
   for _, inst in ipairs(self:of_service(service)) do
-    if inst.state == "running" or inst.state == "unhealthy" then
+    -- any instance with a runner may have a process of the old definition
+    -- (one starting already launched it): its runner replaces it, or, with
+    -- no process left to replace, starts the next one on the new definition
+    if inst.runner then
       local ok, err = replace(inst, new_svc)
       if not ok then
         log.error("rollout of %s stopped at %s: %s; rolling back %d instance(s)", service, inst.key, err, #done)
