@@ -23,16 +23,16 @@ local supervisor = {}
 -- state x event -> next state. Anything else is a bug, and raises.
 supervisor.transitions = {
   stopped   = { spawn = "starting" },
-  sleeping  = { spawn = "starting", stop = "stopped" },
+  sleeping  = { spawn = "starting", stop = "stopping" },
   starting  = { ready = "running", restart = "backoff", fail = "failed", down = "stopped", stop = "stopping",
                 sleep = "stopping" },
   running   = { health_bad = "unhealthy", restart = "backoff", fail = "failed", down = "stopped",
                 stop = "stopping", sleep = "stopping" },
   unhealthy = { health_ok = "running", restart = "backoff", fail = "failed", down = "stopped",
                 stop = "stopping", sleep = "stopping" },
-  backoff   = { retry = "starting", stop = "stopped", sleep = "sleeping" },
+  backoff   = { retry = "starting", stop = "stopping", sleep = "stopping" },
   stopping  = { stopped = "stopped", slept = "sleeping" },
-  failed    = { spawn = "starting", stop = "stopped" },
+  failed    = { spawn = "starting", stop = "stopping" },
 }
 
 -- Variables an instance inherits from the server's environment. Nothing else
@@ -930,7 +930,6 @@ function Instance:run()
       self:release_start()
       self.last_exit = (outcome == "stop" and "stopped" or "asleep") ..
         (status and (" (" .. describe_status(status) .. ")") or "")
-      self:transition(outcome == "stop" and "stopped" or "slept")
       self:finish_stop(outcome, info.keep_data)
       return
     end
@@ -985,8 +984,12 @@ function Instance:run()
   end
 end
 
+-- The end of a stop or a sleep, from stopping. The instance says stopped
+-- (or sleeping) only once its storage is unmounted and its data removed:
+-- an unmount waits for a helper process, and a wake that started the
+-- instance again meanwhile had its new directory removed and its runner
+-- taken for the old one's (nothing could stop it any more).
 function Instance:finish_stop(outcome, keep_data)
-  self.ready_event:set(nil, outcome == "stop" and "stopped" or "asleep")
   if outcome == "stop" then
     -- asleep, the data stays mounted for the wake; stopped, it is unmounted
     -- and, unless storage_persist (or the server is only restarting), removed
@@ -1000,6 +1003,8 @@ function Instance:finish_stop(outcome, keep_data)
       if not ok then log.warn("%s: could not remove %s: %s", self.key, self.dir, err) end
     end
   end
+  self:transition(outcome == "stop" and "stopped" or "slept")
+  self.ready_event:set(nil, outcome == "stop" and "stopped" or "asleep")
   self:answer_replaces()
   self.runner = nil
 end
