@@ -1243,14 +1243,17 @@ function Supervisor:restart(service, id)
     if not ok then return nil, err, code end
     return nil, string.format("no instance %s: spawn it first", supervisor.key(service, id)), "not_found"
   end
-  local restarts = inst.restarts
+  local was_failed = inst.state == "failed"
   -- the same instance comes back: its data stays, as after a crash (a stop
   -- without keep_data removed the instance directory and its storage image)
   local ok, err, code = self:stop(service, id, { persist = false, keep_data = true, reason = "restarting" })
   if not ok then return nil, err, code end
-  local res, serr, scode = self:spawn(service, id)
-  inst.restarts = restarts + 1
-  return res, serr, scode
+  -- clearing failed gives the tries back, as a spawn of a failed instance
+  -- does (the stop made it stopped, so the spawn could not tell); counted
+  -- before the start, so the restarts it backs off into are counted too
+  if was_failed then inst.history = {} end
+  inst.restarts = inst.restarts + 1
+  return self:spawn(service, id)
 end
 
 -- sup:check(service, id) -> true | nil, why : a health check right now.

@@ -755,4 +755,25 @@ describe("supervisor stops, sleeps and restarts", function()
       sup:shutdown()
     end)
   end)
+
+  it("gives a failed instance that `ten restart` starts again its full restart budget, and counts every restart", function()
+    local cfg = make_cfg(dir, { crash = { "[service.crash.env]", 'BACKEND_EXIT_AT_ONCE = "3"' } },
+      { "max_restarts = 2" })
+    core.run(function()
+      local sup = supervisor.new(cfg, { environ = {} })
+      local events = {}
+      sup:on(function(e) events[#events + 1] = e end)
+      assert.is_nil(sup:spawn("crash", "a"))
+      local inst = sup:get("crash", "a")
+      assert.are.equal("failed", inst.state)
+      assert.are.equal(2, inst.restarts)
+      events = {}
+      assert.is_nil(sup:restart("crash", "a"))
+      assert.are.equal("failed", inst.state)
+      -- the same tries as the first time, each one counted, plus the restart
+      assert.are.equal("stopping stopped starting backoff starting backoff starting failed",
+        states_of(events, "crash:a"))
+      assert.are.equal(5, inst.restarts)
+    end)
+  end)
 end)
