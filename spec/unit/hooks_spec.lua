@@ -50,8 +50,47 @@ describe("hooks", function()
       local ok, err = hooks.call(h.route)
       io.write(tostring(ok), " ", tostring(err))
     ]], support.abs("lua") .. "/?.lua", dir .. "/hook.lua"))
-    local code, out = support.run("timeout 30 lua5.4 " .. support.quote(script))
+    local code, out = support.run("timeout 10 lua5.4 " .. support.quote(script))
     assert.are.equal(0, code, "the hook was never stopped")
     assert.matches("^false hook exceeded its budget", out)
+  end)
+
+  -- Code of the hook that would run after its call, outside the budget: a
+  -- finalizer run by the server's garbage collector, a metamethod run by
+  -- the server reading the answer. Each in a process of its own: the old
+  -- behaviour was to loop for good.
+  local function run_after(hook, after)
+    local dir = support.tmpdir()
+    support.write(dir .. "/hook.lua", hook)
+    local script = support.write(dir .. "/run.lua", string.format([[
+      package.path = %q
+      local hooks = require "tenement.hooks"
+      local h = assert(hooks.load(%q, "route"))
+      local ok, result = hooks.call(h.route)
+      %s
+      io.write("done")
+    ]], support.abs("lua") .. "/?.lua", dir .. "/hook.lua", after))
+    return support.run("timeout 10 lua5.4 " .. support.quote(script))
+  end
+
+  it("runs no finalizer of a hook outside its budget", function()
+    local code, out = run_after([[
+      return function()
+        setmetatable({}, { __gc = function() while true do end end })
+        return "api"
+      end
+    ]], "collectgarbage() collectgarbage()")
+    assert.are.equal(0, code, "a finalizer of the hook held the server")
+    assert.are.equal("done", out)
+  end)
+
+  it("hands back plain values: no metamethod of the hook runs when its answer is read", function()
+    local code, out = run_after([[
+      return function()
+        return setmetatable({}, { __index = function() while true do end end })
+      end
+    ]], "assert(ok) local _ = result.kind, result.service, tostring(result)")
+    assert.are.equal(0, code, "reading the hook's answer ran its code without a budget")
+    assert.are.equal("done", out)
   end)
 end)
