@@ -940,7 +940,15 @@ function Instance:run()
     self.history = restart.prune(self.history, self.sup.cfg.settings, now)
     local settings = setmetatable({ restart = self.svc.restart }, { __index = self.sup.cfg.settings })
     local ok, decision = pcall(self.sup.decide, self.history, exit, settings, now)
-    if not ok or type(decision) ~= "table" then
+    -- an answer the runner cannot follow is a failure of the policy too:
+    -- taken as it was, it raised in the runner, which died and left the
+    -- instance in a state nothing could end
+    if ok and not (type(decision) == "table" and (((decision.action == "fail" or decision.action == "stay_down")
+      and type(decision.reason) == "string")
+      or (decision.action == "restart" and math.type(decision.delay_ms) == "integer" and decision.delay_ms >= 0))) then
+      ok, decision = false, "not a decision: " .. tostring(type(decision) == "table" and decision.action or decision)
+    end
+    if not ok then
       log.error("%s: restart policy failed (%s): using the built-in one", self.key, tostring(decision))
       decision = restart.decide(self.history, exit, settings, now)
     end

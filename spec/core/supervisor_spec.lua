@@ -776,4 +776,20 @@ describe("supervisor stops, sleeps and restarts", function()
       assert.are.equal(5, inst.restarts)
     end)
   end)
+
+  it("falls back to the built-in restart policy when a replacement answers nonsense", function()
+    local cfg = make_cfg(dir, { crash = { "[service.crash.env]", 'BACKEND_EXIT_AT_ONCE = "3"' } },
+      { "max_restarts = 1" })
+    for _, answer in ipairs { { action = "restart" }, { action = "restart", delay_ms = "soon" }, { action = "explode" },
+      { action = "fail" } } do
+      core.run(function()
+        local sup = supervisor.new(cfg, { environ = {}, restart_policy = function() return answer end })
+        local inst, err = sup:spawn("crash", "a")
+        assert.is_nil(inst)
+        assert.matches("gave up", err, 1, true)
+        assert.are.equal("failed", sup:get("crash", "a").state)
+        assert.is_nil(sup:get("crash", "a").runner)
+      end)
+    end
+  end)
 end)
