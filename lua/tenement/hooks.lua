@@ -8,12 +8,39 @@ local hooks = {}
 
 hooks.BUDGET = 1000000 -- instructions per call
 
+-- The budget's error, told apart from any other: a hook's own pcall must
+-- not catch it, or a hook looping around a pcall ran for good.
+local EXCEEDED = setmetatable({}, { __tostring = function()
+  return "hook exceeded its budget of " .. hooks.BUDGET .. " instructions"
+end })
+
+local function rethrow_budget(ok, ...)
+  if not ok and ... == EXCEEDED then error(EXCEEDED, 0) end
+  return ok, ...
+end
+
+-- Copies: the server's own libraries are shared by all its code, and a hook
+-- that changed one (string.format = nil) broke the server, not only itself.
+local function copy(lib)
+  local t = {}
+  for k, v in pairs(lib) do t[k] = v end
+  return t
+end
+
 local function sandbox(name)
   local env = {
-    string = string, table = table, math = math, utf8 = utf8,
+    string = copy(string), table = copy(table), math = copy(math), utf8 = copy(utf8),
     pairs = pairs, ipairs = ipairs, next = next, select = select, type = type,
     tostring = tostring, tonumber = tonumber, error = error, assert = assert,
-    pcall = pcall, setmetatable = setmetatable, getmetatable = getmetatable,
+    pcall = function(...) return rethrow_budget(pcall(...)) end,
+    -- a finalizer would run when the server's collector gets to it, in
+    -- whatever the server was doing, with no budget
+    setmetatable = function(t, mt)
+      if type(mt) == "table" and rawget(mt, "__gc") ~= nil then error("a hook may not set __gc", 2) end
+      return setmetatable(t, mt)
+    end,
+    -- a string's metatable leads to the server's string library
+    getmetatable = function(v) if type(v) == "table" then return getmetatable(v) end end,
     rawget = rawget, rawset = rawset, rawequal = rawequal, rawlen = rawlen,
     print = function(...)
       local parts = {}
@@ -45,19 +72,49 @@ function hooks.load(path, name)
   return result
 end
 
+-- A value of the hook as plain data: tables copied without their
+-- metatables, so that reading the answer runs none of the hook's code (an
+-- __index or __tostring would run in the server, with no budget).
+local function plain(v, seen)
+  if type(v) ~= "table" then return v end
+  seen = seen or {}
+  if seen[v] then return seen[v] end
+  local t = {}
+  seen[v] = t
+  local k, x = next(v)
+  while k ~= nil do
+    rawset(t, plain(k, seen), plain(x, seen))
+    k, x = next(v, k)
+  end
+  return t
+end
+
+local function plain_results(result)
+  if not result[1] then
+    local err = result[2]
+    if type(err) ~= "string" and type(err) ~= "number" then err = "an error value of type " .. type(err) end
+    return false, err
+  end
+  local out = { n = result.n }
+  for i = 1, result.n do out[i] = plain(result[i]) end
+  return table.unpack(out, 1, out.n)
+end
+
 -- hooks.call(fn, ...) -> true, results... | false, err. The budget stops a
--- hook that loops forever; the error never escapes.
+-- hook that loops forever; the error never escapes, and no code of the hook
+-- runs once the call is over (its answer is plain data).
 function hooks.call(fn, ...)
   local count = 0
   local thread = coroutine.running()
   local previous = { debug.gethook(thread) }
   debug.sethook(thread, function()
     count = count + 1000
-    if count > hooks.BUDGET then error("hook exceeded its budget of " .. hooks.BUDGET .. " instructions", 2) end
+    if count > hooks.BUDGET then error(EXCEEDED, 0) end
   end, "", 1000)
   local result = table.pack(pcall(fn, ...))
   debug.sethook(thread, table.unpack(previous))
-  return table.unpack(result, 1, result.n)
+  if not result[1] and result[2] == EXCEEDED then return false, tostring(EXCEEDED) end
+  return plain_results(result)
 end
 
 return hooks

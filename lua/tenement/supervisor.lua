@@ -23,15 +23,16 @@ local supervisor = {}
 -- state x event -> next state. Anything else is a bug, and raises.
 supervisor.transitions = {
   stopped   = { spawn = "starting" },
-  sleeping  = { spawn = "starting", stop = "stopped" },
-  starting  = { ready = "running", restart = "backoff", fail = "failed", down = "stopped", stop = "stopping" },
+  sleeping  = { spawn = "starting", stop = "stopping" },
+  starting  = { ready = "running", restart = "backoff", fail = "failed", down = "stopped", stop = "stopping",
+                sleep = "stopping" },
   running   = { health_bad = "unhealthy", restart = "backoff", fail = "failed", down = "stopped",
                 stop = "stopping", sleep = "stopping" },
   unhealthy = { health_ok = "running", restart = "backoff", fail = "failed", down = "stopped",
                 stop = "stopping", sleep = "stopping" },
-  backoff   = { retry = "starting", stop = "stopped" },
+  backoff   = { retry = "starting", stop = "stopping", sleep = "stopping" },
   stopping  = { stopped = "stopped", slept = "sleeping" },
-  failed    = { spawn = "starting", stop = "stopped" },
+  failed    = { spawn = "starting", stop = "stopping" },
 }
 
 -- Variables an instance inherits from the server's environment. Nothing else
@@ -671,7 +672,11 @@ function Instance:probe_until_ready(proc, gen, ready_by, keep)
   while self.gen == gen and core.now() < ready_by do
     -- what the directory told before this probe is answered by it
     if watch then watch:take(me) end
-    local ok = self:check_kept(keep, math.max(1, math.min(ready_by - core.now(), 1000)))
+    -- a probe that got through waits for its answer as long as the start
+    -- may take: cut at a second, a health check slower than that was sent
+    -- again and again, and never answered in time (an exit ends the wait,
+    -- closing the connection)
+    local ok = self:check_kept(keep, math.max(1, ready_by - core.now()))
     if self.gen ~= gen then return nil end
     if ok then
       local mine, why = self:answered_by(proc, keep.conn)
@@ -818,6 +823,12 @@ function Instance:start_once()
   local timeout = self.svc.startup_timeout * 1000
   self.refused_answer = nil
   core.spawn(self.watch, self, proc, gen, core.now() + timeout)
+  -- a rollout's request that comes during the start is for the process
+  -- that results: put back for the runner, whatever the start's outcome
+  local deferred = {}
+  local _ <close> = setmetatable({}, { __close = function()
+    for _, m in ipairs(deferred) do self.mailbox:put(m) end
+  end })
   while true do
     local msg = self:next_message(gen, timeout - (core.now() - self.started_at))
     if not msg then
@@ -834,6 +845,7 @@ function Instance:start_once()
       return "ready"
     elseif msg.type == "exit" then
       self.gen = self.gen + 1
+      proc:kill("SIGKILL", true)
       self:settle_output()
       local info = self:exit_info(msg.status)
       info.message = info.message .. " during startup" .. self:last_output()
@@ -841,6 +853,8 @@ function Instance:start_once()
       return nil, info
     elseif msg.type == "stop" or msg.type == "sleep" then
       return msg.type, msg
+    elseif msg.type == "replace" then
+      deferred[#deferred + 1] = msg
     end
   end
 end
@@ -921,6 +935,10 @@ function Instance:run()
       while not exit do
         local msg = self:next_message(self.gen)
         if msg.type == "exit" then
+          -- what the app forked goes with it, as after a stop: without a
+          -- cgroup nothing else would end it, and the next start would run
+          -- beside it (an error only says the group is empty already)
+          self.proc:kill("SIGKILL", true)
           self:settle_output()
           exit = self:exit_info(msg.status)
           self.gen = self.gen + 1
@@ -955,7 +973,6 @@ function Instance:run()
       self:release_start()
       self.last_exit = (outcome == "stop" and "stopped" or "asleep") ..
         (status and (" (" .. describe_status(status) .. ")") or "")
-      self:transition(outcome == "stop" and "stopped" or "slept")
       self:finish_stop(outcome, info.keep_data)
       return
     end
@@ -966,7 +983,15 @@ function Instance:run()
     self.history = restart.prune(self.history, self.sup.cfg.settings, now)
     local settings = setmetatable({ restart = self.svc.restart }, { __index = self.sup.cfg.settings })
     local ok, decision = pcall(self.sup.decide, self.history, exit, settings, now)
-    if not ok or type(decision) ~= "table" then
+    -- an answer the runner cannot follow is a failure of the policy too:
+    -- taken as it was, it raised in the runner, which died and left the
+    -- instance in a state nothing could end
+    if ok and not (type(decision) == "table" and (((decision.action == "fail" or decision.action == "stay_down")
+      and type(decision.reason) == "string")
+      or (decision.action == "restart" and math.type(decision.delay_ms) == "integer" and decision.delay_ms >= 0))) then
+      ok, decision = false, "not a decision: " .. tostring(type(decision) == "table" and decision.action or decision)
+    end
+    if not ok then
       log.error("%s: restart policy failed (%s): using the built-in one", self.key, tostring(decision))
       decision = restart.decide(self.history, exit, settings, now)
     end
@@ -975,10 +1000,17 @@ function Instance:run()
       self:transition("restart", exit.message)
       -- s6's rule: no policy may restart faster than this
       local delay = math.max(decision.delay_ms, 10)
-      local msg = self:next_message(nil, delay)
+      local retry_at = core.now() + delay
+      local msg
+      repeat
+        msg = self:next_message(nil, math.max(0, retry_at - core.now()))
+        if msg and msg.type == "replace" then self:take_definition(msg) end
+      until not msg or msg.type ~= "replace"
       if msg and (msg.type == "stop" or msg.type == "sleep") then
-        self:transition("stop", msg.reason)
-        self:finish_stop("stop", msg.keep_data)
+        -- a sleep asked while it ran (the reaper's) is still a sleep: its
+        -- data stays for the wake
+        self:transition(msg.type, msg.reason)
+        self:finish_stop(msg.type, msg.keep_data)
         return
       end
       self.history[#self.history + 1] = core.now() / 1000
@@ -989,20 +1021,26 @@ function Instance:run()
       self.last_exit = exit.message .. "; " .. decision.reason
       self:transition("fail", self.last_exit)
       self.ready_event:set(nil, self.last_exit)
+      self:answer_replaces()
       self.runner = nil
       return
     else
       log.info("%s %s; %s", self.key, exit.message:match("^[^\n]*"), decision.reason)
       self:transition("down", decision.reason)
       self.ready_event:set(nil, exit.message)
+      self:answer_replaces()
       self.runner = nil
       return
     end
   end
 end
 
+-- The end of a stop or a sleep, from stopping. The instance says stopped
+-- (or sleeping) only once its storage is unmounted and its data removed:
+-- an unmount waits for a helper process, and a wake that started the
+-- instance again meanwhile had its new directory removed and its runner
+-- taken for the old one's (nothing could stop it any more).
 function Instance:finish_stop(outcome, keep_data)
-  self.ready_event:set(nil, outcome == "stop" and "stopped" or "asleep")
   if outcome == "stop" then
     -- asleep, the data stays mounted for the wake; stopped, it is unmounted
     -- and, unless storage_persist (or the server is only restarting), removed
@@ -1016,7 +1054,26 @@ function Instance:finish_stop(outcome, keep_data)
       if not ok then log.warn("%s: could not remove %s: %s", self.key, self.dir, err) end
     end
   end
+  self:transition(outcome == "stop" and "stopped" or "slept")
+  self.ready_event:set(nil, outcome == "stop" and "stopped" or "asleep")
+  self:answer_replaces()
   self.runner = nil
+end
+
+-- A rollout's request for an instance with no process to replace (backing
+-- off, or its runner ending): its next start takes the new definition, as
+-- for an instance that was not running. Left unanswered, the rollout
+-- waited for good and the service stayed locked against rollouts.
+function Instance:take_definition(msg)
+  self.svc = msg.svc
+  msg.done:set(true)
+end
+
+function Instance:answer_replaces()
+  while self.mailbox:size() > 0 do
+    local msg = self.mailbox:take(0)
+    if msg and msg.type == "replace" then self:take_definition(msg) end
+  end
 end
 
 function Instance:detach_storage()
@@ -1106,7 +1163,10 @@ function Supervisor:stop(service, id, opts)
   if inst.runner then
     inst.mailbox:put({ type = "stop", reason = opts.reason or "stopped by request", keep_data = opts.keep_data })
     inst.runner:join()
-  elseif inst.state == "failed" or inst.state == "sleeping" then
+  end
+  -- without a runner, or after one that ended otherwise (a sleep asked
+  -- before this stop, a give-up): a stop still ends stopped
+  if not inst.runner and (inst.state == "failed" or inst.state == "sleeping") then
     inst:transition("stop", opts.reason or "stopped by request")
     inst.last_exit = inst.last_exit or "stopped"
     inst:finish_stop("stop", opts.keep_data)
@@ -1200,7 +1260,10 @@ function Supervisor:rollout(service, new_svc)
     return ev:wait()
   end
   for _, inst in ipairs(self:of_service(service)) do
-    if inst.state == "running" or inst.state == "unhealthy" then
+    -- any instance with a runner may have a process of the old definition
+    -- (one starting already launched it): its runner replaces it, or, with
+    -- no process left to replace, starts the next one on the new definition
+    if inst.runner then
       local ok, err = replace(inst, new_svc)
       if not ok then
         log.error("rollout of %s stopped at %s: %s; rolling back %d instance(s)", service, inst.key, err, #done)
@@ -1231,12 +1294,17 @@ function Supervisor:restart(service, id)
     if not ok then return nil, err, code end
     return nil, string.format("no instance %s: spawn it first", supervisor.key(service, id)), "not_found"
   end
-  local restarts = inst.restarts
-  local ok, err, code = self:stop(service, id, { persist = false, reason = "restarting" })
+  local was_failed = inst.state == "failed"
+  -- the same instance comes back: its data stays, as after a crash (a stop
+  -- without keep_data removed the instance directory and its storage image)
+  local ok, err, code = self:stop(service, id, { persist = false, keep_data = true, reason = "restarting" })
   if not ok then return nil, err, code end
-  local res, serr, scode = self:spawn(service, id)
-  inst.restarts = restarts + 1
-  return res, serr, scode
+  -- clearing failed gives the tries back, as a spawn of a failed instance
+  -- does (the stop made it stopped, so the spawn could not tell); counted
+  -- before the start, so the restarts it backs off into are counted too
+  if was_failed then inst.history = {} end
+  inst.restarts = inst.restarts + 1
+  return self:spawn(service, id)
 end
 
 -- sup:check(service, id) -> true | nil, why : a health check right now.

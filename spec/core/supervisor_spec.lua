@@ -603,3 +603,219 @@ describe("periodic health checks", function()
     end)
   end)
 end)
+
+describe("supervisor stops, sleeps and restarts", function()
+  local dir
+  before_each(function() dir = support.tmpdir() end)
+  after_each(support.cleanup)
+
+  local function wait_for(cond, ms)
+    local deadline = core.now() + (ms or 10000)
+    while not cond() and core.now() < deadline do core.sleep(10) end
+    return cond()
+  end
+
+  it("keeps the instance's data across `ten restart`, running or failed", function()
+    local cfg = make_cfg(dir, { api = {}, crash = { "[service.crash.env]", 'BACKEND_EXIT_AT_ONCE = "3"' } },
+      { "max_restarts = 0" })
+    core.run(function()
+      local sup = supervisor.new(cfg, { environ = {} })
+      assert(sup:spawn("api", "a"))
+      support.write(dir .. "/data/api/a/state.db", "precious")
+      assert(sup:restart("api", "a"))
+      assert.is_true(exists(dir .. "/data/api/a/state.db"))
+      assert.are.equal("running", sup:get("api", "a").state)
+
+      assert.is_nil(sup:spawn("crash", "a"))
+      assert.are.equal("failed", sup:get("crash", "a").state)
+      support.write(dir .. "/data/crash/a/state.db", "precious")
+      assert.is_nil(sup:restart("crash", "a"))
+      assert.is_true(exists(dir .. "/data/crash/a/state.db"))
+      -- a stop is still a stop: the data goes
+      assert.is_true(sup:stop("api", "a"))
+      assert.is_false(exists(dir .. "/data/api/a/state.db"))
+      sup:shutdown()
+    end)
+  end)
+
+  it("puts a starting instance to sleep instead of wedging it in starting", function()
+    local cfg = make_cfg(dir, { slow = { "startup_timeout = 10", "[service.slow.env]",
+      'BACKEND_START_DELAY_MS = "1500"' } })
+    core.run(function()
+      local sup = supervisor.new(cfg, { environ = {} })
+      local inst = assert(sup:spawn("slow", "a", { wait = false }))
+      assert.are.equal("starting", inst.state)
+      assert.is_true(sup:sleep("slow", "a"))
+      assert.are.equal("sleeping", inst.state)
+      assert.is_nil(inst.runner)
+      -- and a request wakes it as any sleeping one
+      assert(sup:spawn("slow", "a"))
+      assert.are.equal("running", inst.state)
+      assert.is_true(sup:stop("slow", "a"))
+      assert.are.equal("stopped", inst.state)
+    end)
+  end)
+
+  it("puts an instance backing off to sleep, keeping its data", function()
+    local cfg = make_cfg(dir, { crash = { "[service.crash.env]", 'BACKEND_EXIT_AT_ONCE = "3"' } })
+    cfg.settings.backoff_base_ms, cfg.settings.backoff_max_ms = 5000, 5000
+    core.run(function()
+      local sup = supervisor.new(cfg, { environ = {} })
+      local inst = assert(sup:spawn("crash", "a", { wait = false }))
+      assert.is_true(wait_for(function() return inst.state == "backoff" end))
+      support.write(dir .. "/data/crash/a/state.db", "precious")
+      assert.is_true(sup:sleep("crash", "a"))
+      assert.are.equal("sleeping", inst.state)
+      assert.is_true(exists(dir .. "/data/crash/a/state.db"))
+      sup:shutdown()
+    end)
+  end)
+
+  it("kills what a crashed app left in its process group before starting it again", function()
+    local cfg = make_cfg(dir, { tree = { string.format("command = %q", "sleep 300 & exec " .. BACKEND) } })
+    core.run(function()
+      local sup = supervisor.new(cfg, { environ = { PATH = "/usr/bin:/bin" } })
+      local inst = assert(sup:spawn("tree", "a"))
+      local pgid = inst.pid
+      assert.are.equal(2, #support.live_in_group(pgid))
+      get(inst, "/crash")
+      assert.is_true(wait_for(function() return inst.pid ~= pgid and inst.state == "running" end))
+      assert.are.same({}, support.live_in_group(pgid))
+      sup:shutdown()
+    end)
+  end)
+
+  it("answers a rollout that reaches an instance while it is being restarted", function()
+    local sick = { 'health = "/health"', "[service.api.env]", 'BACKEND_FAIL_HEALTH_AFTER = "2"',
+      'BACKEND_IGNORE_TERM = "1"' }
+    local cfg = make_cfg(dir, { api = sick })
+    local new_svc = make_cfg(dir, { api = { 'health = "/health"', "[service.api.env]", 'VERSION = "2"' } })
+      .services.api
+    core.run(function()
+      local sup = supervisor.new(cfg, { environ = {} })
+      local inst = assert(sup:spawn("api", "a"))
+      local rollout
+      sup:on(function(e)
+        -- the runner now ends the unhealthy process (which ignores SIGTERM)
+        -- and then backs off: the rollout's request waits in its mailbox
+        if e.instance == "api:a" and e.to == "unhealthy" and not rollout then
+          rollout = core.spawn(sup.rollout, sup, "api", new_svc)
+        end
+      end)
+      assert.is_true(wait_for(function() return rollout ~= nil end, 15000))
+      local finished = rollout:join(10000)
+      assert.is_true(finished, "the rollout never finished")
+      assert.is_nil(sup.rolling.api)
+      assert.is_true(wait_for(function() return inst.state == "running" and inst.svc == new_svc end))
+      assert.matches("VERSION=2", assert(get(inst, "/env")).body, 1, true)
+      sup:shutdown()
+    end)
+  end)
+
+  it("starts an app whose health check answers slower than a second", function()
+    local cfg = make_cfg(dir, { slow = { 'health = "/sleep?ms=1500"', "startup_timeout = 10" } })
+    cfg.settings.health_check_interval = 5
+    core.run(function()
+      local sup = supervisor.new(cfg, { environ = {} })
+      local inst, err = sup:spawn("slow", "a")
+      assert.is_truthy(inst, err)
+      assert.are.equal("running", inst.state)
+      assert.are.equal(0, inst.restarts)
+      sup:shutdown()
+    end)
+  end)
+
+  it("stops an instance that a sleep under way was taking down", function()
+    local cfg = make_cfg(dir, { stubborn = { "[service.stubborn.env]", 'BACKEND_IGNORE_TERM = "1"' } })
+    core.run(function()
+      local sup = supervisor.new(cfg, { environ = {} })
+      local inst = assert(sup:spawn("stubborn", "a"))
+      local sleeping = core.spawn(sup.sleep, sup, "stubborn", "a", "idle")
+      assert.is_true(wait_for(function() return inst.state == "stopping" end))
+      assert.is_true(sup:stop("stubborn", "a"))
+      sleeping:join()
+      assert.are.equal("stopped", inst.state)
+      assert.is_false(exists(dir .. "/data/stubborn/a"))
+      sup:shutdown()
+    end)
+  end)
+
+  it("rolls out to an instance that was starting, instead of leaving it on the old definition", function()
+    local cfg = make_cfg(dir, { api = { "startup_timeout = 10", "[service.api.env]", 'BACKEND_START_DELAY_MS = "1000"' } })
+    local new_svc = make_cfg(dir, { api = { "[service.api.env]", 'VERSION = "2"' } }).services.api
+    core.run(function()
+      local sup = supervisor.new(cfg, { environ = {} })
+      local inst = assert(sup:spawn("api", "a", { wait = false }))
+      assert.is_true(wait_for(function() return inst.pid ~= nil end))
+      assert.are.equal("starting", inst.state)
+      assert(sup:rollout("api", new_svc))
+      assert.is_true(wait_for(function() return inst.state == "running" end))
+      assert.are.equal(new_svc, inst.svc)
+      assert.matches("VERSION=2", assert(get(inst, "/env")).body, 1, true)
+      sup:shutdown()
+    end)
+  end)
+
+  it("starts again at once an instance whose stop is still unmounting its storage", function()
+    local p = io.popen("id -u")
+    local uid = p:read("n")
+    p:close()
+    if uid ~= 0 then pending("loop mounts need root") return end
+    local cfg = make_cfg(dir, { q = { "storage_quota_mb = 8" } })
+    core.run(function()
+      local sup = supervisor.new(cfg, { environ = { PATH = "/usr/bin:/bin" } })
+      local inst = assert(sup:spawn("q", "a"))
+      local stopping = core.spawn(sup.stop, sup, "q", "a")
+      -- a wake that comes as soon as the state says stopped
+      assert.are.equal("stopped", inst:wait_state({ stopped = true }, 10000))
+      local again, err = sup:spawn("q", "a")
+      stopping:join()
+      assert.is_truthy(again, err)
+      assert.are.equal("running", inst.state)
+      assert.is_not_nil(inst.runner)
+      assert.is_truthy(core.fs.stat(inst.dir))
+      assert(get(inst, "/health"))
+      -- and it can still be stopped
+      assert.is_true(sup:stop("q", "a"))
+      assert.are.equal("stopped", inst.state)
+      sup:shutdown()
+    end)
+  end)
+
+  it("gives a failed instance that `ten restart` starts again its full restart budget, and counts every restart", function()
+    local cfg = make_cfg(dir, { crash = { "[service.crash.env]", 'BACKEND_EXIT_AT_ONCE = "3"' } },
+      { "max_restarts = 2" })
+    core.run(function()
+      local sup = supervisor.new(cfg, { environ = {} })
+      local events = {}
+      sup:on(function(e) events[#events + 1] = e end)
+      assert.is_nil(sup:spawn("crash", "a"))
+      local inst = sup:get("crash", "a")
+      assert.are.equal("failed", inst.state)
+      assert.are.equal(2, inst.restarts)
+      events = {}
+      assert.is_nil(sup:restart("crash", "a"))
+      assert.are.equal("failed", inst.state)
+      -- the same tries as the first time, each one counted, plus the restart
+      assert.are.equal("stopping stopped starting backoff starting backoff starting failed",
+        states_of(events, "crash:a"))
+      assert.are.equal(5, inst.restarts)
+    end)
+  end)
+
+  it("falls back to the built-in restart policy when a replacement answers nonsense", function()
+    local cfg = make_cfg(dir, { crash = { "[service.crash.env]", 'BACKEND_EXIT_AT_ONCE = "3"' } },
+      { "max_restarts = 1" })
+    for _, answer in ipairs { { action = "restart" }, { action = "restart", delay_ms = "soon" }, { action = "explode" },
+      { action = "fail" } } do
+      core.run(function()
+        local sup = supervisor.new(cfg, { environ = {}, restart_policy = function() return answer end })
+        local inst, err = sup:spawn("crash", "a")
+        assert.is_nil(inst)
+        assert.matches("gave up", err, 1, true)
+        assert.are.equal("failed", sup:get("crash", "a").state)
+        assert.is_nil(sup:get("crash", "a").runner)
+      end)
+    end
+  end)
+end)
