@@ -79,19 +79,42 @@ function Door:configure(cfg)
   return true
 end
 
--- The hook's answer as a target, or nil and why it is not one.
+-- The hook's answer as a target of plain values, or nil and why it is not
+-- one. Its fields are read raw and never turned into text: a metatable's
+-- __index or __tostring would run here, outside the hook's budget, and one
+-- that loops would hold the whole loop.
+local function valid_name(v)
+  return type(v) == "string" and #v <= 63 and v:match("^[a-z0-9][a-z0-9-]*$") ~= nil
+end
+
 local function hook_target(t)
   if type(t) == "string" then
-    local service, id = t:match("^([a-z0-9-]+):([a-z0-9-]+)$")
-    if service then return { kind = "instance", service = service, id = id } end
-    if t:match("^[a-z0-9-]+$") then return { kind = "service", service = t } end
-    return nil, "a string target must be SERVICE or SERVICE:ID, got " .. t
+    local service, id = t:match("^([^:]*):(.*)$")
+    if not service then service = t end
+    if not valid_name(service) or (id and not valid_name(id)) then
+      return nil, "a string target must be SERVICE or SERVICE:ID (lower-case names)"
+    end
+    return { kind = id and "instance" or "service", service = service, id = id }
   end
-  if type(t) == "table" and (t.kind == "instance" or t.kind == "service" or t.kind == "self"
-    or t.kind == "status") then
-    return t
+  if type(t) ~= "table" then return nil, "a " .. type(t) .. ", not a target" end
+  local kind = rawget(t, "kind")
+  if kind == "self" then return { kind = "self" } end
+  if kind == "service" or kind == "instance" then
+    local service, id = rawget(t, "service"), rawget(t, "id")
+    if not valid_name(service) or (kind == "instance" and not valid_name(id)) then
+      return nil, "a target of kind " .. kind .. " needs a valid service" .. (kind == "instance" and " and id" or "")
+    end
+    return { kind = kind, service = service, id = kind == "instance" and id or nil }
   end
-  return nil, "not a target: " .. tostring(t)
+  if kind == "status" then
+    local status, reason = rawget(t, "status"), rawget(t, "reason")
+    if status ~= nil and (math.type(status) ~= "integer" or status < 200 or status > 599) then
+      return nil, "a status target needs status = an integer from 200 to 599"
+    end
+    if reason ~= nil and type(reason) ~= "string" then return nil, "a status target's reason must be a string" end
+    return { kind = "status", status = status, reason = reason }
+  end
+  return nil, "a table without a valid kind (self, service, instance or status)"
 end
 
 function Door:route(req)
@@ -103,7 +126,9 @@ function Door:route(req)
   local function default(r) return router.route(r or request, view) end
   local ok, result = hooks.call(self.route_hook, request, view, default)
   if not ok then
-    log.error("router hook failed (the default routing applies): %s", tostring(result))
+    -- an error value that is not a string may carry a __tostring of the hook's
+    log.error("router hook failed (the default routing applies): %s",
+      type(result) == "string" and result or ("an error value of type " .. type(result)))
   elseif result ~= nil then
     local target, why = hook_target(result)
     if target then

@@ -519,4 +519,41 @@ describe("front door", function()
     assert.are.equal(0, ps(srv)["api:blue"].weight)
     assert.are.equal(100, ps(srv)["api:v3"].weight)
   end)
+
+  it("follows the default routing when a router hook answers with a broken target, and never hangs on one", function()
+    local dir = support.tmpdir()
+    support.write(dir .. "/hook.lua", [[
+      local trap = setmetatable({}, { __index = function() while true do end end })
+      local liar = setmetatable({}, { __tostring = function() error("no name for me") end })
+      return { route = function(request)
+        local case = request.headers["x-case"]
+        if case == "no-id" then return { kind = "instance", service = "api" } end
+        if case == "bad-id" then return { kind = "instance", service = "api", id = "../../etc" } end
+        if case == "bad-status" then return { kind = "status", status = "teapot" } end
+        if case == "huge-status" then return { kind = "status", status = 1000, reason = "no" } end
+        if case == "bad-reason" then return { kind = "status", status = 403, reason = {} } end
+        if case == "no-service" then return { kind = "service" } end
+        if case == "trap" then return trap end
+        if case == "liar" then return liar end
+        if case == "throw-liar" then error(liar) end
+        return nil
+      end }
+    ]])
+    srv = start_server(dir, { api = {} }, { tail = { "[instances]", 'api = ["one"]', "[hooks]", 'router = "hook.lua"' } })
+    wait_state(srv, "api:one", "running")
+    run(function()
+      for _, case in ipairs { "no-id", "bad-id", "bad-status", "huge-status", "bad-reason", "no-service",
+        "trap", "liar", "throw-liar" } do
+        local res, err = get(srv, "one.api.example.test", "/", { timeout = 5000, headers = { ["x-case"] = case } })
+        assert.is_not_nil(res, case .. ": " .. tostring(err))
+        assert.are.equal(200, res.status, case .. ": " .. res.body .. log_text(srv))
+        assert.are.equal("one", res.headers["x-backend"], case)
+      end
+      -- and the server still answers, in Lua and not
+      assert.are.equal(200, assert(get(srv, "example.test", "/health")).status)
+    end)
+    assert.is_nil(ps(srv)["api:../../etc"])
+    assert.matches("router hook returned", log_text(srv), 1, true)
+  end)
+
 end)
