@@ -37,6 +37,7 @@ function frontdoor.new(ctx)
     cfg = ctx.cfg, sup = ctx.sup, own = ctx.own, store = ctx.store,
     cold_starts = 0,
     waking = {},       -- "service:id" -> event set when its start is over
+    creating = {},     -- "service:id" -> service, for starts of ids the supervisor did not know
     guards = {},       -- service -> upstream invalidated when its set of instances changes
     stats = { requests = 0, by_route = {} },  -- requests decided here (not the direct ones)
   }, Door)
@@ -181,8 +182,17 @@ function Door:ensure_running(service, id, on_demand)
       key, inst.last_exit or "?", key)
   end
   if inst and inst.state == "unhealthy" then return nil, 503, key .. " is unhealthy" end
-  if on_demand and not inst and svc.max_instances and #sup:of_service(service) >= svc.max_instances then
-    return nil, 503, string.format("%s has reached max_instances = %d", service, svc.max_instances)
+  if on_demand and not inst and svc.max_instances then
+    -- the ids this door is creating count too: the supervisor knows one only
+    -- once its start task runs, and strangers arriving together would each
+    -- find room for one more
+    local count = #sup:of_service(service)
+    for k, s in pairs(self.creating) do
+      if s == service and not sup.instances[k] then count = count + 1 end
+    end
+    if count >= svc.max_instances then
+      return nil, 503, string.format("%s has reached max_instances = %d", service, svc.max_instances)
+    end
   end
   if self.cold_starts >= self.cfg.settings.max_cold_starts then
     return nil, 503, "too many instances are starting right now"
@@ -190,12 +200,14 @@ function Door:ensure_running(service, id, on_demand)
 
   waking = sync.event()
   self.waking[key] = waking
+  if not inst then self.creating[key] = service end
   self.cold_starts = self.cold_starts + 1
   local t0 = core.now()
   local task = core.spawn(sup.spawn, sup, service, id)
   local ok, started, err = task:join(limit_ms)
   self.cold_starts = self.cold_starts - 1
   self.waking[key] = nil
+  self.creating[key] = nil
   if not ok then err = key .. " did not start within startup_timeout" end
   if not started then
     waking:set(nil, err)

@@ -556,4 +556,27 @@ describe("front door", function()
     assert.matches("router hook returned", log_text(srv), 1, true)
   end)
 
+  it("holds max_instances against many strangers arriving at once", function()
+    local dir = support.tmpdir()
+    srv = start_server(dir, { open = { "on_demand = true", "max_instances = 2", "[service.open.env]",
+      'BACKEND_START_DELAY_MS = "300"' } })
+    local statuses = {}
+    run(function()
+      local tasks = {}
+      for i = 1, 12 do
+        tasks[i] = core.spawn(function() return get(srv, "s" .. i .. ".open.example.test", "/") end)
+      end
+      for i = 1, 12 do
+        local _, res = tasks[i]:join()
+        statuses[i] = res and res.status
+      end
+    end)
+    local made, ok = 0, 0
+    for _ in pairs(ps(srv)) do made = made + 1 end
+    for i = 1, 12 do
+      if statuses[i] == 200 then ok = ok + 1 else assert.are.equal(503, statuses[i], "request " .. i) end
+    end
+    assert.is_true(made <= 2, made .. " instances for max_instances = 2")
+    assert.is_true(ok <= 2, ok .. " strangers served for max_instances = 2")
+  end)
 end)
