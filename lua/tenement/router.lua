@@ -40,8 +40,13 @@ function normalize(host)
   if type(host) ~= "string" or host == "" or #host > 255 then return nil end
   host = host:lower()
   if host:sub(1, 1) == "[" then
-    local v6 = host:match("^(%[[%x:.]+%])")
-    return v6
+    -- the literal, then nothing but an optional port
+    local v6, rest = host:match("^(%[[%x:.]+%])(.*)$")
+    if not v6 then return nil end
+    if rest == "" then return v6 end
+    local port = rest:match("^:(%d+)$")
+    if port and tonumber(port) <= 65535 then return v6 end
+    return nil
   end
   local name, port = host:match("^([^:]+):(%d+)$")
   if name then

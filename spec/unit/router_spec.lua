@@ -44,6 +44,15 @@ describe("router.route", function()
     assert.are.equal(400, router.route({ path = "/" }, view).status)
   end)
 
+  it("rejects an IPv6 literal with anything but a port after it", function()
+    for _, h in ipairs { "[::1]junk", "[::1].example.com", "[::1]:", "[::1]:99999", "[::1]:80x", "[::1]]" } do
+      local t = route(h)
+      assert.are.equal("status", t.kind, h)
+      assert.are.equal(400, t.status, h)
+    end
+    assert.are.same({ kind = "self" }, route("[2001:DB8::1]:8080", "/health"))
+  end)
+
   it("answers 404 for other domains, unknown services and deeper names", function()
     assert.are.equal(404, route("evil.com").status)
     assert.are.equal(404, route("notexample.com").status)
