@@ -60,6 +60,13 @@ function Door:attach(http)
   self.http = http
 end
 
+local function copy(t)
+  if type(t) ~= "table" then return t end
+  local out = {}
+  for k, v in pairs(t) do out[k] = copy(v) end
+  return out
+end
+
 -- (Re)reads what routing depends on from cfg: the domain, [routing], the
 -- services, the router hook. -> true | nil, err (and then nothing changed)
 function Door:configure(cfg)
@@ -73,6 +80,7 @@ function Door:configure(cfg)
   for name in pairs(cfg.services) do services[name] = true end
   self.cfg = cfg
   self.view = { domain = cfg.settings.domain, routing = cfg.routing, services = services }
+  self.hook_view = hook and copy(self.view)
   self.route_hook = hook
   if self.http then self.http:clear_routes() end
   -- a reload may add or drop instances of any service
@@ -125,7 +133,9 @@ function Door:route(req)
   local request = { method = req.method, host = req.host, path = req.path, headers = req.headers }
   local view = self.view
   local function default(r) return router.route(r or request, view) end
-  local ok, result = hooks.call(self.route_hook, request, view, default)
+  -- the hook gets a view of its own: what it changes there (by design or by
+  -- mistake) must not become the routing of every later request
+  local ok, result = hooks.call(self.route_hook, request, self.hook_view, default)
   if not ok then
     -- an error value that is not a string may carry a __tostring of the hook's
     log.error("router hook failed (the default routing applies): %s",
@@ -142,7 +152,8 @@ function Door:route(req)
       log.error("router hook returned %s (the default routing applies)", why)
     end
   end
-  return router.route(request, self.view)
+  -- the request as it came, not as the hook may have left it
+  return router.route({ method = req.method, host = req.host, path = req.path }, view)
 end
 
 -- Is service:id an instance this server knows (so a request may wake it)?

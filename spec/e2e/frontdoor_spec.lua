@@ -579,4 +579,32 @@ describe("front door", function()
     assert.is_true(made <= 2, made .. " instances for max_instances = 2")
     assert.is_true(ok <= 2, ok .. " strangers served for max_instances = 2")
   end)
+
+  it("keeps the default routing whole whatever a router hook does to the view and the request", function()
+    local dir = support.tmpdir()
+    support.write(dir .. "/hook.lua", [[
+      return { route = function(request, view)
+        local case = request.headers["x-case"]
+        if case == "corrupt" then
+          view.domain = nil
+          view.services.ghost = true
+          return "ghost"
+        end
+        if case == "rewrite-then-fail" then
+          request.host = "two.api.example.test"
+          error("changed my mind")
+        end
+      end }
+    ]])
+    srv = start_server(dir, { api = {} }, { tail = { "[instances]", 'api = ["one", "two"]', "[hooks]", 'router = "hook.lua"' } })
+    wait_state(srv, "api:two", "running")
+    run(function()
+      for _, case in ipairs { "corrupt", "none", "rewrite-then-fail", "none" } do
+        local res = assert(get(srv, "one.api.example.test", "/", { headers = { ["x-case"] = case } }))
+        assert.are.equal(200, res.status, case .. ": " .. res.body)
+        assert.are.equal("one", res.headers["x-backend"], case)
+      end
+    end)
+    assert.matches("router hook chose unknown service", log_text(srv), 1, true)
+  end)
 end)
