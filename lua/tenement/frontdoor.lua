@@ -88,6 +88,15 @@ function Door:configure(cfg)
   return true
 end
 
+-- door:withdraw(service): the service is on its way out of the
+-- configuration (a reload is stopping its instances): from now on no
+-- request routes to it, so none wakes an instance the reload just stopped.
+function Door:withdraw(service)
+  self.view.services[service] = nil
+  if self.hook_view then self.hook_view.services[service] = nil end
+  if self.http then self.http:clear_routes() end
+end
+
 -- The hook's answer as a target of plain values, or nil and why it is not
 -- one. Its fields are read raw and never turned into text: a metatable's
 -- __index or __tostring would run here, outside the hook's budget, and one
@@ -278,6 +287,10 @@ function Door:handle(req)
   end
 
   local service, id = target.service, target.id
+  -- a [routing] name or a hook may still point at a service being withdrawn
+  if not self.view.services[service] then
+    return text_reply(req, 404, "no service " .. service .. " here")
+  end
   local svc = self.cfg.services[service]
   -- only a decision made from the host alone can be handed to C, and none
   -- a hook makes: it may look at the path or the headers of every request

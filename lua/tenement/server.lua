@@ -406,6 +406,9 @@ function Server:reload()
   for name in pairs(old.services) do
     if not new.services[name] then
       summary.removed[#summary.removed + 1] = name
+      -- first out of the routing: a request arriving while an instance
+      -- stops would otherwise start it again, with the service gone
+      self.door:withdraw(name)
       for _, inst in ipairs(self.sup:of_service(name)) do
         self.sup:stop(name, inst.id, { reason = "service removed from the configuration" })
         self.sup:forget(name, inst.id)

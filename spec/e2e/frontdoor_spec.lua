@@ -607,4 +607,38 @@ describe("front door", function()
     end)
     assert.matches("router hook chose unknown service", log_text(srv), 1, true)
   end)
+
+  it("does not start again an instance of a service a reload removes while a request asks for it", function()
+    local dir = support.tmpdir()
+    -- the instance ignores SIGTERM: its stop takes stop_timeout, and requests come meanwhile
+    srv = start_server(dir, { api = {}, gone = { "[service.gone.env]", 'BACKEND_IGNORE_TERM = "1"' } },
+      { tail = { "[instances]", 'api = ["one"]', 'gone = ["x"]', "[routing.subdomain]", 'www = "gone"' } })
+    wait_state(srv, "gone:x", "running")
+    local text = assert(io.open(srv.cfg)):read("a")
+    text = text:gsub("%[service%.gone%].-\n(%[service%.api%])", "%1"):gsub('gone = %["x"%]\n', "")
+      :gsub('www = "gone"', 'www = "api"')
+    support.write(srv.cfg, text)
+    local during = {}
+    run(function()
+      local reload = core.spawn(function() return ten_in_task(srv, "reload") end)
+      for _ = 1, 60 do
+        local _, out = ten_in_task(srv, "ps", "--json")
+        local ok, list = pcall(cjson.decode, out)
+        local stopping = false
+        for _, i in ipairs(ok and list or {}) do
+          if i.id == "gone:x" and i.state == "stopping" then stopping = true end
+        end
+        if stopping then break end
+        core.sleep(50)
+      end
+      for _, host in ipairs { "x.gone.example.test", "gone.example.test", "www.example.test" } do
+        local res = get(srv, host, "/")
+        during[#during + 1] = res and res.status or "no answer"
+      end
+      local _, code = reload:join()
+      assert.are.equal(0, code)
+    end)
+    for i, status in ipairs(during) do assert.are_not.equal(200, status, "request " .. i) end
+    assert.is_nil(ps(srv)["gone:x"], log_text(srv))
+  end)
 end)
