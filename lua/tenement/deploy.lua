@@ -33,10 +33,13 @@ function deploy.shift(sup, service, from_id, to_id)
   if not ok then
     return nil, string.format("%s failed its health check (%s): weights unchanged", to.key, why), "conflict"
   end
-  local a, aerr = sup:set_weight(service, from_id, 0)
-  if not a then return nil, aerr, "internal" end
+  -- B first: each weight is written to the store before the next is set,
+  -- and that write yields; with A at 0 first, a B at 0 (blue-green) left
+  -- the service with no weight at all meanwhile, and its requests a 503
   local b, berr = sup:set_weight(service, to_id, 100)
   if not b then return nil, berr, "internal" end
+  local a, aerr = sup:set_weight(service, from_id, 0)
+  if not a then return nil, aerr, "internal" end
   log.info("route %s: all traffic from %s to %s", service, from.key, to.key)
   return { from_instance = from.key, to_instance = to.key, from_weight = 0, to_weight = 100 }
 end

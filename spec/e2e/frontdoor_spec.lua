@@ -641,4 +641,36 @@ describe("front door", function()
     for i, status in ipairs(during) do assert.are_not.equal(200, status, "request " .. i) end
     assert.is_nil(ps(srv)["gone:x"], log_text(srv))
   end)
+
+  it("moves traffic with route and PUT /api/routes under load without a request left with no instance", function()
+    local dir = support.tmpdir()
+    srv = start_server(dir, { api = { 'health = "/health"' } }, { tail = { "[instances]", 'api = ["blue", "green"]' } })
+    wait_state(srv, "api:blue", "running")
+    wait_state(srv, "api:green", "running")
+    assert.are.equal(0, (ten(srv, "weight", "api:green", "0")))
+    local _, out = ten(srv, "token-gen")
+    local token = out:match("^(%S+)")
+    local total, failures
+    run(function()
+      total, failures = under_load(srv, "api.example.test", "/", 4, function()
+        for i = 1, 6 do
+          local from, to = "blue", "green"
+          if i % 2 == 0 then from, to = to, from end
+          local code, out = ten_in_task(srv, "route", "api", "--from", from, "--to", to)
+          assert.are.equal(0, code, out)
+          core.sleep(50)
+        end
+        -- several weights at once: whichever the server sets first
+        for i = 1, 6 do
+          local weights = i % 2 == 1 and '{"blue": 0, "green": 100}' or '{"blue": 100, "green": 0}'
+          local res = assert(get(srv, "example.test", "/api/routes/api", { method = "PUT", body =
+            '{"weights": ' .. weights .. '}', headers = { authorization = "Bearer " .. token } }))
+          assert.are.equal(200, res.status, res.body)
+          core.sleep(50)
+        end
+      end)
+    end)
+    assert.are.equal(0, #failures, "failed requests while traffic moved: " .. table.concat(failures, ", "))
+    assert.is_true(total > 50, "too little load to mean anything: " .. total)
+  end)
 end)
