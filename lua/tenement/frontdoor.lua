@@ -178,6 +178,9 @@ local function unavailable(req, why, retry_after)
   return text_reply(req, 503, why, { ["retry-after"] = tostring(retry_after or 5) })
 end
 
+-- The states a restart ends in, one way or another.
+local SETTLED = { running = true, unhealthy = true, failed = true, stopped = true, sleeping = true }
+
 -- Makes sure service:id runs; wakes or starts it if needed. Every request
 -- that arrives during a start waits for that one start (100 requests, one
 -- spawn), and every wait is bounded by startup_timeout.
@@ -202,6 +205,14 @@ function Door:ensure_running(service, id, on_demand)
       key, inst.last_exit or "?", key)
   end
   if inst and inst.state == "unhealthy" then return nil, 503, key .. " is unhealthy" end
+  -- the supervisor is restarting it (after a crash): that start is the one
+  -- to wait for. sup:spawn would not wait: its ready event is the earlier
+  -- life's, still set, and the request went to a socket nobody listened on
+  if inst and (inst.state == "backoff" or inst.state == "starting") then
+    local state = inst:wait_state(SETTLED, limit_ms)
+    if state == "running" then return inst end
+    return nil, 503, string.format("%s is %s", key, state or "still restarting")
+  end
   if on_demand and not inst and svc.max_instances then
     -- the ids this door is creating count too: the supervisor knows one only
     -- once its start task runs, and strangers arriving together would each
