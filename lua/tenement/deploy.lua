@@ -44,14 +44,20 @@ function deploy.shift(sup, service, from_id, to_id)
   return { from_instance = from.key, to_instance = to.key, from_weight = 0, to_weight = 100 }
 end
 
+local LIVE = { running = true, starting = true, unhealthy = true, backoff = true }
+
 -- deploy.deploy(sup, service, version, weight, timeout_s) -> result | nil, err, code
 -- Starts SERVICE:VERSION with no traffic, waits until it is healthy, and
 -- only then gives it `weight`. On failure or timeout nothing changes: an
 -- instance the deploy made is removed, one that existed gets its weight back.
 function deploy.deploy(sup, service, version, weight, timeout_s)
   local existing = sup:get(service, version)
-  if existing and (existing.state == "running" or existing.state == "starting") then
-    return nil, existing.key .. " exists already: deploy a new version id, or `ten restart` it", "conflict"
+  -- unhealthy and backoff are alive too: a spawn returns them as they are
+  -- (the ready event of their earlier start is still set), and the deploy
+  -- would weigh and report as healthy what is not
+  if existing and LIVE[existing.state] then
+    return nil, existing.key .. " exists already (" .. existing.state
+      .. "): deploy a new version id, or `ten restart` it", "conflict"
   end
   local before = existing and { weight = existing.weight, asleep = existing.state == "sleeping" }
   local w, werr = sup:set_weight(service, version, 0)
