@@ -82,6 +82,7 @@ function Door:configure(cfg)
   self.view = { domain = cfg.settings.domain, routing = cfg.routing, services = services }
   self.hook_view = hook and copy(self.view)
   self.route_hook = hook
+  self.generation = (self.generation or 0) + 1
   if self.http then self.http:clear_routes() end
   -- a reload may add or drop instances of any service
   for _, guard in pairs(self.guards) do guard:invalidate() end
@@ -94,6 +95,7 @@ end
 function Door:withdraw(service)
   self.view.services[service] = nil
   if self.hook_view then self.hook_view.services[service] = nil end
+  self.generation = self.generation + 1
   if self.http then self.http:clear_routes() end
 end
 
@@ -277,8 +279,13 @@ end
 -- (true: to inst; a function: to the set it returns).
 function Door:proxy(req, inst, direct)
   local upstream = inst:upstream()
+  -- req:proxy returns when the exchange is over: a reload meanwhile (a hook
+  -- added, the domain changed) cleared the direct routes, and this one,
+  -- decided under the configuration before it, must not come back
+  local generation = self.generation
   req:proxy(upstream)
   if not (direct and self.http and inst.state == "running" and not inst.route_socket) then return end
+  if self.generation ~= generation then return end
   if direct == true then
     self.http:route(req.host, upstream)
   else

@@ -699,4 +699,28 @@ describe("front door", function()
     assert.matches("exists already", err, 1, true)
     assert.are.equal("unhealthy", ps(srv)["api:u"].state)
   end)
+
+  it("hands a host to C only under the configuration that routed it, not one a reload replaced meanwhile", function()
+    local dir = support.tmpdir()
+    srv = start_server(dir, { api = {} }, { settings = { "proxy_timeout = 10" }, tail = { "[instances]", 'api = ["d"]' } })
+    wait_state(srv, "api:d", "running")
+    support.write(dir .. "/hook.lua", [[
+      return function(request) return { kind = "status", status = 403, reason = "closed by the hook" } end
+    ]])
+    local text = assert(io.open(srv.cfg)):read("a")
+    run(function()
+      -- routed (and about to be handed to C) before the reload adds a hook
+      local slow = core.spawn(function() return get(srv, "d.api.example.test", "/sleep?ms=1500") end)
+      core.sleep(300)
+      support.write(srv.cfg, text .. '[hooks]\nrouter = "hook.lua"\n')
+      local code, out = ten_in_task(srv, "reload")
+      assert.are.equal(0, code, out)
+      local _, res = slow:join()
+      assert.are.equal(200, res.status)
+      for i = 1, 3 do
+        local after = assert(get(srv, "d.api.example.test", "/"))
+        assert.are.equal(403, after.status, "request " .. i .. " after the reload: " .. after.body)
+      end
+    end)
+  end)
 end)
