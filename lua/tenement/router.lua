@@ -65,6 +65,35 @@ function normalize(host)
   return host
 end
 
+local function unreserved(hex)
+  local c = string.char(tonumber(hex, 16))
+  if c:match("^[%w%-._~]$") then return c end
+  return "%" .. hex:upper()
+end
+
+-- The path as the instance will read it, for matching prefixes (the request
+-- goes on as sent): escaped unreserved characters decoded ("/%73hop" is
+-- "/shop", RFC 3986 6.2.2.2) and dot segments removed (5.2.4), so that
+-- "/shop/../api" goes where its instance would look, to /api's service. An
+-- escaped "/" stays data.
+function router.normalize_path(path)
+  if path:sub(1, 1) ~= "/" or (not path:find("%", 1, true) and not path:find("/.", 1, true)) then
+    return path
+  end
+  path = path:gsub("%%(%x%x)", unreserved)
+  local list, out = {}, {}
+  for seg in (path:sub(2) .. "/"):gmatch("([^/]*)/") do list[#list + 1] = seg end
+  for i, seg in ipairs(list) do
+    if seg == "." or seg == ".." then
+      if seg == ".." then out[#out] = nil end
+      if i == #list then out[#out + 1] = "" end
+    else
+      out[#out + 1] = seg
+    end
+  end
+  return "/" .. table.concat(out, "/")
+end
+
 local function prefix_match(path, prefix)
   if path:sub(1, #prefix) ~= prefix then return false end
   if prefix:sub(-1) == "/" then return true end
@@ -97,7 +126,7 @@ function router.route(request, view)
   end
   local domain = view.domain
   local routing = view.routing or { subdomain = {}, path = {} }
-  local path = request.path or "/"
+  local path = router.normalize_path(request.path or "/")
 
   -- an address instead of a name reaches the server itself: no instance
   -- has an address of its own, and remote CLIs often know only the IP

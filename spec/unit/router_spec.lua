@@ -75,6 +75,21 @@ describe("router.route", function()
     assert.are.same({ kind = "self" }, route("example.com", "/apix", v))
   end)
 
+  it("matches path prefixes on the path as the instance will read it: unreserved escapes decoded, dot segments gone", function()
+    local v = { domain = "example.com", services = view.services, routing = {
+      subdomain = {}, path = { { prefix = "/shop", service = "web" }, { prefix = "/api", service = "api" } } } }
+    assert.are.same({ kind = "service", service = "web" }, route("example.com", "/%73hop/cart", v))
+    assert.are.same({ kind = "service", service = "web" }, route("example.com", "/sh%6Fp", v))
+    assert.are.same({ kind = "service", service = "api" }, route("example.com", "/shop/../api/x", v))
+    assert.are.same({ kind = "service", service = "web" }, route("example.com", "/api/../shop", v))
+    assert.are.same({ kind = "service", service = "api" }, route("example.com", "/shop/%2e%2E/api", v))
+    assert.are.same({ kind = "service", service = "web" }, route("example.com", "/x/../../shop", v))
+    assert.are.same({ kind = "service", service = "web" }, route("example.com", "/./shop", v))
+    -- an escaped "/" is data, not a separator
+    assert.are.same({ kind = "self" }, route("example.com", "/%2Fshop", v))
+    assert.are.same({ kind = "self" }, route("example.com", "/shopx/../x", v))
+  end)
+
   it("sends the bare domain to the default service, but keeps the server's own paths", function()
     local v = { domain = "example.com", services = view.services, routing = { default = "web", subdomain = {}, path = {} } }
     assert.are.same({ kind = "service", service = "web" }, route("example.com", "/", v))
