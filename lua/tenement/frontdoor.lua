@@ -324,8 +324,11 @@ function Door:handle(req)
       return unavailable(req, "no instance of " .. service .. " can take requests now")
     end
     id = pick.id
-    -- the set is made after the proxy call: by then a woken instance runs
-    if by_host then direct = function() return self:service_set(candidates) end end
+    -- the set is made after the proxy call, from the instances the service
+    -- has then: a woken one runs by then, and one spawned (or deployed)
+    -- meanwhile belongs in it, its events having gone to the guard before
+    -- the route existed
+    if by_host then direct = function() return self:service_set(self.sup:of_service(service)) end end
   else
     if not self:known(service, id) and not svc.on_demand then
       return text_reply(req, 404, string.format("no instance %s:%s", service, id))

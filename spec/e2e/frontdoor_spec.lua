@@ -723,4 +723,25 @@ describe("front door", function()
       end
     end)
   end)
+
+  it("hands a service host to C with the instances it has when the request ends, not when it began", function()
+    local dir = support.tmpdir()
+    srv = start_server(dir, { api = {} }, { settings = { "proxy_timeout = 10" }, tail = { "[instances]", 'api = ["a"]' } })
+    wait_state(srv, "api:a", "running")
+    local seen = {}
+    run(function()
+      -- routed while a is alone; b joins before it is over
+      local slow = core.spawn(function() return get(srv, "api.example.test", "/sleep?ms=1500") end)
+      core.sleep(200)
+      local code, out = ten_in_task(srv, "spawn", "api:b")
+      assert.are.equal(0, code, out)
+      local _, res = slow:join()
+      assert.are.equal(200, res.status)
+      for _ = 1, 40 do
+        local r = assert(get(srv, "api.example.test", "/"))
+        seen[r.headers["x-backend"]] = (seen[r.headers["x-backend"]] or 0) + 1
+      end
+    end)
+    assert.is_not_nil(seen.b, "api:b got none of 40 requests: " .. cjson.encode(seen))
+  end)
 end)
