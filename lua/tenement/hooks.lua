@@ -8,12 +8,23 @@ local hooks = {}
 
 hooks.BUDGET = 1000000 -- instructions per call
 
+-- Set once the running call went past its budget. The error that stops it
+-- is raised inside the hook, where its own pcall could catch it and loop
+-- on: the box's pcall raises it again instead.
+local over_budget = false
+
+local function boxed_pcall(f, ...)
+  local result = table.pack(pcall(f, ...))
+  if over_budget then error("hook exceeded its budget of " .. hooks.BUDGET .. " instructions", 0) end
+  return table.unpack(result, 1, result.n)
+end
+
 local function sandbox(name)
   local env = {
     string = string, table = table, math = math, utf8 = utf8,
     pairs = pairs, ipairs = ipairs, next = next, select = select, type = type,
     tostring = tostring, tonumber = tonumber, error = error, assert = assert,
-    pcall = pcall, setmetatable = setmetatable, getmetatable = getmetatable,
+    pcall = boxed_pcall, setmetatable = setmetatable, getmetatable = getmetatable,
     rawget = rawget, rawset = rawset, rawequal = rawequal, rawlen = rawlen,
     print = function(...)
       local parts = {}
@@ -51,12 +62,17 @@ function hooks.call(fn, ...)
   local count = 0
   local thread = coroutine.running()
   local previous = { debug.gethook(thread) }
+  over_budget = false
   debug.sethook(thread, function()
     count = count + 1000
-    if count > hooks.BUDGET then error("hook exceeded its budget of " .. hooks.BUDGET .. " instructions", 2) end
+    if count > hooks.BUDGET then
+      over_budget = true
+      error("hook exceeded its budget of " .. hooks.BUDGET .. " instructions", 2)
+    end
   end, "", 1000)
   local result = table.pack(pcall(fn, ...))
   debug.sethook(thread, table.unpack(previous))
+  over_budget = false
   return table.unpack(result, 1, result.n)
 end
 

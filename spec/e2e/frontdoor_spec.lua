@@ -744,4 +744,24 @@ describe("front door", function()
     end)
     assert.is_not_nil(seen.b, "api:b got none of 40 requests: " .. cjson.encode(seen))
   end)
+
+  it("stops a router hook that catches its own budget error with pcall and loops on", function()
+    local dir = support.tmpdir()
+    support.write(dir .. "/hook.lua", [[
+      return function(request)
+        if request.headers["x-case"] == "stubborn" then
+          while true do pcall(function() while true do end end) end
+        end
+      end
+    ]])
+    srv = start_server(dir, { api = {} }, { tail = { "[instances]", 'api = ["one"]', "[hooks]", 'router = "hook.lua"' } })
+    wait_state(srv, "api:one", "running")
+    run(function()
+      local res, err = get(srv, "one.api.example.test", "/", { timeout = 8000, headers = { ["x-case"] = "stubborn" } })
+      assert.is_not_nil(res, "no answer: " .. tostring(err))
+      assert.are.equal(200, res.status, res.body)
+      assert.are.equal("one", res.headers["x-backend"])
+    end)
+    assert.matches("exceeded its budget", log_text(srv), 1, true)
+  end)
 end)
