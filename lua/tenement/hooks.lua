@@ -19,12 +19,23 @@ local function boxed_pcall(f, ...)
   return table.unpack(result, 1, result.n)
 end
 
+-- A library as a table of the hook's own: the server routes with the real
+-- ones (host:lower(), math.random for weighted choices), and a hook that
+-- replaced one of their functions would change that for every request.
+local function own(lib)
+  local t = {}
+  for k, v in pairs(lib) do t[k] = v end
+  return t
+end
+
 local function sandbox(name)
   local env = {
-    string = string, table = table, math = math, utf8 = utf8,
+    string = own(string), table = own(table), math = own(math), utf8 = own(utf8),
     pairs = pairs, ipairs = ipairs, next = next, select = select, type = type,
     tostring = tostring, tonumber = tonumber, error = error, assert = assert,
-    pcall = boxed_pcall, setmetatable = setmetatable, getmetatable = getmetatable,
+    pcall = boxed_pcall, setmetatable = setmetatable,
+    -- strings share one metatable, whose __index is the real string library
+    getmetatable = function(v) if type(v) ~= "string" then return getmetatable(v) end end,
     rawget = rawget, rawset = rawset, rawequal = rawequal, rawlen = rawlen,
     print = function(...)
       local parts = {}

@@ -764,4 +764,34 @@ describe("front door", function()
     end)
     assert.matches("exceeded its budget", log_text(srv), 1, true)
   end)
+
+  it("keeps the libraries the server routes with out of a router hook's reach", function()
+    local dir = support.tmpdir()
+    support.write(dir .. "/hook.lua", [[
+      return function(request)
+        local case = request.headers["x-case"]
+        if case == "vandal" then
+          string.lower = function() return "nowhere" end
+          math.random = function() error("not random at all") end
+        elseif case == "sneaky" then
+          local meta = getmetatable("")
+          if meta then meta.__index.match = function() return nil end end
+        end
+      end
+    ]])
+    srv = start_server(dir, { api = {} }, { tail = { "[instances]", 'api = ["one"]', "[hooks]", 'router = "hook.lua"' } })
+    wait_state(srv, "api:one", "running")
+    run(function()
+      for _, case in ipairs { "vandal", "sneaky" } do
+        assert(get(srv, "one.api.example.test", "/", { headers = { ["x-case"] = case } }))
+        -- hosts not seen before (their normal form is cached) and a weighted choice
+        local hosts = case == "vandal" and { "ONE.api.example.test", "api.example.test" }
+          or { "One.api.example.test", "API.example.test:80" }
+        for _, host in ipairs(hosts) do
+          local res = assert(get(srv, host, "/"))
+          assert.are.equal(200, res.status, case .. ", " .. host .. ": " .. res.body)
+        end
+      end
+    end)
+  end)
 end)
