@@ -427,7 +427,13 @@ function Server:reload()
   end
   for name in pairs(old.services) do if not new.services[name] then old.services[name] = nil end end
   -- the rest of the file: settings, routing, hooks, [instances]
-  for k, v in pairs(new.settings) do old.settings[k] = v end
+  -- a new table rather than the old one changed: an instance's upstream
+  -- takes proxy_timeout and upstream_keepalive again only when its
+  -- settings table is another one (inst:upstream())
+  local settings = {}
+  for k, v in pairs(old.settings) do settings[k] = v end
+  for k, v in pairs(new.settings) do settings[k] = v end
+  old.settings = settings
   old.routing, old.hooks, old.instances, old.service_names = new.routing, new.hooks, new.instances, new.service_names
   local routed, derr = self.door:configure(old)
   if not routed then summary.failed[#summary.failed + 1] = derr end
