@@ -399,7 +399,9 @@ function Server:reload()
   local old = self.cfg
   config.reapply(new, old)
   local summary = { added = {}, removed = {}, rolled_out = {}, failed = {}, restart_needed = {} }
-  for _, key in ipairs { "listen", "port", "data_dir" } do
+  -- the HTTP server takes its limits once, when it starts listening
+  for _, key in ipairs { "listen", "port", "data_dir", "max_head_kb", "max_headers", "max_body_mb",
+    "header_timeout", "keepalive_timeout", "max_connections" } do
     if new.settings[key] ~= old.settings[key] then summary.restart_needed[#summary.restart_needed + 1] = key end
   end
   for _, key in ipairs(summary.restart_needed) do new.settings[key] = old.settings[key] end

@@ -812,4 +812,23 @@ describe("front door", function()
       assert.are.equal(200, res.status, res.body)
     end)
   end)
+
+  it("says which front door limits a reload cannot change without a restart, and keeps them", function()
+    local dir = support.tmpdir()
+    srv = start_server(dir, { api = {} }, { settings = { "keepalive_timeout = 60", "max_body_mb = 1" },
+      tail = { "[instances]", 'api = ["k"]' } })
+    wait_state(srv, "api:k", "running")
+    local text = assert(io.open(srv.cfg)):read("a")
+    support.write(srv.cfg, (text:gsub("keepalive_timeout = 60", "keepalive_timeout = 1"):gsub("max_body_mb = 1", "max_body_mb = 2")))
+    local code, out, err = ten(srv, "reload")
+    assert.are.equal(0, code, out .. err)
+    assert.matches("needs a restart of ten serve: [^\n]*keepalive_timeout", out)
+    assert.matches("needs a restart of ten serve: [^\n]*max_body_mb", out)
+    -- the old limit is the one that holds
+    run(function()
+      local res = assert(get(srv, "k.api.example.test", "/sink", { method = "POST",
+        body = string.rep("x", 1536 * 1024) }))
+      assert.are.equal(413, res.status)
+    end)
+  end)
 end)
