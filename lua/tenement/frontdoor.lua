@@ -241,7 +241,13 @@ function Door:ensure_running(service, id, on_demand)
   self.cold_starts = self.cold_starts - 1
   self.waking[key] = nil
   self.creating[key] = nil
-  if not ok then err = key .. " did not start within startup_timeout" end
+  -- join says nil, "timeout" (or nil and the task's error): what comes
+  -- second is then no instance
+  if not ok then
+    err = started == "timeout" and (key .. " did not start within startup_timeout")
+      or string.format("starting %s failed: %s", key, tostring(started))
+    started = nil
+  end
   if not started then
     waking:set(nil, err)
     return nil, 503, err

@@ -835,4 +835,19 @@ describe("front door", function()
       assert.are.equal(413, res.status)
     end)
   end)
+
+  it("answers 503 with Retry-After, not 500, when a wake outlasts its wait", function()
+    local dir = support.tmpdir()
+    -- going to sleep takes stop_timeout (SIGTERM ignored), longer than a
+    -- request waits for the wake that must come after it
+    srv = start_server(dir, { api = { "idle_timeout = 1", "startup_timeout = 1", "[service.api.env]",
+      'BACKEND_IGNORE_TERM = "1"' } }, { settings = { "stop_timeout = 4" }, tail = { "[instances]", 'api = ["s"]' } })
+    wait_state(srv, "api:s", "running")
+    wait_state(srv, "api:s", "stopping")
+    run(function()
+      local res = assert(get(srv, "s.api.example.test", "/"))
+      assert.are.equal(503, res.status, res.body)
+      assert.is_not_nil(res.headers["retry-after"])
+    end)
+  end)
 end)
