@@ -141,7 +141,12 @@ function Door:route(req)
   if not self.route_hook then
     return router.route({ method = req.method, host = req.host, path = req.path }, self.view)
   end
-  local request = { method = req.method, host = req.host, path = req.path, headers = req.headers }
+  -- headers of the hook's own: the server reads the request's afterwards
+  -- (the API its Authorization), and a metatable the hook set on them
+  -- would run there, outside the hook's budget
+  local headers = {}
+  for k, v in pairs(req.headers) do headers[k] = v end
+  local request = { method = req.method, host = req.host, path = req.path, headers = headers }
   local view = self.view
   local function default(r) return router.route(r or request, view) end
   -- the hook gets a view of its own: what it changes there (by design or by

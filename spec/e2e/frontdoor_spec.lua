@@ -850,4 +850,20 @@ describe("front door", function()
       assert.is_not_nil(res.headers["retry-after"])
     end)
   end)
+
+  it("gives a router hook headers of its own, so what it hangs on them never runs outside its budget", function()
+    local dir = support.tmpdir()
+    support.write(dir .. "/hook.lua", [[
+      return function(request)
+        setmetatable(request.headers, { __index = function() while true do end end })
+      end
+    ]])
+    srv = start_server(dir, { api = {} }, { tail = { "[hooks]", 'router = "hook.lua"' } })
+    run(function()
+      -- the API reads the Authorization header, which this request lacks
+      local res, err = get(srv, "example.test", "/api/instances", { timeout = 5000 })
+      assert.is_not_nil(res, "no answer: " .. tostring(err))
+      assert.are.equal(401, res.status)
+    end)
+  end)
 end)
