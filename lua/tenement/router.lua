@@ -126,16 +126,18 @@ function router.route(request, view)
   end
   local domain = view.domain
   local routing = view.routing or { subdomain = {}, path = {} }
-  local path = router.normalize_path(request.path or "/")
+  local raw = request.path or "/"
 
   -- an address instead of a name reaches the server itself: no instance
   -- has an address of its own, and remote CLIs often know only the IP
   local is_address = host:match("^%d+%.%d+%.%d+%.%d+$") or host:sub(1, 1) == "["
   if host == domain or is_address then
+    local path = router.normalize_path(raw)
     for _, p in ipairs(routing.path or {}) do
       if prefix_match(path, p.prefix) then return { kind = "service", service = p.service } end
     end
-    if is_own_path(path) then return { kind = "self" } end
+    -- the server's own pages match the path as sent, as they read it
+    if is_own_path(raw) then return { kind = "self" } end
     if routing.default then return { kind = "service", service = routing.default } end
     return { kind = "self" }
   end

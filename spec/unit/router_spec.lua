@@ -98,6 +98,8 @@ describe("router.route", function()
     assert.are.same({ kind = "self" }, route("example.com", "/health", v))
     assert.are.same({ kind = "self" }, route("example.com", "/metrics", v))
     assert.are.same({ kind = "service", service = "web" }, route("example.com", "/healthy", v))
+    -- the server's own pages read the path as sent: an escaped one is not theirs
+    assert.are.same({ kind = "service", service = "web" }, route("example.com", "/%61pi/instances", v))
   end)
 end)
 
