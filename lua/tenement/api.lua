@@ -280,7 +280,8 @@ function api.new(ctx)
     -- with no weight at all meanwhile (and its requests a 503)
     for pass = 1, 2 do
       for id, w in pairs(body.weights) do
-        local raise = w >= sup:get(service, id).weight
+        local inst = sup:get(service, id) -- (a set_weight before yielded: it may be gone)
+        local raise = not inst or w >= inst.weight
         if (pass == 1) == raise then sup:set_weight(service, id, w) end
       end
     end
