@@ -134,7 +134,10 @@ function router.route(request, view)
   if host == domain or is_address then
     local path = router.normalize_path(raw)
     for _, p in ipairs(routing.path or {}) do
-      if prefix_match(path, p.prefix) then return { kind = "service", service = p.service } end
+      -- a prefix written with escapes reads as the path does
+      local prefix = p.prefix
+      if prefix:find("%", 1, true) then prefix = router.normalize_path(prefix) end
+      if prefix_match(path, prefix) then return { kind = "service", service = p.service } end
     end
     -- the server's own pages match the path as sent, as they read it
     if is_own_path(raw) then return { kind = "self" } end

@@ -88,6 +88,12 @@ describe("router.route", function()
     -- an escaped "/" is data, not a separator
     assert.are.same({ kind = "self" }, route("example.com", "/%2Fshop", v))
     assert.are.same({ kind = "self" }, route("example.com", "/shopx/../x", v))
+    -- a prefix written with escapes is read the same way
+    local escaped = { domain = "example.com", services = view.services, routing = {
+      subdomain = {}, path = { { prefix = "/%73hop", service = "web" }, { prefix = "/.well-known", service = "api" } } } }
+    assert.are.same({ kind = "service", service = "web" }, route("example.com", "/shop/x", escaped))
+    assert.are.same({ kind = "service", service = "web" }, route("example.com", "/%73hop/x", escaped))
+    assert.are.same({ kind = "service", service = "api" }, route("example.com", "/.well-known/acme", escaped))
   end)
 
   it("sends the bare domain to the default service, but keeps the server's own paths", function()
