@@ -275,7 +275,16 @@ function api.new(ctx)
       end
       if not sup:get(service, id) then return fail("not_found", "no instance " .. service .. ":" .. tostring(id)) end
     end
-    for id, w in pairs(body.weights) do sup:set_weight(service, id, w) end
+    -- raises before cuts: each weight is written to the store, which yields,
+    -- before the next is set, and cutting first could leave the service
+    -- with no weight at all meanwhile (and its requests a 503)
+    for pass = 1, 2 do
+      for id, w in pairs(body.weights) do
+        local inst = sup:get(service, id) -- (a set_weight before yielded: it may be gone)
+        local raise = not inst or w >= inst.weight
+        if (pass == 1) == raise then sup:set_weight(service, id, w) end
+      end
+    end
     local w = deploy.weights(sup, service)
     w.instances = json.array(w.instances)
     return reply(200, w)

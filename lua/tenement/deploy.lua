@@ -33,13 +33,18 @@ function deploy.shift(sup, service, from_id, to_id)
   if not ok then
     return nil, string.format("%s failed its health check (%s): weights unchanged", to.key, why), "conflict"
   end
-  local a, aerr = sup:set_weight(service, from_id, 0)
-  if not a then return nil, aerr, "internal" end
+  -- B first: each weight is written to the store before the next is set,
+  -- and that write yields; with A at 0 first, a B at 0 (blue-green) left
+  -- the service with no weight at all meanwhile, and its requests a 503
   local b, berr = sup:set_weight(service, to_id, 100)
   if not b then return nil, berr, "internal" end
+  local a, aerr = sup:set_weight(service, from_id, 0)
+  if not a then return nil, aerr, "internal" end
   log.info("route %s: all traffic from %s to %s", service, from.key, to.key)
   return { from_instance = from.key, to_instance = to.key, from_weight = 0, to_weight = 100 }
 end
+
+local LIVE = { running = true, starting = true, unhealthy = true, backoff = true }
 
 -- deploy.deploy(sup, service, version, weight, timeout_s) -> result | nil, err, code
 -- Starts SERVICE:VERSION with no traffic, waits until it is healthy, and
@@ -47,8 +52,12 @@ end
 -- instance the deploy made is removed, one that existed gets its weight back.
 function deploy.deploy(sup, service, version, weight, timeout_s)
   local existing = sup:get(service, version)
-  if existing and (existing.state == "running" or existing.state == "starting") then
-    return nil, existing.key .. " exists already: deploy a new version id, or `ten restart` it", "conflict"
+  -- unhealthy and backoff are alive too: a spawn returns them as they are
+  -- (the ready event of their earlier start is still set), and the deploy
+  -- would weigh and report as healthy what is not
+  if existing and LIVE[existing.state] then
+    return nil, existing.key .. " exists already (" .. existing.state
+      .. "): deploy a new version id, or `ten restart` it", "conflict"
   end
   local before = existing and { weight = existing.weight, asleep = existing.state == "sleeping" }
   local w, werr = sup:set_weight(service, version, 0)

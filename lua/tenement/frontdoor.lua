@@ -37,6 +37,7 @@ function frontdoor.new(ctx)
     cfg = ctx.cfg, sup = ctx.sup, own = ctx.own, store = ctx.store,
     cold_starts = 0,
     waking = {},       -- "service:id" -> event set when its start is over
+    creating = {},     -- "service:id" -> service, for starts of ids the supervisor did not know
     guards = {},       -- service -> upstream invalidated when its set of instances changes
     stats = { requests = 0, by_route = {} },  -- requests decided here (not the direct ones)
   }, Door)
@@ -59,6 +60,13 @@ function Door:attach(http)
   self.http = http
 end
 
+local function copy(t)
+  if type(t) ~= "table" then return t end
+  local out = {}
+  for k, v in pairs(t) do out[k] = copy(v) end
+  return out
+end
+
 -- (Re)reads what routing depends on from cfg: the domain, [routing], the
 -- services, the router hook. -> true | nil, err (and then nothing changed)
 function Door:configure(cfg)
@@ -72,38 +80,82 @@ function Door:configure(cfg)
   for name in pairs(cfg.services) do services[name] = true end
   self.cfg = cfg
   self.view = { domain = cfg.settings.domain, routing = cfg.routing, services = services }
+  self.hook_view = hook and copy(self.view)
   self.route_hook = hook
+  self.generation = (self.generation or 0) + 1
   if self.http then self.http:clear_routes() end
   -- a reload may add or drop instances of any service
   for _, guard in pairs(self.guards) do guard:invalidate() end
   return true
 end
 
--- The hook's answer as a target, or nil and why it is not one.
+-- door:withdraw(service): the service is on its way out of the
+-- configuration (a reload is stopping its instances): from now on no
+-- request routes to it, so none wakes an instance the reload just stopped.
+function Door:withdraw(service)
+  self.view.services[service] = nil
+  if self.hook_view then self.hook_view.services[service] = nil end
+  self.generation = self.generation + 1
+  if self.http then self.http:clear_routes() end
+end
+
+-- The hook's answer as a target of plain values, or nil and why it is not
+-- one. Its fields are read raw and never turned into text: a metatable's
+-- __index or __tostring would run here, outside the hook's budget, and one
+-- that loops would hold the whole loop.
+local function valid_name(v)
+  return type(v) == "string" and #v <= 63 and v:match("^[a-z0-9][a-z0-9-]*$") ~= nil
+end
+
 local function hook_target(t)
   if type(t) == "string" then
-    local service, id = t:match("^([a-z0-9-]+):([a-z0-9-]+)$")
-    if service then return { kind = "instance", service = service, id = id } end
-    if t:match("^[a-z0-9-]+$") then return { kind = "service", service = t } end
-    return nil, "a string target must be SERVICE or SERVICE:ID, got " .. t
+    local service, id = t:match("^([^:]*):(.*)$")
+    if not service then service = t end
+    if not valid_name(service) or (id and not valid_name(id)) then
+      return nil, "a string target must be SERVICE or SERVICE:ID (lower-case names)"
+    end
+    return { kind = id and "instance" or "service", service = service, id = id }
   end
-  if type(t) == "table" and (t.kind == "instance" or t.kind == "service" or t.kind == "self"
-    or t.kind == "status") then
-    return t
+  if type(t) ~= "table" then return nil, "a " .. type(t) .. ", not a target" end
+  local kind = rawget(t, "kind")
+  if kind == "self" then return { kind = "self" } end
+  if kind == "service" or kind == "instance" then
+    local service, id = rawget(t, "service"), rawget(t, "id")
+    if not valid_name(service) or (kind == "instance" and not valid_name(id)) then
+      return nil, "a target of kind " .. kind .. " needs a valid service" .. (kind == "instance" and " and id" or "")
+    end
+    return { kind = kind, service = service, id = kind == "instance" and id or nil }
   end
-  return nil, "not a target: " .. tostring(t)
+  if kind == "status" then
+    local status, reason = rawget(t, "status"), rawget(t, "reason")
+    if status ~= nil and (math.type(status) ~= "integer" or status < 200 or status > 599) then
+      return nil, "a status target needs status = an integer from 200 to 599"
+    end
+    if reason ~= nil and type(reason) ~= "string" then return nil, "a status target's reason must be a string" end
+    return { kind = "status", status = status, reason = reason }
+  end
+  return nil, "a table without a valid kind (self, service, instance or status)"
 end
 
 function Door:route(req)
   if not self.route_hook then
     return router.route({ method = req.method, host = req.host, path = req.path }, self.view)
   end
-  local request = { method = req.method, host = req.host, path = req.path, headers = req.headers }
+  -- headers of the hook's own: the server reads the request's afterwards
+  -- (the API its Authorization), and a metatable the hook set on them
+  -- would run there, outside the hook's budget
+  local headers = {}
+  for k, v in pairs(req.headers) do headers[k] = v end
+  local request = { method = req.method, host = req.host, path = req.path, headers = headers }
   local view = self.view
   local function default(r) return router.route(r or request, view) end
-  local ok, result = hooks.call(self.route_hook, request, view, default)
+  -- the hook gets a view of its own: what it changes there (by design or by
+  -- mistake) must not become the routing of every later request
+  local ok, result = hooks.call(self.route_hook, request, self.hook_view, default)
   if not ok then
-    log.error("router hook failed (the default routing applies): %s", tostring(result))
+    -- an error value that is not a string may carry a __tostring of the hook's
+    log.error("router hook failed (the default routing applies): %s",
+      type(result) == "string" and result or ("an error value of type " .. type(result)))
   elseif result ~= nil then
     local target, why = hook_target(result)
     if target then
@@ -116,7 +168,8 @@ function Door:route(req)
       log.error("router hook returned %s (the default routing applies)", why)
     end
   end
-  return router.route(request, self.view)
+  -- the request as it came, not as the hook may have left it
+  return router.route({ method = req.method, host = req.host, path = req.path }, view)
 end
 
 -- Is service:id an instance this server knows (so a request may wake it)?
@@ -131,6 +184,9 @@ end
 local function unavailable(req, why, retry_after)
   return text_reply(req, 503, why, { ["retry-after"] = tostring(retry_after or 5) })
 end
+
+-- The states a restart ends in, one way or another.
+local SETTLED = { running = true, unhealthy = true, failed = true, stopped = true, sleeping = true }
 
 -- Makes sure service:id runs; wakes or starts it if needed. Every request
 -- that arrives during a start waits for that one start (100 requests, one
@@ -156,8 +212,25 @@ function Door:ensure_running(service, id, on_demand)
       key, inst.last_exit or "?", key)
   end
   if inst and inst.state == "unhealthy" then return nil, 503, key .. " is unhealthy" end
-  if on_demand and not inst and svc.max_instances and #sup:of_service(service) >= svc.max_instances then
-    return nil, 503, string.format("%s has reached max_instances = %d", service, svc.max_instances)
+  -- the supervisor is restarting it (after a crash): that start is the one
+  -- to wait for. sup:spawn would not wait: its ready event is the earlier
+  -- life's, still set, and the request went to a socket nobody listened on
+  if inst and (inst.state == "backoff" or inst.state == "starting") then
+    local state = inst:wait_state(SETTLED, limit_ms)
+    if state == "running" then return inst end
+    return nil, 503, string.format("%s is %s", key, state or "still restarting")
+  end
+  if on_demand and not inst and svc.max_instances then
+    -- the ids this door is creating count too: the supervisor knows one only
+    -- once its start task runs, and strangers arriving together would each
+    -- find room for one more
+    local count = #sup:of_service(service)
+    for k, s in pairs(self.creating) do
+      if s == service and not sup.instances[k] then count = count + 1 end
+    end
+    if count >= svc.max_instances then
+      return nil, 503, string.format("%s has reached max_instances = %d", service, svc.max_instances)
+    end
   end
   if self.cold_starts >= self.cfg.settings.max_cold_starts then
     return nil, 503, "too many instances are starting right now"
@@ -165,13 +238,21 @@ function Door:ensure_running(service, id, on_demand)
 
   waking = sync.event()
   self.waking[key] = waking
+  if not inst then self.creating[key] = service end
   self.cold_starts = self.cold_starts + 1
   local t0 = core.now()
   local task = core.spawn(sup.spawn, sup, service, id)
   local ok, started, err = task:join(limit_ms)
   self.cold_starts = self.cold_starts - 1
   self.waking[key] = nil
-  if not ok then err = key .. " did not start within startup_timeout" end
+  self.creating[key] = nil
+  -- join says nil, "timeout" (or nil and the task's error): what comes
+  -- second is then no instance
+  if not ok then
+    err = started == "timeout" and (key .. " did not start within startup_timeout")
+      or string.format("starting %s failed: %s", key, tostring(started))
+    started = nil
+  end
   if not started then
     waking:set(nil, err)
     return nil, 503, err
@@ -209,8 +290,13 @@ end
 -- (true: to inst; a function: to the set it returns).
 function Door:proxy(req, inst, direct)
   local upstream = inst:upstream()
+  -- req:proxy returns when the exchange is over: a reload meanwhile (a hook
+  -- added, the domain changed) cleared the direct routes, and this one,
+  -- decided under the configuration before it, must not come back
+  local generation = self.generation
   req:proxy(upstream)
   if not (direct and self.http and inst.state == "running" and not inst.route_socket) then return end
+  if self.generation ~= generation then return end
   if direct == true then
     self.http:route(req.host, upstream)
   else
@@ -230,6 +316,10 @@ function Door:handle(req)
   end
 
   local service, id = target.service, target.id
+  -- a [routing] name or a hook may still point at a service being withdrawn
+  if not self.view.services[service] then
+    return text_reply(req, 404, "no service " .. service .. " here")
+  end
   local svc = self.cfg.services[service]
   -- only a decision made from the host alone can be handed to C, and none
   -- a hook makes: it may look at the path or the headers of every request
@@ -245,8 +335,11 @@ function Door:handle(req)
       return unavailable(req, "no instance of " .. service .. " can take requests now")
     end
     id = pick.id
-    -- the set is made after the proxy call: by then a woken instance runs
-    if by_host then direct = function() return self:service_set(candidates) end end
+    -- the set is made after the proxy call, from the instances the service
+    -- has then: a woken one runs by then, and one spawned (or deployed)
+    -- meanwhile belongs in it, its events having gone to the guard before
+    -- the route existed
+    if by_host then direct = function() return self:service_set(self.sup:of_service(service)) end end
   else
     if not self:known(service, id) and not svc.on_demand then
       return text_reply(req, 404, string.format("no instance %s:%s", service, id))

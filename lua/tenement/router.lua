@@ -40,8 +40,13 @@ function normalize(host)
   if type(host) ~= "string" or host == "" or #host > 255 then return nil end
   host = host:lower()
   if host:sub(1, 1) == "[" then
-    local v6 = host:match("^(%[[%x:.]+%])")
-    return v6
+    -- the literal, then nothing but an optional port
+    local v6, rest = host:match("^(%[[%x:.]+%])(.*)$")
+    if not v6 then return nil end
+    if rest == "" then return v6 end
+    local port = rest:match("^:(%d+)$")
+    if port and tonumber(port) <= 65535 then return v6 end
+    return nil
   end
   local name, port = host:match("^([^:]+):(%d+)$")
   if name then
@@ -58,6 +63,35 @@ function normalize(host)
     end
   end
   return host
+end
+
+local function unreserved(hex)
+  local c = string.char(tonumber(hex, 16))
+  if c:match("^[%w%-._~]$") then return c end
+  return "%" .. hex:upper()
+end
+
+-- The path as the instance will read it, for matching prefixes (the request
+-- goes on as sent): escaped unreserved characters decoded ("/%73hop" is
+-- "/shop", RFC 3986 6.2.2.2) and dot segments removed (5.2.4), so that
+-- "/shop/../api" goes where its instance would look, to /api's service. An
+-- escaped "/" stays data.
+function router.normalize_path(path)
+  if path:sub(1, 1) ~= "/" or (not path:find("%", 1, true) and not path:find("/.", 1, true)) then
+    return path
+  end
+  path = path:gsub("%%(%x%x)", unreserved)
+  local list, out = {}, {}
+  for seg in (path:sub(2) .. "/"):gmatch("([^/]*)/") do list[#list + 1] = seg end
+  for i, seg in ipairs(list) do
+    if seg == "." or seg == ".." then
+      if seg == ".." then out[#out] = nil end
+      if i == #list then out[#out + 1] = "" end
+    else
+      out[#out + 1] = seg
+    end
+  end
+  return "/" .. table.concat(out, "/")
 end
 
 local function prefix_match(path, prefix)
@@ -92,16 +126,21 @@ function router.route(request, view)
   end
   local domain = view.domain
   local routing = view.routing or { subdomain = {}, path = {} }
-  local path = request.path or "/"
+  local raw = request.path or "/"
 
   -- an address instead of a name reaches the server itself: no instance
   -- has an address of its own, and remote CLIs often know only the IP
   local is_address = host:match("^%d+%.%d+%.%d+%.%d+$") or host:sub(1, 1) == "["
   if host == domain or is_address then
+    local path = router.normalize_path(raw)
     for _, p in ipairs(routing.path or {}) do
-      if prefix_match(path, p.prefix) then return { kind = "service", service = p.service } end
+      -- a prefix written with escapes reads as the path does
+      local prefix = p.prefix
+      if prefix:find("%", 1, true) then prefix = router.normalize_path(prefix) end
+      if prefix_match(path, prefix) then return { kind = "service", service = p.service } end
     end
-    if is_own_path(path) then return { kind = "self" } end
+    -- the server's own pages match the path as sent, as they read it
+    if is_own_path(raw) then return { kind = "self" } end
     if routing.default then return { kind = "service", service = routing.default } end
     return { kind = "self" }
   end

@@ -399,13 +399,18 @@ function Server:reload()
   local old = self.cfg
   config.reapply(new, old)
   local summary = { added = {}, removed = {}, rolled_out = {}, failed = {}, restart_needed = {} }
-  for _, key in ipairs { "listen", "port", "data_dir" } do
+  -- the HTTP server takes its limits once, when it starts listening
+  for _, key in ipairs { "listen", "port", "data_dir", "max_head_kb", "max_headers", "max_body_mb",
+    "header_timeout", "keepalive_timeout", "max_connections" } do
     if new.settings[key] ~= old.settings[key] then summary.restart_needed[#summary.restart_needed + 1] = key end
   end
   for _, key in ipairs(summary.restart_needed) do new.settings[key] = old.settings[key] end
   for name in pairs(old.services) do
     if not new.services[name] then
       summary.removed[#summary.removed + 1] = name
+      -- first out of the routing: a request arriving while an instance
+      -- stops would otherwise start it again, with the service gone
+      self.door:withdraw(name)
       for _, inst in ipairs(self.sup:of_service(name)) do
         self.sup:stop(name, inst.id, { reason = "service removed from the configuration" })
         self.sup:forget(name, inst.id)
@@ -424,7 +429,13 @@ function Server:reload()
   end
   for name in pairs(old.services) do if not new.services[name] then old.services[name] = nil end end
   -- the rest of the file: settings, routing, hooks, [instances]
-  for k, v in pairs(new.settings) do old.settings[k] = v end
+  -- a new table rather than the old one changed: an instance's upstream
+  -- takes proxy_timeout and upstream_keepalive again only when its
+  -- settings table is another one (inst:upstream())
+  local settings = {}
+  for k, v in pairs(old.settings) do settings[k] = v end
+  for k, v in pairs(new.settings) do settings[k] = v end
+  old.settings = settings
   old.routing, old.hooks, old.instances, old.service_names = new.routing, new.hooks, new.instances, new.service_names
   local routed, derr = self.door:configure(old)
   if not routed then summary.failed[#summary.failed + 1] = derr end

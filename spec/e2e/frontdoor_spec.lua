@@ -519,4 +519,351 @@ describe("front door", function()
     assert.are.equal(0, ps(srv)["api:blue"].weight)
     assert.are.equal(100, ps(srv)["api:v3"].weight)
   end)
+
+  it("follows the default routing when a router hook answers with a broken target, and never hangs on one", function()
+    local dir = support.tmpdir()
+    support.write(dir .. "/hook.lua", [[
+      local trap = setmetatable({}, { __index = function() while true do end end })
+      local liar = setmetatable({}, { __tostring = function() error("no name for me") end })
+      return { route = function(request)
+        local case = request.headers["x-case"]
+        if case == "no-id" then return { kind = "instance", service = "api" } end
+        if case == "bad-id" then return { kind = "instance", service = "api", id = "../../etc" } end
+        if case == "bad-status" then return { kind = "status", status = "teapot" } end
+        if case == "huge-status" then return { kind = "status", status = 1000, reason = "no" } end
+        if case == "bad-reason" then return { kind = "status", status = 403, reason = {} } end
+        if case == "no-service" then return { kind = "service" } end
+        if case == "trap" then return trap end
+        if case == "liar" then return liar end
+        if case == "throw-liar" then error(liar) end
+        return nil
+      end }
+    ]])
+    srv = start_server(dir, { api = {} }, { tail = { "[instances]", 'api = ["one"]', "[hooks]", 'router = "hook.lua"' } })
+    wait_state(srv, "api:one", "running")
+    run(function()
+      for _, case in ipairs { "no-id", "bad-id", "bad-status", "huge-status", "bad-reason", "no-service",
+        "trap", "liar", "throw-liar" } do
+        local res, err = get(srv, "one.api.example.test", "/", { timeout = 5000, headers = { ["x-case"] = case } })
+        assert.is_not_nil(res, case .. ": " .. tostring(err))
+        assert.are.equal(200, res.status, case .. ": " .. res.body .. log_text(srv))
+        assert.are.equal("one", res.headers["x-backend"], case)
+      end
+      -- and the server still answers, in Lua and not
+      assert.are.equal(200, assert(get(srv, "example.test", "/health")).status)
+    end)
+    assert.is_nil(ps(srv)["api:../../etc"])
+    assert.matches("router hook returned", log_text(srv), 1, true)
+  end)
+
+  it("holds max_instances against many strangers arriving at once", function()
+    local dir = support.tmpdir()
+    srv = start_server(dir, { open = { "on_demand = true", "max_instances = 2", "[service.open.env]",
+      'BACKEND_START_DELAY_MS = "300"' } })
+    local statuses = {}
+    run(function()
+      local tasks = {}
+      for i = 1, 12 do
+        tasks[i] = core.spawn(function() return get(srv, "s" .. i .. ".open.example.test", "/") end)
+      end
+      for i = 1, 12 do
+        local _, res = tasks[i]:join()
+        statuses[i] = res and res.status
+      end
+    end)
+    local made, ok = 0, 0
+    for _ in pairs(ps(srv)) do made = made + 1 end
+    for i = 1, 12 do
+      if statuses[i] == 200 then ok = ok + 1 else assert.are.equal(503, statuses[i], "request " .. i) end
+    end
+    assert.is_true(made <= 2, made .. " instances for max_instances = 2")
+    assert.is_true(ok <= 2, ok .. " strangers served for max_instances = 2")
+  end)
+
+  it("keeps the default routing whole whatever a router hook does to the view and the request", function()
+    local dir = support.tmpdir()
+    support.write(dir .. "/hook.lua", [[
+      return { route = function(request, view)
+        local case = request.headers["x-case"]
+        if case == "corrupt" then
+          view.domain = nil
+          view.services.ghost = true
+          return "ghost"
+        end
+        if case == "rewrite-then-fail" then
+          request.host = "two.api.example.test"
+          error("changed my mind")
+        end
+      end }
+    ]])
+    srv = start_server(dir, { api = {} }, { tail = { "[instances]", 'api = ["one", "two"]', "[hooks]", 'router = "hook.lua"' } })
+    wait_state(srv, "api:two", "running")
+    run(function()
+      for _, case in ipairs { "corrupt", "none", "rewrite-then-fail", "none" } do
+        local res = assert(get(srv, "one.api.example.test", "/", { headers = { ["x-case"] = case } }))
+        assert.are.equal(200, res.status, case .. ": " .. res.body)
+        assert.are.equal("one", res.headers["x-backend"], case)
+      end
+    end)
+    assert.matches("router hook chose unknown service", log_text(srv), 1, true)
+  end)
+
+  it("does not start again an instance of a service a reload removes while a request asks for it", function()
+    local dir = support.tmpdir()
+    -- the instance ignores SIGTERM: its stop takes stop_timeout, and requests come meanwhile
+    srv = start_server(dir, { api = {}, gone = { "[service.gone.env]", 'BACKEND_IGNORE_TERM = "1"' } },
+      { tail = { "[instances]", 'api = ["one"]', 'gone = ["x"]', "[routing.subdomain]", 'www = "gone"' } })
+    wait_state(srv, "gone:x", "running")
+    -- the file without [service.gone] and its sub-tables (wherever the
+    -- sections fell), its instance, and www pointing elsewhere
+    local kept, skipping = {}, false
+    for line in io.lines(srv.cfg) do
+      if line:match("^%[") then skipping = line:match("^%[service%.gone[%].]") ~= nil end
+      if not skipping and line ~= 'gone = ["x"]' then kept[#kept + 1] = (line:gsub('www = "gone"', 'www = "api"')) end
+    end
+    support.write(srv.cfg, table.concat(kept, "\n") .. "\n")
+    local during = {}
+    run(function()
+      local reload = core.spawn(function() return ten_in_task(srv, "reload") end)
+      for _ = 1, 100 do
+        local _, out = ten_in_task(srv, "ps", "--json")
+        local ok, list = pcall(cjson.decode, out)
+        local stopping = false
+        for _, i in ipairs(ok and list or {}) do
+          if i.id == "gone:x" and i.state == "stopping" then stopping = true end
+        end
+        if stopping then break end
+        core.sleep(50)
+      end
+      for _, host in ipairs { "x.gone.example.test", "gone.example.test", "www.example.test" } do
+        local res = get(srv, host, "/")
+        during[#during + 1] = res and res.status or "no answer"
+      end
+      local _, code = reload:join()
+      assert.are.equal(0, code)
+    end)
+    for i, status in ipairs(during) do assert.are_not.equal(200, status, "request " .. i) end
+    assert.is_nil(ps(srv)["gone:x"], log_text(srv))
+  end)
+
+  it("moves traffic with route and PUT /api/routes under load without a request left with no instance", function()
+    local dir = support.tmpdir()
+    srv = start_server(dir, { api = { 'health = "/health"' } }, { tail = { "[instances]", 'api = ["blue", "green"]' } })
+    wait_state(srv, "api:blue", "running")
+    wait_state(srv, "api:green", "running")
+    assert.are.equal(0, (ten(srv, "weight", "api:green", "0")))
+    local _, out = ten(srv, "token-gen")
+    local token = out:match("^(%S+)")
+    local total, failures
+    run(function()
+      total, failures = under_load(srv, "api.example.test", "/", 4, function()
+        for i = 1, 6 do
+          local from, to = "blue", "green"
+          if i % 2 == 0 then from, to = to, from end
+          local code, out = ten_in_task(srv, "route", "api", "--from", from, "--to", to)
+          assert.are.equal(0, code, out)
+          core.sleep(50)
+        end
+        -- several weights at once: whichever the server sets first
+        for i = 1, 6 do
+          local weights = i % 2 == 1 and '{"blue": 0, "green": 100}' or '{"blue": 100, "green": 0}'
+          local res = assert(get(srv, "example.test", "/api/routes/api", { method = "PUT", body =
+            '{"weights": ' .. weights .. '}', headers = { authorization = "Bearer " .. token } }))
+          assert.are.equal(200, res.status, res.body)
+          core.sleep(50)
+        end
+      end)
+    end)
+    assert.are.equal(0, #failures, "failed requests while traffic moved: " .. table.concat(failures, ", "))
+    assert.is_true(total > 50, "too little load to mean anything: " .. total)
+  end)
+
+  it("has a request for an instance restarting after a crash wait for the restart, not a 502", function()
+    local dir = support.tmpdir()
+    srv = start_server(dir, { api = {} }, { settings = { "backoff_base_ms = 1500" }, tail = { "[instances]", 'api = ["b"]' } })
+    wait_state(srv, "api:b", "running")
+    run(function()
+      get(srv, "b.api.example.test", "/crash")
+    end)
+    wait_state(srv, "api:b", "backoff")
+    run(function()
+      local res = assert(get(srv, "b.api.example.test", "/"))
+      assert.are.equal(200, res.status, res.body)
+      assert.are.equal("b", res.headers["x-backend"])
+    end)
+  end)
+
+  it("refuses to deploy over an id that is unhealthy instead of calling it healthy", function()
+    local dir = support.tmpdir()
+    srv = start_server(dir, { api = { 'health = "/health"', 'restart = "never"', "[service.api.env]",
+      'BACKEND_FAIL_HEALTH_AFTER = "1"' } }, { tail = { "[instances]", 'api = ["u"]' } })
+    wait_state(srv, "api:u", "unhealthy")
+    local code, out, err = ten(srv, "deploy", "api:u", "--timeout", "2")
+    assert.are.equal(1, code, out)
+    assert.matches("exists already", err, 1, true)
+    assert.are.equal("unhealthy", ps(srv)["api:u"].state)
+  end)
+
+  it("hands a host to C only under the configuration that routed it, not one a reload replaced meanwhile", function()
+    local dir = support.tmpdir()
+    srv = start_server(dir, { api = {} }, { settings = { "proxy_timeout = 10" }, tail = { "[instances]", 'api = ["d"]' } })
+    wait_state(srv, "api:d", "running")
+    support.write(dir .. "/hook.lua", [[
+      return function(request) return { kind = "status", status = 403, reason = "closed by the hook" } end
+    ]])
+    local text = assert(io.open(srv.cfg)):read("a")
+    run(function()
+      -- routed (and about to be handed to C) before the reload adds a hook
+      local slow = core.spawn(function() return get(srv, "d.api.example.test", "/sleep?ms=1500") end)
+      core.sleep(300)
+      support.write(srv.cfg, text .. '[hooks]\nrouter = "hook.lua"\n')
+      local code, out = ten_in_task(srv, "reload")
+      assert.are.equal(0, code, out)
+      local _, res = slow:join()
+      assert.are.equal(200, res.status)
+      for i = 1, 3 do
+        local after = assert(get(srv, "d.api.example.test", "/"))
+        assert.are.equal(403, after.status, "request " .. i .. " after the reload: " .. after.body)
+      end
+    end)
+  end)
+
+  it("hands a service host to C with the instances it has when the request ends, not when it began", function()
+    local dir = support.tmpdir()
+    srv = start_server(dir, { api = {} }, { settings = { "proxy_timeout = 10" }, tail = { "[instances]", 'api = ["a"]' } })
+    wait_state(srv, "api:a", "running")
+    local seen = {}
+    run(function()
+      -- routed while a is alone; b joins before it is over
+      local slow = core.spawn(function() return get(srv, "api.example.test", "/sleep?ms=1500") end)
+      core.sleep(200)
+      local code, out = ten_in_task(srv, "spawn", "api:b")
+      assert.are.equal(0, code, out)
+      local _, res = slow:join()
+      assert.are.equal(200, res.status)
+      for _ = 1, 40 do
+        local r = assert(get(srv, "api.example.test", "/"))
+        seen[r.headers["x-backend"]] = (seen[r.headers["x-backend"]] or 0) + 1
+      end
+    end)
+    assert.is_not_nil(seen.b, "api:b got none of 40 requests: " .. cjson.encode(seen))
+  end)
+
+  it("stops a router hook that catches its own budget error with pcall and loops on", function()
+    local dir = support.tmpdir()
+    support.write(dir .. "/hook.lua", [[
+      return function(request)
+        if request.headers["x-case"] == "stubborn" then
+          while true do pcall(function() while true do end end) end
+        end
+      end
+    ]])
+    srv = start_server(dir, { api = {} }, { tail = { "[instances]", 'api = ["one"]', "[hooks]", 'router = "hook.lua"' } })
+    wait_state(srv, "api:one", "running")
+    run(function()
+      local res, err = get(srv, "one.api.example.test", "/", { timeout = 8000, headers = { ["x-case"] = "stubborn" } })
+      assert.is_not_nil(res, "no answer: " .. tostring(err))
+      assert.are.equal(200, res.status, res.body)
+      assert.are.equal("one", res.headers["x-backend"])
+    end)
+    assert.matches("exceeded its budget", log_text(srv), 1, true)
+  end)
+
+  it("keeps the libraries the server routes with out of a router hook's reach", function()
+    local dir = support.tmpdir()
+    support.write(dir .. "/hook.lua", [[
+      return function(request)
+        local case = request.headers["x-case"]
+        if case == "vandal" then
+          string.lower = function() return "nowhere" end
+          math.random = function() error("not random at all") end
+        elseif case == "sneaky" then
+          local meta = getmetatable("")
+          if meta then meta.__index.match = function() return nil end end
+        end
+      end
+    ]])
+    srv = start_server(dir, { api = {} }, { tail = { "[instances]", 'api = ["one"]', "[hooks]", 'router = "hook.lua"' } })
+    wait_state(srv, "api:one", "running")
+    run(function()
+      for _, case in ipairs { "vandal", "sneaky" } do
+        assert(get(srv, "one.api.example.test", "/", { headers = { ["x-case"] = case } }))
+        -- hosts not seen before (their normal form is cached) and a weighted choice
+        local hosts = case == "vandal" and { "ONE.api.example.test", "api.example.test" }
+          or { "One.api.example.test", "API.example.test:80" }
+        for _, host in ipairs(hosts) do
+          local res = assert(get(srv, host, "/"))
+          assert.are.equal(200, res.status, case .. ", " .. host .. ": " .. res.body)
+        end
+      end
+    end)
+  end)
+
+  it("applies a proxy_timeout a reload changes to the instances already running", function()
+    local dir = support.tmpdir()
+    srv = start_server(dir, { api = {} }, { tail = { "[instances]", 'api = ["t"]' } })
+    wait_state(srv, "api:t", "running")
+    run(function()
+      local res = assert(get(srv, "t.api.example.test", "/sleep?ms=3000"))
+      assert.are.equal(504, res.status) -- proxy_timeout = 2
+    end)
+    local text = assert(io.open(srv.cfg)):read("a")
+    support.write(srv.cfg, (text:gsub("proxy_timeout = 2", "proxy_timeout = 10")))
+    local code, out, err = ten(srv, "reload")
+    assert.are.equal(0, code, out .. err)
+    run(function()
+      local res = assert(get(srv, "t.api.example.test", "/sleep?ms=3000"))
+      assert.are.equal(200, res.status, res.body)
+    end)
+  end)
+
+  it("says which front door limits a reload cannot change without a restart, and keeps them", function()
+    local dir = support.tmpdir()
+    srv = start_server(dir, { api = {} }, { settings = { "keepalive_timeout = 60", "max_body_mb = 1" },
+      tail = { "[instances]", 'api = ["k"]' } })
+    wait_state(srv, "api:k", "running")
+    local text = assert(io.open(srv.cfg)):read("a")
+    support.write(srv.cfg, (text:gsub("keepalive_timeout = 60", "keepalive_timeout = 1"):gsub("max_body_mb = 1", "max_body_mb = 2")))
+    local code, out, err = ten(srv, "reload")
+    assert.are.equal(0, code, out .. err)
+    assert.matches("needs a restart of ten serve: [^\n]*keepalive_timeout", out)
+    assert.matches("needs a restart of ten serve: [^\n]*max_body_mb", out)
+    -- the old limit is the one that holds
+    run(function()
+      local res = assert(get(srv, "k.api.example.test", "/sink", { method = "POST",
+        body = string.rep("x", 1536 * 1024) }))
+      assert.are.equal(413, res.status)
+    end)
+  end)
+
+  it("answers 503 with Retry-After, not 500, when a wake outlasts its wait", function()
+    local dir = support.tmpdir()
+    -- going to sleep takes stop_timeout (SIGTERM ignored), longer than a
+    -- request waits for the wake that must come after it
+    srv = start_server(dir, { api = { "idle_timeout = 1", "startup_timeout = 1", "[service.api.env]",
+      'BACKEND_IGNORE_TERM = "1"' } }, { settings = { "stop_timeout = 4" }, tail = { "[instances]", 'api = ["s"]' } })
+    wait_state(srv, "api:s", "running")
+    wait_state(srv, "api:s", "stopping")
+    run(function()
+      local res = assert(get(srv, "s.api.example.test", "/"))
+      assert.are.equal(503, res.status, res.body)
+      assert.is_not_nil(res.headers["retry-after"])
+    end)
+  end)
+
+  it("gives a router hook headers of its own, so what it hangs on them never runs outside its budget", function()
+    local dir = support.tmpdir()
+    support.write(dir .. "/hook.lua", [[
+      return function(request)
+        setmetatable(request.headers, { __index = function() while true do end end })
+      end
+    ]])
+    srv = start_server(dir, { api = {} }, { tail = { "[hooks]", 'router = "hook.lua"' } })
+    run(function()
+      -- the API reads the Authorization header, which this request lacks
+      local res, err = get(srv, "example.test", "/api/instances", { timeout = 5000 })
+      assert.is_not_nil(res, "no answer: " .. tostring(err))
+      assert.are.equal(401, res.status)
+    end)
+  end)
 end)

@@ -44,6 +44,15 @@ describe("router.route", function()
     assert.are.equal(400, router.route({ path = "/" }, view).status)
   end)
 
+  it("rejects an IPv6 literal with anything but a port after it", function()
+    for _, h in ipairs { "[::1]junk", "[::1].example.com", "[::1]:", "[::1]:99999", "[::1]:80x", "[::1]]" } do
+      local t = route(h)
+      assert.are.equal("status", t.kind, h)
+      assert.are.equal(400, t.status, h)
+    end
+    assert.are.same({ kind = "self" }, route("[2001:DB8::1]:8080", "/health"))
+  end)
+
   it("answers 404 for other domains, unknown services and deeper names", function()
     assert.are.equal(404, route("evil.com").status)
     assert.are.equal(404, route("notexample.com").status)
@@ -66,6 +75,27 @@ describe("router.route", function()
     assert.are.same({ kind = "self" }, route("example.com", "/apix", v))
   end)
 
+  it("matches path prefixes on the path as the instance will read it: unreserved escapes decoded, dot segments gone", function()
+    local v = { domain = "example.com", services = view.services, routing = {
+      subdomain = {}, path = { { prefix = "/shop", service = "web" }, { prefix = "/api", service = "api" } } } }
+    assert.are.same({ kind = "service", service = "web" }, route("example.com", "/%73hop/cart", v))
+    assert.are.same({ kind = "service", service = "web" }, route("example.com", "/sh%6Fp", v))
+    assert.are.same({ kind = "service", service = "api" }, route("example.com", "/shop/../api/x", v))
+    assert.are.same({ kind = "service", service = "web" }, route("example.com", "/api/../shop", v))
+    assert.are.same({ kind = "service", service = "api" }, route("example.com", "/shop/%2e%2E/api", v))
+    assert.are.same({ kind = "service", service = "web" }, route("example.com", "/x/../../shop", v))
+    assert.are.same({ kind = "service", service = "web" }, route("example.com", "/./shop", v))
+    -- an escaped "/" is data, not a separator
+    assert.are.same({ kind = "self" }, route("example.com", "/%2Fshop", v))
+    assert.are.same({ kind = "self" }, route("example.com", "/shopx/../x", v))
+    -- a prefix written with escapes is read the same way
+    local escaped = { domain = "example.com", services = view.services, routing = {
+      subdomain = {}, path = { { prefix = "/%73hop", service = "web" }, { prefix = "/.well-known", service = "api" } } } }
+    assert.are.same({ kind = "service", service = "web" }, route("example.com", "/shop/x", escaped))
+    assert.are.same({ kind = "service", service = "web" }, route("example.com", "/%73hop/x", escaped))
+    assert.are.same({ kind = "service", service = "api" }, route("example.com", "/.well-known/acme", escaped))
+  end)
+
   it("sends the bare domain to the default service, but keeps the server's own paths", function()
     local v = { domain = "example.com", services = view.services, routing = { default = "web", subdomain = {}, path = {} } }
     assert.are.same({ kind = "service", service = "web" }, route("example.com", "/", v))
@@ -74,6 +104,8 @@ describe("router.route", function()
     assert.are.same({ kind = "self" }, route("example.com", "/health", v))
     assert.are.same({ kind = "self" }, route("example.com", "/metrics", v))
     assert.are.same({ kind = "service", service = "web" }, route("example.com", "/healthy", v))
+    -- the server's own pages read the path as sent: an escaped one is not theirs
+    assert.are.same({ kind = "service", service = "web" }, route("example.com", "/%61pi/instances", v))
   end)
 end)
 
