@@ -135,12 +135,14 @@ function api.new(ctx)
   -- deploys of one version at once all answered 200. A stop
   -- takes no turn (it must be able to cut a hanging start short); a start
   -- it cuts short says so with 409, not as a start that failed.
-  local turns = {}
+  local turns, stops = {}, {}
   local function start_in_turn(service, id, fn)
     local key = supervisor.key(service, id)
     while turns[key] do turns[key]:wait() end
     local mine = sync.event()
     turns[key] = mine
+    -- a stop that began between two turns may land in this one
+    mine.stopped = (stops[key] or 0) > 0
     local res = table.pack(pcall(fn, sup, service, id))
     turns[key] = nil
     mine:set()
@@ -198,9 +200,13 @@ function api.new(ctx)
   route("DELETE", "/api/instances/([^/]+)", function(_, key)
     local service, id = target(key)
     if not service then return fail("bad_request", id) end
-    local turn = turns[supervisor.key(service, id)]
+    local ikey = supervisor.key(service, id)
+    local turn = turns[ikey]
     if turn then turn.stopped = true end
-    local ok, why, code = sup:stop(service, id)
+    stops[ikey] = (stops[ikey] or 0) + 1
+    local done, ok, why, code = pcall(sup.stop, sup, service, id)
+    stops[ikey] = stops[ikey] > 1 and stops[ikey] - 1 or nil
+    if not done then error(ok, 0) end
     if not ok then return fail(code or "internal", why) end
     return 204, {}, ""
   end, "instance")
