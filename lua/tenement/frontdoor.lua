@@ -132,7 +132,11 @@ local function hook_target(t)
       return nil, "a status target needs status = an integer from 200 to 599"
     end
     if reason ~= nil and type(reason) ~= "string" then return nil, "a status target's reason must be a string" end
-    return { kind = "status", status = status, reason = reason }
+    local retry = rawget(t, "retry_after")
+    if retry ~= nil and (math.type(retry) ~= "integer" or retry < 0 or retry > 86400) then
+      return nil, "a status target's retry_after must be an integer number of seconds from 0 to 86400"
+    end
+    return { kind = "status", status = status, reason = reason, retry_after = retry }
   end
   return nil, "a table without a valid kind (self, service, instance or status)"
 end
@@ -312,7 +316,11 @@ function Door:handle(req)
   if target.kind == "self" then
     return self.own(req)
   elseif target.kind == "status" then
-    return text_reply(req, target.status or 404, target.reason or "not found")
+    -- a 503 says when to come back, as the door's own 503s do: clients
+    -- and load balancers that honour it retry later instead of at once
+    local retry = target.retry_after or (target.status == 503 and 5 or nil)
+    return text_reply(req, target.status or 404, target.reason or "not found",
+      retry and { ["retry-after"] = tostring(retry) })
   end
 
   local service, id = target.service, target.id

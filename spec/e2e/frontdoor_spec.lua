@@ -350,6 +350,10 @@ describe("front door", function()
       return { route = function(request, view, default)
         if request.path == "/boom" then error("hook exploded") end
         if request.path == "/deny" then return { kind = "status", status = 403, reason = "denied by hook" } end
+        if request.path == "/busy" then return { kind = "status", status = 503, reason = "maintenance" } end
+        if request.path == "/later" then
+          return { kind = "status", status = 503, reason = "maintenance", retry_after = 120 }
+        end
         if request.headers["x-pick"] then return "api:" .. request.headers["x-pick"] end
         return nil
       end }
@@ -362,6 +366,13 @@ describe("front door", function()
       assert.are.equal("one", res.headers["x-backend"]) -- default routing applied
       res = assert(get(srv, "one.api.example.test", "/deny"))
       assert.are.equal(403, res.status)
+      assert.is_nil(res.headers["retry-after"])
+      -- a hook's 503 tells when to come back, as the door's own do
+      res = assert(get(srv, "one.api.example.test", "/busy"))
+      assert.are.equal(503, res.status)
+      assert.are.equal("5", res.headers["retry-after"])
+      res = assert(get(srv, "one.api.example.test", "/later"))
+      assert.are.equal("120", res.headers["retry-after"])
       res = assert(get(srv, "api.example.test", "/", { headers = { ["x-pick"] = "two" } }))
       assert.are.equal("two", res.headers["x-backend"])
     end)
@@ -532,6 +543,7 @@ describe("front door", function()
         if case == "bad-status" then return { kind = "status", status = "teapot" } end
         if case == "huge-status" then return { kind = "status", status = 1000, reason = "no" } end
         if case == "bad-reason" then return { kind = "status", status = 403, reason = {} } end
+        if case == "bad-retry" then return { kind = "status", status = 503, retry_after = "soon" } end
         if case == "no-service" then return { kind = "service" } end
         if case == "trap" then return trap end
         if case == "liar" then return liar end
@@ -542,7 +554,7 @@ describe("front door", function()
     srv = start_server(dir, { api = {} }, { tail = { "[instances]", 'api = ["one"]', "[hooks]", 'router = "hook.lua"' } })
     wait_state(srv, "api:one", "running")
     run(function()
-      for _, case in ipairs { "no-id", "bad-id", "bad-status", "huge-status", "bad-reason", "no-service",
+      for _, case in ipairs { "no-id", "bad-id", "bad-status", "huge-status", "bad-reason", "bad-retry", "no-service",
         "trap", "liar", "throw-liar" } do
         local res, err = get(srv, "one.api.example.test", "/", { timeout = 5000, headers = { ["x-case"] = case } })
         assert.is_not_nil(res, case .. ": " .. tostring(err))
