@@ -874,7 +874,9 @@ describe("HTTP API: scopes, races and revocation", function()
     -- what api:one's app may well do: a hundred thousand files of its own
     local many = srv.dir .. "/data/api/one/many"
     assert.are.equal(0, (support.run("mkdir -p " .. many .. " && cd " .. many .. " && seq 1 100000 | xargs touch")))
-    local worst, storage_status = 0, nil
+    -- counted, not timed (the machine is shared): requests to api:two answered
+    -- while the count is under way. A count that held the loop let none through.
+    local answered_meanwhile, storage_status = 0, nil
     core.run(function()
       local done = false
       local t = core.spawn(function()
@@ -884,16 +886,16 @@ describe("HTTP API: scopes, races and revocation", function()
       end)
       core.sleep(20)
       while not done do
-        local start = core.hrtime()
         assert(core.http.request { host = "127.0.0.1", port = srv.port, target = "/",
           headers = { host = "two.api.example.test" } })
-        worst = math.max(worst, (core.hrtime() - start) / 1e6)
+        if not done then answered_meanwhile = answered_meanwhile + 1 end
         core.sleep(5)
       end
       t:join()
     end)
     assert.are.equal(200, storage_status)
-    assert.is_true(worst < 200, string.format("a request to api:two waited %.0f ms", worst))
+    assert.is_true(answered_meanwhile >= 3,
+      string.format("%d requests to api:two answered while the storage was counted", answered_meanwhile))
   end)
 
   it("deploys a version once when three deploys of it come at once", function()
