@@ -49,6 +49,11 @@
  * program. A script cannot run that way (its interpreter would need the fd
  * by path, after exec closed it): ELF binaries only, which is what the init
  * is.
+ *
+ * status_pipe gives the child a pipe's write end as fd 3. The init, as PID 1,
+ * cannot die of the signal that killed its app, so it writes the app's wait
+ * status there before it exits, and that status is what wait reports: an
+ * app SIGKILLed reads as killed by SIGKILL, not as the init's exit code 137.
  */
 #include "tn.h"
 
@@ -108,14 +113,14 @@ static const char *signal_name(int sig, char *buf, size_t size) {
 enum child_stage {
     ST_NONE, ST_SIGMASK, ST_SETSID, ST_SETPGID, ST_USERNS, ST_MOUNT_PRIVATE, ST_MOUNT_PROC,
     ST_HOSTNAME, ST_LOOPBACK, ST_NETNS, ST_CGROUP, ST_RLIMIT, ST_SETGROUPS, ST_SETGID, ST_SETUID,
-    ST_PDEATHSIG, ST_PARENT, ST_NO_NEW_PRIVS, ST_CHDIR, ST_STDIO, ST_CLOSE_FDS, ST_EXEC,
+    ST_PDEATHSIG, ST_PARENT, ST_NO_NEW_PRIVS, ST_CHDIR, ST_STDIO, ST_STATUS_FD, ST_CLOSE_FDS, ST_EXEC,
 };
 
 static const char *const stage_names[] = {
     "", "sigprocmask", "setsid", "setpgid", "user namespace id maps", "mount --make-rslave /",
     "mount proc on /proc", "sethostname", "bring up lo", "join the network namespace (setns)", "cgroup", "setrlimit", "setgroups", "setgid",
     "setuid", "prctl(PR_SET_PDEATHSIG)", "parent exited", "prctl(PR_SET_NO_NEW_PRIVS)",
-    "chdir", "dup2", "close_range", "exec",
+    "chdir", "dup2", "dup2 the status pipe to fd 3", "close_range", "exec",
 };
 
 static const struct { const char *name; int resource; } rlimit_names[] = {
@@ -166,6 +171,7 @@ static const struct { const char *name; int flag; } clone_flag_names[] = {
 struct child_args {
     const char *path;        /* or, with exec_fd, only the name for messages */
     int exec_fd;             /* -1: exec path */
+    int status_fd;           /* -1, or the status pipe's write end, to become fd 3 */
     char *const *argv;
     char *const *envp;
     const char *cwd;
@@ -225,11 +231,11 @@ CHILD_CODE static int child_write(const char *path, const char *data, size_t len
     return -1;
 }
 
-/* Close every fd from 3 up, except keep (the fd to exec, or -1). */
-CHILD_CODE static int child_close_fds(int keep) {
-    unsigned first = 3;
-    if (keep >= 3) {
-        if (keep > 3 && syscall(SYS_close_range, 3U, (unsigned)keep - 1, 0) != 0) goto one_by_one;
+/* Close every fd from first up, except keep (the fd to exec, or -1). */
+CHILD_CODE static int child_close_fds(unsigned first, int keep) {
+    unsigned from = first;
+    if (keep >= (int)first) {
+        if (keep > (int)first && syscall(SYS_close_range, first, (unsigned)keep - 1, 0) != 0) goto one_by_one;
         first = (unsigned)keep + 1;
     }
     if (syscall(SYS_close_range, first, ~0U, 0) == 0) return 0;
@@ -238,7 +244,7 @@ one_by_one:
     struct rlimit nofile;
     rlim_t max = 65536;
     if (getrlimit(RLIMIT_NOFILE, &nofile) == 0 && nofile.rlim_cur < max) max = nofile.rlim_cur;
-    for (rlim_t fd = 3; fd < max; fd++) {
+    for (rlim_t fd = from; fd < max; fd++) {
         if ((int)fd != keep) close((int)fd);
     }
     return 0;
@@ -372,14 +378,21 @@ CHILD_CODE static int child_main(void *arg) {
             child_fail(a, ST_STDIO, i);
         }
     }
+    /* The status pipe goes to a number the init is told in its argv. */
+    int exec_fd = a->exec_fd;
+    if (a->status_fd >= 0) {
+        if (exec_fd == 3 && (exec_fd = fcntl(3, F_DUPFD_CLOEXEC, 4)) < 0) child_fail(a, ST_STATUS_FD, 0);
+        if (a->status_fd == 3 ? fcntl(3, F_SETFD, 0) != 0 : dup2(a->status_fd, 3) != 3)
+            child_fail(a, ST_STATUS_FD, 0);
+    }
     /* Nothing of ours beyond stdio reaches the program: listening sockets,
      * other instances' pipes, the database. */
-    if (child_close_fds(a->exec_fd) != 0) child_fail(a, ST_CLOSE_FDS, 0);
+    if (child_close_fds(a->status_fd >= 0 ? 4 : 3, exec_fd) != 0) child_fail(a, ST_CLOSE_FDS, 0);
 
-    if (a->exec_fd >= 0) {
+    if (exec_fd >= 0) {
         /* Close-on-exec whatever the caller opened it with: exec closes it. */
-        if (fcntl(a->exec_fd, F_SETFD, FD_CLOEXEC) != 0) child_fail(a, ST_EXEC, 0);
-        syscall(SYS_execveat, a->exec_fd, "", a->argv, a->envp, AT_EMPTY_PATH);
+        if (fcntl(exec_fd, F_SETFD, FD_CLOEXEC) != 0) child_fail(a, ST_EXEC, 0);
+        syscall(SYS_execveat, exec_fd, "", a->argv, a->envp, AT_EMPTY_PATH);
     } else {
         execve(a->path, a->argv, a->envp);
     }
@@ -644,6 +657,7 @@ typedef struct tn_proc {
     int refs;                /* the Lua handle, and the poll handle until closed */
     int watching;            /* poll handle initialized and not yet closed */
     int pidfd;
+    int status_fd;           /* -1, or the read end of spec.status_pipe */
     pid_t pid;
     int exited;
     int lost;                /* someone else reaped it: no status */
@@ -698,6 +712,8 @@ static void proc_exited(tn_proc *p) {
     uv_close((uv_handle_t *)&p->poll, proc_poll_close_cb);
     close(p->pidfd);
     p->pidfd = -1;
+    if (p->status_fd >= 0) close(p->status_fd);
+    p->status_fd = -1;
     /* Resuming runs Lua, which may close or drop the handle: p stays valid
      * until the poll's close callback, which comes on a later loop turn. */
     proc_waiter *w = detach_waiters(p);
@@ -730,6 +746,18 @@ static void proc_poll_cb(uv_poll_t *h, int status, int events) {
         p->lost = 1;
     } else if (si.si_code == CLD_EXITED) {
         p->code = si.si_status;
+        /* An init as PID 1 cannot die of its app's signal: it exits and
+         * leaves the app's wait status in the pipe instead. */
+        int st;
+        if (p->status_fd >= 0 && read(p->status_fd, &st, sizeof st) == (ssize_t)sizeof st) {
+            if (WIFSIGNALED(st)) {
+                p->code = 0;
+                p->signum = WTERMSIG(st);
+                p->core_dumped = WCOREDUMP(st) != 0;
+            } else if (WIFEXITED(st)) {
+                p->code = WEXITSTATUS(st);
+            }
+        }
     } else {
         p->signum = si.si_status;
         p->core_dumped = si.si_code == CLD_DUMPED;
@@ -916,7 +944,7 @@ static const char *checked_cstring(lua_State *L, int idx, const char *what) {
 static const char *const spec_keys[] = {
     "argv", "env", "cwd", "stdin", "stdout", "stderr", "setsid", "pdeathsig", "cgroup_fds", "cgroup_into",
     "clone_flags", "uid", "gid", "groups", "no_new_privs", "rlimits", "mount_proc", "hostname",
-    "loopback", "exec_fd", "netns_fd", NULL,
+    "loopback", "exec_fd", "netns_fd", "status_pipe", NULL,
 };
 
 static void check_spec_keys(lua_State *L) {
@@ -1196,6 +1224,8 @@ static int resolve_path(spec_reader *r, const char *name, const char *pathvar, c
 
 /* ---- spawn ------------------------------------------------------------- */
 
+static int above_stdio(int fd);
+
 static void close_fd(int *fd) {
     if (*fd >= 0) close(*fd);
     *fd = -1;
@@ -1348,6 +1378,7 @@ static int l_proc_spawn(lua_State *L) {
     memset(&a, 0, sizeof a);
     a.parent_pidfd = -1;
     a.exec_fd = -1;
+    a.status_fd = -1;
     a.cgroup_into = -1;
     a.netns_fd = netns->fd;
 
@@ -1365,6 +1396,7 @@ static int l_proc_spawn(lua_State *L) {
     kind[2] = read_stdio(L, "stderr", STDIO_PIPE, &user_fd[2]);
 
     a.setsid = opt_bool(L, "setsid");
+    int status_pipe = opt_bool(L, "status_pipe");
     a.no_new_privs = opt_bool(L, "no_new_privs");
     int t = lua_getfield(L, 1, "pdeathsig");
     if (t == LUA_TNIL || (t == LUA_TBOOLEAN && lua_toboolean(L, -1))) a.pdeathsig = SIGKILL;
@@ -1419,6 +1451,7 @@ static int l_proc_spawn(lua_State *L) {
     if (!p) return luaL_error(L, "out of memory");
     p->refs = 1;
     p->pidfd = -1;
+    p->status_fd = -1;
     proc_box *box = lua_newuserdatauv(L, sizeof *box, 1);
     box->p = p;
     box->pid = 0;
@@ -1475,6 +1508,17 @@ static int l_proc_spawn(lua_State *L) {
         case STDIO_FD: a.stdio[i] = user_fd[i]; break;
         }
     }
+    int status_r = -1;
+    if (!fail_stage && status_pipe) {
+        int fds[2];
+        if (pipe2(fds, O_CLOEXEC | O_NONBLOCK) != 0) { fail_stage = "status pipe"; fail_err = errno; }
+        else {
+            /* 0 to 2 are what the child's dup2s overwrite */
+            status_r = above_stdio(fds[0]);
+            a.status_fd = above_stdio(fds[1]);
+            if (status_r < 0 || a.status_fd < 0) { fail_stage = "status pipe"; fail_err = errno; }
+        }
+    }
     a.parent_pid = getpid();
     if (!fail_stage && a.pdeathsig && (ns_flags & CLONE_NEWPID)) {
         a.parent_pidfd = (int)syscall(SYS_pidfd_open, a.parent_pid, 0);
@@ -1523,7 +1567,9 @@ static int l_proc_spawn(lua_State *L) {
     close_fd(&devnull);
     close_fd(&a.parent_pidfd);
     close_fd(&netns->fd);
+    close_fd(&a.status_fd);
 
+    if (fail_stage || a.stage != ST_NONE) close_fd(&status_r);
     if (!fail_stage && a.stage != ST_NONE) {
         /* The child failed before exec and is exiting: vfork let us go at
          * its mm release, moments before it becomes a zombie. */
@@ -1560,12 +1606,14 @@ static int l_proc_spawn(lua_State *L) {
         syscall(SYS_pidfd_send_signal, pidfd, SIGKILL, NULL, 0);
         reap_now(pidfd);
         close_fd(&pidfd);
+        close_fd(&status_r);
         for (int i = 0; i < 3; i++) close_fd(&ours[i]);
         return tn_fail_uv(L, lua_pushfstring(L, "spawn %s: watch pidfd", a.path), rc);
     }
     p->poll.data = p;
     p->pid = pid;
     p->pidfd = pidfd;
+    p->status_fd = status_r;
     p->watching = 1;
     p->refs++;
     box->pid = pid;

@@ -261,6 +261,34 @@ describe("core.proc", function()
       end)
     end)
 
+    it("gives status_pipe's write end as fd 3 and reads a wait status left there as the exit", function()
+      core.run(function()
+        local out, st = run { argv = { "/bin/sh", "-c", "ls /proc/$$/fd" }, status_pipe = true }
+        assert.are.same({ "0", "1", "2", "3" }, lines(out))
+        assert.are.same({ code = 0, core_dumped = false }, st)
+        -- 9 in the low byte of a wait status: killed by SIGKILL, whatever
+        -- the exit code (an init exits 137)
+        _, st = run { argv = { "/bin/sh", "-c", [[printf '\011\000\000\000' >&3; exit 137]] }, status_pipe = true }
+        assert.are.same({ signal = "SIGKILL", signum = 9, core_dumped = false }, st)
+        _, st = run { argv = { "/bin/sh", "-c", [[printf '\000\003\000\000' >&3; exit 137]] }, status_pipe = true }
+        assert.are.same({ code = 3, core_dumped = false }, st)
+        -- nothing written, or not a whole status: the exit as it was
+        _, st = run { argv = { "/bin/sh", "-c", [[printf 'x' >&3; exit 137]] }, status_pipe = true }
+        assert.are.same({ code = 137, core_dumped = false }, st)
+        -- the pipe is never left open in the server, whatever the outcome
+        local function twice()
+          local p = assert(proc.spawn { argv = { "/bin/true" }, status_pipe = true, stdout = "null", stderr = "null" })
+          p:wait(5000)
+          p:close()
+          assert.is_nil(proc.spawn { argv = { "/bin/true" }, cwd = dir .. "/none", status_pipe = true })
+        end
+        twice()
+        local before = fd_count()
+        for _ = 1, 20 do twice() end
+        assert.are.equal(before, fd_count())
+      end)
+    end)
+
     it("applies rlimits, no_new_privs and an fd given as stdout", function()
       core.run(function()
         local out = run { argv = { "/bin/sh", "-c", "ulimit -n; ulimit -Hn; grep NoNewPrivs /proc/$$/status" },
