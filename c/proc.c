@@ -1235,6 +1235,30 @@ static int fail_spawn(lua_State *L, const char *path, const char *stage, int err
     return tn_fail_errno(L, lua_pushfstring(L, "spawn %s: %s", path, stage), err);
 }
 
+/* exec said ENOENT of a program that was found: what is missing is what
+ * the program names, its #! interpreter or its ELF loader, and a bare
+ * "no such file" sends one looking for the program. Pushes the hint, or
+ * nothing. -> 1 | 0 */
+static int push_enoent_hint(lua_State *L, const char *path, int exec_fd) {
+    char head[256];
+    int fd = exec_fd >= 0 ? exec_fd : open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return 0;
+    ssize_t n = pread(fd, head, sizeof head - 1, 0);
+    if (fd != exec_fd) close(fd);
+    if (n >= 4 && memcmp(head, "\x7f" "ELF", 4) == 0) {
+        lua_pushliteral(L, "its ELF interpreter, the dynamic loader, is missing");
+        return 1;
+    }
+    if (n < 3 || head[0] != '#' || head[1] != '!') return 0;
+    head[n] = '\0';
+    char *interp = head + 2;
+    interp += strspn(interp, " \t");
+    interp[strcspn(interp, " \t\n")] = '\0';
+    if (!*interp) return 0;
+    lua_pushfstring(L, "its interpreter %s is missing", interp);
+    return 1;
+}
+
 /* Reap a child known to be exiting or killed. Blocks only for the moment
  * the kernel needs to finish the exit. */
 static void reap_now(int pidfd) {
@@ -1593,7 +1617,13 @@ static int l_proc_spawn(lua_State *L) {
             while (rlimit_names[j].name && rlimit_names[j].resource != a.rlimits[a.stage_arg].resource) j++;
             stage = lua_pushfstring(L, "setrlimit %s", rlimit_names[j].name ? rlimit_names[j].name : "?");
         }
-        return fail_spawn(L, a.path, stage, a.err);
+        int nret = fail_spawn(L, a.path, stage, a.err);
+        if (a.stage == ST_EXEC && a.err == ENOENT && push_enoent_hint(L, a.path, a.exec_fd)) {
+            lua_pushfstring(L, "%s (%s)", lua_tostring(L, -3), lua_tostring(L, -1));
+            lua_replace(L, -4);
+            lua_pop(L, 1);
+        }
+        return nret;
     }
     if (fail_stage) {
         for (int i = 0; i < 3; i++) close_fd(&ours[i]);

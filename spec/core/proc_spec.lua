@@ -164,6 +164,24 @@ describe("core.proc", function()
       assert.are.equal("ENOENT", code)
     end)
 
+    it("tells a missing interpreter from a missing program: the file is there, what it names is not", function()
+      assert(fs.write(dir .. "/script", "#!/no/such/interp -x\necho hi\n", 493))
+      local p, err, code = proc.spawn { argv = { dir .. "/script" } }
+      assert.is_nil(p)
+      assert.are.equal("spawn " .. dir .. "/script: exec: ENOENT: no such file or directory " ..
+        "(its interpreter /no/such/interp is missing)", err)
+      assert.are.equal("ENOENT", code)
+      -- an ELF binary whose dynamic loader is missing
+      local elf = assert(io.open("/bin/true", "rb")):read("a")
+      local at = assert(elf:find("/lib64/ld-linux-x86-64.so.2", 1, true), "no loader path in /bin/true")
+      elf = elf:sub(1, at - 1) .. "/lib64/nosuch-loader-64.so2" .. elf:sub(at + #"/lib64/ld-linux-x86-64.so.2")
+      assert(fs.write(dir .. "/elf", elf, 493))
+      p, err = proc.spawn { argv = { dir .. "/elf" } }
+      assert.is_nil(p)
+      assert.are.equal("spawn " .. dir .. "/elf: exec: ENOENT: no such file or directory " ..
+        "(its ELF interpreter, the dynamic loader, is missing)", err)
+    end)
+
     it("reports a file that is not executable with EACCES", function()
       assert(fs.write(dir .. "/data", "#!/bin/sh\n", 420))
       local p, err, code = proc.spawn { argv = { dir .. "/data" } }
