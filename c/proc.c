@@ -177,6 +177,7 @@ struct child_args {
     const char *cwd;
     int stdio[3];            /* fd to become 0, 1, 2; -1 leaves ours */
     int setsid;
+    sigset_t mask;           /* the program's signal mask: spec.sigmask */
     int pdeathsig;
     pid_t parent_pid;
     int parent_pidfd;        /* only with CLONE_NEWPID, where getppid() is 0 */
@@ -279,9 +280,7 @@ CHILD_CODE static int child_main(void *arg) {
     for (int s = 1; s < NSIG; s++) {
         if (s != SIGKILL && s != SIGSTOP) syscall(SYS_rt_sigaction, s, dfl, NULL, 8);
     }
-    sigset_t none;
-    sigemptyset(&none);
-    if (sigprocmask(SIG_SETMASK, &none, NULL) != 0) child_fail(a, ST_SIGMASK, 0);
+    if (sigprocmask(SIG_SETMASK, &a->mask, NULL) != 0) child_fail(a, ST_SIGMASK, 0);
 
     if (a->setsid) {
         if (setsid() < 0) child_fail(a, ST_SETSID, 0);
@@ -944,7 +943,7 @@ static const char *checked_cstring(lua_State *L, int idx, const char *what) {
 static const char *const spec_keys[] = {
     "argv", "env", "cwd", "stdin", "stdout", "stderr", "setsid", "pdeathsig", "cgroup_fds", "cgroup_into",
     "clone_flags", "uid", "gid", "groups", "no_new_privs", "rlimits", "mount_proc", "hostname",
-    "loopback", "exec_fd", "netns_fd", "status_pipe", NULL,
+    "loopback", "exec_fd", "netns_fd", "status_pipe", "sigmask", NULL,
 };
 
 static void check_spec_keys(lua_State *L) {
@@ -1110,6 +1109,24 @@ static int read_clone_flags(lua_State *L) {
     }
     lua_pop(L, 1);
     return flags;
+}
+
+/* spec.sigmask: signals the program starts with blocked, none by default.
+ * For a program that blocks them itself first thing: one sent before it
+ * got there (a parent-death signal) waits for it instead of killing it. */
+static void read_sigmask(lua_State *L, sigset_t *mask) {
+    sigemptyset(mask);
+    int t = lua_getfield(L, 1, "sigmask");
+    if (t != LUA_TNIL) {
+        if (t != LUA_TTABLE) luaL_error(L, "spawn: spec.sigmask must be a list of signals");
+        lua_Integer n = luaL_len(L, -1);
+        for (lua_Integer i = 1; i <= n; i++) {
+            lua_geti(L, -1, i);
+            sigaddset(mask, tn_check_signal(L, -1));
+            lua_pop(L, 1);
+        }
+    }
+    lua_pop(L, 1);
 }
 
 /* mount_proc, hostname, loopback: each changes the namespace it names, so
@@ -1420,6 +1437,7 @@ static int l_proc_spawn(lua_State *L) {
     kind[2] = read_stdio(L, "stderr", STDIO_PIPE, &user_fd[2]);
 
     a.setsid = opt_bool(L, "setsid");
+    read_sigmask(L, &a.mask);
     int status_pipe = opt_bool(L, "status_pipe");
     a.no_new_privs = opt_bool(L, "no_new_privs");
     int t = lua_getfield(L, 1, "pdeathsig");

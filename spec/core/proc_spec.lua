@@ -276,6 +276,9 @@ describe("core.proc", function()
         -- child: a shell blocks signals of its own while it waits for jobs)
         out = run { argv = { "/bin/grep", "-E", "^Sig(Blk|Ign)", "/proc/self/status" } }
         assert.are.same({ "SigBlk:\t0000000000000000", "SigIgn:\t0000000000000000" }, lines(out))
+        -- only what spec.sigmask names stays blocked
+        out = run { argv = { "/bin/grep", "-E", "^Sig(Blk|Ign)", "/proc/self/status" }, sigmask = { "SIGTERM", 1 } }
+        assert.are.same({ "SigBlk:\t0000000000004001", "SigIgn:\t0000000000000000" }, lines(out))
       end)
     end)
 
