@@ -100,7 +100,9 @@ int tn_init_main(int argc, char **argv, int first) {
 
     /* Blocked, then taken with sigwaitinfo: no handler runs, nothing races
      * the fork, and a signal that arrives before the app exists waits for
-     * it. (For PID 1 a blocked signal is queued even without a handler.) */
+     * it. (For PID 1 a blocked signal is queued even without a handler;
+     * one sent before this line is dropped, so the namespace runtime has us
+     * start with them blocked already.) */
     sigset_t set, old;
     sigemptyset(&set);
     for (size_t i = 0; i < sizeof forwarded / sizeof forwarded[0]; i++) sigaddset(&set, forwarded[i]);
@@ -115,6 +117,10 @@ int tn_init_main(int argc, char **argv, int first) {
     if (app == 0) {
         setpgid(0, 0);
         if (status_fd >= 0) close(status_fd);
+        /* what we forward, the app must be able to take, blocked as we
+         * may have been given them */
+        for (size_t i = 0; i < sizeof forwarded / sizeof forwarded[0]; i++) sigdelset(&old, forwarded[i]);
+        sigdelset(&old, SIGCHLD);
         sigprocmask(SIG_SETMASK, &old, NULL);
         execvp(argv[first], argv + first);
         int err = errno;

@@ -29,6 +29,10 @@ local core = require "tenement.core"
 local driver = { name = "namespace" }
 
 local BASE_FLAGS = { "newpid", "newns", "newipc", "newuts" }
+-- What the init forwards, blocked from its exec on: to PID 1 of a namespace
+-- a signal it has not blocked yet is dropped (a stop just after a start
+-- then waited for the SIGKILL), while a blocked one waits for it.
+local INIT_SIGMASK = { "SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2" }
 local HOSTNAME_MAX = 64
 
 -- The result of the one probe: { userns = bool } or { reason = "..." }.
@@ -180,6 +184,7 @@ function driver.prepare(instance)
     argv = init_argv(instance.argv),
     exec_fd = init,
     status_pipe = true,
+    sigmask = INIT_SIGMASK,
     env = instance.env,
     cwd = instance.cwd,
     stdin = "null",

@@ -408,6 +408,24 @@ describe("namespace isolation", function()
       end)
     end)
 
+    it("forwards a SIGTERM sent as soon as the spawn returns, before the init could block it", function()
+      local why = unable()
+      if why then pending(why) return end
+      core.run(function()
+        for _ = 1, 20 do
+          local p = ns_spawn("exec sleep 30")
+          assert(p:kill("SIGTERM", true))
+          local st = p:wait(3000)
+          if not st then p:kill("SIGKILL", true) p:wait(5000) end
+          assert.are.same({ signal = "SIGTERM", signum = 15, core_dumped = false }, st)
+          p:close()
+        end
+        -- blocked for the init only: the app starts with none blocked
+        local out = ns_run { "/bin/grep", "^SigBlk", "/proc/self/status" }
+        assert.are.equal("SigBlk:\t0000000000000000\n", out)
+      end)
+    end)
+
     it("forwards SIGINT, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 too", function()
       local why = unable()
       if why then pending(why) return end
