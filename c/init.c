@@ -29,7 +29,11 @@
  *     the namespace. The status is the app's exit code, or 128 + the signal
  *     that killed it: PID 1 cannot pass a death by signal on by raising the
  *     signal on itself (the kernel ignores it for an init), so 128 + n it
- *     is, the shells' convention: SIGKILL gives 137.
+ *     is, the shells' convention: SIGKILL gives 137. That alone cannot tell
+ *     an app SIGKILLed from one that exited 137, so with --status-fd N the
+ *     init first writes the app's wait status (an int) to fd N, which
+ *     core.proc's spec.status_pipe reads to report the signal itself.
+ *     Not PID 1, the init dies of the app's signal as it can.
  * Its own failures: 125 (bad usage, fork failed); the app not found, 127;
  * found but not runnable, 126, each with one line on stderr.
  *
@@ -46,6 +50,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -77,6 +82,12 @@ static void reap(pid_t app, int *app_status, int *app_done) {
  * `tenement-init`); from argv[first] on: [--] COMMAND [ARG...]. */
 int tn_init_main(int argc, char **argv, int first) {
     int self_words = first;
+    int status_fd = -1;
+    if (first + 1 < argc && strcmp(argv[first], "--status-fd") == 0) {
+        status_fd = atoi(argv[first + 1]);
+        first += 2;
+        self_words += 2;
+    }
     if (first < argc && strcmp(argv[first], "--") == 0) first++;
     if (first >= argc) {
         fputs("usage:", stderr);
@@ -89,7 +100,9 @@ int tn_init_main(int argc, char **argv, int first) {
 
     /* Blocked, then taken with sigwaitinfo: no handler runs, nothing races
      * the fork, and a signal that arrives before the app exists waits for
-     * it. (For PID 1 a blocked signal is queued even without a handler.) */
+     * it. (For PID 1 a blocked signal is queued even without a handler;
+     * one sent before this line is dropped, so the namespace runtime has us
+     * start with them blocked already.) */
     sigset_t set, old;
     sigemptyset(&set);
     for (size_t i = 0; i < sizeof forwarded / sizeof forwarded[0]; i++) sigaddset(&set, forwarded[i]);
@@ -103,6 +116,11 @@ int tn_init_main(int argc, char **argv, int first) {
     }
     if (app == 0) {
         setpgid(0, 0);
+        if (status_fd >= 0) close(status_fd);
+        /* what we forward, the app must be able to take, blocked as we
+         * may have been given them */
+        for (size_t i = 0; i < sizeof forwarded / sizeof forwarded[0]; i++) sigdelset(&old, forwarded[i]);
+        sigdelset(&old, SIGCHLD);
         sigprocmask(SIG_SETMASK, &old, NULL);
         execvp(argv[first], argv + first);
         int err = errno;
@@ -139,6 +157,23 @@ int tn_init_main(int argc, char **argv, int first) {
         kill(-app, SIGKILL);
         int dummy = 0, done = 0;
         reap(app, &dummy, &done);
+    }
+    if (status_fd >= 0) {
+        ssize_t n = write(status_fd, &app_status, sizeof app_status);
+        (void)n; /* nobody reading: the exit code is all there is */
+        close(status_fd);
+    }
+    if (!pid1 && WIFSIGNALED(app_status)) {
+        /* our own core would be mistaken for the app's */
+        struct rlimit nocore = {0, 0};
+        setrlimit(RLIMIT_CORE, &nocore);
+        int sig = WTERMSIG(app_status);
+        signal(sig, SIG_DFL);
+        sigset_t just;
+        sigemptyset(&just);
+        sigaddset(&just, sig);
+        sigprocmask(SIG_UNBLOCK, &just, NULL);
+        kill(getpid(), sig);
     }
     return status_code(app_status);
 }

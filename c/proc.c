@@ -49,6 +49,11 @@
  * program. A script cannot run that way (its interpreter would need the fd
  * by path, after exec closed it): ELF binaries only, which is what the init
  * is.
+ *
+ * status_pipe gives the child a pipe's write end as fd 3. The init, as PID 1,
+ * cannot die of the signal that killed its app, so it writes the app's wait
+ * status there before it exits, and that status is what wait reports: an
+ * app SIGKILLed reads as killed by SIGKILL, not as the init's exit code 137.
  */
 #include "tn.h"
 
@@ -108,14 +113,14 @@ static const char *signal_name(int sig, char *buf, size_t size) {
 enum child_stage {
     ST_NONE, ST_SIGMASK, ST_SETSID, ST_SETPGID, ST_USERNS, ST_MOUNT_PRIVATE, ST_MOUNT_PROC,
     ST_HOSTNAME, ST_LOOPBACK, ST_NETNS, ST_CGROUP, ST_RLIMIT, ST_SETGROUPS, ST_SETGID, ST_SETUID,
-    ST_PDEATHSIG, ST_PARENT, ST_NO_NEW_PRIVS, ST_CHDIR, ST_STDIO, ST_CLOSE_FDS, ST_EXEC,
+    ST_PDEATHSIG, ST_PARENT, ST_NO_NEW_PRIVS, ST_CHDIR, ST_STDIO, ST_STATUS_FD, ST_CLOSE_FDS, ST_EXEC,
 };
 
 static const char *const stage_names[] = {
     "", "sigprocmask", "setsid", "setpgid", "user namespace id maps", "mount --make-rslave /",
     "mount proc on /proc", "sethostname", "bring up lo", "join the network namespace (setns)", "cgroup", "setrlimit", "setgroups", "setgid",
     "setuid", "prctl(PR_SET_PDEATHSIG)", "parent exited", "prctl(PR_SET_NO_NEW_PRIVS)",
-    "chdir", "dup2", "close_range", "exec",
+    "chdir", "dup2", "dup2 the status pipe to fd 3", "close_range", "exec",
 };
 
 static const struct { const char *name; int resource; } rlimit_names[] = {
@@ -166,11 +171,13 @@ static const struct { const char *name; int flag; } clone_flag_names[] = {
 struct child_args {
     const char *path;        /* or, with exec_fd, only the name for messages */
     int exec_fd;             /* -1: exec path */
+    int status_fd;           /* -1, or the status pipe's write end, to become fd 3 */
     char *const *argv;
     char *const *envp;
     const char *cwd;
     int stdio[3];            /* fd to become 0, 1, 2; -1 leaves ours */
     int setsid;
+    sigset_t mask;           /* the program's signal mask: spec.sigmask */
     int pdeathsig;
     pid_t parent_pid;
     int parent_pidfd;        /* only with CLONE_NEWPID, where getppid() is 0 */
@@ -225,11 +232,11 @@ CHILD_CODE static int child_write(const char *path, const char *data, size_t len
     return -1;
 }
 
-/* Close every fd from 3 up, except keep (the fd to exec, or -1). */
-CHILD_CODE static int child_close_fds(int keep) {
-    unsigned first = 3;
-    if (keep >= 3) {
-        if (keep > 3 && syscall(SYS_close_range, 3U, (unsigned)keep - 1, 0) != 0) goto one_by_one;
+/* Close every fd from first up, except keep (the fd to exec, or -1). */
+CHILD_CODE static int child_close_fds(unsigned first, int keep) {
+    unsigned from = first;
+    if (keep >= (int)first) {
+        if (keep > (int)first && syscall(SYS_close_range, first, (unsigned)keep - 1, 0) != 0) goto one_by_one;
         first = (unsigned)keep + 1;
     }
     if (syscall(SYS_close_range, first, ~0U, 0) == 0) return 0;
@@ -238,7 +245,7 @@ one_by_one:
     struct rlimit nofile;
     rlim_t max = 65536;
     if (getrlimit(RLIMIT_NOFILE, &nofile) == 0 && nofile.rlim_cur < max) max = nofile.rlim_cur;
-    for (rlim_t fd = 3; fd < max; fd++) {
+    for (rlim_t fd = from; fd < max; fd++) {
         if ((int)fd != keep) close((int)fd);
     }
     return 0;
@@ -273,9 +280,7 @@ CHILD_CODE static int child_main(void *arg) {
     for (int s = 1; s < NSIG; s++) {
         if (s != SIGKILL && s != SIGSTOP) syscall(SYS_rt_sigaction, s, dfl, NULL, 8);
     }
-    sigset_t none;
-    sigemptyset(&none);
-    if (sigprocmask(SIG_SETMASK, &none, NULL) != 0) child_fail(a, ST_SIGMASK, 0);
+    if (sigprocmask(SIG_SETMASK, &a->mask, NULL) != 0) child_fail(a, ST_SIGMASK, 0);
 
     if (a->setsid) {
         if (setsid() < 0) child_fail(a, ST_SETSID, 0);
@@ -372,14 +377,21 @@ CHILD_CODE static int child_main(void *arg) {
             child_fail(a, ST_STDIO, i);
         }
     }
+    /* The status pipe goes to a number the init is told in its argv. */
+    int exec_fd = a->exec_fd;
+    if (a->status_fd >= 0) {
+        if (exec_fd == 3 && (exec_fd = fcntl(3, F_DUPFD_CLOEXEC, 4)) < 0) child_fail(a, ST_STATUS_FD, 0);
+        if (a->status_fd == 3 ? fcntl(3, F_SETFD, 0) != 0 : dup2(a->status_fd, 3) != 3)
+            child_fail(a, ST_STATUS_FD, 0);
+    }
     /* Nothing of ours beyond stdio reaches the program: listening sockets,
      * other instances' pipes, the database. */
-    if (child_close_fds(a->exec_fd) != 0) child_fail(a, ST_CLOSE_FDS, 0);
+    if (child_close_fds(a->status_fd >= 0 ? 4 : 3, exec_fd) != 0) child_fail(a, ST_CLOSE_FDS, 0);
 
-    if (a->exec_fd >= 0) {
+    if (exec_fd >= 0) {
         /* Close-on-exec whatever the caller opened it with: exec closes it. */
-        if (fcntl(a->exec_fd, F_SETFD, FD_CLOEXEC) != 0) child_fail(a, ST_EXEC, 0);
-        syscall(SYS_execveat, a->exec_fd, "", a->argv, a->envp, AT_EMPTY_PATH);
+        if (fcntl(exec_fd, F_SETFD, FD_CLOEXEC) != 0) child_fail(a, ST_EXEC, 0);
+        syscall(SYS_execveat, exec_fd, "", a->argv, a->envp, AT_EMPTY_PATH);
     } else {
         execve(a->path, a->argv, a->envp);
     }
@@ -644,6 +656,7 @@ typedef struct tn_proc {
     int refs;                /* the Lua handle, and the poll handle until closed */
     int watching;            /* poll handle initialized and not yet closed */
     int pidfd;
+    int status_fd;           /* -1, or the read end of spec.status_pipe */
     pid_t pid;
     int exited;
     int lost;                /* someone else reaped it: no status */
@@ -698,6 +711,8 @@ static void proc_exited(tn_proc *p) {
     uv_close((uv_handle_t *)&p->poll, proc_poll_close_cb);
     close(p->pidfd);
     p->pidfd = -1;
+    if (p->status_fd >= 0) close(p->status_fd);
+    p->status_fd = -1;
     /* Resuming runs Lua, which may close or drop the handle: p stays valid
      * until the poll's close callback, which comes on a later loop turn. */
     proc_waiter *w = detach_waiters(p);
@@ -730,6 +745,18 @@ static void proc_poll_cb(uv_poll_t *h, int status, int events) {
         p->lost = 1;
     } else if (si.si_code == CLD_EXITED) {
         p->code = si.si_status;
+        /* An init as PID 1 cannot die of its app's signal: it exits and
+         * leaves the app's wait status in the pipe instead. */
+        int st;
+        if (p->status_fd >= 0 && read(p->status_fd, &st, sizeof st) == (ssize_t)sizeof st) {
+            if (WIFSIGNALED(st)) {
+                p->code = 0;
+                p->signum = WTERMSIG(st);
+                p->core_dumped = WCOREDUMP(st) != 0;
+            } else if (WIFEXITED(st)) {
+                p->code = WEXITSTATUS(st);
+            }
+        }
     } else {
         p->signum = si.si_status;
         p->core_dumped = si.si_code == CLD_DUMPED;
@@ -916,7 +943,7 @@ static const char *checked_cstring(lua_State *L, int idx, const char *what) {
 static const char *const spec_keys[] = {
     "argv", "env", "cwd", "stdin", "stdout", "stderr", "setsid", "pdeathsig", "cgroup_fds", "cgroup_into",
     "clone_flags", "uid", "gid", "groups", "no_new_privs", "rlimits", "mount_proc", "hostname",
-    "loopback", "exec_fd", "netns_fd", NULL,
+    "loopback", "exec_fd", "netns_fd", "status_pipe", "sigmask", NULL,
 };
 
 static void check_spec_keys(lua_State *L) {
@@ -1084,6 +1111,24 @@ static int read_clone_flags(lua_State *L) {
     return flags;
 }
 
+/* spec.sigmask: signals the program starts with blocked, none by default.
+ * For a program that blocks them itself first thing: one sent before it
+ * got there (a parent-death signal) waits for it instead of killing it. */
+static void read_sigmask(lua_State *L, sigset_t *mask) {
+    sigemptyset(mask);
+    int t = lua_getfield(L, 1, "sigmask");
+    if (t != LUA_TNIL) {
+        if (t != LUA_TTABLE) luaL_error(L, "spawn: spec.sigmask must be a list of signals");
+        lua_Integer n = luaL_len(L, -1);
+        for (lua_Integer i = 1; i <= n; i++) {
+            lua_geti(L, -1, i);
+            sigaddset(mask, tn_check_signal(L, -1));
+            lua_pop(L, 1);
+        }
+    }
+    lua_pop(L, 1);
+}
+
 /* mount_proc, hostname, loopback: each changes the namespace it names, so
  * each needs that namespace to be a new one, or it would change the host. */
 static void read_namespace_setup(lua_State *L, spec_reader *r, struct child_args *a, int ns_flags) {
@@ -1196,6 +1241,8 @@ static int resolve_path(spec_reader *r, const char *name, const char *pathvar, c
 
 /* ---- spawn ------------------------------------------------------------- */
 
+static int above_stdio(int fd);
+
 static void close_fd(int *fd) {
     if (*fd >= 0) close(*fd);
     *fd = -1;
@@ -1203,6 +1250,30 @@ static void close_fd(int *fd) {
 
 static int fail_spawn(lua_State *L, const char *path, const char *stage, int err) {
     return tn_fail_errno(L, lua_pushfstring(L, "spawn %s: %s", path, stage), err);
+}
+
+/* exec said ENOENT of a program that was found: what is missing is what
+ * the program names, its #! interpreter or its ELF loader, and a bare
+ * "no such file" sends one looking for the program. Pushes the hint, or
+ * nothing. -> 1 | 0 */
+static int push_enoent_hint(lua_State *L, const char *path, int exec_fd) {
+    char head[256];
+    int fd = exec_fd >= 0 ? exec_fd : open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return 0;
+    ssize_t n = pread(fd, head, sizeof head - 1, 0);
+    if (fd != exec_fd) close(fd);
+    if (n >= 4 && memcmp(head, "\x7f" "ELF", 4) == 0) {
+        lua_pushliteral(L, "its ELF interpreter, the dynamic loader, is missing");
+        return 1;
+    }
+    if (n < 3 || head[0] != '#' || head[1] != '!') return 0;
+    head[n] = '\0';
+    char *interp = head + 2;
+    interp += strspn(interp, " \t");
+    interp[strcspn(interp, " \t\n")] = '\0';
+    if (!*interp) return 0;
+    lua_pushfstring(L, "its interpreter %s is missing", interp);
+    return 1;
 }
 
 /* Reap a child known to be exiting or killed. Blocks only for the moment
@@ -1348,6 +1419,7 @@ static int l_proc_spawn(lua_State *L) {
     memset(&a, 0, sizeof a);
     a.parent_pidfd = -1;
     a.exec_fd = -1;
+    a.status_fd = -1;
     a.cgroup_into = -1;
     a.netns_fd = netns->fd;
 
@@ -1365,6 +1437,8 @@ static int l_proc_spawn(lua_State *L) {
     kind[2] = read_stdio(L, "stderr", STDIO_PIPE, &user_fd[2]);
 
     a.setsid = opt_bool(L, "setsid");
+    read_sigmask(L, &a.mask);
+    int status_pipe = opt_bool(L, "status_pipe");
     a.no_new_privs = opt_bool(L, "no_new_privs");
     int t = lua_getfield(L, 1, "pdeathsig");
     if (t == LUA_TNIL || (t == LUA_TBOOLEAN && lua_toboolean(L, -1))) a.pdeathsig = SIGKILL;
@@ -1419,6 +1493,7 @@ static int l_proc_spawn(lua_State *L) {
     if (!p) return luaL_error(L, "out of memory");
     p->refs = 1;
     p->pidfd = -1;
+    p->status_fd = -1;
     proc_box *box = lua_newuserdatauv(L, sizeof *box, 1);
     box->p = p;
     box->pid = 0;
@@ -1475,6 +1550,17 @@ static int l_proc_spawn(lua_State *L) {
         case STDIO_FD: a.stdio[i] = user_fd[i]; break;
         }
     }
+    int status_r = -1;
+    if (!fail_stage && status_pipe) {
+        int fds[2];
+        if (pipe2(fds, O_CLOEXEC | O_NONBLOCK) != 0) { fail_stage = "status pipe"; fail_err = errno; }
+        else {
+            /* 0 to 2 are what the child's dup2s overwrite */
+            status_r = above_stdio(fds[0]);
+            a.status_fd = above_stdio(fds[1]);
+            if (status_r < 0 || a.status_fd < 0) { fail_stage = "status pipe"; fail_err = errno; }
+        }
+    }
     a.parent_pid = getpid();
     if (!fail_stage && a.pdeathsig && (ns_flags & CLONE_NEWPID)) {
         a.parent_pidfd = (int)syscall(SYS_pidfd_open, a.parent_pid, 0);
@@ -1523,7 +1609,9 @@ static int l_proc_spawn(lua_State *L) {
     close_fd(&devnull);
     close_fd(&a.parent_pidfd);
     close_fd(&netns->fd);
+    close_fd(&a.status_fd);
 
+    if (fail_stage || a.stage != ST_NONE) close_fd(&status_r);
     if (!fail_stage && a.stage != ST_NONE) {
         /* The child failed before exec and is exiting: vfork let us go at
          * its mm release, moments before it becomes a zombie. */
@@ -1547,7 +1635,13 @@ static int l_proc_spawn(lua_State *L) {
             while (rlimit_names[j].name && rlimit_names[j].resource != a.rlimits[a.stage_arg].resource) j++;
             stage = lua_pushfstring(L, "setrlimit %s", rlimit_names[j].name ? rlimit_names[j].name : "?");
         }
-        return fail_spawn(L, a.path, stage, a.err);
+        int nret = fail_spawn(L, a.path, stage, a.err);
+        if (a.stage == ST_EXEC && a.err == ENOENT && push_enoent_hint(L, a.path, a.exec_fd)) {
+            lua_pushfstring(L, "%s (%s)", lua_tostring(L, -3), lua_tostring(L, -1));
+            lua_replace(L, -4);
+            lua_pop(L, 1);
+        }
+        return nret;
     }
     if (fail_stage) {
         for (int i = 0; i < 3; i++) close_fd(&ours[i]);
@@ -1560,12 +1654,14 @@ static int l_proc_spawn(lua_State *L) {
         syscall(SYS_pidfd_send_signal, pidfd, SIGKILL, NULL, 0);
         reap_now(pidfd);
         close_fd(&pidfd);
+        close_fd(&status_r);
         for (int i = 0; i < 3; i++) close_fd(&ours[i]);
         return tn_fail_uv(L, lua_pushfstring(L, "spawn %s: watch pidfd", a.path), rc);
     }
     p->poll.data = p;
     p->pid = pid;
     p->pidfd = pidfd;
+    p->status_fd = status_r;
     p->watching = 1;
     p->refs++;
     box->pid = pid;

@@ -4,7 +4,9 @@
 -- init (c/init.c built alone: a small static binary embedded in ten, run
 -- from a sealed memfd, core.proc.init_fd), which forwards signals to the app
 -- (PID 2), reaps orphans, kills what the app leaves behind and exits with
--- the app's status (128 + n when a signal killed it).
+-- the app's status. As PID 1 it cannot die of the app's signal, so it exits
+-- 128 + n and hands the app's own wait status to core.proc through a pipe
+-- (spec.status_pipe): the exit reads "killed by SIGKILL", not code 137.
 --
 -- network = "isolated" adds a network namespace with only loopback up: the
 -- app is reached solely through its Unix socket (a path in the file system,
@@ -27,15 +29,20 @@ local core = require "tenement.core"
 local driver = { name = "namespace" }
 
 local BASE_FLAGS = { "newpid", "newns", "newipc", "newuts" }
+-- What the init forwards, blocked from its exec on: to PID 1 of a namespace
+-- a signal it has not blocked yet is dropped (a stop just after a start
+-- then waited for the SIGKILL), while a blocked one waits for it.
+local INIT_SIGMASK = { "SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2" }
 local HOSTNAME_MAX = 64
 
 -- The result of the one probe: { userns = bool } or { reason = "..." }.
 local probed
 
--- The init's argv: its name, then the app's command line.
+-- The init's argv: its name, the fd spec.status_pipe gives it, then the
+-- app's command line.
 local function init_argv(app)
-  local argv = { "tenement-init", "--" }
-  for i, a in ipairs(app) do argv[2 + i] = a end
+  local argv = { "tenement-init", "--status-fd", "3", "--" }
+  for i, a in ipairs(app) do argv[4 + i] = a end
   return argv
 end
 
@@ -45,7 +52,7 @@ local function spawn_probe(init, userns)
   local flags = { table.unpack(BASE_FLAGS) }
   if userns then flags[#flags + 1] = "newuser" end
   local p, err, code = core.proc.spawn {
-    argv = init_argv { "/bin/true" }, exec_fd = init, env = {}, stdin = "null", stdout = "null",
+    argv = init_argv { "/bin/true" }, exec_fd = init, status_pipe = true, env = {}, stdin = "null", stdout = "null",
     stderr = "null", clone_flags = flags, mount_proc = true, hostname = "tenement-probe",
   }
   if not p then return nil, err, code end
@@ -176,6 +183,8 @@ function driver.prepare(instance)
   return require("tenement.runtime").credentials(instance, {
     argv = init_argv(instance.argv),
     exec_fd = init,
+    status_pipe = true,
+    sigmask = INIT_SIGMASK,
     env = instance.env,
     cwd = instance.cwd,
     stdin = "null",

@@ -58,6 +58,10 @@ function keeper.start(layout, lock_fd)
     -- stops its instances itself, and the keeper goes when it has gone
     setsid = true,
     pdeathsig = "SIGTERM",
+    -- blocked from exec on, as the keeper keeps them: one that came before
+    -- its main() blocked them (ten killed just after starting it) would
+    -- kill it instead of waking it to clean up
+    sigmask = { "SIGTERM", "SIGINT", "SIGHUP" },
   }
 end
 

@@ -154,7 +154,8 @@ describe("namespace isolation", function()
         argv = { "app", "--flag" }, env = { "A=1" }, cwd = "/srv", stdout_fd = 7, stderr_fd = 8,
         service = { name = "web", network = "host" }, id = "prod",
       })
-      assert.are.same({ "tenement-init", "--", "app", "--flag" }, spec.argv)
+      assert.are.same({ "tenement-init", "--status-fd", "3", "--", "app", "--flag" }, spec.argv)
+      assert.is_true(spec.status_pipe)
       assert.are.equal(assert(proc.init_fd()), spec.exec_fd)
       assert.are.same({ "newpid", "newns", "newipc", "newuts" }, spec.clone_flags)
       assert.is_true(spec.mount_proc)
@@ -407,6 +408,24 @@ describe("namespace isolation", function()
       end)
     end)
 
+    it("forwards a SIGTERM sent as soon as the spawn returns, before the init could block it", function()
+      local why = unable()
+      if why then pending(why) return end
+      core.run(function()
+        for _ = 1, 20 do
+          local p = ns_spawn("exec sleep 30")
+          assert(p:kill("SIGTERM", true))
+          local st = p:wait(3000)
+          if not st then p:kill("SIGKILL", true) p:wait(5000) end
+          assert.are.same({ signal = "SIGTERM", signum = 15, core_dumped = false }, st)
+          p:close()
+        end
+        -- blocked for the init only: the app starts with none blocked
+        local out = ns_run { "/bin/grep", "^SigBlk", "/proc/self/status" }
+        assert.are.equal("SigBlk:\t0000000000000000\n", out)
+      end)
+    end)
+
     it("forwards SIGINT, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 too", function()
       local why = unable()
       if why then pending(why) return end
@@ -426,7 +445,7 @@ describe("namespace isolation", function()
       end)
     end)
 
-    it("an app killed by a signal: the init exits 128 + n (137 for SIGKILL, 143 for SIGTERM)", function()
+    it("an app killed by a signal is reported killed by it, not as exit code 128 + n", function()
       local why = unable()
       if why then pending(why) return end
       core.run(function()
@@ -434,14 +453,22 @@ describe("namespace isolation", function()
         read_until(p.stdout, "ready\n")
         local app = children(p.pid)[1]
         assert(proc.kill(app, "SIGKILL"))
-        assert.are.same({ code = 137, core_dumped = false }, p:wait(5000))
+        assert.are.same({ signal = "SIGKILL", signum = 9, core_dumped = false }, p:wait(5000))
 
         -- an app that does not handle SIGTERM dies of it, as PID 2 should
         -- (as PID 1 the kernel would have dropped the signal)
         p = ns_spawn("echo ready; exec sleep 30")
         read_until(p.stdout, "ready\n")
         p:kill("SIGTERM", true)
-        assert.are.same({ code = 143, core_dumped = false }, p:wait(5000))
+        assert.are.same({ signal = "SIGTERM", signum = 15, core_dumped = false }, p:wait(5000))
+
+        -- an app that exits 137 itself was not killed
+        p = ns_spawn("exit 137")
+        assert.are.same({ code = 137, core_dumped = false }, p:wait(5000))
+        -- the init's status pipe is its own: the app gets only stdio
+        local out, st = ns_run("ls /proc/$$/fd")
+        assert.are.equal(0, st.code)
+        assert.are.equal("0\n1\n2\n", out)
       end)
     end)
   end)
@@ -549,6 +576,9 @@ describe("namespace isolation", function()
           end
           local p = spawn { "--", "/bin/sh", "-c", "exit 3" }
           assert.are.equal(3, p:wait(5000).code, way.name)
+          -- not PID 1, the init can die of the app's signal itself
+          p = spawn { "--", "/bin/sh", "-c", "kill -KILL $$" }
+          assert.are.same({ signal = "SIGKILL", signum = 9, core_dumped = false }, p:wait(5000), way.name)
           p = spawn { "--", "/bin/sh", "-c", "trap 'exit 9' USR1; echo ready; while :; do sleep 5 & wait $!; done" }
           read_until(p.stdout, "ready\n")
           p:kill("SIGUSR1")
@@ -735,6 +765,12 @@ describe("namespace isolation", function()
           assert.are.equal(1, #kids)
           assert.are.equal("backend\n", slurp("/proc/" .. kids[1] .. "/comm"))
         end
+        -- an app SIGKILLed inside its namespace: the exit says so (not
+        -- "exited with code 137"), as `ten ps` shows it in LAST EXIT
+        assert(proc.kill(children(quiet.pid)[1], "SIGKILL"))
+        local deadline = core.now() + 3000
+        while not quiet.last_exit and core.now() < deadline do core.sleep(10) end
+        assert.matches("^killed by SIGKILL", quiet.last_exit or "none")
         local pid = web.pid
         assert.is_true(sup:stop("web", "prod"))
         assert.are.equal("stopped", web.state)

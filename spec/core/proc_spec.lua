@@ -164,6 +164,24 @@ describe("core.proc", function()
       assert.are.equal("ENOENT", code)
     end)
 
+    it("tells a missing interpreter from a missing program: the file is there, what it names is not", function()
+      assert(fs.write(dir .. "/script", "#!/no/such/interp -x\necho hi\n", 493))
+      local p, err, code = proc.spawn { argv = { dir .. "/script" } }
+      assert.is_nil(p)
+      assert.are.equal("spawn " .. dir .. "/script: exec: ENOENT: no such file or directory " ..
+        "(its interpreter /no/such/interp is missing)", err)
+      assert.are.equal("ENOENT", code)
+      -- an ELF binary whose dynamic loader is missing
+      local elf = assert(io.open("/bin/true", "rb")):read("a")
+      local at = assert(elf:find("/lib64/ld-linux-x86-64.so.2", 1, true), "no loader path in /bin/true")
+      elf = elf:sub(1, at - 1) .. "/lib64/nosuch-loader-64.so2" .. elf:sub(at + #"/lib64/ld-linux-x86-64.so.2")
+      assert(fs.write(dir .. "/elf", elf, 493))
+      p, err = proc.spawn { argv = { dir .. "/elf" } }
+      assert.is_nil(p)
+      assert.are.equal("spawn " .. dir .. "/elf: exec: ENOENT: no such file or directory " ..
+        "(its ELF interpreter, the dynamic loader, is missing)", err)
+    end)
+
     it("reports a file that is not executable with EACCES", function()
       assert(fs.write(dir .. "/data", "#!/bin/sh\n", 420))
       local p, err, code = proc.spawn { argv = { dir .. "/data" } }
@@ -258,6 +276,37 @@ describe("core.proc", function()
         -- child: a shell blocks signals of its own while it waits for jobs)
         out = run { argv = { "/bin/grep", "-E", "^Sig(Blk|Ign)", "/proc/self/status" } }
         assert.are.same({ "SigBlk:\t0000000000000000", "SigIgn:\t0000000000000000" }, lines(out))
+        -- only what spec.sigmask names stays blocked
+        out = run { argv = { "/bin/grep", "-E", "^Sig(Blk|Ign)", "/proc/self/status" }, sigmask = { "SIGTERM", 1 } }
+        assert.are.same({ "SigBlk:\t0000000000004001", "SigIgn:\t0000000000000000" }, lines(out))
+      end)
+    end)
+
+    it("gives status_pipe's write end as fd 3 and reads a wait status left there as the exit", function()
+      core.run(function()
+        local out, st = run { argv = { "/bin/sh", "-c", "ls /proc/$$/fd" }, status_pipe = true }
+        assert.are.same({ "0", "1", "2", "3" }, lines(out))
+        assert.are.same({ code = 0, core_dumped = false }, st)
+        -- 9 in the low byte of a wait status: killed by SIGKILL, whatever
+        -- the exit code (an init exits 137)
+        _, st = run { argv = { "/bin/sh", "-c", [[printf '\011\000\000\000' >&3; exit 137]] }, status_pipe = true }
+        assert.are.same({ signal = "SIGKILL", signum = 9, core_dumped = false }, st)
+        _, st = run { argv = { "/bin/sh", "-c", [[printf '\000\003\000\000' >&3; exit 137]] }, status_pipe = true }
+        assert.are.same({ code = 3, core_dumped = false }, st)
+        -- nothing written, or not a whole status: the exit as it was
+        _, st = run { argv = { "/bin/sh", "-c", [[printf 'x' >&3; exit 137]] }, status_pipe = true }
+        assert.are.same({ code = 137, core_dumped = false }, st)
+        -- the pipe is never left open in the server, whatever the outcome
+        local function twice()
+          local p = assert(proc.spawn { argv = { "/bin/true" }, status_pipe = true, stdout = "null", stderr = "null" })
+          p:wait(5000)
+          p:close()
+          assert.is_nil(proc.spawn { argv = { "/bin/true" }, cwd = dir .. "/none", status_pipe = true })
+        end
+        twice()
+        local before = fd_count()
+        for _ = 1, 20 do twice() end
+        assert.are.equal(before, fd_count())
       end)
     end)
 
