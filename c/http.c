@@ -4107,7 +4107,10 @@ static void px_build_response_head(px *x, int st) {
         const char *name = head_str(h, hd->name);
         size_t nl = hd->name_len;
         int upgrade = st == 101 && ieq(name, nl, "upgrade");
-        if (!upgrade && (is_hop(name, nl) || (nt && in_spans(toks, nt, name, nl)))) continue;
+        /* the body was framed by this Content-Length: an upstream that
+         * names it in Connection must not leave the client without one */
+        int nominated = nt && in_spans(toks, nt, name, nl) && !ieq(name, nl, "content-length");
+        if (!upgrade && (is_hop(name, nl) || nominated)) continue;
         buf_field(o, name, nl, head_str(h, hd->value), hd->value_len);
     }
     if (st == 101) {

@@ -54,6 +54,14 @@ local function front(path, popts, sopts)
   return srv, l:port(), log
 end
 
+-- A request for the backend's /raw route: it answers with `reply` as it is.
+local function pct(s)
+  return (s:gsub("[^%w]", function(ch) return string.format("%%%02X", ch:byte()) end))
+end
+local function raw_get(reply, extra)
+  return "GET /raw?r=" .. pct(reply) .. (extra or "") .. " HTTP/1.1\r\nHost: a\r\n\r\n"
+end
+
 -- Wait until cond() holds (an event we cannot await directly: a process
 -- elsewhere, a socket closing).
 local function eventually(cond, ms)
@@ -647,6 +655,21 @@ describe("req:proxy", function()
       c:close()
       srv:close()
       l:close()
+    end)
+  end)
+
+  it("keeps the framing of a response whose Connection header names Content-Length", function()
+    core.run(function()
+      local srv, port = front(b.path)
+      local c = support.raw(port, { timeout = 5000, length_only = true })
+      c:send(raw_get("HTTP/1.1 200 OK\r\nConnection: Content-Length\r\nContent-Length: 5\r\n\r\nhello"))
+      local res = assert(c:response())
+      assert.are.equal("5", res.headers["content-length"])
+      assert.are.equal("hello", res.body)
+      c:send("GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+      assert.are.equal("hello from main\n", assert(c:response()).body)
+      c:close()
+      srv:close()
     end)
   end)
 
