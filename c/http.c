@@ -3825,6 +3825,14 @@ static void px_up_write_failed(px *x, int err) {
 static void px_up_read_failed(px *x, const char *code, const char *fmt, const char *detail) {
     if (x->done) return;
     if (px_can_retry(x)) { px_retry(x); return; }
+    if (x->resp_started && x->bytes_out == 0) {
+        /* the head is parsed but still in the batch (the error came in the
+         * same read): the client has seen nothing and gets an answer, not a
+         * connection closed on it */
+        x->resp_started = 0;
+        x->status = 0;
+        x->r->responded = 0;
+    }
     px_end(x, 0, x->resp_started ? PXA_CLOSE : PXA_NONE, code, fmt, x->pool->addr.text, detail);
 }
 

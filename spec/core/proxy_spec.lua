@@ -673,6 +673,29 @@ describe("req:proxy", function()
     end)
   end)
 
+  it("answers 502 to a response found malformed before any of it reached the client", function()
+    core.run(function()
+      local srv, port, log = front(b.path)
+      local c = raw(port)
+      for i, reply in ipairs {
+        "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+        "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;a=\"\r\n\"\r\nhello\r\n0\r\n\r\n",
+      } do
+        c:send(raw_get(reply))
+        local res = assert(c:response())
+        assert.are.equal(502, res.status)
+        assert.are.equal("EPROTO", log[i][3], log[i][2])
+        assert.is_false(log[i][4])
+        assert.is_nil(log[i][1])
+      end
+      -- the client's connection was never out of step
+      c:send("GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+      assert.are.equal("hello from main\n", assert(c:response()).body)
+      c:close()
+      srv:close()
+    end)
+  end)
+
   it("tunnels an upgraded connection both ways", function()
     core.run(function()
       local srv, port, log = front(b.path)
