@@ -2579,6 +2579,7 @@ static int l_request(lua_State *L) {
 #define PX_HIGH_WATER (256 * 1024)
 #define PX_LOW_WATER (64 * 1024)
 #define PX_IDLE_MS 30000         /* an idle pooled connection is closed after this */
+#define PX_LOOK_MS 1000          /* a response past its timeout: time to see the client read */
 #define PX_NIOV 16
 #define PX_STAGE 4096
 #define PX_COPY_MAX 256          /* smaller pieces are copied into the stage */
@@ -2667,6 +2668,8 @@ struct px {
     uint64_t connect_deadline;
     uint64_t t0;             /* uv_hrtime at the start */
     uint64_t last;           /* uv_now at the last progress */
+    uint64_t sent_seen;      /* px_sent when the timer last looked */
+    int sent_looked;
     int body_mode, resp_mode;
     int in_call, done, tunnel_wanted, upgraded, switching, interim, reused, retried;
     int head_method, body_started, body_done, resp_started, resp_done, resp_bytes;
@@ -3988,6 +3991,12 @@ static void px_connect_cb(uv_connect_t *req, int status) {
     px_drain(st);
 }
 
+/* Bytes either peer read off its socket, both together. */
+static uint64_t px_sent(px *x) {
+    http_conn *c = px_client(x);
+    return (c ? tn_io_delivered(&c->io) : 0) + (x->up ? tn_io_delivered(&x->up->io) : 0);
+}
+
 static void px_up_timer_cb(uv_timer_t *t) {
     px_up *up = t->data;
     up->timer_due = 0;
@@ -4007,6 +4016,23 @@ static void px_up_timer_cb(uv_timer_t *t) {
         return; /* a tunnel may stay quiet for as long as it likes */
     } else {
         uint64_t deadline = x->last + (uint64_t)x->timeout;
+        if (now >= deadline && x->resp_started) {
+            /* Nothing came and no queued write completed, but a slow client
+             * may have read meanwhile: a write completes only once all of it
+             * is taken, and the socket's own buffer hides what it reads. The
+             * count of bytes it took is looked at here only, past a deadline
+             * (never per request): the first time, it gets PX_LOOK_MS more to
+             * show it moves. */
+            uint64_t sent = px_sent(x);
+            if (!x->sent_looked) {
+                x->sent_looked = 1;
+                deadline = now + (uint64_t)(x->timeout < PX_LOOK_MS ? x->timeout : PX_LOOK_MS);
+            } else if (sent != x->sent_seen) {
+                x->last = now;
+                deadline = now + (uint64_t)x->timeout;
+            }
+            x->sent_seen = sent;
+        }
         if (now < deadline) { px_up_arm(up, deadline); return; }
         px_hold(x);
         px_timeout(x);

@@ -696,6 +696,33 @@ describe("req:proxy", function()
     end)
   end)
 
+  it("does not time out a client that reads a long response slowly but steadily, and does one that stops", function()
+    core.run(function()
+      local srv, port, log = front(b.path, { timeout = 1000 })
+      local c = raw(port)
+      local total = 16 * 1024 * 1024
+      c:send("GET /bytes?n=" .. total .. " HTTP/1.1\r\nHost: a\r\n\r\n")
+      local head = assert(c:response { head = true })
+      assert.are.equal(200, head.status)
+      -- 16 KiB every 100 ms: far slower than the proxy reads, never quiet for a second
+      local got, t0 = #c.buf, core.now()
+      c.buf = ""
+      while core.now() - t0 < 3000 do
+        local chunk, err = c.s:read(1000)
+        assert(chunk, err)
+        got = got + #chunk
+        core.sleep(100 * #chunk // 16384)
+      end
+      assert.is_nil(log[1], log[1] and log[1][2])
+      assert.is_true(got < total)
+      -- a client that stops reading is still cut off, a moment past the timeout
+      assert.is_true(eventually(function() return log[1] ~= nil end, 4000))
+      assert.are.equal("ETIMEDOUT", log[1][3])
+      c:close()
+      srv:close()
+    end)
+  end)
+
   it("tunnels an upgraded connection both ways", function()
     core.run(function()
       local srv, port, log = front(b.path)
