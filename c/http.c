@@ -743,9 +743,10 @@ static void inbuf_release(buf *b) {
 
 /* ---- logging ----------------------------------------------------------- */
 
-/* Report a handler failure: to the server's on_error function if it has one,
- * else to stderr. Never raises. */
-static void srv_log(lua_State *L, http_server *s, const char *msg) {
+/* Report a failure (a handler's, or an upstream's the proxy answered for):
+ * to the server's on_error function if it has one, else to stderr. Never
+ * raises. */
+static void srv_log(lua_State *L, http_server *s, const char *what, const char *msg) {
     if (s->on_error_ref != LUA_NOREF && lua_checkstack(L, 3)) {
         lua_rawgeti(L, LUA_REGISTRYINDEX, s->on_error_ref);
         lua_pushstring(L, msg);
@@ -753,7 +754,7 @@ static void srv_log(lua_State *L, http_server *s, const char *msg) {
         fprintf(stderr, "ten: http on_error failed: %s\n", lua_tostring(L, -1));
         lua_pop(L, 1);
     }
-    fprintf(stderr, "ten: http handler failed: %s\n", msg);
+    fprintf(stderr, "ten: http %s: %s\n", what, msg);
 }
 
 /* ---- timers and reading ------------------------------------------------ */
@@ -1549,7 +1550,7 @@ static void req_log_failure(lua_State *L, http_req *r, const char *what) {
     lua_pushlstring(L, r->head.arena.p, r->head.first_len);
     lua_pushfstring(L, ": %s", what);
     lua_concat(L, 3);
-    srv_log(L, r->srv, lua_tostring(L, -1));
+    srv_log(L, r->srv, "handler failed", lua_tostring(L, -1));
     lua_pop(L, 1);
 }
 
@@ -1641,7 +1642,7 @@ static void req_dispatch(http_conn *c, http_req *r) {
     lua_pushcfunction(L, dispatch_protected);
     lua_pushlightuserdata(L, r);
     if (lua_pcall(L, 1, 0, 0) != LUA_OK) {
-        srv_log(L, s, lua_tostring(L, -1));
+        srv_log(L, s, "handler failed", lua_tostring(L, -1));
         lua_settop(L, top);
         r->keep_alive = 0;
         req_internal_error(r);
@@ -3707,6 +3708,17 @@ static void px_respond(http_req *r, int status, const char *detail) {
     req_send(r, out.p, out.len, NULL, 0);
 }
 
+/* x->err with the upstream's address (and the space before it) left out. */
+static void px_err_without_addr(const px *x, char *out, size_t n) {
+    const char *addr = x->pool ? x->pool->addr.text : "";
+    size_t al = strlen(addr);
+    const char *at = al ? strstr(x->err, addr) : NULL;
+    if (!at) { snprintf(out, n, "%s", x->err); return; }
+    size_t head = (size_t)(at - x->err);
+    if (head > 0 && x->err[head - 1] == ' ') head--;
+    snprintf(out, n, "%.*s%s", (int)head, x->err, at + al);
+}
+
 /* What the outcome means for the client connection. */
 static void px_follow_up(px *x) {
     http_req *r = x->r;
@@ -3727,8 +3739,14 @@ static void px_follow_up(px *x) {
          * same for a handler and a direct route */
         if (x->ups && !x->ok && mine && !r->responded &&
             !(x->code && strcmp(x->code, "ECONNABORTED") == 0)) {
+            /* the answer goes to anyone, the upstream's address (a path on
+             * this machine) only to the log */
             char detail[sizeof x->ups->name + sizeof x->err + 32];
-            snprintf(detail, sizeof detail, "%s did not answer (%s)", x->ups->name, x->err);
+            snprintf(detail, sizeof detail, "%s did not answer: %s", x->ups->name, x->err);
+            srv_log(x->st->L, r->srv, "proxy", detail);
+            char why[sizeof x->err];
+            px_err_without_addr(x, why, sizeof why);
+            snprintf(detail, sizeof detail, "%s did not answer (%s)", x->ups->name, why);
             px_respond(r, 502, detail);
         }
         break;
