@@ -3816,9 +3816,17 @@ static void px_idle_cb(uv_idle_t *h) { px_drain(h->data); }
 /* ---- failures ---------------------------------------------------------- */
 
 /* A pooled connection that the upstream closed meanwhile gets the request
- * again on a fresh one, but only while no byte of the body is lost. */
+ * again on a fresh one, but only while no byte of the body is lost, and
+ * only an idempotent request: the upstream may have read and acted on it
+ * before it closed (RFC 9110 9.2.2). */
 static int px_can_retry(const px *x) {
     if (!x->reused || x->retried || x->resp_bytes) return 0;
+    switch (x->r->head.method) {
+    case HTTP_GET: case HTTP_HEAD: case HTTP_PUT: case HTTP_DELETE: case HTTP_OPTIONS: case HTTP_TRACE:
+        break;
+    default:
+        return 0;
+    }
     return x->body_mode == PXB_NONE || x->body_mode == PXB_BUFFERED || !x->body_started;
 }
 
