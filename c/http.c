@@ -4171,6 +4171,10 @@ static void px_build_response_head(px *x, int st) {
          * names it in Connection must not leave the client without one */
         int nominated = nt && in_spans(toks, nt, name, nl) && !ieq(name, nl, "content-length");
         if (!upgrade && (is_hop(name, nl) || nominated)) continue;
+        /* 101 and 204 have no body: a length there (RFC 9110 8.6 forbids
+         * it) would have a client that believes it read into the next
+         * response */
+        if ((st == 101 || st == 204) && ieq(name, nl, "content-length")) continue;
         buf_field(o, name, nl, head_str(h, hd->value), hd->value_len);
     }
     if (st == 101) {
