@@ -4150,6 +4150,16 @@ static int is_hop(const char *name, size_t n) {
     }
 }
 
+/* RFC 9112's reason-phrase: llhttp lets any byte but CR and LF through, and
+ * control bytes (NUL, ESC) have no business in the client's head. */
+static int is_reason(const char *s, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        unsigned char ch = (unsigned char)s[i];
+        if ((ch < 0x20 && ch != '\t') || ch == 0x7f) return 0;
+    }
+    return 1;
+}
+
 static void px_build_response_head(px *x, int st) {
     buf *o = &x->rhead;
     const http_head *h = &x->up->p.head;
@@ -4157,7 +4167,7 @@ static void px_build_response_head(px *x, int st) {
     buf_add(o, "HTTP/1.1 ", 9);
     buf_uint(o, (uint64_t)st);
     buf_add(o, " ", 1);
-    if (h->first_len) buf_add(o, h->arena.p, h->first_len);
+    if (h->first_len && is_reason(h->arena.p, h->first_len)) buf_add(o, h->arena.p, h->first_len);
     else buf_addstr(o, reason_phrase(st));
     buf_add(o, "\r\n", 2);
     span toks[PX_MAX_TOKENS];

@@ -716,6 +716,25 @@ describe("req:proxy", function()
     end)
   end)
 
+  it("passes on a reason phrase only when it is one", function()
+    core.run(function()
+      local srv, port = front(b.path)
+      local c = raw(port)
+      for reason, want in pairs {
+        ["All \128good\tthings"] = "All \128good\tthings",
+        ["O\1K"] = "OK", ["O\0K"] = "OK", ["\27[2JOK"] = "OK", ["O\127K"] = "OK",
+      } do
+        c:send(raw_get("HTTP/1.1 200 " .. reason .. "\r\nContent-Length: 2\r\n\r\nhi"))
+        local res = assert(c:response())
+        assert.are.equal(200, res.status)
+        assert.are.equal(want, res.reason)
+        assert.are.equal("hi", res.body)
+      end
+      c:close()
+      srv:close()
+    end)
+  end)
+
   it("answers 502 to a response found malformed before any of it reached the client", function()
     core.run(function()
       local srv, port, log = front(b.path)
