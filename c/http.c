@@ -4259,6 +4259,9 @@ static int px_on_message_complete(llhttp_t *ps) {
     if (x->interim) { x->interim = 0; return 0; }
     if (x->switching) return 0; /* llhttp stops with HPE_PAUSED_UPGRADE */
     x->up_keep = llhttp_should_keep_alive(ps);
+    /* Transfer-Encoding in HTTP/1.0 is faulty framing: the connection
+     * closes after the message (RFC 9112 6.1), keep-alive or not */
+    if (ps->http_major == 1 && ps->http_minor == 0 && (ps->flags & F_TRANSFER_ENCODING)) x->up_keep = 0;
     if (x->resp_mode == PXR_CHUNKED) px_out(x, PX_CLI, "0\r\n\r\n", 5, 1);
     x->resp_done = 1;
     return HPE_PAUSED;

@@ -735,6 +735,23 @@ describe("req:proxy", function()
     end)
   end)
 
+  it("does not keep an upstream connection whose HTTP/1.0 response was chunked", function()
+    core.run(function()
+      local srv, port, log = front(b.path)
+      http.pool_close(b.path)
+      local c = raw(port)
+      -- RFC 9112 6.1: faulty framing, the connection closes after it
+      c:send(raw_get("HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n" ..
+        "5\r\nhello\r\n0\r\n\r\n"))
+      assert.are.equal("hello", assert(c:response()).body)
+      c:send("GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+      assert.are.equal("hello from main\n", assert(c:response()).body)
+      assert.is_false(log[2][1].reused)
+      c:close()
+      srv:close()
+    end)
+  end)
+
   it("answers 502 to a response found malformed before any of it reached the client", function()
     core.run(function()
       local srv, port, log = front(b.path)
