@@ -4271,6 +4271,13 @@ static void px_tunnel_start(px *x, const char *rest, size_t n);
 
 static void px_up_data(px *x, const char *p, size_t n) {
     px_up *up = x->up;
+    if (x->resp_done) {
+        /* The response is whole and still being written to the client: these
+         * bytes are no part of it (the paused parser would drop them
+         * unseen), and a connection that sends them is out of step. */
+        x->up_keep = 0;
+        return;
+    }
     x->last = uv_now(x->st->loop);
     x->resp_bytes = 1;
     llhttp_errno_t e = llhttp_execute(&up->p.parser, p, n);

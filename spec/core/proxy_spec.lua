@@ -548,7 +548,8 @@ describe("req:proxy", function()
       assert.is_true(log[1][4])
       -- the hung upstream connection is not pooled; the client goes on
       c:send("GET /health HTTP/1.1\r\nHost: a\r\n\r\n")
-      assert.are.equal("ok", assert(c:response()).body)
+      local body = assert(c:response()).body
+      assert.are.equal("ok", #body < 100 and body or #body .. " bytes")
       assert.is_false(log[2][1].reused)
       c:close()
       srv:close()
@@ -765,6 +766,56 @@ describe("req:proxy", function()
       assert.is_false(log[2][1].reused)
       c:close()
       srv:close()
+    end)
+  end)
+
+  it("does not keep an upstream connection that sent bytes after its response", function()
+    core.run(function()
+      -- the upstream: a complete response, then more bytes a moment later,
+      -- while the proxy still writes the first one to a slow client
+      local l = assert(net.listen { path = dir .. "/chatty.sock" })
+      local accepted = 0
+      core.spawn(function()
+        while true do
+          local s = l:accept(5000)
+          if not s then return end
+          accepted = accepted + 1
+          core.spawn(function()
+            while true do
+              local req = s:read(5000)
+              if not req then break end
+              if req:find("^GET /one ") then
+                s:write("HTTP/1.1 200 OK\r\nContent-Length: 400000\r\n\r\n" .. string.rep("x", 400000))
+                core.sleep(200)
+                s:write("HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nEVIL")
+              else
+                s:write("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+              end
+            end
+            s:close()
+          end)
+        end
+      end)
+      -- the client on a Unix socket: small buffers, so the proxy has the whole
+      -- response read while part of it still waits to be written
+      local cl = assert(net.listen { path = dir .. "/front.sock" })
+      local log = {}
+      local srv = http.serve(cl, function(req)
+        local st, err, code = req:proxy { path = dir .. "/chatty.sock" }
+        log[#log + 1] = { st, err, code }
+      end, { lazy_body = true })
+      local c = support.raw(dir .. "/front.sock", { timeout = 5000 })
+      c:send("GET /one HTTP/1.1\r\nHost: a\r\n\r\n")
+      core.sleep(500)
+      assert.are.equal(400000, #assert(c:response()).body)
+      assert.is_true(eventually(function() return #log == 1 end))
+      c:send("GET /two HTTP/1.1\r\nHost: a\r\n\r\n")
+      assert.are.equal("ok", assert(c:response()).body)
+      assert.is_false(log[2][1].reused)
+      assert.are.equal(2, accepted)
+      c:close()
+      srv:close()
+      l:close()
     end)
   end)
 
