@@ -743,9 +743,10 @@ static void inbuf_release(buf *b) {
 
 /* ---- logging ----------------------------------------------------------- */
 
-/* Report a handler failure: to the server's on_error function if it has one,
- * else to stderr. Never raises. */
-static void srv_log(lua_State *L, http_server *s, const char *msg) {
+/* Report a failure (a handler's, or an upstream's the proxy answered for):
+ * to the server's on_error function if it has one, else to stderr. Never
+ * raises. */
+static void srv_log(lua_State *L, http_server *s, const char *what, const char *msg) {
     if (s->on_error_ref != LUA_NOREF && lua_checkstack(L, 3)) {
         lua_rawgeti(L, LUA_REGISTRYINDEX, s->on_error_ref);
         lua_pushstring(L, msg);
@@ -753,7 +754,7 @@ static void srv_log(lua_State *L, http_server *s, const char *msg) {
         fprintf(stderr, "ten: http on_error failed: %s\n", lua_tostring(L, -1));
         lua_pop(L, 1);
     }
-    fprintf(stderr, "ten: http handler failed: %s\n", msg);
+    fprintf(stderr, "ten: http %s: %s\n", what, msg);
 }
 
 /* ---- timers and reading ------------------------------------------------ */
@@ -1549,7 +1550,7 @@ static void req_log_failure(lua_State *L, http_req *r, const char *what) {
     lua_pushlstring(L, r->head.arena.p, r->head.first_len);
     lua_pushfstring(L, ": %s", what);
     lua_concat(L, 3);
-    srv_log(L, r->srv, lua_tostring(L, -1));
+    srv_log(L, r->srv, "handler failed", lua_tostring(L, -1));
     lua_pop(L, 1);
 }
 
@@ -1641,7 +1642,7 @@ static void req_dispatch(http_conn *c, http_req *r) {
     lua_pushcfunction(L, dispatch_protected);
     lua_pushlightuserdata(L, r);
     if (lua_pcall(L, 1, 0, 0) != LUA_OK) {
-        srv_log(L, s, lua_tostring(L, -1));
+        srv_log(L, s, "handler failed", lua_tostring(L, -1));
         lua_settop(L, top);
         r->keep_alive = 0;
         req_internal_error(r);
@@ -2579,6 +2580,7 @@ static int l_request(lua_State *L) {
 #define PX_HIGH_WATER (256 * 1024)
 #define PX_LOW_WATER (64 * 1024)
 #define PX_IDLE_MS 30000         /* an idle pooled connection is closed after this */
+#define PX_LOOK_MS 1000          /* a response past its timeout: time to see the client read */
 #define PX_NIOV 16
 #define PX_STAGE 4096
 #define PX_COPY_MAX 256          /* smaller pieces are copied into the stage */
@@ -2667,6 +2669,8 @@ struct px {
     uint64_t connect_deadline;
     uint64_t t0;             /* uv_hrtime at the start */
     uint64_t last;           /* uv_now at the last progress */
+    uint64_t sent_seen;      /* px_sent when the timer last looked */
+    int sent_looked;
     int body_mode, resp_mode;
     int in_call, done, tunnel_wanted, upgraded, switching, interim, reused, retried;
     int head_method, body_started, body_done, resp_started, resp_done, resp_bytes;
@@ -3704,6 +3708,17 @@ static void px_respond(http_req *r, int status, const char *detail) {
     req_send(r, out.p, out.len, NULL, 0);
 }
 
+/* x->err with the upstream's address (and the space before it) left out. */
+static void px_err_without_addr(const px *x, char *out, size_t n) {
+    const char *addr = x->pool ? x->pool->addr.text : "";
+    size_t al = strlen(addr);
+    const char *at = al ? strstr(x->err, addr) : NULL;
+    if (!at) { snprintf(out, n, "%s", x->err); return; }
+    size_t head = (size_t)(at - x->err);
+    if (head > 0 && x->err[head - 1] == ' ') head--;
+    snprintf(out, n, "%.*s%s", (int)head, x->err, at + al);
+}
+
 /* What the outcome means for the client connection. */
 static void px_follow_up(px *x) {
     http_req *r = x->r;
@@ -3724,8 +3739,14 @@ static void px_follow_up(px *x) {
          * same for a handler and a direct route */
         if (x->ups && !x->ok && mine && !r->responded &&
             !(x->code && strcmp(x->code, "ECONNABORTED") == 0)) {
+            /* the answer goes to anyone, the upstream's address (a path on
+             * this machine) only to the log */
             char detail[sizeof x->ups->name + sizeof x->err + 32];
-            snprintf(detail, sizeof detail, "%s did not answer (%s)", x->ups->name, x->err);
+            snprintf(detail, sizeof detail, "%s did not answer: %s", x->ups->name, x->err);
+            srv_log(x->st->L, r->srv, "proxy", detail);
+            char why[sizeof x->err];
+            px_err_without_addr(x, why, sizeof why);
+            snprintf(detail, sizeof detail, "%s did not answer (%s)", x->ups->name, why);
             px_respond(r, 502, detail);
         }
         break;
@@ -3795,9 +3816,17 @@ static void px_idle_cb(uv_idle_t *h) { px_drain(h->data); }
 /* ---- failures ---------------------------------------------------------- */
 
 /* A pooled connection that the upstream closed meanwhile gets the request
- * again on a fresh one, but only while no byte of the body is lost. */
+ * again on a fresh one, but only while no byte of the body is lost, and
+ * only an idempotent request: the upstream may have read and acted on it
+ * before it closed (RFC 9110 9.2.2). */
 static int px_can_retry(const px *x) {
     if (!x->reused || x->retried || x->resp_bytes) return 0;
+    switch (x->r->head.method) {
+    case HTTP_GET: case HTTP_HEAD: case HTTP_PUT: case HTTP_DELETE: case HTTP_OPTIONS: case HTTP_TRACE:
+        break;
+    default:
+        return 0;
+    }
     return x->body_mode == PXB_NONE || x->body_mode == PXB_BUFFERED || !x->body_started;
 }
 
@@ -3825,6 +3854,14 @@ static void px_up_write_failed(px *x, int err) {
 static void px_up_read_failed(px *x, const char *code, const char *fmt, const char *detail) {
     if (x->done) return;
     if (px_can_retry(x)) { px_retry(x); return; }
+    if (x->resp_started && x->bytes_out == 0) {
+        /* the head is parsed but still in the batch (the error came in the
+         * same read): the client has seen nothing and gets an answer, not a
+         * connection closed on it */
+        x->resp_started = 0;
+        x->status = 0;
+        x->r->responded = 0;
+    }
     px_end(x, 0, x->resp_started ? PXA_CLOSE : PXA_NONE, code, fmt, x->pool->addr.text, detail);
 }
 
@@ -3980,6 +4017,12 @@ static void px_connect_cb(uv_connect_t *req, int status) {
     px_drain(st);
 }
 
+/* Bytes either peer read off its socket, both together. */
+static uint64_t px_sent(px *x) {
+    http_conn *c = px_client(x);
+    return (c ? tn_io_delivered(&c->io) : 0) + (x->up ? tn_io_delivered(&x->up->io) : 0);
+}
+
 static void px_up_timer_cb(uv_timer_t *t) {
     px_up *up = t->data;
     up->timer_due = 0;
@@ -3999,6 +4042,23 @@ static void px_up_timer_cb(uv_timer_t *t) {
         return; /* a tunnel may stay quiet for as long as it likes */
     } else {
         uint64_t deadline = x->last + (uint64_t)x->timeout;
+        if (now >= deadline && x->resp_started) {
+            /* Nothing came and no queued write completed, but a slow client
+             * may have read meanwhile: a write completes only once all of it
+             * is taken, and the socket's own buffer hides what it reads. The
+             * count of bytes it took is looked at here only, past a deadline
+             * (never per request): the first time, it gets PX_LOOK_MS more to
+             * show it moves. */
+            uint64_t sent = px_sent(x);
+            if (!x->sent_looked) {
+                x->sent_looked = 1;
+                deadline = now + (uint64_t)(x->timeout < PX_LOOK_MS ? x->timeout : PX_LOOK_MS);
+            } else if (sent != x->sent_seen) {
+                x->last = now;
+                deadline = now + (uint64_t)x->timeout;
+            }
+            x->sent_seen = sent;
+        }
         if (now < deadline) { px_up_arm(up, deadline); return; }
         px_hold(x);
         px_timeout(x);
@@ -4090,6 +4150,16 @@ static int is_hop(const char *name, size_t n) {
     }
 }
 
+/* RFC 9112's reason-phrase: llhttp lets any byte but CR and LF through, and
+ * control bytes (NUL, ESC) have no business in the client's head. */
+static int is_reason(const char *s, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        unsigned char ch = (unsigned char)s[i];
+        if ((ch < 0x20 && ch != '\t') || ch == 0x7f) return 0;
+    }
+    return 1;
+}
+
 static void px_build_response_head(px *x, int st) {
     buf *o = &x->rhead;
     const http_head *h = &x->up->p.head;
@@ -4097,7 +4167,7 @@ static void px_build_response_head(px *x, int st) {
     buf_add(o, "HTTP/1.1 ", 9);
     buf_uint(o, (uint64_t)st);
     buf_add(o, " ", 1);
-    if (h->first_len) buf_add(o, h->arena.p, h->first_len);
+    if (h->first_len && is_reason(h->arena.p, h->first_len)) buf_add(o, h->arena.p, h->first_len);
     else buf_addstr(o, reason_phrase(st));
     buf_add(o, "\r\n", 2);
     span toks[PX_MAX_TOKENS];
@@ -4107,7 +4177,14 @@ static void px_build_response_head(px *x, int st) {
         const char *name = head_str(h, hd->name);
         size_t nl = hd->name_len;
         int upgrade = st == 101 && ieq(name, nl, "upgrade");
-        if (!upgrade && (is_hop(name, nl) || (nt && in_spans(toks, nt, name, nl)))) continue;
+        /* the body was framed by this Content-Length: an upstream that
+         * names it in Connection must not leave the client without one */
+        int nominated = nt && in_spans(toks, nt, name, nl) && !ieq(name, nl, "content-length");
+        if (!upgrade && (is_hop(name, nl) || nominated)) continue;
+        /* 101 and 204 have no body: a length there (RFC 9110 8.6 forbids
+         * it) would have a client that believes it read into the next
+         * response */
+        if ((st == 101 || st == 204) && ieq(name, nl, "content-length")) continue;
         buf_field(o, name, nl, head_str(h, hd->value), hd->value_len);
     }
     if (st == 101) {
@@ -4182,6 +4259,9 @@ static int px_on_message_complete(llhttp_t *ps) {
     if (x->interim) { x->interim = 0; return 0; }
     if (x->switching) return 0; /* llhttp stops with HPE_PAUSED_UPGRADE */
     x->up_keep = llhttp_should_keep_alive(ps);
+    /* Transfer-Encoding in HTTP/1.0 is faulty framing: the connection
+     * closes after the message (RFC 9112 6.1), keep-alive or not */
+    if (ps->http_major == 1 && ps->http_minor == 0 && (ps->flags & F_TRANSFER_ENCODING)) x->up_keep = 0;
     if (x->resp_mode == PXR_CHUNKED) px_out(x, PX_CLI, "0\r\n\r\n", 5, 1);
     x->resp_done = 1;
     return HPE_PAUSED;
@@ -4191,6 +4271,13 @@ static void px_tunnel_start(px *x, const char *rest, size_t n);
 
 static void px_up_data(px *x, const char *p, size_t n) {
     px_up *up = x->up;
+    if (x->resp_done) {
+        /* The response is whole and still being written to the client: these
+         * bytes are no part of it (the paused parser would drop them
+         * unseen), and a connection that sends them is out of step. */
+        x->up_keep = 0;
+        return;
+    }
     x->last = uv_now(x->st->loop);
     x->resp_bytes = 1;
     llhttp_errno_t e = llhttp_execute(&up->p.parser, p, n);

@@ -101,6 +101,7 @@ struct tn_io {
     tn_io_req *done_head, *done_tail; /* finished, not yet called back */
     tn_io_req *shut;                  /* FIN once the queue is written */
     size_t queued;                    /* bytes in wq */
+    uint64_t sent;                    /* bytes the kernel took, ever */
     tn_io *pend_prev, *pend_next;     /* reads or callbacks owed outside epoll */
     uv_close_cb close_cb;
 };
@@ -116,6 +117,9 @@ int tn_io_write(tn_io *io, tn_io_req *req, const char *base, size_t len, tn_io_c
 /* FIN once everything queued is written. 0 or an error. */
 int tn_io_shutdown(tn_io *io, tn_io_req *req, tn_io_cb cb);
 size_t tn_io_queued(const tn_io *io);
+/* Bytes the peer took off the socket, ever: grows while a slow reader
+ * reads, even when no queued write completes. */
+uint64_t tn_io_delivered(const tn_io *io);
 void tn_io_ref(tn_io *io, int ref);
 /* Stop and close; close_cb gets &io->sock.handle once libuv is done. */
 void tn_io_close(tn_io *io, uv_close_cb close_cb);

@@ -27,7 +27,9 @@
 
 #include <errno.h>
 #include <stdlib.h>
+#include <linux/sockios.h>
 #include <sys/epoll.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/timerfd.h>
 #include <unistd.h>
@@ -186,6 +188,7 @@ static void io_flush(tn_io *io) {
         r->base += n;
         r->len -= (size_t)n;
         io->queued -= (size_t)n;
+        io->sent += (uint64_t)n;
         if (r->len > 0) { io_want_out(io, 1); return; } /* the kernel is full */
         io->wq_head = r->next;
         if (!io->wq_head) io->wq_tail = NULL;
@@ -377,6 +380,7 @@ int tn_io_try_write(tn_io *io, const uv_buf_t *bufs, unsigned n) {
         while (w < 0 && errno == EINTR);
     }
     if (w < 0) return errno == EAGAIN || errno == EWOULDBLOCK ? UV_EAGAIN : -errno;
+    io->sent += (uint64_t)w;
     return w == 0 ? UV_EAGAIN : (int)w;
 }
 
@@ -417,6 +421,12 @@ int tn_io_shutdown(tn_io *io, tn_io_req *req, tn_io_cb cb) {
 }
 
 size_t tn_io_queued(const tn_io *io) { return io->queued; }
+
+uint64_t tn_io_delivered(const tn_io *io) {
+    int unread = 0;
+    if (!io->opened || io->closing || ioctl(io->fd, SIOCOUTQ, &unread) != 0 || unread < 0) unread = 0;
+    return io->sent - ((uint64_t)unread < io->sent ? (uint64_t)unread : io->sent);
+}
 
 void tn_io_ref(tn_io *io, int ref) {
     io->unref = !ref;

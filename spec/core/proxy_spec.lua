@@ -54,6 +54,14 @@ local function front(path, popts, sopts)
   return srv, l:port(), log
 end
 
+-- A request for the backend's /raw route: it answers with `reply` as it is.
+local function pct(s)
+  return (s:gsub("[^%w]", function(ch) return string.format("%%%02X", ch:byte()) end))
+end
+local function raw_get(reply, extra)
+  return "GET /raw?r=" .. pct(reply) .. (extra or "") .. " HTTP/1.1\r\nHost: a\r\n\r\n"
+end
+
 -- Wait until cond() holds (an event we cannot await directly: a process
 -- elsewhere, a socket closing).
 local function eventually(cond, ms)
@@ -274,6 +282,32 @@ describe("req:proxy", function()
       -- and the client connection goes on
       c:send("GET /health HTTP/1.1\r\nHost: a\r\n\r\n")
       assert.are.equal("ok", assert(c:response()).body)
+      c:close()
+      srv:close()
+    end)
+  end)
+
+  it("never sends a non-idempotent request twice when its pooled connection fails", function()
+    core.run(function()
+      local srv, port, log = front(b.path)
+      http.pool_close(b.path)
+      local c = raw(port)
+      -- the backend acts on the next request, then drops the connection
+      -- without an answer (a crash after the side effect)
+      c:send("GET /drop-next?handled=1 HTTP/1.1\r\nHost: a\r\n\r\n")
+      assert.are.equal("armed\n", assert(c:response()).body)
+      local before = backend_count(b)
+      c:send("POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n")
+      local res = assert(c:response())
+      assert.are.equal(502, res.status)
+      assert.are.equal("ECONNRESET", log[2][3])
+      -- it reached the backend once: the /count before, the POST, this /count
+      assert.are.equal(before + 2, backend_count(b))
+      -- an idempotent one is still tried again on a fresh connection
+      c:send("GET /drop-next?handled=1 HTTP/1.1\r\nHost: a\r\n\r\n")
+      assert.are.equal("armed\n", assert(c:response()).body)
+      c:send("DELETE /echo HTTP/1.1\r\nHost: a\r\n\r\n")
+      assert.are.equal(200, assert(c:response()).status)
       c:close()
       srv:close()
     end)
@@ -514,7 +548,8 @@ describe("req:proxy", function()
       assert.is_true(log[1][4])
       -- the hung upstream connection is not pooled; the client goes on
       c:send("GET /health HTTP/1.1\r\nHost: a\r\n\r\n")
-      assert.are.equal("ok", assert(c:response()).body)
+      local body = assert(c:response()).body
+      assert.are.equal("ok", #body < 100 and body or #body .. " bytes")
       assert.is_false(log[2][1].reused)
       c:close()
       srv:close()
@@ -647,6 +682,190 @@ describe("req:proxy", function()
       c:close()
       srv:close()
       l:close()
+    end)
+  end)
+
+  it("keeps the framing of a response whose Connection header names Content-Length", function()
+    core.run(function()
+      local srv, port = front(b.path)
+      local c = support.raw(port, { timeout = 5000, length_only = true })
+      c:send(raw_get("HTTP/1.1 200 OK\r\nConnection: Content-Length\r\nContent-Length: 5\r\n\r\nhello"))
+      local res = assert(c:response())
+      assert.are.equal("5", res.headers["content-length"])
+      assert.are.equal("hello", res.body)
+      c:send("GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+      assert.are.equal("hello from main\n", assert(c:response()).body)
+      c:close()
+      srv:close()
+    end)
+  end)
+
+  it("gives a 204 no Content-Length, whatever the upstream put in it", function()
+    core.run(function()
+      local srv, port = front(b.path)
+      local c = support.raw(port, { timeout = 5000, length_only = true })
+      c:send(raw_get("HTTP/1.1 204 No Content\r\nContent-Length: 5\r\nX-A: 1\r\n\r\n"))
+      local res = assert(c:response())
+      assert.are.equal(204, res.status)
+      assert.are.equal("1", res.headers["x-a"])
+      -- a client that trusts the length would take 5 bytes of the next response
+      assert.is_nil(res.headers["content-length"])
+      c:send("GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+      assert.are.equal("hello from main\n", assert(c:response()).body)
+      c:close()
+      srv:close()
+    end)
+  end)
+
+  it("passes on a reason phrase only when it is one", function()
+    core.run(function()
+      local srv, port = front(b.path)
+      local c = raw(port)
+      for reason, want in pairs {
+        ["All \128good\tthings"] = "All \128good\tthings",
+        ["O\1K"] = "OK", ["O\0K"] = "OK", ["\27[2JOK"] = "OK", ["O\127K"] = "OK",
+      } do
+        c:send(raw_get("HTTP/1.1 200 " .. reason .. "\r\nContent-Length: 2\r\n\r\nhi"))
+        local res = assert(c:response())
+        assert.are.equal(200, res.status)
+        assert.are.equal(want, res.reason)
+        assert.are.equal("hi", res.body)
+      end
+      c:close()
+      srv:close()
+    end)
+  end)
+
+  it("does not keep an upstream connection whose HTTP/1.0 response was chunked", function()
+    core.run(function()
+      local srv, port, log = front(b.path)
+      http.pool_close(b.path)
+      local c = raw(port)
+      -- RFC 9112 6.1: faulty framing, the connection closes after it
+      c:send(raw_get("HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n" ..
+        "5\r\nhello\r\n0\r\n\r\n"))
+      assert.are.equal("hello", assert(c:response()).body)
+      c:send("GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+      assert.are.equal("hello from main\n", assert(c:response()).body)
+      assert.is_false(log[2][1].reused)
+      c:close()
+      srv:close()
+    end)
+  end)
+
+  it("refuses a response head over 64 KiB, and pools nothing of it", function()
+    core.run(function()
+      local srv, port, log = front(b.path)
+      http.pool_close(b.path)
+      local c = raw(port)
+      c:send(raw_get("HTTP/1.1 200 OK\r\nX-Big: ", "&pad=70000&s=" .. pct("\r\nContent-Length: 2\r\n\r\nhi")))
+      assert.are.equal(502, assert(c:response()).status)
+      assert.matches("response head too large", log[1][2])
+      c:send("GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+      assert.are.equal("hello from main\n", assert(c:response()).body)
+      assert.is_false(log[2][1].reused)
+      c:close()
+      srv:close()
+    end)
+  end)
+
+  it("does not keep an upstream connection that sent bytes after its response", function()
+    core.run(function()
+      -- the upstream: a complete response, then more bytes a moment later,
+      -- while the proxy still writes the first one to a slow client
+      local l = assert(net.listen { path = dir .. "/chatty.sock" })
+      local accepted = 0
+      core.spawn(function()
+        while true do
+          local s = l:accept(5000)
+          if not s then return end
+          accepted = accepted + 1
+          core.spawn(function()
+            while true do
+              local req = s:read(5000)
+              if not req then break end
+              if req:find("^GET /one ") then
+                s:write("HTTP/1.1 200 OK\r\nContent-Length: 400000\r\n\r\n" .. string.rep("x", 400000))
+                core.sleep(200)
+                s:write("HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nEVIL")
+              else
+                s:write("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+              end
+            end
+            s:close()
+          end)
+        end
+      end)
+      -- the client on a Unix socket: small buffers, so the proxy has the whole
+      -- response read while part of it still waits to be written
+      local cl = assert(net.listen { path = dir .. "/front.sock" })
+      local log = {}
+      local srv = http.serve(cl, function(req)
+        local st, err, code = req:proxy { path = dir .. "/chatty.sock" }
+        log[#log + 1] = { st, err, code }
+      end, { lazy_body = true })
+      local c = support.raw(dir .. "/front.sock", { timeout = 5000 })
+      c:send("GET /one HTTP/1.1\r\nHost: a\r\n\r\n")
+      core.sleep(500)
+      assert.are.equal(400000, #assert(c:response()).body)
+      assert.is_true(eventually(function() return #log == 1 end))
+      c:send("GET /two HTTP/1.1\r\nHost: a\r\n\r\n")
+      assert.are.equal("ok", assert(c:response()).body)
+      assert.is_false(log[2][1].reused)
+      assert.are.equal(2, accepted)
+      c:close()
+      srv:close()
+      l:close()
+    end)
+  end)
+
+  it("answers 502 to a response found malformed before any of it reached the client", function()
+    core.run(function()
+      local srv, port, log = front(b.path)
+      local c = raw(port)
+      for i, reply in ipairs {
+        "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+        "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;a=\"\r\n\"\r\nhello\r\n0\r\n\r\n",
+      } do
+        c:send(raw_get(reply))
+        local res = assert(c:response())
+        assert.are.equal(502, res.status)
+        assert.are.equal("EPROTO", log[i][3], log[i][2])
+        assert.is_false(log[i][4])
+        assert.is_nil(log[i][1])
+      end
+      -- the client's connection was never out of step
+      c:send("GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+      assert.are.equal("hello from main\n", assert(c:response()).body)
+      c:close()
+      srv:close()
+    end)
+  end)
+
+  it("does not time out a client that reads a long response slowly but steadily, and does one that stops", function()
+    core.run(function()
+      local srv, port, log = front(b.path, { timeout = 1000 })
+      local c = raw(port)
+      local total = 16 * 1024 * 1024
+      c:send("GET /bytes?n=" .. total .. " HTTP/1.1\r\nHost: a\r\n\r\n")
+      local head = assert(c:response { head = true })
+      assert.are.equal(200, head.status)
+      -- a read every 250 ms: far slower than the proxy reads, never quiet for a second
+      local got, t0 = #c.buf, core.now()
+      c.buf = ""
+      while core.now() - t0 < 3000 do
+        local chunk, err = c.s:read(1000)
+        assert(chunk, err)
+        got = got + #chunk
+        core.sleep(250)
+      end
+      assert.is_nil(log[1], log[1] and log[1][2])
+      assert.is_true(got < total)
+      -- a client that stops reading is still cut off, a moment past the timeout
+      assert.is_true(eventually(function() return log[1] ~= nil end, 4000))
+      assert.are.equal("ETIMEDOUT", log[1][3])
+      c:close()
+      srv:close()
     end)
   end)
 
@@ -915,13 +1134,14 @@ describe("req:proxy", function()
       local up = assert(http.upstream { name = "api:one", path = b.path, buckets = { 0.001, 10 } })
       local l = assert(net.listen { port = 0 })
       local inflight_seen
+      local logged = {}
       local srv = http.serve(l, function(req)
         if req.path == "/sleep" then
           core.spawn(function() core.sleep(20) inflight_seen = up:inflight() end)
         end
         local st, err, code = req:proxy(up)
         if not st then return nil, err, code end -- answered by the proxy already
-      end, { lazy_body = true })
+      end, { lazy_body = true, on_error = function(msg) logged[#logged + 1] = msg end })
       local c = raw(l:port())
       assert.is_nil(up:last_active())
       c:send("GET / HTTP/1.1\r\nHost: a\r\n\r\n")
@@ -953,7 +1173,12 @@ describe("req:proxy", function()
       c:send("GET / HTTP/1.1\r\nHost: a\r\n\r\n")
       res = assert(c:response())
       assert.are.equal(502, res.status)
-      assert.matches("^502 Bad Gateway: api:one did not answer %(connect .*nobody.sock: ENOENT", res.body)
+      -- what failed, but not where: the socket's path is for the log alone
+      assert.matches("^502 Bad Gateway: api:one did not answer %(connect: ENOENT: ", res.body)
+      assert.is_nil(res.body:find("nobody.sock", 1, true))
+      assert.is_nil(res.body:find(dir, 1, true))
+      assert.are.equal(1, #logged)
+      assert.matches("^api:one did not answer: connect .*/nobody%.sock: ENOENT", logged[1])
       assert.are.equal("keep-alive", res.headers.connection or "keep-alive")
       st = up:stats()
       assert.are.equal(5, st.requests)
