@@ -363,6 +363,12 @@ void tn_task_resume(tn_task *t, int nresults) {
     task_step(t);
 }
 
+static void task_wake(tn_task *t, int n);
+
+/* A timer's end makes its task ready rather than running it from the
+ * callback: a task run there that starts a timer of 0 (sleep(0), park(0) in
+ * a polling loop) finds it due within the same timer phase of libuv, which
+ * runs it again at once, and ready tasks and I/O never get their turn. */
 static void wait_timeout(uv_timer_t *h) {
     tn_task *t = h->data;
     t->timer_active = 0;
@@ -372,7 +378,7 @@ static void wait_timeout(uv_timer_t *h) {
     lua_State *co = t->co;
     lua_pushnil(co);
     lua_pushliteral(co, "timeout");
-    tn_task_resume(t, 2);
+    task_wake(t, 2);
 }
 
 int tn_task_wait_cancel(lua_State *L, tn_task *t, int64_t timeout_ms,
@@ -593,7 +599,7 @@ static void sleep_done(uv_timer_t *h) {
     tn_task *t = h->data;
     t->timer_active = 0;
     if (t->state != TASK_WAITING) return;
-    tn_task_resume(t, 0);
+    task_wake(t, 0); /* as wait_timeout: never from the timer phase */
 }
 
 /* core.sleep(ms): wait without holding up anything else. */

@@ -127,6 +127,26 @@ describe("core scheduler", function()
     end)
   end)
 
+  it("a task that polls with sleep(0) or a zero timeout lets ready tasks run", function()
+    core.run(function()
+      -- a timer of 0 started from a timer's callback was due in the same
+      -- timer phase of libuv: the poller ran again and again, the ready
+      -- task never (100% CPU, forever)
+      for _, wait in ipairs({
+        function() core.sleep(0) end,
+        function() core.park(0) end,
+      }) do
+        local flag = false
+        core.sleep(1) -- the loop is in its timer phase from here on
+        core.spawn(function() flag = true end)
+        local n = 0
+        while not flag and n < 1000 do wait(); n = n + 1 end
+        assert.is_true(flag)
+        assert.is_true(n < 10)
+      end
+    end)
+  end)
+
   it("a bare coroutine.yield in a task gives other tasks a turn", function()
     local order = {}
     core.run(function()
