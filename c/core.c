@@ -37,6 +37,9 @@ struct tn_task {
     uint64_t seq;        /* number of the current (or next) wait */
     int parked;          /* waiting in core.park or join: core.wake may resume it */
     int wakeable;        /* in a wait core.wake may cut short (cancel first) */
+    int wait_keep;       /* slots of co's stack a wake leaves to the waiting
+                          * function (join's task handle, which keeps the
+                          * joined task alive until join_cont reads it) */
     tn_cancel_fn cancel;
     void *cancel_arg;
     int timer_active;
@@ -339,6 +342,7 @@ static void task_step(tn_task *t) {
     t->cancel = NULL;
     t->parked = 0;
     t->wakeable = 0;
+    t->wait_keep = 0;
     tn_task_hold(t);
     int st = lua_resume(co, t->ctx->L, nargs, &nres);
     if (st == LUA_YIELD) {
@@ -420,7 +424,7 @@ static void task_wake(tn_task *t, int n) {
 
 int tn_task_wake(tn_task *t) {
     if (!task_can_wake(t)) return 0;
-    lua_settop(t->co, 0);
+    lua_settop(t->co, t->wait_keep);
     task_wake(t, 0);
     return 1;
 }
@@ -544,6 +548,7 @@ static int l_task_join(lua_State *L) {
     /* keep the joined task's handle on the stack: it keeps t alive until
      * join_cont reads it */
     lua_settop(L, 1);
+    me->wait_keep = 1;
     return lua_yieldk(L, 0, (lua_KContext)t, join_cont);
 }
 
@@ -634,7 +639,7 @@ static int l_wake(lua_State *L) {
         return 1;
     }
     lua_State *co = t->co;
-    lua_settop(co, 0);
+    lua_settop(co, t->wait_keep);
     luaL_checkstack(co, n, "too many values");
     for (int i = 2; i <= n + 1; i++) lua_pushvalue(L, i);
     lua_xmove(L, co, n);

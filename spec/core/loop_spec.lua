@@ -83,6 +83,33 @@ describe("core scheduler", function()
     end)
   end)
 
+  it("a join cut short by core.wake still holds the task it joins", function()
+    core.run(function()
+      local weak = setmetatable({}, { __mode = "v" })
+      local joiner = core.spawn(function()
+        -- the joined task's only reference is the join's own stack slot
+        local ok, v = core.spawn(function()
+          weak[1] = core.current()
+          core.park()
+          return "t-done"
+        end):join()
+        return ok, v
+      end)
+      core.sleep(1)
+      assert.are.equal("waiting", joiner:status())
+      core.spawn(function()
+        -- in this order on the next turn: the joined task ends, a collection,
+        -- then the joiner reads the joined task's state
+        assert.is_true(core.wake(weak[1]))
+        core.spawn(function() collectgarbage(); collectgarbage() end)
+        assert.is_true(core.wake(joiner))
+      end)
+      -- the wake used to clear the joiner's stack, handle included: the
+      -- collection freed the task and the joiner read freed memory
+      assert.are.same({ true, true, "t-done" }, { joiner:join() })
+    end)
+  end)
+
   it("a task cannot join itself", function()
     core.run(function()
       local me = core.current()
