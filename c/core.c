@@ -507,10 +507,34 @@ static int push_outcome(lua_State *L, tn_task *t) {
     return 2;
 }
 
+/* Take me off t's joiners: a join that timed out or was woken is over, and
+ * its entry would otherwise stay until t ends, one more per call for a task
+ * that polls a long-lived one with join(timeout). */
+static void joiners_forget(lua_State *L, tn_task *t, tn_task *me) {
+    if (t->joiners_ref == LUA_NOREF) return;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, t->joiners_ref);
+    lua_Integer n = luaL_len(L, -1), kept = 0;
+    for (lua_Integer i = 1; i + 1 <= n; i += 2) {
+        lua_rawgeti(L, -1, i);
+        task_box *b = luaL_testudata(L, -1, TASK_MT);
+        if (b && b->t == me) { lua_pop(L, 1); continue; }
+        lua_rawseti(L, -2, ++kept);
+        lua_rawgeti(L, -1, i + 1);
+        lua_rawseti(L, -2, ++kept);
+    }
+    for (lua_Integer i = kept + 1; i <= n; i++) {
+        lua_pushnil(L);
+        lua_rawseti(L, -2, i);
+    }
+    lua_pop(L, 1);
+}
+
 static int join_cont(lua_State *L, int status, lua_KContext k) {
     (void)status;
     tn_task *t = (tn_task *)k;
     if (t->state != TASK_DONE && t->state != TASK_FAILED) {
+        tn_task *me = tn_task_current(L);
+        if (me) joiners_forget(L, t, me);
         /* resumed by the timeout: the stack holds nil, "timeout" */
         if (lua_gettop(L) >= 3 && lua_isnil(L, -2)) return 2;
         return tn_fail(L, "join: task still running");

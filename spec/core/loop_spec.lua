@@ -83,6 +83,39 @@ describe("core scheduler", function()
     end)
   end)
 
+  it("a join that timed out or was woken leaves nothing behind in the joined task", function()
+    core.run(function()
+      local long = core.spawn(function() core.park() end)
+      core.sleep(1)
+      local function joins(n)
+        for _ = 1, n do assert.are.same({ nil, "timeout" }, { long:join(0) }) end
+      end
+      joins(100)
+      collectgarbage(); collectgarbage()
+      local before = collectgarbage("count")
+      joins(20000)
+      collectgarbage(); collectgarbage()
+      -- each timed-out join used to stay listed (16 bytes or more each)
+      assert.is_true(collectgarbage("count") - before < 100)
+      -- woken instead of timed out, likewise
+      local me = core.current()
+      local waker = core.spawn(function()
+        for _ = 1, 20000 do
+          local tries = 0
+          repeat core.sleep(0); tries = tries + 1 until core.wake(me, nil, "woken") or tries > 10
+        end
+      end)
+      collectgarbage(); collectgarbage()
+      before = collectgarbage("count")
+      for _ = 1, 20000 do assert.are.same({ nil, "woken" }, { long:join() }) end
+      waker:join()
+      collectgarbage(); collectgarbage()
+      assert.is_true(collectgarbage("count") - before < 100)
+      assert.is_true(core.wake(long))
+      assert.are.same({ true }, { long:join() })
+    end)
+  end)
+
   it("a join cut short by core.wake still holds the task it joins", function()
     core.run(function()
       local weak = setmetatable({}, { __mode = "v" })
