@@ -44,6 +44,7 @@ struct tn_task {
     void *cancel_arg;
     int timer_active;
     int timer_ready;     /* the timer is initialised only when a wait needs it */
+    int timer_zero;      /* the timer was started with 0 ms */
     uv_timer_t timer;    /* waits with a timeout, and sleep */
     struct tn_task *next_ready;
 };
@@ -206,6 +207,7 @@ static void task_timer_start(tn_task *t, uv_timer_cb cb, uint64_t ms) {
     }
     uv_timer_start(&t->timer, cb, ms, 0);
     t->timer_active = 1;
+    t->timer_zero = ms == 0;
 }
 
 /* ---- the ready queue --------------------------------------------------- */
@@ -369,10 +371,17 @@ void tn_task_resume(tn_task *t, int nresults) {
 
 static void task_wake(tn_task *t, int n);
 
-/* A timer's end makes its task ready rather than running it from the
- * callback: a task run there that starts a timer of 0 (sleep(0), park(0) in
- * a polling loop) finds it due within the same timer phase of libuv, which
- * runs it again at once, and ready tasks and I/O never get their turn. */
+/* The end of a timer of 0 makes its task ready rather than running it from
+ * the callback: a task run there that starts another timer of 0 (sleep(0),
+ * park(0) in a polling loop) finds it due within the same timer phase of
+ * libuv, which runs it again at once, and ready tasks and I/O never get
+ * their turn. Longer timers are not due again before the loop's clock moves,
+ * and resume their task at once, as other completions do. */
+static void timer_resume(tn_task *t, int n) {
+    if (t->timer_zero) task_wake(t, n);
+    else tn_task_resume(t, n);
+}
+
 static void wait_timeout(uv_timer_t *h) {
     tn_task *t = h->data;
     t->timer_active = 0;
@@ -382,7 +391,7 @@ static void wait_timeout(uv_timer_t *h) {
     lua_State *co = t->co;
     lua_pushnil(co);
     lua_pushliteral(co, "timeout");
-    task_wake(t, 2);
+    timer_resume(t, 2);
 }
 
 int tn_task_wait_cancel(lua_State *L, tn_task *t, int64_t timeout_ms,
@@ -628,7 +637,7 @@ static void sleep_done(uv_timer_t *h) {
     tn_task *t = h->data;
     t->timer_active = 0;
     if (t->state != TASK_WAITING) return;
-    task_wake(t, 0); /* as wait_timeout: never from the timer phase */
+    timer_resume(t, 0);
 }
 
 /* core.sleep(ms): wait without holding up anything else. */
