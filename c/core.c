@@ -37,10 +37,14 @@ struct tn_task {
     uint64_t seq;        /* number of the current (or next) wait */
     int parked;          /* waiting in core.park or join: core.wake may resume it */
     int wakeable;        /* in a wait core.wake may cut short (cancel first) */
+    int wait_keep;       /* slots of co's stack a wake leaves to the waiting
+                          * function (join's task handle, which keeps the
+                          * joined task alive until join_cont reads it) */
     tn_cancel_fn cancel;
     void *cancel_arg;
     int timer_active;
     int timer_ready;     /* the timer is initialised only when a wait needs it */
+    int timer_zero;      /* the timer was started with 0 ms */
     uv_timer_t timer;    /* waits with a timeout, and sleep */
     struct tn_task *next_ready;
 };
@@ -203,6 +207,7 @@ static void task_timer_start(tn_task *t, uv_timer_cb cb, uint64_t ms) {
     }
     uv_timer_start(&t->timer, cb, ms, 0);
     t->timer_active = 1;
+    t->timer_zero = ms == 0;
 }
 
 /* ---- the ready queue --------------------------------------------------- */
@@ -339,6 +344,7 @@ static void task_step(tn_task *t) {
     t->cancel = NULL;
     t->parked = 0;
     t->wakeable = 0;
+    t->wait_keep = 0;
     tn_task_hold(t);
     int st = lua_resume(co, t->ctx->L, nargs, &nres);
     if (st == LUA_YIELD) {
@@ -363,6 +369,19 @@ void tn_task_resume(tn_task *t, int nresults) {
     task_step(t);
 }
 
+static void task_wake(tn_task *t, int n);
+
+/* The end of a timer of 0 makes its task ready rather than running it from
+ * the callback: a task run there that starts another timer of 0 (sleep(0),
+ * park(0) in a polling loop) finds it due within the same timer phase of
+ * libuv, which runs it again at once, and ready tasks and I/O never get
+ * their turn. Longer timers are not due again before the loop's clock moves,
+ * and resume their task at once, as other completions do. */
+static void timer_resume(tn_task *t, int n) {
+    if (t->timer_zero) task_wake(t, n);
+    else tn_task_resume(t, n);
+}
+
 static void wait_timeout(uv_timer_t *h) {
     tn_task *t = h->data;
     t->timer_active = 0;
@@ -372,7 +391,7 @@ static void wait_timeout(uv_timer_t *h) {
     lua_State *co = t->co;
     lua_pushnil(co);
     lua_pushliteral(co, "timeout");
-    tn_task_resume(t, 2);
+    timer_resume(t, 2);
 }
 
 int tn_task_wait_cancel(lua_State *L, tn_task *t, int64_t timeout_ms,
@@ -414,7 +433,7 @@ static void task_wake(tn_task *t, int n) {
 
 int tn_task_wake(tn_task *t) {
     if (!task_can_wake(t)) return 0;
-    lua_settop(t->co, 0);
+    lua_settop(t->co, t->wait_keep);
     task_wake(t, 0);
     return 1;
 }
@@ -497,10 +516,34 @@ static int push_outcome(lua_State *L, tn_task *t) {
     return 2;
 }
 
+/* Take me off t's joiners: a join that timed out or was woken is over, and
+ * its entry would otherwise stay until t ends, one more per call for a task
+ * that polls a long-lived one with join(timeout). */
+static void joiners_forget(lua_State *L, tn_task *t, tn_task *me) {
+    if (t->joiners_ref == LUA_NOREF) return;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, t->joiners_ref);
+    lua_Integer n = luaL_len(L, -1), kept = 0;
+    for (lua_Integer i = 1; i + 1 <= n; i += 2) {
+        lua_rawgeti(L, -1, i);
+        task_box *b = luaL_testudata(L, -1, TASK_MT);
+        if (b && b->t == me) { lua_pop(L, 1); continue; }
+        lua_rawseti(L, -2, ++kept);
+        lua_rawgeti(L, -1, i + 1);
+        lua_rawseti(L, -2, ++kept);
+    }
+    for (lua_Integer i = kept + 1; i <= n; i++) {
+        lua_pushnil(L);
+        lua_rawseti(L, -2, i);
+    }
+    lua_pop(L, 1);
+}
+
 static int join_cont(lua_State *L, int status, lua_KContext k) {
     (void)status;
     tn_task *t = (tn_task *)k;
     if (t->state != TASK_DONE && t->state != TASK_FAILED) {
+        tn_task *me = tn_task_current(L);
+        if (me) joiners_forget(L, t, me);
         /* resumed by the timeout: the stack holds nil, "timeout" */
         if (lua_gettop(L) >= 3 && lua_isnil(L, -2)) return 2;
         return tn_fail(L, "join: task still running");
@@ -538,6 +581,7 @@ static int l_task_join(lua_State *L) {
     /* keep the joined task's handle on the stack: it keeps t alive until
      * join_cont reads it */
     lua_settop(L, 1);
+    me->wait_keep = 1;
     return lua_yieldk(L, 0, (lua_KContext)t, join_cont);
 }
 
@@ -593,7 +637,7 @@ static void sleep_done(uv_timer_t *h) {
     tn_task *t = h->data;
     t->timer_active = 0;
     if (t->state != TASK_WAITING) return;
-    tn_task_resume(t, 0);
+    timer_resume(t, 0);
 }
 
 /* core.sleep(ms): wait without holding up anything else. */
@@ -628,7 +672,7 @@ static int l_wake(lua_State *L) {
         return 1;
     }
     lua_State *co = t->co;
-    lua_settop(co, 0);
+    lua_settop(co, t->wait_keep);
     luaL_checkstack(co, n, "too many values");
     for (int i = 2; i <= n + 1; i++) lua_pushvalue(L, i);
     lua_xmove(L, co, n);

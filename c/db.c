@@ -1059,7 +1059,10 @@ static int conn_close(lua_State *L, conn_box *b, int wait) {
     if (!c || c->closing || !c->db) return 0;
     tn_task *t = tn_task_current(L);
     c->closing = 1;
-    int idle = !c->busy && !c->qhead;
+    /* A transaction's holder between two statements leaves the connection
+     * with nothing queued, yet it is not idle: closing now would roll the
+     * transaction back under the holder. */
+    int idle = !c->busy && !c->qhead && !c->tx_owner;
     if (idle && !(wait && t)) {
         close_db(c);
         conn_reap(c);

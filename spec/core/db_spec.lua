@@ -779,6 +779,31 @@ describe("core.db", function()
       end)
     end)
 
+    it("a <close> while the holder is between two statements of its transaction waits for it", function()
+      core.run(function()
+        local c2 = assert(db.open(path))
+        local inside = false
+        local holder = core.spawn(function()
+          return c2:transaction(function()
+            assert(c2:run("INSERT INTO t(who) VALUES ('h1')"))
+            inside = true
+            core.park()
+            assert(c2:run("INSERT INTO t(who) VALUES ('h2')"))
+            return "committed"
+          end)
+        end)
+        -- the holder is parked inside its transaction: nothing is queued or on the pool
+        while not inside do core.sleep(1) end
+        do
+          local _ <close> = c2
+        end
+        assert.is_true(core.wake(holder))
+        assert.are.same({ true, "committed" }, { holder:join() })
+        assert.are.equal(2, conn:query("SELECT count(*) AS k FROM t")[1].k)
+        assert.are.equal("tenement.db.conn (closed)", tostring(c2))
+      end)
+    end)
+
     it("ends with the task that errors while its query is queued", function()
       core.on_error(function() end) -- the failure is joined below, not reported
       finally(function() core.on_error(nil) end)

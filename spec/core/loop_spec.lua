@@ -83,6 +83,67 @@ describe("core scheduler", function()
     end)
   end)
 
+  it("a join that timed out or was woken leaves nothing behind in the joined task", function()
+    core.run(function()
+      local long = core.spawn(function() core.park() end)
+      core.sleep(1)
+      local function joins(n)
+        for _ = 1, n do assert.are.same({ nil, "timeout" }, { long:join(0) }) end
+      end
+      joins(100)
+      collectgarbage(); collectgarbage()
+      local before = collectgarbage("count")
+      joins(20000)
+      collectgarbage(); collectgarbage()
+      -- each timed-out join used to stay listed (16 bytes or more each)
+      assert.is_true(collectgarbage("count") - before < 100)
+      -- woken instead of timed out, likewise
+      local me = core.current()
+      local waker = core.spawn(function()
+        for _ = 1, 20000 do
+          local tries = 0
+          repeat core.sleep(0); tries = tries + 1 until core.wake(me, nil, "woken") or tries > 10
+        end
+      end)
+      collectgarbage(); collectgarbage()
+      before = collectgarbage("count")
+      for _ = 1, 20000 do assert.are.same({ nil, "woken" }, { long:join() }) end
+      waker:join()
+      collectgarbage(); collectgarbage()
+      assert.is_true(collectgarbage("count") - before < 100)
+      assert.is_true(core.wake(long))
+      assert.are.same({ true }, { long:join() })
+    end)
+  end)
+
+  it("a join cut short by core.wake still holds the task it joins", function()
+    core.run(function()
+      local weak = setmetatable({}, { __mode = "v" })
+      local joiner = core.spawn(function()
+        -- the joined task's only reference is the join's own stack slot
+        local ok, v = core.spawn(function()
+          weak[1] = core.current()
+          core.park()
+          return "t-done"
+        end):join()
+        return ok, v
+      end)
+      -- a helper, so that no slot of this task keeps the joined task's handle
+      local function joined_status() return weak[1] and weak[1]:status() end
+      repeat core.sleep(1) until joiner:status() == "waiting" and joined_status() == "waiting"
+      core.spawn(function()
+        -- in this order on the next turn: the joined task ends, a collection,
+        -- then the joiner reads the joined task's state
+        assert.is_true(core.wake(weak[1]))
+        core.spawn(function() collectgarbage(); collectgarbage() end)
+        assert.is_true(core.wake(joiner))
+      end)
+      -- the wake used to clear the joiner's stack, handle included: the
+      -- collection freed the task and the joiner read freed memory
+      assert.are.same({ true, true, "t-done" }, { joiner:join() })
+    end)
+  end)
+
   it("a task cannot join itself", function()
     core.run(function()
       local me = core.current()
@@ -124,6 +185,26 @@ describe("core scheduler", function()
       assert.is_nil(v)
       assert.are.equal("timeout", err)
       assert.is_true(core.now() - t0 >= 9)
+    end)
+  end)
+
+  it("a task that polls with sleep(0) or a zero timeout lets ready tasks run", function()
+    core.run(function()
+      -- a timer of 0 started from a timer's callback was due in the same
+      -- timer phase of libuv: the poller ran again and again, the ready
+      -- task never (100% CPU, forever)
+      for _, wait in ipairs({
+        function() core.sleep(0) end,
+        function() core.park(0) end,
+      }) do
+        local flag = false
+        core.sleep(1) -- the loop is in its timer phase from here on
+        core.spawn(function() flag = true end)
+        local n = 0
+        while not flag and n < 1000 do wait(); n = n + 1 end
+        assert.is_true(flag)
+        assert.is_true(n < 10)
+      end
     end)
   end)
 
