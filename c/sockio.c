@@ -20,8 +20,9 @@
  * EAGAIN; only EAGAIN once TCP urgent data was seen, for a read stops short
  * at its mark with bytes left behind it). Reading stopped with bytes left,
  * or a read burst cut short for fairness, leaves the stream on the pending
- * list, served from an idle handle before the loop blocks again. Callbacks of queued writes go the
- * same way, so none runs inside the call that queued it.
+ * list, served from an idle handle before the loop blocks again. Callbacks
+ * of queued writes go the same way, so none runs inside the call that
+ * queued it.
  */
 #include "net.h"
 

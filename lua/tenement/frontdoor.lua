@@ -60,13 +60,6 @@ function Door:attach(http)
   self.http = http
 end
 
-local function copy(t)
-  if type(t) ~= "table" then return t end
-  local out = {}
-  for k, v in pairs(t) do out[k] = copy(v) end
-  return out
-end
-
 -- (Re)reads what routing depends on from cfg: the domain, [routing], the
 -- services, the router hook. -> true | nil, err (and then nothing changed)
 function Door:configure(cfg)
@@ -80,7 +73,7 @@ function Door:configure(cfg)
   for name in pairs(cfg.services) do services[name] = true end
   self.cfg = cfg
   self.view = { domain = cfg.settings.domain, routing = cfg.routing, services = services }
-  self.hook_view = hook and copy(self.view)
+  self.hook_view = hook and hooks.plain(self.view)
   self.route_hook = hook
   self.generation = (self.generation or 0) + 1
   if self.http then self.http:clear_routes() end

@@ -72,9 +72,10 @@ function hooks.load(path, name)
   return result
 end
 
--- A value of the hook as plain data: tables copied without their
--- metatables, so that reading the answer runs none of the hook's code (an
--- __index or __tostring would run in the server, with no budget).
+-- A value as plain data: tables copied without their metatables. What a
+-- hook answers, so that reading it runs none of the hook's code (an __index
+-- or __tostring would run in the server, with no budget); and what it is
+-- given of the server's state, so that what it changes stays its own.
 local function plain(v, seen)
   if type(v) ~= "table" then return v end
   seen = seen or {}
@@ -88,6 +89,8 @@ local function plain(v, seen)
   end
   return t
 end
+
+hooks.plain = plain
 
 local function plain_results(result)
   if not result[1] then
