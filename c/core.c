@@ -603,6 +603,10 @@ static int l_run(lua_State *L) {
     tn_ctx *ctx = ctx_get(L);
     if (tn_task_current(L)) return luaL_error(L, "core.run cannot be called from inside a task");
     if (ctx->main_task) return luaL_error(L, "core.run is already running");
+    /* libuv's clock stood still since the last run: timers started now
+     * must count from now, or a short one is due before tasks already
+     * ready have run */
+    uv_update_time(&ctx->loop);
     if (lua_isnoneornil(L, 1)) {
         tn_io_run(&ctx->loop);
         return 0;
