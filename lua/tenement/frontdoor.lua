@@ -368,7 +368,7 @@ function Door:reap_idle(now)
     local active = timeout > 0 and inst.state == "running" and inst:last_active()
     if active and inst:inflight() == 0 and now - active >= timeout * 1000 then
       log.info("%s idle for %d s: going to sleep", inst.key, (now - active) // 1000)
-      core.spawn(self.sup.sleep, self.sup, inst.service, inst.id, "idle for " .. timeout .. " s")
+      core.spawn(self.sup.sleep, self.sup, inst.service, inst.id, "idle for " .. timeout .. " s", active)
     end
   end
 end

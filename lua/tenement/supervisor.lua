@@ -422,6 +422,17 @@ function Instance:reroute()
   if self.upstream_obj then self.upstream_obj:invalidate() end
 end
 
+-- Why a sleep asked of the running instance is refused now, or nil. It is
+-- decided when the runner takes it, in the same turn as the stop begins
+-- (and the door's routes to the instance are dropped): a request that came
+-- between the asking and the taking, through the door or a direct route,
+-- is in flight or has moved last_active past what the asker saw.
+function Instance:still_busy(msg)
+  if self:inflight() > 0 then return "busy: a request is in flight" end
+  local active = self:last_active()
+  if msg.idle_since and active and active > msg.idle_since then return "busy: a request came since" end
+end
+
 -- Proxied requests under way: an instance is never put to sleep under one.
 function Instance:inflight()
   return self.upstream_obj and self.upstream_obj:inflight() or 0
@@ -925,6 +936,15 @@ end
 
 -- The runner: the instance's whole life, one task.
 function Instance:run()
+  -- a sleep still queued when the runner ends (it gave up, or a stop came
+  -- first) was not taken: its asker must not wait for ever
+  local _ <close> = setmetatable({}, { __close = function()
+    local box = self.mailbox
+    for i = box.head, box.tail do
+      local msg = box.items[i]
+      if msg.type == "sleep" and msg.answer then msg.answer:set(nil, "not running") end
+    end
+  end })
   while true do
     local outcome, info = self:start_once()
     local exit
@@ -958,6 +978,8 @@ function Instance:run()
         elseif msg.type == "replace" then
           local ok, err = self:replace_process(msg.svc)
           msg.done:set(ok, err)
+        elseif msg.type == "sleep" and self:still_busy(msg) then
+          msg.answer:set(nil, self:still_busy(msg))
         elseif msg.type == "stop" or msg.type == "sleep" then
           outcome, info = msg.type, msg
           break
@@ -966,6 +988,7 @@ function Instance:run()
     end
 
     if outcome == "stop" or outcome == "sleep" then
+      if info.answer then info.answer:set(true) end
       self:transition(outcome == "stop" and "stop" or "sleep", info.reason)
       local proc = self.proc
       self.gen = self.gen + 1
@@ -1009,6 +1032,7 @@ function Instance:run()
       if msg and (msg.type == "stop" or msg.type == "sleep") then
         -- a sleep asked while it ran (the reaper's) is still a sleep: its
         -- data stays for the wake
+        if msg.answer then msg.answer:set(true) end
         self:transition(msg.type, msg.reason)
         self:finish_stop(msg.type, msg.keep_data)
         return
@@ -1188,14 +1212,20 @@ function Supervisor:remember_asleep(service, id)
   return inst
 end
 
--- sup:sleep(service, id) -> true | nil, err: stop an idle instance but keep
--- it known (and its data), so its next request wakes it.
-function Supervisor:sleep(service, id, reason)
+-- sup:sleep(service, id[, reason, idle_since]) -> true | nil, err: stop an
+-- idle instance but keep it known (and its data), so its next request wakes
+-- it. Refused ("busy: ...") when a request is in flight when the runner
+-- takes it, or when the instance was active after idle_since (the
+-- last_active the asker judged it idle by).
+function Supervisor:sleep(service, id, reason, idle_since)
   local inst = self:get(service, id)
   if not inst or not inst.runner then return nil, "not running" end
-  if inst:inflight() > 0 then return nil, "busy" end
-  inst.mailbox:put({ type = "sleep", reason = reason or "idle" })
-  inst.runner:join()
+  local runner = inst.runner
+  local msg = { type = "sleep", reason = reason or "idle", idle_since = idle_since, answer = sync.event() }
+  inst.mailbox:put(msg)
+  local ok, why = msg.answer:wait()
+  if not ok then return nil, why end
+  runner:join()
   return true
 end
 

@@ -671,6 +671,45 @@ describe("supervisor stops, sleeps and restarts", function()
     end)
   end)
 
+  it("refuses a sleep when a request came after the asker judged the instance idle", function()
+    local cfg = make_cfg(dir, { api = {} })
+    core.run(function()
+      local sup = supervisor.new(cfg, { environ = {} })
+      local inst = assert(sup:spawn("api", "a"))
+      -- the instance's own upstream, behind a real server, as the door uses it
+      local l = assert(core.net.listen { port = 0 })
+      local srv = core.http.serve(l, function(req)
+        local st, err, code = req:proxy(inst:upstream())
+        if not st then return nil, err, code end
+      end, { lazy_body = true })
+      local function through(target)
+        return assert(core.http.request { host = "127.0.0.1", port = l:port(), target = target, timeout = 5000 })
+      end
+      -- the reaper saw it idle; a request came and went before the runner
+      -- took the sleep: its client may come back at once
+      local seen = inst:last_active()
+      core.sleep(5)
+      assert.are.equal(200, through("/").status)
+      local ok, why = sup:sleep("api", "a", "idle", seen)
+      assert.is_nil(ok)
+      assert.are.equal("busy: a request came since", why)
+      assert.are.equal("running", inst.state)
+      -- one in flight when the runner takes the sleep is refused too
+      local slow = core.spawn(through, "/sleep?ms=300")
+      assert.is_true(wait_for(function() return inst:inflight() == 1 end))
+      ok, why = sup:sleep("api", "a", "idle", inst:last_active())
+      assert.are.equal("busy: a request is in flight", why)
+      local done, res = slow:join(5000)
+      assert.is_true(done)
+      assert.are.equal(200, res.status)
+      -- idle since what the asker saw: it sleeps
+      assert.is_true(sup:sleep("api", "a", "idle", inst:last_active()))
+      assert.are.equal("sleeping", inst.state)
+      srv:close()
+      sup:shutdown()
+    end)
+  end)
+
   it("kills what a crashed app left in its process group before starting it again", function()
     local cfg = make_cfg(dir, { tree = { string.format("command = %q", "sleep 300 & exec " .. BACKEND) } })
     core.run(function()
