@@ -26,4 +26,31 @@ function log.info(fmt, ...) emit("info", fmt, ...) end
 function log.warn(fmt, ...) emit("warn", fmt, ...) end
 function log.error(fmt, ...) emit("error", fmt, ...) end
 
+-- log.limited(level, per_second, what) -> function(msg): logs at most
+-- per_second of the messages given it in each second; the rest are counted
+-- and told in one line when that second is over. For errors a client can
+-- cause as fast as it sends requests (a dead upstream answering 502s):
+-- the first ones say what happened, and the log cannot be flooded.
+function log.limited(level, per_second, what)
+  local core = require "tenement.core"
+  local second, logged, dropped = nil, 0, 0
+  return function(msg)
+    local now = core.now() // 1000
+    if now ~= second then second, logged = now, 0 end
+    if logged < per_second then
+      logged = logged + 1
+      emit(level, "%s", msg)
+      return
+    end
+    dropped = dropped + 1
+    if dropped > 1 then return end
+    -- the first one dropped: tell the count once the second is over
+    core.spawn(function()
+      core.sleep(math.max(1, (second + 1) * 1000 - core.now()))
+      emit(level, "%d more %s in that second not logged (at most %d a second)", dropped, what, per_second)
+      dropped = 0
+    end)
+  end
+end
+
 return log

@@ -19,6 +19,7 @@ local LOG_BATCH = 5000
 -- its lines are counted as dropped; meanwhile new lines wait in the sink,
 -- which stays bounded
 local LOG_WRITE_TRIES = 5
+local DOOR_ERRORS_PER_SECOND = 10
 local LOG_RETENTION_EVERY_MS = 60 * 1000
 
 local Server = {}
@@ -115,6 +116,9 @@ function Server:start()
     max_head = s.max_head_kb * 1024, max_headers = s.max_headers, max_body = s.max_body_mb * 1024 * 1024,
     header_timeout = s.header_timeout * 1000, idle_timeout = s.keepalive_timeout * 1000,
     max_connections = max_conns,
+    -- one per request an upstream failed (the 502): a dead app under load
+    -- would otherwise write thousands of lines a second
+    on_error = log.limited("warn", DOOR_ERRORS_PER_SECOND, "front door errors"),
   })
   door:attach(self.http)
   self.reaper = core.spawn(door.run_reaper, door)

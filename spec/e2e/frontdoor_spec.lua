@@ -344,6 +344,37 @@ describe("front door", function()
     end)
   end)
 
+  it("logs at most 10 failed upstream answers a second, and counts the rest", function()
+    local dir = support.tmpdir()
+    srv = start_server(dir, { api = {} }, { tail = { "[instances]", 'api = ["bad"]' } })
+    wait_state(srv, "api:bad", "running")
+    local n, first, last = 100, nil, nil
+    run(function()
+      first = core.now()
+      for _ = 1, n do
+        -- bytes that are no HTTP answer, then the close: a 502 each
+        local res = assert(get(srv, "bad.api.example.test", "/raw?r=junk&close=1"))
+        assert.are.equal(502, res.status)
+      end
+      last = core.now()
+    end)
+    local logged, told
+    local deadline = os.time() + 10
+    repeat
+      local text = log_text(srv)
+      logged, told = 0, 0
+      for _ in text:gmatch("warn api:bad did not answer: [^\n]*") do logged = logged + 1 end
+      for more in text:gmatch("(%d+) more front door errors in that second not logged") do told = told + tonumber(more) end
+      if logged + told < n then sleep(0.1) end
+    until logged + told >= n or os.time() > deadline
+    assert.are.equal(n, logged + told)
+    -- the seconds the requests spanned (the server's clock is the same
+    -- monotonic one), ten lines in each at most
+    local seconds = last // 1000 - first // 1000 + 1
+    assert.is_true(logged <= 10 * seconds, logged .. " lines in " .. seconds .. " s")
+    assert.is_true(told > 0)
+  end)
+
   it("contains a router hook that throws, and follows one that answers", function()
     local dir = support.tmpdir()
     support.write(dir .. "/hook.lua", [[
