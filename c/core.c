@@ -44,7 +44,6 @@ struct tn_task {
     void *cancel_arg;
     int timer_active;
     int timer_ready;     /* the timer is initialised only when a wait needs it */
-    int timer_zero;      /* the timer was started with 0 ms */
     uv_timer_t timer;    /* waits with a timeout, and sleep */
     struct tn_task *next_ready;
 };
@@ -207,7 +206,6 @@ static void task_timer_start(tn_task *t, uv_timer_cb cb, uint64_t ms) {
     }
     uv_timer_start(&t->timer, cb, ms, 0);
     t->timer_active = 1;
-    t->timer_zero = ms == 0;
 }
 
 /* ---- the ready queue --------------------------------------------------- */
@@ -371,15 +369,17 @@ void tn_task_resume(tn_task *t, int nresults) {
 
 static void task_wake(tn_task *t, int n);
 
-/* The end of a timer of 0 makes its task ready rather than running it from
- * the callback: a task run there that starts another timer of 0 (sleep(0),
- * park(0) in a polling loop) finds it due within the same timer phase of
- * libuv, which runs it again at once, and ready tasks and I/O never get
- * their turn. Longer timers are not due again before the loop's clock moves,
- * and resume their task at once, as other completions do. */
+/* The end of a timer makes its task ready, behind the tasks that are ready
+ * already, rather than running it from the callback. libuv runs timers
+ * before anything else in a turn: a task resumed there would overtake tasks
+ * that were ready before its sleep began (spawn a task, sleep 1 ms: after a
+ * stall of a millisecond the sleeper woke first, and found the new task not
+ * yet started), and one that starts another timer of 0 (sleep(0), park(0)
+ * in a polling loop) would find it due within the same timer phase and run
+ * again at once, starving ready tasks and I/O. The ready queue runs in the
+ * same turn, so this costs no latency. */
 static void timer_resume(tn_task *t, int n) {
-    if (t->timer_zero) task_wake(t, n);
-    else tn_task_resume(t, n);
+    task_wake(t, n);
 }
 
 static void wait_timeout(uv_timer_t *h) {
