@@ -4023,6 +4023,20 @@ static uint64_t px_sent(px *x) {
     return (c ? tn_io_delivered(&c->io) : 0) + (x->up ? tn_io_delivered(&x->up->io) : 0);
 }
 
+/* Bytes of a tunnel that a peer's socket did not take yet. */
+static int px_tunnel_waiting(px *x) {
+    http_conn *c = px_client(x);
+    return (c && tn_io_queued(&c->io) > 0) || (x->up && tn_io_queued(&x->up->io) > 0);
+}
+
+/* After bytes moved through a tunnel: reading them is progress, and what a
+ * peer did not take starts the clock on it. */
+static void px_tunnel_moved(px *x) {
+    if (x->done || !x->up) return;
+    x->last = uv_now(x->st->loop);
+    if (px_tunnel_waiting(x)) px_up_arm(x->up, x->last + (uint64_t)x->timeout);
+}
+
 static void px_up_timer_cb(uv_timer_t *t) {
     px_up *up = t->data;
     up->timer_due = 0;
@@ -4038,9 +4052,12 @@ static void px_up_timer_cb(uv_timer_t *t) {
         px_up_close(up);
         px_end(x, 0, PXA_NONE, "ETIMEDOUT", "connect %s: ETIMEDOUT: no connection within %d ms",
                x->pool->addr.text, (int)x->connect_timeout);
-    } else if (x->upgraded) {
+    } else if (x->upgraded && !px_tunnel_waiting(x)) {
         return; /* a tunnel may stay quiet for as long as it likes */
     } else {
+        /* a tunnel with bytes waiting for a peer is held to the timeout as
+         * a response is: nothing taken, nothing read, for that long, and
+         * both peers are cut (one that never reads would hold it for ever) */
         uint64_t deadline = x->last + (uint64_t)x->timeout;
         if (now >= deadline && x->resp_started) {
             /* Nothing came and no queued write completed, but a slow client
@@ -4347,7 +4364,9 @@ static void px_tunnel_end(px *x, int from_client, ssize_t err) {
     if (tn_io_shutdown(other, &x->shut, px_shut_cb) != 0) {
         px_release(x);
         px_end(x, 1, PXA_CLOSE, NULL, NULL);
+        return;
     }
+    px_tunnel_moved(x); /* the FIN waits behind what that peer has not taken */
 }
 
 static void px_tunnel_start(px *x, const char *rest, size_t n) {
@@ -4371,6 +4390,7 @@ static void px_tunnel_start(px *x, const char *rest, size_t n) {
     }
     inbuf_release(&c->in);
     c->in_off = 0;
+    px_tunnel_moved(x);
     if (c->eof) px_tunnel_end(x, 1, UV_EOF); /* it sent its last bytes already */
     else conn_update_reading(c);
 }
@@ -4382,6 +4402,7 @@ static void px_tunnel_client_read(struct px *x, ssize_t nread, const char *p) {
         x->bytes_in += (uint64_t)nread;
         px_out(x, PX_UP, p, (size_t)nread, 0);
         px_up_flush(x);
+        px_tunnel_moved(x);
     } else {
         px_tunnel_end(x, 1, nread);
     }
@@ -4400,6 +4421,7 @@ static void px_up_read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *b) {
         if (nread > 0) {
             px_out(x, PX_CLI, b->base, (size_t)nread, 0);
             px_cli_flush(x);
+            px_tunnel_moved(x);
         } else {
             px_tunnel_end(x, 0, nread);
         }

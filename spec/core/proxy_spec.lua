@@ -921,6 +921,35 @@ describe("req:proxy", function()
     end)
   end)
 
+  it("cuts a tunnel whose peer takes nothing for the timeout, and never a quiet one", function()
+    core.run(function()
+      local srv, port, log = front(b.path, { timeout = 500 })
+      local upgrade = "GET /ws HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n"
+      -- quiet: nothing waits for anyone, and no timeout applies
+      local quiet = raw(port)
+      quiet:send(upgrade)
+      assert.are.equal(101, assert(quiet:response { head = true }).status)
+      quiet:send("ping")
+      assert.are.equal("ping", quiet:take(4))
+      -- stalled: a client that sends and never reads the echo; once the
+      -- buffers on the way are full, nothing moves either way
+      local c = raw(port)
+      c:send(upgrade)
+      assert.are.equal(101, assert(c:response { head = true }).status)
+      local writer = core.spawn(function() return c.s:write(string.rep("x", 8 * 1024 * 1024)) end)
+      assert.is_true(eventually(function() return log[1] ~= nil end, 10000), "the stalled tunnel was never cut")
+      assert.are.equal("ETIMEDOUT", log[1][3], log[1][2])
+      assert.is_true(writer:join(5000))
+      c:close()
+      -- the quiet one, silent for longer than the timeout by now, still echoes
+      quiet:send("pong")
+      assert.are.equal("pong", quiet:take(4))
+      assert.is_nil(log[2])
+      quiet:close()
+      srv:close()
+    end)
+  end)
+
   -- A tunnel lives in the socket set alone. Once nothing referenced is left
   -- in libuv (the listener closed, the timers fired), libuv must still count
   -- as alive: otherwise a signal for an unreferenced watcher leaves libuv's
