@@ -26,14 +26,22 @@ function log.info(fmt, ...) emit("info", fmt, ...) end
 function log.warn(fmt, ...) emit("warn", fmt, ...) end
 function log.error(fmt, ...) emit("error", fmt, ...) end
 
--- log.limited(level, per_second, what) -> function(msg): logs at most
--- per_second of the messages given it in each second; the rest are counted
--- and told in one line when that second is over. For errors a client can
--- cause as fast as it sends requests (a dead upstream answering 502s):
--- the first ones say what happened, and the log cannot be flooded.
+-- log.limited(level, per_second, what) -> function(msg), flush(): logs at
+-- most per_second of the messages given it in each second; the rest are
+-- counted and told in one line when that second is over, or by flush() (a
+-- server stopping before the second is over would lose the count). For
+-- errors a client can cause as fast as it sends requests (a dead upstream
+-- answering 502s): the first ones say what happened, and the log cannot be
+-- flooded.
 function log.limited(level, per_second, what)
   local core = require "tenement.core"
   local second, logged, dropped = nil, 0, 0
+  local function flush()
+    if dropped > 0 then
+      emit(level, "%d more %s in that second not logged (at most %d a second)", dropped, what, per_second)
+    end
+    dropped = 0
+  end
   return function(msg)
     local now = core.now() // 1000
     if now ~= second then second, logged = now, 0 end
@@ -47,10 +55,9 @@ function log.limited(level, per_second, what)
     -- the first one dropped: tell the count once the second is over
     core.spawn(function()
       core.sleep(math.max(1, (second + 1) * 1000 - core.now()))
-      emit(level, "%d more %s in that second not logged (at most %d a second)", dropped, what, per_second)
-      dropped = 0
+      flush()
     end)
-  end
+  end, flush
 end
 
 return log

@@ -110,15 +110,17 @@ function Server:start()
     return nil, string.format("cannot listen on %s port %d: %s", s.listen, s.port, herr)
   end
   self.http_listener = http_listener
+  -- one per request an upstream failed (the 502): a dead app under load
+  -- would otherwise write thousands of lines a second
+  local door_errors
+  door_errors, self.flush_door_errors = log.limited("warn", DOOR_ERRORS_PER_SECOND, "front door errors")
   -- lazy_body: the proxy streams request bodies instead of reading them first
   self.http = core.http.serve(http_listener, door:handler(), {
     lazy_body = true,
     max_head = s.max_head_kb * 1024, max_headers = s.max_headers, max_body = s.max_body_mb * 1024 * 1024,
     header_timeout = s.header_timeout * 1000, idle_timeout = s.keepalive_timeout * 1000,
     max_connections = max_conns,
-    -- one per request an upstream failed (the 502): a dead app under load
-    -- would otherwise write thousands of lines a second
-    on_error = log.limited("warn", DOOR_ERRORS_PER_SECOND, "front door errors"),
+    on_error = door_errors,
   })
   door:attach(self.http)
   self.reaper = core.spawn(door.run_reaper, door)
@@ -534,6 +536,8 @@ function Server:shutdown()
   self:flush_logs(true)
   self.stopping = true
   self.store:close()
+  -- the count of this second's failures would go with the process
+  if self.flush_door_errors then self.flush_door_errors() end
   log.info("stopped")
 end
 

@@ -1093,10 +1093,13 @@ function Instance:take_definition(msg)
   msg.done:set(true)
 end
 
+-- The runner's end empties the mailbox: a sleep asked behind a stop (or a
+-- give-up) is answered here too, or its asker waited for ever.
 function Instance:answer_replaces()
   while self.mailbox:size() > 0 do
     local msg = self.mailbox:take(0)
-    if msg and msg.type == "replace" then self:take_definition(msg) end
+    if msg and msg.type == "replace" then self:take_definition(msg)
+    elseif msg and msg.type == "sleep" and msg.answer then msg.answer:set(nil, "not running") end
   end
 end
 

@@ -375,6 +375,38 @@ describe("front door", function()
     assert.is_true(told > 0)
   end)
 
+  it("tells the count of failed upstream answers not logged when it stops within their second", function()
+    local dir = support.tmpdir()
+    srv = start_server(dir, { api = {} }, { tail = { "[instances]", 'api = ["bad"]' } })
+    wait_state(srv, "api:bad", "running")
+    local n = 30
+    run(function()
+      -- early in a second of the server's clock (the same monotonic one),
+      -- so the stop comes well before that second is over
+      for _ = 1, 2000 do
+        if (core.hrtime() // 1000000) % 1000 < 200 then break end
+        core.sleep(1)
+      end
+      for _ = 1, n do
+        local res = assert(get(srv, "bad.api.example.test", "/raw?r=junk&close=1"))
+        assert.are.equal(502, res.status)
+      end
+    end)
+    os.execute("kill -TERM " .. srv.pid)
+    local text
+    for _ = 1, 200 do
+      text = log_text(srv)
+      if text:find(" info stopped\n") then break end
+      sleep(0.05)
+    end
+    assert.matches(" info stopped\n", text)
+    srv = nil
+    local logged, told = 0, 0
+    for _ in text:gmatch("warn api:bad did not answer: [^\n]*") do logged = logged + 1 end
+    for more in text:gmatch("(%d+) more front door errors in that second not logged") do told = told + tonumber(more) end
+    assert.are.equal(n, logged + told)
+  end)
+
   it("contains a router hook that throws, and follows one that answers", function()
     local dir = support.tmpdir()
     support.write(dir .. "/hook.lua", [[
