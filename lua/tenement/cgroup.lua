@@ -444,25 +444,26 @@ local function new_cgroup(layout, name, members)
 end
 
 -- Kills every process in dirs (and below) and waits until none is left.
+-- -> true, whether a cgroup.kill was written | nil, err
 local function kill_dirs(fs, dirs, timeout_ms)
   local deadline = core.now() + (timeout_ms or KILL_TIMEOUT_MS)
   local pause = 1
-  local tried_kill = {}
+  local tried_kill, wrote_kill = {}, false
   while true do
     local pids = {}
     for _, d in ipairs(dirs) do
-      if fs.stat(d) then
-        -- cgroup2's cgroup.kill takes the whole subtree at once, forks in
-        -- flight included; elsewhere each listed pid gets SIGKILL until the
-        -- list stays empty.
-        if not tried_kill[d] and fs.stat(join(d, "cgroup.kill")) then
-          local ok = fs.put(join(d, "cgroup.kill"), "1")
-          if ok then tried_kill[d] = true end
-        end
-        collect_pids(fs, d, pids)
+      if fs.stat(d) then collect_pids(fs, d, pids) end
+    end
+    if #pids == 0 then return true, wrote_kill end
+    -- cgroup2's cgroup.kill takes the whole subtree at once, forks in
+    -- flight included; elsewhere each listed pid gets SIGKILL until the
+    -- list stays empty. Only when something is left: a group killed that
+    -- way cannot be kept for another start (Cgroup:kill_all).
+    for _, d in ipairs(dirs) do
+      if not tried_kill[d] and fs.stat(join(d, "cgroup.kill")) then
+        if fs.put(join(d, "cgroup.kill"), "1") then tried_kill[d], wrote_kill = true, true end
       end
     end
-    if #pids == 0 then return true end
     for _, pid in ipairs(pids) do core.proc.kill(pid, "SIGKILL") end
     if core.now() >= deadline then
       table.sort(pids)
@@ -728,8 +729,16 @@ end
 -- cg:kill_all([timeout_ms=5000]) -> true | nil, err. SIGKILL to every
 -- process of the instance (cgroup.kill in cgroup2), waiting until none is
 -- left. In a task.
+-- cg.killed_whole is set once a cgroup.kill was written: on some kernels
+-- (6.18 here) every child later born into that cgroup2 group by
+-- clone3(CLONE_INTO_CGROUP) is SIGKILLed at once (the fork compares the
+-- kill count of the parent's group with the target's), so such a group is
+-- never used for another start.
 function Cgroup:kill_all(timeout_ms)
-  return kill_dirs(self.fs, self:dirs(), timeout_ms)
+  local ok, wrote_kill = kill_dirs(self.fs, self:dirs(), timeout_ms)
+  if not ok then return nil, wrote_kill end
+  if wrote_kill then self.killed_whole = true end
+  return true
 end
 
 -- cg:remove([timeout_ms=2000]) -> true | nil, err. Removes the cgroups

@@ -395,7 +395,63 @@ describe("supervisor limits and walls", function()
       while (inst.pid == pid or inst.state ~= "running") and core.now() < deadline do core.sleep(20) end
       assert.are_not.equal(pid, inst.pid)
       assert.matches("killed: out of memory, limit 64 MB", inst.last_exit, 1, true)
+      -- the restart runs in the same cgroups: their count of OOM kills has
+      -- the last one, and a plain SIGKILL now is not taken for another
+      pid = inst.pid
+      core.proc.kill(pid, "SIGKILL")
+      deadline = core.now() + 10000
+      while (inst.pid == pid or inst.state ~= "running") and core.now() < deadline do core.sleep(20) end
+      assert.are.equal("killed by SIGKILL", inst.last_exit)
       sup:shutdown()
+    end)
+  end)
+
+  it("keeps an instance's cgroups for its next start; a stop, other limits or the shutdown remove them", function()
+    if not is_root() then pending("cgroup limits need root") return end
+    local cfg = make_cfg(dir, { w = { "pids_limit = 50" } })
+    local function procs(d)
+      local f = assert(io.open(d .. "/cgroup.procs"))
+      local t = f:read("a")
+      f:close()
+      return t
+    end
+    core.run(function()
+      local sup = supervisor.new(cfg, { environ = {} })
+      local inst = assert(sup:spawn("w", "a"))
+      local dirs = inst.cg:dirs()
+      assert.is_true(#dirs > 0)
+      -- asleep: they stay, empty
+      assert.is_true(sup:sleep("w", "a"))
+      for _, d in ipairs(dirs) do assert.are.equal("", procs(d)) end
+      -- woken: the same ones, the process in them
+      assert(sup:spawn("w", "a"))
+      assert.are.same(dirs, inst.cg:dirs())
+      for _, d in ipairs(dirs) do assert.matches(tostring(inst.pid), procs(d)) end
+      -- a crash and its restart: the same again
+      local pid = inst.pid
+      get(inst, "/crash")
+      local deadline = core.now() + 10000
+      while (inst.pid == pid or inst.state ~= "running") and core.now() < deadline do core.sleep(20) end
+      assert.are.same(dirs, inst.cg:dirs())
+      -- other limits by the next start: new ones, the old ones gone
+      assert.is_true(sup:sleep("w", "a"))
+      assert(sup:rollout("w", make_cfg(dir, { w = { "pids_limit = 60" } }).services.w))
+      assert(sup:spawn("w", "a"))
+      local again = inst.cg:dirs()
+      for i, d in ipairs(dirs) do
+        assert.are_not.equal(d, again[i])
+        assert.is_nil(core.fs.stat(d))
+      end
+      -- a stop removes them
+      assert.is_true(sup:stop("w", "a"))
+      for _, d in ipairs(again) do assert.is_nil(core.fs.stat(d)) end
+      -- and so does the shutdown, for an instance asleep
+      assert(sup:spawn("w", "b"))
+      local b_dirs = sup:get("w", "b").cg:dirs()
+      assert.is_true(sup:sleep("w", "b"))
+      assert.is_truthy(core.fs.stat(b_dirs[1]))
+      sup:shutdown()
+      for _, d in ipairs(b_dirs) do assert.is_nil(core.fs.stat(d)) end
     end)
   end)
 
@@ -426,6 +482,31 @@ describe("supervisor limits and walls", function()
         .. dir .. "/data/other/x/secret.txt")
       assert.are_not.equal(0, code)
       assert.are.equal("running", other.state)
+      sup:shutdown()
+    end)
+  end)
+
+  it("starts again in new cgroups after its old ones had to be killed whole", function()
+    if not is_root() then pending("cgroup limits need root") return end
+    -- the app leaves a process outside its group: only the cgroup finds it
+    local cfg = make_cfg(dir, { tree = { "pids_limit = 50",
+      string.format("command = %q", "setsid sleep 300 & exec " .. BACKEND) } })
+    core.run(function()
+      local sup = supervisor.new(cfg, { environ = { PATH = "/usr/bin:/bin" } })
+      local inst = assert(sup:spawn("tree", "a"))
+      local pid = inst.pid
+      get(inst, "/crash")
+      local deadline = core.now() + 10000
+      while (inst.pid == pid or inst.state ~= "running") and core.now() < deadline do core.sleep(20) end
+      -- a cgroup2 group killed through cgroup.kill is not used again: on
+      -- some kernels every child born into it is killed at birth
+      assert.are.equal("running", inst.state, inst.last_exit)
+      assert(get(inst, "/health"))
+      for _, d in ipairs(inst.cg:dirs()) do
+        local f = assert(io.open(d .. "/cgroup.procs"))
+        assert.are.equal(tostring(inst.pid), f:read("l"))
+        f:close()
+      end
       sup:shutdown()
     end)
   end)
