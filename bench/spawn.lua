@@ -157,7 +157,7 @@ function M.run()
   local cases = {
     { "process", "process", nil, 300 },
     { "namespace", "namespace", "host", 300 },
-    { "namespace + netns", "namespace", "isolated", 100 },
+    { "namespace + netns", "namespace", "isolated", 300 },
     { "sandbox (gVisor runsc)", "sandbox", nil, 10 },
   }
   local by = {}
