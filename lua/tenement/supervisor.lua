@@ -140,6 +140,9 @@ function Instance:transition(event, reason)
 end
 
 -- Waits until the instance's state is one of `states` (a set), or timeout.
+-- Where a restart after a crash ends, one way or another.
+local RESTART_SETTLED = { running = true, unhealthy = true, failed = true, stopped = true, sleeping = true }
+
 function Instance:wait_state(states, timeout_ms)
   local deadline = timeout_ms and core.now() + timeout_ms
   while not states[self.state] do
@@ -1212,6 +1215,13 @@ function Supervisor:spawn(service, id, opts)
   end
   if opts.wait == false then return inst end
   if inst.state == "running" or inst.state == "unhealthy" then return inst end
+  if inst.ready_event:is_set() then
+    -- restarting after a crash (backing off, or starting again): the ready
+    -- event is the earlier life's, so the wait is for where this one ends
+    local state = inst:wait_state(RESTART_SETTLED)
+    if state == "running" or state == "unhealthy" then return inst end
+    return nil, string.format("%s did not start: %s", inst.key, inst.last_exit or state), "start_failed"
+  end
   local ready, why = inst.ready_event:wait()
   if not ready then return nil, string.format("%s did not start: %s", inst.key, why), "start_failed" end
   return inst

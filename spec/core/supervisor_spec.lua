@@ -752,6 +752,25 @@ describe("supervisor stops, sleeps and restarts", function()
     end)
   end)
 
+  it("has a spawn of an instance restarting after a crash wait for the restart", function()
+    local cfg = make_cfg(dir, { api = {} })
+    cfg.settings.backoff_base_ms, cfg.settings.backoff_max_ms = 300, 300
+    core.run(function()
+      local sup = supervisor.new(cfg, { environ = {} })
+      local inst = assert(sup:spawn("api", "a"))
+      local pid = inst.pid
+      get(inst, "/crash")
+      assert.is_true(wait_for(function() return inst.state == "backoff" end))
+      -- its ready event is the life that crashed: the spawn must not take
+      -- it for this one and return an instance nobody listens for
+      assert.are.equal(inst, sup:spawn("api", "a"))
+      assert.are.equal("running", inst.state)
+      assert.are_not.equal(pid, inst.pid)
+      assert.are.equal(200, get(inst, "/health").status)
+      sup:shutdown()
+    end)
+  end)
+
   it("refuses a sleep when a request came after the asker judged the instance idle", function()
     local cfg = make_cfg(dir, { api = {} })
     core.run(function()
