@@ -27,9 +27,28 @@ local function copy(lib)
   return t
 end
 
+-- string.rep runs in C, where the instruction budget does not reach: one
+-- call could build gigabytes. A hook's strings are made from a request.
+hooks.MAX_STRING = 1 << 20
+local function bounded_rep(s, n, sep)
+  if (type(s) == "string" or type(s) == "number") and math.type(n) == "integer" and n > 1 then
+    local size = #tostring(s) * n + (sep ~= nil and #tostring(sep) * (n - 1) or 0)
+    if size > hooks.MAX_STRING then
+      error(string.format("string.rep would make %d bytes; a hook may make at most %d", size, hooks.MAX_STRING), 2)
+    end
+  end
+  return string.rep(s, n, sep)
+end
+
+-- The string library of hooks, also for method calls on strings ("x":rep),
+-- which go through the string metatable: hooks.call points it here while
+-- a hook runs.
+local hook_string = copy(string)
+hook_string.rep = bounded_rep
+
 local function sandbox(name)
   local env = {
-    string = copy(string), table = copy(table), math = copy(math), utf8 = copy(utf8),
+    string = copy(hook_string), table = copy(table), math = copy(math), utf8 = copy(utf8),
     pairs = pairs, ipairs = ipairs, next = next, select = select, type = type,
     tostring = tostring, tonumber = tonumber, error = error, assert = assert,
     pcall = function(...) return rethrow_budget(pcall(...)) end,
@@ -114,7 +133,11 @@ function hooks.call(fn, ...)
     count = count + 1000
     if count > hooks.BUDGET then error(EXCEEDED, 0) end
   end, "", 1000)
+  local strings = getmetatable("")
+  local server_string = strings.__index
+  strings.__index = hook_string
   local result = table.pack(pcall(fn, ...))
+  strings.__index = server_string
   debug.sethook(thread, table.unpack(previous))
   if not result[1] and result[2] == EXCEEDED then return false, tostring(EXCEEDED) end
   return plain_results(result)

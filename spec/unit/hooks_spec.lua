@@ -35,6 +35,27 @@ describe("hooks", function()
     end
   end)
 
+  it("does not let one string.rep build more than a hook may, called either way", function()
+    local h = assert(load_hook([[
+      return function(n, how)
+        if how == "method" then return #("ab"):rep(n) end
+        return #string.rep("ab", n, ",")
+      end
+    ]]))
+    -- small ones work as ever
+    assert.are.same({ true, 8 }, { hooks.call(h.route, 3, "function") })
+    assert.are.same({ true, 6 }, { hooks.call(h.route, 3, "method") })
+    -- 256 MB in one C call, outside the instruction budget: refused
+    for _, how in ipairs { "function", "method" } do
+      local ok, err = hooks.call(h.route, 128 * 1024 * 1024, how)
+      assert.is_false(ok)
+      assert.matches("a hook may make at most", err, 1, true)
+    end
+    -- and the server's own strings are as they were
+    assert.are.equal(string.rep, getmetatable("").__index.rep)
+    assert.are.equal(3 * 1024 * 1024, #("abc"):rep(1024 * 1024))
+  end)
+
   it("stops a hook that catches its own budget error and loops on", function()
     -- in a process of its own: the old behaviour was to loop for good
     local dir = support.tmpdir()
