@@ -843,10 +843,11 @@ static int l_sig_close(lua_State *L) {
         tn_task *t = w->waiter;
         w->waiter = NULL;
         if (tn_task_waiting_for(t, w->seq)) {
+            /* ready, not run: the closer goes on with its own invariants */
             lua_State *co = tn_task_thread(t);
             lua_pushnil(co);
             lua_pushliteral(co, "closed");
-            tn_task_resume(t, 2);
+            task_wake(t, 2);
         }
         tn_task_release(t);
     }

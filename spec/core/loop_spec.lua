@@ -321,11 +321,19 @@ describe("core signals", function()
   it("closing a watcher wakes its waiter with nil, 'closed'", function()
     core.run(function()
       local w = core.signal("SIGHUP")
-      local waiter = core.spawn(function() return w:wait() end)
+      local order = {}
+      local waiter = core.spawn(function()
+        local r = table.pack(w:wait())
+        order[#order + 1] = "waiter"
+        return table.unpack(r, 1, r.n)
+      end)
       core.sleep(1)
       w:close()
+      -- the waiter is woken, not run inside the close
+      order[#order + 1] = "closer"
       w:close()
       assert.are.same({ true, nil, "closed" }, { waiter:join() })
+      assert.are.same({ "closer", "waiter" }, order)
       assert.has_error(function() w:wait() end, "signal watcher is closed")
     end)
   end)
