@@ -197,6 +197,8 @@ function Supervisor:cgroup_for(inst, svc)
   if not self.cgroups then
     if not next(limits) then return nil end
     self.cgroups = cgroup.detect { base = "tenement-" .. core.proc.getpid() }
+    -- made here, not by a server with a keeper: the shutdown removes them
+    self.own_cgroup_bases = true
   end
   -- one cgroup per start (the generation in its name): a rollout runs the
   -- new process beside the old one, each in its own
@@ -1463,6 +1465,11 @@ function Supervisor:shutdown()
   for _, t in ipairs(tasks) do t:join() end
   -- asleep or failed, an instance may still hold the cgroups of its last start
   for _, inst in pairs(self.instances) do inst:drop_spare_cgroup() end
+  if self.own_cgroup_bases then
+    -- empty by now; one still busy (an instance's cgroups that could not
+    -- go) stays, and the log said why
+    for _, base in ipairs(cgroup.bases(self.cgroups)) do self.cgroups.fs.rmdir(base) end
+  end
 end
 
 return supervisor

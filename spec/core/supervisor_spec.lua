@@ -452,6 +452,8 @@ describe("supervisor limits and walls", function()
       assert.is_truthy(core.fs.stat(b_dirs[1]))
       sup:shutdown()
       for _, d in ipairs(b_dirs) do assert.is_nil(core.fs.stat(d)) end
+      -- and the bases it made for them (a server's keeper removes its own)
+      for _, base in ipairs(require("tenement.cgroup").bases(sup.cgroups)) do assert.is_nil(core.fs.stat(base)) end
     end)
   end)
 
