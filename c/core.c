@@ -431,6 +431,10 @@ static void task_wake(tn_task *t, int n) {
     ready_push(t);
 }
 
+void tn_task_resume_later(tn_task *t, int nresults) {
+    task_wake(t, nresults);
+}
+
 int tn_task_wake(tn_task *t) {
     if (!task_can_wake(t)) return 0;
     lua_settop(t->co, t->wait_keep);
@@ -843,11 +847,10 @@ static int l_sig_close(lua_State *L) {
         tn_task *t = w->waiter;
         w->waiter = NULL;
         if (tn_task_waiting_for(t, w->seq)) {
-            /* ready, not run: the closer goes on with its own invariants */
             lua_State *co = tn_task_thread(t);
             lua_pushnil(co);
             lua_pushliteral(co, "closed");
-            task_wake(t, 2);
+            tn_task_resume_later(t, 2);
         }
         tn_task_release(t);
     }

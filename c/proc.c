@@ -855,7 +855,8 @@ static void proc_detach(proc_box *b, int resume) {
                 lua_State *co = tn_task_thread(w->task);
                 lua_pushnil(co);
                 lua_pushliteral(co, "closed");
-                tn_task_resume(w->task, 2);
+                /* its cancel finds w detached and leaves it to be freed here */
+                tn_task_resume_later(w->task, 2);
             }
             tn_task_release(w->task);
             free(w);

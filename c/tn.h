@@ -92,6 +92,11 @@ lua_State *tn_task_thread(tn_task *t);
 /* Resume a waiting task with the n values on top of its stack. Runs the task
  * until it waits again or ends; errors are contained and reported. */
 void tn_task_resume(tn_task *t, int nresults);
+/* The same, but t runs later in this turn, behind the tasks ready already,
+ * not inside the caller: for a wait ended from Lua code (a close), whose
+ * caller goes on with its own invariants. The wait's cancel function runs
+ * first, as on a timeout. */
+void tn_task_resume_later(tn_task *t, int nresults);
 
 /* Keep t's memory alive across an asynchronous operation. */
 tn_task *tn_task_hold(tn_task *t);

@@ -794,11 +794,19 @@ describe("core.proc", function()
         local p = assert(proc.spawn { argv = { "/bin/cat" }, stdin = "pipe", stdout = "null", stderr = "null" })
         local pid = p.pid
         local start = proc_stat(pid).start
-        local waiter = core.spawn(function() return p:wait(5000) end)
+        local order = {}
+        local waiter = core.spawn(function()
+          local st, err = p:wait(5000)
+          order[#order + 1] = "waiter"
+          return st, err
+        end)
         until_waiting(waiter)
         p:close()
+        -- the waiter is woken, not run inside the close
+        order[#order + 1] = "closer"
         p:close() -- idempotent
         local ok, st, err = waiter:join()
+        assert.are.same({ "closer", "waiter" }, order)
         assert.is_true(ok)
         assert.is_nil(st)
         assert.are.equal("closed", err)
