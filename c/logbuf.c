@@ -117,7 +117,8 @@ static lb_waiter *waiter_add(lua_State *L, lb_waiter **head, tn_task *t, int kin
     return w;
 }
 
-/* The wait timed out: core resumes the task with nil, "timeout". */
+/* The wait ended otherwise than by its operation: a timeout (core resumes
+ * the task with nil, "timeout"), or a close that woke it (waiter_fail). */
 static void waiter_cancel(void *arg) {
     lb_waiter *w = arg;
     if (w->head) waiter_unlink(w);
@@ -132,17 +133,18 @@ static void waiter_fail(lb_waiter *w, const char *reason, int resume) {
     tn_task *t = w->t;
     uint64_t seq = w->seq;
     waiter_unlink(w);
-    if (!resume) {
-        w->head = NULL;
-        return;
-    }
-    free(w);
+    w->head = NULL;
+    if (!resume) return;
     if (tn_task_waiting_for(t, seq)) {
         lua_State *co = tn_task_thread(t);
         lua_pushnil(co);
         lua_pushstring(co, reason);
-        tn_task_resume(t, 2);
+        /* woken, not run inside the close: its cancel (waiter_cancel)
+         * finds w unlinked, and frees it and releases the task */
+        tn_task_resume_later(t, 2);
+        return;
     }
+    free(w);
     tn_task_release(t);
 }
 

@@ -414,11 +414,19 @@ describe("core.logbuf", function()
       core.run(function()
         local ring = lb.ring{}
         local f = writer(ring)
-        local w1 = core.spawn(function() return ring:wait(0) end)
+        local order = {}
+        local w1 = core.spawn(function()
+          local r = table.pack(ring:wait(0))
+          order[#order + 1] = "waiter"
+          return table.unpack(r, 1, r.n)
+        end)
         local w2 = core.spawn(function() return ring:wait_drained() end)
         core.sleep(5)
         ring:close()
+        -- the waiters are woken, not run inside the close
+        order[#order + 1] = "closer"
         assert.are.same({ true, nil, "closed" }, { w1:join() })
+        assert.are.same({ "closer", "waiter" }, order)
         assert.are.same({ true, nil, "closed" }, { w2:join() })
         ring:close()
         assert.has_error(function() ring:lines() end, "logbuf ring is closed")
@@ -621,12 +629,19 @@ describe("core.logbuf", function()
         local sink = lb.sink{}
         local ring = lb.ring{ sink = sink }
         local f = writer(ring)
-        local t1 = core.spawn(function() return sink:take(10) end)
+        local order = {}
+        local t1 = core.spawn(function()
+          local r = table.pack(sink:take(10))
+          order[#order + 1] = "taker"
+          return table.unpack(r, 1, r.n)
+        end)
         local t2 = core.spawn(function() return sink:take(10, 5000) end)
         core.sleep(5)
         sink:close()
+        order[#order + 1] = "closer"
         sink:close()
         assert.are.same({ true, nil, "closed" }, { t1:join() })
+        assert.are.same({ "closer", "taker" }, order)
         assert.are.same({ true, nil, "closed" }, { t2:join() })
         assert.has_error(function() sink:take(1) end, "logbuf sink is closed")
         assert.has_error(function() sink:stats() end, "logbuf sink is closed")
