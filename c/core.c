@@ -367,20 +367,17 @@ void tn_task_resume(tn_task *t, int nresults) {
     task_step(t);
 }
 
+/* The end of a timer (wait_timeout, sleep_done) makes its task ready,
+ * behind the tasks that are ready already, rather than running it from the
+ * callback. libuv runs timers before anything else in a turn: a task
+ * resumed there would overtake tasks that were ready before its sleep began
+ * (spawn a task, sleep 1 ms: after a stall of a millisecond the sleeper woke
+ * first, and found the new task not yet started), and one that starts
+ * another timer of 0 (sleep(0), park(0) in a polling loop) would find it due
+ * within the same timer phase and run again at once, starving ready tasks
+ * and I/O. The ready queue runs in the same turn, so this costs no
+ * latency. */
 static void task_wake(tn_task *t, int n);
-
-/* The end of a timer makes its task ready, behind the tasks that are ready
- * already, rather than running it from the callback. libuv runs timers
- * before anything else in a turn: a task resumed there would overtake tasks
- * that were ready before its sleep began (spawn a task, sleep 1 ms: after a
- * stall of a millisecond the sleeper woke first, and found the new task not
- * yet started), and one that starts another timer of 0 (sleep(0), park(0)
- * in a polling loop) would find it due within the same timer phase and run
- * again at once, starving ready tasks and I/O. The ready queue runs in the
- * same turn, so this costs no latency. */
-static void timer_resume(tn_task *t, int n) {
-    task_wake(t, n);
-}
 
 static void wait_timeout(uv_timer_t *h) {
     tn_task *t = h->data;
@@ -391,7 +388,7 @@ static void wait_timeout(uv_timer_t *h) {
     lua_State *co = t->co;
     lua_pushnil(co);
     lua_pushliteral(co, "timeout");
-    timer_resume(t, 2);
+    task_wake(t, 2);
 }
 
 int tn_task_wait_cancel(lua_State *L, tn_task *t, int64_t timeout_ms,
@@ -645,7 +642,7 @@ static void sleep_done(uv_timer_t *h) {
     tn_task *t = h->data;
     t->timer_active = 0;
     if (t->state != TASK_WAITING) return;
-    timer_resume(t, 0);
+    task_wake(t, 0);
 }
 
 /* core.sleep(ms): wait without holding up anything else. */

@@ -17,6 +17,7 @@ local hooks = require "tenement.hooks"
 local log = require "tenement.log"
 local metrics = require "tenement.metrics"
 local sync = require "tenement.sync"
+local supervisor = require "tenement.supervisor"
 
 local frontdoor = {}
 
@@ -182,9 +183,6 @@ local function unavailable(req, why, retry_after)
   return text_reply(req, 503, why, { ["retry-after"] = tostring(retry_after or 5) })
 end
 
--- The states a restart ends in, one way or another.
-local SETTLED = { running = true, unhealthy = true, failed = true, stopped = true, sleeping = true }
-
 -- Makes sure service:id runs; wakes or starts it if needed. Every request
 -- that arrives during a start waits for that one start (100 requests, one
 -- spawn), and every wait is bounded by startup_timeout.
@@ -213,7 +211,7 @@ function Door:ensure_running(service, id, on_demand)
   -- to wait for. sup:spawn would not wait: its ready event is the earlier
   -- life's, still set, and the request went to a socket nobody listened on
   if inst and (inst.state == "backoff" or inst.state == "starting") then
-    local state = inst:wait_state(SETTLED, limit_ms)
+    local state = inst:wait_state(supervisor.SETTLED, limit_ms)
     if state == "running" then return inst end
     return nil, 503, string.format("%s is %s", key, state or "still restarting")
   end

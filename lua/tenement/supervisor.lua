@@ -139,10 +139,10 @@ function Instance:transition(event, reason)
   end
 end
 
--- Waits until the instance's state is one of `states` (a set), or timeout.
--- Where a restart after a crash ends, one way or another.
-local RESTART_SETTLED = { running = true, unhealthy = true, failed = true, stopped = true, sleeping = true }
+-- The states a restart after a crash ends in, one way or another.
+supervisor.SETTLED = { running = true, unhealthy = true, failed = true, stopped = true, sleeping = true }
 
+-- Waits until the instance's state is one of `states` (a set), or timeout.
 function Instance:wait_state(states, timeout_ms)
   local deadline = timeout_ms and core.now() + timeout_ms
   while not states[self.state] do
@@ -186,12 +186,11 @@ function Supervisor:cgroup_for(inst, svc)
   if spare then
     -- the last start's, emptied when it ended and kept for this one: only
     -- ten moves processes into it. Other limits since then need new ones.
-    inst.spare_cg = nil
     local asked = spare.asked
     if asked.memory_mb == limits.memory_mb and asked.cpu_shares == limits.cpu_shares and asked.pids == limits.pids then
+      inst.spare_cg = nil
       return spare
     end
-    inst.spare_cg = spare
     inst:drop_spare_cgroup()
   end
   if not self.cgroups then
@@ -978,15 +977,9 @@ end
 
 -- The runner: the instance's whole life, one task.
 function Instance:run()
-  -- a sleep still queued when the runner ends (it gave up, or a stop came
-  -- first) was not taken: its asker must not wait for ever
-  local _ <close> = setmetatable({}, { __close = function()
-    local box = self.mailbox
-    for i = box.head, box.tail do
-      local msg = box.items[i]
-      if msg.type == "sleep" and msg.answer then msg.answer:set(nil, "not running") end
-    end
-  end })
+  -- what is still queued when the runner ends, however it ends (an error
+  -- too), is answered: its askers must not wait for ever
+  local _ <close> = setmetatable({}, { __close = function() self:answer_queued() end })
   while true do
     local outcome, info = self:start_once()
     local exit
@@ -1020,11 +1013,13 @@ function Instance:run()
         elseif msg.type == "replace" then
           local ok, err = self:replace_process(msg.svc)
           msg.done:set(ok, err)
-        elseif msg.type == "sleep" and self:still_busy(msg) then
-          msg.answer:set(nil, self:still_busy(msg))
         elseif msg.type == "stop" or msg.type == "sleep" then
-          outcome, info = msg.type, msg
-          break
+          local busy = msg.type == "sleep" and self:still_busy(msg)
+          if not busy then
+            outcome, info = msg.type, msg
+            break
+          end
+          msg.answer:set(nil, busy)
         end
       end
     end
@@ -1087,14 +1082,14 @@ function Instance:run()
       self.last_exit = exit.message .. "; " .. decision.reason
       self:transition("fail", self.last_exit)
       self.ready_event:set(nil, self.last_exit)
-      self:answer_replaces()
+      self:answer_queued()
       self.runner = nil
       return
     else
       log.info("%s %s; %s", self.key, exit.message:match("^[^\n]*"), decision.reason)
       self:transition("down", decision.reason)
       self.ready_event:set(nil, exit.message)
-      self:answer_replaces()
+      self:answer_queued()
       self.runner = nil
       return
     end
@@ -1123,7 +1118,7 @@ function Instance:finish_stop(outcome, keep_data)
   end
   self:transition(outcome == "stop" and "stopped" or "slept")
   self.ready_event:set(nil, outcome == "stop" and "stopped" or "asleep")
-  self:answer_replaces()
+  self:answer_queued()
   self.runner = nil
 end
 
@@ -1136,9 +1131,10 @@ function Instance:take_definition(msg)
   msg.done:set(true)
 end
 
--- The runner's end empties the mailbox: a sleep asked behind a stop (or a
--- give-up) is answered here too, or its asker waited for ever.
-function Instance:answer_replaces()
+-- The runner's end empties the mailbox: a rollout's request takes effect at
+-- the next start, and a sleep asked behind a stop (or a give-up) is answered
+-- "not running", or its asker waited for ever.
+function Instance:answer_queued()
   while self.mailbox:size() > 0 do
     local msg = self.mailbox:take(0)
     if msg and msg.type == "replace" then self:take_definition(msg)
@@ -1220,7 +1216,7 @@ function Supervisor:spawn(service, id, opts)
   if inst.ready_event:is_set() then
     -- restarting after a crash (backing off, or starting again): the ready
     -- event is the earlier life's, so the wait is for where this one ends
-    local state = inst:wait_state(RESTART_SETTLED)
+    local state = inst:wait_state(supervisor.SETTLED)
     if state == "running" or state == "unhealthy" then return inst end
     return nil, string.format("%s did not start: %s", inst.key, inst.last_exit or state), "start_failed"
   end
