@@ -660,6 +660,7 @@ typedef struct tn_proc {
     pid_t pid;
     int exited;
     int lost;                /* someone else reaped it: no status */
+    int kill_group_at_exit;  /* spec.kill_group_at_exit */
     int code, signum, core_dumped;
     proc_waiter *waiters;
     int nwaiters;
@@ -734,11 +735,19 @@ static void proc_poll_cb(uv_poll_t *h, int status, int events) {
     siginfo_t si;
     memset(&si, 0, sizeof si);
     int rc;
-    do rc = waitid(P_PIDFD, (id_t)p->pidfd, &si, WEXITED | WNOHANG);
+    do rc = waitid(P_PIDFD, (id_t)p->pidfd, &si, WEXITED | WNOHANG | (p->kill_group_at_exit ? WNOWAIT : 0));
     while (rc < 0 && errno == EINTR);
     /* Not yet (a spurious wakeup). libuv made the pidfd non-blocking, and
      * then waitid says EAGAIN where it would say "no child". */
     if ((rc == 0 && si.si_pid == 0) || (rc < 0 && errno == EAGAIN)) return;
+    if (rc == 0 && p->kill_group_at_exit) {
+        /* Now, while the leader is a zombie: its number cannot be handed to
+         * another process until the reap below, so the group is still its
+         * own (ESRCH: nothing was left in it). */
+        kill(-p->pid, SIGKILL);
+        do rc = waitid(P_PIDFD, (id_t)p->pidfd, &si, WEXITED | WNOHANG);
+        while (rc < 0 && errno == EINTR);
+    }
     if (rc < 0) {
         /* ECHILD: reaped by someone else (SIGCHLD set to SIG_IGN, or a
          * waitpid(-1) elsewhere). The status is gone; the exit is not. */
@@ -818,23 +827,26 @@ static int l_proc_status(lua_State *L) {
 /* p:kill([sig="SIGTERM" [, group=false]]) -> true | nil, err, code.
  * The process itself is signalled through its pidfd, so a pid the kernel
  * reused after the reap is never hit. group=true signals the process group
- * (kill(-pgid)); it still works after the leader was reaped, to reach what
- * it left behind: the group's number stays reserved while any member lives. */
+ * (kill(-pgid)) while the leader has not been reaped. After the reap it is
+ * refused like a kill of the process: once the group emptied, its number
+ * is free, and a new process may lead a group of that number by now. What
+ * the leader left behind is reached by spec.kill_group_at_exit instead,
+ * before the reap. */
 static int l_proc_kill(lua_State *L) {
     proc_box *b = check_proc(L);
     tn_proc *p = b->p;
     int sig = lua_isnoneornil(L, 2) ? SIGTERM : tn_check_signal(L, 2);
     int group = lua_toboolean(L, 3);
+    if (p->exited) {
+        lua_pushnil(L);
+        lua_pushliteral(L, "process has exited");
+        lua_pushliteral(L, "ESRCH");
+        return 3;
+    }
     if (group) {
         if (kill(-p->pid, sig) != 0)
             return tn_fail_errno(L, lua_pushfstring(L, "kill process group %d", (int)p->pid), errno);
     } else {
-        if (p->exited) {
-            lua_pushnil(L);
-            lua_pushliteral(L, "process has exited");
-            lua_pushliteral(L, "ESRCH");
-            return 3;
-        }
         if (syscall(SYS_pidfd_send_signal, p->pidfd, sig, NULL, 0) != 0)
             return tn_fail_errno(L, lua_pushfstring(L, "kill %d", (int)p->pid), errno);
     }
@@ -944,7 +956,7 @@ static const char *checked_cstring(lua_State *L, int idx, const char *what) {
 static const char *const spec_keys[] = {
     "argv", "env", "cwd", "stdin", "stdout", "stderr", "setsid", "pdeathsig", "cgroup_fds", "cgroup_into",
     "clone_flags", "uid", "gid", "groups", "no_new_privs", "rlimits", "mount_proc", "hostname",
-    "loopback", "exec_fd", "netns_fd", "status_pipe", "sigmask", NULL,
+    "loopback", "exec_fd", "netns_fd", "status_pipe", "sigmask", "kill_group_at_exit", NULL,
 };
 
 static void check_spec_keys(lua_State *L) {
@@ -1440,6 +1452,7 @@ static int l_proc_spawn(lua_State *L) {
     a.setsid = opt_bool(L, "setsid");
     read_sigmask(L, &a.mask);
     int status_pipe = opt_bool(L, "status_pipe");
+    int kill_group_at_exit = opt_bool(L, "kill_group_at_exit");
     a.no_new_privs = opt_bool(L, "no_new_privs");
     int t = lua_getfield(L, 1, "pdeathsig");
     if (t == LUA_TNIL || (t == LUA_TBOOLEAN && lua_toboolean(L, -1))) a.pdeathsig = SIGKILL;
@@ -1663,6 +1676,7 @@ static int l_proc_spawn(lua_State *L) {
     p->pid = pid;
     p->pidfd = pidfd;
     p->status_fd = status_r;
+    p->kill_group_at_exit = kill_group_at_exit;
     p->watching = 1;
     p->refs++;
     box->pid = pid;

@@ -404,6 +404,9 @@ function Instance:launch()
     -- the child is in its cgroups before it execs: no allocation escapes
     spec.cgroup_fds, spec.cgroup_into = fds, into
   end
+  -- what the app forked goes when it does: killed by C before the reap,
+  -- the one moment the group's number cannot belong to anyone else
+  spec.kill_group_at_exit = true
   spawned = true
   local proc, serr = core.proc.spawn(spec)
   if cg then cg:close_fds() end
@@ -815,9 +818,6 @@ function Instance:terminate(proc, driver, ctx)
     log.warn("%s did not stop within %d s of SIGTERM: SIGKILL", self.key, self.sup.cfg.settings.stop_timeout)
     proc:kill("SIGKILL", true)
     status = proc:wait()
-  else
-    -- the app is gone; whatever it left in its group goes too
-    proc:kill("SIGKILL", true)
   end
   return status
 end
@@ -897,7 +897,6 @@ function Instance:start_once()
       return "ready"
     elseif msg.type == "exit" then
       self.gen = self.gen + 1
-      proc:kill("SIGKILL", true)
       self:settle_output()
       local info = self:exit_info(msg.status)
       info.message = info.message .. " during startup" .. self:last_output()
@@ -990,10 +989,7 @@ function Instance:run()
       while not exit do
         local msg = self:next_message(self.gen)
         if msg.type == "exit" then
-          -- what the app forked goes with it, as after a stop: without a
-          -- cgroup nothing else would end it, and the next start would run
-          -- beside it (an error only says the group is empty already)
-          self.proc:kill("SIGKILL", true)
+          -- what the app forked went with it (spec.kill_group_at_exit)
           self:settle_output()
           exit = self:exit_info(msg.status)
           self.gen = self.gen + 1

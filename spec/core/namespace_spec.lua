@@ -496,6 +496,28 @@ describe("namespace isolation", function()
       end)
     end)
 
+    it("keeps its status pipe from the app: an app running as a user cannot write a status of its own", function()
+      local why = unable()
+      if why then pending(why) return end
+      if not is_root() then pending("needs root to run the app as another user") return end
+      core.run(function()
+        -- the init runs as the app's user too, but the pipe was made by the
+        -- server, whose user owns it: /proc/1/fd/3 does not open for the
+        -- app, whose 4 zero bytes ahead of the init's would read "code 0"
+        local spec = assert(driver.prepare {
+          argv = { "/bin/sh", "-c", [[
+            if printf '\000\000\000\000' > /proc/1/fd/3; then echo wrote; else echo refused; fi
+            exit 7]] },
+          env = { "PATH=" .. PATH }, cwd = "/", user = { uid = 65534, gid = 65534 },
+          service = { name = "svc" }, id = "a",
+        })
+        local p = assert(proc.spawn(spec))
+        local out = read_all(p.stdout)
+        assert.are.equal(7, p:wait(5000).code)
+        assert.are.equal("refused\n", out)
+      end)
+    end)
+
     it("kills what the app leaves behind when it exits, even in other sessions", function()
       local why = unable()
       if why then pending(why) return end

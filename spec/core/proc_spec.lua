@@ -596,6 +596,71 @@ describe("core.proc", function()
       end)
     end)
 
+    it("refuses a group kill once the leader was reaped: its number may lead another group by then", function()
+      if not is_root() then
+        pending("needs root to choose the next pid (/proc/sys/kernel/ns_last_pid)")
+        return
+      end
+      core.run(function()
+        local p = assert(proc.spawn { argv = { "/bin/true" } })
+        assert.are.equal(0, p:wait(5000).code)
+        -- an unrelated process gets the reaped number and leads a group of it;
+        -- another process of the machine may take the number first: retry
+        local victim
+        for _ = 1, 100 do
+          local f = assert(io.open("/proc/sys/kernel/ns_last_pid", "w"))
+          f:write(tostring(p.pid - 1))
+          f:close()
+          local v = assert(proc.spawn { argv = { "/bin/sleep", "100" }, setsid = true })
+          if v.pid == p.pid then victim = v break end
+          v:kill("SIGKILL")
+          v:wait(5000)
+        end
+        assert(victim, "no process got pid " .. p.pid .. " back in 100 tries")
+        assert.are.equal(p.pid, proc_stat(victim.pid).pgrp)
+        local ok, err, code = p:kill("SIGKILL", true)
+        assert.is_nil(ok)
+        assert.are.equal("process has exited", err)
+        assert.are.equal("ESRCH", code)
+        assert.are.equal("running", victim:status())
+        victim:kill("SIGKILL")
+        assert.are.equal("SIGKILL", victim:wait(5000).signal)
+      end)
+    end)
+
+    -- SIGKILL is queued on the process, which dies when it next runs: right
+    -- after the kill it may still be listed with the signal pending.
+    local function dead_or_dying(pid, start)
+      local st = proc_stat(pid)
+      if not st or st.start ~= start or st.state == "Z" or st.state == "X" then return true end
+      local f = io.open("/proc/" .. pid .. "/status")
+      local pend = f and f:read("a"):match("\nShdPnd:%s+(%x+)")
+      if f then f:close() end
+      return pend ~= nil and (tonumber(pend:sub(-4), 16) & (1 << 8)) ~= 0
+    end
+
+    it("kill_group_at_exit kills what the leader left in its group before its exit is reported", function()
+      core.run(function()
+        local function left_behind(spec)
+          local p = assert(proc.spawn(spec))
+          local grandchild = tonumber(assert(p.stdout:read(5000)):match("^(%d+)"))
+          local gst = proc_stat(grandchild)
+          assert.are.equal(p.pid, gst.pgrp)
+          assert.are.equal(0, p:wait(5000).code)
+          return grandchild, gst.start
+        end
+        local argv = { "/bin/sh", "-c", "sleep 100 >/dev/null & echo $!" }
+        -- without it the group lives on after its leader
+        local kept, kept_start = left_behind { argv = argv }
+        assert.is_false(dead_or_dying(kept, kept_start))
+        assert(proc.kill(kept, "SIGKILL"))
+        local gone, gone_start = left_behind { argv = argv, kill_group_at_exit = true }
+        assert.is_true(dead_or_dying(gone, gone_start))
+        assert(wait_reaped(gone, gone_start, true))
+        assert(wait_reaped(kept, kept_start, true))
+      end)
+    end)
+
     it("raw proc.kill signals a pid and reports a missing one", function()
       core.run(function()
         local p = assert(proc.spawn { argv = { "/bin/sleep", "100" } })
