@@ -1011,6 +1011,16 @@ static void conn_close(http_conn *c) {
     drain_wake(s);
 }
 
+/* A body delimited by the close that cannot be finished: a FIN would tell
+ * the client it is whole, a reset tells it the body is cut (what the kernel
+ * still held for the client is dropped with it; the body is broken anyway). */
+static void conn_abort(http_conn *c) {
+    if (c->closing) return;
+    struct linger now = {.l_onoff = 1, .l_linger = 0};
+    setsockopt(c->io.fd, SOL_SOCKET, SO_LINGER, &now, sizeof now);
+    conn_close(c);
+}
+
 static void conn_shutdown_cb(tn_io_req *req, int status) {
     http_conn *c = req->data;
     free(req);
@@ -1290,7 +1300,8 @@ static int l_req_respond(lua_State *L) {
  *   req:finish()     -> true | nil, "closed"                 the end
  * A handler that returns (or fails) before req:finish has its connection
  * closed, with what was still queued: an HTTP/1.1 client sees the body cut
- * (no last chunk); an HTTP/1.0 one, whose body ends at the close, cannot.
+ * (no last chunk); an HTTP/1.0 one, whose body ends at the close, gets a
+ * reset instead of the FIN.
  * To HEAD, req:stream sends the head and ends the response: writes after it
  * return nil, "closed".
  *
@@ -1557,12 +1568,13 @@ static void req_log_failure(lua_State *L, http_req *r, const char *what) {
 /* A handler that ended (or failed) in the middle of a stream: the head is
  * out, so the connection closes without the last chunk (and without what
  * was still queued), which tells an HTTP/1.1 client the body is cut, where
- * finishing would pass it as whole. */
+ * finishing would pass it as whole; an HTTP/1.0 one is reset. */
 static void stream_abandon(http_req *r) {
     if (!r->streaming) return;
     r->streaming = 0;
     http_conn *c = stream_conn(r);
-    if (c) conn_close(c);
+    if (c && r->head.minor == 0) conn_abort(c);
+    else if (c) conn_close(c);
 }
 
 /* Stack: 1 request, 2 handler, 3 message handler, then the handler's
@@ -3732,7 +3744,9 @@ static void px_follow_up(px *x) {
         }
         break;
     case PXA_CLOSE:
-        if (c && !c->closing) conn_close(c);
+        /* a body delimited by the close, cut: a FIN would pass it as whole */
+        if (c && !x->ok && x->resp_started && !x->resp_done && x->resp_mode == PXR_EOF) conn_abort(c);
+        else if (c && !c->closing) conn_close(c);
         break;
     case PXA_NONE:
         /* through an upstream the proxy answers its failures itself, the

@@ -958,6 +958,28 @@ describe("core.http server", function()
         srv:close()
       end)
     end)
+
+    it("reset an HTTP/1.0 client when the handler ends before finish: its body ends at the close", function()
+      core.run(function()
+        local srv, port = serve(function(req)
+          local out = assert(req:stream(200))
+          out:write("partial")
+          if req.path == "/finish" then out:finish() end
+        end)
+        -- a FIN would end the body here and pass "partial" as all of it
+        local got, ending = support.read_to_end(port, "GET /return HTTP/1.0\r\n\r\n")
+        assert.matches("^HTTP/1%.1 200 ", got)
+        assert.are.equal("Connection reset by peer", ending)
+        -- a finished one ends with the close, as always
+        c = support.raw(port)
+        c:send("GET /finish HTTP/1.0\r\n\r\n")
+        local res = assert(c:response())
+        assert.are.equal("eof", res.framing)
+        assert.are.equal("partial", res.body)
+        c:close()
+        srv:close()
+      end)
+    end)
   end)
 end)
 

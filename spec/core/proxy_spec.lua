@@ -655,6 +655,28 @@ describe("req:proxy", function()
     end)
   end)
 
+  it("resets an HTTP/1.0 client whose body, delimited by the close, the upstream cut", function()
+    core.run(function()
+      local b = start_backend(dir, "cut")
+      local srv, port, log = front(b.path)
+      local function get(reply)
+        return support.read_to_end(port, "GET /raw?r=" .. pct(reply) .. "&close=1 HTTP/1.0\r\nHost: a\r\n\r\n")
+      end
+      -- chunked from the upstream, cut inside its second chunk: a FIN would
+      -- end the body there and pass "hellowor" as all of it
+      local got, ending = get("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n8\r\nwor")
+      assert.matches("^HTTP/1%.1 200 ", got)
+      assert.are.equal("Connection reset by peer", ending)
+      assert.matches("before the response ended", log[1][2])
+      -- a body the upstream ends by closing is whole: a FIN, as always
+      got, ending = get("HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nhello")
+      assert.are.equal("eof", ending)
+      assert.matches("\r\n\r\nhello$", got)
+      srv:close()
+      stop_backend(b)
+    end)
+  end)
+
   it("refuses a malformed response", function()
     core.run(function()
       local l = assert(net.listen { path = dir .. "/liar.sock" })
