@@ -29,6 +29,7 @@
  */
 #include "tn.h"
 
+#include <limits.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -1255,6 +1256,70 @@ static const char tx_lua[] =
     "  return unpack(r, 2, r.n)\n"
     "end\n";
 
+/* ---- db.tokens: what the full-text index makes of a text ---------------- */
+
+/* A connection of its own, in memory, used on the loop's thread only: FTS5
+ * hands its tokenizers out through a connection, and the store's may be busy
+ * on the thread pool. Opened once, kept for the process. */
+static sqlite3 *tokens_db;
+static fts5_tokenizer tokens_api;
+static void *tokens_ud;
+
+static int tokens_ready(const char **err) {
+    if (tokens_db) return 1;
+    sqlite3 *db = NULL;
+    if (sqlite3_open_v2(":memory:", &db, SQLITE_OPEN_READWRITE, NULL) != SQLITE_OK) {
+        *err = db ? sqlite3_errmsg(db) : "out of memory";
+        sqlite3_close_v2(db);
+        return 0;
+    }
+    fts5_api *api = NULL;
+    sqlite3_stmt *st = NULL;
+    if (sqlite3_prepare_v2(db, "SELECT fts5(?1)", -1, &st, NULL) == SQLITE_OK) {
+        sqlite3_bind_pointer(st, 1, (void *)&api, "fts5_api_ptr", NULL);
+        sqlite3_step(st);
+    }
+    sqlite3_finalize(st);
+    if (!api || api->xFindTokenizer(api, "unicode61", &tokens_ud, &tokens_api) != SQLITE_OK) {
+        *err = "this SQLite has no FTS5 unicode61 tokenizer";
+        sqlite3_close_v2(db);
+        return 0;
+    }
+    tokens_db = db;
+    return 1;
+}
+
+typedef struct { lua_State *L; int n; } tokens_out;
+
+static int tokens_cb(void *ctx, int flags, const char *token, int len, int start, int end) {
+    (void)flags; (void)start; (void)end;
+    tokens_out *o = ctx;
+    if (!lua_checkstack(o->L, 2)) return SQLITE_NOMEM;
+    lua_pushlstring(o->L, token, (size_t)len);
+    lua_rawseti(o->L, -2, ++o->n);
+    return SQLITE_OK;
+}
+
+/* db.tokens(text) -> { token... }: the tokens the log index (FTS5's
+ * unicode61, as the store configures it) makes of text, as a query would.
+ * A word that gives none (punctuation, in any script) matches no line. */
+static int l_db_tokens(lua_State *L) {
+    size_t len;
+    const char *text = luaL_checklstring(L, 1, &len);
+    if (len > INT_MAX) return luaL_argerror(L, 1, "too long");
+    const char *err = NULL;
+    if (!tokens_ready(&err)) return luaL_error(L, "core.db.tokens: %s", err);
+    Fts5Tokenizer *t = NULL;
+    if (tokens_api.xCreate(tokens_ud, NULL, 0, &t) != SQLITE_OK)
+        return luaL_error(L, "core.db.tokens: cannot make a unicode61 tokenizer");
+    lua_newtable(L);
+    tokens_out o = {L, 0};
+    int rc = tokens_api.xTokenize(t, &o, FTS5_TOKENIZE_QUERY, text, (int)len, tokens_cb);
+    tokens_api.xDelete(t);
+    if (rc != SQLITE_OK) return luaL_error(L, "core.db.tokens: %s", sqlite3_errstr(rc));
+    return 1;
+}
+
 int tn_open_db(lua_State *L) {
     static const luaL_Reg conn_methods[] = {
         {"exec", l_conn_exec}, {"query", l_conn_query}, {"run", l_conn_run},
@@ -1270,7 +1335,7 @@ int tn_open_db(lua_State *L) {
         {"__tostring", l_blob_tostring}, {"__len", l_blob_len}, {NULL, NULL},
     };
     static const luaL_Reg fns[] = {
-        {"open", l_db_open}, {"blob", l_db_blob}, {NULL, NULL},
+        {"open", l_db_open}, {"blob", l_db_blob}, {"tokens", l_db_tokens}, {NULL, NULL},
     };
     tn_new_class(L, CONN_MT, conn_methods);
     tn_new_class(L, STMT_MT, stmt_methods);

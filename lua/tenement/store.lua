@@ -263,8 +263,10 @@ store.MAX_QUERY_WORDS = 32
 -- word becomes a quoted term (prefix match for the last), all must match.
 -- A NUL separates words: FTS5 reads the query as a C string, so one inside a
 -- quoted term left it unterminated, and the tokenizer splits lines there too.
--- A word of ASCII punctuation only ("=", "->") has no token in the index and
--- its empty phrase matches no line: it is left out, unless nothing else is.
+-- A word of punctuation only ("=", "->", "—", "«»") has no token in the index
+-- and its empty phrase matches no line: it is left out, unless nothing else
+-- is. The index's own tokenizer says which words those are (core.db.tokens):
+-- what counts as a letter is Unicode's business, not a pattern's.
 -- -> query | nil (no words) | nil, err (too many)
 function store.fts_query(text)
   local words = {}
@@ -275,7 +277,7 @@ function store.fts_query(text)
   end
   local terms = {}
   for _, word in ipairs(words) do
-    if word:find("[%w\128-\255]") then terms[#terms + 1] = '"' .. word:gsub('"', '""') .. '"' end
+    if #core.db.tokens(word) > 0 then terms[#terms + 1] = '"' .. word:gsub('"', '""') .. '"' end
   end
   if #terms == 0 then
     for i, word in ipairs(words) do terms[i] = '"' .. word:gsub('"', '""') .. '"' end

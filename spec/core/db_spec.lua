@@ -936,3 +936,17 @@ describe("core.db", function()
     end)
   end)
 end)
+
+describe("core.db.tokens", function()
+  it("gives the tokens the log index makes of a text: lower case, no diacritics, no punctuation", function()
+    assert.are.same({ "hello", "world", "42" }, db.tokens("Hello, Wörld — 42!"))
+    assert.are.same({ "ошибка", "диск" }, db.tokens("Ошибка: диск"))
+    -- punctuation of any script gives none: such a word matches no line
+    for _, word in ipairs { "=", "->", "—", "«»", "→", "…", "" } do
+      assert.are.same({}, db.tokens(word), word)
+    end
+    -- a NUL is a separator, not the end of the text
+    assert.are.same({ "a", "b" }, db.tokens("a\0b"))
+    assert.has_error(function() db.tokens(nil) end)
+  end)
+end)

@@ -232,6 +232,23 @@ describe("store", function()
     end)
   end)
 
+  it("finds a line when q holds punctuation of other scripts, and letters of any", function()
+    core.run(function()
+      local st = assert(store.open(dir .. "/t.db"))
+      assert(st:append_logs {
+        { core.time(), "api:a", "stdout", "deploy — done in 3 s" },
+        { core.time(), "api:a", "stdout", "température → 20 °C « élevée »" },
+        { core.time(), "api:a", "stdout", "Ошибка: диск полон" },
+      })
+      for _, q in ipairs { "deploy — done", "→ 20 °C", "« élevée »", "Ошибка: диск", "température →" } do
+        local rows = assert(st:logs { q = q })
+        assert.are.equal(1, #rows, q)
+      end
+      assert.are.equal(0, #assert(st:logs { q = "— → «" }))
+      st:close()
+    end)
+  end)
+
   it("refuses a q of more words than it searches at once, before SQLite spends seconds on it", function()
     core.run(function()
       local st = assert(store.open(dir .. "/t.db"))
