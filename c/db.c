@@ -1268,8 +1268,9 @@ static void *tokens_ud;
 static int tokens_ready(const char **err) {
     if (tokens_db) return 1;
     sqlite3 *db = NULL;
-    if (sqlite3_open_v2(":memory:", &db, SQLITE_OPEN_READWRITE, NULL) != SQLITE_OK) {
-        *err = db ? sqlite3_errmsg(db) : "out of memory";
+    int rc = sqlite3_open_v2(":memory:", &db, SQLITE_OPEN_READWRITE, NULL);
+    if (rc != SQLITE_OK) {
+        *err = sqlite3_errstr(rc); /* static: the connection's message goes with it */
         sqlite3_close_v2(db);
         return 0;
     }
@@ -1289,14 +1290,26 @@ static int tokens_ready(const char **err) {
     return 1;
 }
 
-typedef struct { lua_State *L; int n; } tokens_out;
+/* The tokens, each as its length then its bytes: gathered in C, since a
+ * Lua error raised inside the tokenizer would jump over its xDelete. */
+typedef struct { char *p; size_t len, cap; } tokens_buf;
 
 static int tokens_cb(void *ctx, int flags, const char *token, int len, int start, int end) {
     (void)flags; (void)start; (void)end;
-    tokens_out *o = ctx;
-    if (!lua_checkstack(o->L, 2)) return SQLITE_NOMEM;
-    lua_pushlstring(o->L, token, (size_t)len);
-    lua_rawseti(o->L, -2, ++o->n);
+    tokens_buf *o = ctx;
+    uint32_t n = (uint32_t)len;
+    size_t need = o->len + sizeof n + n;
+    if (need > o->cap) {
+        size_t cap = o->cap ? o->cap : 256;
+        while (cap < need) cap *= 2;
+        char *p = realloc(o->p, cap);
+        if (!p) return SQLITE_NOMEM;
+        o->p = p;
+        o->cap = cap;
+    }
+    memcpy(o->p + o->len, &n, sizeof n);
+    memcpy(o->p + o->len + sizeof n, token, n);
+    o->len = need;
     return SQLITE_OK;
 }
 
@@ -1312,11 +1325,19 @@ static int l_db_tokens(lua_State *L) {
     Fts5Tokenizer *t = NULL;
     if (tokens_api.xCreate(tokens_ud, NULL, 0, &t) != SQLITE_OK)
         return luaL_error(L, "core.db.tokens: cannot make a unicode61 tokenizer");
-    lua_newtable(L);
-    tokens_out o = {L, 0};
-    int rc = tokens_api.xTokenize(t, &o, FTS5_TOKENIZE_QUERY, text, (int)len, tokens_cb);
+    static _Thread_local tokens_buf out; /* kept: its capacity serves the next call */
+    out.len = 0;
+    int rc = tokens_api.xTokenize(t, &out, FTS5_TOKENIZE_QUERY, text, (int)len, tokens_cb);
     tokens_api.xDelete(t);
     if (rc != SQLITE_OK) return luaL_error(L, "core.db.tokens: %s", sqlite3_errstr(rc));
+    lua_newtable(L);
+    for (size_t at = 0, i = 1; at < out.len; i++) {
+        uint32_t n;
+        memcpy(&n, out.p + at, sizeof n);
+        lua_pushlstring(L, out.p + at + sizeof n, n);
+        lua_rawseti(L, -2, (lua_Integer)i);
+        at += sizeof n + n;
+    }
     return 1;
 }
 

@@ -630,6 +630,7 @@ struct http_conn {
     uint64_t deadline;     /* of timer_kind, in uv_now time */
     uint64_t timer_due;    /* when the libuv timer fires; 0 when stopped */
     int throttled;         /* a proxy's upstream is not taking the body fast enough */
+    int eof_body_open;     /* a body delimited by the close is under way: see conn_close */
     char scan_prev;        /* last raw head byte seen, across reads */
     const char *bad_head;  /* a framing problem found in the raw head bytes */
     char peer[160];
@@ -990,6 +991,14 @@ static void conn_idle_leave(http_conn *c) {
 
 static void conn_close(http_conn *c) {
     if (c->closing) return;
+    if (c->eof_body_open) {
+        /* The body ends where the connection does, and it is not whole
+         * (whichever way the close came: a handler, the upstream, a timer,
+         * the drain): a FIN would tell the client it is, a reset tells it
+         * the body is cut. What the kernel still held for it goes too. */
+        struct linger now = {.l_onoff = 1, .l_linger = 0};
+        setsockopt(c->io.fd, SOL_SOCKET, SO_LINGER, &now, sizeof now);
+    }
     conn_idle_leave(c);
     c->closing = 1;
     c->reading = 0;
@@ -1009,16 +1018,6 @@ static void conn_close(http_conn *c) {
         srv_accept(s);
     }
     drain_wake(s);
-}
-
-/* A body delimited by the close that cannot be finished: a FIN would tell
- * the client it is whole, a reset tells it the body is cut (what the kernel
- * still held for the client is dropped with it; the body is broken anyway). */
-static void conn_abort(http_conn *c) {
-    if (c->closing) return;
-    struct linger now = {.l_onoff = 1, .l_linger = 0};
-    setsockopt(c->io.fd, SOL_SOCKET, SO_LINGER, &now, sizeof now);
-    conn_close(c);
 }
 
 static void conn_shutdown_cb(tn_io_req *req, int status) {
@@ -1223,6 +1222,7 @@ static void response_written(http_conn *c) {
     http_req *r = c->req;
     if (!r || c->closing) return;
     r->written = 1;
+    c->eof_body_open = 0; /* whole: the close that ends it is a FIN */
     if (!r->keep_alive || c->srv->closed) { conn_linger(c); return; }
     if (r->msg_complete) {
         request_finished(c);
@@ -1301,7 +1301,7 @@ static int l_req_respond(lua_State *L) {
  * A handler that returns (or fails) before req:finish has its connection
  * closed, with what was still queued: an HTTP/1.1 client sees the body cut
  * (no last chunk); an HTTP/1.0 one, whose body ends at the close, gets a
- * reset instead of the FIN.
+ * reset instead of the FIN (conn_close).
  * To HEAD, req:stream sends the head and ends the response: writes after it
  * return nil, "closed".
  *
@@ -1370,6 +1370,7 @@ static int l_req_stream(lua_State *L) {
         return 1;
     }
     if (!c || conn_write(c, head.p, head.len, NULL, 0, AFTER_NOTHING) < 0) return stream_closed(L);
+    c->eof_body_open = !r->chunked_out;
     lua_settop(L, 1);
     return 1;
 }
@@ -1568,13 +1569,12 @@ static void req_log_failure(lua_State *L, http_req *r, const char *what) {
 /* A handler that ended (or failed) in the middle of a stream: the head is
  * out, so the connection closes without the last chunk (and without what
  * was still queued), which tells an HTTP/1.1 client the body is cut, where
- * finishing would pass it as whole; an HTTP/1.0 one is reset. */
+ * finishing would pass it as whole; an HTTP/1.0 one is reset (conn_close). */
 static void stream_abandon(http_req *r) {
     if (!r->streaming) return;
     r->streaming = 0;
     http_conn *c = stream_conn(r);
-    if (c && r->head.minor == 0) conn_abort(c);
-    else if (c) conn_close(c);
+    if (c) conn_close(c);
 }
 
 /* Stack: 1 request, 2 handler, 3 message handler, then the handler's
@@ -3744,9 +3744,7 @@ static void px_follow_up(px *x) {
         }
         break;
     case PXA_CLOSE:
-        /* a body delimited by the close, cut: a FIN would pass it as whole */
-        if (c && !x->ok && x->resp_started && !x->resp_done && x->resp_mode == PXR_EOF) conn_abort(c);
-        else if (c && !c->closing) conn_close(c);
+        if (c && !c->closing) conn_close(c);
         break;
     case PXA_NONE:
         /* through an upstream the proxy answers its failures itself, the
@@ -3875,6 +3873,7 @@ static void px_up_read_failed(px *x, const char *code, const char *fmt, const ch
         x->resp_started = 0;
         x->status = 0;
         x->r->responded = 0;
+        if (px_client(x)) px_client(x)->eof_body_open = 0;
     }
     px_end(x, 0, x->resp_started ? PXA_CLOSE : PXA_NONE, code, fmt, x->pool->addr.text, detail);
 }
@@ -4257,6 +4256,7 @@ static int px_on_headers_complete(llhttp_t *ps) {
             mode = PXR_LENGTH;
     }
     x->resp_mode = mode;
+    if (mode == PXR_EOF && px_client(x)) px_client(x)->eof_body_open = 1;
     x->cli_keep = st != 101 && r->keep_alive && !r->srv->closed && mode != PXR_EOF;
     x->status = st;
     x->upstream_ms = (double)(uv_hrtime() - x->t0) / 1e6;

@@ -237,12 +237,15 @@ function Raw:close() self.s:close() end
 -- Sends request to 127.0.0.1:port and reads to the end with plain blocking
 -- reads, from a process of its own (perl, which every Debian has): a libuv
 -- client stream reports a reset that comes with the last bytes as the end
--- of the stream, which is what a reset is there to tell apart. In a task.
+-- of the stream, which is what a reset is there to tell apart. In a task;
+-- wait_s: seconds before the first read (a client that is slow to read).
 -- -> bytes, how the reading ended: "eof" or the read's error text
 local READ_TO_END = [[
 use IO::Socket::INET;
 my $s = IO::Socket::INET->new(PeerAddr => "127.0.0.1", PeerPort => $ARGV[0]) or die "connect: $!";
 syswrite($s, $ARGV[1]) or die "write: $!";
+select(undef, undef, undef, $ARGV[2]);
+alarm 20;
 my ($all, $buf, $end) = ("");
 while (1) {
   my $n = sysread($s, $buf, 65536);
@@ -253,21 +256,26 @@ while (1) {
 print STDERR $end;
 print $all;
 ]]
-function support.read_to_end(port, request)
+function support.read_to_end(port, request, wait_s)
   local core = require "tenement.core"
-  local p = assert(core.proc.spawn { argv = { "perl", "-e", READ_TO_END, tostring(port), request },
-    env = { "PATH=/usr/bin:/bin" } })
+  local p = assert(core.proc.spawn { argv = { "perl", "-e", READ_TO_END, tostring(port), request,
+    tostring(wait_s or 0) }, env = { "PATH=/usr/bin:/bin" } })
   local function all(pipe)
     local parts = {}
     while true do
-      local chunk = pipe:read(5000)
-      if not chunk then return table.concat(parts) end
+      local chunk, err = pipe:read(30000)
+      if not chunk then
+        assert(not err, "the reader said nothing for 30 s")
+        return table.concat(parts)
+      end
       parts[#parts + 1] = chunk
     end
   end
   local out = all(p.stdout)
   local ending = all(p.stderr)
-  assert(p:wait(5000).code == 0, ending)
+  -- perl ends itself (alarm) if the server never does
+  local st = assert(p:wait(30000))
+  assert(st.code == 0, ending)
   return out, ending
 end
 

@@ -971,7 +971,7 @@ describe("core.http server", function()
         assert.matches("^HTTP/1%.1 200 ", got)
         assert.are.equal("Connection reset by peer", ending)
         -- a finished one ends with the close, as always
-        c = support.raw(port)
+        local c = support.raw(port)
         c:send("GET /finish HTTP/1.0\r\n\r\n")
         local res = assert(c:response())
         assert.are.equal("eof", res.framing)

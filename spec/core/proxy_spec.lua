@@ -673,6 +673,15 @@ describe("req:proxy", function()
       assert.are.equal("eof", ending)
       assert.matches("\r\n\r\nhello$", got)
       srv:close()
+      -- the upstream sent it all, but the client stopped taking it for the
+      -- timeout: what it still missed makes the body cut just the same
+      srv, port, log = front(b.path, { timeout = 300 })
+      local total = 64 * 1024 * 1024
+      got, ending = support.read_to_end(port, "GET /bytes?n=" .. total .. "&eof=1 HTTP/1.0\r\nHost: a\r\n\r\n", 1.5)
+      assert.are.equal("timeout", log[1][2])
+      assert.are.equal("Connection reset by peer", ending)
+      assert.is_true(#got < total)
+      srv:close()
       stop_backend(b)
     end)
   end)
