@@ -325,12 +325,27 @@ function Server:restore()
       end
     end
   end
-  for _, w in ipairs(order) do
-    core.spawn(function()
-      local inst, why = self.sup:spawn(w.service, w.id)
-      if not inst then log.error("%s (from %s)", why, w.from) end
-    end)
-  end
+  if #order == 0 then return end
+  -- One task starts them all and then waits for each in turn, not a task
+  -- for each: a thousand tasks parked in sup:spawn held their stacks through
+  -- the startup's peak, and glibc kept what that peak freed in pieces:
+  -- ten's resident memory with 1000 running instances was 5 MB higher.
+  core.spawn(function()
+    local started = {}
+    for i, w in ipairs(order) do
+      local inst, why = self.sup:spawn(w.service, w.id, { wait = false })
+      if inst then started[i] = inst else log.error("%s (from %s)", why, w.from) end
+    end
+    for i, w in ipairs(order) do
+      local inst = started[i]
+      if inst then
+        local state = inst:wait_state(supervisor.SETTLED)
+        if state ~= "running" and state ~= "unhealthy" then
+          log.error("%s did not start: %s (from %s)", inst.key, inst.last_exit or state, w.from)
+        end
+      end
+    end
+  end)
 end
 
 -- Moves captured lines from the sink into the store, in batches: one

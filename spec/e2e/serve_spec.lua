@@ -276,3 +276,51 @@ describe("ten serve", function()
     end
   end)
 end)
+
+describe("ten serve at its start", function()
+  after_each(support.cleanup)
+
+  it("starts all of [instances], and names each that did not start and where it came from", function()
+    local dir = support.tmpdir()
+    local cfg, log = dir .. "/tenement.toml", dir .. "/serve.log"
+    local lines = {
+      "[settings]", 'data_dir = "data"', "port = " .. support.free_port(), "backoff_base_ms = 20", "max_restarts = 0",
+      "[service.api]", string.format("command = %q", BACKEND),
+      string.format("socket = %q", dir .. "/sock/{name}-{id}.sock"), 'health = "/health"', 'isolation = "process"',
+      "[service.broken]", 'command = "/bin/false"',
+      string.format("socket = %q", dir .. "/sock/{name}-{id}.sock"), 'isolation = "process"',
+      "[instances]", 'api = ["a", "b", "c"]', 'broken = ["x"]',
+    }
+    support.write(cfg, table.concat(lines, "\n") .. "\n")
+    local pid = support.ten_serve(cfg, log)
+    local function settled()
+      local ok, by = pcall(ps, cfg)
+      if not ok then return false end
+      for _, key in ipairs { "api:a", "api:b", "api:c" } do
+        if not (by[key] and by[key].state == "running") then return false end
+      end
+      return by["broken:x"] ~= nil and by["broken:x"].state == "failed"
+    end
+    for _ = 1, 200 do
+      if settled() then break end
+      sleep(0.05)
+    end
+    assert.is_truthy(settled(), "not all of [instances] settled")
+    local text
+    for _ = 1, 100 do
+      local f = io.open(log)
+      text = f and f:read("a") or ""
+      if f then f:close() end
+      if text:find("(from [instances])", 1, true) then break end
+      sleep(0.05)
+    end
+    assert.matches("broken:x did not start: [^\n]*%(from %[instances%]%)", text)
+    assert.is_nil(text:find("api:%a did not start"))
+    os.execute("kill -TERM " .. pid)
+    for _ = 1, 100 do
+      if not pid_alive(pid) then break end
+      sleep(0.05)
+    end
+    assert.is_false(pid_alive(pid))
+  end)
+end)
