@@ -2,6 +2,7 @@
 -- socket, on one loop, until SIGTERM or SIGINT.
 local core = require "tenement.core"
 local supervisor = require "tenement.supervisor"
+local sync = require "tenement.sync"
 local keeper = require "tenement.keeper"
 local store_mod = require "tenement.store"
 local api = require "tenement.api"
@@ -21,6 +22,10 @@ local LOG_BATCH = 5000
 local LOG_WRITE_TRIES = 5
 local DOOR_ERRORS_PER_SECOND = 10
 local LOG_RETENTION_EVERY_MS = 60 * 1000
+-- the server's own start of its instances: starts in flight at once, and
+-- how long each may take to run before the next one starts in its place
+local RESTORE_AT_ONCE = 64
+local RESTORE_WAIT_MS = 250
 
 local Server = {}
 Server.__index = Server
@@ -298,8 +303,8 @@ function Server:own_pages()
   end
 end
 
--- Instances from [instances] and those the store remembers, all at once;
--- one failing does not hold up the others.
+-- Instances from [instances] and those the store remembers; one failing or
+-- slow to start does not hold up the others.
 function Server:restore()
   local wanted, order = {}, {}
   local function want(service, id, from)
@@ -326,23 +331,40 @@ function Server:restore()
     end
   end
   if #order == 0 then return end
-  -- One task starts them all and then waits for each in turn, not a task
-  -- for each: a thousand tasks parked in sup:spawn held their stacks through
-  -- the startup's peak, and glibc kept what that peak freed in pieces:
-  -- ten's resident memory with 1000 running instances was 5 MB higher.
+  -- Their desired rows first, in one transaction. Then at most
+  -- RESTORE_AT_ONCE starts at a time, each given up to RESTORE_WAIT_MS to be
+  -- running before the next one takes its place (a slow one goes on
+  -- starting by itself). A thousand starts at once were no sooner done, and
+  -- they held a thousand stacks through the startup's peak, whose memory
+  -- glibc kept in pieces: ten stayed 4 MB larger for good.
   core.spawn(function()
-    local started = {}
-    for i, w in ipairs(order) do
-      local inst, why = self.sup:spawn(w.service, w.id, { wait = false })
-      if inst then started[i] = inst else log.error("%s (from %s)", why, w.from) end
-    end
-    for i, w in ipairs(order) do
-      local inst = started[i]
-      if inst then
-        local state = inst:wait_state(supervisor.SETTLED)
-        if state ~= "running" and state ~= "unhealthy" then
-          log.error("%s did not start: %s (from %s)", inst.key, inst.last_exit or state, w.from)
+    local ok, werr = self.store:set_desired_all(order, true)
+    if not ok then log.error("cannot remember the instances to run: %s", werr) end
+    local next_one, working = 0, math.min(RESTORE_AT_ONCE, #order)
+    local all_started = sync.event()
+    for _ = 1, working do
+      core.spawn(function()
+        while true do
+          next_one = next_one + 1
+          local w = order[next_one]
+          if not w then break end
+          local inst, why = self.sup:spawn(w.service, w.id, { wait = false, persist = false })
+          if inst then
+            w.inst = inst
+            inst:wait_state(supervisor.SETTLED, RESTORE_WAIT_MS)
+          else
+            log.error("%s (from %s)", why, w.from)
+          end
         end
+        working = working - 1
+        if working == 0 then all_started:set() end
+      end)
+    end
+    all_started:wait()
+    for _, w in ipairs(order) do
+      local state = w.inst and w.inst:wait_state(supervisor.SETTLED)
+      if state and state ~= "running" and state ~= "unhealthy" then
+        log.error("%s did not start: %s (from %s)", w.inst.key, w.inst.last_exit or state, w.from)
       end
     end
   end)

@@ -121,13 +121,19 @@ local SET_DESIRED = [[
 -- by the next transaction: a thousand instances started at once cost a few
 -- disk syncs, not a thousand queued ones.
 function Store:set_desired(service, id, desired)
-  local now = core.time()
-  local row = { service, id, desired and 1 or 0, now, now }
   if not core.current() then
-    local ok, err, code = self.conn:run(SET_DESIRED, table.unpack(row))
+    local now = core.time()
+    local ok, err, code = self.conn:run(SET_DESIRED, service, id, desired and 1 or 0, now, now)
     if not ok then return nil, err, code end
     return true
   end
+  return self:set_desired_all({ { service = service, id = id } }, desired)
+end
+
+-- set_desired of every {service =, id =} of list, in one transaction. In a
+-- task. -> true once the rows are durable | nil, err, code
+function Store:set_desired_all(list, desired)
+  local now = core.time()
   local group = self.desired_group
   if not group then
     group = { rows = {}, done = sync.event() }
@@ -136,7 +142,9 @@ function Store:set_desired(service, id, desired)
       self.desired_writer = core.spawn(self.write_desired, self)
     end
   end
-  group.rows[#group.rows + 1] = row
+  for _, inst in ipairs(list) do
+    group.rows[#group.rows + 1] = { inst.service, inst.id, desired and 1 or 0, now, now }
+  end
   return group.done:wait()
 end
 

@@ -82,6 +82,26 @@ describe("store", function()
     st:close()
   end)
 
+  it("writes a list of desired states in one transaction", function()
+    core.run(function()
+      local st = assert(store.open(dir .. "/t.db"))
+      local list = {}
+      for i = 1, 500 do list[i] = { service = "api", id = "n" .. i } end
+      local wal0 = core.fs.stat(dir .. "/t.db-wal").size
+      assert.is_true(st:set_desired_all(list, true))
+      local frames = (core.fs.stat(dir .. "/t.db-wal").size - wal0) / (24 + 4096)
+      assert.is_true(frames < 20, frames .. " WAL frames")
+      local rows = st:instances()
+      assert.are.equal(500, #rows)
+      for _, r in ipairs(rows) do assert.is_true(r.desired) end
+      assert.is_true(st:set_desired_all({ list[1], list[2] }, false))
+      local off = 0
+      for _, r in ipairs(st:instances()) do if not r.desired then off = off + 1 end end
+      assert.are.equal(2, off)
+      st:close()
+    end)
+  end)
+
   it("keeps tokens as hashes only, found by their prefix", function()
     local auth = require "tenement.auth"
     core.run(function()
