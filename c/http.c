@@ -884,11 +884,12 @@ static int conn_write(http_conn *c, const char *h, size_t hl, const char *b, siz
     w->after = after;
     w->req.data = w;
     char *dst = w->data;
+    /* b may be NULL with bl 0 (a head alone, an empty last write) */
     if (done < hl) {
         memcpy(dst, h + done, hl - done);
         dst += hl - done;
-        memcpy(dst, b, bl);
-    } else {
+        if (bl) memcpy(dst, b, bl);
+    } else if (bl > done - hl) {
         memcpy(dst, b + (done - hl), bl - (done - hl));
     }
     if (tn_io_write(&c->io, &w->req, w->data, rest, conn_write_cb) != 0) {
