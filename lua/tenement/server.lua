@@ -347,7 +347,8 @@ function Server:restore()
         while true do
           next_one = next_one + 1
           local w = order[next_one]
-          if not w then break end
+          -- a stop of the server ends the starting too: not a failure
+          if not w or self.sup.shutting_down then break end
           local inst, why = self.sup:spawn(w.service, w.id, { wait = false, persist = false })
           if inst then
             w.inst = inst
@@ -363,6 +364,7 @@ function Server:restore()
     all_started:wait()
     for _, w in ipairs(order) do
       local state = w.inst and w.inst:wait_state(supervisor.SETTLED)
+      if self.sup.shutting_down then return end
       if state and state ~= "running" and state ~= "unhealthy" then
         log.error("%s did not start: %s (from %s)", w.inst.key, w.inst.last_exit or state, w.from)
       end

@@ -324,3 +324,32 @@ describe("ten serve at its start", function()
     assert.is_false(pid_alive(pid))
   end)
 end)
+
+describe("ten serve stopped while it starts its instances", function()
+  after_each(support.cleanup)
+
+  it("does not report as failed the starts its own stop ended", function()
+    local dir = support.tmpdir()
+    local cfg, log = dir .. "/tenement.toml", dir .. "/serve.log"
+    support.write(cfg, table.concat({
+      "[settings]", 'data_dir = "data"', "port = " .. support.free_port(), "stop_timeout = 2",
+      "[service.slow]", string.format("command = %q", "sh -c 'sleep 5; exec " .. BACKEND .. "'"),
+      string.format("socket = %q", dir .. "/sock/{name}-{id}.sock"), 'isolation = "process"', "startup_timeout = 30",
+      "[instances]", 'slow = ["a", "b"]',
+    }, "\n") .. "\n")
+    local pid = support.ten_serve(cfg, log)
+    assert.is_true(wait_up(cfg), "ten serve did not come up")
+    assert.are.equal("starting", ps(cfg)["slow:a"].state)
+    os.execute("kill -TERM " .. pid)
+    for _ = 1, 200 do
+      if not pid_alive(pid) then break end
+      sleep(0.05)
+    end
+    assert.is_false(pid_alive(pid))
+    local f = assert(io.open(log))
+    local text = f:read("a")
+    f:close()
+    assert.matches("stopped", text)
+    assert.is_nil(text:find("did not start", 1, true), text)
+  end)
+end)
