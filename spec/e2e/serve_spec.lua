@@ -293,6 +293,7 @@ describe("ten serve at its start", function()
     }
     support.write(cfg, table.concat(lines, "\n") .. "\n")
     local pid = support.ten_serve(cfg, log)
+    finally(function() if pid_alive(pid) then os.execute("kill -KILL " .. pid) end end)
     local function settled()
       local ok, by = pcall(ps, cfg)
       if not ok then return false end
@@ -338,6 +339,7 @@ describe("ten serve stopped while it starts its instances", function()
       "[instances]", 'slow = ["a", "b"]',
     }, "\n") .. "\n")
     local pid = support.ten_serve(cfg, log)
+    finally(function() if pid_alive(pid) then os.execute("kill -KILL " .. pid) end end)
     assert.is_true(wait_up(cfg), "ten serve did not come up")
     assert.are.equal("starting", ps(cfg)["slow:a"].state)
     os.execute("kill -TERM " .. pid)
