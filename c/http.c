@@ -3874,7 +3874,8 @@ static void px_up_read_failed(px *x, const char *code, const char *fmt, const ch
         x->resp_started = 0;
         x->status = 0;
         x->r->responded = 0;
-        if (px_client(x)) px_client(x)->eof_body_open = 0;
+        http_conn *c = px_client(x);
+        if (c) c->eof_body_open = 0;
     }
     px_end(x, 0, x->resp_started ? PXA_CLOSE : PXA_NONE, code, fmt, x->pool->addr.text, detail);
 }
@@ -4257,7 +4258,8 @@ static int px_on_headers_complete(llhttp_t *ps) {
             mode = PXR_LENGTH;
     }
     x->resp_mode = mode;
-    if (mode == PXR_EOF && px_client(x)) px_client(x)->eof_body_open = 1;
+    http_conn *c = px_client(x);
+    if (c && mode == PXR_EOF) c->eof_body_open = 1;
     x->cli_keep = st != 101 && r->keep_alive && !r->srv->closed && mode != PXR_EOF;
     x->status = st;
     x->upstream_ms = (double)(uv_hrtime() - x->t0) / 1e6;

@@ -139,7 +139,8 @@ function Instance:transition(event, reason)
   end
 end
 
--- The states a restart after a crash ends in, one way or another.
+-- The states a start ends in, one way or another: a first start, or a
+-- restart after a crash that may back off and start again first.
 supervisor.SETTLED = { running = true, unhealthy = true, failed = true, stopped = true, sleeping = true }
 
 -- Waits until the instance's state is one of `states` (a set), or timeout.

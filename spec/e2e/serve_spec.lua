@@ -277,23 +277,54 @@ describe("ten serve", function()
   end)
 end)
 
-describe("ten serve at its start", function()
+-- The starts of [instances] by a server of its own: make_lines(dir) gives
+-- the config's lines. A failed spec leaves no server behind.
+describe("ten serve starting its [instances]", function()
   after_each(support.cleanup)
 
-  it("starts all of [instances], and names each that did not start and where it came from", function()
+  local function serve_own(make_lines)
     local dir = support.tmpdir()
     local cfg, log = dir .. "/tenement.toml", dir .. "/serve.log"
-    local lines = {
-      "[settings]", 'data_dir = "data"', "port = " .. support.free_port(), "backoff_base_ms = 20", "max_restarts = 0",
-      "[service.api]", string.format("command = %q", BACKEND),
-      string.format("socket = %q", dir .. "/sock/{name}-{id}.sock"), 'health = "/health"', 'isolation = "process"',
-      "[service.broken]", 'command = "/bin/false"',
-      string.format("socket = %q", dir .. "/sock/{name}-{id}.sock"), 'isolation = "process"',
-      "[instances]", 'api = ["a", "b", "c"]', 'broken = ["x"]',
-    }
-    support.write(cfg, table.concat(lines, "\n") .. "\n")
+    support.write(cfg, table.concat(make_lines(dir), "\n") .. "\n")
     local pid = support.ten_serve(cfg, log)
     finally(function() if pid_alive(pid) then os.execute("kill -KILL " .. pid) end end)
+    return cfg, log, pid
+  end
+
+  -- SIGTERM, then waits up to 10 s for the server to be gone. -> gone
+  local function stop(pid)
+    os.execute("kill -TERM " .. pid)
+    for _ = 1, 200 do
+      if not pid_alive(pid) then break end
+      sleep(0.05)
+    end
+    return not pid_alive(pid)
+  end
+
+  -- The server's log once it holds text (or after 5 s).
+  local function log_with(log, text)
+    local got
+    for _ = 1, 100 do
+      local f = io.open(log)
+      got = f and f:read("a") or ""
+      if f then f:close() end
+      if got:find(text, 1, true) then break end
+      sleep(0.05)
+    end
+    return got
+  end
+
+  it("starts all of [instances], and names each that did not start and where it came from", function()
+    local cfg, log, pid = serve_own(function(dir)
+      return {
+        "[settings]", 'data_dir = "data"', "port = " .. support.free_port(), "backoff_base_ms = 20", "max_restarts = 0",
+        "[service.api]", string.format("command = %q", BACKEND),
+        string.format("socket = %q", dir .. "/sock/{name}-{id}.sock"), 'health = "/health"', 'isolation = "process"',
+        "[service.broken]", 'command = "/bin/false"',
+        string.format("socket = %q", dir .. "/sock/{name}-{id}.sock"), 'isolation = "process"',
+        "[instances]", 'api = ["a", "b", "c"]', 'broken = ["x"]',
+      }
+    end)
     local function settled()
       local ok, by = pcall(ps, cfg)
       if not ok then return false end
@@ -307,50 +338,25 @@ describe("ten serve at its start", function()
       sleep(0.05)
     end
     assert.is_truthy(settled(), "not all of [instances] settled")
-    local text
-    for _ = 1, 100 do
-      local f = io.open(log)
-      text = f and f:read("a") or ""
-      if f then f:close() end
-      if text:find("(from [instances])", 1, true) then break end
-      sleep(0.05)
-    end
+    local text = log_with(log, "(from [instances])")
     assert.matches("broken:x did not start: [^\n]*%(from %[instances%]%)", text)
     assert.is_nil(text:find("api:%a did not start"))
-    os.execute("kill -TERM " .. pid)
-    for _ = 1, 100 do
-      if not pid_alive(pid) then break end
-      sleep(0.05)
-    end
-    assert.is_false(pid_alive(pid))
+    assert.is_true(stop(pid))
   end)
-end)
-
-describe("ten serve stopped while it starts its instances", function()
-  after_each(support.cleanup)
 
   it("does not report as failed the starts its own stop ended", function()
-    local dir = support.tmpdir()
-    local cfg, log = dir .. "/tenement.toml", dir .. "/serve.log"
-    support.write(cfg, table.concat({
-      "[settings]", 'data_dir = "data"', "port = " .. support.free_port(), "stop_timeout = 2",
-      "[service.slow]", string.format("command = %q", "sh -c 'sleep 5; exec " .. BACKEND .. "'"),
-      string.format("socket = %q", dir .. "/sock/{name}-{id}.sock"), 'isolation = "process"', "startup_timeout = 30",
-      "[instances]", 'slow = ["a", "b"]',
-    }, "\n") .. "\n")
-    local pid = support.ten_serve(cfg, log)
-    finally(function() if pid_alive(pid) then os.execute("kill -KILL " .. pid) end end)
+    local cfg, log, pid = serve_own(function(dir)
+      return {
+        "[settings]", 'data_dir = "data"', "port = " .. support.free_port(), "stop_timeout = 2",
+        "[service.slow]", string.format("command = %q", "sh -c 'sleep 5; exec " .. BACKEND .. "'"),
+        string.format("socket = %q", dir .. "/sock/{name}-{id}.sock"), 'isolation = "process"', "startup_timeout = 30",
+        "[instances]", 'slow = ["a", "b"]',
+      }
+    end)
     assert.is_true(wait_up(cfg), "ten serve did not come up")
     assert.are.equal("starting", ps(cfg)["slow:a"].state)
-    os.execute("kill -TERM " .. pid)
-    for _ = 1, 200 do
-      if not pid_alive(pid) then break end
-      sleep(0.05)
-    end
-    assert.is_false(pid_alive(pid))
-    local f = assert(io.open(log))
-    local text = f:read("a")
-    f:close()
+    assert.is_true(stop(pid))
+    local text = log_with(log, "stopped")
     assert.matches("stopped", text)
     assert.is_nil(text:find("did not start", 1, true), text)
   end)
