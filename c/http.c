@@ -2598,7 +2598,8 @@ static int l_request(lua_State *L) {
 #define PX_STAGE 4096
 #define PX_COPY_MAX 256          /* smaller pieces are copied into the stage */
 #define PX_FREE_MAX 1024         /* exchanges kept for reuse while busy */
-#define PX_FREE_IDLE 64          /* ... and once none is under way */
+#define PX_FREE_IDLE 64          /* ... and once none was under way for PX_TRIM_MS */
+#define PX_TRIM_MS 1000
 #define PX_MAX_EXTRA 32          /* headers in opts.headers */
 #define PX_MAX_TOKENS 16         /* tokens of a Connection header honoured */
 
@@ -2622,8 +2623,9 @@ struct px_state {
     uv_idle_t idle;
     int draining;
     px *done_head, *done_tail;
-    uv_timer_t sweep;        /* closes idle connections past PX_IDLE_MS */
+    uv_timer_t sweep;        /* closes idle connections past PX_IDLE_MS, trims free_px */
     uint64_t sweep_due;
+    uint64_t trim_at;        /* when free_px goes down to PX_FREE_IDLE if none is under way; 0: no trim owed */
     px_up *lru_head, *lru_tail; /* idle connections, oldest first */
     px_pool **buckets;
     size_t nbuckets, npools;
@@ -3280,6 +3282,7 @@ static px *px_new(px_state *st) {
     x->st = st;
     x->refs = 1;
     st->live++;
+    st->trim_at = 0; /* a trim waits for PX_TRIM_MS with none under way */
     x->head.len = x->rhead.len = 0;
     batch_reset(&x->to_up);
     batch_reset(&x->to_cli);
@@ -3293,6 +3296,8 @@ static void px_free(px *x) {
     buf_free(&x->rhead);
     free(x);
 }
+
+static void px_sweep_arm(px_state *st);
 
 /* Kept for the next exchange: under load as many as were busy at once (a
  * fresh one is a 9 KiB calloc and two buffers grown again), and once the
@@ -3308,6 +3313,17 @@ static void px_release(px *x) {
     } else {
         px_free(x);
     }
+    /* Not at once: under load the count of exchanges under way touches 0
+     * between bursts, and a trim there made the next burst calloc hundreds
+     * of 9 KiB exchanges (cold memory, every line a cache miss). */
+    if (st->live == 0 && st->nfree > PX_FREE_IDLE && !st->trim_at) {
+        st->trim_at = uv_now(st->loop) + PX_TRIM_MS;
+        if (!st->sweep_due || st->sweep_due > st->trim_at) px_sweep_arm(st);
+    }
+}
+
+static void px_trim(px_state *st) {
+    st->trim_at = 0;
     while (st->live == 0 && st->nfree > PX_FREE_IDLE) {
         px *spare = st->free_px;
         st->free_px = spare->next;
@@ -3400,8 +3416,14 @@ static void px_sweep_cb(uv_timer_t *t);
 
 static void px_sweep_arm(px_state *st) {
     st->sweep_due = 0;
-    if (!st->lru_head) return;
-    uint64_t due = st->lru_head->idle_since + PX_IDLE_MS, now = uv_now(st->loop);
+    uint64_t due = st->trim_at;
+    if (st->lru_head && (!due || st->lru_head->idle_since + PX_IDLE_MS < due))
+        due = st->lru_head->idle_since + PX_IDLE_MS;
+    if (!due) {
+        uv_timer_stop(&st->sweep);
+        return;
+    }
+    uint64_t now = uv_now(st->loop);
     uv_timer_start(&st->sweep, px_sweep_cb, due > now ? due - now : 0, 0);
     st->sweep_due = due;
 }
@@ -3410,6 +3432,7 @@ static void px_sweep_cb(uv_timer_t *t) {
     px_state *st = t->data;
     uint64_t now = uv_now(st->loop);
     while (st->lru_head && st->lru_head->idle_since + PX_IDLE_MS <= now) px_up_close(st->lru_head);
+    if (st->trim_at && st->trim_at <= now) px_trim(st);
     px_sweep_arm(st);
 }
 
