@@ -1290,15 +1290,16 @@ static int tokens_ready(const char **err) {
     return 1;
 }
 
-/* The tokens, each as its length then its bytes: gathered in C, since a
- * Lua error raised inside the tokenizer would jump over its xDelete. */
+/* The tokens, each as where it is in the text (start, end), its length,
+ * then its bytes: gathered in C, since a Lua error raised inside the
+ * tokenizer would jump over its xDelete. */
 typedef struct { char *p; size_t len, cap; } tokens_buf;
 
 static int tokens_cb(void *ctx, int flags, const char *token, int len, int start, int end) {
-    (void)flags; (void)start; (void)end;
+    (void)flags;
     tokens_buf *o = ctx;
-    uint32_t n = (uint32_t)len;
-    size_t need = o->len + sizeof n + n;
+    uint32_t n = (uint32_t)len, at[2] = { (uint32_t)start, (uint32_t)end };
+    size_t need = o->len + sizeof at + sizeof n + n;
     if (need > o->cap) {
         size_t cap = o->cap ? o->cap : 256;
         while (cap < need) cap *= 2;
@@ -1307,18 +1308,22 @@ static int tokens_cb(void *ctx, int flags, const char *token, int len, int start
         o->p = p;
         o->cap = cap;
     }
-    memcpy(o->p + o->len, &n, sizeof n);
-    memcpy(o->p + o->len + sizeof n, token, n);
+    memcpy(o->p + o->len, at, sizeof at);
+    memcpy(o->p + o->len + sizeof at, &n, sizeof n);
+    memcpy(o->p + o->len + sizeof at + sizeof n, token, n);
     o->len = need;
     return SQLITE_OK;
 }
 
-/* db.tokens(text) -> { token... }: the tokens the log index (FTS5's
- * unicode61, as the store configures it) makes of text, as a query would.
- * A word that gives none (punctuation, in any script) matches no line. */
+/* db.tokens(text [, spans]) -> { token... } [, { first, last, ... }]: the
+ * tokens the log index (FTS5's unicode61, as the store configures it) makes
+ * of text, as a query would. A word that gives none (punctuation, in any
+ * script) matches no line. With spans, also where each token lies in text
+ * (string.sub positions, two per token), which highlighting needs. */
 static int l_db_tokens(lua_State *L) {
     size_t len;
     const char *text = luaL_checklstring(L, 1, &len);
+    int spans = lua_toboolean(L, 2);
     if (len > INT_MAX) return luaL_argerror(L, 1, "too long");
     const char *err = NULL;
     if (!tokens_ready(&err)) return luaL_error(L, "core.db.tokens: %s", err);
@@ -1331,14 +1336,23 @@ static int l_db_tokens(lua_State *L) {
     tokens_api.xDelete(t);
     if (rc != SQLITE_OK) return luaL_error(L, "core.db.tokens: %s", sqlite3_errstr(rc));
     lua_newtable(L);
+    if (spans) lua_newtable(L);
+    int tokens = spans ? -2 : -1;
     for (size_t at = 0, i = 1; at < out.len; i++) {
-        uint32_t n;
-        memcpy(&n, out.p + at, sizeof n);
-        lua_pushlstring(L, out.p + at + sizeof n, n);
-        lua_rawseti(L, -2, (lua_Integer)i);
-        at += sizeof n + n;
+        uint32_t where[2], n;
+        memcpy(where, out.p + at, sizeof where);
+        memcpy(&n, out.p + at + sizeof where, sizeof n);
+        lua_pushlstring(L, out.p + at + sizeof where + sizeof n, n);
+        lua_rawseti(L, tokens - 1, (lua_Integer)i);
+        if (spans) {
+            lua_pushinteger(L, (lua_Integer)where[0] + 1);
+            lua_rawseti(L, -2, (lua_Integer)(2 * i - 1));
+            lua_pushinteger(L, (lua_Integer)where[1]);
+            lua_rawseti(L, -2, (lua_Integer)(2 * i));
+        }
+        at += sizeof where + sizeof n + n;
     }
-    return 1;
+    return spans ? 2 : 1;
 }
 
 int tn_open_db(lua_State *L) {

@@ -275,23 +275,75 @@ store.MAX_QUERY_WORDS = 32
 -- and its empty phrase matches no line: it is left out, unless nothing else
 -- is. The index's own tokenizer says which words those are (core.db.tokens):
 -- what counts as a letter is Unicode's business, not a pattern's.
--- -> query | nil (no words) | nil, err (too many)
-function store.fts_query(text)
+-- -> words searched | nil (no words) | nil, err (too many)
+local function search_words(text)
   local words = {}
   for word in tostring(text):gsub("\0", " "):gmatch("%S+") do words[#words + 1] = word end
   if #words == 0 then return nil end
   if #words > store.MAX_QUERY_WORDS then
     return nil, string.format("q has %d words, at most %d are searched", #words, store.MAX_QUERY_WORDS)
   end
-  local terms = {}
+  local kept = {}
   for _, word in ipairs(words) do
-    if #core.db.tokens(word) > 0 then terms[#terms + 1] = '"' .. word:gsub('"', '""') .. '"' end
+    if #core.db.tokens(word) > 0 then kept[#kept + 1] = word end
   end
-  if #terms == 0 then
-    for i, word in ipairs(words) do terms[i] = '"' .. word:gsub('"', '""') .. '"' end
-  end
+  return #kept > 0 and kept or words
+end
+
+-- -> query | nil (no words) | nil, err (too many)
+function store.fts_query(text)
+  local words, err = search_words(text)
+  if not words then return nil, err end
+  local terms = {}
+  for i, word in ipairs(words) do terms[i] = '"' .. word:gsub('"', '""') .. '"' end
   terms[#terms] = terms[#terms] .. "*"
   return table.concat(terms, " AND ")
+end
+
+-- FTS5's highlight() for the query store.fts_query(text) makes, done here:
+-- highlight() hands its text back as a C string, so a line holding a NUL
+-- came back cut there. Each word is a phrase of its tokens, the last word's
+-- last token a prefix; each match is marked from its first token's first
+-- byte to its last token's last, overlapping marks as one.
+function store.highlight(message, text)
+  local words = search_words(text)
+  if not words then return message end
+  local phrases = {}
+  for i, word in ipairs(words) do phrases[i] = core.db.tokens(word) end
+  local doc, spans = core.db.tokens(message, true)
+  local marks = {}
+  for at = 1, #doc do
+    for p, phrase in ipairs(phrases) do
+      local n = #phrase
+      local match = n > 0 and at + n - 1 <= #doc
+      for k = 1, n do
+        if not match then break end
+        local want, got = phrase[k], doc[at + k - 1]
+        if p == #phrases and k == n then match = got:sub(1, #want) == want
+        else match = got == want end
+      end
+      if match then marks[#marks + 1] = { spans[2 * at - 1], spans[2 * (at + n - 1)] } end
+    end
+  end
+  table.sort(marks, function(a, b) return a[1] < b[1] end)
+  local out, from, open = {}, 1, nil
+  for _, m in ipairs(marks) do
+    if open and m[1] <= open[2] then
+      open[2] = math.max(open[2], m[2])
+    else
+      if open then
+        out[#out + 1] = message:sub(from, open[1] - 1) .. "[" .. message:sub(open[1], open[2]) .. "]"
+        from = open[2] + 1
+      end
+      open = { m[1], m[2] }
+    end
+  end
+  if open then
+    out[#out + 1] = message:sub(from, open[1] - 1) .. "[" .. message:sub(open[1], open[2]) .. "]"
+    from = open[2] + 1
+  end
+  out[#out + 1] = message:sub(from)
+  return table.concat(out)
 end
 
 -- Store:logs{ instance=, service=, q=, stream=, since= (epoch s), after= (seq), limit=,
@@ -364,6 +416,11 @@ function Store:logs(f)
     .. (q and ", highlight(log_search, 0, '[', ']') AS highlighted" or ""), limit, bound, bound_seq)
   if rows and f.after then
     for i = 1, #rows // 2 do rows[i], rows[#rows + 1 - i] = rows[#rows + 1 - i], rows[i] end
+  end
+  if rows and q then
+    for _, r in ipairs(rows) do
+      if r.message:find("\0", 1, true) then r.highlighted = store.highlight(r.message, f.q) end
+    end
   end
   if rows then rows.capped = capped end
   return rows, err, code

@@ -947,6 +947,10 @@ describe("core.db.tokens", function()
     end
     -- a NUL is a separator, not the end of the text
     assert.are.same({ "a", "b" }, db.tokens("a\0b"))
+    -- with spans, where each token lies (string.sub positions, in bytes)
+    local tokens, spans = db.tokens("Hello, Wörld \0x", true)
+    assert.are.same({ "hello", "world", "x" }, tokens)
+    assert.are.same({ 1, 5, 8, 13, 16, 16 }, spans)
     assert.has_error(function() db.tokens(nil) end)
   end)
 end)

@@ -233,6 +233,52 @@ describe("store", function()
     end)
   end)
 
+  it("highlights a line holding a NUL in whole, where FTS5's highlight() stopped at the NUL", function()
+    core.run(function()
+      local st = assert(store.open(dir .. "/t.db"))
+      assert(st:append_logs {
+        { core.time(), "api:a", "stdout", "frame \0\1 bad: checksum mismatch, checksum again" },
+      })
+      local rows = assert(st:logs { q = "checksum mism" })
+      assert.are.equal(1, #rows)
+      assert.are.equal("frame \0\1 bad: [checksum] [mismatch], [checksum] again", rows[1].highlighted)
+      st:close()
+    end)
+  end)
+
+  it("highlights as FTS5's highlight() does, on lines it reads whole", function()
+    core.run(function()
+      local conn = assert(core.db.open(":memory:"))
+      assert(conn:exec("CREATE VIRTUAL TABLE t USING fts5 (message, tokenize = 'unicode61')"))
+      local lines = {
+        "ERROR database unreachable after 3 tries",
+        "foo-bar baz foo bar foobar",
+        "Wörld, world! WORLD... worldwide",
+        "Ошибка: диск полон, ошибка диска",
+        "a a a b a",
+        "x=1 y=2 -> z",
+        "[already] [bracketed] text",
+        "  spaced   out   words  ",
+        "température → 20 °C « élevée »",
+        "GET /api/users/42?x=1 200 3ms",
+      }
+      for i, line in ipairs(lines) do assert(conn:run("INSERT INTO t (rowid, message) VALUES (?, ?)", i, line)) end
+      local queries = { "database unreach", "foo-bar", "foo bar", "world", "wor", "ошибка диск", "a", "a b",
+        "x=1 z", "bracket", "spaced words", "temp → élevée", "api users 4", "-> z", "b a" }
+      local compared = 0
+      for _, q in ipairs(queries) do
+        local match = store.fts_query(q)
+        local rows = assert(conn:query("SELECT message, highlight(t, 0, '[', ']') AS h FROM t WHERE t MATCH ?", match))
+        for _, r in ipairs(rows) do
+          assert.are.equal(r.h, store.highlight(r.message, q), q .. " in " .. r.message)
+          compared = compared + 1
+        end
+      end
+      assert.is_true(compared >= 15, "only " .. compared .. " matches compared")
+      conn:close()
+    end)
+  end)
+
   it("finds a line by its own text when q holds words of punctuation only", function()
     core.run(function()
       local st = assert(store.open(dir .. "/t.db"))
