@@ -2903,7 +2903,7 @@ static int ups_set(lua_State *L, px_upstream *u, int idx) {
         if (lua_type(L, -2) != LUA_TSTRING) return luaL_error(L, "http.upstream: option names are strings");
         size_t kl;
         const char *k = lua_tolstring(L, -2, &kl);
-        int64_t v;
+        int64_t v = 0; /* set by ups_int_opt, which raises otherwise: -O3 cannot see that */
 #define IS(lit) (kl == sizeof(lit) - 1 && memcmp(k, lit, kl) == 0)
         if (IS("path")) {
             if (lua_type(L, -1) != LUA_TSTRING) return luaL_error(L, "http.upstream: path must be a string");
