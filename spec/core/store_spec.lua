@@ -275,6 +275,39 @@ describe("store", function()
         end
       end
       assert.is_true(compared >= 15, "only " .. compared .. " matches compared")
+      -- and over lines and queries drawn from a vocabulary of words, cut words,
+      -- punctuation and scripts (a generator of its own: the same draws every run)
+      local seed = 42
+      local function draw(n)
+        seed = (seed * 1103515245 + 12345) % 2147483648
+        return seed % n + 1
+      end
+      local vocab = { "foo", "bar", "Foo-Bar", "baz", "é", "Été", "ошибка", "x=1", "->", "—", "a", "ab", "abc",
+        "42", "[x]", "foo.bar", "…", "«", "»", "__", "a_b" }
+      local seps = { " ", "  ", ", ", "-", "/", ": ", "\t" }
+      assert(conn:exec("DELETE FROM t"))
+      for i = 1, 200 do
+        local parts = {}
+        for _ = 1, draw(10) do parts[#parts + 1] = vocab[draw(#vocab)] .. seps[draw(#seps)] end
+        assert(conn:run("INSERT INTO t (rowid, message) VALUES (?, ?)", i, table.concat(parts)))
+      end
+      compared = 0
+      for _ = 1, 150 do
+        local words = {}
+        for _ = 1, draw(3) do
+          local w = vocab[draw(#vocab)]
+          if draw(3) == 1 then w = w:sub(1, math.max(1, #w - 1)) end
+          words[#words + 1] = w
+        end
+        local q = table.concat(words, " ")
+        local match = store.fts_query(q)
+        for _, r in ipairs(match and assert(conn:query(
+            "SELECT message, highlight(t, 0, '[', ']') AS h FROM t WHERE t MATCH ?", match)) or {}) do
+          assert.are.equal(r.h, store.highlight(r.message, q), q .. " in " .. r.message)
+          compared = compared + 1
+        end
+      end
+      assert.is_true(compared >= 1000, "only " .. compared .. " random matches compared")
       conn:close()
     end)
   end)
