@@ -300,11 +300,12 @@ function store.fts_query(text)
   return table.concat(terms, " AND ")
 end
 
--- FTS5's highlight() for the query store.fts_query(text) makes, done here:
--- highlight() hands its text back as a C string, so a line holding a NUL
--- came back cut there. Each word is a phrase of its tokens, the last word's
--- last token a prefix; each match is marked from its first token's first
--- byte to its last token's last, overlapping marks as one.
+-- FTS5's highlight() for the query store.fts_query(text) makes, done here
+-- for lines holding a NUL: highlight() appends each piece between marks as a
+-- C string, so the bytes from a NUL to the next mark vanished. Each word is
+-- a phrase of its tokens, the last word's last token a prefix; each match
+-- is marked from its first token's first byte to its last token's last,
+-- overlapping marks as one.
 function store.highlight(message, text)
   local words = search_words(text)
   if not words then return message end
