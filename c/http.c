@@ -3300,8 +3300,8 @@ static void px_free(px *x) {
 static void px_sweep_arm(px_state *st);
 
 /* Kept for the next exchange: under load as many as were busy at once (a
- * fresh one is a 9 KiB calloc and two buffers grown again), and once the
- * last exchange ends, a few. */
+ * fresh one is a 9 KiB calloc and two buffers grown again), and a few once
+ * none has been under way for PX_TRIM_MS (px_trim). */
 static void px_release(px *x) {
     if (--x->refs > 0) return;
     px_state *st = x->st;

@@ -275,7 +275,7 @@ store.MAX_QUERY_WORDS = 32
 -- and its empty phrase matches no line: it is left out, unless nothing else
 -- is. The index's own tokenizer says which words those are (core.db.tokens):
 -- what counts as a letter is Unicode's business, not a pattern's.
--- -> words searched | nil (no words) | nil, err (too many)
+-- -> words searched, their tokens | nil (no words) | nil, err (too many)
 local function search_words(text)
   local words = {}
   for word in tostring(text):gsub("\0", " "):gmatch("%S+") do words[#words + 1] = word end
@@ -283,11 +283,13 @@ local function search_words(text)
   if #words > store.MAX_QUERY_WORDS then
     return nil, string.format("q has %d words, at most %d are searched", #words, store.MAX_QUERY_WORDS)
   end
-  local kept = {}
-  for _, word in ipairs(words) do
-    if #core.db.tokens(word) > 0 then kept[#kept + 1] = word end
+  local kept, kept_tokens, tokens = {}, {}, {}
+  for i, word in ipairs(words) do
+    tokens[i] = core.db.tokens(word)
+    if #tokens[i] > 0 then kept[#kept + 1], kept_tokens[#kept + 1] = word, tokens[i] end
   end
-  return #kept > 0 and kept or words
+  if #kept == 0 then return words, tokens end
+  return kept, kept_tokens
 end
 
 -- -> query | nil (no words) | nil, err (too many)
@@ -300,6 +302,21 @@ function store.fts_query(text)
   return table.concat(terms, " AND ")
 end
 
+-- Whether the tokens of doc from `at` on are phrase's (its last one as a
+-- prefix of doc's when `prefix`).
+local function phrase_at(doc, at, phrase, prefix)
+  if #phrase == 0 or at + #phrase - 1 > #doc then return false end
+  for k, want in ipairs(phrase) do
+    local got = doc[at + k - 1]
+    if prefix and k == #phrase then
+      if got:sub(1, #want) ~= want then return false end
+    elseif got ~= want then
+      return false
+    end
+  end
+  return true
+end
+
 -- FTS5's highlight() for the query store.fts_query(text) makes, done here
 -- for lines holding a NUL: highlight() appends each piece between marks as a
 -- C string, so the bytes from a NUL to the next mark vanished. Each word is
@@ -307,41 +324,28 @@ end
 -- is marked from its first token's first byte to its last token's last,
 -- overlapping marks as one.
 function store.highlight(message, text)
-  local words = search_words(text)
-  if not words then return message end
-  local phrases = {}
-  for i, word in ipairs(words) do phrases[i] = core.db.tokens(word) end
+  local _, phrases = search_words(text)
+  if not phrases then return message end
   local doc, spans = core.db.tokens(message, true)
   local marks = {}
   for at = 1, #doc do
     for p, phrase in ipairs(phrases) do
-      local n = #phrase
-      local match = n > 0 and at + n - 1 <= #doc
-      for k = 1, n do
-        if not match then break end
-        local want, got = phrase[k], doc[at + k - 1]
-        if p == #phrases and k == n then match = got:sub(1, #want) == want
-        else match = got == want end
+      if phrase_at(doc, at, phrase, p == #phrases) then
+        marks[#marks + 1] = { spans[2 * at - 1], spans[2 * (at + #phrase - 1)] }
       end
-      if match then marks[#marks + 1] = { spans[2 * at - 1], spans[2 * (at + n - 1)] } end
     end
   end
   table.sort(marks, function(a, b) return a[1] < b[1] end)
-  local out, from, open = {}, 1, nil
+  local merged = {}
   for _, m in ipairs(marks) do
-    if open and m[1] <= open[2] then
-      open[2] = math.max(open[2], m[2])
-    else
-      if open then
-        out[#out + 1] = message:sub(from, open[1] - 1) .. "[" .. message:sub(open[1], open[2]) .. "]"
-        from = open[2] + 1
-      end
-      open = { m[1], m[2] }
-    end
+    local last = merged[#merged]
+    if last and m[1] <= last[2] then last[2] = math.max(last[2], m[2])
+    else merged[#merged + 1] = m end
   end
-  if open then
-    out[#out + 1] = message:sub(from, open[1] - 1) .. "[" .. message:sub(open[1], open[2]) .. "]"
-    from = open[2] + 1
+  local out, from = {}, 1
+  for _, m in ipairs(merged) do
+    out[#out + 1] = message:sub(from, m[1] - 1) .. "[" .. message:sub(m[1], m[2]) .. "]"
+    from = m[2] + 1
   end
   out[#out + 1] = message:sub(from)
   return table.concat(out)

@@ -233,7 +233,7 @@ describe("store", function()
     end)
   end)
 
-  it("highlights a line holding a NUL in whole, where FTS5's highlight() stopped at the NUL", function()
+  it("highlights a line holding a NUL in whole, where FTS5's highlight() dropped the bytes after the NUL", function()
     core.run(function()
       local st = assert(store.open(dir .. "/t.db"))
       assert(st:append_logs {
@@ -312,40 +312,33 @@ describe("store", function()
     end)
   end)
 
-  it("finds a line by its own text when q holds words of punctuation only", function()
+  -- A store holding `lines`: each of `queries` finds exactly one of them,
+  -- `nothing` (punctuation alone) finds none rather than every line.
+  local function each_finds_one(lines, queries, nothing)
     core.run(function()
       local st = assert(store.open(dir .. "/t.db"))
-      assert(st:append_logs {
-        { core.time(), "api:a", "stdout", "request status = 500 (took 3 ms) - retrying" },
-        { core.time(), "api:a", "stdout", "GET /api/users -> 200" },
-      })
-      -- such a word has no token for the index: FTS5 took its empty phrase
-      -- as matching no line, so the whole search found nothing
-      for _, q in ipairs { "status = 500", "took 3 ms) - retrying", "GET /api/users -> 200", "users ->" } do
+      local batch = {}
+      for i, line in ipairs(lines) do batch[i] = { core.time(), "api:a", "stdout", line } end
+      assert(st:append_logs(batch))
+      for _, q in ipairs(queries) do
         local rows = assert(st:logs { q = q })
         assert.are.equal(1, #rows, q)
       end
-      -- punctuation alone still finds nothing, rather than every line
-      assert.are.equal(0, #assert(st:logs { q = "= ->" }))
+      assert.are.equal(0, #assert(st:logs { q = nothing }))
       st:close()
     end)
+  end
+
+  it("finds a line by its own text when q holds words of punctuation only", function()
+    -- such a word has no token for the index: FTS5 took its empty phrase
+    -- as matching no line, so the whole search found nothing
+    each_finds_one({ "request status = 500 (took 3 ms) - retrying", "GET /api/users -> 200" },
+      { "status = 500", "took 3 ms) - retrying", "GET /api/users -> 200", "users ->" }, "= ->")
   end)
 
   it("finds a line when q holds punctuation of other scripts, and letters of any", function()
-    core.run(function()
-      local st = assert(store.open(dir .. "/t.db"))
-      assert(st:append_logs {
-        { core.time(), "api:a", "stdout", "deploy — done in 3 s" },
-        { core.time(), "api:a", "stdout", "température → 20 °C « élevée »" },
-        { core.time(), "api:a", "stdout", "Ошибка: диск полон" },
-      })
-      for _, q in ipairs { "deploy — done", "→ 20 °C", "« élevée »", "Ошибка: диск", "température →" } do
-        local rows = assert(st:logs { q = q })
-        assert.are.equal(1, #rows, q)
-      end
-      assert.are.equal(0, #assert(st:logs { q = "— → «" }))
-      st:close()
-    end)
+    each_finds_one({ "deploy — done in 3 s", "température → 20 °C « élevée »", "Ошибка: диск полон" },
+      { "deploy — done", "→ 20 °C", "« élevée »", "Ошибка: диск", "température →" }, "— → «")
   end)
 
   it("refuses a q of more words than it searches at once, before SQLite spends seconds on it", function()
