@@ -127,6 +127,13 @@ $(BUILD)/fixtures/%: spec/fixtures/%.c
 	@$(if $(Q),echo "  CC      $<")
 	$(Q)$(CC) -std=c11 $(WARN) -O2 -g -D_GNU_SOURCE -o $@ $<
 
+# The lean head parser's checker links it with llhttp, its oracle.
+HEADCHECK_OBJ := $(BUILD)/obj/head.o $(BUILD)/obj/llhttp_llhttp.o $(BUILD)/obj/llhttp_api.o $(BUILD)/obj/llhttp_http.o
+$(BUILD)/fixtures/headcheck: spec/fixtures/headcheck.c $(HEADCHECK_OBJ)
+	@mkdir -p $(@D)
+	@$(if $(Q),echo "  CC      $<")
+	$(Q)$(CC) -std=c11 $(WARN) $(CFLAGS) $(SAN) -D_GNU_SOURCE -Ic -I$(LLHTTP_INC) -o $@ $< $(HEADCHECK_OBJ)
+
 deps:
 	@missing=""; for p in $(DEBIAN_PKGS) $(TEST_PKGS); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || missing="$$missing $$p"; \
@@ -186,7 +193,7 @@ clean:
 # ---- benchmarks, stress and fuzzing (bench/; never part of `make test`) ----
 #   make bench  [BENCH="proxy spawn density logs scale"]  results: bench/results/latest.{md,json}
 #   make stress [STRESS="kill9 serve-kill conns slowloris malformed fuzz"] [FUZZ_SECONDS=60]
-#   make fuzz   [FUZZ_SECONDS=60]  libFuzzer + ASan (clang), targets http and toml
+#   make fuzz   [FUZZ_SECONDS=60]  libFuzzer + ASan (clang), targets http, head and toml
 # Knobs read by bench/: BENCH_SECONDS (wrk run length), BENCH_PROXY_ROUNDS, BENCH_IDLE_SECONDS, BENCH_KEEP=1.
 BENCH        ?=
 STRESS       ?=
@@ -204,6 +211,6 @@ stress: all
 
 fuzz: $(BUILD)/gen/init_image.c
 	$(Q)INIT_IMAGE=$(BUILD)/gen/init_image.c sh bench/fuzz/build.sh $(FUZZ_DIR)
-	$(Q)sh bench/fuzz/run.sh $(FUZZ_DIR) $(FUZZ_SECONDS) http toml
+	$(Q)sh bench/fuzz/run.sh $(FUZZ_DIR) $(FUZZ_SECONDS) http head toml
 
 -include $(wildcard $(BUILD)/obj/*.d)

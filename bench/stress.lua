@@ -572,9 +572,9 @@ end
 local function fuzz()
   local dir = os.getenv("FUZZ_DIR") or (lib.build .. "/fuzz")
   local seconds = tonumber(os.getenv("FUZZ_SECONDS")) or 60
-  if not io.open(dir .. "/http_fuzz") then lib.must("sh bench/fuzz/build.sh " .. lib.q(dir)) end
-  local ok, out = lib.sh(string.format("sh bench/fuzz/run.sh %s %d http toml", lib.q(dir), seconds))
-  for _, t in ipairs { "http", "toml" } do
+  if not io.open(dir .. "/head_fuzz") then lib.must("sh bench/fuzz/build.sh " .. lib.q(dir)) end
+  local ok, out = lib.sh(string.format("sh bench/fuzz/run.sh %s %d http head toml", lib.q(dir), seconds))
+  for _, t in ipairs { "http", "head", "toml" } do
     local s = lib.read(dir .. "/summary-" .. t .. ".txt") or ""
     local r = {}
     for k, v in s:gmatch("(%w+)=(%S+)") do r[k] = v end

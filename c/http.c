@@ -23,6 +23,11 @@
  *                the client sees the response rather than a reset
  *   phase TUNNEL after a proxied 101: raw bytes both ways
  *
+ * A plain head with no body (a request) or one framed by Content-Length (a
+ * response to the proxy) is read by the lean parser of head.c instead,
+ * which fills the same arena and hands every other head back to llhttp
+ * untouched: conn_exec_plain, px_up_plain.
+ *
  * llhttp lets a few things through that a proxy in front of other servers
  * must refuse (request smuggling): obsolete line folding, bare LF, white
  * space before the colon, HTTP versions other than 1.0 and 1.1, and any
@@ -98,6 +103,7 @@
  * and each connection; its Lua object is anchored in the registry while it
  * accepts, so a server nobody references keeps serving until closed.
  */
+#include "head.h"
 #include "net.h"
 
 #include <llhttp.h>
@@ -203,23 +209,7 @@ static void buf_free(buf *b) {
 
 /* ---- tokens, reasons, dates ------------------------------------------- */
 
-/* RFC 9110 tchar, by table: every header name of every request goes by. */
-static const unsigned char tchar[256] = {
-    ['!'] = 1, ['#'] = 1, ['$'] = 1, ['%'] = 1, ['&'] = 1, ['\''] = 1, ['*'] = 1, ['+'] = 1,
-    ['-'] = 1, ['.'] = 1, ['^'] = 1, ['_'] = 1, ['`'] = 1, ['|'] = 1, ['~'] = 1,
-    ['0'] = 1, ['1'] = 1, ['2'] = 1, ['3'] = 1, ['4'] = 1, ['5'] = 1, ['6'] = 1, ['7'] = 1,
-    ['8'] = 1, ['9'] = 1,
-    ['A'] = 1, ['B'] = 1, ['C'] = 1, ['D'] = 1, ['E'] = 1, ['F'] = 1, ['G'] = 1, ['H'] = 1,
-    ['I'] = 1, ['J'] = 1, ['K'] = 1, ['L'] = 1, ['M'] = 1, ['N'] = 1, ['O'] = 1, ['P'] = 1,
-    ['Q'] = 1, ['R'] = 1, ['S'] = 1, ['T'] = 1, ['U'] = 1, ['V'] = 1, ['W'] = 1, ['X'] = 1,
-    ['Y'] = 1, ['Z'] = 1,
-    ['a'] = 1, ['b'] = 1, ['c'] = 1, ['d'] = 1, ['e'] = 1, ['f'] = 1, ['g'] = 1, ['h'] = 1,
-    ['i'] = 1, ['j'] = 1, ['k'] = 1, ['l'] = 1, ['m'] = 1, ['n'] = 1, ['o'] = 1, ['p'] = 1,
-    ['q'] = 1, ['r'] = 1, ['s'] = 1, ['t'] = 1, ['u'] = 1, ['v'] = 1, ['w'] = 1, ['x'] = 1,
-    ['y'] = 1, ['z'] = 1,
-};
-
-static int is_tchar(unsigned char ch) { return tchar[ch]; }
+static int is_tchar(unsigned char ch) { return head_tchar[ch]; }
 
 static int is_token(const char *s, size_t n) {
     if (n == 0) return 0;
@@ -360,9 +350,6 @@ static const char *http_date(void) {
 
 /* ---- parsed heads ------------------------------------------------------ */
 
-
-/* Offsets into the head's arena: the arena moves when it grows. */
-typedef struct http_header { uint32_t name, name_len, value, value_len; } http_header;
 
 typedef struct http_head {
     buf arena;            /* target (or reason), then names (lower case) and values */
@@ -631,6 +618,7 @@ struct http_conn {
     uint64_t timer_due;    /* when the libuv timer fires; 0 when stopped */
     int throttled;         /* a proxy's upstream is not taking the body fast enough */
     int eof_body_open;     /* a body delimited by the close is under way: see conn_close */
+    int plain_done;        /* the lean parser read a head with no body: see conn_exec */
     char scan_prev;        /* last raw head byte seen, across reads */
     const char *bad_head;  /* a framing problem found in the raw head bytes */
     char peer[160];
@@ -1666,17 +1654,16 @@ static void req_dispatch(http_conn *c, http_req *r) {
 
 /* The head is complete: refuse what must not reach a handler, then start
  * the handler's task (or read the body first). */
-static void on_head(http_conn *c) {
+static void on_head(http_conn *c, const head_facts *f) {
     http_server *s = c->srv;
     http_head *h = &c->p.head;
-    llhttp_t *ps = &c->p.parser;
     if (c->bad_head) { conn_reject(c, 400, c->bad_head); return; }
     if (c->head_bytes > s->lim.max_head) { conn_reject(c, 431, "request head too large"); return; }
-    if (ps->http_major != 1 || ps->http_minor > 1) {
+    if (f->major != 1 || f->minor > 1) {
         conn_reject(c, 400, "only HTTP/1.0 and HTTP/1.1 are spoken here");
         return;
     }
-    if (ps->method == HTTP_CONNECT) { conn_reject(c, 400, "CONNECT is not supported"); return; }
+    if (f->method == HTTP_CONNECT) { conn_reject(c, 400, "CONNECT is not supported"); return; }
     int n;
     const http_header *te = head_find(h, "transfer-encoding", &n);
     if (te && (n > 1 || !ieq(head_str(h, te->value), te->value_len, "chunked"))) {
@@ -1685,19 +1672,19 @@ static void on_head(http_conn *c) {
     }
     /* HTTP/1.0 has no transfer codings: a 1.0 peer that sends one frames its
      * body in a way the next hop may read differently (RFC 9112, 6.1) */
-    if (te && ps->http_minor == 0) {
+    if (te && f->minor == 0) {
         conn_reject(c, 400, "Transfer-Encoding in an HTTP/1.0 request");
         return;
     }
     /* (the header array moves to the request below with its head: host
      * stays valid there) */
     const http_header *host = head_find(h, "host", &n);
-    if (n > 1 || (n == 0 && ps->http_minor == 1)) {
+    if (n > 1 || (n == 0 && f->minor == 1)) {
         conn_reject(c, 400, "an HTTP/1.1 request needs exactly one Host header");
         return;
     }
     int chunked = te != NULL;
-    if (!chunked && head_find(h, "content-length", NULL) && ps->content_length > s->lim.max_body) {
+    if (!chunked && f->has_length && f->content_length > s->lim.max_body) {
         conn_reject(c, 413, "the request body is larger than the server accepts");
         return;
     }
@@ -1708,20 +1695,20 @@ static void on_head(http_conn *c) {
     r->conn = c;
     r->srv = s;
     s->refs++;
-    h->method = ps->method;
-    h->major = ps->http_major;
-    h->minor = ps->http_minor;
+    h->method = f->method;
+    h->major = f->major;
+    h->minor = f->minor;
     /* the request takes the parsed head; the connection parses the next
      * one into the arena a finished request left behind */
     http_head spare = r->head;
     r->head = *h;
     *h = spare;
     head_reset(h);
-    r->keep_alive = llhttp_should_keep_alive(ps) && !ps->upgrade;
-    r->head_method = ps->method == HTTP_HEAD;
-    r->expects_body = chunked || ps->content_length > 0;
+    r->keep_alive = f->keep_alive;
+    r->head_method = f->method == HTTP_HEAD;
+    r->expects_body = chunked || f->content_length > 0;
     const http_header *ex = head_find(&r->head, "expect", NULL);
-    r->expect_continue = ps->http_minor == 1 && ex &&
+    r->expect_continue = f->minor == 1 && ex &&
                          ieq(head_str(&r->head, ex->value), ex->value_len, "100-continue");
     memcpy(r->peer, c->peer, sizeof r->peer);
     c->req = r;
@@ -1814,7 +1801,83 @@ static void conn_body_failed(http_conn *c, const char *msg) {
     if (r->written || r->discard) conn_close(c);
 }
 
+/* What llhttp found in the head it paused after. */
+static void facts_of(const llhttp_t *ps, head_facts *f) {
+    f->method = ps->method;
+    f->major = ps->http_major;
+    f->minor = ps->http_minor;
+    f->status = ps->status_code;
+    f->keep_alive = llhttp_should_keep_alive(ps) && !ps->upgrade;
+    f->has_length = (ps->flags & F_CONTENT_LENGTH) != 0;
+    f->content_length = ps->content_length;
+}
+
+/* Room for the lean parser to read a head into h, from n bytes read. The
+ * arena grows to at most 4 KiB here (a read may hold a large body behind a
+ * small head); a larger head goes to llhttp, which grows it further for
+ * the next one. */
+static int head_room(http_head *h, size_t n, size_t max_head, int max_headers, head_fast *f) {
+    head_reset(h);
+    size_t want = n < 4096 ? n : 4096;
+    if (want > max_head) want = max_head;
+    if (buf_reserve(&h->arena, want)) return -1;
+    if (h->hcap < 16) {
+        http_header *nh = realloc(h->hdr, 16 * sizeof *nh);
+        if (!nh) return -1;
+        h->hdr = nh;
+        h->hcap = 16;
+    }
+    f->arena = h->arena.p;
+    f->arena_cap = h->arena.cap;
+    f->max_head = max_head;
+    f->hdr = h->hdr;
+    f->hdr_cap = h->hcap < max_headers ? h->hcap : max_headers;
+    return 0;
+}
+
+static void head_take(http_head *h, const head_fast *f) {
+    h->arena.len = f->arena_len;
+    h->nhdr = f->nhdr;
+    h->first_len = f->first_len;
+}
+
+static void conn_got_head_bytes(http_conn *c, const char *p, size_t used) {
+    c->head_bytes += used;
+    head_scan(c, p, used);
+    if (!c->got_bytes) {
+        c->got_bytes = 1;
+        conn_idle_leave(c);
+        conn_timer(c, TIMER_HEADER, c->srv->lim.header_timeout);
+    }
+}
+
+/* A whole plain head with no body at the start of p: the lean parser
+ * (head.c) reads it, and llhttp never sees this message. Returns 1 when it
+ * did. */
+static int conn_exec_plain(http_conn *c, const char *p, size_t n) {
+    head_fast f = { .is_request = 1 };
+    if (head_room(&c->p.head, n, c->p.max_head, c->p.max_headers, &f)) return 0;
+    size_t used = head_fast_parse(&f, p, n);
+    if (used == 0 || f.facts.content_length > 0) return 0;
+    head_take(&c->p.head, &f);
+    c->in_off += used;
+    conn_got_head_bytes(c, p, used);
+    /* as llhttp would: paused at the end of the head, and the message
+     * complete once resumed */
+    c->paused = 1;
+    c->plain_done = 1;
+    on_head(c, &f.facts);
+    return 1;
+}
+
 static void conn_exec(http_conn *c, const char *p, size_t n) {
+    if (c->plain_done) {
+        c->plain_done = 0;
+        c->paused = 1;
+        on_message_done(c);
+        return;
+    }
+    if (c->phase == PHASE_HEAD && c->head_bytes == 0 && n > 0 && conn_exec_plain(c, p, n)) return;
     /* A proxy batches body bytes that point into c->in: they go out (or
      * are copied) before anything can move that buffer. */
     struct px *x = px_hold_of(c);
@@ -1826,15 +1889,7 @@ static void conn_exec(http_conn *c, const char *p, size_t n) {
         used = pos && pos >= p && pos <= p + n ? (size_t)(pos - p) : n;
     }
     c->in_off += used;
-    if (c->phase == PHASE_HEAD && used > 0) {
-        c->head_bytes += used;
-        head_scan(c, p, used);
-        if (!c->got_bytes) {
-            c->got_bytes = 1;
-            conn_idle_leave(c);
-            conn_timer(c, TIMER_HEADER, c->srv->lim.header_timeout);
-        }
-    }
+    if (c->phase == PHASE_HEAD && used > 0) conn_got_head_bytes(c, p, used);
     switch (e) {
     case HPE_OK:
         if (c->phase == PHASE_HEAD) {
@@ -1846,8 +1901,13 @@ static void conn_exec(http_conn *c, const char *p, size_t n) {
         int why = c->p.pause;
         c->p.pause = PAUSE_NONE;
         c->paused = 1;
-        if (why == PAUSE_HEAD) on_head(c);
-        else on_message_done(c);
+        if (why == PAUSE_HEAD) {
+            head_facts f;
+            facts_of(&c->p.parser, &f);
+            on_head(c, &f);
+        } else {
+            on_message_done(c);
+        }
         return;
     }
     case HPE_PAUSED_UPGRADE:
@@ -2689,6 +2749,8 @@ struct px {
     int body_mode, resp_mode;
     int in_call, done, tunnel_wanted, upgraded, switching, interim, reused, retried;
     int head_method, body_started, body_done, resp_started, resp_done, resp_bytes;
+    int plain_body, plain_keep; /* the lean parser read the response head */
+    uint64_t plain_left;     /* ... and this much of its body is to come */
     int cli_keep, up_keep, up_failed, cli_pending, shutting;
     int after, respond_status, ok, status;
     uint64_t bytes_in, bytes_out;
@@ -4252,6 +4314,32 @@ static void px_build_response_head(px *x, int st) {
     buf_add(o, "\r\n", 2);
 }
 
+/* A final response head (or a 101) is in: choose how its body reaches the
+ * client, and send the client its head. Returns as an llhttp
+ * on_headers_complete does: 0 with a body to come, 1 without, 2 after a
+ * 101. */
+static int px_response_head(px *x, int st, int by_length) {
+    http_req *r = x->r;
+    int no_body = st == 101 || x->head_method || st == 204 || st == 304;
+    int mode = PXR_NONE;
+    if (!no_body) {
+        if (!by_length) mode = r->head.minor >= 1 ? PXR_CHUNKED : PXR_EOF;
+        else mode = PXR_LENGTH;
+    }
+    x->resp_mode = mode;
+    http_conn *c = px_client(x);
+    if (c && mode == PXR_EOF) c->eof_body_open = 1;
+    x->cli_keep = st != 101 && r->keep_alive && !r->srv->closed && mode != PXR_EOF;
+    x->status = st;
+    x->upstream_ms = (double)(uv_hrtime() - x->t0) / 1e6;
+    px_build_response_head(x, st);
+    x->resp_started = 1;
+    r->responded = 1;
+    px_out(x, PX_CLI, x->rhead.p, x->rhead.len, 0);
+    if (st == 101) return 2;
+    return no_body ? 1 : 0;
+}
+
 static int px_on_headers_complete(llhttp_t *ps) {
     px_up *up = (px_up *)ps->data;
     up->p.in_head = 0;
@@ -4271,27 +4359,7 @@ static int px_on_headers_complete(llhttp_t *ps) {
         if (te && (n > 1 || !ieq(head_str(&up->p.head, te->value), te->value_len, "chunked")))
             return parse_fail(&up->p, 502, "a transfer coding other than chunked");
     }
-    http_req *r = x->r;
-    int no_body = st == 101 || x->head_method || st == 204 || st == 304;
-    int mode = PXR_NONE;
-    if (!no_body) {
-        if ((ps->flags & F_CHUNKED) || !(ps->flags & F_CONTENT_LENGTH))
-            mode = r->head.minor >= 1 ? PXR_CHUNKED : PXR_EOF;
-        else
-            mode = PXR_LENGTH;
-    }
-    x->resp_mode = mode;
-    http_conn *c = px_client(x);
-    if (c && mode == PXR_EOF) c->eof_body_open = 1;
-    x->cli_keep = st != 101 && r->keep_alive && !r->srv->closed && mode != PXR_EOF;
-    x->status = st;
-    x->upstream_ms = (double)(uv_hrtime() - x->t0) / 1e6;
-    px_build_response_head(x, st);
-    x->resp_started = 1;
-    r->responded = 1;
-    px_out(x, PX_CLI, x->rhead.p, x->rhead.len, 0);
-    if (st == 101) return 2;
-    return no_body ? 1 : 0;
+    return px_response_head(x, st, !(ps->flags & F_CHUNKED) && (ps->flags & F_CONTENT_LENGTH));
 }
 
 static int px_on_body(llhttp_t *ps, const char *at, size_t n) {
@@ -4309,19 +4377,53 @@ static int px_on_body(llhttp_t *ps, const char *at, size_t n) {
     return 0;
 }
 
+static void px_response_done(px *x, int keep) {
+    x->up_keep = keep;
+    if (x->resp_mode == PXR_CHUNKED) px_out(x, PX_CLI, "0\r\n\r\n", 5, 1);
+    x->resp_done = 1;
+}
+
 static int px_on_message_complete(llhttp_t *ps) {
     px_up *up = (px_up *)ps->data;
     px *x = up->x;
     if (!x || x->done) return HPE_PAUSED;
     if (x->interim) { x->interim = 0; return 0; }
     if (x->switching) return 0; /* llhttp stops with HPE_PAUSED_UPGRADE */
-    x->up_keep = llhttp_should_keep_alive(ps);
     /* Transfer-Encoding in HTTP/1.0 is faulty framing: the connection
      * closes after the message (RFC 9112 6.1), keep-alive or not */
-    if (ps->http_major == 1 && ps->http_minor == 0 && (ps->flags & F_TRANSFER_ENCODING)) x->up_keep = 0;
-    if (x->resp_mode == PXR_CHUNKED) px_out(x, PX_CLI, "0\r\n\r\n", 5, 1);
-    x->resp_done = 1;
+    int faulty = ps->http_major == 1 && ps->http_minor == 0 && (ps->flags & F_TRANSFER_ENCODING);
+    px_response_done(x, llhttp_should_keep_alive(ps) && !faulty);
     return HPE_PAUSED;
+}
+
+/* The lean parser's share of a response (head.c): a whole plain head at
+ * the start of the first bytes, then the body its Content-Length frames.
+ * Returns 0 for llhttp to read the response instead. */
+static int px_up_plain(px *x, const char *p, size_t n) {
+    size_t used = 0;
+    if (!x->plain_body) {
+        px_up *up = x->up;
+        head_fast f = { .is_request = 0 };
+        if (head_room(&up->p.head, n, up->p.max_head, up->p.max_headers, &f)) return 0;
+        used = head_fast_parse(&f, p, n);
+        if (used == 0) return 0;
+        int st = f.facts.status;
+        int no_body = x->head_method || st == 204 || st == 304;
+        if (!no_body && !f.facts.has_length) return 0; /* to the close: llhttp's */
+        head_take(&up->p.head, &f);
+        x->plain_keep = f.facts.keep_alive;
+        px_response_head(x, st, 1);
+        if (x->done) return 1;
+        x->plain_body = 1;
+        x->plain_left = no_body ? 0 : f.facts.content_length;
+    }
+    size_t take = n - used < x->plain_left ? n - used : (size_t)x->plain_left;
+    if (take) px_out(x, PX_CLI, p + used, take, 0);
+    used += take;
+    x->plain_left -= take;
+    if (x->plain_left == 0) px_response_done(x, x->plain_keep);
+    if (used < n) x->up_keep = 0; /* bytes after the response: not a connection to keep */
+    return 1;
 }
 
 static void px_tunnel_start(px *x, const char *rest, size_t n);
@@ -4336,7 +4438,14 @@ static void px_up_data(px *x, const char *p, size_t n) {
         return;
     }
     x->last = uv_now(x->st->loop);
+    int first = !x->resp_bytes;
     x->resp_bytes = 1;
+    if ((first || x->plain_body) && px_up_plain(x, p, n)) {
+        if (x->done) return;
+        px_cli_flush(x);
+        px_check_complete(x);
+        return;
+    }
     llhttp_errno_t e = llhttp_execute(&up->p.parser, p, n);
     if (x->done) return;
     const char *pos = llhttp_get_error_pos(&up->p.parser);

@@ -2,7 +2,7 @@
 # Builds the libFuzzer targets into DIR (default build/fuzz): the core's C
 # objects and llhttp with clang, -fsanitize=fuzzer-no-link,address (so the
 # fuzzer sees their coverage and ASan checks them), then each harness with
-# -fsanitize=fuzzer,address. Objects are rebuilt only when their source is
+# -fsanitize=fuzzer,address (head: c/head.c against llhttp). Objects are rebuilt only when their source is
 # newer. Usage: sh bench/fuzz/build.sh [DIR]   (run from the repository root)
 set -eu
 DIR=${1:-build/fuzz}
@@ -40,6 +40,12 @@ done
 INIT_IMAGE=${INIT_IMAGE:-build/gen/init_image.c}
 [ -f "$INIT_IMAGE" ] || { echo "fuzz: $INIT_IMAGE is missing: run make first" >&2; exit 1; }
 build "$INIT_IMAGE" "$DIR/obj/init_image.o"
+# head: the lean head parser (c/head.c) against llhttp, by the checker the
+# specs run (spec/fixtures/headcheck.c), built as a fuzz target
+echo "  FUZZLD  $DIR/head_fuzz"
+$CC $FLAGS -fsanitize=fuzzer,address -Wall -Wextra -Werror -DHEADCHECK_FUZZER -Ic -I"$LLHTTP_INC" \
+    spec/fixtures/headcheck.c "$DIR/obj/head.o" "$DIR/obj/llhttp_llhttp.o" "$DIR/obj/llhttp_api.o" \
+    "$DIR/obj/llhttp_http.o" -o "$DIR/head_fuzz"
 for t in http toml; do
     out="$DIR/${t}_fuzz"
     echo "  FUZZLD  $out"

@@ -14,11 +14,12 @@ for t in "$@"; do
     corpus="$DIR/corpus-$t"
     mkdir -p "$corpus" "$DIR/artifacts"
     log="$DIR/fuzz-$t.log"
+    dict=$t; [ "$t" = head ] && dict=http # heads are what both targets read
     echo "  FUZZ    $t for ${SECONDS_EACH}s"
     start=$(date +%s)
     ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=0:abort_on_error=1} \
         "$bin" -max_total_time="$SECONDS_EACH" -timeout=20 -rss_limit_mb=2048 -print_final_stats=1 \
-        -dict="bench/fuzz/$t.dict" -artifact_prefix="$DIR/artifacts/$t-" "$corpus" "bench/fuzz/corpus/$t" \
+        -dict="bench/fuzz/$dict.dict" -artifact_prefix="$DIR/artifacts/$t-" "$corpus" "bench/fuzz/corpus/$t" \
         >"$log" 2>&1
     rc=$?
     took=$(( $(date +%s) - start ))

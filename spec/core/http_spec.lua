@@ -1238,3 +1238,65 @@ describe("the backend fixture", function()
     end)
   end)
 end)
+
+-- Plain heads are read by the lean parser (c/head.c), every other one by
+-- llhttp; nothing a handler or a client sees may tell which.
+describe("core.http's two head parsers", function()
+  it("agree: the lean one takes only heads llhttp reads the same way (spec/fixtures/headcheck.c)", function()
+    local seed = os.time()
+    local code, out, err = support.run(support.fixture("headcheck") .. " 2000000 " .. seed)
+    assert.are.equal(0, code, "seed " .. seed .. ": " .. err)
+    local plain, took, left = out:match("(%d+) plain heads taken; of 2000000 mutated ones the lean parser took (%d+), " ..
+      "llhttp agreeing on each, and left (%d+) to llhttp")
+    assert.is_truthy(plain, out)
+    -- both sides of the comparison are exercised
+    assert.is_true(tonumber(took) > 100000, out)
+    assert.is_true(tonumber(left) > 100000, out)
+  end)
+
+  it("give a handler the same request whichever read the head", function()
+    core.run(function()
+      local srv, port = serve(function(req)
+        local names = {}
+        for k in pairs(req.headers) do names[#names + 1] = k end
+        table.sort(names)
+        local shown = {}
+        for _, k in ipairs(names) do shown[#shown + 1] = k .. "=[" .. req.headers[k] .. "]" end
+        return 200, { ["Content-Type"] = "text/plain" },
+          table.concat({ req.method, req.target, req.version, table.concat(shown, " ") }, "|")
+      end)
+      local heads = {
+        "GET /a/b?c=d%20e HTTP/1.1\r\nHost: h\r\nX-Dup: 1\r\nx-dup: 2\r\nX-Sp:  \t v w \t\r\nX-Empty:\r\n\r\n",
+        "OPTIONS /o HTTP/1.1\r\nHost: h\r\nCookie: a=1\r\nCookie: b=2\r\nContent-Length: 0\r\n\r\n",
+        "DELETE /d HTTP/1.1\r\nHost: h\r\nConnection: keep-alive\r\n\r\n",
+        "PUT /h HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n",
+        "PATCH /p HTTP/1.1\r\nHost: h\r\nCONNECTION: close\r\n\r\n",
+      }
+      local seen = {}
+      for _, split in ipairs { false, true } do
+        local c = raw(port)
+        for i, head in ipairs(heads) do
+          if split then
+            -- the first read ends inside the head: llhttp reads it
+            local cut = #head // 2
+            c:send(head:sub(1, cut))
+            core.sleep(20)
+            c:send(head:sub(cut + 1))
+          else
+            c:send(head)
+          end
+          local res = assert(c:response())
+          assert.are.equal(200, res.status)
+          if split then assert.are.equal(seen[i], res.body) else seen[i] = res.body end
+        end
+        -- the last one asked to close: the connection ends after it
+        assert.is_nil(c:response())
+        c:close()
+      end
+      assert.are.equal("GET|/a/b?c=d%20e|1.1|host=[h] x-dup=[1, 2] x-empty=[] x-sp=[v w]", seen[1])
+      assert.are.equal("OPTIONS|/o|1.1|content-length=[0] cookie=[a=1; b=2] host=[h]", seen[2])
+      assert.are.equal("PUT|/h|1.0|connection=[Keep-Alive]", seen[4])
+      srv:close()
+    end)
+  end)
+end)

@@ -62,6 +62,29 @@ local function raw_get(reply, extra)
   return "GET /raw?r=" .. pct(reply) .. (extra or "") .. " HTTP/1.1\r\nHost: a\r\n\r\n"
 end
 
+-- An upstream on a Unix socket written by the spec: each request read is
+-- answered by answer(sock, bytes). -> the listener, { n = connections accepted }
+local function scripted_upstream(path, answer)
+  local l = assert(net.listen { path = path })
+  local accepted = { n = 0 }
+  core.spawn(function()
+    while true do
+      local s = l:accept(5000)
+      if not s then return end
+      accepted.n = accepted.n + 1
+      core.spawn(function()
+        while true do
+          local req = s:read(5000)
+          if not req then break end
+          answer(s, req)
+        end
+        s:close()
+      end)
+    end
+  end)
+  return l, accepted
+end
+
 -- Wait until cond() holds (an event we cannot await directly: a process
 -- elsewhere, a socket closing).
 local function eventually(cond, ms)
@@ -377,6 +400,55 @@ describe("req:proxy", function()
       end
       c:close()
       srv:close()
+    end)
+  end)
+
+  it("frames a response alike whether the lean parser or llhttp read its head", function()
+    core.run(function()
+      -- each reply in the pieces it is written in, a moment apart
+      local replies = {
+        ["/pieces"] = { "HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\nhel", "lo wor", "ld" },
+        ["/split-head"] = { "HTTP/1.1 200 OK\r\nContent-Le", "ngth: 11\r\n\r\nhello", " world" },
+        ["/head"] = { "HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n" },
+        ["/304"] = { "HTTP/1.1 304 Not Modified\r\nContent-Length: 7\r\nETag: \"x\"\r\n\r\n" },
+        ["/10-keep"] = { "HTTP/1.0 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok" },
+        ["/10"] = { "HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok" },
+        ["/close"] = { "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok" },
+      }
+      local l = scripted_upstream(dir .. "/pieces.sock", function(s, req)
+        for i, piece in ipairs(replies[req:match("^%u+ (%S+)")]) do
+          if i > 1 then core.sleep(20) end
+          s:write(piece)
+        end
+      end)
+      local srv, port, log = front(dir .. "/pieces.sock")
+      local c = raw(port)
+      local function get(target, method)
+        c:send((method or "GET") .. " " .. target .. " HTTP/1.1\r\nHost: a\r\n\r\n")
+        local res = assert(c:response { head = method == "HEAD" })
+        return res, log[#log][1]
+      end
+      local res, st = get("/pieces")
+      assert.are.same({ 200, "hello world" }, { res.status, res.body })
+      res, st = get("/split-head")
+      assert.are.same({ 200, "hello world", true }, { res.status, res.body, st.reused })
+      res, st = get("/head", "HEAD")
+      assert.are.same({ 200, "7", true }, { res.status, res.headers["content-length"], st.reused })
+      res, st = get("/304")
+      assert.are.same({ 304, "7", true }, { res.status, res.headers["content-length"], st.reused })
+      res, st = get("/10-keep")
+      assert.are.same({ "ok", true }, { res.body, st.reused })
+      -- an HTTP/1.0 response without keep-alive, and one with close, end
+      -- their connection: the next request needs a new one
+      for _, target in ipairs { "/10", "/close" } do
+        res, st = get(target)
+        assert.are.same({ "ok", true }, { res.body, st.reused })
+        res, st = get("/pieces")
+        assert.are.same({ "hello world", false }, { res.body, st.reused })
+      end
+      c:close()
+      srv:close()
+      l:close()
     end)
   end)
 
@@ -802,27 +874,13 @@ describe("req:proxy", function()
     core.run(function()
       -- the upstream: a complete response, then more bytes a moment later,
       -- while the proxy still writes the first one to a slow client
-      local l = assert(net.listen { path = dir .. "/chatty.sock" })
-      local accepted = 0
-      core.spawn(function()
-        while true do
-          local s = l:accept(5000)
-          if not s then return end
-          accepted = accepted + 1
-          core.spawn(function()
-            while true do
-              local req = s:read(5000)
-              if not req then break end
-              if req:find("^GET /one ") then
-                s:write("HTTP/1.1 200 OK\r\nContent-Length: 400000\r\n\r\n" .. string.rep("x", 400000))
-                core.sleep(200)
-                s:write("HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nEVIL")
-              else
-                s:write("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-              end
-            end
-            s:close()
-          end)
+      local l, accepted = scripted_upstream(dir .. "/chatty.sock", function(s, req)
+        if req:find("^GET /one ") then
+          s:write("HTTP/1.1 200 OK\r\nContent-Length: 400000\r\n\r\n" .. string.rep("x", 400000))
+          core.sleep(200)
+          s:write("HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nEVIL")
+        else
+          s:write("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
         end
       end)
       -- the client on a Unix socket: small buffers, so the proxy has the whole
@@ -841,7 +899,7 @@ describe("req:proxy", function()
       c:send("GET /two HTTP/1.1\r\nHost: a\r\n\r\n")
       assert.are.equal("ok", assert(c:response()).body)
       assert.is_false(log[2][1].reused)
-      assert.are.equal(2, accepted)
+      assert.are.equal(2, accepted.n)
       c:close()
       srv:close()
       l:close()
