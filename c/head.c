@@ -3,8 +3,9 @@
  * common method, an origin-form target, HTTP/1.1 or 1.0, a handful of
  * headers of visible ASCII, a Content-Length or no body. llhttp's state
  * machine and its callbacks cost about a third of the instructions of a
- * proxied request; this reads such a head in one pass and fills the same
- * arena the callbacks would have.
+ * proxied request; this reads such a head in one pass, copies it into the
+ * head's arena at once and gives each header as offsets into it: the same
+ * target, names and values the callbacks would have given.
  *
  * It never decides anything llhttp would decide differently: it takes a
  * strict subset of what llhttp takes, and whatever lies outside that subset
@@ -20,25 +21,20 @@
 
 #include <string.h>
 
-const unsigned char head_tchar[256] = {
-    ['!'] = 1, ['#'] = 1, ['$'] = 1, ['%'] = 1, ['&'] = 1, ['\''] = 1, ['*'] = 1, ['+'] = 1,
-    ['-'] = 1, ['.'] = 1, ['^'] = 1, ['_'] = 1, ['`'] = 1, ['|'] = 1, ['~'] = 1,
-    ['0'] = 1, ['1'] = 1, ['2'] = 1, ['3'] = 1, ['4'] = 1, ['5'] = 1, ['6'] = 1, ['7'] = 1,
-    ['8'] = 1, ['9'] = 1,
-    ['A'] = 1, ['B'] = 1, ['C'] = 1, ['D'] = 1, ['E'] = 1, ['F'] = 1, ['G'] = 1, ['H'] = 1,
-    ['I'] = 1, ['J'] = 1, ['K'] = 1, ['L'] = 1, ['M'] = 1, ['N'] = 1, ['O'] = 1, ['P'] = 1,
-    ['Q'] = 1, ['R'] = 1, ['S'] = 1, ['T'] = 1, ['U'] = 1, ['V'] = 1, ['W'] = 1, ['X'] = 1,
-    ['Y'] = 1, ['Z'] = 1,
-    ['a'] = 1, ['b'] = 1, ['c'] = 1, ['d'] = 1, ['e'] = 1, ['f'] = 1, ['g'] = 1, ['h'] = 1,
-    ['i'] = 1, ['j'] = 1, ['k'] = 1, ['l'] = 1, ['m'] = 1, ['n'] = 1, ['o'] = 1, ['p'] = 1,
-    ['q'] = 1, ['r'] = 1, ['s'] = 1, ['t'] = 1, ['u'] = 1, ['v'] = 1, ['w'] = 1, ['x'] = 1,
-    ['y'] = 1, ['z'] = 1,
+/* Byte classes, by table: every byte of every head goes by. */
+const unsigned char head_class[256] = {
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    2, 7, 6, 7, 7, 7, 7, 7, 6, 6, 7, 7, 6, 7, 7, 6,
+    7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 6, 6, 6, 6, 6, 6,
+    6, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7,
+    7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 6, 6, 6, 7, 7,
+    7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7,
+    7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 6, 7, 6, 7, 0,
+    /* 0x80 to 0xff: obs-text, llhttp's to judge */
 };
 
-/* visible ASCII: what a plain target is made of */
-static int is_vchar(char ch) { return (unsigned char)(ch - 0x21) < 0x5e; }
-/* visible ASCII, SP and HTAB: a plain value or reason */
-static int is_text(char ch) { return (unsigned char)(ch - 0x20) < 0x5f || ch == '\t'; }
+static int is(char ch, int cls) { return head_class[(unsigned char)ch] & cls; }
 static int is_ows(char ch) { return ch == ' ' || ch == '\t'; }
 
 /* llhttp's readers of Content-Length and Connection take no HTAB around
@@ -90,26 +86,28 @@ static int length_of(const char *v, size_t n, uint64_t *out) {
 }
 
 size_t head_fast_parse(head_fast *f, const char *p, size_t n) {
-    const size_t end = n < f->max_head ? n : f->max_head;
+    /* Line by line: each line's LF is found first (memchr), so the scans
+     * within it stop at that LF at the latest, with no bound to check for
+     * each byte. */
+    const size_t lim = n < f->max_head ? n : f->max_head;
+    const char *lf = memchr(p, '\n', lim);
+    if (!lf) return 0;
     head_facts *facts = &f->facts;
-    char *a = f->arena;
-    size_t al = 0, i;
     memset(facts, 0, sizeof *facts);
+    size_t i, first;
     if (f->is_request) {
-        i = method_at(p, end, &facts->method);
-        if (i == 0 || i >= end || p[i] != '/') return 0;
-        size_t t = i;
-        while (i < end && is_vchar(p[i])) i++;
+        i = method_at(p, (size_t)(lf - p), &facts->method);
+        if (i == 0 || p[i] != '/') return 0;
+        first = i;
+        while (is(p[i], HEAD_VCHAR)) i++;
         /* " HTTP/1.x\r\n" */
-        if (end - i < 11 || p[i] != ' ') return 0;
+        if (p + i + 10 != lf || p[i] != ' ' || p[i + 9] != '\r') return 0;
         facts->minor = version_at(p + i + 1);
-        if (facts->minor < 0 || p[i + 9] != '\r' || p[i + 10] != '\n' || i - t > f->arena_cap) return 0;
-        memcpy(a, p + t, i - t);
-        al = i - t;
-        i += 11;
+        if (facts->minor < 0) return 0;
+        f->first_len = (uint32_t)(i - first);
     } else {
         /* "HTTP/1.x NNN " */
-        if (end < 13 || p[8] != ' ' || p[12] != ' ') return 0;
+        if (lf - p < 14 || p[8] != ' ' || p[12] != ' ') return 0;
         facts->minor = version_at(p);
         if (facts->minor < 0) return 0;
         int st = 0;
@@ -119,37 +117,31 @@ size_t head_fast_parse(head_fast *f, const char *p, size_t n) {
         }
         if (st < 200 || st > 599) return 0; /* interim responses go to llhttp */
         facts->status = st;
-        i = 13;
-        while (i < end && is_text(p[i])) i++;
-        if (end - i < 2 || p[i] != '\r' || p[i + 1] != '\n' || i - 13 > f->arena_cap) return 0;
-        memcpy(a, p + 13, i - 13);
-        al = i - 13;
-        i += 2;
+        first = i = 13;
+        while (is(p[i], HEAD_TEXT)) i++;
+        if (p + i + 1 != lf || p[i] != '\r') return 0;
+        f->first_len = (uint32_t)(i - first);
     }
-    f->first_len = (uint32_t)al;
+    i = (size_t)(lf - p) + 1;
     facts->major = 1;
-
     int nh = 0, close = 0, keep = 0;
     for (;;) {
-        if (end - i < 2) return 0;
-        if (p[i] == '\r') {
-            if (p[i + 1] != '\n') return 0;
-            i += 2;
-            break;
-        }
+        lf = memchr(p + i, '\n', lim - i);
+        if (!lf) return 0;
+        if (p[i] == '\r' && p + i + 1 == lf) break; /* the empty line: the end */
         size_t ns = i;
-        while (i < end && head_tchar[(unsigned char)p[i]]) i++;
-        if (i == ns || i == end || p[i] != ':') return 0;
+        while (is(p[i], HEAD_TCHAR)) i++;
+        if (i == ns || p[i] != ':') return 0;
         size_t nl = i - ns;
         size_t after_colon = ++i;
-        while (i < end && is_ows(p[i])) i++;
+        while (is_ows(p[i])) i++;
         size_t vs = i;
-        while (i < end && is_text(p[i])) i++;
-        if (end - i < 2 || p[i] != '\r' || p[i + 1] != '\n') return 0;
+        while (is(p[i], HEAD_TEXT)) i++;
+        if (p + i + 1 != lf || p[i] != '\r') return 0;
         size_t cr = i, ve = i;
         while (ve > vs && is_ows(p[ve - 1])) ve--;
         i += 2;
-        if (nh == f->hdr_cap || al + (ve - vs) + nl > f->arena_cap) return 0;
+        if (nh == f->hdr_cap) return 0;
 
         const char *name = p + ns, *val = p + vs;
         size_t vl = ve - vs;
@@ -184,17 +176,17 @@ size_t head_fast_parse(head_fast *f, const char *p, size_t n) {
         }
 
         http_header *h = &f->hdr[nh++];
-        h->name = (uint32_t)al;
+        h->name = (uint32_t)(ns - first);
         h->name_len = (uint32_t)nl;
-        memcpy(a + al, name, nl);
-        al += nl;
-        h->value = (uint32_t)al;
+        h->value = (uint32_t)(vs - first);
         h->value_len = (uint32_t)vl;
-        memcpy(a + al, val, vl);
-        al += vl;
     }
+    size_t len = (size_t)(lf - p) + 1;
+    /* the arena gets the head from the target (or reason) on, in one copy */
+    if (len - first > f->arena_cap) return 0;
+    memcpy(f->arena, p + first, len - first);
+    f->arena_len = (uint32_t)(len - first);
     f->nhdr = nh;
-    f->arena_len = (uint32_t)al;
     facts->keep_alive = facts->minor == 1 ? !close : keep;
-    return i;
+    return len;
 }

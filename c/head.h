@@ -9,8 +9,10 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* RFC 9110 tchar */
-extern const unsigned char head_tchar[256];
+/* Byte classes: an RFC 9110 tchar; a byte of a plain value or reason
+ * (visible ASCII, SP, HTAB); a byte of a plain target (visible ASCII). */
+enum { HEAD_TCHAR = 1, HEAD_TEXT = 2, HEAD_VCHAR = 4 };
+extern const unsigned char head_class[256];
 
 /* Offsets into a head's arena: the arena moves when it grows. */
 typedef struct http_header { uint32_t name, name_len, value, value_len; } http_header;
@@ -29,7 +31,7 @@ typedef struct head_fast {
     /* in */
     int is_request;
     size_t max_head;        /* raw bytes; a longer head goes to llhttp */
-    char *arena;            /* a head needing more than arena_cap goes to llhttp */
+    char *arena;            /* a head longer than arena_cap goes to llhttp */
     size_t arena_cap;
     http_header *hdr;
     int hdr_cap;            /* at most this many headers */
@@ -41,9 +43,10 @@ typedef struct head_fast {
 } head_fast;
 
 /* Parse the head at the start of p[0, n) when it is whole and of the plain
- * kind: returns its length in bytes, the names as sent and the values
- * without surrounding white space in f->arena, as llhttp with http.c's
- * callbacks would have left them. Returns 0 for anything else (a partial
+ * kind: returns its length in bytes; f->arena holds the head from the
+ * target (or reason) on, and f->hdr the names as sent and the values
+ * without surrounding white space, as offsets into it: what llhttp with
+ * http.c's callbacks would have given. Returns 0 for anything else (a partial
  * head, a transfer coding, an upgrade, a 1xx, a byte out of the plain
  * set, ...): llhttp parses that one, and says what is wrong if anything
  * is. */

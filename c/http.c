@@ -209,7 +209,7 @@ static void buf_free(buf *b) {
 
 /* ---- tokens, reasons, dates ------------------------------------------- */
 
-static int is_tchar(unsigned char ch) { return head_tchar[ch]; }
+static int is_tchar(unsigned char ch) { return head_class[ch] & HEAD_TCHAR; }
 
 static int is_token(const char *s, size_t n) {
     if (n == 0) return 0;
@@ -225,16 +225,17 @@ static int is_field_value(const char *s, size_t n) {
     return 1;
 }
 
-static int ieq(const char *a, size_t an, const char *b) {
-    size_t bn = strlen(b);
-    if (an != bn) return 0;
-    for (size_t i = 0; i < an; i++) {
+/* a[0, n) is lower[0, n) (given in lower case), ignoring case */
+static int ieq_n(const char *a, const char *lower, size_t n) {
+    for (size_t i = 0; i < n; i++) {
         char x = a[i];
         if (x >= 'A' && x <= 'Z') x = (char)(x + 32);
-        if (x != b[i]) return 0;
+        if (x != lower[i]) return 0;
     }
     return 1;
 }
+
+static int ieq(const char *a, size_t an, const char *b) { return an == strlen(b) && ieq_n(a, b, an); }
 
 /* Walk a Lua headers table: { name = value | {values...} } or an array of
  * { name, value } pairs. Names must be tokens, values strings or numbers
@@ -377,7 +378,7 @@ static const char *head_str(const http_head *h, uint32_t off) { return h->arena.
 /* Names are kept as sent (a proxy re-serialises them); every lookup
  * ignores case. */
 static int name_is(const http_head *h, const http_header *x, const char *lower, size_t len) {
-    return x->name_len == len && ieq(head_str(h, x->name), len, lower);
+    return x->name_len == len && ieq_n(head_str(h, x->name), lower, len);
 }
 
 /* The first header named `name` (given in lower case); NULL when absent.
@@ -1841,9 +1842,10 @@ static void head_take(http_head *h, const head_fast *f) {
     h->first_len = f->first_len;
 }
 
-static void conn_got_head_bytes(http_conn *c, const char *p, size_t used) {
+/* used more bytes of a head were read (head_scan looked at them if llhttp
+ * read them) */
+static void conn_head_bytes(http_conn *c, size_t used) {
     c->head_bytes += used;
-    head_scan(c, p, used);
     if (!c->got_bytes) {
         c->got_bytes = 1;
         conn_idle_leave(c);
@@ -1861,7 +1863,7 @@ static int conn_exec_plain(http_conn *c, const char *p, size_t n) {
     if (used == 0 || f.facts.content_length > 0) return 0;
     head_take(&c->p.head, &f);
     c->in_off += used;
-    conn_got_head_bytes(c, p, used);
+    conn_head_bytes(c, used);
     /* as llhttp would: paused at the end of the head, and the message
      * complete once resumed */
     c->paused = 1;
@@ -1889,7 +1891,10 @@ static void conn_exec(http_conn *c, const char *p, size_t n) {
         used = pos && pos >= p && pos <= p + n ? (size_t)(pos - p) : n;
     }
     c->in_off += used;
-    if (c->phase == PHASE_HEAD && used > 0) conn_got_head_bytes(c, p, used);
+    if (c->phase == PHASE_HEAD && used > 0) {
+        head_scan(c, p, used);
+        conn_head_bytes(c, used);
+    }
     switch (e) {
     case HPE_OK:
         if (c->phase == PHASE_HEAD) {
