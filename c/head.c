@@ -21,7 +21,7 @@
 
 #include <string.h>
 
-/* Byte classes, by table: every byte of every head goes by. */
+/* Byte classes (head.h), by table: every byte of every head goes by. */
 const unsigned char head_class[256] = {
     0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0,
     0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
@@ -42,7 +42,7 @@ static int is_ows(char ch) { return ch == ' ' || ch == '\t'; }
 static int tab_in(const char *s, size_t n) { return memchr(s, '\t', n) != NULL; }
 
 /* s[0, n) is lit, ignoring case; lit is lower-case letters and '-', which
- * no other tchar matches with the case bit set. */
+ * no other byte of a name or value matches with the case bit set. */
 static int name_eq(const char *s, size_t n, const char *lit, size_t ln) {
     if (n != ln) return 0;
     for (size_t i = 0; i < n; i++)
