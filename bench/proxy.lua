@@ -100,8 +100,11 @@ end
 
 function M.run()
   lib.ensure_packages { "wrk", "nginx", "haproxy" }
-  local seconds = tonumber(os.getenv("BENCH_SECONDS")) or 3
-  local rounds = tonumber(os.getenv("BENCH_PROXY_ROUNDS")) or 5
+  -- Two runs of the same proxy a minute apart differ by up to a quarter on
+  -- this class of machine: many short paired runs give a steadier median
+  -- than a few long ones.
+  local seconds = tonumber(os.getenv("BENCH_SECONDS")) or 2
+  local rounds = tonumber(os.getenv("BENCH_PROXY_ROUNDS")) or 9
   local relay = lib.compile("relay")
   local dir = lib.tmpdir("proxy")
   local versions = { wrk = lib.pkg_version("wrk"), nginx = lib.pkg_version("nginx"),
