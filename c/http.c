@@ -25,8 +25,9 @@
  *
  * A plain head with no body (a request) or one framed by Content-Length (a
  * response to the proxy) is read by the lean parser of head.c instead,
- * which fills the same arena and hands every other head back to llhttp
- * untouched: conn_exec_plain, px_up_plain.
+ * which fills the same http_head (target, names and values in its arena)
+ * and hands every other head back to llhttp untouched: conn_exec_plain,
+ * px_up_plain.
  *
  * llhttp lets a few things through that a proxy in front of other servers
  * must refuse (request smuggling): obsolete line folding, bare LF, white
@@ -1842,8 +1843,8 @@ static void head_take(http_head *h, const head_fast *f) {
     h->first_len = f->first_len;
 }
 
-/* used more bytes of a head were read (head_scan looked at them if llhttp
- * read them) */
+/* `used` more bytes of the current head are consumed (head_scan has
+ * looked at them when llhttp was the one reading) */
 static void conn_head_bytes(http_conn *c, size_t used) {
     c->head_bytes += used;
     if (!c->got_bytes) {
