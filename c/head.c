@@ -146,11 +146,17 @@ size_t head_fast_parse(head_fast *f, const char *p, size_t n) {
         const char *name = p + ns, *val = p + vs;
         size_t vl = ve - vs;
         switch (nl) {
+        case 2:
+            if (NAME_IS(name, nl, "te")) facts->hop = 1;
+            break;
         case 7:  /* an upgrade (with Connection: upgrade) */
             if (NAME_IS(name, nl, "upgrade")) return 0;
+            if (NAME_IS(name, nl, "trailer")) facts->hop = 1;
             break;
         case 10:
+            if (NAME_IS(name, nl, "keep-alive")) facts->hop = 1;
             if (NAME_IS(name, nl, "connection")) {
+                facts->hop = 1;
                 if (tab_in(p + after_colon, cr - after_colon)) return 0;
                 if (NAME_IS(val, vl, "close")) close = 1;
                 else if (NAME_IS(val, vl, "keep-alive")) keep = 1;

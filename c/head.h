@@ -24,6 +24,7 @@ typedef struct head_facts {
     int major, minor, status;
     int keep_alive;         /* as llhttp_should_keep_alive, false on an upgrade */
     int has_length;         /* a Content-Length was sent */
+    int hop;                /* a hop-by-hop header was sent (Connection, Keep-Alive, TE, Trailer) */
     uint64_t content_length;
 } head_facts;
 

@@ -4323,8 +4323,9 @@ static void px_build_response_head(px *x, int st) {
 /* A final response head (or a 101) is in: choose how its body reaches the
  * client, and send the client its head. Returns as an llhttp
  * on_headers_complete does: 0 with a body to come, 1 without, 2 after a
- * 101. */
-static int px_response_head(px *x, int st, int by_length) {
+ * 101. raw: the head as received, when the client may have it as it is
+ * (see px_up_plain), or NULL. */
+static int px_response_head(px *x, int st, int by_length, const char *raw, size_t raw_len) {
     http_req *r = x->r;
     int no_body = st == 101 || x->head_method || st == 204 || st == 304;
     int mode = PXR_NONE;
@@ -4338,10 +4339,17 @@ static int px_response_head(px *x, int st, int by_length) {
     x->cli_keep = st != 101 && r->keep_alive && !r->srv->closed && mode != PXR_EOF;
     x->status = st;
     x->upstream_ms = (double)(uv_hrtime() - x->t0) / 1e6;
-    px_build_response_head(x, st);
     x->resp_started = 1;
     r->responded = 1;
-    px_out(x, PX_CLI, x->rhead.p, x->rhead.len, 0);
+    if (raw && x->cli_keep && r->head.minor == 1) {
+        /* nothing to take out or add: the head goes on as received, under
+         * this hop's version */
+        px_out(x, PX_CLI, "HTTP/1.1", 8, 1);
+        px_out(x, PX_CLI, raw + 8, raw_len - 8, 0);
+    } else {
+        px_build_response_head(x, st);
+        px_out(x, PX_CLI, x->rhead.p, x->rhead.len, 0);
+    }
     if (st == 101) return 2;
     return no_body ? 1 : 0;
 }
@@ -4365,7 +4373,7 @@ static int px_on_headers_complete(llhttp_t *ps) {
         if (te && (n > 1 || !ieq(head_str(&up->p.head, te->value), te->value_len, "chunked")))
             return parse_fail(&up->p, 502, "a transfer coding other than chunked");
     }
-    return px_response_head(x, st, !(ps->flags & F_CHUNKED) && (ps->flags & F_CONTENT_LENGTH));
+    return px_response_head(x, st, !(ps->flags & F_CHUNKED) && (ps->flags & F_CONTENT_LENGTH), NULL, 0);
 }
 
 static int px_on_body(llhttp_t *ps, const char *at, size_t n) {
@@ -4418,7 +4426,11 @@ static int px_up_plain(px *x, const char *p, size_t n) {
         if (!no_body && !f.facts.has_length) return 0; /* to the close: llhttp's */
         head_take(&up->p.head, &f);
         x->plain_keep = f.facts.keep_alive;
-        px_response_head(x, st, 1);
+        /* As received when px_build_response_head would write the same
+         * fields: no hop-by-hop header to drop, a reason to keep, and not a
+         * 204 (whose Content-Length it drops). */
+        int as_is = !f.facts.hop && f.first_len > 0 && st != 204;
+        px_response_head(x, st, 1, as_is ? p : NULL, used);
         if (x->done) return 1;
         x->plain_body = 1;
         x->plain_left = no_body ? 0 : f.facts.content_length;

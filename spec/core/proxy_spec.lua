@@ -452,6 +452,43 @@ describe("req:proxy", function()
     end)
   end)
 
+  it("passes a plain response head on as received only when there is nothing to take out or add", function()
+    core.run(function()
+      local replies = {
+        ["/spaced"] = "HTTP/1.0 200 Fine  \r\nX-A:a\r\nx-b:  b c  \r\nContent-Length: 2\r\n\r\nok",
+        ["/keep-alive"] = "HTTP/1.1 200 OK\r\nKeep-Alive: timeout=5\r\nContent-Length: 2\r\n\r\nok",
+        ["/te"] = "HTTP/1.1 200 OK\r\nTE: trailers\r\nContent-Length: 2\r\n\r\nok",
+        ["/trailer"] = "HTTP/1.1 200 OK\r\nTrailer: X-T\r\nContent-Length: 2\r\n\r\nok",
+        ["/no-reason"] = "HTTP/1.1 200 \r\nContent-Length: 2\r\n\r\nok",
+        ["/204"] = "HTTP/1.1 204 No Content\r\nContent-Length: 0\r\nX-A: a\r\n\r\n",
+      }
+      local l = scripted_upstream(dir .. "/asis.sock", function(s, req)
+        s:write(replies[req:match("^%u+ (%S+)")])
+      end)
+      local srv, port = front(dir .. "/asis.sock")
+      local function head_of(target, version)
+        local c = raw(port)
+        c:send("GET " .. target .. " HTTP/" .. (version or "1.1") .. "\r\nHost: a\r\n\r\n")
+        local res = assert(c:response())
+        c:close()
+        return res.raw_head
+      end
+      -- as received, under HTTP/1.1: white space and case as the upstream sent them
+      assert.are.equal("HTTP/1.1 200 Fine  \r\nX-A:a\r\nx-b:  b c  \r\nContent-Length: 2\r\n", head_of("/spaced"))
+      -- rebuilt: hop-by-hop headers dropped, a reason supplied, a 204's length dropped
+      for _, target in ipairs { "/keep-alive", "/te", "/trailer" } do
+        assert.are.equal("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n", head_of(target))
+      end
+      assert.are.equal("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n", head_of("/no-reason"))
+      assert.are.equal("HTTP/1.1 204 No Content\r\nX-A: a\r\n", head_of("/204"))
+      -- rebuilt for an HTTP/1.0 client, which is told the connection closes
+      assert.are.equal("HTTP/1.1 200 Fine  \r\nX-A: a\r\nx-b: b c\r\nContent-Length: 2\r\nConnection: close\r\n",
+        head_of("/spaced", "1.0"))
+      srv:close()
+      l:close()
+    end)
+  end)
+
   it("answers Expect: 100-continue itself, once the upstream is connected", function()
     core.run(function()
       local srv, port = front(b.path)
