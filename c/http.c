@@ -1808,7 +1808,6 @@ static void facts_of(const llhttp_t *ps, head_facts *f) {
     f->method = ps->method;
     f->major = ps->http_major;
     f->minor = ps->http_minor;
-    f->status = ps->status_code;
     f->keep_alive = llhttp_should_keep_alive(ps) && !ps->upgrade;
     f->has_length = (ps->flags & F_CONTENT_LENGTH) != 0;
     f->content_length = ps->content_length;
@@ -4320,6 +4319,11 @@ static void px_build_response_head(px *x, int st) {
     buf_add(o, "\r\n", 2);
 }
 
+/* Whether a response with status st to x's request has no body at all. */
+static int px_no_body(const px *x, int st) {
+    return st == 101 || x->head_method || st == 204 || st == 304;
+}
+
 /* A final response head (or a 101) is in: choose how its body reaches the
  * client, and send the client its head. Returns as an llhttp
  * on_headers_complete does: 0 with a body to come, 1 without, 2 after a
@@ -4327,7 +4331,7 @@ static void px_build_response_head(px *x, int st) {
  * (see px_up_plain), or NULL. */
 static int px_response_head(px *x, int st, int by_length, const char *raw, size_t raw_len) {
     http_req *r = x->r;
-    int no_body = st == 101 || x->head_method || st == 204 || st == 304;
+    int no_body = px_no_body(x, st);
     int mode = PXR_NONE;
     if (!no_body) {
         if (!by_length) mode = r->head.minor >= 1 ? PXR_CHUNKED : PXR_EOF;
@@ -4422,7 +4426,7 @@ static int px_up_plain(px *x, const char *p, size_t n) {
         used = head_fast_parse(&f, p, n);
         if (used == 0) return 0;
         int st = f.facts.status;
-        int no_body = x->head_method || st == 204 || st == 304;
+        int no_body = px_no_body(x, st);
         if (!no_body && !f.facts.has_length) return 0; /* to the close: llhttp's */
         head_take(&up->p.head, &f);
         x->plain_keep = f.facts.keep_alive;

@@ -2,8 +2,9 @@
 # Builds the libFuzzer targets into DIR (default build/fuzz): the core's C
 # objects and llhttp with clang, -fsanitize=fuzzer-no-link,address (so the
 # fuzzer sees their coverage and ASan checks them), then each harness with
-# -fsanitize=fuzzer,address (head: c/head.c against llhttp). Objects are rebuilt only when their source is
-# newer. Usage: sh bench/fuzz/build.sh [DIR]   (run from the repository root)
+# -fsanitize=fuzzer,address (head: c/head.c against llhttp). Objects are
+# rebuilt only when their source (or a header of c/) is newer.
+# Usage: sh bench/fuzz/build.sh [DIR]   (run from the repository root)
 set -eu
 DIR=${1:-build/fuzz}
 CC=${FUZZ_CC:-clang-14}
@@ -22,7 +23,8 @@ mkdir -p "$DIR/obj"
 objs=""
 build() { # build SRC OBJ EXTRA...
     src=$1; obj=$2; shift 2
-    if [ ! -f "$obj" ] || [ "$src" -nt "$obj" ] || [ c/tn.h -nt "$obj" ] || [ c/net.h -nt "$obj" ]; then
+    if [ ! -f "$obj" ] || [ "$src" -nt "$obj" ] || [ c/tn.h -nt "$obj" ] || [ c/net.h -nt "$obj" ] || \
+       [ c/head.h -nt "$obj" ]; then
         echo "  FUZZCC  $src"
         # product warnings are the product build's business (-Werror there)
         $CC $FLAGS $SAN -w -I"$LUA_INC" -I"$LLHTTP_INC" $PKG_CFLAGS "$@" -c "$src" -o "$obj"
