@@ -11,7 +11,8 @@
  * strict subset of what llhttp takes, and whatever lies outside that subset
  * (a partial head, a transfer coding, Connection other than one "close" or
  * "keep-alive", Upgrade, Proxy-Connection, two Content-Lengths, a 1xx, an
- * obs-text or control byte, a version other than 1.0 or 1.1, ...) it hands
+ * obs-text or control byte, a version other than 1.0 or 1.1, a request's
+ * Expect or second Host, ...) it hands
  * back untouched, and llhttp reads it from the first byte, errors and all.
  * spec/fixtures/headcheck.c holds the two to the same result.
  */
@@ -94,6 +95,7 @@ size_t head_fast_parse(head_fast *f, const char *p, size_t n) {
     if (!lf) return 0;
     head_facts *facts = &f->facts;
     memset(facts, 0, sizeof *facts);
+    f->host = f->forwarded = 0;
     size_t i, first;
     if (f->is_request) {
         i = method_at(p, (size_t)(lf - p), &facts->method);
@@ -149,6 +151,15 @@ size_t head_fast_parse(head_fast *f, const char *p, size_t n) {
         case 2:
             if (NAME_IS(name, nl, "te")) facts->hop = 1;
             break;
+        case 4:
+            if (f->is_request && NAME_IS(name, nl, "host")) {
+                if (f->host) return 0;
+                f->host = nh + 1;
+            }
+            break;
+        case 6: /* 100-continue and its kin: llhttp's path decides */
+            if (f->is_request && NAME_IS(name, nl, "expect")) return 0;
+            break;
         case 7:  /* an upgrade (with Connection: upgrade) */
             if (NAME_IS(name, nl, "upgrade")) return 0;
             if (NAME_IS(name, nl, "trailer")) facts->hop = 1;
@@ -171,11 +182,16 @@ size_t head_fast_parse(head_fast *f, const char *p, size_t n) {
                 facts->has_length = 1;
             }
             break;
+        case 15:
+            if (NAME_IS(name, nl, "x-forwarded-for")) f->forwarded = 1;
+            break;
         case 16: /* llhttp reads it as Connection */
             if (NAME_IS(name, nl, "proxy-connection")) return 0;
+            if (NAME_IS(name, nl, "x-forwarded-host")) f->forwarded = 1;
             break;
         case 17:
             if (NAME_IS(name, nl, "transfer-encoding")) return 0;
+            if (NAME_IS(name, nl, "x-forwarded-proto")) f->forwarded = 1;
             break;
         default:
             break;

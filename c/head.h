@@ -40,6 +40,11 @@ typedef struct head_fast {
     uint32_t first_len;     /* arena[0, first_len): the target, or the reason */
     uint32_t arena_len;
     int nhdr;
+    /* requests only: the index + 1 of the Host header (0: none; a second
+     * Host, or an Expect, goes to llhttp), and whether an X-Forwarded-For,
+     * -Host or -Proto was sent, which a proxy replaces */
+    int host;
+    int forwarded;
     head_facts facts;
 } head_fast;
 

@@ -359,12 +359,21 @@ typedef struct http_head {
     int nhdr, hcap;
     uint32_t first_len;   /* arena[0, first_len): the target, or a response's reason */
     int method, major, minor, status;
+    /* A request head the lean parser read: arena[first_len, arena_len) is
+     * the head as received from the space after the target on, with no
+     * Transfer-Encoding or Expect, and host is the index + 1 of its one
+     * Host (0: none). lines_as_sent: no hop-by-hop or X-Forwarded-* header
+     * either, so its header lines can go upstream as they came. */
+    unsigned lean : 1, lines_as_sent : 1;
+    int host;
 } http_head;
 
 static void head_reset(http_head *h) {
     h->arena.len = 0;
     h->nhdr = 0;
     h->first_len = 0;
+    h->lean = h->lines_as_sent = 0;
+    h->host = 0;
 }
 
 static void head_free(http_head *h) {
@@ -1667,7 +1676,8 @@ static void on_head(http_conn *c, const head_facts *f) {
     }
     if (f->method == HTTP_CONNECT) { conn_reject(c, 400, "CONNECT is not supported"); return; }
     int n;
-    const http_header *te = head_find(h, "transfer-encoding", &n);
+    /* the lean parser took no Transfer-Encoding and found any Host */
+    const http_header *te = h->lean ? NULL : head_find(h, "transfer-encoding", &n);
     if (te && (n > 1 || !ieq(head_str(h, te->value), te->value_len, "chunked"))) {
         conn_reject(c, 400, "the only transfer coding accepted is a single \"chunked\"");
         return;
@@ -1680,7 +1690,8 @@ static void on_head(http_conn *c, const head_facts *f) {
     }
     /* (the header array moves to the request below with its head: host
      * stays valid there) */
-    const http_header *host = head_find(h, "host", &n);
+    const http_header *host = h->lean ? (h->host ? &h->hdr[h->host - 1] : NULL) : head_find(h, "host", &n);
+    if (h->lean) n = host != NULL;
     if (n > 1 || (n == 0 && f->minor == 1)) {
         conn_reject(c, 400, "an HTTP/1.1 request needs exactly one Host header");
         return;
@@ -1709,7 +1720,7 @@ static void on_head(http_conn *c, const head_facts *f) {
     r->keep_alive = f->keep_alive;
     r->head_method = f->method == HTTP_HEAD;
     r->expects_body = chunked || f->content_length > 0;
-    const http_header *ex = head_find(&r->head, "expect", NULL);
+    const http_header *ex = r->head.lean ? NULL : head_find(&r->head, "expect", NULL);
     r->expect_continue = f->minor == 1 && ex &&
                          ieq(head_str(&r->head, ex->value), ex->value_len, "100-continue");
     memcpy(r->peer, c->peer, sizeof r->peer);
@@ -1840,6 +1851,11 @@ static void head_take(http_head *h, const head_fast *f) {
     h->arena.len = f->arena_len;
     h->nhdr = f->nhdr;
     h->first_len = f->first_len;
+    if (f->is_request) {
+        h->lean = 1;
+        h->lines_as_sent = !f->facts.hop && !f->forwarded;
+        h->host = f->host;
+    }
 }
 
 /* `used` more bytes of the current head are consumed (head_scan has
@@ -4639,11 +4655,42 @@ static size_t peer_ip(const char *peer, const char **out) {
     return colon ? (size_t)(colon - peer) : strlen(peer);
 }
 
+/* A head whose header lines go upstream as received (lines_as_sent, a
+ * Host, no body, no extra headers): the fields px_build_request would
+ * write, one copy of the client's lines instead of one field at a time
+ * (Content-Length: 0, when sent, stays where the client put it). */
+static int px_build_request_as_sent(buf *o, const http_req *r, const char *proto) {
+    const http_head *h = &r->head;
+    const http_header *host = &h->hdr[h->host - 1];
+    const char *ip;
+    size_t il = peer_ip(r->peer, &ip), pl = strlen(proto);
+    /* after the target: " HTTP/1.x\r\n", the lines, the empty line */
+    const char *lines = h->arena.p + h->first_len + 11;
+    size_t lines_len = h->arena.len - h->first_len - 13;
+    o->len = 0;
+    if (buf_reserve(o, h->arena.len + il + pl + host->value_len + 128)) return -1;
+    buf_addstr(o, llhttp_method_name((llhttp_method_t)h->method));
+    buf_add(o, " ", 1);
+    buf_add(o, h->arena.p, h->first_len);
+    buf_add(o, " HTTP/1.1\r\n", 11);
+    buf_add(o, lines, lines_len);
+    buf_add(o, "X-Forwarded-For: ", 17);
+    buf_add(o, ip, il);
+    buf_add(o, "\r\nX-Forwarded-Proto: ", 21);
+    buf_add(o, proto, pl);
+    buf_add(o, "\r\nX-Forwarded-Host: ", 20);
+    buf_add(o, head_str(h, host->value), host->value_len);
+    buf_add(o, "\r\nConnection: keep-alive\r\n\r\n", 28);
+    return 0;
+}
+
 /* The head sent upstream, re-serialised from the parsed one: 0, or -1 out
  * of memory. Raises on bad extra headers (only with hidx, so L may be NULL
  * without): o and the extra buffer are scratch, nothing leaks. */
 static int px_build_request(lua_State *L, buf *o, http_req *r, int hidx, const char *proto,
                             int tunnel, int body_mode) {
+    if (!hidx && r->head.lines_as_sent && r->head.host && body_mode == PXB_NONE && !tunnel)
+        return px_build_request_as_sent(o, r, proto);
     static _Thread_local buf extra;
     px_extra e = { L, &extra, { { 0 } }, 0 };
     extra.len = 0;
@@ -4849,6 +4896,7 @@ typedef struct px_plan {
  * and no body. */
 static int px_wants_tunnel(const http_req *r) {
     const http_head *h = &r->head;
+    if (h->lean) return 0; /* it took no Upgrade */
     span toks[PX_MAX_TOKENS];
     int nt = conn_tokens(h, toks, PX_MAX_TOKENS);
     return !r->expects_body && in_spans(toks, nt, "upgrade", 7) && head_find(h, "upgrade", NULL);

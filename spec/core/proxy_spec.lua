@@ -489,6 +489,37 @@ describe("req:proxy", function()
     end)
   end)
 
+  it("sends a plain request's header lines upstream as received only when none is to be dropped or replaced",
+    function()
+    core.run(function()
+      local srv, port = front(b.path)
+      local function upstream_head(head)
+        local c = raw(port)
+        c:send(head)
+        local res = assert(c:response())
+        c:close()
+        return res.body
+      end
+      local added = "X-Forwarded-For: 127.0.0.1\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: app.test\r\n" ..
+        "Connection: keep-alive\r\n\r\n"
+      -- as received: white space and case as the client sent them, under HTTP/1.1
+      assert.are.equal("GET /echo?a HTTP/1.1\r\nhost:  app.test \r\nX-A:a\r\nx-b:  b c  \r\n" ..
+        "Content-Length: 0\r\n" .. added,
+        upstream_head("GET /echo?a HTTP/1.0\r\nhost:  app.test \r\nX-A:a\r\nx-b:  b c  \r\n" ..
+          "Content-Length: 0\r\n\r\n"))
+      -- rebuilt: a hop-by-hop header dropped, or an X-Forwarded-* replaced
+      for _, extra in ipairs { "Keep-Alive: timeout=5", "Connection: keep-alive", "TE: trailers",
+        "Trailer: X-T", "X-Forwarded-Proto: gopher", "X-Forwarded-Host: evil.test" } do
+        assert.are.equal("DELETE /echo HTTP/1.1\r\nhost: app.test\r\nx-b: b c\r\n" .. added,
+          upstream_head("DELETE /echo HTTP/1.1\r\nhost: app.test\r\n" .. extra .. "\r\nx-b:  b c  \r\n\r\n"))
+      end
+      assert.are.equal("GET /echo HTTP/1.1\r\nhost: app.test\r\n" ..
+        added:gsub("127%.0%.0%.1", "10.0.0.1, 127.0.0.1"),
+        upstream_head("GET /echo HTTP/1.1\r\nhost: app.test\r\nX-Forwarded-For: 10.0.0.1\r\n\r\n"))
+      srv:close()
+    end)
+  end)
+
   it("answers Expect: 100-continue itself, once the upstream is connected", function()
     core.run(function()
       local srv, port = front(b.path)
