@@ -2,8 +2,8 @@
  * core.db: SQLite for the store (tokens, desired instances, routes, logs in
  * FTS5), without blocking the event loop.
  *
- * Execution model. Inside a task every statement runs on the libuv thread
- * pool (uv_queue_work) and the task yields until it is done; outside a task
+ * Execution model. Inside a task every statement runs on a pool thread
+ * (tn_work_queue) and the task yields until it is done; outside a task
  * (CLI tools, setup code, no loop running) it runs on the calling thread.
  * A connection runs one operation at a time: operations of several tasks
  * queue FIFO per connection. Bind values are copied into C memory before the
@@ -130,7 +130,7 @@ typedef struct db_conn {
     uv_loop_t *loop;
     int refs;
     int closing;             /* close requested: new operations raise */
-    int busy;                /* an operation is on the thread pool */
+    int busy;                /* an operation is on a pool thread */
     db_op *qhead, *qtail;    /* waiting operations, FIFO */
     void *tx_owner;          /* who holds the transaction, or NULL */
     tn_task *tx_task;        /* the holder, held, when it is a task */
@@ -160,7 +160,7 @@ static const char *const op_names[] = {
 };
 
 struct db_op {
-    uv_work_t req;
+    tn_work req;
     db_op *next;
     enum op_kind kind;
     db_conn *c;
@@ -549,7 +549,7 @@ static void op_run(db_op *op) {
     }
 }
 
-static void op_work(uv_work_t *req) { op_run(req->data); }
+static void op_work(tn_work *req) { op_run(req->data); }
 
 /* ---- the loop side ---------------------------------------------------------- */
 
@@ -738,7 +738,7 @@ static void op_discard(db_op *op) {
     if (op->kind == OP_OPEN && op->c->db) { sqlite3_close_v2(op->c->db); op->c->db = NULL; }
 }
 
-static void op_after(uv_work_t *req, int status);
+static void op_after(tn_work *req);
 
 /* Start the next operation: the head of the queue, or while a transaction
  * is held, the holder's first one. */
@@ -754,16 +754,15 @@ static void conn_pump(db_conn *c) {
     if (c->qtail == op) c->qtail = prev;
     op->next = NULL;
     c->busy = 1;
-    int rc = uv_queue_work(c->loop, &op->req, op_work, op_after);
+    int rc = tn_work_queue(c->loop, &op->req, op_work, op_after);
     if (rc != 0) {
-        /* only for invalid arguments; run it here rather than lose it */
+        /* no thread could be started: run it here rather than lose it */
         op_run(op);
-        op_after(&op->req, 0);
+        op_after(&op->req);
     }
 }
 
-static void op_after(uv_work_t *req, int status) {
-    (void)status; /* never cancelled */
+static void op_after(tn_work *req) {
     db_op *op = req->data;
     db_conn *c = op->c;
     if (op->kind != OP_OPEN) c->busy = 0;
@@ -810,7 +809,7 @@ static int op_submit(lua_State *L, db_op *op, int anchor_idx) {
     op->task = tn_task_hold(t);
     op->seq = tn_task_seq(t);
     if (op->kind == OP_OPEN) {
-        int rc = uv_queue_work(c->loop, &op->req, op_work, op_after);
+        int rc = tn_work_queue(c->loop, &op->req, op_work, op_after);
         if (rc != 0) {
             tn_task_release(t);
             op->task = NULL;
@@ -1260,7 +1259,7 @@ static const char tx_lua[] =
 
 /* A connection of its own, in memory, used on the loop's thread only: FTS5
  * hands its tokenizers out through a connection, and the store's may be busy
- * on the thread pool. Opened once, kept for the process. */
+ * on a pool thread. Opened once, kept for the process. */
 static sqlite3 *tokens_db;
 static fts5_tokenizer tokens_api;
 static void *tokens_ud;

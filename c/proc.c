@@ -1771,7 +1771,7 @@ static int l_proc_init_fd(lua_State *L) {
  * (unshare moves only the calling thread), which ends with it: no thread of
  * the pool is ever left in another namespace. */
 typedef struct {
-    uv_work_t req;
+    tn_work req;
     tn_task *task;
     uint64_t seq;
     int fd, err;
@@ -1791,7 +1791,7 @@ static void *netns_thread(void *arg) {
     return NULL;
 }
 
-static void netns_work(uv_work_t *req) {
+static void netns_work(tn_work *req) {
     netns_op *op = req->data;
     pthread_t t;
     int rc = pthread_create(&t, NULL, netns_thread, op);
@@ -1799,8 +1799,7 @@ static void netns_work(uv_work_t *req) {
     pthread_join(t, NULL);
 }
 
-static void netns_done(uv_work_t *req, int status) {
-    (void)status; /* nothing cancels it */
+static void netns_done(tn_work *req) {
     netns_op *op = req->data;
     if (tn_task_waiting_for(op->task, op->seq)) {
         lua_State *co = tn_task_thread(op->task);
@@ -1827,7 +1826,7 @@ static int l_proc_netns_new(lua_State *L) {
     op->req.data = op;
     op->task = tn_task_hold(t);
     op->seq = tn_task_seq(t);
-    int rc = uv_queue_work(tn_loop(L), &op->req, netns_work, netns_done);
+    int rc = tn_work_queue(tn_loop(L), &op->req, netns_work, netns_done);
     if (rc != 0) {
         tn_task_release(op->task);
         free(op);

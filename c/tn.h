@@ -102,6 +102,21 @@ void tn_task_resume_later(tn_task *t, int nresults);
 tn_task *tn_task_hold(tn_task *t);
 void tn_task_release(tn_task *t);
 
+/* Work off the loop thread (work.c), as uv_queue_work but on threads that
+ * end after a while without work: work(w) runs on a pool thread, then
+ * done(w) on the loop thread. 0, or a libuv error code when no thread could
+ * be started. The caller owns w (data is its own) until done. */
+typedef struct tn_work tn_work;
+typedef void (*tn_work_cb)(tn_work *w);
+typedef struct work_loop work_loop;
+struct tn_work {
+    void *data;
+    tn_work *next;
+    work_loop *wl;
+    tn_work_cb work, done;
+};
+int tn_work_queue(uv_loop_t *loop, tn_work *w, tn_work_cb work, tn_work_cb done);
+
 /* Expected failures: push nil and a message, return 2. */
 int tn_fail(lua_State *L, const char *fmt, ...);
 /* nil, "<what>: <code>: <text>", "<code>" (luv's convention), e.g.

@@ -638,6 +638,27 @@ describe("core.db", function()
       end)
     end)
 
+    it("works on threads that end two seconds after the last operation", function()
+      -- while a second thread lives, every system call on a descriptor pays
+      -- for the shared file table: a server idle on SQLite must have none
+      local function threads() return #assert(fs.readdir("/proc/self/task")) end
+      core.run(function()
+        local tasks = {}
+        for i = 1, 8 do
+          tasks[i] = core.spawn(function() assert(conn:run("INSERT INTO t(who) VALUES (?)", "x" .. i)) end)
+        end
+        for i = 1, 8 do assert.is_true((tasks[i]:join())) end
+        assert.is_true(threads() > 1)
+        local deadline = core.now() + 10000
+        while threads() > 1 and core.now() < deadline do core.sleep(50) end
+        assert.are.equal(1, threads())
+        -- the next operation starts one again
+        assert(conn:run("INSERT INTO t(who) VALUES ('again')"))
+        assert.are.equal(2, threads())
+        assert.are.equal(9, assert(conn:query("SELECT count(*) AS n FROM t"))[1].n)
+      end)
+    end)
+
     it("gives the connection to a transaction's holder alone until it ends", function()
       core.run(function()
         local log = {}
