@@ -8,7 +8,8 @@
 -- the app). The call to the child reaped, which adds the kernel's exit and
 -- the wait, is published beside it. Then again while this process holds 1 GiB
 -- of touched memory, with a plain fork()+exec reference
--- (bench/apps/forkspawn.c) beside it, timed the same two ways.
+-- (bench/apps/forkspawn.c) beside it, timed the same two ways; the goal
+-- that spawns do not slow down then rests on five paired rounds.
 --
 -- Wake: a real ten serve; 100 instances of the backend fixture with
 -- idle_timeout = 2 go to sleep, then each is woken by one request through
@@ -187,6 +188,28 @@ function M.run()
   lib.log("releasing the %d MB", #hog >> 20)
   hog = nil -- luacheck: ignore 311 (dropped so the collector can free it)
   collectgarbage()
+  -- The goal compares medians, and the two above are taken a minute apart on
+  -- a machine that stalls now and then: it rests on the median of five
+  -- rounds, each a small and a 1 GiB measurement back to back, and each
+  -- round's ratio is the worse of process and namespace.
+  local held_ratios = {}
+  for round = 1, 5 do
+    local small, held = {}, {}
+    for _, level in ipairs { "process", "namespace" } do
+      local s = assert(spawn_samples(level, level == "namespace" and "host" or nil, 60, dir, static))
+      small[level] = lib.percentile(s.running or s.reaped, 50)
+    end
+    local big = string.rep("y", 1 << 30)
+    for _, level in ipairs { "process", "namespace" } do
+      local s = assert(spawn_samples(level, level == "namespace" and "host" or nil, 60, dir, static))
+      held[level] = lib.percentile(s.running or s.reaped, 50)
+    end
+    big = nil -- luacheck: ignore 311
+    collectgarbage()
+    held_ratios[round] = math.max(held.process / small.process, held.namespace / small.namespace)
+    lib.log("spawn held round %d: process p50 %.0f -> %.0f us, namespace p50 %.0f -> %.0f us", round,
+      small.process, held.process, small.namespace, held.namespace)
+  end
   -- the plain fork() reference, small and holding 1 GiB, and of the child
   -- built against glibc
   for _, ref in ipairs { { 0, static, "" }, { 1024, static, "" }, { 0, static_glibc, "-glibc" } } do
@@ -258,12 +281,15 @@ function M.run()
         ms(nn.reaped_p50_us), ms(nn.reaped_p99_us)) }
   end
   if ph and nsh then
-    local worst = math.max((ph.p50_us or ph.reaped_p50_us) / (p.p50_us or p.reaped_p50_us),
-      (nsh.p50_us or nsh.reaped_p50_us) / (ns.p50_us or ns.reaped_p50_us))
+    local ratio = lib.percentile(held_ratios, 50)
+    local each = {}
+    for i, r in ipairs(held_ratios) do each[i] = string.format("%.2f", r) end
     goals[#goals + 1] = { goal = "spawn does not slow down while the server holds 1 GiB",
-      value = string.format("process p50 %s -> %s, namespace p50 %s -> %s", ms(p.p50_us), ms(ph.p50_us),
-        ms(ns.p50_us), ms(nsh.p50_us)), met = worst <= 1.25,
-      detail = string.format("plain fork()+exec: %s -> %s", ms(by.fork0.p50_us), ms(by.fork1024.p50_us)) }
+      value = string.format("%.2fx at p50, the median of 5 paired rounds (%s)", ratio, table.concat(each, ", ")),
+      met = ratio <= 1.25,
+      detail = string.format("slower of process and namespace, 60 spawns each way per round; the rows above: "
+        .. "process p50 %s -> %s, namespace p50 %s -> %s; plain fork()+exec: %s -> %s", ms(p.p50_us), ms(ph.p50_us),
+        ms(ns.p50_us), ms(nsh.p50_us), ms(by.fork0.p50_us), ms(by.fork1024.p50_us)) }
   end
   if by["sandbox (gVisor runsc)"] then
     local sb = by["sandbox (gVisor runsc)"]
