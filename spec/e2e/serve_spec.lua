@@ -258,6 +258,36 @@ describe("ten serve", function()
     assert.matches("^HTTP/1.1 %d%d%d", out)
   end)
 
+  it("runs on one thread once its store is idle, and stays there while it proxies", function()
+    -- a second thread shares the file table, and every system call on a
+    -- socket then pays for it
+    local function threads()
+      local p = io.popen("ls /proc/" .. pid .. "/task")
+      local n = 0
+      for _ in p:lines() do n = n + 1 end
+      p:close()
+      return n
+    end
+    local n
+    for _ = 1, 200 do
+      n = threads()
+      if n == 1 then break end
+      sleep(0.05)
+    end
+    assert.are.equal(1, n)
+    local core = require "tenement.core"
+    core.run(function()
+      local c = support.raw(port)
+      for _ = 1, 50 do
+        c:send("GET / HTTP/1.1\r\nHost: boot.api.localhost\r\n\r\n")
+        local res = assert(c:response())
+        assert.are.equal(200, res.status)
+      end
+      c.s:close()
+    end)
+    assert.are.equal(1, threads())
+  end)
+
   it("refuses a second server on the same data directory", function()
     local code, _, err = ten(cfg, "serve")
     assert.are.equal(1, code)
