@@ -52,7 +52,7 @@ DEBIAN_PKGS := lua5.4 liblua5.4-dev libuv1-dev node-llhttp libsqlite3-dev lua-cj
 TEST_PKGS   := prometheus
 
 .PHONY: all deps run test test-only asan lint clean install install-rock
-all: $(BUILD)/ten $(BUILD)/slum $(BUILD)/lib/tenement/core.so $(FIXTURES)
+all: $(BUILD)/ten $(BUILD)/slum $(BUILD)/lib/tenement/core.so $(FIXTURES) $(BUILD)/fixtures/no_threads.so
 
 $(BUILD)/obj/%.o: c/%.c
 	@mkdir -p $(@D)
@@ -126,6 +126,12 @@ $(BUILD)/fixtures/%: spec/fixtures/%.c
 	@mkdir -p $(@D)
 	@$(if $(Q),echo "  CC      $<")
 	$(Q)$(CC) -std=c11 $(WARN) -O2 -g -D_GNU_SOURCE -o $@ $<
+
+# Preloaded by specs into a process that can start no thread.
+$(BUILD)/fixtures/no_threads.so: spec/fixtures/preload/no_threads.c
+	@mkdir -p $(@D)
+	@$(if $(Q),echo "  CC      $<")
+	$(Q)$(CC) -std=c11 $(WARN) -O2 -shared -fPIC -o $@ $<
 
 # The lean head parser's checker links it with llhttp, its oracle.
 HEADCHECK_OBJ := $(BUILD)/obj/head.o $(BUILD)/obj/llhttp_llhttp.o $(BUILD)/obj/llhttp_api.o $(BUILD)/obj/llhttp_http.o

@@ -91,6 +91,12 @@ static tn_ctx *ctx_get(lua_State *L) {
     if (!ctx) luaL_error(L, "out of memory");
     int rc = uv_loop_init(&ctx->loop);
     if (rc) { free(ctx); luaL_error(L, "uv_loop_init: %s", uv_strerror(rc)); }
+    rc = tn_work_init(&ctx->loop);
+    if (rc) {
+        uv_loop_close(&ctx->loop);
+        free(ctx);
+        luaL_error(L, "the loop's work pool: %s", uv_strerror(rc));
+    }
     lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_MAINTHREAD);
     ctx->L = lua_tothread(L, -1);
     lua_pop(L, 1);

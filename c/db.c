@@ -754,12 +754,7 @@ static void conn_pump(db_conn *c) {
     if (c->qtail == op) c->qtail = prev;
     op->next = NULL;
     c->busy = 1;
-    int rc = tn_work_queue(c->loop, &op->req, op_work, op_after);
-    if (rc != 0) {
-        /* no thread could be started: run it here rather than lose it */
-        op_run(op);
-        op_after(&op->req);
-    }
+    tn_work_queue(c->loop, &op->req, op_work, op_after);
 }
 
 static void op_after(tn_work *req) {
@@ -809,13 +804,7 @@ static int op_submit(lua_State *L, db_op *op, int anchor_idx) {
     op->task = tn_task_hold(t);
     op->seq = tn_task_seq(t);
     if (op->kind == OP_OPEN) {
-        int rc = tn_work_queue(c->loop, &op->req, op_work, op_after);
-        if (rc != 0) {
-            tn_task_release(t);
-            op->task = NULL;
-            op_free(op);
-            return tn_fail_uv(L, "open", rc);
-        }
+        tn_work_queue(c->loop, &op->req, op_work, op_after);
     } else {
         if (c->qtail) c->qtail->next = op;
         else c->qhead = op;

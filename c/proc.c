@@ -1826,12 +1826,7 @@ static int l_proc_netns_new(lua_State *L) {
     op->req.data = op;
     op->task = tn_task_hold(t);
     op->seq = tn_task_seq(t);
-    int rc = tn_work_queue(tn_loop(L), &op->req, netns_work, netns_done);
-    if (rc != 0) {
-        tn_task_release(op->task);
-        free(op);
-        return tn_fail_uv(L, "netns", rc);
-    }
+    tn_work_queue(tn_loop(L), &op->req, netns_work, netns_done);
     lua_settop(L, 0);
     return tn_task_wait(L, t, -1);
 }

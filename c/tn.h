@@ -104,8 +104,9 @@ void tn_task_release(tn_task *t);
 
 /* Work off the loop thread (work.c), as uv_queue_work but on threads that
  * end after a while without work: work(w) runs on a pool thread, then
- * done(w) on the loop thread. 0, or a libuv error code when no thread could
- * be started. The caller owns w (data is its own) until done. */
+ * done(w) on the loop thread, always in a later turn of the loop. The
+ * caller owns w (data is its own) until done. tn_loop's loops are ready for
+ * it (tn_work_init). */
 typedef struct tn_work tn_work;
 typedef void (*tn_work_cb)(tn_work *w);
 typedef struct work_loop work_loop;
@@ -115,7 +116,8 @@ struct tn_work {
     work_loop *wl;
     tn_work_cb work, done;
 };
-int tn_work_queue(uv_loop_t *loop, tn_work *w, tn_work_cb work, tn_work_cb done);
+void tn_work_queue(uv_loop_t *loop, tn_work *w, tn_work_cb work, tn_work_cb done);
+int tn_work_init(uv_loop_t *loop);
 
 /* Expected failures: push nil and a message, return 2. */
 int tn_fail(lua_State *L, const char *fmt, ...);

@@ -13,12 +13,16 @@
  * Completions come back to the loop through one uv_async per loop, which is
  * referenced only while work is out, as libuv's own requests keep a loop
  * alive. Workers block every signal: they stay with the loop thread, as
- * under libuv's pool.
+ * under libuv's pool. Where no thread can be started at all (the process or
+ * its cgroup at its limit of tasks), the work runs on the loop thread
+ * instead, which blocks the loop for its length but loses nothing: done
+ * still comes later, from the loop, as callers rely on.
  */
 #include "tn.h"
 
 #include <errno.h>
 #include <pthread.h>
+#include <stdio.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <time.h>
@@ -38,7 +42,7 @@ static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t wake;
 static pthread_once_t wake_once = PTHREAD_ONCE_INIT;
 static tn_work *todo_head, *todo_tail; /* under mu */
-static int nthreads, nidle;            /* under mu */
+static int ntodo, nthreads, nidle;     /* under mu */
 static work_loop *loops;               /* loop threads only */
 
 static void wake_init(void) {
@@ -47,6 +51,16 @@ static void wake_init(void) {
     pthread_condattr_setclock(&a, CLOCK_MONOTONIC);
     pthread_cond_init(&wake, &a);
     pthread_condattr_destroy(&a);
+}
+
+/* Under mu: w goes back to its loop. */
+static void work_finished(tn_work *w) {
+    work_loop *wl = w->wl;
+    w->next = NULL;
+    if (wl->done_tail) wl->done_tail->next = w;
+    else wl->done_head = w;
+    wl->done_tail = w;
+    uv_async_send(&wl->async);
 }
 
 static void *work_thread(void *arg) {
@@ -71,15 +85,11 @@ static void *work_thread(void *arg) {
         tn_work *w = todo_head;
         todo_head = w->next;
         if (!todo_head) todo_tail = NULL;
+        ntodo--;
         pthread_mutex_unlock(&mu);
         w->work(w);
         pthread_mutex_lock(&mu);
-        work_loop *wl = w->wl;
-        w->next = NULL;
-        if (wl->done_tail) wl->done_tail->next = w;
-        else wl->done_head = w;
-        wl->done_tail = w;
-        uv_async_send(&wl->async);
+        work_finished(w);
     }
 }
 
@@ -115,42 +125,56 @@ static void work_done(uv_async_t *a) {
 static work_loop *work_loop_of(uv_loop_t *loop) {
     for (work_loop *wl = loops; wl; wl = wl->next)
         if (wl->loop == loop) return wl;
+    return NULL;
+}
+
+int tn_work_init(uv_loop_t *loop) {
+    pthread_once(&wake_once, wake_init);
+    if (work_loop_of(loop)) return 0;
     work_loop *wl = calloc(1, sizeof *wl);
-    if (!wl) return NULL;
-    if (uv_async_init(loop, &wl->async, work_done) != 0) {
+    if (!wl) return UV_ENOMEM;
+    int rc = uv_async_init(loop, &wl->async, work_done);
+    if (rc != 0) {
         free(wl);
-        return NULL;
+        return rc;
     }
     uv_unref((uv_handle_t *)&wl->async);
     wl->async.data = wl;
     wl->loop = loop;
     wl->next = loops;
     loops = wl;
-    return wl;
+    return 0;
 }
 
-int tn_work_queue(uv_loop_t *loop, tn_work *w, tn_work_cb work, tn_work_cb done) {
-    pthread_once(&wake_once, wake_init);
+void tn_work_queue(uv_loop_t *loop, tn_work *w, tn_work_cb work, tn_work_cb done) {
     work_loop *wl = work_loop_of(loop);
-    if (!wl) return UV_ENOMEM;
+    if (!wl) {
+        fprintf(stderr, "tn_work_queue: a loop without tn_work_init\n");
+        abort();
+    }
     w->wl = wl;
     w->work = work;
     w->done = done;
     w->next = NULL;
+    if (wl->out++ == 0) uv_ref((uv_handle_t *)&wl->async);
     pthread_mutex_lock(&mu);
-    if (nidle == 0 && nthreads < WORK_THREADS) {
-        int rc = work_thread_start();
-        if (rc == 0) nthreads++;
-        else if (nthreads == 0) {
+    /* a thread more when this item would wait for one, up to the cap */
+    if (ntodo + 1 > nidle && nthreads < WORK_THREADS) {
+        if (work_thread_start() == 0) {
+            nthreads++;
+        } else if (nthreads == 0) {
             pthread_mutex_unlock(&mu);
-            return uv_translate_sys_error(rc);
+            work(w);
+            pthread_mutex_lock(&mu);
+            work_finished(w);
+            pthread_mutex_unlock(&mu);
+            return;
         }
     }
     if (todo_tail) todo_tail->next = w;
     else todo_head = w;
     todo_tail = w;
+    ntodo++;
     if (nidle) pthread_cond_signal(&wake);
     pthread_mutex_unlock(&mu);
-    if (wl->out++ == 0) uv_ref((uv_handle_t *)&wl->async);
-    return 0;
 }

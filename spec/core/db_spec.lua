@@ -659,6 +659,60 @@ describe("core.db", function()
       end)
     end)
 
+    it("gives a second connection a thread of its own while the first is busy", function()
+      core.run(function()
+        assert(conn:run("INSERT INTO t(who) VALUES ('warm')")) -- one thread, idle now
+        local other = assert(db.open(path))
+        local order = {}
+        local slow = core.spawn(function()
+          assert(conn:query([[WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 2000000)
+            SELECT count(*) AS n FROM c]]))
+          order[#order + 1] = "slow"
+        end)
+        local quick = core.spawn(function()
+          assert(other:query("SELECT 1 AS one"))
+          order[#order + 1] = "quick"
+        end)
+        assert.is_true((slow:join()))
+        assert.is_true((quick:join()))
+        assert.are.same({ "quick", "slow" }, order)
+        other:close()
+      end)
+    end)
+
+    it("finishes every operation on the loop thread when no thread can be started", function()
+      -- the process (or its cgroup) at its limit of tasks: pthread_create
+      -- fails, and a task's call must still return, in order, with its result
+      local build = os.getenv("TEN_BUILD") or "build"
+      local helper = [[
+        local core = require "tenement.core"
+        core.run(function()
+          local conn = assert(core.db.open(%q))
+          assert(conn:exec("CREATE TABLE u(x)"))
+          local tasks = {}
+          for i = 1, 5 do
+            tasks[i] = core.spawn(function() return assert(conn:run("INSERT INTO u VALUES (?)", i)).last_id end)
+          end
+          local ids = {}
+          for i = 1, 5 do ids[i] = select(2, tasks[i]:join()) end
+          local threads = #assert(core.fs.readdir("/proc/self/task"))
+          print(table.concat(ids, " "), assert(conn:query("SELECT count(*) AS n FROM u"))[1].n, threads)
+          conn:close()
+        end)
+      ]]
+      helper = string.format(helper, dir .. "/u.db")
+      core.run(function()
+        local env = { PATH = os.getenv("PATH"), LUA_CPATH = build .. "/lib/?.so",
+          LD_PRELOAD = ((os.getenv("LD_PRELOAD") or "") .. " " .. build .. "/fixtures/no_threads.so"),
+          ASAN_OPTIONS = os.getenv("ASAN_OPTIONS") }
+        local h = assert(core.proc.spawn { argv = { "lua5.4", "-e", helper }, env = env, stderr = "pipe" })
+        local out = h.stdout:read(10000)
+        local st = h:wait(10000)
+        assert(st and st.code == 0, "the helper failed: " .. tostring(h.stderr:read(1000)))
+        assert.are.equal("1 2 3 4 5\t5\t1\n", out)
+      end)
+    end)
+
     it("gives the connection to a transaction's holder alone until it ends", function()
       core.run(function()
         local log = {}
