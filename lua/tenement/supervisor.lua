@@ -324,12 +324,26 @@ function Instance:launch()
     if ok then ok, err = core.fs.chmod(socket_dir, tonumber("1777", 8)) end
     if not ok then self:release_start() return nil, err end
   end
-  -- a socket left by an earlier process would answer for a dead instance
+  -- A socket left by an earlier process would answer for a dead instance,
+  -- and is removed; one something still listens on is another server's
+  -- (the default template names no data directory), and taking it would
+  -- send that server's traffic here. Neither file is ours to remove on the
+  -- way out.
   local st = core.fs.stat(vars.socket, false)
   if st then
     if st.type ~= "socket" then
+      self.socket = nil
       self:release_start()
       return nil, string.format("%s exists and is not a socket: refusing to remove it", vars.socket)
+    end
+    local live = core.net.connect { path = vars.socket, timeout = 1000 }
+    if live then
+      live:close()
+      self.socket = nil
+      self:release_start()
+      return nil, string.format("%s is in use: another process listens on it (another ten serve with the same "
+        .. "socket template?); give each server sockets of its own, e.g. socket = \"{data_dir}/sock/{name}-{id}.sock\"",
+        vars.socket)
     end
     core.fs.unlink(vars.socket)
   end

@@ -143,6 +143,37 @@ describe("supervisor", function()
     end)
   end)
 
+  it("leaves alone what is at its socket's path unless it is a stale socket", function()
+    local cfg = make_cfg(dir, { api = { 'restart = "never"' } })
+    core.run(function()
+      local sup = supervisor.new(cfg, { environ = {} })
+      assert(core.fs.mkdir(dir .. "/sock", 493))
+      -- a file that is not a socket
+      support.write(dir .. "/sock/api-file.sock", "mine")
+      local inst, err = sup:spawn("api", "file")
+      assert.is_nil(inst)
+      assert.matches("exists and is not a socket: refusing to remove it", err, 1, true)
+      assert.is_true(exists(dir .. "/sock/api-file.sock"))
+      -- a socket something listens on: another server's instance
+      local l = assert(core.net.listen { path = dir .. "/sock/api-live.sock" })
+      inst, err = sup:spawn("api", "live")
+      assert.is_nil(inst)
+      assert.matches("api-live.sock is in use: another process listens on it", err, 1, true)
+      assert(core.net.connect { path = dir .. "/sock/api-live.sock", timeout = 1000 }):close()
+      l:close()
+      -- a socket nothing listens on any more: removed, and the start goes on
+      local dead = assert(core.proc.spawn { argv = { BACKEND }, env = { "SOCKET_PATH=" .. dir .. "/sock/api-stale.sock" },
+        stdout = "pipe" })
+      assert.matches("listening", dead.stdout:read(5000), 1, true)
+      dead:kill("SIGKILL")
+      dead:wait(5000)
+      assert.are.equal("socket", core.fs.stat(dir .. "/sock/api-stale.sock", false).type)
+      inst = assert(sup:spawn("api", "stale"))
+      assert.are.equal(200, assert(get(inst, "/health")).status)
+      sup:shutdown()
+    end)
+  end)
+
   it("takes an answer on the socket as the start only from the instance's own processes", function()
     -- the app never binds its socket; a process of someone else's binds the
     -- path once the start has cleared it, and answers the health check

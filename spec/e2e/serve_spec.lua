@@ -374,6 +374,54 @@ describe("ten serve starting its [instances]", function()
     assert.is_true(stop(pid))
   end)
 
+  it("refuses an instance whose socket another server's instance listens on, and leaves that socket be", function()
+    -- two servers, two data directories, one socket template (as the
+    -- default, which names no data directory, gives any two servers)
+    local shared = support.tmpdir()
+    local ports = {}
+    local function lines(n)
+      return function()
+        ports[n] = support.free_port()
+        return {
+          "[settings]", 'data_dir = "data"', "port = " .. ports[n], "backoff_base_ms = 20", "max_restarts = 0",
+          "[service.api]", string.format("command = %q", BACKEND),
+          string.format("socket = %q", shared .. "/{name}-{id}.sock"), 'health = "/health"', 'isolation = "process"',
+          "[instances]", 'api = ["prod"]',
+        }
+      end
+    end
+    local cfg1, _, pid1 = serve_own(lines(1))
+    local function state(cfg)
+      local ok, by = pcall(ps, cfg)
+      return ok and by["api:prod"] and by["api:prod"].state
+    end
+    for _ = 1, 200 do
+      if state(cfg1) == "running" then break end
+      sleep(0.05)
+    end
+    assert.are.equal("running", state(cfg1))
+    local cfg2, log2, pid2 = serve_own(lines(2))
+    for _ = 1, 200 do
+      if state(cfg2) == "failed" then break end
+      sleep(0.05)
+    end
+    assert.are.equal("failed", state(cfg2))
+    assert.matches(shared .. "/api-prod.sock is in use: another process listens on it", log_with(log2, "is in use"),
+      1, true)
+    assert.is_true(stop(pid2))
+    -- the first server's instance kept its socket, and its traffic
+    local core = require "tenement.core"
+    core.run(function()
+      assert(core.net.connect { path = shared .. "/api-prod.sock", timeout = 1000 }):close()
+      local c = support.raw(ports[1])
+      c:send("GET / HTTP/1.1\r\nHost: prod.api.localhost\r\n\r\n")
+      assert.are.equal(200, assert(c:response()).status)
+      c.s:close()
+    end)
+    assert.are.equal("running", state(cfg1))
+    assert.is_true(stop(pid1))
+  end)
+
   it("does not report as failed the starts its own stop ended", function()
     local cfg, log, pid = serve_own(function(dir)
       return {
