@@ -111,7 +111,7 @@ int tn_init_main(int argc, char **argv, int first) {
 
     pid_t app = fork();
     if (app < 0) {
-        fprintf(stderr, "ten init: fork: %s\n", strerror(errno));
+        fprintf(stderr, "tenement-init: fork: %s\n", strerror(errno));
         return EXIT_INIT_FAILED;
     }
     if (app == 0) {
@@ -124,7 +124,7 @@ int tn_init_main(int argc, char **argv, int first) {
         sigprocmask(SIG_SETMASK, &old, NULL);
         execvp(argv[first], argv + first);
         int err = errno;
-        fprintf(stderr, "ten init: cannot run %s: %s\n", argv[first], strerror(err));
+        fprintf(stderr, "tenement-init: cannot run %s: %s\n", argv[first], strerror(err));
         _exit(err == ENOENT || err == ENOTDIR ? 127 : 126);
     }
     /* Also here, so the group exists before the first forwarded signal,
@@ -137,7 +137,7 @@ int tn_init_main(int argc, char **argv, int first) {
         int sig = sigwaitinfo(&set, &si);
         if (sig < 0) {
             if (errno == EINTR) continue;
-            fprintf(stderr, "ten init: sigwaitinfo: %s\n", strerror(errno));
+            fprintf(stderr, "tenement-init: sigwaitinfo: %s\n", strerror(errno));
             kill(-app, SIGKILL);
             return EXIT_INIT_FAILED;
         }

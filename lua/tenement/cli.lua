@@ -199,6 +199,7 @@ local function load_config(ctx)
     ctx.err:write(err, "\n")
     return nil
   end
+  for _, w in ipairs(cfg.warnings) do ctx.err:write("warning: ", w, "\n") end
   return cfg
 end
 
@@ -373,14 +374,14 @@ command {
       check = function(v) local n = math.tointeger(tonumber(v)) return n, "expected a port number" end },
     { long = "listen", arg = "ADDR", help = "address to listen on (overrides settings.listen)" },
     { long = "domain", short = "d", arg = "DOMAIN", help = "routing domain (overrides settings.domain)" },
-    -- The original's flags: its users' scripts pass them.
-    { long = "tls", help = "set settings.tls.enabled (the certificate is for --domain unless the file names one)" },
-    { long = "email", arg = "EMAIL", help = "ACME account email (overrides settings.tls.acme_email)",
+    -- Flags of earlier versions: their users' scripts pass them.
+    { long = "tls", help = "set settings.tls.enabled; accepted, but this version serves plain HTTP only (it says so when it starts)" },
+    { long = "email", arg = "EMAIL", help = "ACME account email (overrides settings.tls.acme_email; no effect yet, see --tls)",
       check = function(v)
         local _, err = require("tenement.config").check({ settings = { tls = { acme_email = v } } }, nil, {})
         return err == nil, err and err:gsub("^[^:]*: ", "")
       end },
-    { long = "staging", help = "use the ACME staging environment (settings.tls.staging)" },
+    { long = "staging", help = "use the ACME staging environment (settings.tls.staging; no effect yet, see --tls)" },
   },
   description = "Starts the instances of [instances] and those that were running when the\n" ..
     "server last stopped, restarts them by their policy, and answers the other\n" ..
@@ -558,7 +559,7 @@ command {
   options = {
     { long = "lines", short = "n", arg = "N", help = "how many lines (default 100)",
       check = function(v) local n = tonumber(v) return n and n >= 1 and math.floor(n), "expected a number >= 1" end },
-    { long = "limit", arg = "N", help = "the same as -n (the original's name)",
+    { long = "limit", arg = "N", help = "the same as -n (its name in earlier versions)",
       check = function(v) local n = tonumber(v) return n and n >= 1 and math.floor(n), "expected a number >= 1" end },
     { long = "follow", short = "f", help = "keep printing new lines as they come" },
     { long = "search", arg = "QUERY", help = "only lines matching QUERY" },
@@ -566,7 +567,7 @@ command {
       check = parse_duration },
     { long = "stream", arg = "STREAM", help = "stdout or stderr",
       check = function(v) return (v == "stdout" or v == "stderr") and true, "expected stdout or stderr" end },
-    { long = "level", arg = "STREAM", help = "the same as --stream (the original's name)",
+    { long = "level", arg = "STREAM", help = "the same as --stream (its name in earlier versions)",
       check = function(v) return (v == "stdout" or v == "stderr") and true, "expected stdout or stderr" end },
   },
   run = function(ctx, args)
@@ -596,6 +597,13 @@ command {
     return with_server(ctx, function(c)
       local status, list = c:request("GET", base)
       if status ~= 200 then return report_failure(ctx, "logs", status, list) end
+      if instance and #list == 0 and c:request("GET", "/api/instances/" .. instance) == 404 then
+        -- a typo would otherwise look like a quiet instance
+        local kept = ctx.opts.search or ctx.opts.stream or ctx.opts.level or ctx.opts.since
+        ctx.err:write("ten logs: no instance ", instance, kept and ", and no lines of it that match"
+          or ", and no lines of it in the store", "\n")
+        return 1
+      end
       show(list)
       if not ctx.opts.follow then return 0 end
       -- then the live Server-Sent Events stream, from the last line shown

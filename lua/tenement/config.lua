@@ -1395,8 +1395,25 @@ function config.check(doc, source, env, text)
     return nil, format_errors(source, ctx.errors), list
   end
 
+  -- What loads but is rarely meant: said by ten config, logged by ten serve.
+  local warnings = {}
+  local raw_paths = type(doc.routing) == "table" and type(doc.routing.path) == "table" and doc.routing.path or {}
+  for prefix in pairs(raw_paths) do
+    local taken = type(prefix) == "string" and require("tenement.router").own_paths_taken(prefix) or {}
+    if #taken > 0 then
+      local line = where(raw_paths, prefix)
+      warnings[#warnings + 1] = { line = line or 0, text = ("%s[routing.path] %s takes %s from the server on the bare "
+        .. "domain (path routes go first): HTTP API clients and ten --server get the service instead; the CLI on this "
+        .. "machine still works, through the control socket"):format(
+        line and ("%s:%d: "):format(source or "tenement.toml", line) or "", quote(prefix), table.concat(taken, ", ")) }
+    end
+  end
+  table.sort(warnings, function(x, y) return x.line < y.line end)
+  for i, w in ipairs(warnings) do warnings[i] = w.text end
+
   return {
     source = source,
+    warnings = warnings,
     settings = settings,
     services = services,
     service_names = names,
@@ -1650,7 +1667,7 @@ function config.public(cfg, mark_array)
     for k, x in pairs(v) do
       if k ~= "host_env" then out[k] = walk(x, k) end
     end
-    if #v > 0 or key == "args" or key == "instances" or key == "path" or key == "service_names" then
+    if #v > 0 or key == "args" or key == "instances" or key == "path" or key == "service_names" or key == "warnings" then
       return mark_array(out)
     end
     return out

@@ -101,6 +101,16 @@ local function prefix_match(path, prefix)
   return next_char == "" or next_char == "/" or next_char == "?"
 end
 
+-- The server's own paths a [routing.path] prefix takes from it (path routes
+-- go first), which the configuration warns of.
+function router.own_paths_taken(prefix)
+  local taken = {}
+  for _, p in ipairs(router.own_prefixes) do
+    if prefix_match(p, prefix) then taken[#taken + 1] = p end
+  end
+  return taken
+end
+
 local function is_own_path(path)
   for _, p in ipairs(router.own_prefixes) do
     if prefix_match(path, p) then return true end

@@ -441,6 +441,7 @@ function Server:reload()
   local config = require "tenement.config"
   local new, err = config.load(self.cfg.source, self.opts.environ)
   if not new then return nil, err end
+  for _, w in ipairs(new.warnings) do log.warn("reload: %s", w) end
   local old = self.cfg
   config.reapply(new, old)
   local summary = { added = {}, removed = {}, rolled_out = {}, failed = {}, restart_needed = {} }

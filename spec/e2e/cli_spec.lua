@@ -61,6 +61,16 @@ describe("ten CLI", function()
     assert.are.equal("prod", cfg.instances[1].id)
   end)
 
+  it("ten config says what loads but is rarely meant, and still exits 0", function()
+    local dir = support.tmpdir()
+    local path = support.write(dir .. "/tenement.toml", '[service.api]\ncommand = "./api"\n[routing.path]\n'
+      .. '"/api" = "api"\n')
+    local code, out, err = support.ten_run { "config", "--json", "--config", path }
+    assert.are.equal(0, code)
+    assert.are.equal(1, err:find("warning: " .. path .. ':4: [routing.path] "/api" takes /api/ from the server', 1, true))
+    assert.are.equal(1, #require("cjson").decode(out).warnings)
+  end)
+
   it("ten config shows the data_dir that --data-dir or $TENEMENT_DATA_DIR gives ten serve", function()
     local dir = support.tmpdir()
     local path = support.write(dir .. "/tenement.toml", '[settings]\ndata_dir = "from-file"\n')

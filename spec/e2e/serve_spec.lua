@@ -126,6 +126,11 @@ describe("ten serve", function()
     code, out = ten(cfg, "logs", "--search", "listening")
     assert.are.equal(0, code)
     assert.matches("api:boot listening on", out, 1, true)
+    -- a name that is nobody's is said to be so, not shown as a quiet instance
+    local err
+    code, out, err = ten(cfg, "logs", "api:nope")
+    assert.are.same({ 1, "" }, { code, out })
+    assert.matches("no instance api:nope, and no lines of it in the store", err, 1, true)
 
     -- SIGTERM: every instance stopped, exit 0
     local boot_pid = ps(cfg)["api:boot"].pid

@@ -447,6 +447,20 @@ describe("reporting", function()
     }, parse_errors('[service.api]\ncommand = "x"\n[routing.path]\n"/a=b" = 5\n'))
   end)
 
+  it("warns of a path route that takes the server's own paths, and of no other", function()
+    local cfg = parse_ok('[service.api]\ncommand = "x"\n[routing.path]\n"/api" = "api"\n"/shop" = "api"\n'
+      .. '"/apis" = "api"\n"/" = "api"\n')
+    assert.same({
+      'tenement.toml:4: [routing.path] "/api" takes /api/ from the server on the bare domain (path routes go first): '
+        .. "HTTP API clients and ten --server get the service instead; the CLI on this machine still works, "
+        .. "through the control socket",
+      'tenement.toml:7: [routing.path] "/" takes /api/, /health, /metrics from the server on the bare domain (path '
+        .. "routes go first): HTTP API clients and ten --server get the service instead; the CLI on this machine "
+        .. "still works, through the control socket",
+    }, cfg.warnings)
+    assert.same({}, parse_ok('[service.api]\ncommand = "x"\n[routing.path]\n"/api/v2" = "api"\n').warnings)
+  end)
+
   it("points at the value inside an inline table", function()
     assert.same({
       'tenement.toml:2:34: service.api.restart = "no": expected one of always, on-failure, never',
