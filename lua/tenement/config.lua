@@ -1408,6 +1408,27 @@ function config.check(doc, source, env, text)
         line and ("%s:%d: "):format(source or "tenement.toml", line) or "", quote(prefix), table.concat(taken, ", ")) }
     end
   end
+  -- A program named by a path that is not there: ten serve would fail each
+  -- start of it. A relative one is looked for where ten runs now, which is
+  -- where ten serve looks when started from here (workdir, when set).
+  local raw_services = type(doc.service) == "table" and doc.service or {}
+  for _, name in ipairs(names) do
+    local cmd, workdir = services[name].command, services[name].workdir
+    local prog = type(cmd) == "string" and not require("tenement.command").needs_shell(cmd) and cmd:match("^%s*(%S+)")
+    if prog and prog:find("/", 1, true) and not (workdir and workdir:find("{", 1, true)) then
+      local path = (prog:sub(1, 1) ~= "/" and workdir) and (workdir .. "/" .. prog) or prog
+      local f = io.open(path, "rb")
+      if f then
+        f:close()
+      else
+        local line = where(raw_services[name], "command")
+        warnings[#warnings + 1] = { line = line or 0, text = ("%sservice.%s.command: the program %s is not there%s: "
+          .. "each start would fail"):format(line and ("%s:%d: "):format(source or "tenement.toml", line) or "",
+          name, quote(prog), prog:sub(1, 1) == "/" and "" or (workdir and (" (in workdir " .. quote(workdir) .. ")")
+            or " (a relative program is looked for in the directory ten serve runs in, here the current one)")) }
+      end
+    end
+  end
   table.sort(warnings, function(x, y) return x.line < y.line end)
   for i, w in ipairs(warnings) do warnings[i] = w.text end
 

@@ -553,7 +553,10 @@ function Server:serve_until_signal()
     end
   end)
   local signum = done:wait()
-  log.info("signal %d: stopping every instance", signum)
+  -- what the wait is for, so an operator at the terminal knows it is bounded
+  log.info("signal %d: stopping every instance: requests in flight get up to %d s to finish (drain_timeout), then "
+    .. "each instance SIGTERM, and SIGKILL after %d s (stop_timeout)", signum, self.cfg.settings.drain_timeout,
+    self.cfg.settings.stop_timeout)
   self:shutdown()
   term:close()
   int:close()

@@ -142,7 +142,8 @@ describe("ten serve", function()
     local f = io.open(log)
     local text = f:read("a")
     f:close()
-    assert.matches("stopping every instance", text, 1, true)
+    assert.matches("stopping every instance: requests in flight get up to 10 s to finish (drain_timeout), then "
+      .. "each instance SIGTERM, and SIGKILL after 2 s (stop_timeout)", text, 1, true)
 
     pid = support.ten_serve(cfg, log .. "2")
     assert.is_true(wait_up(cfg))

@@ -461,6 +461,19 @@ describe("reporting", function()
     assert.same({}, parse_ok('[service.api]\ncommand = "x"\n[routing.path]\n"/api/v2" = "api"\n').warnings)
   end)
 
+  it("warns of a program named by a path that is not there, and of no other", function()
+    local cfg = parse_ok('[service.a]\ncommand = "./no-such-app --flag"\n[service.b]\ncommand = "/bin/sh"\n'
+      .. '[service.c]\ncommand = "/no/such/app"\n[service.d]\ncommand = "app-on-path"\n'
+      .. '[service.e]\ncommand = "./no-such-app > log"\n[service.f]\ncommand = "bin/app"\nworkdir = "/no/such/dir"\n')
+    assert.same({
+      'tenement.toml:2: service.a.command: the program "./no-such-app" is not there (a relative program is looked '
+        .. "for in the directory ten serve runs in, here the current one): each start would fail",
+      'tenement.toml:6: service.c.command: the program "/no/such/app" is not there: each start would fail',
+      'tenement.toml:12: service.f.command: the program "bin/app" is not there (in workdir "/no/such/dir"): each '
+        .. "start would fail",
+    }, cfg.warnings)
+  end)
+
   it("points at the value inside an inline table", function()
     assert.same({
       'tenement.toml:2:34: service.api.restart = "no": expected one of always, on-failure, never',
