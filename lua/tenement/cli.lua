@@ -549,12 +549,42 @@ command {
   end,
 }
 
+-- ten logs with no server running: the lines are in the store all the same,
+-- and after a crash is when they are wanted most. In a task.
+local function logs_from_store(ctx, instance, unreachable, show)
+  local dir = data_dir(ctx)
+  local path = dir and (dir .. "/tenement.db")
+  if not path or not require("tenement.core").fs.stat(path) then
+    ctx.err:write("ten logs: ", unreachable, "\n")
+    return 1
+  end
+  if ctx.opts.follow then
+    ctx.err:write("ten logs: --follow needs a running server: ", unreachable, "\n")
+    return 1
+  end
+  local store, err = require("tenement.store").open(path)
+  if not store then ctx.err:write("ten logs: ", err, "\n") return 1 end
+  local rows, lerr = store:logs { instance = instance, q = ctx.opts.search, stream = ctx.opts.stream or ctx.opts.level,
+    since = ctx.opts.since and (os.time() - ctx.opts.since), limit = ctx.opts.lines or ctx.opts.limit or 100 }
+  store:close()
+  if not rows then ctx.err:write("ten logs: ", lerr, "\n") return 1 end
+  ctx.err:write("ten logs: no server is running; the lines below are read from ", path, "\n")
+  local list = {}
+  for i = #rows, 1, -1 do -- oldest first
+    local r = rows[i]
+    list[#list + 1] = { time = r.ts, instance = r.instance, stream = r.stream, message = r.message }
+  end
+  show(list)
+  return 0
+end
+
 command {
   name = "logs",
   summary = "Show an instance's output, search it, follow it",
   usage = "ten logs [SERVICE:ID] [-n N] [-f] [--search QUERY] [--since DURATION] [--stream stdout|stderr]",
   description = "Lines come from the store, so they survive restarts of instances and of the\n" ..
-    "server. --search is full-text (every word must appear; the last one may be a prefix).",
+    "server; with no server running they are read from the store directly (not\n" ..
+    "--follow). --search is full-text (every word must appear; the last one may be a prefix).",
   max_args = 1,
   options = {
     { long = "lines", short = "n", arg = "N", help = "how many lines (default 100)",
@@ -595,7 +625,8 @@ command {
       if ctx.out.flush then ctx.out:flush() end
     end
     return with_server(ctx, function(c)
-      local status, list = c:request("GET", base)
+      local status, list, why = c:request("GET", base)
+      if why == "unreachable" and not c.server then return logs_from_store(ctx, instance, list, show) end
       if status ~= 200 then return report_failure(ctx, "logs", status, list) end
       if instance and #list == 0 and c:request("GET", "/api/instances/" .. instance) == 404 then
         -- a typo would otherwise look like a quiet instance

@@ -39,8 +39,9 @@ function Client:unreachable(err)
     self.socket, err)
 end
 
--- request(method, target [, body_table [, timeout_ms]]) -> status, value | nil, err
--- Must run inside a task. value is the decoded JSON (nil for an empty body).
+-- request(method, target [, body_table [, timeout_ms]]) -> status, value | nil, err, why
+-- Must run inside a task. value is the decoded JSON (nil for an empty body);
+-- why is "unreachable" when no server listens.
 function Client:request(method, target, body, timeout_ms)
   local headers = body and { ["content-type"] = "application/json" } or {}
   if self.token then headers.authorization = "Bearer " .. self.token end
@@ -52,7 +53,7 @@ function Client:request(method, target, body, timeout_ms)
     timeout = timeout_ms or 120000,
   }
   if not res then
-    if code == "ENOENT" or code == "ECONNREFUSED" then return nil, self:unreachable(err) end
+    if code == "ENOENT" or code == "ECONNREFUSED" then return nil, self:unreachable(err), "unreachable" end
     return nil, err
   end
   local value

@@ -144,6 +144,14 @@ describe("ten serve", function()
     f:close()
     assert.matches("stopping every instance: requests in flight get up to 10 s to finish (drain_timeout), then "
       .. "each instance SIGTERM, and SIGKILL after 2 s (stop_timeout)", text, 1, true)
+    -- no server: the lines are read from the store
+    code, out, err = ten(cfg, "logs", "api:boot")
+    assert.are.equal(0, code)
+    assert.matches("listening on", out, 1, true)
+    assert.matches("no server is running; the lines below are read from ", err, 1, true)
+    code, _, err = ten(cfg, "logs", "-f", "api:boot")
+    assert.are.equal(1, code)
+    assert.matches("--follow needs a running server", err, 1, true)
 
     pid = support.ten_serve(cfg, log .. "2")
     assert.is_true(wait_up(cfg))
