@@ -112,7 +112,8 @@ function Server:start()
   local max_conns = self:connection_budget(s.max_connections)
   local http_listener, herr = core.net.listen { host = s.listen, port = s.port }
   if not http_listener then
-    return nil, string.format("cannot listen on %s port %d: %s", s.listen, s.port, herr)
+    return nil, string.format("cannot listen on %s port %d: %s (another port: ten serve -p PORT, or port in "
+      .. "[settings])", s.listen, s.port, herr)
   end
   self.http_listener = http_listener
   -- one per request an upstream failed (the 502): a dead app under load

@@ -744,8 +744,11 @@ function Instance:probe_until_ready(proc, gen, ready_by, keep)
     -- may take: cut at a second, a health check slower than that was sent
     -- again and again, and never answered in time (an exit ends the wait,
     -- closing the connection)
-    local ok = self:check_kept(keep, math.max(1, ready_by - core.now()))
+    local ok, why_not = self:check_kept(keep, math.max(1, ready_by - core.now()))
     if self.gen ~= gen then return nil end
+    -- an answer that was not 2xx is what a failed start is to report
+    -- (refused connections are only the app not listening yet)
+    if not ok and why_not and why_not:find(" answered ", 1, true) then self.last_answer = why_not end
     if ok then
       local mine, why = self:answered_by(proc, keep.conn)
       if self.gen ~= gen then return nil end
@@ -888,7 +891,7 @@ function Instance:start_once()
     return nil, { reason = "start", message = "spawn failed: " .. err }
   end
   local timeout = self.svc.startup_timeout * 1000
-  self.refused_answer = nil
+  self.refused_answer, self.last_answer = nil, nil
   core.spawn(self.watch, self, proc, gen, core.now() + timeout)
   -- a rollout's request that comes during the start is for the process
   -- that results: put back for the runner, whatever the start's outcome
@@ -904,7 +907,8 @@ function Instance:start_once()
       local what = self.svc.health and ("answer GET " .. self.svc.health .. " with 2xx") or "accept connections"
       local info = { reason = "start", message = string.format(
         "did not %s on %s within startup_timeout = %d s%s%s", what, self.socket,
-        self.svc.startup_timeout, self.refused_answer and (" (" .. self.refused_answer .. ")") or "",
+        self.svc.startup_timeout, (self.refused_answer or self.last_answer)
+          and (" (" .. (self.refused_answer or ("the last answer: " .. self.last_answer)) .. ")") or "",
         self:last_output()) }
       self:release_start()
       return nil, info

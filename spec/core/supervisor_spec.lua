@@ -118,6 +118,7 @@ describe("supervisor", function()
     local cfg = make_cfg(dir, {
       missing = { 'command = "/nonexistent/app"', 'restart = "never"' },
       nosock = { 'restart = "never"', "startup_timeout = 1", "[service.nosock.env]", 'BACKEND_NO_SOCKET = "1"' },
+      nothere = { 'restart = "never"', "startup_timeout = 1", 'health = "/nothere"' },
     })
     core.run(function()
       local sup = supervisor.new(cfg, { environ = {} })
@@ -140,6 +141,12 @@ describe("supervisor", function()
       inst = sup:spawn("nosock", "b")
       assert.is_nil(inst)
       assert.is_true(core.now() - t0 >= 900)
+
+      -- an app that answers, but not 2xx: the answer is in the reason
+      inst, err = sup:spawn("nothere", "c")
+      assert.is_nil(inst)
+      assert.matches("did not answer GET /nothere with 2xx", err, 1, true)
+      assert.matches("(the last answer: GET /nothere answered 404)", err, 1, true)
     end)
   end)
 
