@@ -880,6 +880,7 @@ command {
       local function list(t) return #t > 0 and table.concat(t, ", ") or "-" end
       ctx.out:write("added: ", list(v.added), "\nremoved: ", list(v.removed), "\nrolled out: ",
         list(v.rolled_out), "\n")
+      if v.applied and #v.applied > 0 then ctx.out:write("applied: ", list(v.applied), "\n") end
       if #v.restart_needed > 0 then
         ctx.out:write("needs a restart of ten serve: ", list(v.restart_needed), "\n")
       end

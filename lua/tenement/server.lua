@@ -425,7 +425,8 @@ function Server:flush_logs(final)
   end
 end
 
--- Two service definitions are the same when every field but the line is.
+-- Two service definitions (or other parts of a configuration) are the same
+-- when every field but the line is.
 local function same(a, b)
   if type(a) ~= "table" or type(b) ~= "table" then return a == b end
   for k, v in pairs(a) do if k ~= "line" and not same(v, b[k]) then return false end end
@@ -445,7 +446,7 @@ function Server:reload()
   for _, w in ipairs(new.warnings) do log.warn("reload: %s", w) end
   local old = self.cfg
   config.reapply(new, old)
-  local summary = { added = {}, removed = {}, rolled_out = {}, failed = {}, restart_needed = {} }
+  local summary = { added = {}, removed = {}, rolled_out = {}, failed = {}, restart_needed = {}, applied = {} }
   -- the HTTP server takes its limits once, when it starts listening
   for _, key in ipairs { "listen", "port", "data_dir", "max_head_kb", "max_headers", "max_body_mb",
     "header_timeout", "keepalive_timeout", "max_connections" } do
@@ -475,7 +476,12 @@ function Server:reload()
     end
   end
   for name in pairs(old.services) do if not new.services[name] then old.services[name] = nil end end
-  -- the rest of the file: settings, routing, hooks, [instances]
+  -- the rest of the file: settings, routing, hooks, [instances]; said when
+  -- changed, since nothing else in the summary would show it
+  for _, part in ipairs { { "settings", old.settings, new.settings }, { "routing", old.routing, new.routing },
+    { "hooks", old.hooks, new.hooks }, { "[instances]", old.instances, new.instances } } do
+    if not same(part[2], part[3]) then summary.applied[#summary.applied + 1] = part[1] end
+  end
   -- a new table rather than the old one changed: an instance's upstream
   -- takes proxy_timeout and upstream_keepalive again only when its
   -- settings table is another one (inst:upstream())
@@ -492,8 +498,9 @@ function Server:reload()
     end
   end
   for _, list in pairs(summary) do table.sort(list) end
-  log.info("reloaded %s: added [%s], removed [%s], rolled out [%s]%s", old.source,
+  log.info("reloaded %s: added [%s], removed [%s], rolled out [%s], applied [%s]%s", old.source,
     table.concat(summary.added, " "), table.concat(summary.removed, " "), table.concat(summary.rolled_out, " "),
+    table.concat(summary.applied, " "),
     #summary.restart_needed > 0 and ("; " .. table.concat(summary.restart_needed, ", ") ..
       " changed and need a restart of ten serve") or "")
   return summary

@@ -484,6 +484,13 @@ describe("front door", function()
     local code, out, err = ten(srv, "reload")
     assert.are.equal(0, code, err)
     assert.matches("added: web", out, 1, true)
+    assert.is_nil(out:find("applied:", 1, true))
+    -- a change of routing alone is said too
+    write_cfg("2", '[service.web]\ncommand = "' .. BACKEND .. '"\nsocket = "' .. dir
+      .. '/sock/{name}-{id}.sock"\nisolation = "process"\n[routing.subdomain]\nwww = "web"\n')
+    code, out, err = ten(srv, "reload")
+    assert.are.equal(0, code, err)
+    assert.matches("added: -\nremoved: -\nrolled out: -\napplied: routing\n", out, 1, true)
     assert.are.equal(0, (ten(srv, "spawn", "web:x")))
     -- SIGHUP: the service is gone again, and its instance stopped
     write_cfg("2")
