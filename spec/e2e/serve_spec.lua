@@ -326,12 +326,21 @@ end)
 describe("ten serve starting its [instances]", function()
   after_each(support.cleanup)
 
+  -- a test's servers, all killed at its end however it ends (busted keeps
+  -- one finally per test: the last one given)
+  local started
+  before_each(function() started = {} end)
   local function serve_own(make_lines)
     local dir = support.tmpdir()
     local cfg, log = dir .. "/tenement.toml", dir .. "/serve.log"
     support.write(cfg, table.concat(make_lines(dir), "\n") .. "\n")
     local pid = support.ten_serve(cfg, log)
-    finally(function() if pid_alive(pid) then os.execute("kill -KILL " .. pid) end end)
+    started[#started + 1] = pid
+    finally(function()
+      for _, p in ipairs(started) do
+        if pid_alive(p) then os.execute("kill -KILL " .. p) end
+      end
+    end)
     return cfg, log, pid
   end
 
