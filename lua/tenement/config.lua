@@ -37,6 +37,8 @@
 -- Pure Lua: the only I/O is reading the file in `load`.
 
 local toml = require("tenement.toml")
+local command = require("tenement.command")
+local router = require("tenement.router")
 
 local config = {}
 
@@ -1397,15 +1399,17 @@ function config.check(doc, source, env, text)
 
   -- What loads but is rarely meant: said by ten config, logged by ten serve.
   local warnings = {}
+  local function warn(line, msg)
+    warnings[#warnings + 1] = { line = line or 0,
+      text = (line and ("%s:%d: "):format(source or "tenement.toml", line) or "") .. msg }
+  end
   local raw_paths = type(doc.routing) == "table" and type(doc.routing.path) == "table" and doc.routing.path or {}
   for prefix in pairs(raw_paths) do
-    local taken = type(prefix) == "string" and require("tenement.router").own_paths_taken(prefix) or {}
+    local taken = type(prefix) == "string" and router.own_paths_taken(prefix) or {}
     if #taken > 0 then
-      local line = where(raw_paths, prefix)
-      warnings[#warnings + 1] = { line = line or 0, text = ("%s[routing.path] %s takes %s from the server on the bare "
-        .. "domain (path routes go first): HTTP API clients and ten --server get the service instead; the CLI on this "
-        .. "machine still works, through the control socket"):format(
-        line and ("%s:%d: "):format(source or "tenement.toml", line) or "", quote(prefix), table.concat(taken, ", ")) }
+      warn(where(raw_paths, prefix), ("[routing.path] %s takes %s from the server on the bare domain (path routes go "
+        .. "first): HTTP API clients and ten --server get the service instead; the CLI on this machine still works, "
+        .. "through the control socket"):format(quote(prefix), table.concat(taken, ", ")))
     end
   end
   -- A program named by a path that is not there: ten serve would fail each
@@ -1414,18 +1418,17 @@ function config.check(doc, source, env, text)
   local raw_services = type(doc.service) == "table" and doc.service or {}
   for _, name in ipairs(names) do
     local cmd, workdir = services[name].command, services[name].workdir
-    local prog = type(cmd) == "string" and not require("tenement.command").needs_shell(cmd) and cmd:match("^%s*(%S+)")
+    local prog = type(cmd) == "string" and not command.needs_shell(cmd) and cmd:match("^%s*(%S+)")
     if prog and prog:find("/", 1, true) and not (workdir and workdir:find("{", 1, true)) then
       local path = (prog:sub(1, 1) ~= "/" and workdir) and (workdir .. "/" .. prog) or prog
       local f = io.open(path, "rb")
       if f then
         f:close()
       else
-        local line = where(raw_services[name], "command")
-        warnings[#warnings + 1] = { line = line or 0, text = ("%sservice.%s.command: the program %s is not there%s: "
-          .. "each start would fail"):format(line and ("%s:%d: "):format(source or "tenement.toml", line) or "",
-          name, quote(prog), prog:sub(1, 1) == "/" and "" or (workdir and (" (in workdir " .. quote(workdir) .. ")")
-            or " (a relative program is looked for in the directory ten serve runs in, here the current one)")) }
+        warn(where(raw_services[name], "command"), ("service.%s.command: the program %s is not there%s: each start "
+          .. "would fail"):format(name, quote(prog), prog:sub(1, 1) == "/" and "" or (workdir and (" (in workdir "
+          .. quote(workdir) .. ")") or " (a relative program is looked for in the directory ten serve runs in, here "
+          .. "the current one)")))
       end
     end
   end
