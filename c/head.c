@@ -43,9 +43,27 @@ static int is_ows(char ch) { return ch == ' ' || ch == '\t'; }
 static int tab_in(const char *s, size_t n) { return memchr(s, '\t', n) != NULL; }
 
 /* s[0, n) is lit, ignoring case; lit is lower-case letters and '-', which
- * no other byte of a name or value matches with the case bit set. */
+ * no other byte of a name or value matches with the case bit set. Eight
+ * bytes a step (the last step overlapping): every header name is compared
+ * with a few of these. */
+static uint64_t lower8(const char *s) {
+    uint64_t x;
+    memcpy(&x, s, 8);
+    return x | 0x2020202020202020ull;
+}
+static uint32_t lower4(const char *s) {
+    uint32_t x;
+    memcpy(&x, s, 4);
+    return x | 0x20202020u;
+}
 static int name_eq(const char *s, size_t n, const char *lit, size_t ln) {
     if (n != ln) return 0;
+    if (n >= 8) {
+        for (size_t i = 0; i + 8 < n; i += 8)
+            if (lower8(s + i) != lower8(lit + i)) return 0;
+        return lower8(s + n - 8) == lower8(lit + n - 8);
+    }
+    if (n >= 4) return lower4(s) == lower4(lit) && lower4(s + n - 4) == lower4(lit + n - 4);
     for (size_t i = 0; i < n; i++)
         if ((s[i] | 0x20) != lit[i]) return 0;
     return 1;
@@ -86,30 +104,89 @@ static int length_of(const char *v, size_t n, uint64_t *out) {
     return 1;
 }
 
+/* Spans: the first byte at or after i, below lim, outside a class (lim
+ * when there is none). Every byte of every head goes through one, so they
+ * take 16 bytes a step where SSE2 is there (every x86-64), and never read
+ * at or past lim: the head may end its buffer. */
+#if defined(__SSE2__)
+#include <emmintrin.h>
+
+/* Bytes below `floor` or DEL end a span; signed, 0x80 to 0xff are below
+ * too (obs-text, llhttp's to judge). HTAB is let through when tab_ok. */
+static size_t span_visible(const char *p, size_t i, size_t lim, char floor, int tab_ok) {
+    const __m128i below = _mm_set1_epi8(floor), del = _mm_set1_epi8(0x7f), tab = _mm_set1_epi8('\t');
+    for (; i + 16 <= lim; i += 16) {
+        __m128i x = _mm_loadu_si128((const __m128i *)(const void *)(p + i));
+        __m128i out = _mm_or_si128(_mm_cmplt_epi8(x, below), _mm_cmpeq_epi8(x, del));
+        if (tab_ok) out = _mm_andnot_si128(_mm_cmpeq_epi8(x, tab), out);
+        unsigned m = (unsigned)_mm_movemask_epi8(out);
+        if (m) return i + (size_t)__builtin_ctz(m);
+    }
+    const int cls = tab_ok ? HEAD_TEXT : HEAD_VCHAR;
+    while (i < lim && is(p[i], cls)) i++;
+    return i;
+}
+
+/* Names: letters, digits and '-' by vector, which is nearly every name;
+ * the rest of tchar ("X_Y", "a.b") byte by byte from where that stops. */
+static size_t span_token(const char *p, size_t i, size_t lim) {
+    for (; i + 16 <= lim; i += 16) {
+        __m128i x = _mm_loadu_si128((const __m128i *)(const void *)(p + i));
+        __m128i folded = _mm_or_si128(x, _mm_set1_epi8(0x20)); /* letters to lower case */
+        __m128i letter = _mm_and_si128(_mm_cmpgt_epi8(folded, _mm_set1_epi8('a' - 1)),
+                                       _mm_cmplt_epi8(folded, _mm_set1_epi8('z' + 1)));
+        __m128i digit = _mm_and_si128(_mm_cmpgt_epi8(x, _mm_set1_epi8('0' - 1)),
+                                      _mm_cmplt_epi8(x, _mm_set1_epi8('9' + 1)));
+        __m128i ok = _mm_or_si128(_mm_or_si128(letter, digit), _mm_cmpeq_epi8(x, _mm_set1_epi8('-')));
+        unsigned m = ~(unsigned)_mm_movemask_epi8(ok) & 0xffffu;
+        if (m) { i += (size_t)__builtin_ctz(m); break; }
+    }
+    while (i < lim && is(p[i], HEAD_TCHAR)) i++;
+    return i;
+}
+#else
+static size_t span_visible(const char *p, size_t i, size_t lim, char floor, int tab_ok) {
+    (void)floor;
+    const int cls = tab_ok ? HEAD_TEXT : HEAD_VCHAR;
+    while (i < lim && is(p[i], cls)) i++;
+    return i;
+}
+static size_t span_token(const char *p, size_t i, size_t lim) {
+    while (i < lim && is(p[i], HEAD_TCHAR)) i++;
+    return i;
+}
+#endif
+static size_t span_target(const char *p, size_t i, size_t lim) { return span_visible(p, i, lim, 0x21, 0); }
+static size_t span_text(const char *p, size_t i, size_t lim) { return span_visible(p, i, lim, 0x20, 1); }
+
+/* "\r\n" at i, within lim */
+static int crlf_at(const char *p, size_t i, size_t lim) {
+    return lim - i >= 2 && p[i] == '\r' && p[i + 1] == '\n';
+}
+
 size_t head_fast_parse(head_fast *f, const char *p, size_t n) {
-    /* Line by line: each line's LF is found first (memchr), so the scans
-     * within it stop at that LF at the latest, with no bound to check for
-     * each byte. */
+    /* Every scan is bounded by lim; a line must end in CRLF exactly where
+     * its last span stops, so a bare LF or CR, a control byte or obs-text
+     * anywhere sends the head to llhttp. */
     const size_t lim = n < f->max_head ? n : f->max_head;
-    const char *lf = memchr(p, '\n', lim);
-    if (!lf) return 0;
     head_facts *facts = &f->facts;
     memset(facts, 0, sizeof *facts);
     f->host = f->forwarded = 0;
     size_t i, first;
     if (f->is_request) {
-        i = method_at(p, (size_t)(lf - p), &facts->method);
-        if (i == 0 || p[i] != '/') return 0;
+        i = method_at(p, lim, &facts->method);
+        if (i == 0 || i >= lim || p[i] != '/') return 0;
         first = i;
-        while (is(p[i], HEAD_VCHAR)) i++;
+        i = span_target(p, i, lim);
         /* " HTTP/1.x\r\n" */
-        if (p + i + 10 != lf || p[i] != ' ' || p[i + 9] != '\r') return 0;
+        if (lim - i < 11 || p[i] != ' ' || !crlf_at(p, i + 9, lim)) return 0;
         facts->minor = version_at(p + i + 1);
         if (facts->minor < 0) return 0;
         f->first_len = (uint32_t)(i - first);
+        i += 11;
     } else {
         /* "HTTP/1.x NNN " */
-        if (lf - p < 14 || p[8] != ' ' || p[12] != ' ') return 0;
+        if (lim < 13 || p[8] != ' ' || p[12] != ' ') return 0;
         facts->minor = version_at(p);
         if (facts->minor < 0) return 0;
         int st = 0;
@@ -119,27 +196,29 @@ size_t head_fast_parse(head_fast *f, const char *p, size_t n) {
         }
         if (st < 200 || st > 599) return 0; /* interim responses go to llhttp */
         facts->status = st;
-        first = i = 13;
-        while (is(p[i], HEAD_TEXT)) i++;
-        if (p + i + 1 != lf || p[i] != '\r') return 0;
+        first = 13;
+        i = span_text(p, first, lim);
+        if (!crlf_at(p, i, lim)) return 0;
         f->first_len = (uint32_t)(i - first);
+        i += 2;
     }
-    i = (size_t)(lf - p) + 1;
     facts->major = 1;
     int nh = 0, close = 0, keep = 0;
     for (;;) {
-        lf = memchr(p + i, '\n', lim - i);
-        if (!lf) return 0;
-        if (p[i] == '\r' && p + i + 1 == lf) break; /* the empty line: the end */
+        if (lim - i < 2) return 0;
+        if (p[i] == '\r') { /* the empty line: the end */
+            if (p[i + 1] != '\n') return 0;
+            break;
+        }
         size_t ns = i;
-        while (is(p[i], HEAD_TCHAR)) i++;
-        if (i == ns || p[i] != ':') return 0;
+        i = span_token(p, i, lim);
+        if (i == ns || i >= lim || p[i] != ':') return 0;
         size_t nl = i - ns;
         size_t after_colon = ++i;
-        while (is_ows(p[i])) i++;
+        while (i < lim && is_ows(p[i])) i++;
         size_t vs = i;
-        while (is(p[i], HEAD_TEXT)) i++;
-        if (p + i + 1 != lf || p[i] != '\r') return 0;
+        i = span_text(p, i, lim);
+        if (!crlf_at(p, i, lim)) return 0;
         size_t cr = i, ve = i;
         while (ve > vs && is_ows(p[ve - 1])) ve--;
         i += 2;
@@ -203,7 +282,7 @@ size_t head_fast_parse(head_fast *f, const char *p, size_t n) {
         h->value = (uint32_t)(vs - first);
         h->value_len = (uint32_t)vl;
     }
-    size_t len = (size_t)(lf - p) + 1;
+    size_t len = i + 2;
     /* the arena gets the head from the target (or reason) on, in one copy */
     if (len - first > f->arena_cap) return 0;
     memcpy(f->arena, p + first, len - first);
