@@ -2238,15 +2238,30 @@ static int l_server_close(lua_State *L) {
     return 0;
 }
 
+/* Every connection closed now, requests in flight with them. */
+static void srv_cut(http_server *s) {
+    s->refs++;
+    while (s->conns) conn_close(s->conns);
+    srv_unref(s);
+}
+
 static void drain_cancel(void *arg) {
     http_server *s = arg;
     tn_task *t = s->drainer;
     s->drainer = NULL;
     if (t) tn_task_release(t);
     /* The deadline passed: what is still open is cut. */
-    s->refs++;
-    while (s->conns) conn_close(s->conns);
-    srv_unref(s);
+    srv_cut(s);
+}
+
+/* server:cut(): stop accepting and close every connection at once; a drain
+ * under way ends (true) as when its last connection finishes. For an
+ * operator who asked a second time to stop. */
+static int l_server_cut(lua_State *L) {
+    http_server *s = check_server(L);
+    srv_stop(s);
+    srv_cut(s);
+    return 0;
 }
 
 /* server:drain([timeout_ms]) -> true | nil, "timeout". True once every
@@ -5120,7 +5135,7 @@ int tn_open_http(lua_State *L) {
         {"__gc", l_req_gc}, {"__tostring", l_req_tostring}, {NULL, NULL},
     };
     static const luaL_Reg server_methods[] = {
-        {"close", l_server_close}, {"drain", l_server_drain}, {"stats", l_server_stats},
+        {"close", l_server_close}, {"drain", l_server_drain}, {"cut", l_server_cut}, {"stats", l_server_stats},
         {"route", l_server_route}, {"clear_routes", l_server_clear_routes},
         {"__gc", l_server_gc}, {"__close", l_server_close}, {"__tostring", l_server_tostring},
         {NULL, NULL},

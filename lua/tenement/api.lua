@@ -182,7 +182,7 @@ function api.new(ctx)
     local id, ierr = field(body, "id")
     if not id then return fail("bad_request", ierr) end
     if not api.allows(req, service, id) then return fail("forbidden", "this token does not cover " .. service .. ":" .. id) end
-    local inst, why, code = start_in_turn(service, id, sup.spawn)
+    local inst, why, code = start_in_turn(service, id, function(_, sv, i) return sup:spawn(sv, i, { why = "by the API" }) end)
     if not inst then return fail(code or "internal", why) end
     return reply(compat and 200 or 201, spawned_json(inst))
   end

@@ -386,7 +386,9 @@ command {
   description = "Starts the instances of [instances] and those that were running when the\n" ..
     "server last stopped, restarts them by their policy, and answers the other\n" ..
     "commands on the control socket {data_dir}/ten.sock. SIGTERM or SIGINT stops\n" ..
-    "every instance (SIGTERM, then SIGKILL after stop_timeout) and exits 0.",
+    "it: requests in flight get drain_timeout to finish, then every instance gets\n" ..
+    "SIGTERM, and SIGKILL after stop_timeout; exit 0. A second SIGTERM or SIGINT\n" ..
+    "(Ctrl-C again) closes the connections left and SIGKILLs the instances now.",
   run = function(ctx)
     local cfg = load_config(ctx)
     if not cfg then return 1 end
@@ -543,7 +545,11 @@ command {
         ctx.out:write(v.instance, ": healthy\n")
         return 0
       end
-      ctx.out:write(v.instance, ": ", v.health, " (", v.error or v.state, ")\n")
+      if v.state ~= "running" and v.state ~= "unhealthy" then
+        ctx.out:write(v.error or (v.instance .. " is " .. v.state), "\n")
+      else
+        ctx.out:write(v.instance, ": ", v.health, " (", v.error or v.state, ")\n")
+      end
       return 1
     end)
   end,

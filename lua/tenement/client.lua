@@ -54,6 +54,12 @@ function Client:request(method, target, body, timeout_ms)
   }
   if not res then
     if code == "ENOENT" or code == "ECONNREFUSED" then return nil, self:unreachable(err), "unreachable" end
+    if err == "timeout" then
+      -- the server goes on with what it was asked (a stop waiting out a long
+      -- stop_timeout, say): only this wait ended
+      return nil, string.format("no answer within %d s; the server goes on with it, and `ten ps` shows how it "
+        .. "stands", (timeout_ms or 120000) // 1000), "timeout"
+    end
     return nil, err
   end
   local value

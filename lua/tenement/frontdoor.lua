@@ -236,7 +236,7 @@ function Door:ensure_running(service, id, on_demand)
   if not inst then self.creating[key] = service end
   self.cold_starts = self.cold_starts + 1
   local t0 = core.now()
-  local task = core.spawn(sup.spawn, sup, service, id)
+  local task = core.spawn(sup.spawn, sup, service, id, { why = "for a request" })
   local ok, started, err = task:join(limit_ms)
   self.cold_starts = self.cold_starts - 1
   self.waking[key] = nil

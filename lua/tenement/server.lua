@@ -350,7 +350,8 @@ function Server:restore()
           local w = order[next_one]
           -- a stop of the server ends the starting too: not a failure
           if not w or self.sup.shutting_down then break end
-          local inst, why = self.sup:spawn(w.service, w.id, { wait = false, persist = false })
+          local inst, why = self.sup:spawn(w.service, w.id, { wait = false, persist = false,
+            why = w.from == "store" and "again: it was running when the server stopped" or "from " .. w.from })
           if inst then
             w.inst = inst
             inst:wait_state(supervisor.SETTLED, RESTORE_WAIT_MS)
@@ -494,7 +495,7 @@ function Server:reload()
   if not routed then summary.failed[#summary.failed + 1] = derr end
   for _, inst in ipairs(old.instances) do
     if not self.sup:get(inst.service, inst.id) then
-      core.spawn(function() self.sup:spawn(inst.service, inst.id) end)
+      core.spawn(function() self.sup:spawn(inst.service, inst.id, { why = "from [instances], by a reload" }) end)
     end
   end
   for _, list in pairs(summary) do table.sort(list) end
@@ -541,14 +542,18 @@ function Server:serve_metrics(req)
   end
 end
 
--- Waits for SIGTERM or SIGINT, then stops everything. -> exit code
+-- Waits for SIGTERM or SIGINT, then stops everything; a second one while
+-- that takes its time stops everything now (Server:hurry). -> exit code
 function Server:serve_until_signal()
   local term = core.signal("SIGTERM")
   local int = core.signal("SIGINT")
-  local done = require("tenement.sync").event()
+  local signals = require("tenement.sync").mailbox()
   local function watch(sig)
-    local n = sig:wait()
-    if n then done:set(n) end
+    while true do
+      local n = sig:wait()
+      if not n then return end -- closed
+      signals:put(n)
+    end
   end
   core.spawn(watch, term)
   core.spawn(watch, int)
@@ -560,16 +565,30 @@ function Server:serve_until_signal()
       if not ok then log.error("reload failed, nothing changed: %s", err) end
     end
   end)
-  local signum = done:wait()
+  local signum = signals:take()
   -- what the wait is for, so an operator at the terminal knows it is bounded
   log.info("signal %d: stopping every instance: requests in flight get up to %d s to finish (drain_timeout), then "
-    .. "each instance SIGTERM, and SIGKILL after %d s (stop_timeout)", signum, self.cfg.settings.drain_timeout,
-    self.cfg.settings.stop_timeout)
+    .. "each instance SIGTERM, and SIGKILL after %d s (stop_timeout); a second SIGINT or SIGTERM stops them now",
+    signum, self.cfg.settings.drain_timeout, self.cfg.settings.stop_timeout)
+  core.spawn(function()
+    local again = signals:take()
+    if again then self:hurry(again) end
+  end)
   self:shutdown()
+  signals:put(false) -- the task waiting for a second signal ends
   term:close()
   int:close()
   hup:close()
   return 0
+end
+
+-- The operator asked twice: the connections still open are closed, their
+-- requests cut, and every instance still stopping gets SIGKILL instead of
+-- the rest of its stop_timeout.
+function Server:hurry(signum)
+  log.warn("signal %d again: stopping now: open connections closed, SIGKILL to every instance still running", signum)
+  if self.http then self.http:cut() end
+  self.sup:hurry()
 end
 
 function Server:shutdown()

@@ -821,17 +821,23 @@ function Instance:terminate(proc, driver, ctx)
   -- a driver may know a better way to ask (runsc does not forward signals)
   if not driver then driver, ctx = self.driver, self.launch_ctx end
   local asked = false
-  if driver and driver.stop then
+  if self.sup.hurrying then
+    proc:kill("SIGKILL", true)
+    asked = true
+  elseif driver and driver.stop then
     local ok, err = driver.stop(ctx, proc)
     if ok then asked = true else log.warn("%s: %s", self.key, tostring(err)) end
   end
   if not asked then proc:kill("SIGTERM", true) end
   local deadline = core.now() + self.sup.cfg.settings.stop_timeout * 1000
-  -- only the exit or the deadline ends the wait (a wake would be a stray one)
+  -- only the exit or the deadline ends the wait (a wake would be a stray
+  -- one); sup:hurry sends the SIGKILL early
+  self.terminating = proc
   local status, err
   repeat
     status, err = proc:wait(math.max(0, deadline - core.now()))
   until status or err == "closed" or core.now() >= deadline
+  self.terminating = nil
   if not status then
     log.warn("%s did not stop within %d s of SIGTERM: SIGKILL", self.key, self.sup.cfg.settings.stop_timeout)
     proc:kill("SIGKILL", true)
@@ -1004,6 +1010,11 @@ function Instance:run()
     if outcome == "ready" then
       self:transition("ready")
       self.health = "healthy"
+      -- one line per start, with who asked for it: the first start of a
+      -- runner names its asker, the later ones are its own restarts
+      log.info("%s running: pid %s on %s, ready in %d ms (%s)", self.key, tostring(self.pid), self.socket or "-",
+        core.now() - self.started_at, self.start_why or "restarted")
+      self.start_why = nil
       self.ready_event:set(true)
       while not exit do
         local msg = self:next_message(self.gen)
@@ -1093,8 +1104,11 @@ function Instance:run()
       self.restarts = self.restarts + 1
       self:transition("retry")
     elseif decision.action == "fail" then
-      log.error("%s %s; %s", self.key, exit.message:match("^[^\n]*"), decision.reason)
-      self.last_exit = exit.message .. "; " .. decision.reason
+      local first = exit.message:match("^[^\n]*")
+      log.error("%s %s; %s", self.key, first, decision.reason)
+      -- the verdict goes with the exit it follows, before the output quoted
+      -- under it (which `ten ps` leaves out)
+      self.last_exit = first .. "; " .. decision.reason .. exit.message:sub(#first + 1)
       self:transition("fail", self.last_exit)
       self.ready_event:set(nil, self.last_exit)
       self:answer_queued()
@@ -1132,6 +1146,7 @@ function Instance:finish_stop(outcome, keep_data)
     end
   end
   self:transition(outcome == "stop" and "stopped" or "slept")
+  log.info("%s %s (%s)", self.key, outcome == "stop" and "stopped" or "asleep", self.reason or outcome)
   self.ready_event:set(nil, outcome == "stop" and "stopped" or "asleep")
   self:answer_queued()
   self.runner = nil
@@ -1205,9 +1220,10 @@ local function check_target(self, service, id)
   return true
 end
 
--- sup:spawn(service, id [, {wait = true}]) -> inst | nil, err, code
+-- sup:spawn(service, id [, {wait = true, why = "..."}]) -> inst | nil, err, code
 -- Starts the instance (idempotent: a running one is returned as it is) and,
--- by default, waits until it is running or its start failed for good.
+-- by default, waits until it is running or its start failed for good. why
+-- says who asked, for the log line of the start.
 function Supervisor:spawn(service, id, opts)
   opts = opts or {}
   local ok, err, code = check_target(self, service, id)
@@ -1222,6 +1238,7 @@ function Supervisor:spawn(service, id, opts)
     -- a fresh start: no outcome or message of an earlier life carries over
     if inst.ready_event:is_set() then inst.ready_event = sync.event() end
     if inst.mailbox:size() > 0 then inst.mailbox = sync.mailbox() end
+    inst.start_why = (inst.state == "sleeping" and "woken " or "started ") .. (opts.why or "by a call")
     inst:transition("spawn")
     inst.runner = core.spawn(inst.run, inst)
     if self.store and opts.persist ~= false then self.store:set_desired(service, id, true) end
@@ -1401,7 +1418,7 @@ function Supervisor:restart(service, id)
   -- before the start, so the restarts it backs off into are counted too
   if was_failed then inst.history = {} end
   inst.restarts = inst.restarts + 1
-  return self:spawn(service, id)
+  return self:spawn(service, id, { why = "by a restart" })
 end
 
 -- sup:check(service, id) -> true | nil, why : a health check right now.
@@ -1409,7 +1426,12 @@ function Supervisor:check(service, id)
   local inst = self:get(service, id)
   if not inst then return nil, "no instance " .. supervisor.key(service, id), "not_found" end
   if inst.state ~= "running" and inst.state ~= "unhealthy" then
-    return nil, inst.key .. " is " .. inst.state, "not_running"
+    -- nothing to ask: say what it is instead, and what would start it
+    local hint = ({ failed = "`ten restart %s` starts it again", stopped = "`ten spawn %s` starts it",
+      sleeping = "its next request wakes it" })[inst.state]
+    local last = inst.state == "failed" and inst.last_exit and inst.last_exit:match("^[^\n]*")
+    return nil, string.format("%s is %s%s, so no check was made%s", inst.key, inst.state,
+      last and (": " .. last) or "", hint and ("; " .. hint:format(inst.key)) or ""), "not_running"
   end
   return inst:check(5000)
 end
@@ -1463,6 +1485,15 @@ function Supervisor:state_counts()
 end
 
 -- sup:shutdown(): stop every instance at once, wait for all of them.
+-- sup:hurry(): SIGKILL now to every instance waiting out its stop_timeout,
+-- and at once to any stopped from here on (ten serve's second signal).
+function Supervisor:hurry()
+  self.hurrying = true
+  for _, inst in pairs(self.instances) do
+    if inst.terminating then inst.terminating:kill("SIGKILL", true) end
+  end
+end
+
 function Supervisor:shutdown()
   self.shutting_down = true
   local tasks = {}

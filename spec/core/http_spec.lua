@@ -858,6 +858,30 @@ describe("core.http server", function()
     end)
   end)
 
+  it("cuts: closes every connection at once, ending a drain under way", function()
+    core.run(function()
+      local srv, port = serve(function()
+        core.sleep(5000)
+        return 200, nil, "done"
+      end)
+      local c = raw(port)
+      c:send("GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
+      core.sleep(5)
+      local drained = require("tenement.sync").event()
+      core.spawn(function() drained:set(srv:drain(60000)) end)
+      core.sleep(20)
+      assert.is_false(drained:is_set()) -- the request holds it
+      srv:cut()
+      assert.is_true(drained:wait(2000))
+      assert.is_true(c:closed())
+      assert.are.equal(0, srv:stats().connections_open)
+      -- and it stopped accepting
+      local s = net.connect { port = port }
+      assert.is_nil(s)
+      c:close()
+    end)
+  end)
+
   it("refuses misuse", function()
     core.run(function()
       local l = assert(net.listen { port = 0 })

@@ -236,6 +236,29 @@ describe("supervisor", function()
     end)
   end)
 
+  it("says why it gave up on the first line, and the output that came before under it", function()
+    local cfg = make_cfg(dir, { crash = { string.format("command = %q", "sh -c 'echo starting up; echo config missing >&2; exit 3'") } },
+      { "max_restarts = 1" })
+    core.run(function()
+      local sup = supervisor.new(cfg, { environ = {} })
+      local inst, err = sup:spawn("crash", "a")
+      assert.is_nil(inst)
+      local i = sup:get("crash", "a")
+      assert.are.equal("crash:a did not start: " .. i.last_exit, err)
+      err = i.last_exit
+      local first, rest = err:match("^([^\n]*)\n(.*)$")
+      assert.are.equal("exited with code 3 during startup; gave up: restarted 1 time within 300 s (max_restarts = 1)", first)
+      assert.matches("stdout: starting up", rest, 1, true)
+      assert.are.equal("stderr: config missing", rest:match("[^\n]*$"):gsub("^%s+", ""))
+      -- a check now has nothing to ask, and says so
+      local ok, why, code = sup:check("crash", "a")
+      assert.is_nil(ok)
+      assert.are.equal("not_running", code)
+      assert.are.equal("crash:a is failed: " .. first .. ", so no check was made; `ten restart crash:a` starts it again", why)
+      sup:shutdown()
+    end)
+  end)
+
   it("restarts a crashing instance with backoff, then marks it failed", function()
     local cfg = make_cfg(dir, { crash = { "[service.crash.env]", 'BACKEND_EXIT_AT_ONCE = "3"' } },
       { "max_restarts = 2" })

@@ -288,6 +288,13 @@ describe("front door", function()
       local res = assert(get(srv, "example.test", "/metrics"))
       assert.matches('tenement_instance_wakes_total{service="api",id="z"} 1\n', res.body, 1, true)
     end)
+    -- the log tells the story: started, asleep, woken
+    local text = log_text(srv)
+    assert.matches("api:z running: pid %d+ on %S+, ready in %d+ ms %(started from %[instances%]%)", text)
+    assert.matches("api:z asleep (idle for 1 s)", text, 1, true)
+    assert.matches("api:z running: pid %d+ on %S+, ready in %d+ ms %(woken for a request%)", text)
+    local _, wakes = text:gsub("woken for a request", "")
+    assert.are.equal(1, wakes)
   end)
 
   it("answers 503 with Retry-After to every waiter when a wake fails, and the next request may try again", function()

@@ -10,8 +10,10 @@ local URGENT = support.fixture("urgent")
 
 local sleep = support.sleep
 
+-- %d: a pid read from JSON is a float (cjson), and "/proc/123.0" is nobody,
+-- which made every "is it gone" check pass
 local function pid_alive(pid)
-  local f = io.open("/proc/" .. pid .. "/stat")
+  local f = io.open(string.format("/proc/%d/stat", pid))
   if not f then return false end
   local stat = f:read("a")
   f:close()
@@ -113,6 +115,9 @@ describe("ten serve", function()
     assert.are.equal(0, code)
     assert.matches("api:three stopped", out, 1, true)
     assert.are.equal("stopped", ps(cfg)["api:three"].state)
+    code, out = ten(cfg, "health", "api:three")
+    assert.are.equal(1, code)
+    assert.are.equal("api:three is stopped, so no check was made; `ten spawn api:three` starts it\n", out)
 
     code, _, err = ten(cfg, "stop", "api:never")
     assert.are.equal(1, code)
@@ -144,6 +149,10 @@ describe("ten serve", function()
     f:close()
     assert.matches("stopping every instance: requests in flight get up to 10 s to finish (drain_timeout), then "
       .. "each instance SIGTERM, and SIGKILL after 2 s (stop_timeout)", text, 1, true)
+    assert.matches("api:boot running: pid " .. string.format("%d", boot_pid) .. " on %S+, ready in %d+ ms %(started from %[instances%]%)", text)
+    assert.matches("api:later running: pid %d+ on %S+, ready in %d+ ms %(started by the API%)", text)
+    assert.matches("api:boot stopped (server shutting down)", text, 1, true)
+    assert.matches("api:later stopped (server shutting down)", text, 1, true)
     -- no server: the lines are read from the store
     code, out, err = ten(cfg, "logs", "api:boot")
     assert.are.equal(0, code)
@@ -323,7 +332,7 @@ end)
 
 -- The starts of [instances] by a server of its own: make_lines(dir) gives
 -- the config's lines. A failed spec leaves no server behind.
-describe("ten serve starting its [instances]", function()
+describe("ten serve on a configuration of its own", function()
   after_each(support.cleanup)
 
   -- a test's servers, all killed at its end however it ends (busted keeps
@@ -460,5 +469,70 @@ describe("ten serve starting its [instances]", function()
     local text = log_with(log, "stopped")
     assert.matches("stopped", text)
     assert.is_nil(text:find("did not start", 1, true), text)
+  end)
+  -- A server whose one instance ignores SIGTERM, with both timeouts far
+  -- longer than any test waits. -> cfg, log, pid, port, the instance's pid
+  local function serve_stubborn()
+    local port = support.free_port()
+    local cfg, log, pid = serve_own(function(dir)
+      return {
+        "[settings]", 'data_dir = "data"', "port = " .. port, "drain_timeout = 600", "stop_timeout = 600",
+        "[service.stubborn]", string.format("command = %q", BACKEND),
+        string.format("socket = %q", dir .. "/sock/{name}-{id}.sock"), 'isolation = "process"', 'health = "/health"',
+        "[service.stubborn.env]", 'BACKEND_IGNORE_TERM = "1"',
+        "[instances]", 'stubborn = ["a"]',
+      }
+    end)
+    assert.is_true(wait_up(cfg), "ten serve did not come up")
+    local inst
+    for _ = 1, 100 do
+      inst = ps(cfg)["stubborn:a"]
+      if inst and inst.state == "running" then break end
+      sleep(0.05)
+    end
+    assert.are.equal("running", inst.state)
+    return cfg, log, pid, port, inst.pid
+  end
+
+  -- Up to 20 s (the timeouts are 600 s) for each pid to be gone. -> all gone
+  local function gone(...)
+    for _ = 1, 400 do
+      local alive = false
+      for _, p in ipairs { ... } do alive = alive or pid_alive(p) end
+      if not alive then return true end
+      sleep(0.05)
+    end
+    return false
+  end
+
+  it("stops at once on a second SIGINT while a request is in flight: its connection closed, instances SIGKILLed", function()
+    local _, log, pid, port, inst_pid = serve_stubborn()
+    local core = require "tenement.core"
+    core.run(function()
+      -- a response the client does not read: in flight until the drain ends
+      local c = support.raw(port)
+      c:send("GET /bytes?n=1000000000 HTTP/1.1\r\nHost: a.stubborn.localhost\r\n\r\n")
+      assert.are.equal("HTTP/1.1 200 OK", c:line())
+      os.execute("kill -INT " .. pid)
+      assert.matches("a second SIGINT or SIGTERM stops them now", log_with(log, "stops them now"), 1, true)
+      sleep(0.3)
+      assert.is_true(pid_alive(pid), "the server did not wait for the request in flight")
+      os.execute("kill -INT " .. pid)
+      assert.is_true(gone(pid, inst_pid), "a second SIGINT did not stop the server and its instance")
+      assert.is_true(c:closed())
+    end)
+    local text = log_with(log, "stopped")
+    assert.matches("again: stopping now: open connections closed, SIGKILL to every instance still running", text, 1, true)
+  end)
+
+  it("stops at once on a second SIGTERM while an instance ignores the first one's SIGTERM", function()
+    local _, log, pid, _, inst_pid = serve_stubborn()
+    os.execute("kill -TERM " .. pid)
+    log_with(log, "stops them now")
+    sleep(0.5) -- the drain has nothing to wait for: the instance has its SIGTERM
+    assert.is_true(pid_alive(inst_pid), "the instance did not ignore SIGTERM")
+    os.execute("kill -TERM " .. pid)
+    assert.is_true(gone(pid, inst_pid), "a second SIGTERM did not stop the server and its instance")
+    assert.matches("again: stopping now", log_with(log, "stopped"), 1, true)
   end)
 end)
