@@ -7,6 +7,7 @@ local supervisor = require "tenement.supervisor"
 local deploy = require "tenement.deploy"
 local auth = require "tenement.auth"
 local sync = require "tenement.sync"
+local log = require "tenement.log"
 
 local api = {}
 
@@ -204,7 +205,7 @@ function api.new(ctx)
     local turn = turns[ikey]
     if turn then turn.stopped = true end
     stops[ikey] = (stops[ikey] or 0) + 1
-    local done, ok, why, code = pcall(sup.stop, sup, service, id)
+    local done, ok, why, code = pcall(sup.stop, sup, service, id, { hold = true })
     stops[ikey] = stops[ikey] > 1 and stops[ikey] - 1 or nil
     if not done then error(ok, 0) end
     if not ok then return fail(code or "internal", why) end
@@ -337,7 +338,11 @@ function api.new(ctx)
 
   route("POST", "/api/reload", function()
     local summary, err = ctx.reload()
-    if not summary then return fail("bad_request", err) end
+    if not summary then
+      -- the server's log is where an operator looks later, as for SIGHUP
+      log.error("reload failed, nothing changed: %s", err)
+      return fail("bad_request", err)
+    end
     for k, v in pairs(summary) do summary[k] = json.array(v) end
     return reply(#summary.failed > 0 and 409 or 200, summary)
   end, "admin")

@@ -18,7 +18,7 @@ local global_options = {
   { long = "config", arg = "FILE", help = "configuration file (default: $TENEMENT_CONFIG, else ./tenement.toml)" },
   { long = "data-dir", arg = "DIR", help = "the server's data directory (default: $TENEMENT_DATA_DIR, else the config's data_dir)" },
   { long = "server", arg = "URL", help = "talk to a remote server over HTTP (default: $TENEMENT_SERVER; else the local control socket)" },
-  { long = "token", arg = "TOKEN", help = "bearer token for --server (default: $TENEMENT_TOKEN, else {data_dir}/api_token)" },
+  { long = "token", arg = "TOKEN", help = "bearer token for --server (default: $TENEMENT_TOKEN, else the first line of {data_dir}/api_token if you saved one there)" },
   { long = "help", short = "h", help = "show help" },
   { long = "version", help = "print the version" },
 }
@@ -252,6 +252,7 @@ local function data_dir(ctx)
   local path, origin = config.find(ctx.opts.config, ctx.env)
   local f = io.open(path)
   if not f and origin == "default" then
+    ctx.default_data_dir = path -- the file looked for, for report_failure
     return config.defaults().settings.data_dir
   end
   if f then
@@ -323,8 +324,18 @@ local function report_failure(ctx, name, status, value)
   local client = require "tenement.client"
   if status == nil then
     ctx.err:write("ten ", name, ": ", value, "\n")
+    if ctx.default_data_dir then
+      ctx.err:write("(there is no ", ctx.default_data_dir, ", so that is the default data directory: give --config ",
+        "FILE or --data-dir DIR for another)\n")
+    end
   else
-    ctx.err:write("ten ", name, ": ", client.error_message(status, value), "\n")
+    local msg = client.error_message(status, value)
+    if status == 401 and ctx.opts.server then
+      -- the answer speaks HTTP; the person typed a command
+      msg = msg .. "; give this command a token: --token TOKEN or TENEMENT_TOKEN (`ten token-gen` on the server "
+        .. "makes one)"
+    end
+    ctx.err:write("ten ", name, ": ", msg, "\n")
   end
   return 1
 end
@@ -465,7 +476,7 @@ command {
 
 command {
   name = "stop",
-  summary = "Stop an instance (SIGTERM, then SIGKILL after stop_timeout)",
+  summary = "Stop an instance (SIGTERM, then SIGKILL after stop_timeout); it stays down until spawned",
   usage = "ten stop SERVICE:ID",
   max_args = 1,
   run = function(ctx, args)
@@ -790,7 +801,7 @@ command {
     local auth = require "tenement.auth"
     if ctx.opts.tenant then
       local scope, err = auth.parse_scope(ctx.opts.tenant)
-      if not scope then ctx.err:write("ten token-gen: --tenant ", err, "\n") return 2 end
+      if not scope then ctx.err:write("ten token-gen: --tenant ", ctx.opts.tenant, ": ", err, "\n") return 2 end
     end
     local name = ctx.opts.name
     if name and not name:match("^[%w._-]+$") then
@@ -878,7 +889,10 @@ command {
   summary = "Apply changes of tenement.toml to the running server (also: SIGHUP)",
   usage = "ten reload",
   description = "New services and [instances] start, removed services stop, changed services\n" ..
-    "are rolled out (see `ten rollout`). listen, port and data_dir need a restart.",
+    "are rolled out (see `ten rollout`), except for a change of idle_timeout, on_demand,\n" ..
+    "max_instances, startup_timeout, health or restart alone, which reaches the running\n" ..
+    "instances without replacing them. Settings that need a restart of ten serve (listen,\n" ..
+    "port, data_dir and the front door's limits) are named in the answer.",
   run = function(ctx)
     return with_server(ctx, function(c)
       local status, v = c:request("POST", "/api/reload", nil, 3600 * 1000)
@@ -886,6 +900,9 @@ command {
       local function list(t) return #t > 0 and table.concat(t, ", ") or "-" end
       ctx.out:write("added: ", list(v.added), "\nremoved: ", list(v.removed), "\nrolled out: ",
         list(v.rolled_out), "\n")
+      if v.updated and #v.updated > 0 then
+        ctx.out:write("updated without a restart: ", list(v.updated), "\n")
+      end
       if v.applied and #v.applied > 0 then ctx.out:write("applied: ", list(v.applied), "\n") end
       if #v.restart_needed > 0 then
         ctx.out:write("needs a restart of ten serve: ", list(v.restart_needed), "\n")

@@ -1430,6 +1430,20 @@ function config.check(doc, source, env, text)
           .. quote(workdir) .. ")") or " (a relative program is looked for in the directory ten serve runs in, here "
           .. "the current one)")))
       end
+    elseif prog and not prog:find("/", 1, true) then
+      -- a bare name: looked for on the PATH the app gets (its own env's, else
+      -- the host's, which ten serve passes on); with no PATH known, no verdict
+      local own = services[name].env and services[name].env.PATH
+      local search = (type(own) == "string" and not own:find("[{$]") and own) or ctx.env.PATH
+      local found = not search
+      for dir in (search or ""):gmatch("[^:]+") do
+        local f = io.open(dir .. "/" .. prog, "rb")
+        if f then f:close() found = true break end
+      end
+      if not found then
+        warn(where(raw_services[name], "command"), ("service.%s.command: no program %s on the PATH (%s): each "
+          .. "start would fail; name it by its path, or install it"):format(name, quote(prog), search))
+      end
     end
   end
   table.sort(warnings, function(x, y) return x.line < y.line end)

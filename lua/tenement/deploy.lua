@@ -65,7 +65,14 @@ function deploy.deploy(sup, service, version, weight, timeout_s)
   local task = core.spawn(sup.spawn, sup, service, version)
   local joined, inst, err = task:join(timeout_s * 1000)
   if not joined or not inst then
-    local why = joined and err or string.format("not healthy within %d s", timeout_s)
+    local why = joined and err
+    if not why then
+      -- a crash inside the wait is the likelier story than slowness: say so
+      local now = sup:get(service, version)
+      local last = now and now.last_exit and now.last_exit:match("^[^\n]*")
+      why = string.format("not healthy within %d s%s", timeout_s, now and (" (it is " .. now.state
+        .. (last and ("; last exit: " .. last) or "") .. ")") or "")
+    end
     -- one that existed (stopped, failed or asleep) stays, as it was: only
     -- what the deploy itself made may go
     sup:stop(service, version, { reason = "deploy failed", persist = not (before and before.asleep) })

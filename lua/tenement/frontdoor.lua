@@ -179,8 +179,10 @@ function Door:known(service, id)
   return false
 end
 
+-- The first line only: a start that failed quotes the app's last output
+-- under it, which is for `ten ps` and the log, not for whoever asked.
 local function unavailable(req, why, retry_after)
-  return text_reply(req, 503, why, { ["retry-after"] = tostring(retry_after or 5) })
+  return text_reply(req, 503, why:match("^[^\n]*"), { ["retry-after"] = tostring(retry_after or 5) })
 end
 
 -- Makes sure service:id runs; wakes or starts it if needed. Every request
@@ -192,6 +194,10 @@ function Door:ensure_running(service, id, on_demand)
   local key = service .. ":" .. id
   local inst = sup:get(service, id)
   if inst and inst.state == "running" then return inst end
+  -- an operator's stop holds until an operator starts it again
+  if inst and inst.held then
+    return nil, 503, string.format("%s was stopped by an operator (`ten spawn %s` starts it)", key, key)
+  end
   local svc = self.cfg.services[service]
   local limit_ms = svc.startup_timeout * 1000 + 1000
 
@@ -203,8 +209,10 @@ function Door:ensure_running(service, id, on_demand)
   end
 
   if inst and inst.state == "failed" then
+    -- anyone may read this: the exit, never the output quoted under it (an
+    -- app's last lines may hold a secret); `ten ps` and the log have all
     return nil, 503, string.format("%s has failed (%s); `ten restart %s` clears it",
-      key, inst.last_exit or "?", key)
+      key, (inst.last_exit or "?"):match("^[^\n]*"), key)
   end
   if inst and inst.state == "unhealthy" then return nil, 503, key .. " is unhealthy" end
   -- the supervisor is restarting it (after a crash): that start is the one
@@ -213,7 +221,8 @@ function Door:ensure_running(service, id, on_demand)
   if inst and (inst.state == "backoff" or inst.state == "starting") then
     local state = inst:wait_state(supervisor.SETTLED, limit_ms)
     if state == "running" then return inst end
-    return nil, 503, string.format("%s is %s", key, state or "still restarting")
+    return nil, 503, string.format("%s is %s", key, state or ("still " .. (inst.state == "backoff" and "restarting"
+      or "starting")))
   end
   if on_demand and not inst and svc.max_instances then
     -- the ids this door is creating count too: the supervisor knows one only
@@ -259,14 +268,19 @@ function Door:ensure_running(service, id, on_demand)
 end
 
 -- The weighted set a service host may be handed to C as: every running
--- instance with a weight, or nil while any of them is mid-rollout.
+-- instance with a weight, or nil while any of them is mid-rollout, or while
+-- one with a weight sleeps or starts (router.pick draws it too, and C only
+-- knows running ones: the draw stays in Lua until all are up).
 function Door:service_set(candidates)
   local set = {}
   for _, c in ipairs(candidates) do
-    if c.state == "running" and (c.weight or 0) > 0 then
-      if c.route_socket then return nil end
-      set[#set + 1] = c:upstream()
-      set[#set + 1] = c.weight
+    if (c.weight or 0) > 0 then
+      if c.state == "sleeping" or c.state == "starting" then return nil end
+      if c.state == "running" then
+        if c.route_socket then return nil end
+        set[#set + 1] = c:upstream()
+        set[#set + 1] = c.weight
+      end
     end
   end
   if #set == 0 then return nil end

@@ -17,6 +17,9 @@ local function emit(level, fmt, ...)
   if levels[level] < threshold then return end
   local ok, msg = pcall(string.format, fmt, ...)
   if not ok then msg = fmt end
+  -- one event, one line, whatever a message quotes (a failed start's last
+  -- output): grep and journald read the log a line at a time
+  if msg:find("[\r\n]") then msg = msg:gsub("\r?\n%s*", " | "):gsub("\r", " ") end
   sink:write(os.date("!%Y-%m-%dT%H:%M:%SZ"), " ", level, " ", msg, "\n")
   if sink.flush then sink:flush() end
 end

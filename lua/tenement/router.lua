@@ -179,30 +179,33 @@ function router.route(request, view)
 end
 
 -- router.pick(candidates, rand) -> candidate | nil
--- candidates: { { key, state, weight, ... } }. A weighted choice among the
--- running ones; weight 0 takes no new traffic. With none running, the
--- sleeping (or stopped) one with the highest weight, to be woken.
--- rand(n) returns an integer in 1..n.
+-- candidates: { { key, state, weight, held, ... } }. A weighted choice among
+-- the instances that take requests now or once woken (running, starting,
+-- sleeping); weight 0 takes no new traffic. Weights hold while some sleep:
+-- a canary at 10 beside a production at 100 gets a eleventh of the requests
+-- whichever of them happens to be awake, and is woken when drawn. With none
+-- of those, the stopped one with the highest weight, to be started, unless
+-- an operator stopped it (held). rand(n) returns an integer in 1..n.
+local TAKES = { running = true, starting = true, sleeping = true }
 function router.pick(candidates, rand)
   local total = 0
-  local running = {}
+  local pool = {}
   for _, c in ipairs(candidates) do
-    if c.state == "running" and (c.weight or 0) > 0 then
-      running[#running + 1] = c
+    if TAKES[c.state] and (c.weight or 0) > 0 then
+      pool[#pool + 1] = c
       total = total + c.weight
     end
   end
   if total > 0 then
     local r = rand(total)
-    for _, c in ipairs(running) do
+    for _, c in ipairs(pool) do
       r = r - c.weight
       if r <= 0 then return c end
     end
   end
   local best
   for _, c in ipairs(candidates) do
-    if (c.state == "sleeping" or c.state == "stopped" or c.state == "starting")
-      and (c.weight or 0) > 0 and (not best or c.weight > best.weight) then
+    if c.state == "stopped" and not c.held and (c.weight or 0) > 0 and (not best or c.weight > best.weight) then
       best = c
     end
   end

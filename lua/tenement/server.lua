@@ -110,10 +110,13 @@ function Server:start()
   self.door = door
   local s = cfg.settings
   local max_conns = self:connection_budget(s.max_connections)
-  local http_listener, herr = core.net.listen { host = s.listen, port = s.port }
+  local http_listener, herr, hcode = core.net.listen { host = s.listen, port = s.port }
   if not http_listener then
-    return nil, string.format("cannot listen on %s port %d: %s (another port: ten serve -p PORT, or port in "
-      .. "[settings])", s.listen, s.port, herr)
+    -- the fix depends on which half is wrong: the port is taken, or the
+    -- address is none of this machine's
+    local fix = hcode == "EADDRNOTAVAIL" and "an address of this machine: ten serve --listen ADDR, or listen in "
+      .. "[settings]" or "another port: ten serve -p PORT, or port in [settings]"
+    return nil, string.format("cannot listen on %s port %d: %s (%s)", s.listen, s.port, herr, fix)
   end
   self.http_listener = http_listener
   -- one per request an upstream failed (the 502): a dead app under load
@@ -428,12 +431,20 @@ end
 
 -- Two service definitions (or other parts of a configuration) are the same
 -- when every field but the line is.
-local function same(a, b)
+local function same(a, b, ignored)
   if type(a) ~= "table" or type(b) ~= "table" then return a == b end
-  for k, v in pairs(a) do if k ~= "line" and not same(v, b[k]) then return false end end
-  for k in pairs(b) do if k ~= "line" and a[k] == nil then return false end end
+  for k, v in pairs(a) do
+    if k ~= "line" and not (ignored and ignored[k]) and not same(v, b[k]) then return false end
+  end
+  for k in pairs(b) do if k ~= "line" and not (ignored and ignored[k]) and a[k] == nil then return false end end
   return true
 end
+
+-- A service's keys read afresh at each use (by the reaper, the front door,
+-- the health checker, the next start or restart): a change of these alone
+-- reaches the instances without replacing a process.
+local LIVE_KEYS = { idle_timeout = true, on_demand = true, max_instances = true, startup_timeout = true,
+  health = true, restart = true }
 
 -- Server:reload() -> summary | nil, err: reads tenement.toml again and
 -- applies the difference: new services and [instances] start, removed
@@ -447,7 +458,8 @@ function Server:reload()
   for _, w in ipairs(new.warnings) do log.warn("reload: %s", w) end
   local old = self.cfg
   config.reapply(new, old)
-  local summary = { added = {}, removed = {}, rolled_out = {}, failed = {}, restart_needed = {}, applied = {} }
+  local summary = { added = {}, removed = {}, rolled_out = {}, updated = {}, failed = {}, restart_needed = {},
+    applied = {} }
   -- the HTTP server takes its limits once, when it starts listening
   for _, key in ipairs { "listen", "port", "data_dir", "max_head_kb", "max_headers", "max_body_mb",
     "header_timeout", "keepalive_timeout", "max_connections" } do
@@ -470,10 +482,14 @@ function Server:reload()
     if not old.services[name] then
       summary.added[#summary.added + 1] = name
       old.services[name] = svc
-    elseif not same(svc, old.services[name]) then
+    elseif not same(svc, old.services[name], LIVE_KEYS) then
       local n, rerr = self.sup:rollout(name, svc)
       if n then summary.rolled_out[#summary.rolled_out + 1] = name
       else summary.failed[#summary.failed + 1] = rerr end
+    elseif not same(svc, old.services[name]) then
+      old.services[name] = svc
+      for _, inst in ipairs(self.sup:of_service(name)) do inst.svc = svc end
+      summary.updated[#summary.updated + 1] = name
     end
   end
   for name in pairs(old.services) do if not new.services[name] then old.services[name] = nil end end
@@ -499,9 +515,9 @@ function Server:reload()
     end
   end
   for _, list in pairs(summary) do table.sort(list) end
-  log.info("reloaded %s: added [%s], removed [%s], rolled out [%s], applied [%s]%s", old.source,
-    table.concat(summary.added, " "), table.concat(summary.removed, " "), table.concat(summary.rolled_out, " "),
-    table.concat(summary.applied, " "),
+  log.info("reloaded %s: added [%s], removed [%s], rolled out [%s], updated without a restart [%s], applied [%s]%s",
+    old.source, table.concat(summary.added, " "), table.concat(summary.removed, " "),
+    table.concat(summary.rolled_out, " "), table.concat(summary.updated, " "), table.concat(summary.applied, " "),
     #summary.restart_needed > 0 and ("; " .. table.concat(summary.restart_needed, ", ") ..
       " changed and need a restart of ten serve") or "")
   return summary

@@ -70,7 +70,8 @@ function starter.generate(dir, opts)
     'data_dir = "/var/lib/tenement"',
     "",
     "[service." .. name .. "]",
-    "# The app must listen on the Unix socket in $SOCKET_PATH (or on $PORT).",
+    "# The app must listen on the Unix socket in $SOCKET_PATH: requests and health",
+    "# checks go there ($PORT is set too, but nothing is sent to it).",
     "command = " .. toml_string(cmd),
   }
   if note then lines[#lines + 1] = "# " .. note end

@@ -911,11 +911,15 @@ function Instance:start_once()
       self.gen = self.gen + 1
       self:terminate(proc)
       local what = self.svc.health and ("answer GET " .. self.svc.health .. " with 2xx") or "accept connections"
+      local why = self.refused_answer or (self.last_answer and ("the last answer: " .. self.last_answer))
+      if not why and self.socket and not core.fs.stat(self.socket) then
+        -- the usual first mistake: an app on $PORT, or on a socket of its own
+        why = "no socket was ever made there: the app must listen on the Unix socket in $SOCKET_PATH, where "
+          .. "requests and health checks go ($PORT gets none)"
+      end
       local info = { reason = "start", message = string.format(
         "did not %s on %s within startup_timeout = %d s%s%s", what, self.socket,
-        self.svc.startup_timeout, (self.refused_answer or self.last_answer)
-          and (" (" .. (self.refused_answer or ("the last answer: " .. self.last_answer)) .. ")") or "",
-        self:last_output()) }
+        self.svc.startup_timeout, why and (" (" .. why .. ")") or "", self:last_output()) }
       self:release_start()
       return nil, info
     elseif msg.type == "ready" then
@@ -1233,13 +1237,15 @@ function Supervisor:spawn(service, id, opts)
   if inst.state == "stopping" then
     inst:wait_state({ stopped = true, sleeping = true })
   end
+  inst.held = nil
   if inst.state == "stopped" or inst.state == "sleeping" or inst.state == "failed" then
     if inst.state == "failed" then inst.history = {} end
     -- a fresh start: no outcome or message of an earlier life carries over
     if inst.ready_event:is_set() then inst.ready_event = sync.event() end
     if inst.mailbox:size() > 0 then inst.mailbox = sync.mailbox() end
     inst.start_why = (inst.state == "sleeping" and "woken " or "started ") .. (opts.why or "by a call")
-    inst:transition("spawn")
+    -- the reason shown from now on is this start's, not the sleep's or stop's
+    inst:transition("spawn", inst.start_why)
     inst.runner = core.spawn(inst.run, inst)
     if self.store and opts.persist ~= false then self.store:set_desired(service, id, true) end
   end
@@ -1257,7 +1263,9 @@ function Supervisor:spawn(service, id, opts)
   return inst
 end
 
--- sup:stop(service, id) -> true | nil, err, code. Waits until stopped.
+-- sup:stop(service, id [, {reason, hold, persist, keep_data}]) -> true | nil,
+-- err, code. Waits until stopped. hold: an operator's stop, which requests
+-- do not undo (Door:ensure_running) until the next spawn.
 function Supervisor:stop(service, id, opts)
   opts = opts or {}
   local inst = self:get(service, id)
@@ -1265,6 +1273,8 @@ function Supervisor:stop(service, id, opts)
     return nil, string.format("no instance %s", supervisor.key(service, id)), "not_found"
   end
   if self.store and opts.persist ~= false then self.store:set_desired(service, id, false) end
+  -- held: no request starts it again (the front door asks), only a spawn
+  if opts.hold then inst.held = true end
   if inst.runner then
     inst.mailbox:put({ type = "stop", reason = opts.reason or "stopped by request", keep_data = opts.keep_data })
     inst.runner:join()
@@ -1484,7 +1494,6 @@ function Supervisor:state_counts()
   return counts
 end
 
--- sup:shutdown(): stop every instance at once, wait for all of them.
 -- sup:hurry(): SIGKILL now to every instance waiting out its stop_timeout,
 -- and at once to any stopped from here on (ten serve's second signal).
 function Supervisor:hurry()
@@ -1494,6 +1503,7 @@ function Supervisor:hurry()
   end
 end
 
+-- sup:shutdown(): stop every instance at once, wait for all of them.
 function Supervisor:shutdown()
   self.shutting_down = true
   local tasks = {}

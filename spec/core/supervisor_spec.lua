@@ -236,6 +236,19 @@ describe("supervisor", function()
     end)
   end)
 
+  it("says that the app must listen on SOCKET_PATH when no socket ever appeared there", function()
+    local cfg = make_cfg(dir, { quiet = { "startup_timeout = 1", "[service.quiet.env]", 'BACKEND_NO_SOCKET = "1"' } },
+      { "max_restarts = 0" })
+    core.run(function()
+      local sup = supervisor.new(cfg, { environ = {} })
+      local inst, err = sup:spawn("quiet", "a")
+      assert.is_nil(inst)
+      assert.matches("within startup_timeout = 1 s (no socket was ever made there: the app must listen on the Unix "
+        .. "socket in $SOCKET_PATH, where requests and health checks go ($PORT gets none))", err, 1, true)
+      sup:shutdown()
+    end)
+  end)
+
   it("says why it gave up on the first line, and the output that came before under it", function()
     local cfg = make_cfg(dir, { crash = { string.format("command = %q", "sh -c 'echo starting up; echo config missing >&2; exit 3'") } },
       { "max_restarts = 1" })

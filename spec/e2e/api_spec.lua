@@ -407,6 +407,11 @@ describe("HTTP API", function()
     code, _, err = support.ten_run { "ps", "--server", url, "--token", ("C"):rep(43) }
     assert.are.equal(1, code)
     assert.matches("invalid or revoked token", err, 1, true)
+    -- none at all: the answer says how a command gives one
+    code, _, err = support.ten_run { "ps", "--server", url }
+    assert.are.equal(1, code)
+    assert.matches("; give this command a token: --token TOKEN or TENEMENT_TOKEN (`ten token-gen` on the server "
+      .. "makes one)", err, 1, true)
   end)
 
   it("streams new log lines as Server-Sent Events, scoped, to ten logs -f too", function()

@@ -13,6 +13,22 @@ describe("ten CLI", function()
     end
   end)
 
+  it("says when no server answers that no file named another data directory", function()
+    local dir = support.tmpdir()
+    -- an empty directory, no TENEMENT_* variables: the default data directory
+    local code, _, err = support.run("cd " .. support.quote(dir) .. " && " .. support.clean_env() .. " "
+      .. support.quote(support.ten) .. " ps")
+    assert.are.equal(1, code)
+    assert.matches("(there is no ./tenement.toml, so that is the default data directory: give --config FILE or "
+      .. "--data-dir DIR for another)", err, 1, true)
+    -- with a file that names one, not a word of it
+    support.write(dir .. "/tenement.toml", '[settings]\ndata_dir = "' .. dir .. '/d"\n')
+    code, _, err = support.run("cd " .. support.quote(dir) .. " && " .. support.clean_env() .. " "
+      .. support.quote(support.ten) .. " ps")
+    assert.are.equal(1, code)
+    assert.is_nil(err:find("default data directory", 1, true), err)
+  end)
+
   it("prints the version", function()
     local code, out = support.ten_run { "--version" }
     assert.are.equal(0, code)

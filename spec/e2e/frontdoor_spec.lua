@@ -284,6 +284,7 @@ describe("front door", function()
     for i = 1, 100 do assert.are.equal(200, results[i], "request " .. i) end
     local i = ps(srv)["api:z"]
     assert.are.equal("running", i.state)
+    assert.are.equal("woken for a request", i.reason) -- not the sleep's "idle for 1 s"
     run(function()
       local res = assert(get(srv, "example.test", "/metrics"))
       assert.matches('tenement_instance_wakes_total{service="api",id="z"} 1\n', res.body, 1, true)
@@ -499,6 +500,20 @@ describe("front door", function()
     assert.are.equal(0, code, err)
     assert.matches("added: -\nremoved: -\nrolled out: -\napplied: routing\n", out, 1, true)
     assert.are.equal(0, (ten(srv, "spawn", "web:x")))
+    -- a change of idle_timeout alone reaches web:x without replacing it
+    local pid = ps(srv)["web:x"].pid
+    write_cfg("2", '[service.web]\ncommand = "' .. BACKEND .. '"\nsocket = "' .. dir
+      .. '/sock/{name}-{id}.sock"\nisolation = "process"\nidle_timeout = 600\n[routing.subdomain]\nwww = "web"\n')
+    code, out, err = ten(srv, "reload")
+    assert.are.equal(0, code, err)
+    assert.matches("rolled out: -\nupdated without a restart: web\n", out, 1, true)
+    assert.are.equal(pid, ps(srv)["web:x"].pid)
+    -- a file that does not load changes nothing, and the server's log says so
+    write_cfg("2", "[service.web]\ncommnd = 1\n")
+    code, _, err = ten(srv, "reload")
+    assert.are.equal(1, code)
+    assert.matches("commnd", err, 1, true)
+    assert.matches("error reload failed, nothing changed: [^\n]*commnd", log_text(srv))
     -- SIGHUP: the service is gone again, and its instance stopped
     write_cfg("2")
     os.execute("kill -HUP " .. srv.pid)
@@ -534,16 +549,18 @@ describe("front door", function()
     -- ... nor under a request in flight longer than idle_timeout
     run(function() assert.are.equal(200, assert(get(srv, host, "/sleep?ms=3000")).status) end)
     assert.are.equal("running", ps(srv)["api:d"].state)
-    -- stopped: the next request is decided again (it wakes the instance)
-    -- instead of going to a socket nobody listens on
+    -- stopped: the next request is decided again (an operator's stop holds:
+    -- 503) instead of going to a socket nobody listens on; spawned, it is
+    -- served again
     assert.are.equal(0, (ten(srv, "stop", "api:d")))
     run(function()
       local res = assert(get(srv, host, "/"))
-      assert.are.equal(200, res.status, res.body)
+      assert.are.equal(503, res.status, res.body)
       local m = assert(get(srv, "example.test", "/metrics")).body
-      assert.are.equal(1, metric(m, 'tenement_instance_wakes_total{service="api",id="d"} (%d+)'))
       assert.are.equal(0, metric(m, 'tenement_proxy_errors_total (%d+)'))
     end)
+    assert.are.equal(0, (ten(srv, "spawn", "api:d")))
+    run(function() assert.are.equal(200, assert(get(srv, host, "/")).status) end)
     -- a rollout under load on the direct route: traffic follows the new
     -- process, the old one drains, nothing fails
     local text = assert(io.open(srv.cfg)):read("a")
@@ -594,6 +611,7 @@ describe("front door", function()
     code, _, err = ten(srv, "deploy", "api:v2", "--timeout", "2")
     assert.are.equal(1, code)
     assert.matches("nothing changed", err, 1, true)
+    assert.matches("exited with code 1", err, 1, true)
     assert.is_nil(ps(srv)["api:v2"])
     -- a good one gets its weight once healthy
     code, out = ten(srv, "deploy", "api:v3", "-w", "100")
@@ -606,6 +624,61 @@ describe("front door", function()
     wait_state(srv, "api:blue", "running")
     assert.are.equal(0, ps(srv)["api:blue"].weight)
     assert.are.equal(100, ps(srv)["api:v3"].weight)
+  end)
+
+  it("keeps to the weights while instances sleep: the one asleep is woken when drawn", function()
+    local dir = support.tmpdir()
+    srv = start_server(dir, { api = { 'health = "/health"', "idle_timeout = 1" } },
+      { tail = { "[instances]", 'api = ["prod", "canary"]' } })
+    wait_state(srv, "api:prod", "sleeping")
+    wait_state(srv, "api:canary", "sleeping")
+    local by = { prod = 0, canary = 0 }
+    run(function()
+      -- canary awake, prod asleep: prod still gets its share, woken for it
+      assert.are.equal(200, assert(get(srv, "canary.api.example.test", "/")).status)
+      for _ = 1, 40 do
+        local res = assert(get(srv, "api.example.test", "/"))
+        assert.are.equal(200, res.status)
+        by[res.headers["x-backend"]] = by[res.headers["x-backend"]] + 1
+      end
+    end)
+    -- equal weights: each drawn 20 times in 40 on average; none at all for
+    -- one of them is a chance of 2^-39
+    assert.is_true(by.prod > 0 and by.canary > 0, cjson.encode(by))
+    assert.matches("api:prod running: pid %d+ on %S+, ready in %d+ ms %(woken for a request%)", log_text(srv))
+  end)
+
+  it("leaves an instance an operator stopped down until it is spawned, and tells a client no more than the exit", function()
+    local dir = support.tmpdir()
+    srv = start_server(dir, {
+      api = { 'health = "/health"' },
+      leaky = { string.format("command = %q", "sh -c 'echo DB_PASSWORD=hunter2 connection refused >&2; exit 1'") },
+    }, { settings = { "max_restarts = 1" }, tail = { "[instances]", 'api = ["a", "b"]', 'leaky = ["x"]' } })
+    wait_state(srv, "api:b", "running")
+    wait_state(srv, "leaky:x", "failed")
+    assert.are.equal(0, (ten(srv, "stop", "api:a")))
+    run(function()
+      local res = assert(get(srv, "a.api.example.test", "/"))
+      assert.are.equal(503, res.status)
+      assert.matches("api:a was stopped by an operator (`ten spawn api:a` starts it)", res.body, 1, true)
+      -- nor does the service's traffic start it
+      for _ = 1, 10 do assert.are.equal("b", assert(get(srv, "api.example.test", "/")).headers["x-backend"]) end
+    end)
+    assert.are.equal("stopped", ps(srv)["api:a"].state)
+    assert.are.equal(0, (ten(srv, "spawn", "api:a")))
+    run(function() assert.are.equal("a", assert(get(srv, "a.api.example.test", "/")).headers["x-backend"]) end)
+
+    -- a start that fails: its output stays between the operator and the log
+    run(function()
+      for _ = 1, 2 do
+        local res = assert(get(srv, "x.leaky.example.test", "/"))
+        assert.are.equal(503, res.status)
+        assert.is_nil(res.body:find("hunter2", 1, true), res.body)
+        assert.matches("exited with code 1 during startup", res.body, 1, true)
+      end
+    end)
+    local _, out = ten(srv, "ps", "--json")
+    assert.matches("hunter2", log_text(srv) .. out, 1, true) -- the operator still sees it
   end)
 
   it("follows the default routing when a router hook answers with a broken target, and never hangs on one", function()
@@ -780,6 +853,18 @@ describe("front door", function()
       assert.are.equal(200, res.status, res.body)
       assert.are.equal("b", res.headers["x-backend"])
     end)
+  end)
+
+  it("says what a version was doing when a deploy's wait for it ran out", function()
+    local dir = support.tmpdir()
+    srv = start_server(dir, { api = { 'health = "/health"', "[service.api.env]", 'BACKEND_EXIT_AT_ONCE = "3"' } },
+      { settings = { "max_restarts = 100", "backoff_base_ms = 400" } })
+    local code, out, err = ten(srv, "deploy", "api:v1", "--timeout", "1")
+    assert.are.equal(1, code, out)
+    -- a crash inside the wait, not slowness, is why
+    assert.matches("not healthy within 1 s %(it is %a+; last exit: exited with code 3 during startup%); nothing changed",
+      err)
+    assert.is_nil(ps(srv)["api:v1"])
   end)
 
   it("refuses to deploy over an id that is unhealthy instead of calling it healthy", function()

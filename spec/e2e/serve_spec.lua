@@ -311,6 +311,19 @@ describe("ten serve", function()
     assert.are.equal(1, threads())
   end)
 
+  it("says which half of the address to change when it cannot listen", function()
+    local other = support.tmpdir()
+    local code, _, err = ten(cfg, "serve", "--data-dir", other, "-p", tostring(port))
+    assert.are.equal(1, code)
+    assert.matches("EADDRINUSE: address already in use (another port: ten serve -p PORT, or port in [settings])",
+      err, 1, true)
+    -- 192.0.2.1 is for documentation (RFC 5737): no machine has it
+    code, _, err = ten(cfg, "serve", "--data-dir", other, "--listen", "192.0.2.1", "-p", tostring(port))
+    assert.are.equal(1, code)
+    assert.matches("EADDRNOTAVAIL: address not available (an address of this machine: ten serve --listen ADDR, or "
+      .. "listen in [settings])", err, 1, true)
+  end)
+
   it("refuses a second server on the same data directory", function()
     local code, _, err = ten(cfg, "serve")
     assert.are.equal(1, code)

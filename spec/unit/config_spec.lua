@@ -472,6 +472,15 @@ describe("reporting", function()
       'tenement.toml:12: service.f.command: the program "bin/app" is not there (in workdir "/no/such/dir"): each '
         .. "start would fail",
     }, cfg.warnings)
+    -- a bare name is looked for on the PATH the app gets: the host's, or its own
+    cfg = parse_ok('[service.d]\ncommand = "app-on-path --x"\n[service.s]\ncommand = "sh -c true"\n'
+      .. '[service.o]\ncommand = "app-on-path"\n[service.o.env]\nPATH = "/no/such:/bin"\n', { PATH = "/usr/bin:/bin" })
+    assert.same({
+      'tenement.toml:2: service.d.command: no program "app-on-path" on the PATH (/usr/bin:/bin): each start would '
+        .. "fail; name it by its path, or install it",
+      'tenement.toml:6: service.o.command: no program "app-on-path" on the PATH (/no/such:/bin): each start would '
+        .. "fail; name it by its path, or install it",
+    }, cfg.warnings)
   end)
 
   it("points at the value inside an inline table", function()

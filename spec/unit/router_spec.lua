@@ -129,10 +129,25 @@ describe("router.pick", function()
     for i = 1, 5 do assert.are.equal("c", router.pick(c, seq { i }).key) end
   end)
 
-  it("wakes the sleeping instance with the highest weight when none runs", function()
-    local c = { { key = "a", state = "sleeping", weight = 10 }, { key = "b", state = "sleeping", weight = 60 },
+  it("draws by weight among running, starting and sleeping instances: weights hold while some sleep", function()
+    local c = { { key = "prod", state = "sleeping", weight = 100 }, { key = "canary", state = "running", weight = 10 },
+      { key = "next", state = "starting", weight = 20 }, { key = "broken", state = "failed", weight = 100 },
+      { key = "off", state = "stopped", weight = 100 } }
+    assert.are.equal("prod", router.pick(c, seq { 1 }).key)
+    assert.are.equal("prod", router.pick(c, seq { 100 }).key)
+    assert.are.equal("canary", router.pick(c, seq { 101 }).key)
+    assert.are.equal("canary", router.pick(c, seq { 110 }).key)
+    assert.are.equal("next", router.pick(c, seq { 130 }).key)
+  end)
+
+  it("starts the stopped instance with the highest weight when nothing else can serve, unless an operator holds it", function()
+    local c = { { key = "a", state = "stopped", weight = 10 }, { key = "b", state = "stopped", weight = 60 },
       { key = "c", state = "failed", weight = 100 } }
     assert.are.equal("b", router.pick(c, seq {}).key)
+    c[2].held = true
+    assert.are.equal("a", router.pick(c, seq {}).key)
+    c[1].held = true
+    assert.is_nil(router.pick(c, seq {}))
   end)
 
   it("returns nothing when nothing can serve", function()
