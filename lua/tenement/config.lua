@@ -365,7 +365,10 @@ local function check_service_ref(s, ctx)
   end
   local hint = did_you_mean(s, names)
   if hint == "" then
-    hint = "; defined services: " .. table.concat(names, ", ")
+    -- only the names that load: a bad one has its own error already
+    local valid = {}
+    for _, n in ipairs(names) do if config.valid_name(n) then valid[#valid + 1] = n end end
+    hint = #valid > 0 and ("; defined services: " .. table.concat(valid, ", ")) or ""
   end
   return nil, ("no service %s is defined%s"):format(quote(s), hint)
 end
@@ -591,7 +594,7 @@ local SETTINGS = {
     { name = "keepalive_timeout", type = "integer", limit = SECONDS, default = 60, min = 1,
       doc = "Seconds an idle keep-alive connection stays open" },
     { name = "max_connections", type = "integer", default = 4096, min = 1,
-      doc = "Open connections at most; past it, accepting waits" },
+      doc = "Open connections at most; past it, the one idle longest is closed for the new one, else accepting waits" },
     { name = "upstream_keepalive", type = "integer", default = 64, min = 0, max = 4096,
       doc = "Idle keep-alive connections kept open to each instance" },
     { name = "drain_timeout", type = "integer", limit = SECONDS, default = 10, min = 0,

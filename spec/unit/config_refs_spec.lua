@@ -60,6 +60,10 @@ describe("[instances]", function()
       'tenement.toml:6:1: instances.db: no service "db" is defined; defined services: api, worker',
     }, errors('[service.worker]\ncommand = "w"\n[service.api]\ncommand = "a"\n[instances]\n'
       .. 'db = ["main"]\n'))
+    -- a name that does not load is not offered
+    local got = errors('[service.worker]\ncommand = "w"\n[service.Bad_Name]\ncommand = "a"\n[instances]\n'
+      .. 'db = ["main"]\n')
+    assert.matches('no service "db" is defined; defined services: worker$', got[#got])
   end)
 
   it("says so when no service is defined at all", function()
