@@ -633,6 +633,7 @@ struct http_conn {
     char scan_prev;        /* last raw head byte seen, across reads */
     const char *bad_head;  /* a framing problem found in the raw head bytes */
     char peer[160];
+    int peer_pid;          /* a Unix socket client's pid (SO_PEERCRED), else 0 */
 };
 
 struct http_req {
@@ -653,6 +654,7 @@ struct http_req {
     tn_task *waiter;
     uint64_t wseq;
     char peer[160];
+    int peer_pid;
 };
 
 typedef struct { http_req *r; } req_box;
@@ -1489,6 +1491,9 @@ static int l_req_index(lua_State *L) {
         lua_pushfstring(L, "%d.%d", h->major, h->minor);
     } else if (strcmp(k, "peer") == 0) {
         lua_pushstring(L, r->peer);
+    } else if (strcmp(k, "peer_pid") == 0) {
+        if (r->peer_pid > 0) lua_pushinteger(L, r->peer_pid);
+        else lua_pushnil(L);
     } else if (strcmp(k, "host") == 0) {
         /* as sent: routing normalises it (and keys direct routes by it) */
         int n;
@@ -1724,6 +1729,7 @@ static void on_head(http_conn *c, const head_facts *f) {
     r->expect_continue = f->minor == 1 && ex &&
                          ieq(head_str(&r->head, ex->value), ex->value_len, "100-continue");
     memcpy(r->peer, c->peer, sizeof r->peer);
+    r->peer_pid = c->peer_pid;
     c->req = r;
     c->phase = PHASE_BODY;
     conn_timer(c, TIMER_NONE, 0);
@@ -2093,6 +2099,13 @@ static void srv_accept(http_server *s) {
         if (rc) { conn_close(c); return; }
         s->accepted++;
         tn_sock_peer(&c->io.sock, c->is_pipe, c->peer, sizeof c->peer);
+        if (c->is_pipe) {
+            /* who connected, as the kernel saw it: the control socket must
+             * tell an operator from an instance that found the path */
+            struct ucred cred;
+            socklen_t clen = sizeof cred;
+            if (getsockopt(c->io.fd, SOL_SOCKET, SO_PEERCRED, &cred, &clen) == 0) c->peer_pid = cred.pid;
+        }
         /* responses go out whole or as streamed pieces: none should wait
          * for the client's delayed ACK (Nagle) */
         if (!c->is_pipe) uv_tcp_nodelay(&c->io.sock.tcp, 1);

@@ -1836,6 +1836,19 @@ static int l_proc_getpid(lua_State *L) {
     return 1;
 }
 
+/* proc.pid_namespace([pid]) -> the inode of the process's PID namespace
+ * (this process's without pid) | nil, err. Two processes share a PID
+ * namespace when the numbers are equal. */
+static int l_proc_pid_namespace(lua_State *L) {
+    char path[64];
+    if (lua_isnoneornil(L, 1)) snprintf(path, sizeof path, "/proc/self/ns/pid");
+    else snprintf(path, sizeof path, "/proc/%lld/ns/pid", (long long)luaL_checkinteger(L, 1));
+    struct stat st;
+    if (stat(path, &st) != 0) return tn_fail_errno(L, path, errno);
+    lua_pushinteger(L, (lua_Integer)st.st_ino);
+    return 1;
+}
+
 /* proc.kill(pid, [sig="SIGTERM"]) -> true | nil, err, code. A raw pid (a
  * negative one is a process group): no protection against reuse. */
 static int l_proc_rawkill(lua_State *L) {
@@ -1871,6 +1884,7 @@ int tn_open_proc(lua_State *L) {
     };
     static const luaL_Reg fns[] = {
         {"spawn", l_proc_spawn}, {"environ", l_proc_environ}, {"getpid", l_proc_getpid},
+        {"pid_namespace", l_proc_pid_namespace},
         {"rlimit", l_proc_rlimit},
         {"init_fd", l_proc_init_fd}, {"netns_new", l_proc_netns_new},
         {"kill", l_proc_rawkill}, {"signal_name", l_proc_signal_name}, {NULL, NULL},

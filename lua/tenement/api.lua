@@ -60,6 +60,7 @@ end
 local function fail(code, message)
   return reply(STATUS_FOR_CODE[code] or 500, { error = { code = code, message = message } })
 end
+api.fail = fail
 
 function api.unescape(s)
   return (s:gsub("+", " "):gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end))
@@ -184,6 +185,10 @@ function api.new(ctx)
     if not id then return fail("bad_request", ierr) end
     if not api.allows(req, service, id) then return fail("forbidden", "this token does not cover " .. service .. ":" .. id) end
     local inst, why, code = start_in_turn(service, id, function(_, sv, i) return sup:spawn(sv, i, { why = "by the API" }) end)
+    if not inst and code == "not_found" and req.principal and not req.principal.admin then
+      -- a tenant learns no more than that: not the file, not the other services
+      return fail("not_found", string.format("no service %q", service))
+    end
     if not inst then return fail(code or "internal", why) end
     return reply(compat and 200 or 201, spawned_json(inst))
   end

@@ -636,8 +636,12 @@ command {
     local function show(list)
       for _, l in ipairs(list) do
         local prefix = os.date("!%Y-%m-%dT%H:%M:%S", math.floor(l.time)) .. string.format(".%03dZ", math.floor(l.time * 1000) % 1000)
+        -- an app's bytes are the tenant's: control characters (escape
+        -- sequences that would drive the operator's terminal) are shown, not sent
+        local message = l.message:gsub("[\0-\8\11-\31\127]", function(ch)
+          return string.format("\\x%02x", ch:byte()) end)
         ctx.out:write(prefix, " ", instance and "" or (l.instance .. " "), l.stream == "stderr" and "stderr " or "",
-          l.message, "\n")
+          message, "\n")
       end
       if ctx.out.flush then ctx.out:flush() end
     end

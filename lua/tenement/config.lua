@@ -1390,6 +1390,20 @@ function config.check(doc, source, env, text)
   end
   local routing = section("routing", ROUTING)
   local hooks = section("hooks", HOOKS)
+  -- a hook that does not compile would stop ten serve at start (and fail a
+  -- reload): said here, with the file's own line, so `ten config` catches it
+  if hooks and type(hooks.router) == "string" then
+    local f = io.open(hooks.router, "rb")
+    if f then
+      local source_text = f:read("a") or ""
+      f:close()
+      local chunk, cerr = load(source_text, "@" .. hooks.router, "t", {})
+      if not chunk then
+        local line, col = where_value(ctx, doc.hooks, "router")
+        report(ctx, line, col, "hooks.router", NO_VALUE, "the file does not compile: " .. tostring(cerr))
+      end
+    end
+  end
 
   if #ctx.errors > 0 then
     sort_errors(ctx.errors)
@@ -1420,6 +1434,12 @@ function config.check(doc, source, env, text)
   -- where ten serve looks when started from here (workdir, when set).
   local raw_services = type(doc.service) == "table" and doc.service or {}
   for _, name in ipairs(names) do
+    local planned = require("tenement.runtime").planned(services[name].isolation)
+    if planned then
+      warn(where(raw_services[name], "isolation") or where(raw_services[name], "runtime") or where(raw_services, name),
+        ("service.%s.isolation = %s: %s, so every start of it will fail; use \"namespace\" or \"sandbox\"")
+          :format(name, quote(services[name].isolation), planned))
+    end
     local cmd, workdir = services[name].command, services[name].workdir
     local prog = type(cmd) == "string" and not command.needs_shell(cmd) and cmd:match("^%s*(%S+)")
     if prog and prog:find("/", 1, true) and not (workdir and workdir:find("{", 1, true)) then

@@ -315,8 +315,12 @@ function metrics.render(srv, emit)
   out:family("tenement_instance_storage_quota_bytes", "gauge", "The instance's storage quota.")
   for _, r in ipairs(rec) do
     if r.storage and known(r) then
-      local used, quota = require("tenement.storage").usage(r.storage)
+      local used, fs_size = require("tenement.storage").usage(r.storage)
       if used then out:sample("tenement_instance_storage_bytes", r.labels, used) end
+      -- the quota configured, as the API gives it: the file system's own size
+      -- runs a little over it (its metadata)
+      local mb = r.inst.svc and r.inst.svc.storage_quota_mb
+      local quota = mb and mb * 1024 * 1024 or fs_size
       if quota then out:sample("tenement_instance_storage_quota_bytes", r.labels, quota) end
     end
   end

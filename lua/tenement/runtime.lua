@@ -11,6 +11,10 @@ local planned = {
 
 local cache = {}
 
+-- runtime.planned(level) -> why it cannot start yet | nil: the levels the
+-- file accepts before a driver exists (config warns of them at load)
+function runtime.planned(level) return planned[level] end
+
 -- runtime.get(level) -> driver | nil, err
 function runtime.get(level)
   if cache[level] then return cache[level] end
@@ -18,7 +22,7 @@ function runtime.get(level)
   if not ok then
     local why = planned[level]
     if why then
-      return nil, string.format('%s: set isolation = "process" for this service, or use a newer ten', why)
+      return nil, string.format('%s: set isolation = "namespace" (or "sandbox") for this service, or use a newer ten', why)
     end
     return nil, string.format("unknown isolation level %q (%s)", level, tostring(driver))
   end

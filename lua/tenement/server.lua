@@ -27,6 +27,17 @@ local LOG_RETENTION_EVERY_MS = 60 * 1000
 local RESTORE_AT_ONCE = 64
 local RESTORE_WAIT_MS = 250
 
+-- What a router hook is, for telling a change of it: its path and its text
+-- (the file changes more often than the line that names it).
+local function hook_source(hooks)
+  local path = hooks and hooks.router
+  if not path then return nil end
+  local f = io.open(path, "rb")
+  local text = f and f:read("a") or ""
+  if f then f:close() end
+  return path .. "\0" .. text
+end
+
 local Server = {}
 Server.__index = Server
 
@@ -104,10 +115,25 @@ function Server:start()
     flush_logs = function() self:flush_logs() end,
     reload = function() return self:reload() end,
     rollout = function(service) return self:rollout(service) end }
-  self.control = core.http.serve(listener, self.handler)
+  -- The control socket asks no token: its mode keeps other users out, and
+  -- this keeps out a process in another PID namespace, an instance under
+  -- namespace isolation that runs as root and found the path. Fails closed:
+  -- a client whose namespace cannot be read is refused too.
+  local own_ns = core.proc.pid_namespace()
+  self.control = core.http.serve(listener, function(req)
+    local ns = req.peer_pid and core.proc.pid_namespace(req.peer_pid)
+    if not ns or ns ~= own_ns then
+      log.warn("control socket: refused a client in another PID namespace (pid %s): an instance?",
+        tostring(req.peer_pid))
+      return api.fail("forbidden", "the control socket answers the server's own host only: use the HTTP API "
+        .. "with a token")
+    end
+    return self.handler(req)
+  end)
   local door, derr = frontdoor.new { cfg = cfg, sup = self.sup, store = st, own = self:own_pages() }
   if not door then return nil, derr end
   self.door = door
+  self.hook_source = hook_source(cfg.hooks)
   local s = cfg.settings
   local max_conns = self:connection_budget(s.max_connections)
   local http_listener, herr, hcode = core.net.listen { host = s.listen, port = s.port }
@@ -496,9 +522,11 @@ function Server:reload()
   -- the rest of the file: settings, routing, hooks, [instances]; said when
   -- changed, since nothing else in the summary would show it
   for _, part in ipairs { { "settings", old.settings, new.settings }, { "routing", old.routing, new.routing },
-    { "hooks", old.hooks, new.hooks }, { "[instances]", old.instances, new.instances } } do
+    { "[instances]", old.instances, new.instances } } do
     if not same(part[2], part[3]) then summary.applied[#summary.applied + 1] = part[1] end
   end
+  local new_hook = hook_source(new.hooks)
+  local hook_changed = new_hook ~= self.hook_source
   -- a new table rather than the old one changed: an instance's upstream
   -- takes proxy_timeout and upstream_keepalive again only when its
   -- settings table is another one (inst:upstream())
@@ -508,15 +536,22 @@ function Server:reload()
   old.settings = settings
   old.routing, old.hooks, old.instances, old.service_names = new.routing, new.hooks, new.instances, new.service_names
   local routed, derr = self.door:configure(old)
-  if not routed then summary.failed[#summary.failed + 1] = derr end
+  if not routed then
+    summary.failed[#summary.failed + 1] = derr
+  elseif hook_changed then
+    summary.applied[#summary.applied + 1] = "hooks"
+    self.hook_source = new_hook
+  end
   for _, inst in ipairs(old.instances) do
     if not self.sup:get(inst.service, inst.id) then
       core.spawn(function() self.sup:spawn(inst.service, inst.id, { why = "from [instances], by a reload" }) end)
     end
   end
   for _, list in pairs(summary) do table.sort(list) end
-  log.info("reloaded %s: added [%s], removed [%s], rolled out [%s], updated without a restart [%s], applied [%s]%s",
-    old.source, table.concat(summary.added, " "), table.concat(summary.removed, " "),
+  -- a reload that failed in part says so at the level of a failure
+  local emit = #summary.failed > 0 and log.error or log.info
+  emit("reloaded %s%s: added [%s], removed [%s], rolled out [%s], updated without a restart [%s], applied [%s]%s",
+    old.source, #summary.failed > 0 and (" with failures (" .. table.concat(summary.failed, "; ") .. ")") or "", table.concat(summary.added, " "), table.concat(summary.removed, " "),
     table.concat(summary.rolled_out, " "), table.concat(summary.updated, " "), table.concat(summary.applied, " "),
     #summary.restart_needed > 0 and ("; " .. table.concat(summary.restart_needed, ", ") ..
       " changed and need a restart of ten serve") or "")

@@ -223,6 +223,12 @@ describe("HTTP API", function()
       body = '{"service":"api","id":"three"}' })))
     -- and the instance that is its own can be restarted
     assert.are.equal(200, (call(srv, "POST", "/api/instances/api:one/restart", { headers = with_auth(tenant) })))
+    -- a token for an id in every service learns of a missing service only that
+    local any = token(srv, "--tenant", "one")
+    local status2, _, body = call(srv, "POST", "/api/instances", { headers = with_auth(any,
+      { ["content-type"] = "application/json" }), body = '{"service":"nope","id":"one"}' })
+    assert.are.equal(404, status2)
+    assert.are.same({ error = { code = "not_found", message = 'no service "nope"' } }, body)
   end)
 
   it("gives clear JSON errors: 400 naming the field, 404, 405", function()

@@ -415,6 +415,31 @@ describe("front door", function()
     assert.are.equal(n, logged + told)
   end)
 
+  it("says a reload applied a hook whose file changed, and logs a reload the hook made fail as a failure", function()
+    local dir = support.tmpdir()
+    local hook = dir .. "/hook.lua"
+    support.write(hook, 'return { route = function(r, v, default) return default() end }\n')
+    srv = start_server(dir, { api = {} }, { tail = { "[instances]", 'api = ["one"]', "[hooks]", 'router = "hook.lua"' } })
+    wait_state(srv, "api:one", "running")
+    -- the same file, other text: the hook is new
+    support.write(hook, 'return { route = function(r, v, default)\n  if r.path == "/teapot" then '
+      .. 'return { kind = "status", status = 418, reason = "teapot" } end\n  return default()\nend }\n')
+    local code, out, err = ten(srv, "reload")
+    assert.are.equal(0, code, err)
+    assert.matches("applied: hooks\n", out, 1, true)
+    run(function() assert.are.equal(418, assert(get(srv, "one.api.example.test", "/teapot")).status) end)
+    -- nothing changed: nothing said
+    code, out = ten(srv, "reload")
+    assert.are.equal(0, code)
+    assert.is_nil(out:find("applied", 1, true), out)
+    -- broken by the server's own judgement (it compiles, and returns no route)
+    support.write(hook, "return { }\n")
+    code, _, err = ten(srv, "reload")
+    assert.are.equal(1, code)
+    assert.matches("error reloaded [^\n]* with failures %(", log_text(srv))
+    run(function() assert.are.equal(418, assert(get(srv, "one.api.example.test", "/teapot")).status) end)
+  end)
+
   it("contains a router hook that throws, and follows one that answers", function()
     local dir = support.tmpdir()
     support.write(dir .. "/hook.lua", [[

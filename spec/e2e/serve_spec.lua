@@ -311,6 +311,21 @@ describe("ten serve", function()
     assert.are.equal(1, threads())
   end)
 
+  it("refuses the control socket to a process in another PID namespace, as an instance under namespace isolation is", function()
+    local probe = select(1, support.run("unshare --pid --fork --mount-proc true"))
+    if probe ~= 0 then
+      pending("unshare --pid needs root (or user namespaces) here: the refusal is not exercised")
+      return
+    end
+    local code, _, err = support.run("unshare --pid --fork --mount-proc " .. support.clean_env() .. " "
+      .. support.quote(support.ten) .. " --config " .. support.quote(cfg) .. " spawn api:intruder")
+    assert.are.equal(1, code)
+    assert.matches("the control socket answers the server's own host only: use the HTTP API with a token", err, 1, true)
+    assert.is_nil(ps(cfg)["api:intruder"])
+    -- from this namespace, as ever
+    assert.are.equal(0, (ten(cfg, "ps")))
+  end)
+
   it("says which half of the address to change when it cannot listen", function()
     local other = support.tmpdir()
     local code, _, err = ten(cfg, "serve", "--data-dir", other, "-p", tostring(port))
@@ -465,6 +480,28 @@ describe("ten serve on a configuration of its own", function()
     end)
     assert.are.equal("running", state(cfg1))
     assert.is_true(stop(pid1))
+  end)
+
+  it("shows an app's control characters in ten logs instead of sending them to the terminal", function()
+    local cfg = serve_own(function(dir)
+      return {
+        "[settings]", 'data_dir = "data"', "port = " .. support.free_port(),
+        "[service.loud]", string.format("command = %q", "sh -c 'printf \"\\033[31mred\\033[0m bell\\007 tab\\tend\\n\"; exec "
+          .. BACKEND .. "'"),
+        string.format("socket = %q", dir .. "/sock/{name}-{id}.sock"), 'isolation = "process"',
+        "[instances]", 'loud = ["a"]',
+      }
+    end)
+    assert.is_true(wait_up(cfg), "ten serve did not come up")
+    local out
+    for _ = 1, 100 do
+      local _, o = ten(cfg, "logs", "loud:a")
+      out = o
+      if out:find("red", 1, true) then break end
+      sleep(0.05)
+    end
+    assert.matches(" \\x1b[31mred\\x1b[0m bell\\x07 tab\tend\n", out, 1, true)
+    assert.is_nil(out:find("\27", 1, true))
   end)
 
   it("does not report as failed the starts its own stop ended", function()

@@ -483,6 +483,30 @@ describe("reporting", function()
     }, cfg.warnings)
   end)
 
+  it("warns of an isolation level that is accepted but cannot start yet", function()
+    local cfg = parse_ok('[service.vm]\ncommand = "/bin/sh"\nisolation = "firecracker"\n[service.ok]\ncommand = "/bin/sh"\n')
+    assert.same({ 'tenement.toml:3: service.vm.isolation = "firecracker": firecracker VMs are not available yet, so '
+      .. 'every start of it will fail; use "namespace" or "sandbox"' }, cfg.warnings)
+  end)
+
+  it("refuses a router hook that does not compile, with the file's own line", function()
+    local path = os.tmpname()
+    local f = assert(io.open(path, "w"))
+    f:write("-- a hook\nreturn { route = function( }\n")
+    f:close()
+    local errs = parse_errors('[service.a]\ncommand = "x"\n[hooks]\nrouter = "' .. path .. '"\n')
+    os.remove(path)
+    assert.same({ "tenement.toml:4:10: hooks.router: the file does not compile: " .. path
+      .. ":2: <name> or '...' expected near '}'" }, errs)
+    -- one that compiles loads (what it does is the front door's to judge)
+    path = os.tmpname()
+    f = assert(io.open(path, "w"))
+    f:write("return { route = function(req, view, default) return default() end }\n")
+    f:close()
+    assert.are.equal(path, parse_ok('[service.a]\ncommand = "x"\n[hooks]\nrouter = "' .. path .. '"\n').hooks.router)
+    os.remove(path)
+  end)
+
   it("points at the value inside an inline table", function()
     assert.same({
       'tenement.toml:2:34: service.api.restart = "no": expected one of always, on-failure, never',

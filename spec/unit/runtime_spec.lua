@@ -6,7 +6,7 @@ describe("runtime.get", function()
       local driver, err = runtime.get(level)
       assert.is_nil(driver)
       assert.matches("not available yet", err, 1, true)
-      assert.matches('isolation = "process"', err, 1, true)
+      assert.matches('isolation = "namespace" (or "sandbox")', err, 1, true)
     end
   end)
 
