@@ -450,7 +450,9 @@ function api.new(ctx)
       if ctx.flush_logs then ctx.flush_logs() end
       local rows, err = store:logs(filter)
       if not rows then return fail("bad_request", err) end
-      if #rows > 0 or core.now() >= deadline then
+      -- a stopping server answers what it has: a poller that went away
+      -- would otherwise hold the drain for the rest of its wait
+      if #rows > 0 or core.now() >= deadline or (ctx.stopping and ctx.stopping()) then
         local out = json.array()
         for i = #rows, 1, -1 do out[#out + 1] = line_json(rows[i]) end -- oldest first
         return reply(200, out)
@@ -507,6 +509,7 @@ function api.new(ctx)
         ok = true
       end
       if not ok then return end -- the client went away
+      if ctx.stopping and ctx.stopping() then out:finish() return end -- its client reconnects to the next server
       core.sleep((#rows == filter.limit or rows.capped) and 0 or 250)
     end
   end, "scoped")

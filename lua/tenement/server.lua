@@ -114,7 +114,8 @@ function Server:start()
   self.handler = api.new { sup = self.sup, store = st, cfg = cfg, started = self.started,
     flush_logs = function() self:flush_logs() end,
     reload = function() return self:reload() end,
-    rollout = function(service) return self:rollout(service) end }
+    rollout = function(service) return self:rollout(service) end,
+    stopping = function() return self.draining end }
   -- The control socket asks no token: its mode keeps other users out, and
   -- this keeps out a process in another PID namespace, an instance under
   -- namespace isolation that runs as root and found the path. Fails closed:
@@ -643,6 +644,7 @@ function Server:hurry(signum)
 end
 
 function Server:shutdown()
+  self.draining = true -- long polls and event streams answer now (api.lua)
   if self.door then self.door.stopped = true end
   if self.http then
     -- stop accepting, let requests in flight finish (bounded), then stop instances

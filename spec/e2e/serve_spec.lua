@@ -585,4 +585,34 @@ describe("ten serve on a configuration of its own", function()
     assert.is_true(gone(pid, inst_pid), "a second SIGTERM did not stop the server and its instance")
     assert.matches("again: stopping now", log_with(log, "stopped"), 1, true)
   end)
+
+  it("ends a long poll for log lines when it stops, instead of waiting out the poll", function()
+    local port = support.free_port()
+    local cfg, log, pid = serve_own(function()
+      return { "[settings]", 'data_dir = "data"', "port = " .. port, "drain_timeout = 600",
+        "[service.api]", string.format("command = %q", BACKEND), 'isolation = "process"' }
+    end)
+    assert.is_true(wait_up(cfg), "ten serve did not come up")
+    local code, token = ten(cfg, "token-gen")
+    assert.are.equal(0, code)
+    token = token:match("%S+")
+    local core = require "tenement.core"
+    local status, answered
+    core.run(function()
+      -- through the front door, which drains (the control socket just closes)
+      local poll = core.spawn(function()
+        local res, err = core.http.request { host = "127.0.0.1", port = port, method = "GET",
+          target = "/api/logs?after=999999999&wait=60", timeout = 90000,
+          headers = { host = "localhost", authorization = "Bearer " .. token } }
+        status = res and res.status or err
+      end)
+      core.sleep(300)
+      os.execute("kill -TERM " .. pid)
+      -- the poll asked for 60 s; the drain allows 600: 20 s is neither
+      answered = poll:join(20000)
+    end)
+    assert.is_truthy(answered, "the poll was still waiting 20 s after SIGTERM")
+    assert.are.equal(200, status) -- answered (no lines), not cut
+    assert.is_true(gone(pid), "the server waited for the poll:\n" .. log_with(log, "stopped"))
+  end)
 end)
