@@ -42,6 +42,9 @@ function frontdoor.new(ctx)
     guards = {},       -- service -> upstream invalidated when its set of instances changes
     stats = { requests = 0, by_route = {} },  -- requests decided here (not the direct ones)
   }, Door)
+  -- a broken hook fails on every request: the first ones say why, the rest
+  -- are counted (log.limited), so a flood of requests is no flood of lines
+  self.hook_error, self.flush_hook_errors = log.limited("error", 10, "router hook failures")
   local ok, err = self:configure(ctx.cfg)
   if not ok then return nil, err end
   -- whatever happens to an instance (state, weight) may change where its
@@ -152,18 +155,19 @@ function Door:route(req)
   local ok, result = hooks.call(self.route_hook, request, self.hook_view, default)
   if not ok then
     -- an error value that is not a string may carry a __tostring of the hook's
-    log.error("router hook failed (the default routing applies): %s",
-      type(result) == "string" and result or ("an error value of type " .. type(result)))
+    self.hook_error(string.format("router hook failed (the default routing applies): %s",
+      type(result) == "string" and result or ("an error value of type " .. type(result))))
   elseif result ~= nil then
     local target, why = hook_target(result)
     if target then
       if (target.kind == "instance" or target.kind == "service") and not self.view.services[target.service] then
-        log.error("router hook chose unknown service %q (the default routing applies)", target.service)
+        self.hook_error(string.format("router hook chose unknown service %q (the default routing applies)",
+          target.service))
       else
         return target
       end
     else
-      log.error("router hook returned %s (the default routing applies)", why)
+      self.hook_error(string.format("router hook returned an unusable target (the default routing applies): %s", why))
     end
   end
   -- the request as it came, not as the hook may have left it

@@ -661,6 +661,7 @@ function Server:shutdown()
   self.store:close()
   -- the count of this second's failures would go with the process
   if self.flush_door_errors then self.flush_door_errors() end
+  if self.door then self.door.flush_hook_errors() end
   log.info("stopped")
 end
 

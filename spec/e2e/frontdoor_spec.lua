@@ -474,6 +474,21 @@ describe("front door", function()
     end)
     assert.matches("router hook failed", log_text(srv), 1, true)
     assert.matches("hook exploded", log_text(srv), 1, true)
+    -- failing on every request, it does not write a line for each
+    run(function()
+      local tasks = {}
+      for i = 1, 100 do tasks[i] = core.spawn(function() return get(srv, "one.api.example.test", "/boom") end) end
+      for i = 1, 100 do assert.is_true((tasks[i]:join())) end
+    end)
+    local text
+    for _ = 1, 60 do
+      text = log_text(srv)
+      if text:find("router hook failures in that second not logged", 1, true) then break end
+      sleep(0.05)
+    end
+    local _, lines = text:gsub("router hook failed", "")
+    assert.is_true(lines < 60, lines .. " lines for 101 failures")
+    assert.matches("more router hook failures in that second not logged (at most 10 a second)", text, 1, true)
   end)
 
   it("rolls out a service under constant load with zero failed requests, and reloads the file", function()
