@@ -1502,6 +1502,10 @@ static int l_req_index(lua_State *L) {
         lua_pushlstring(L, head_str(h, x->value), x->value_len);
     } else if (strcmp(k, "responded") == 0) {
         lua_pushboolean(L, r->responded);
+    } else if (strcmp(k, "client_closed") == 0) {
+        /* the client sent its FIN, or the connection is gone: a handler
+         * that waits for something to say (a long poll) may stop waiting */
+        lua_pushboolean(L, !r->conn || r->conn->eof || r->conn->closing);
     } else if (strcmp(k, "headers") == 0) {
         push_headers(L, h);
         req_fields(L);

@@ -452,7 +452,7 @@ function api.new(ctx)
       if not rows then return fail("bad_request", err) end
       -- a stopping server answers what it has: a poller that went away
       -- would otherwise hold the drain for the rest of its wait
-      if #rows > 0 or core.now() >= deadline or (ctx.stopping and ctx.stopping()) then
+      if #rows > 0 or core.now() >= deadline or (ctx.stopping and ctx.stopping()) or req.client_closed then
         local out = json.array()
         for i = #rows, 1, -1 do out[#out + 1] = line_json(rows[i]) end -- oldest first
         return reply(200, out)
@@ -508,7 +508,7 @@ function api.new(ctx)
       else
         ok = true
       end
-      if not ok then return end -- the client went away
+      if not ok or req.client_closed then return end -- the client went away
       if ctx.stopping and ctx.stopping() then out:finish() return end -- its client reconnects to the next server
       core.sleep((#rows == filter.limit or rows.capped) and 0 or 250)
     end

@@ -858,6 +858,27 @@ describe("core.http server", function()
     end)
   end)
 
+  it("tells a waiting handler that its client closed, so a long poll need not wait it out", function()
+    core.run(function()
+      local saw = require("tenement.sync").event()
+      local srv, port = serve(function(req)
+        local deadline = core.now() + 60000
+        while not req.client_closed and core.now() < deadline do core.sleep(10) end
+        saw:set(req.client_closed)
+        return 200, nil, "too late"
+      end)
+      local c = raw(port)
+      c:send("GET /poll HTTP/1.1\r\nHost: a\r\n\r\n")
+      core.sleep(50)
+      c:close()
+      assert.is_true(saw:wait(5000))
+      local deadline = core.now() + 2000
+      while srv:stats().connections_open > 0 and core.now() < deadline do core.sleep(5) end
+      assert.are.equal(0, srv:stats().connections_open)
+      srv:close()
+    end)
+  end)
+
   it("cuts: closes every connection at once, ending a drain under way", function()
     core.run(function()
       local srv, port = serve(function()
