@@ -1434,6 +1434,14 @@ function config.check(doc, source, env, text)
   -- where ten serve looks when started from here (workdir, when set).
   local raw_services = type(doc.service) == "table" and doc.service or {}
   for _, name in ipairs(names) do
+    -- a user this host does not have fails every start the same way
+    local user = services[name].user
+    if user then
+      local found, why = require("tenement.users").lookup(user)
+      if not found then
+        warn(where(raw_services[name], "user"), ("service.%s.user: %s: every start would fail"):format(name, why))
+      end
+    end
     local planned = require("tenement.runtime").planned(services[name].isolation)
     if planned then
       warn(where(raw_services[name], "isolation") or where(raw_services[name], "runtime") or where(raw_services, name),

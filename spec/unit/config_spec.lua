@@ -483,6 +483,13 @@ describe("reporting", function()
     }, cfg.warnings)
   end)
 
+  it("warns of a user this host does not have", function()
+    local cfg = parse_ok('[service.a]\ncommand = "/bin/sh"\nuser = "no-such-user-here"\n[service.b]\ncommand = "/bin/sh"\n'
+      .. 'user = "root"\n[service.c]\ncommand = "/bin/sh"\nuser = "4321"\n')
+    assert.same({ 'tenement.toml:3: service.a.user: no user "no-such-user-here" in /etc/passwd (create it with '
+      .. '`useradd --system no-such-user-here`, or give a numeric uid): every start would fail' }, cfg.warnings)
+  end)
+
   it("warns of an isolation level that is accepted but cannot start yet", function()
     local cfg = parse_ok('[service.vm]\ncommand = "/bin/sh"\nisolation = "firecracker"\n[service.ok]\ncommand = "/bin/sh"\n')
     assert.same({ 'tenement.toml:3: service.vm.isolation = "firecracker": firecracker VMs are not available yet, so '
