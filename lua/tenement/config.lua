@@ -1022,7 +1022,14 @@ end
 local function unknown_key(ctx, tbl, key, path, names, section)
   local line, col = where(tbl, key)
   local hint = did_you_mean(key, names)
-  if hint == "" then
+  local service = path:match("^service%.([^.]+)$")
+  local only_tables = true -- [service.my.app] alone makes a service of nothing but a table
+  for _, v in pairs(tbl) do if type(v) ~= "table" then only_tables = false end end
+  if hint == "" and service and type(tbl[key]) == "table" and only_tables then
+    -- [service.my.app] is a table "app" inside service "my", not a service "my.app"
+    hint = ('; a service name cannot hold ".": [service.%s.%s] is read as service "%s" with a table "%s" in it '
+      .. '(a name like "%s-%s" works)'):format(service, key, service, key, service, key)
+  elseif hint == "" then
     hint = ("; known keys in %s: %s"):format(section, table.concat(names, ", "))
   end
   report(ctx, line, col, join(path, key), tbl[key], "unknown key" .. hint)

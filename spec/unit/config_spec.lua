@@ -483,6 +483,16 @@ describe("reporting", function()
     }, cfg.warnings)
   end)
 
+  it("says that a dotted service header is a table inside a service, not a service name", function()
+    assert.same({
+      "tenement.toml:1:1: service.my.command: missing: command is required (command that starts the service)",
+      'tenement.toml:1:13: service.my.app: unknown key; a service name cannot hold ".": [service.my.app] is read as '
+        .. 'service "my" with a table "app" in it (a name like "my-app" works)',
+    }, parse_errors('[service.my.app]\ncommand = "x"\n'))
+    -- a plain misspelt key still gets the list
+    assert.matches("known keys in %[service.a%]", parse_errors('[service.a]\ncommand = "x"\nzzz = 1\n')[1])
+  end)
+
   it("warns of a user this host does not have", function()
     local cfg = parse_ok('[service.a]\ncommand = "/bin/sh"\nuser = "no-such-user-here"\n[service.b]\ncommand = "/bin/sh"\n'
       .. 'user = "root"\n[service.c]\ncommand = "/bin/sh"\nuser = "4321"\n')
