@@ -184,7 +184,9 @@ function api.new(ctx)
     local id, ierr = field(body, "id")
     if not id then return fail("bad_request", ierr) end
     if not api.allows(req, service, id) then return fail("forbidden", "this token does not cover " .. service .. ":" .. id) end
-    local inst, why, code = start_in_turn(service, id, function(_, sv, i) return sup:spawn(sv, i, { why = "by the API" }) end)
+    local inst, why, code = start_in_turn(service, id, function(_, sv, i)
+      return sup:spawn(sv, i, { why = "by the API" })
+    end)
     if not inst and code == "not_found" and req.principal and not req.principal.admin then
       -- a tenant learns no more than that: not the file, not the other services
       return fail("not_found", string.format("no service %q", service))

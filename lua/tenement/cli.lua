@@ -18,7 +18,8 @@ local global_options = {
   { long = "config", arg = "FILE", help = "configuration file (default: $TENEMENT_CONFIG, else ./tenement.toml)" },
   { long = "data-dir", arg = "DIR", help = "the server's data directory (default: $TENEMENT_DATA_DIR, else the config's data_dir)" },
   { long = "server", arg = "URL", help = "talk to a remote server over HTTP (default: $TENEMENT_SERVER; else the local control socket)" },
-  { long = "token", arg = "TOKEN", help = "bearer token for --server (default: $TENEMENT_TOKEN, else the first line of {data_dir}/api_token if you saved one there)" },
+  { long = "token", arg = "TOKEN", help = "bearer token for --server (default: $TENEMENT_TOKEN, else the first "
+    .. "line of {data_dir}/api_token if you saved one there)" },
   { long = "help", short = "h", help = "show help" },
   { long = "version", help = "print the version" },
 }

@@ -22,7 +22,8 @@ function runtime.get(level)
   if not ok then
     local why = planned[level]
     if why then
-      return nil, string.format('%s: set isolation = "namespace" (or "sandbox") for this service, or use a newer ten', why)
+      return nil, string.format('%s: set isolation = "namespace" (or "sandbox") for this service, or use a newer ten',
+        why)
     end
     return nil, string.format("unknown isolation level %q (%s)", level, tostring(driver))
   end

@@ -550,9 +550,11 @@ function Server:reload()
   end
   for _, list in pairs(summary) do table.sort(list) end
   -- a reload that failed in part says so at the level of a failure
-  local emit = #summary.failed > 0 and log.error or log.info
+  local failed = #summary.failed > 0
+  local emit = failed and log.error or log.info
   emit("reloaded %s%s: added [%s], removed [%s], rolled out [%s], updated without a restart [%s], applied [%s]%s",
-    old.source, #summary.failed > 0 and (" with failures (" .. table.concat(summary.failed, "; ") .. ")") or "", table.concat(summary.added, " "), table.concat(summary.removed, " "),
+    old.source, failed and (" with failures (" .. table.concat(summary.failed, "; ") .. ")") or "",
+    table.concat(summary.added, " "), table.concat(summary.removed, " "),
     table.concat(summary.rolled_out, " "), table.concat(summary.updated, " "), table.concat(summary.applied, " "),
     #summary.restart_needed > 0 and ("; " .. table.concat(summary.restart_needed, ", ") ..
       " changed and need a restart of ten serve") or "")
