@@ -13,7 +13,9 @@ end
 
 -- restart.decide(history, exit, settings, now) -> decision
 --   history  : times (seconds, any monotonic origin) of earlier restarts
---   exit     : { code = n?, signal = "SIGKILL"?, reason = "exit"|"health"|"start"|"oom" }
+--   exit     : { code = n?, signal = "SIGKILL"?, reason = "exit"|"health"|"start"|"oom",
+--                lasting = true? (a start that no retry can mend: the user is
+--                missing, the isolation level cannot run, a template fails) }
 --   settings : { restart = "always"|"on-failure"|"never", max_restarts, restart_window,
 --                backoff_base_ms, backoff_max_ms }
 --   now      : the current time, same clock as history
@@ -21,6 +23,10 @@ end
 --         | { action = "fail", reason = "..." }       (terminal until `ten restart`)
 --         | { action = "stay_down", reason = "..." }  (stopped, not an error)
 function restart.decide(history, exit, settings, now)
+  if exit.lasting then
+    -- backing off would only delay the verdict and fill the log
+    return { action = "fail", reason = "gave up at once: no retry can start it until the configuration changes" }
+  end
   local policy = settings.restart or "on-failure"
   if policy == "never" then
     return { action = "stay_down", reason = "restart = \"never\"" }

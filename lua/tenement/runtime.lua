@@ -54,7 +54,8 @@ end
 -- service's user (its uid and gid, no supplementary groups, no new
 -- privileges: a non-root uid holds no capabilities after exec) and rlimits.
 -- instance.user = { uid, gid } or nil; instance.rlimits = { nofile =, nproc = }.
--- -> spec | nil, err
+-- -> spec | nil, err, lasting (true: the configuration itself cannot start;
+-- a driver's prepare passes it on, and the restart policy gives up at once)
 function runtime.credentials(instance, spec)
   local user = instance.user
   if user then
@@ -65,7 +66,7 @@ function runtime.credentials(instance, spec)
     -- fork never checks RLIMIT_NPROC for root: written, it would limit nothing
     return nil, string.format("nproc = %d cannot limit an app that runs as root (the kernel exempts " ..
       "root from it): set pids_limit, a cgroup limit that holds root too, or a user for the service",
-      rl.nproc)
+      rl.nproc), true
   end
   if rl and next(rl) then spec.rlimits = rl end
   return spec

@@ -290,11 +290,19 @@ function Instance:drop_spare_cgroup()
   if not ok then log.warn("%s: cgroup: %s", self.key, tostring(err)) end
 end
 
--- Starts the process. -> proc | nil, err (everything released on failure)
+-- Starts the process. -> proc | nil, err, lasting (everything released on
+-- failure). lasting: no retry can succeed before an operator acts (the
+-- configuration names a user this host lacks, an isolation level it cannot
+-- run, a template that does not expand); the restart policy then gives up
+-- at once instead of spending its backoff on it.
 function Instance:launch()
   local sup, svc = self.sup, self.svc
+  local function refuse(why)
+    self:release_start()
+    return nil, why, true
+  end
   local driver, derr = runtime.get(svc.isolation)
-  if not driver then return nil, derr end
+  if not driver then return nil, derr, true end
 
   local port, perr = sup:alloc_port(self.key)
   if not port then return nil, perr end
@@ -304,11 +312,11 @@ function Instance:launch()
   -- definition beside the old process
   local vars, verr = config.instance_vars({ settings = sup.cfg.settings, host_env = sup.cfg.host_env,
     services = { [self.service] = svc } }, self.service, self.id, port)
-  if not vars then self:release_start() return nil, verr end
+  if not vars then return refuse(verr) end
   if self.socket_suffix then
     -- the replacement of a running process gets a socket of its own
     vars.socket = vars.socket .. self.socket_suffix
-    if #vars.socket > 107 then self:release_start() return nil, "socket path too long for a rollout: " .. vars.socket end
+    if #vars.socket > 107 then return refuse("socket path too long for a rollout: " .. vars.socket) end
   end
   self.socket = vars.socket
   self.dir = vars.instance_dir
@@ -333,8 +341,7 @@ function Instance:launch()
   if st then
     if st.type ~= "socket" then
       self.socket = nil
-      self:release_start()
-      return nil, string.format("%s exists and is not a socket: refusing to remove it", vars.socket)
+      return refuse(string.format("%s exists and is not a socket: refusing to remove it", vars.socket))
     end
     local live = core.net.connect { path = vars.socket, timeout = 1000 }
     if live then
@@ -349,26 +356,26 @@ function Instance:launch()
   end
 
   local cmd, cerr = config.expand(svc.command, vars)
-  if not cmd then self:release_start() return nil, "command: " .. cerr end
+  if not cmd then return refuse("command: " .. cerr) end
   local args = {}
   for i, a in ipairs(svc.args or {}) do
     local s, aerr = config.expand(a, vars)
-    if not s then self:release_start() return nil, "args: " .. aerr end
+    if not s then return refuse("args: " .. aerr) end
     args[i] = s
   end
   local argv, aerr = command.argv(cmd, args)
-  if not argv then self:release_start() return nil, aerr end
+  if not argv then return refuse(aerr) end
   local env, eerr = sup:instance_env(svc, vars)
   if not env then self:release_start() return nil, eerr end
   local cwd
   if svc.workdir then
     cwd, err = config.expand(svc.workdir, vars)
-    if not cwd then self:release_start() return nil, "workdir: " .. err end
+    if not cwd then return refuse("workdir: " .. err) end
   end
   local user
   if svc.user then
     user, err = users.lookup(svc.user)
-    if not user then self:release_start() return nil, "user: " .. err end
+    if not user then return refuse("user: " .. err) end
   end
   if svc.storage_quota_mb and not self.storage then
     local mount, serr = storage.attach(sup.cfg.settings.data_dir, self.service, self.id, svc.storage_quota_mb)
@@ -392,19 +399,19 @@ function Instance:launch()
     service = svc, id = self.id, vars = vars,
     user = user, rlimits = { nofile = svc.nofile, nproc = svc.nproc },
   }
-  local spec, prep_err = driver.prepare(ctx)
+  local spec, prep_err, prep_lasting = driver.prepare(ctx)
   -- a network namespace made ahead is the spawn's to close; a start that
   -- ends before the spawn, by a failure or an error raised, closes it here
   local spawned = false
   local _ <close> = setmetatable({}, { __close = function()
     if not spawned and spec and spec.netns_fd then core.fs.close_fd(spec.netns_fd) end
   end })
-  local function abandon(why)
+  local function abandon(why, lasting)
     for _, fd in ipairs { out_r, out_w, err_r, err_w } do core.logbuf.close_fd(fd) end
     self:release_start()
-    return nil, why
+    return nil, why, lasting
   end
-  if not spec then return abandon(prep_err) end
+  if not spec then return abandon(prep_err, prep_lasting) end
   -- the context is kept only for a driver that stops or cleans up by
   -- itself (its argv, env and vars are a few KB an instance otherwise)
   self.driver = driver
@@ -891,10 +898,10 @@ function Instance:start_once()
   -- the driver), and a runner that did it itself would keep its stack grown
   -- for the life of the process (a thousand of them, megabytes); a task's
   -- coroutine is shrunk when it ends
-  local launched, proc, err = core.spawn(self.launch, self):join()
+  local launched, proc, err, lasting = core.spawn(self.launch, self):join()
   if not launched then proc, err = nil, tostring(proc) end
   if not proc then
-    return nil, { reason = "start", message = "spawn failed: " .. err }
+    return nil, { reason = "start", message = "spawn failed: " .. err, lasting = lasting or nil }
   end
   local timeout = self.svc.startup_timeout * 1000
   self.refused_answer, self.last_answer = nil, nil

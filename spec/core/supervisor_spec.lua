@@ -272,6 +272,33 @@ describe("supervisor", function()
     end)
   end)
 
+  it("fails at once a start that no retry can mend, without spending the backoff", function()
+    -- max_restarts = 3 with backoff: a start that went through the policy
+    -- would show backoff states and restarts before failing
+    local cfg = make_cfg(dir, {
+      nouser = { 'user = "tenement-no-such-user"' },
+      rootnproc = { "nproc = 50" },
+      planned = { 'isolation = "firecracker"' },
+    }, { "max_restarts = 3" })
+    core.run(function()
+      local sup = supervisor.new(cfg, { environ = {} })
+      local events = {}
+      sup:on(function(e) events[#events + 1] = e end)
+      for name, says in pairs { nouser = "tenement-no-such-user", rootnproc = "nproc = 50", planned = "firecracker" } do
+        local inst, err = sup:spawn(name, "a")
+        assert.is_nil(inst)
+        assert.matches(says, err, 1, true)
+        local i = sup:get(name, "a")
+        assert.are.equal("failed", i.state)
+        assert.are.equal(0, i.restarts)
+        assert.matches("gave up at once", i.last_exit, 1, true)
+        assert.are.equal("starting failed", states_of(events, name .. ":a"))
+        assert.is_nil(next(sup.ports))
+      end
+      sup:shutdown()
+    end)
+  end)
+
   it("restarts a crashing instance with backoff, then marks it failed", function()
     local cfg = make_cfg(dir, { crash = { "[service.crash.env]", 'BACKEND_EXIT_AT_ONCE = "3"' } },
       { "max_restarts = 2" })

@@ -66,6 +66,14 @@ describe("restart policy", function()
     assert.are.equal("restart", restart.decide({}, { signal = "SIGKILL", reason = "oom" }, settings, 1).action)
   end)
 
+  it("fails at once a start that no retry can mend, whatever the policy", function()
+    for _, policy in ipairs { "always", "on-failure", "never" } do
+      local d = restart.decide({}, { reason = "start", lasting = true }, with { restart = policy }, 1)
+      assert.are.equal("fail", d.action)
+      assert.matches("at once", d.reason)
+    end
+  end)
+
   it("always restarts a clean exit; never restarts nothing", function()
     assert.are.equal("restart", restart.decide({}, { code = 0, reason = "exit" }, with { restart = "always" }, 1).action)
     local d = restart.decide({}, crash, with { restart = "never" }, 1)
