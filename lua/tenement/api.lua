@@ -405,10 +405,15 @@ function api.new(ctx)
         return nil, fail("bad_request", string.format("%s must be a number, not %q", name, v))
       end
     end
+    local limit = p.limit and p.limit ~= "" and math.tointeger(tonumber(p.limit))
+    if p.limit and p.limit ~= "" and not (limit and limit >= 1 and limit <= 10000) then
+      -- the store would cut it to its range without a word
+      return nil, fail("bad_request", string.format("limit must be a whole number from 1 to 10000, not %s", p.limit))
+    end
     local filter = {
       instance = instance ~= "" and instance or nil, service = service,
       q = p.q or p.search, stream = p.stream or p.level,
-      since = tonumber(p.since), after = tonumber(p.after), limit = tonumber(p.limit),
+      since = tonumber(p.since), after = tonumber(p.after), limit = limit or nil,
       max_bytes = LOG_ANSWER_BYTES,
     }
     if filter.q then

@@ -567,6 +567,13 @@ command {
   end,
 }
 
+-- -n and --limit: the store answers at most 10000 lines, and a count it
+-- would cut without a word is refused here
+local function log_line_count(v)
+  local n = math.tointeger(tonumber(v))
+  return n and n >= 1 and n <= 10000 and n, "expected a whole number from 1 to 10000"
+end
+
 -- ten logs with no server running: the lines are in the store all the same,
 -- and after a crash is when they are wanted most. In a task.
 local function logs_from_store(ctx, instance, unreachable, show)
@@ -605,10 +612,9 @@ command {
     "--follow). --search is full-text (every word must appear; the last one may be a prefix).",
   max_args = 1,
   options = {
-    { long = "lines", short = "n", arg = "N", help = "how many lines (default 100)",
-      check = function(v) local n = tonumber(v) return n and n >= 1 and math.floor(n), "expected a number >= 1" end },
-    { long = "limit", arg = "N", help = "the same as -n (its name in earlier versions)",
-      check = function(v) local n = tonumber(v) return n and n >= 1 and math.floor(n), "expected a number >= 1" end },
+    { long = "lines", short = "n", arg = "N", help = "how many lines (default 100, at most 10000)",
+      check = log_line_count },
+    { long = "limit", arg = "N", help = "the same as -n (its name in earlier versions)", check = log_line_count },
     { long = "follow", short = "f", help = "keep printing new lines as they come" },
     { long = "search", arg = "QUERY", help = "only lines matching QUERY" },
     { long = "since", arg = "DURATION", help = "only lines newer than DURATION (30s, 15m, 2h, 7d)",

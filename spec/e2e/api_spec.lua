@@ -265,9 +265,17 @@ describe("HTTP API", function()
     -- the event stream asks the store again and again: it must refuse first
     status = call(srv, "GET", "/api/logs/stream?q=" .. string.rep("a+", 4000), { headers = h })
     assert.are.equal(400, status)
-    status, _, body = call(srv, "GET", "/api/logs?limit=2.5", { headers = h })
+    status, _, body = call(srv, "GET", "/api/logs?limit=2", { headers = h })
     assert.are.equal(200, status)
     assert.are.equal(2, #body)
+    -- the store's range: a count past it was cut to it without a word
+    for _, limit in ipairs { "0", "10001", "2.5", "-3" } do
+      status, _, body = call(srv, "GET", "/api/logs?limit=" .. limit, { headers = h })
+      assert.are.equal(400, status, limit)
+      assert.are.equal("limit must be a whole number from 1 to 10000, not " .. limit, body.error.message)
+    end
+    status = call(srv, "GET", "/api/logs?limit=10000", { headers = h })
+    assert.are.equal(200, status)
     -- a date where seconds since the epoch were expected filtered nothing,
     -- without a word
     for _, field in ipairs { "since", "after", "limit", "wait" } do

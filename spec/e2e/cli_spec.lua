@@ -48,6 +48,15 @@ describe("ten CLI", function()
     assert.matches("Usage: ten config", err, 1, true)
   end)
 
+  it("refuses a line count the store would cut without a word", function()
+    for _, n in ipairs { "0", "10001", "2.5" } do
+      local code, out, err = support.ten_run { "logs", "-n", n }
+      assert.are.equal(2, code, n)
+      assert.are.equal("", out)
+      assert.matches("ten logs: --lines " .. n .. ": expected a whole number from 1 to 10000", err, 1, true)
+    end
+  end)
+
   it("ten help COMMAND shows the command's options", function()
     local code, out = support.ten_run { "help", "logs" }
     assert.are.equal(0, code)
