@@ -275,6 +275,22 @@ local function data_dir(ctx)
   return cfg and cfg.settings.data_dir
 end
 
+-- The service names of the configuration file, read as TOML only (as
+-- data_dir does, so a ${VAR} only ten serve has stops nothing).
+-- -> set, path | nil when there is no file to read
+local function file_services(ctx)
+  local path = require("tenement.config").find(ctx.opts.config, ctx.env)
+  local f = io.open(path)
+  if not f then return nil end
+  local text = f:read("a")
+  f:close()
+  local doc = text and require("tenement.toml").parse(text, path)
+  if type(doc) ~= "table" then return nil end
+  local set = {}
+  for name in pairs(type(doc.service) == "table" and doc.service or {}) do set[name] = true end
+  return set, path
+end
+
 -- Runs fn(client) in a task with a client of the running server: the local
 -- control socket, or --server/$TENEMENT_SERVER with a token. fn returns an exit code.
 local function with_server(ctx, fn)
@@ -484,9 +500,21 @@ command {
     local service, id = target_arg(ctx, by_name.stop, args)
     if not service then return 2 end
     return with_server(ctx, function(c)
-      local status, v = c:request("DELETE", "/api/instances/" .. service .. ":" .. id)
+      local path = "/api/instances/" .. service .. ":" .. id
+      local status, v = c:request("GET", path)
+      local was = status == 200 and type(v) == "table" and v.state
+      status, v = c:request("DELETE", path)
       if status ~= 204 then return report_failure(ctx, "stop", status, v) end
-      ctx.out:write(service, ":", id, " stopped\n")
+      if was == "stopped" then
+        ctx.out:write(service, ":", id, " was already stopped\n")
+        return 0
+      end
+      -- the answer is bare (204): how the process ended is the instance's
+      -- last exit, "stopped (exited with code 0)" or a SIGKILL it needed
+      status, v = c:request("GET", path)
+      local how = status == 200 and type(v) == "table" and type(v.last_exit) == "string"
+        and v.last_exit:match("^stopped %((.*)%)$")
+      ctx.out:write(service, ":", id, " stopped", how and (": " .. how) or "", "\n")
       return 0
     end)
   end,
@@ -813,6 +841,13 @@ command {
     if ctx.opts.tenant then
       local scope, err = auth.parse_scope(ctx.opts.tenant)
       if not scope then ctx.err:write("ten token-gen: --tenant ", ctx.opts.tenant, ": ", err, "\n") return 2 end
+      -- made all the same (the service may be added later), but a typo here
+      -- would only show as a token that reaches nothing
+      local services, path = file_services(ctx)
+      if scope.service and services and not services[scope.service] then
+        ctx.err:write(string.format("ten token-gen: warning: %s defines no service %q: the token reaches nothing "
+          .. "until it does\n", path, scope.service))
+      end
     end
     local name = ctx.opts.name
     if name and not name:match("^[%w._-]+$") then

@@ -849,12 +849,17 @@ function Instance:terminate(proc, driver, ctx)
     log.warn("%s did not stop within %d s of SIGTERM: SIGKILL", self.key, self.sup.cfg.settings.stop_timeout)
     proc:kill("SIGKILL", true)
     status = proc:wait()
+    if status then status.forced = self.sup.cfg.settings.stop_timeout end
   end
   return status
 end
 
 local function describe_status(st)
   if not st then return "unknown" end
+  if st.forced then
+    -- the operator who asked for the stop learns that it took force
+    return string.format("killed by SIGKILL: it had not stopped %d s after SIGTERM (stop_timeout)", st.forced)
+  end
   if st.signal then return "killed by " .. st.signal end
   return "exited with code " .. tostring(st.code)
 end

@@ -63,6 +63,12 @@ describe("ten serve", function()
       string.format("socket = %q", dir .. "/sock/{name}-{id}.sock"),
       'health = "/health"',
       'isolation = "process"',
+      -- an app that only SIGKILL stops
+      "[service.stubborn]",
+      string.format("command = %q", BACKEND),
+      string.format("socket = %q", dir .. "/sock/{name}-{id}.sock"),
+      'isolation = "process"',
+      "[service.stubborn.env]", 'BACKEND_IGNORE_TERM = "1"',
       -- an app that leaves three processes of its own behind it
       "[service.forky]",
       string.format("command = %q", string.format("sh -c '%s 3 %s & exec %s'", FORKN, dir, BACKEND)),
@@ -113,8 +119,17 @@ describe("ten serve", function()
 
     code, out = ten(cfg, "stop", "api:three")
     assert.are.equal(0, code)
-    assert.matches("api:three stopped", out, 1, true)
+    assert.matches("^api:three stopped: [^\n]+\n$", out)
     assert.are.equal("stopped", ps(cfg)["api:three"].state)
+    -- a stop is idempotent, and says so
+    code, out = ten(cfg, "stop", "api:three")
+    assert.are.equal(0, code)
+    assert.are.equal("api:three was already stopped\n", out)
+    -- the operator learns that the stop took force
+    assert.are.equal(0, (ten(cfg, "spawn", "stubborn:x")))
+    code, out = ten(cfg, "stop", "stubborn:x")
+    assert.are.equal(0, code)
+    assert.are.equal("stubborn:x stopped: killed by SIGKILL: it had not stopped 2 s after SIGTERM (stop_timeout)\n", out)
     code, out = ten(cfg, "health", "api:three")
     assert.are.equal(1, code)
     assert.are.equal("api:three is stopped, so no check was made; `ten spawn api:three` starts it\n", out)
