@@ -184,6 +184,9 @@ function api.new(ctx)
     local id, ierr = field(body, "id")
     if not id then return fail("bad_request", ierr) end
     if not api.allows(req, service, id) then return fail("forbidden", "this token does not cover " .. service .. ":" .. id) end
+    local before = sup:get(service, id)
+    -- 201 says a process was started for this call; one already running is 200
+    local created = not (before and before.state == "running")
     local inst, why, code = start_in_turn(service, id, function(_, sv, i)
       return sup:spawn(sv, i, { why = "by the API" })
     end)
@@ -192,7 +195,7 @@ function api.new(ctx)
       return fail("not_found", string.format("no service %q", service))
     end
     if not inst then return fail(code or "internal", why) end
-    return reply(compat and 200 or 201, spawned_json(inst))
+    return reply((compat or not created) and 200 or 201, spawned_json(inst))
   end
   route("POST", "/api/instances", function(req) return spawn(req, false) end, "scoped")
   route("POST", "/api/instances/spawn", function(req) return spawn(req, true) end, "scoped")

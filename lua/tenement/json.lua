@@ -107,7 +107,14 @@ function encode_value(v, out, depth, indent)
     elseif math.type(v) == "integer" then
       out[#out + 1] = string.format("%d", v)
     else
-      out[#out + 1] = string.format("%.17g", v)
+      -- the shortest form that reads back as the same double: 0.1 is
+      -- "0.1", not "0.10000000000000001"
+      local text = string.format("%.15g", v)
+      if tonumber(text) ~= v then
+        text = string.format("%.16g", v)
+        if tonumber(text) ~= v then text = string.format("%.17g", v) end
+      end
+      out[#out + 1] = text
     end
   elseif vt == "boolean" then
     out[#out + 1] = v and "true" or "false"

@@ -205,6 +205,17 @@ describe("HTTP API", function()
     end
   end)
 
+  it("makes a token for a service the file lacks, with a warning that it reaches nothing", function()
+    local code, out, err = support.ten_run { "token-gen", "--config", srv.cfg, "--tenant", "apj:one" }
+    assert.are.equal(0, code, err)
+    assert.are.equal(43, #out:match("^(%S+)"))
+    assert.matches(string.format('ten token-gen: warning: %s defines no service "apj": the token reaches nothing',
+      srv.cfg), err, 1, true)
+    code, _, err = support.ten_run { "token-gen", "--config", srv.cfg, "--tenant", "api:one" }
+    assert.are.equal(0, code, err)
+    assert.is_nil(err:find("warning", 1, true))
+  end)
+
   it("scopes tenant tokens to their instance on every path", function()
     local tenant = token(srv, "--tenant", "api:one")
     local status, _, list = call(srv, "GET", "/api/instances", { headers = with_auth(tenant) })
@@ -858,6 +869,10 @@ describe("HTTP API: scopes, races and revocation", function()
     }, "\n") .. "\n")
     local h = with_auth(token(srv), { ["content-type"] = "application/json" })
     assert.are.equal(201, (call(srv, "POST", "/api/instances", { headers = h, body = '{"service":"web","id":"v1"}' })))
+    -- nothing was created the second time
+    local again, _, same = call(srv, "POST", "/api/instances", { headers = h, body = '{"service":"web","id":"v1"}' })
+    assert.are.equal(200, again)
+    assert.are.equal("web:v1", same.instance)
     assert.are.equal(200, (call(srv, "PUT", "/api/instances/web:v1/weight", { headers = h, body = '{"weight":40}' })))
     assert.are.equal(204, (call(srv, "DELETE", "/api/instances/web:v1", { headers = h })))
     support.write(bad .. "-v1", "")
