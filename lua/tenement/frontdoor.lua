@@ -185,14 +185,18 @@ end
 
 -- The first line only: a start that failed quotes the app's last output
 -- under it, which is for `ten ps` and the log, not for whoever asked.
+-- retry_after: seconds, for a 503 that clears by itself (a start under way,
+-- too many starting); none for one that waits on an operator (a failed
+-- instance, a stop, a full max_instances), where a client retrying on the
+-- header would only knock again
 local function unavailable(req, why, retry_after)
-  return text_reply(req, 503, why:match("^[^\n]*"), { ["retry-after"] = tostring(retry_after or 5) })
+  return text_reply(req, 503, why:match("^[^\n]*"), retry_after and { ["retry-after"] = tostring(retry_after) })
 end
 
 -- Makes sure service:id runs; wakes or starts it if needed. Every request
 -- that arrives during a start waits for that one start (100 requests, one
 -- spawn), and every wait is bounded by startup_timeout.
--- -> inst | nil, status, why
+-- -> inst | nil, status, why, retry_after (seconds, when it clears by itself)
 function Door:ensure_running(service, id, on_demand)
   local sup = self.sup
   local key = service .. ":" .. id
@@ -209,7 +213,7 @@ function Door:ensure_running(service, id, on_demand)
   if waking then
     local started, err = waking:wait(limit_ms)
     if started then return started end
-    return nil, 503, err or (key .. " did not start in time")
+    return nil, 503, err or (key .. " did not start in time"), 5
   end
 
   if inst and inst.state == "failed" then
@@ -218,7 +222,7 @@ function Door:ensure_running(service, id, on_demand)
     return nil, 503, string.format("%s has failed (%s); `ten restart %s` clears it",
       key, (inst.last_exit or "?"):match("^[^\n]*"), key)
   end
-  if inst and inst.state == "unhealthy" then return nil, 503, key .. " is unhealthy" end
+  if inst and inst.state == "unhealthy" then return nil, 503, key .. " is unhealthy", 5 end
   -- the supervisor is restarting it (after a crash): that start is the one
   -- to wait for. sup:spawn would not wait: its ready event is the earlier
   -- life's, still set, and the request went to a socket nobody listened on
@@ -226,13 +230,17 @@ function Door:ensure_running(service, id, on_demand)
     local state = inst:wait_state(supervisor.SETTLED, limit_ms)
     if state == "running" then return inst end
     return nil, 503, string.format("%s is %s", key, state or ("still " .. (inst.state == "backoff" and "restarting"
-      or "starting")))
+      or "starting"))), 5
   end
   if on_demand and not inst and svc.max_instances then
-    -- the ids this door is creating count too: the supervisor knows one only
-    -- once its start task runs, and strangers arriving together would each
-    -- find room for one more
-    local count = #sup:of_service(service)
+    -- what exists counts: processes, and sleeping or failed ids (a wake or
+    -- `ten restart` away); a stopped one holds nothing. The ids this door is
+    -- creating count too: the supervisor knows one only once its start task
+    -- runs, and strangers arriving together would each find room for one more
+    local count = 0
+    for _, other in ipairs(sup:of_service(service)) do
+      if other.state ~= "stopped" then count = count + 1 end
+    end
     for k, s in pairs(self.creating) do
       if s == service and not sup.instances[k] then count = count + 1 end
     end
@@ -241,7 +249,7 @@ function Door:ensure_running(service, id, on_demand)
     end
   end
   if self.cold_starts >= self.cfg.settings.max_cold_starts then
-    return nil, 503, "too many instances are starting right now"
+    return nil, 503, "too many instances are starting right now", 1
   end
 
   waking = sync.event()
@@ -263,7 +271,7 @@ function Door:ensure_running(service, id, on_demand)
   end
   if not started then
     waking:set(nil, err)
-    return nil, 503, err
+    return nil, 503, err, 5
   end
   started.stats.wakes = started.stats.wakes + 1
   metrics.observe(started.stats.wake, (core.now() - t0) / 1000)
@@ -349,7 +357,7 @@ function Door:handle(req)
       if #candidates == 0 then
         return text_reply(req, 404, "no instances of " .. service .. " (start one with `ten spawn " .. service .. ":ID`)")
       end
-      return unavailable(req, "no instance of " .. service .. " can take requests now")
+      return unavailable(req, "no instance of " .. service .. " can take requests now", 5)
     end
     id = pick.id
     -- the set is made after the proxy call, from the instances the service
@@ -363,9 +371,9 @@ function Door:handle(req)
     end
   end
 
-  local inst, status, why = self:ensure_running(service, id, svc.on_demand)
+  local inst, status, why, retry_after = self:ensure_running(service, id, svc.on_demand)
   if not inst then
-    if status == 503 then return unavailable(req, why) end
+    if status == 503 then return unavailable(req, why, retry_after) end
     return text_reply(req, status, why)
   end
   self:proxy(req, inst, direct)
