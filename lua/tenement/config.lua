@@ -326,6 +326,13 @@ end
 
 local function check_address(s)
   if is_ipv4(s) or is_ipv6(s) then return true end
+  -- the form nginx and most servers take: the port has a key of its own here
+  local host, port = s:match("^%[(.*)%]:(%d+)$")
+  if not (host and is_ipv6(host)) then host, port = s:match("^([^:]*):(%d+)$") end
+  if host and (is_ipv4(host) or is_ipv6(host) or host == "localhost" or host == "") then
+    return nil, string.format('the port goes in a key of its own: listen = "%s" and port = %s',
+      host == "" and "0.0.0.0" or host == "localhost" and "127.0.0.1" or host, port)
+  end
   return nil, "expected an IP address to listen on, like 127.0.0.1, 0.0.0.0, ::1 or ::"
 end
 

@@ -25,7 +25,7 @@ end
 function restart.decide(history, exit, settings, now)
   if exit.lasting then
     -- backing off would only delay the verdict and fill the log
-    return { action = "fail", reason = "gave up at once: no retry can start it until the configuration changes" }
+    return { action = "fail", reason = "not retried: no retry can mend this" }
   end
   local policy = settings.restart or "on-failure"
   if policy == "never" then

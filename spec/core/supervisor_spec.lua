@@ -291,7 +291,7 @@ describe("supervisor", function()
         local i = sup:get(name, "a")
         assert.are.equal("failed", i.state)
         assert.are.equal(0, i.restarts)
-        assert.matches("gave up at once", i.last_exit, 1, true)
+        assert.matches("; not retried: no retry can mend this", i.last_exit, 1, true)
         assert.are.equal("starting failed", states_of(events, name .. ":a"))
         assert.is_nil(next(sup.ports))
       end

@@ -63,6 +63,12 @@ describe("ten serve", function()
       string.format("socket = %q", dir .. "/sock/{name}-{id}.sock"),
       'health = "/health"',
       'isolation = "process"',
+      -- one that may sleep: a restart of the server brings it back asleep
+      "[service.sleepy]",
+      string.format("command = %q", BACKEND),
+      string.format("socket = %q", dir .. "/sock/{name}-{id}.sock"),
+      'isolation = "process"',
+      "idle_timeout = 300",
       -- an app that only SIGKILL stops
       "[service.stubborn]",
       string.format("command = %q", BACKEND),
@@ -155,6 +161,7 @@ describe("ten serve", function()
     -- SIGTERM: every instance stopped, exit 0
     local boot_pid = ps(cfg)["api:boot"].pid
     assert.is_true(ten(cfg, "spawn", "api:later") == 0)
+    assert.is_true(ten(cfg, "spawn", "sleepy:z") == 0)
     os.execute("kill -TERM " .. pid)
     for _ = 1, 100 do if not pid_alive(pid) then break end sleep(0.05) end
     assert.is_false(pid_alive(pid))
@@ -188,6 +195,9 @@ describe("ten serve", function()
     end
     assert.are.equal("running", by["api:boot"].state)
     assert.are.equal("running", by["api:later"].state)
+    assert.are.equal("sleeping", by["sleepy:z"].state)
+    -- where it will listen once woken, though no start has made it yet
+    assert.are.equal(dir .. "/sock/sleepy-z.sock", by["sleepy:z"].socket)
     code, out = ten(cfg, "logs", "api:boot", "-n", "10")
     assert.are.equal(0, code)
     local _, count = out:gsub("listening on", "")

@@ -247,6 +247,14 @@ describe("[settings] listen", function()
     end)
   end
 
+  for addr, fix in pairs({ ["127.0.0.1:8080"] = '"127.0.0.1" and port = 8080', [":9000"] = '"0.0.0.0" and port = 9000',
+    ["localhost:80"] = '"127.0.0.1" and port = 80', ["[::1]:8443"] = '"::1" and port = 8443' }) do
+    it(("shows where the port of %q goes"):format(addr), function()
+      assert.same({ ('tenement.toml:2:10: settings.listen = "%s": the port goes in a key of its own: listen = %s')
+        :format(addr, fix) }, errors(('listen = "%s"'):format(addr)))
+    end)
+  end
+
   it("rejects a non-string", function()
     assert.same({ "tenement.toml:2:10: settings.listen = 127: expected a string, got an integer"
       .. ' (quote it: "127")' }, errors("listen = 127"))

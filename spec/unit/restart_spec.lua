@@ -70,7 +70,7 @@ describe("restart policy", function()
     for _, policy in ipairs { "always", "on-failure", "never" } do
       local d = restart.decide({}, { reason = "start", lasting = true }, with { restart = policy }, 1)
       assert.are.equal("fail", d.action)
-      assert.matches("at once", d.reason)
+      assert.are.equal("not retried: no retry can mend this", d.reason)
     end
   end)
 
