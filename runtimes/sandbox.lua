@@ -393,11 +393,14 @@ function driver.prepare(instance)
     caps = user.uid ~= 0 and {} or nil, rlimits = rlimits,
   })
   if not made then return nil, "sandbox bundle: " .. tostring(config):gsub("^oci: ", "") end
+  -- unique per start, so no state a crashed start left can block this one
+  local cid = string.format("%s-%s-%x%x", name, id, math.floor(core.time()), starts)
   local sandbox = {
     runsc = probed.runsc,
-    dir = inst_dir .. ".sandbox",
-    -- unique per start, so no state a crashed start left can block this one
-    cid = string.format("%s-%s-%x%x", name, id, math.floor(core.time()), starts),
+    -- a directory per start: a rollout runs the new start beside the old
+    -- one, and each must keep its own bundle and runsc state until it ends
+    dir = inst_dir .. ".sandbox/" .. cid,
+    cid = cid,
     config = config,
     -- the supervisor hands the instance directory to a service's user;
     -- to the sandbox's own, this driver does
@@ -429,12 +432,22 @@ local function plan(instance)
 end
 
 -- setup(instance) -> true | nil, err. Writes the bundle into a fresh
--- {instance_dir}.sandbox/ (ids hold no ".", so it never meets an instance's
--- directory); whatever a crashed start left there goes first.
+-- {instance_dir}.sandbox/{cid}/ (ids hold no ".", so it never meets an
+-- instance's directory). What a crashed start left beside it goes first: a
+-- directory no runsc process names any more. One that still runs is the
+-- start a rollout replaces, and stays.
 function driver.setup(instance)
   local s = plan(instance)
-  local ok, err = core.fs.rmtree(s.dir)
+  local parent = s.dir:match("^(.*)/[^/]+$")
+  local ok, err = core.fs.mkdir(parent, 448)
   if not ok then return nil, err end
+  for _, name in ipairs(core.fs.readdir(parent) or {}) do
+    local old = parent .. "/" .. name
+    if #runsc_processes(old .. "/state") == 0 then
+      ok, err = core.fs.rmtree(old)
+      if not ok then return nil, err end
+    end
+  end
   ok, err = core.fs.mkdir(s.dir, 448)
   if not ok then return nil, err end
   ok, err = core.fs.mkdir(s.root, 448, false)
@@ -487,6 +500,10 @@ function driver.cleanup(instance)
   end
   local ok, rmerr = core.fs.rmtree(s.dir)
   if not ok then err = (err and err .. "; " or "") .. rmerr end
+  -- the last start of the instance takes the directory of starts with it
+  local parent = s.dir:match("^(.*)/[^/]+$")
+  local rest = core.fs.readdir(parent)
+  if rest and #rest == 0 then core.fs.rmtree(parent) end
   if err then return nil, err end
   return true
 end

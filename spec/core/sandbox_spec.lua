@@ -278,7 +278,7 @@ describe("sandbox isolation (gVisor)", function()
       local inst = instance(dir, { "/srv/app", "--x" })
       local spec = assert(driver.prepare(inst))
       local s = inst.sandbox
-      assert.are.equal(inst.vars.instance_dir .. ".sandbox", s.dir)
+      assert.are.equal(inst.vars.instance_dir .. ".sandbox/" .. s.cid, s.dir)
       assert.are.same({ "/usr/bin/runsc", "--root", s.dir .. "/state", "--platform=ptrace", "--ignore-cgroups",
         "--network=none", "--host-uds=create", "run", "--bundle", s.dir, s.cid }, spec.argv)
       assert.matches("^svc%-a%-%x+$", s.cid)
@@ -496,6 +496,41 @@ describe("sandbox isolation (gVisor)", function()
   end)
 
   describe("stopping", function()
+    it("keeps a start's bundle and state apart from the next one's: a rollout's old start stops and goes "
+      .. "without touching the new", function()
+      local why = unable()
+      if why then pending(why) return end
+      core.run(function()
+        local script = "trap 'exit 0' TERM; echo up; while :; do sleep 0.05; done"
+        local old = instance(dir, script)
+        local p_old = start(old)
+        assert.are.equal("up\n", p_old.stdout:read(10000))
+        -- a start that crashed long ago left its directory: the next start clears it
+        local stale = old.vars.instance_dir .. ".sandbox/svc-a-dead"
+        assert(fs.mkdir(stale .. "/state", 448))
+        -- the rollout: the new start beside the old one, same instance
+        local new = instance(dir, script)
+        local p_new = start(new)
+        assert.are.equal("up\n", p_new.stdout:read(10000))
+        assert.are_not.equal(old.sandbox.dir, new.sandbox.dir)
+        assert.is_true(exists(old.sandbox.dir))
+        assert.is_false(exists(stale))
+        -- the old one stops through runsc (its state is still there) and is cleaned up
+        assert(driver.stop(old, p_old))
+        assert.are.same({ code = 0, core_dumped = false }, p_old:wait(10000))
+        assert(driver.cleanup(old))
+        assert.is_false(exists(old.sandbox.dir))
+        core.sleep(200)
+        assert.are.equal("running", p_new:status())
+        assert.is_true(#driver.runsc_processes(new.sandbox.root) > 0)
+        assert(driver.stop(new, p_new))
+        assert.are.same({ code = 0, core_dumped = false }, p_new:wait(10000))
+        assert(driver.cleanup(new))
+        -- the last start takes the directory of starts with it
+        assert.is_false(exists(old.vars.instance_dir .. ".sandbox"))
+      end)
+    end)
+
     it("stop() delivers SIGTERM to the app inside: it exits cleanly and runsc removes its own state", function()
       local why = unable()
       if why then pending(why) return end
@@ -631,7 +666,7 @@ describe("sandbox isolation (gVisor)", function()
         local res = assert(get(inst.socket, "/"))
         assert.are.equal(200, res.status)
         assert.matches("prod", res.body)
-        local root = dir .. "/data/api/prod.sandbox/state"
+        local root = inst.launch_ctx.sandbox.root
         assert.is_true(#driver.runsc_processes(root) >= 3)
         sup:shutdown()
         assert.are.equal("stopped", inst.state)
@@ -640,6 +675,30 @@ describe("sandbox isolation (gVisor)", function()
         assert.are.equal("stopped (exited with code 0)", inst.last_exit)
         assert.are.same({}, driver.runsc_processes(root))
         assert.is_false(exists(dir .. "/data/api/prod.sandbox"))
+      end)
+    end)
+
+    it("rolls a sandboxed instance out to a new definition: the new sandbox serves on, the old one goes", function()
+      local why = unable() or hooks_missing()
+      if why then pending(why) return end
+      local supervisor = require "tenement.supervisor"
+      local cfg = sandbox_cfg { 'restart = "never"' }
+      local new_svc = sandbox_cfg { 'restart = "never"', "[service.api.env]", 'VERSION = "2"' }.services.api
+      core.run(function()
+        local sup = supervisor.new(cfg, { environ = { PATH = "/usr/bin:/bin" } })
+        local inst = assert(sup:spawn("api", "prod"))
+        local old_root = inst.launch_ctx.sandbox.root
+        assert(sup:rollout("api", new_svc))
+        assert.are.equal("running", inst.state)
+        assert.are_not.equal(old_root, inst.launch_ctx.sandbox.root)
+        assert.are.same({}, driver.runsc_processes(old_root))
+        -- killed along with the old one, it stayed down (restart = "never") and
+        -- answered nothing
+        core.sleep(300)
+        assert.are.equal("running", inst.state)
+        assert.are.equal(0, inst.restarts)
+        assert.matches("VERSION=2", assert(get(inst.socket, "/env")).body, 1, true)
+        sup:shutdown()
       end)
     end)
 
