@@ -185,6 +185,14 @@ function api.new(ctx)
     if not id then return fail("bad_request", ierr) end
     if not api.allows(req, service, id) then return fail("forbidden", "this token does not cover " .. service .. ":" .. id) end
     local before = sup:get(service, id)
+    local svc = ctx.cfg.services[service]
+    if not before and svc and not svc.on_demand and req.principal and not req.principal.admin then
+      -- a new instance joins its service's shared traffic (weight 100) and
+      -- would show its tenant those requests' output: an id a token may
+      -- reach is not one it may bring into being
+      return fail("forbidden", string.format("%s:%s does not exist, and a tenant token starts only an instance that "
+        .. "does (an admin creates it: `ten spawn %s:%s`)", service, id, service, id))
+    end
     -- 201 says a process was started for this call; one already running is 200
     local created = not (before and before.state == "running")
     local inst, why, code = start_in_turn(service, id, function(_, sv, i)
@@ -370,7 +378,7 @@ function api.new(ctx)
     local scope = req.principal and not req.principal.admin and (req.principal.scope or {})
     for _, name in ipairs(ctx.cfg.service_names or {}) do
       local s = ctx.cfg.services[name]
-      if not scope or (scope.id and (scope.service == nil or scope.service == name)) then
+      if not scope or (scope.id and (scope.service == name or (scope.service == nil and sup:get(name, scope.id)))) then
         out[#out + 1] = { name = name, command = s.command, isolation = s.isolation,
           health = s.health, restart = s.restart, idle_timeout = s.idle_timeout }
       end

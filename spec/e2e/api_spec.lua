@@ -66,6 +66,15 @@ local function with_auth(tok, extra)
   return h
 end
 
+-- The instances the API lists, by "service:id".
+local function ps_of(srv, tok)
+  local status, _, list = call(srv, "GET", "/api/instances", { headers = with_auth(tok) })
+  assert(status == 200)
+  local by = {}
+  for _, i in ipairs(list) do by[i.id] = i end
+  return by
+end
+
 describe("HTTP API", function()
   local srv
   -- the auth matrix sends many wrong tokens on purpose: only the spec of the
@@ -240,6 +249,37 @@ describe("HTTP API", function()
       { ["content-type"] = "application/json" }), body = '{"service":"nope","id":"one"}' })
     assert.are.equal(404, status2)
     assert.are.same({ error = { code = "not_found", message = 'no service "nope"' } }, body)
+  end)
+
+  it("lets a tenant token start its instances but not create one in a service's shared traffic", function()
+    os.execute("kill -TERM " .. srv.pid .. " 2>/dev/null; sleep 0.3; kill -KILL " .. srv.pid .. " 2>/dev/null")
+    local dir = support.tmpdir()
+    srv = start_server(dir, nil, table.concat({
+      "[service.web]", string.format("command = %q", BACKEND),
+      string.format("socket = %q", dir .. "/sock/{name}-{id}.sock"), 'isolation = "process"',
+      "[service.open]", string.format("command = %q", BACKEND),
+      string.format("socket = %q", dir .. "/sock/{name}-{id}.sock"), 'isolation = "process"', "on_demand = true",
+    }, "\n"))
+    local any = token(srv, "--tenant", "one")
+    local h = with_auth(any, { ["content-type"] = "application/json" })
+    local status, _, body = call(srv, "POST", "/api/instances", { headers = h, body = '{"service":"web","id":"one"}' })
+    assert.are.equal(403, status)
+    assert.are.equal("web:one does not exist, and a tenant token starts only an instance that does (an admin creates "
+      .. "it: `ten spawn web:one`)", body.error.message)
+    local admin = token(srv)
+    assert.is_nil(ps_of(srv, admin)["web:one"])
+    -- where any request may create it, the token may too
+    assert.are.equal(201, (call(srv, "POST", "/api/instances", { headers = h, body = '{"service":"open","id":"one"}' })))
+    -- one that exists, stopped, it may start again
+    assert.are.equal(204, (call(srv, "DELETE", "/api/instances/api:one", { headers = h })))
+    assert.are.equal(201, (call(srv, "POST", "/api/instances", { headers = h, body = '{"service":"api","id":"one"}' })))
+    -- the services it lists are those its instances belong to
+    local names = {}
+    status, _, body = call(srv, "GET", "/api/services", { headers = with_auth(any) })
+    assert.are.equal(200, status)
+    for _, sv in ipairs(body) do names[#names + 1] = sv.name end
+    table.sort(names)
+    assert.are.same({ "api", "open" }, names)
   end)
 
   it("gives clear JSON errors: 400 naming the field, 404, 405", function()
