@@ -453,8 +453,11 @@ static void do_open(db_op *op) {
      * back the last transactions); FULL fsyncs the WAL on every commit. We
      * take FULL: the store's writes are few (tokens, desired instances,
      * routes), and log lines arrive in batches through run_many, which is
-     * one transaction and so one fsync per batch. */
-    rc = sqlite3_exec(db, "PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON", NULL, NULL, NULL);
+     * one transaction and so one fsync per batch. A checkpoint reuses the
+     * WAL file but never shrinks it: the limit truncates it back after one
+     * that a burst of writes grew (a flood of output made it a gigabyte). */
+    rc = sqlite3_exec(db, "PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON; PRAGMA journal_size_limit=67108864",
+                      NULL, NULL, NULL);
     if (rc != SQLITE_OK) {
         op_fail(op, rc, NULL, "%s", sqlite3_errmsg(db));
         sqlite3_close_v2(db);

@@ -44,6 +44,15 @@ function support.write(path, text)
 end
 
 -- Runs a shell command; -> exit code, stdout, stderr
+-- The file's text, or nil when there is none.
+function support.read(path)
+  local f = io.open(path)
+  if not f then return nil end
+  local text = f:read("a")
+  f:close()
+  return text
+end
+
 function support.run(cmd)
   local dir = support.tmpdir()
   local code = select(3, os.execute(cmd .. " >" .. dir .. "/out 2>" .. dir .. "/err"))

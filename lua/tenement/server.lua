@@ -22,6 +22,12 @@ local LOG_BATCH = 5000
 local LOG_WRITE_TRIES = 5
 local DOOR_ERRORS_PER_SECOND = 10
 local LOG_RETENTION_EVERY_MS = 60 * 1000
+-- lines dropped (output faster than the store indexes it) are told in the
+-- log at most this often, as one line with their count
+local LOG_DROPS_TOLD_EVERY_MS = 10 * 1000
+-- at a stop: the writer waits for lines a second at most, and a batch or a
+-- chunk of pruning takes tens of milliseconds
+local LOG_WRITER_END_MS = 3000
 -- the server's own start of its instances: starts in flight at once, and
 -- how long each may take to run before the next one starts in its place
 local RESTORE_AT_ONCE = 64
@@ -101,7 +107,8 @@ function Server:start()
   self.store = st
 
   self.sink = core.logbuf.sink { max_pending = cfg.settings.log_max_pending or 100000 }
-  self.log_stats = { write_dropped = 0 }
+  -- unpruned: lines written since the last prune, by the writer or a flush
+  self.log_stats = { write_dropped = 0, unpruned = 0 }
   local layout = self:prepare_limits()
   self.sup = supervisor.new(cfg, { store = st, sink = self.sink, environ = self.opts.environ, cgroups = layout })
   self.log_writer = core.spawn(self.write_logs, self)
@@ -408,6 +415,7 @@ end
 -- transaction per batch, so thousands of lines cost one disk sync.
 function Server:write_logs()
   local next_prune = core.now() + LOG_RETENTION_EVERY_MS
+  local next_told, dropped_told = core.now() + LOG_DROPS_TOLD_EVERY_MS, self:log_lines_dropped()
   while not self.stopping do
     local batch = self.sink:take(LOG_BATCH, 1000)
     if batch then
@@ -416,12 +424,32 @@ function Server:write_logs()
       -- a full one: more are waiting, go on at once
       if #batch < LOG_BATCH then core.sleep(50) end
     end
-    if core.now() >= next_prune then
-      next_prune = core.now() + LOG_RETENTION_EVERY_MS
-      local s = self.cfg.settings
-      self.store:prune_logs(s.log_retention_days * 86400, s.log_max_lines)
+    local s = self.cfg.settings
+    -- by count too, once a tenth of log_max_lines came in: at the rate the
+    -- store indexes, a minute between prunes is millions of lines and a
+    -- store of gigabytes whatever log_max_lines says
+    if core.now() >= next_prune or self.log_stats.unpruned >= math.max(LOG_BATCH, s.log_max_lines // 10) then
+      next_prune, self.log_stats.unpruned = core.now() + LOG_RETENTION_EVERY_MS, 0
+      repeat
+        local _, more = self.store:prune_logs(s.log_retention_days * 86400, s.log_max_lines)
+      until not more or self.stopping
+    end
+    if core.now() >= next_told then
+      local dropped = self:log_lines_dropped()
+      if dropped > dropped_told then
+        log.warn("%d lines of instance output dropped in the last %d s: written faster than the store indexes "
+          .. "them (tenement_log_lines_dropped_total counts them)", dropped - dropped_told,
+          (core.now() - next_told + LOG_DROPS_TOLD_EVERY_MS) // 1000)
+      end
+      next_told, dropped_told = core.now() + LOG_DROPS_TOLD_EVERY_MS, dropped
     end
   end
+end
+
+-- Lines of output lost so far: those the sink had no room for, and those
+-- the store refused.
+function Server:log_lines_dropped()
+  return self.sink:stats().dropped + self.log_stats.write_dropped
 end
 
 -- Appends a batch, tried up to `tries` times; lines the store would not
@@ -429,7 +457,10 @@ end
 function Server:store_logs(batch, tries)
   for try = 1, tries do
     local ok, err = self.store:append_logs(batch)
-    if ok then return true end
+    if ok then
+      self.log_stats.unpruned = self.log_stats.unpruned + #batch
+      return true
+    end
     if try == tries or self.stopping then
       self.log_stats.write_dropped = self.log_stats.write_dropped + #batch
       log.error("writing %d log lines failed, dropped: %s", #batch, err)
@@ -447,11 +478,14 @@ end
 -- these too: they wait in the sink for it, except at the end (`final`),
 -- when nothing comes after to write or count them.
 function Server:flush_logs(final)
-  while final or not self.log_retrying do
-    local stats = self.sink:stats()
-    if stats.pending == 0 then return end
-    local batch = self.sink:take(LOG_BATCH, 0)
+  -- the lines pending now, not those that come meanwhile: under a flood of
+  -- output the sink never empties, and a reader waiting for it waited for
+  -- ever while the store grew without a prune
+  local left = self.sink:stats().pending
+  while left > 0 and (final or not self.log_retrying) do
+    local batch = self.sink:take(math.min(left, LOG_BATCH), 0)
     if not batch then return end
+    left = left - #batch
     if not self:store_logs(batch, 1) then return end
   end
 end
@@ -658,8 +692,11 @@ function Server:shutdown()
   core.fs.unlink(self.paths.socket)
   self.sup:shutdown()
   require("tenement.storage").unshare(self.cfg.settings.data_dir) -- storage.share's bind mount, if it made one
-  self:flush_logs(true)
+  -- the writer ends its turn first: a store closed under it raised, and the
+  -- task died with its batch
   self.stopping = true
+  if self.log_writer then self.log_writer:join(LOG_WRITER_END_MS) end
+  self:flush_logs(true)
   self.store:close()
   -- the count of this second's failures would go with the process
   if self.flush_door_errors then self.flush_door_errors() end

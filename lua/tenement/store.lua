@@ -431,13 +431,34 @@ function Store:logs(f)
   return rows, err, code
 end
 
--- Retention: drop lines older than max_age seconds and beyond max_lines.
-function Store:prune_logs(max_age, max_lines)
-  local ok, err = self.conn:run("DELETE FROM log_lines WHERE ts < ?", core.time() - max_age)
+-- Store:prune_logs(max_age, max_lines[, chunk]) -> true, more | nil, err.
+-- Retention: lines older than max_age seconds go, and the oldest past
+-- max_lines, at most `chunk` of each a call; more is true while lines past a
+-- bound are left. A statement holds the connection, and every reader queued
+-- behind it, while it runs: one DELETE of a flood's millions of lines (each
+-- taken out of the index by a trigger) held `ten logs` for minutes.
+-- Sequence numbers only grow and lines go oldest first, so the newest
+-- max_lines are those above newest - max_lines: gaps only make it fewer.
+function Store:prune_logs(max_age, max_lines, chunk)
+  chunk = chunk or 5000
+  local cutoff = core.time() - max_age
+  local ok, err = self.conn:run(
+    "DELETE FROM log_lines WHERE seq IN (SELECT seq FROM log_lines WHERE ts < ? ORDER BY ts LIMIT ?)", cutoff, chunk)
   if not ok then return nil, err end
-  return self.conn:run([[
-    DELETE FROM log_lines WHERE seq <= (SELECT seq FROM log_lines ORDER BY seq DESC LIMIT 1 OFFSET ?)
-  ]], max_lines)
+  local rows
+  rows, err = self.conn:query([[SELECT (SELECT seq FROM log_lines WHERE ts < ? LIMIT 1) AS aged,
+    (SELECT min(seq) FROM log_lines) AS oldest, (SELECT max(seq) FROM log_lines) AS newest]], cutoff)
+  if not rows then return nil, err end
+  local r = rows[1]
+  local more = r.aged ~= nil
+  local cut = r.newest and r.newest - max_lines
+  if cut and cut >= r.oldest then
+    local upto = math.min(cut, r.oldest + chunk - 1)
+    ok, err = self.conn:run("DELETE FROM log_lines WHERE seq <= ?", upto)
+    if not ok then return nil, err end
+    more = more or upto < cut
+  end
+  return true, more
 end
 
 return store

@@ -409,6 +409,35 @@ describe("store", function()
     end)
   end)
 
+  it("prunes a chunk at a time and says while more is left, by count and by age", function()
+    core.run(function()
+      local st = assert(store.open(dir .. "/t.db"))
+      local now = core.time()
+      local batch = {}
+      for i = 1, 12000 do batch[i] = { now, "api:a", "stdout", "line " .. i } end
+      assert(st:append_logs(batch))
+      local more
+      for _, left in ipairs { 7000, 2000, 1000 } do
+        _, more = assert(st:prune_logs(86400, 1000, 5000))
+        assert.are.equal(left, st.conn:query("SELECT count(*) AS n FROM log_lines")[1].n)
+        assert.are.equal(left > 1000, more)
+      end
+      assert.are.equal("line 12000", st:logs { limit = 1 }[1].message)
+      -- the index follows every chunk
+      assert.are.equal(0, #assert(st:logs { q = "11000", limit = 10 }))
+      assert.are.equal(1, #assert(st:logs { q = "11001", limit = 10 }))
+      batch = {}
+      for i = 1, 7 do batch[i] = { now - 10 * 86400, "api:a", "stdout", "old " .. i } end
+      assert(st:append_logs(batch))
+      _, more = assert(st:prune_logs(86400, 100000, 5))
+      assert.is_true(more)
+      _, more = assert(st:prune_logs(86400, 100000, 5))
+      assert.is_false(more)
+      assert.are.equal(0, #assert(st:logs { q = "old", limit = 10 }))
+      st:close()
+    end)
+  end)
+
   it("prunes logs by age and by count", function()
     core.run(function()
       local st = assert(store.open(dir .. "/t.db"))
