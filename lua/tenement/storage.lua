@@ -280,11 +280,11 @@ local function is_empty_dir(dir)
   return list == nil or #list == 0
 end
 
--- storage.attach(data_dir, service, id, quota_mb [, opts]) -> mount | nil, err
+-- storage.attach(data_dir, service, id, quota_mb [, opts]) -> mount | nil, err, lasting
 --   opts.path: PATH for the tools (default storage.PATH)
 --   opts.mode: mode of the mounted root (default 0700, as the instance dir)
 -- Creates the image the first time, grows it when the quota was raised,
--- refuses a lower quota, checks it when it was not cleanly unmounted,
+-- refuses a lower quota (lasting: no retry mends it), checks it when it was not cleanly unmounted,
 -- and mounts it on the instance directory. A mount of the same image left
 -- there (by a ten that died) is replaced. mount.notes lists what the log
 -- should say (created, grown, checked, replaced). In a task; needs root.
@@ -338,7 +338,7 @@ function storage.attach(data_dir, service, id, quota_mb, opts)
       return nil, string.format("storage_quota_mb of %s was lowered from %s to %d MB: shrinking its " ..
         "file system is not supported; raise it back, or stop the instance and delete %s to start " ..
         "over empty", key, old and tostring(old) or string.format("about %d", old_bytes // MiB),
-        quota_mb, image)
+        quota_mb, image), true
     end
     local live = loops_of(image)
     if #live > 0 then

@@ -378,8 +378,8 @@ function Instance:launch()
     if not user then return refuse("user: " .. err) end
   end
   if svc.storage_quota_mb and not self.storage then
-    local mount, serr = storage.attach(sup.cfg.settings.data_dir, self.service, self.id, svc.storage_quota_mb)
-    if not mount then self:release_start() return nil, "storage: " .. serr end
+    local mount, serr, lasting = storage.attach(sup.cfg.settings.data_dir, self.service, self.id, svc.storage_quota_mb)
+    if not mount then self:release_start() return nil, "storage: " .. serr, lasting end
     for _, note in ipairs(mount.notes or {}) do log.info("%s: %s", self.key, note) end
     self.storage = mount
   end
@@ -1385,6 +1385,19 @@ end
 function Supervisor:rollout(service, new_svc)
   local old_svc = self.cfg.services[service]
   if not old_svc then return nil, "no service " .. service, "not_found" end
+  local old_quota, new_quota = old_svc.storage_quota_mb, new_svc.storage_quota_mb
+  if old_quota and new_quota and new_quota < old_quota then
+    -- a running instance keeps its mount, so the rollout would pass, the
+    -- lower quota hold nothing, and the next start of the instance fail
+    for _, inst in ipairs(self:of_service(service)) do
+      local _, image = storage.paths(self.cfg.settings.data_dir, service, inst.id)
+      if core.fs.stat(image) then
+        return nil, string.format("storage_quota_mb of %s cannot be lowered from %d to %d MB: %s holds a file "
+          .. "system of %d MB, and shrinking one is not supported; keep %d, or stop the instance and delete %s to "
+          .. "start over empty", service, old_quota, new_quota, image, old_quota, old_quota, image), "conflict"
+      end
+    end
+  end
   if self.rolling and self.rolling[service] then return nil, "a rollout of " .. service .. " is already running", "conflict" end
   self.rolling = self.rolling or {}
   self.rolling[service] = true

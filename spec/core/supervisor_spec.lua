@@ -1019,6 +1019,33 @@ describe("supervisor stops, sleeps and restarts", function()
     end)
   end)
 
+  it("refuses a rollout that lowers the storage quota of an instance holding data, and takes one that raises it",
+    function()
+    local p = io.popen("id -u")
+    local uid = p:read("n")
+    p:close()
+    if uid ~= 0 then pending("loop mounts need root") return end
+    local cfg = make_cfg(dir, { q = { "storage_quota_mb = 16" } })
+    core.run(function()
+      local sup = supervisor.new(cfg, { environ = { PATH = "/usr/bin:/bin" } })
+      local inst = assert(sup:spawn("q", "a"))
+      local lower = make_cfg(dir, { q = { "storage_quota_mb = 8" } }).services.q
+      local n, err, code = sup:rollout("q", lower)
+      assert.is_nil(n)
+      assert.are.equal("conflict", code)
+      assert.matches("storage_quota_mb of q cannot be lowered from 16 to 8 MB: " .. dir .. "/data/q/a.img holds a "
+        .. "file system of 16 MB, and shrinking one is not supported", err, 1, true)
+      -- nothing changed: the old definition serves on
+      assert.are.equal(16, sup.cfg.services.q.storage_quota_mb)
+      assert.are.equal(16, inst.svc.storage_quota_mb)
+      assert.are.equal("running", inst.state)
+      local higher = make_cfg(dir, { q = { "storage_quota_mb = 24" } }).services.q
+      assert.are.equal(1, assert(sup:rollout("q", higher)))
+      assert.are.equal(24, inst.svc.storage_quota_mb)
+      sup:shutdown()
+    end)
+  end)
+
   it("starts again at once an instance whose stop is still unmounting its storage", function()
     local p = io.popen("id -u")
     local uid = p:read("n")
