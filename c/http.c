@@ -606,6 +606,7 @@ struct http_server {
     srv_route **routes;
     size_t route_buckets, nroutes;
     lua_Integer direct;    /* requests a direct route took */
+    lua_Integer direct_set; /* of those, the ones a service's set took */
     lua_Integer proxy_errors; /* exchanges through an upstream it failed */
 };
 
@@ -679,7 +680,7 @@ static void px_after_parse(struct px *x);
 static void conn_detach_req(http_conn *c);
 static void conn_linger(http_conn *c);
 static void srv_accept(http_server *s);
-static px_upstream *srv_route_lookup(http_server *s, const http_head *h, const http_header *host);
+static px_upstream *srv_route_lookup(http_server *s, const http_head *h, const http_header *host, int *is_set);
 static int px_start_direct(http_req *r, px_upstream *u, int chunked);
 static void srv_routes_clear(http_server *s);
 
@@ -1748,9 +1749,11 @@ static void on_head(http_conn *c, const head_facts *f) {
         return;
     }
     if (s->nroutes) {
-        px_upstream *u = host ? srv_route_lookup(s, &r->head, host) : NULL;
+        int is_set = 0;
+        px_upstream *u = host ? srv_route_lookup(s, &r->head, host, &is_set) : NULL;
         if (u && px_start_direct(r, u, chunked) == 0) {
             s->direct++;
+            s->direct_set += is_set;
             return;
         }
     }
@@ -2308,6 +2311,7 @@ static int l_server_stats(lua_State *L) {
     set_int(L, "connections_accepted", (uint64_t)s->accepted);
     set_int(L, "requests", (uint64_t)s->requests);
     set_int(L, "direct_requests", (uint64_t)s->direct);
+    set_int(L, "direct_service_requests", (uint64_t)s->direct_set);
     set_int(L, "connections_reclaimed", (uint64_t)s->reclaimed);
     set_int(L, "proxy_errors", (uint64_t)s->proxy_errors);
     set_int(L, "routes", s->nroutes);
@@ -3223,6 +3227,7 @@ struct srv_route {
     unsigned guard_epoch;
     uint32_t hash, total;    /* total: the sum of the weights */
     int n;
+    int is_set;              /* a service's weighted set (a list), not one instance */
     size_t hl;
     char *host;              /* after the members, in the same allocation */
     route_member m[];
@@ -3274,7 +3279,7 @@ static uint32_t route_draw(uint32_t total) {
 }
 
 /* host: h's one Host header (on_head has checked there is exactly one) */
-static px_upstream *srv_route_lookup(http_server *s, const http_head *h, const http_header *host) {
+static px_upstream *srv_route_lookup(http_server *s, const http_head *h, const http_header *host, int *is_set) {
     const char *v = head_str(h, host->value);
     uint32_t hash = route_hash(v, host->value_len);
     srv_route **pp = srv_route_slot(s, v, host->value_len, hash);
@@ -3286,6 +3291,7 @@ static px_upstream *srv_route_lookup(http_server *s, const http_head *h, const h
         srv_route_free(e);
         return NULL;
     }
+    *is_set = e->is_set;
     if (e->n == 1) return e->m[0].u;
     uint32_t r = route_draw(e->total);
     for (int i = 0; i < e->n; i++) {
@@ -3343,6 +3349,7 @@ static int l_server_route(lua_State *L) {
     srv_route *e = calloc(1, sizeof *e + (size_t)n * sizeof e->m[0] + hl);
     if (!e) return luaL_error(L, "out of memory");
     e->n = n;
+    e->is_set = lua_istable(L, 3);
     for (int i = 0; i < n; i++) {
         px_upstream *u;
         uint32_t w = 1;

@@ -207,12 +207,14 @@ function metrics.render(srv, emit)
     out:sample("tenement_proxy_errors_total", nil, st.proxy_errors)
   end
   if srv.door then
-    -- requests on a direct route were routed to an instance once, in Lua,
-    -- and then by the C server itself
-    local direct = srv.http and srv.http:stats().direct_requests or 0
+    -- requests on a direct route were routed once, in Lua, and then by the
+    -- C server itself: to an instance, or drawn from a service's set
+    local st = srv.http and srv.http:stats() or {}
+    local direct = { service = st.direct_service_requests or 0 }
+    direct.instance = (st.direct_requests or 0) - direct.service
     out:family("tenement_http_requests_total", "counter", "HTTP requests by where routing sent them.")
     for _, kind in ipairs { "instance", "service", "self", "status" } do
-      local n = (srv.door.stats.by_route[kind] or 0) + (kind == "instance" and direct or 0)
+      local n = (srv.door.stats.by_route[kind] or 0) + (direct[kind] or 0)
       out:sample("tenement_http_requests_total", { "route", kind }, n)
     end
   end

@@ -588,6 +588,11 @@ describe("front door", function()
       local m = assert(get(srv, "example.test", "/metrics")).body
       assert.are.equal(20, metric(m, 'tenement_http_requests_total{route="instance"} (%d+)'))
       assert.are.equal(20, metric(m, 'tenement_instance_requests_total{service="api",id="d",code="2xx"} (%d+)'))
+      -- the service host's set goes to C too, and is counted as the service's
+      for i = 1, 10 do assert.are.equal(200, assert(get(srv, "api.example.test", "/")).status, "request " .. i) end
+      m = assert(get(srv, "example.test", "/metrics")).body
+      assert.are.equal(20, metric(m, 'tenement_http_requests_total{route="instance"} (%d+)'))
+      assert.are.equal(10, metric(m, 'tenement_http_requests_total{route="service"} (%d+)'))
       -- traffic on the direct route is activity: no sleep under it ...
       for _ = 1, 12 do
         assert.are.equal(200, assert(get(srv, host, "/")).status)
