@@ -23,7 +23,7 @@ end
 -- service). -> scope | nil, err
 function auth.parse_scope(s)
   local config = require "tenement.config"
-  local service, id = s:match("^([^:]+):([^:]+)$")
+  local service, id = s:match("^([^:]*):([^:]*)$")
   if service then
     local ok, err = config.valid_name(service)
     if not ok then return nil, "tenant service " .. err end

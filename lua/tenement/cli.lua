@@ -319,7 +319,8 @@ local function target_arg(ctx, cmd, args, allow_id_option)
   local supervisor = require "tenement.supervisor"
   local spec = args[1]
   if not spec then
-    ctx.err:write("ten ", cmd.name, ": missing SERVICE:ID\nUsage: ", cmd.usage, "\n")
+    ctx.err:write("ten ", cmd.name, ": missing ", cmd.usage:match("SERVICE:%u+") or "SERVICE:ID", "\nUsage: ",
+      cmd.usage, "\n")
     return nil
   end
   if allow_id_option and ctx.opts.id then
@@ -331,7 +332,9 @@ local function target_arg(ctx, cmd, args, allow_id_option)
   end
   local service, id = supervisor.parse_key(spec)
   if not service then
-    ctx.err:write("ten ", cmd.name, ": ", id, "\nUsage: ", cmd.usage, "\n")
+    -- in the command's own words: deploy takes SERVICE:VERSION
+    local shape = cmd.usage:match("SERVICE:%u+") or "SERVICE:ID"
+    ctx.err:write("ten ", cmd.name, ": ", (id:gsub("SERVICE:ID", shape)), "\nUsage: ", cmd.usage, "\n")
     return nil
   end
   return service, id
@@ -692,6 +695,11 @@ command {
         return 1
       end
       show(list)
+      if #list == 0 and ctx.opts.search and not ctx.opts.search:find("[%w\128-\255]") then
+        -- quiet otherwise: nothing found looks like nothing written
+        ctx.err:write("ten logs: --search finds words of letters or digits, and ", string.format("%q", ctx.opts.search),
+          " has none: the index does not hold punctuation; search for the words around it\n")
+      end
       if not ctx.opts.follow then return 0 end
       -- then the live Server-Sent Events stream, from the last line shown
       local after = #list > 0 and list[#list].seq or 0
@@ -785,7 +793,10 @@ command {
   usage = "ten deploy SERVICE:VERSION [-w WEIGHT] [--timeout SECONDS]",
   description = "The new instance starts with weight 0 and gets WEIGHT only once it is\n" ..
     "healthy. If it fails or is not healthy in time, it is removed and nothing\n" ..
-    "else changes. Move the rest of the traffic with `ten route` or `ten weight`.",
+    "else changes. Move the rest of the traffic with `ten route` or `ten weight`.\n" ..
+    "VERSION is the new instance's id: it runs the service as the server has it\n" ..
+    "loaded (after an edit of the file, `ten reload` first), and differs from the\n" ..
+    "others through {id} in its command, args or env (e.g. command = \"./app-{id}\").",
   max_args = 1,
   options = {
     { long = "weight", short = "w", arg = "WEIGHT", help = "weight once healthy (default 100)", check = int_check(0, 100) },
@@ -937,7 +948,8 @@ command {
   description = "New services and [instances] start, removed services stop, changed services\n" ..
     "are rolled out (see `ten rollout`), except for a change of idle_timeout, on_demand,\n" ..
     "max_instances, startup_timeout, health or restart alone, which reaches the running\n" ..
-    "instances without replacing them. Settings that need a restart of ten serve (listen,\n" ..
+    "instances without replacing them (as does any change to a service none of whose\n" ..
+    "instances runs: they take it at their next start). Settings that need a restart of ten serve (listen,\n" ..
     "port, data_dir and the front door's limits) are named in the answer.",
   run = function(ctx)
     return with_server(ctx, function(c)

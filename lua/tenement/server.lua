@@ -545,7 +545,10 @@ function Server:reload()
       old.services[name] = svc
     elseif not same(svc, old.services[name], LIVE_KEYS) then
       local n, rerr = self.sup:rollout(name, svc)
-      if n then summary.rolled_out[#summary.rolled_out + 1] = name
+      -- with no process to replace (none running, or a failed one), the
+      -- new definition waits for the next start: said as such, not as a rollout
+      if n and n > 0 then summary.rolled_out[#summary.rolled_out + 1] = name
+      elseif n then summary.updated[#summary.updated + 1] = name
       else summary.failed[#summary.failed + 1] = rerr end
     elseif not same(svc, old.services[name]) then
       old.services[name] = svc

@@ -124,7 +124,10 @@ function Instance:transition(event, reason)
   end
   self.state = to
   if to == "failed" then self.health = "failed"
-  elseif to == "starting" or to == "stopped" or to == "sleeping" then self.health = "unknown" end
+  elseif to == "starting" or to == "stopped" or to == "sleeping" or to == "backoff" then
+    -- no process: whatever the last check said was about one that is gone
+    self.health = "unknown"
+  end
   if reason then self.reason = reason end
   -- a thousand instances starting at once make thousands of transitions:
   -- nothing is built for nobody (no subscriber, no task waiting)

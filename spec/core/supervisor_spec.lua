@@ -347,6 +347,10 @@ describe("supervisor", function()
     core.run(function()
       local sup = supervisor.new(cfg, { environ = {} })
       local inst = assert(sup:spawn("api", "k"))
+      assert.are.equal("healthy", inst.health)
+      -- while it backs off there is no process, and no health to speak of
+      local health_in_backoff
+      sup:on(function(e) if e.to == "backoff" then health_in_backoff = inst.health end end)
       local pid = inst.pid
       core.proc.kill(pid, "SIGKILL")
       local deadline = core.now() + 5000
@@ -354,6 +358,7 @@ describe("supervisor", function()
       assert.are.equal("running", inst.state)
       assert.are_not.equal(pid, inst.pid)
       assert.matches("killed by SIGKILL", inst.last_exit, 1, true)
+      assert.are.equal("unknown", health_in_backoff)
       sup:shutdown()
     end)
   end)

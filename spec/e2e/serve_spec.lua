@@ -152,8 +152,12 @@ describe("ten serve", function()
     code, out = ten(cfg, "logs", "--search", "listening")
     assert.are.equal(0, code)
     assert.matches("api:boot listening on", out, 1, true)
-    -- a name that is nobody's is said to be so, not shown as a quiet instance
+    -- a search for what the index does not hold says so
     local err
+    code, out, err = ten(cfg, "logs", "--search", "->")
+    assert.are.same({ 0, "" }, { code, out })
+    assert.matches('--search finds words of letters or digits, and "->" has none', err, 1, true)
+    -- a name that is nobody's is said to be so, not shown as a quiet instance
     code, out, err = ten(cfg, "logs", "api:nope")
     assert.are.same({ 1, "" }, { code, out })
     assert.matches("no instance api:nope, and no lines of it in the store", err, 1, true)
