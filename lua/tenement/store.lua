@@ -432,31 +432,49 @@ function Store:logs(f)
 end
 
 -- Store:prune_logs(max_age, max_lines[, chunk]) -> true, more | nil, err.
--- Retention: lines older than max_age seconds go, and the oldest past
--- max_lines, at most `chunk` of each a call; more is true while lines past a
--- bound are left. A statement holds the connection, and every reader queued
--- behind it, while it runs: one DELETE of a flood's millions of lines (each
--- taken out of the index by a trigger) held `ten logs` for minutes.
--- Sequence numbers only grow and lines go oldest first, so the newest
--- max_lines are those above newest - max_lines: gaps only make it fewer.
+-- Retention: lines older than max_age seconds go, and past max_lines the
+-- oldest lines of the instance holding the most, so an app flooding its
+-- output erases its own lines and not its neighbours'. more is true while
+-- lines past a bound are left. Every statement takes at most `chunk` lines:
+-- a statement holds the connection, and every reader queued behind it,
+-- while it runs, and one DELETE of a flood's millions of lines (each taken
+-- out of the index by a trigger) held `ten logs` for minutes.
 function Store:prune_logs(max_age, max_lines, chunk)
   chunk = chunk or 5000
   local cutoff = core.time() - max_age
   local ok, err = self.conn:run(
     "DELETE FROM log_lines WHERE seq IN (SELECT seq FROM log_lines WHERE ts < ? ORDER BY ts LIMIT ?)", cutoff, chunk)
   if not ok then return nil, err end
-  local rows
-  rows, err = self.conn:query([[SELECT (SELECT seq FROM log_lines WHERE ts < ? LIMIT 1) AS aged,
-    (SELECT min(seq) FROM log_lines) AS oldest, (SELECT max(seq) FROM log_lines) AS newest]], cutoff)
-  if not rows then return nil, err end
-  local r = rows[1]
-  local more = r.aged ~= nil
-  local cut = r.newest and r.newest - max_lines
-  if cut and cut >= r.oldest then
-    local upto = math.min(cut, r.oldest + chunk - 1)
-    ok, err = self.conn:run("DELETE FROM log_lines WHERE seq <= ?", upto)
-    if not ok then return nil, err end
-    more = more or upto < cut
+  local aged
+  aged, err = self.conn:query("SELECT seq FROM log_lines WHERE ts < ? LIMIT 1", cutoff)
+  if not aged then return nil, err end
+  local more = aged[1] ~= nil
+  -- the count of each instance's lines, by the (instance, seq) index
+  local counts
+  counts, err = self.conn:query("SELECT instance, count(*) AS n FROM log_lines GROUP BY instance")
+  if not counts then return nil, err end
+  local total = 0
+  for _, c in ipairs(counts) do total = total + c.n end
+  local over = total - max_lines
+  if over <= 0 then return true, more end
+  -- the biggest come down to one level, the lowest that leaves max_lines:
+  -- the top k are cut to `level` where that is no lower than the next one
+  table.sort(counts, function(a, b) return a.n > b.n end)
+  local k, sum, level = 0, 0, 0
+  repeat
+    k = k + 1
+    sum = sum + counts[k].n
+    level = (sum - over) // k
+  until level >= (counts[k + 1] and counts[k + 1].n or 0)
+  for i = 1, k do
+    local take = counts[i].n - level
+    while take > 0 do
+      local n = math.min(take, chunk)
+      ok, err = self.conn:run("DELETE FROM log_lines WHERE seq IN (SELECT seq FROM log_lines WHERE instance = ? "
+        .. "ORDER BY seq LIMIT ?)", counts[i].instance, n)
+      if not ok then return nil, err end
+      take = take - n
+    end
   end
   return true, more
 end

@@ -204,8 +204,10 @@ describe("store", function()
       local docs = st.conn:query("SELECT count(*) AS n FROM log_search WHERE log_search MATCH 'upgrade'")
       assert.are.equal(1000, docs[1].n)
       -- and pruning still takes lines out of the index
+      -- (two instances as big: each keeps its share, 300)
       assert(st:prune_logs(86400, 600))
-      assert.are.equal(100, #assert(st:logs { q = "before upgrade", limit = 1000 }))
+      assert.are.equal(300, #assert(st:logs { q = "before upgrade", limit = 1000 }))
+      assert.are.equal(300, #assert(st:logs { q = "after upgrade", limit = 1000 }))
       st:close()
     end)
   end)
@@ -409,25 +411,35 @@ describe("store", function()
     end)
   end)
 
-  it("prunes a chunk at a time and says while more is left, by count and by age", function()
+  it("prunes by count the oldest lines of the instance holding the most, not its neighbours'", function()
     core.run(function()
       local st = assert(store.open(dir .. "/t.db"))
       local now = core.time()
       local batch = {}
-      for i = 1, 12000 do batch[i] = { now, "api:a", "stdout", "line " .. i } end
+      for i = 1, 500 do batch[#batch + 1] = { now, "quiet:a", "stdout", "quiet " .. i } end
+      for i = 1, 12000 do batch[#batch + 1] = { now, "loud:a", "stdout", "loud " .. i } end
+      for i = 1, 300 do batch[#batch + 1] = { now, "quiet:b", "stdout", "later " .. i } end
       assert(st:append_logs(batch))
-      local more
-      for _, left in ipairs { 7000, 2000, 1000 } do
-        _, more = assert(st:prune_logs(86400, 1000, 5000))
-        assert.are.equal(left, st.conn:query("SELECT count(*) AS n FROM log_lines")[1].n)
-        assert.are.equal(left > 1000, more)
+      local _, more = assert(st:prune_logs(86400, 2000, 5000))
+      assert.is_false(more)
+      local function count(instance)
+        return st.conn:query("SELECT count(*) AS n FROM log_lines WHERE instance = ?", instance)[1].n
       end
-      assert.are.equal("line 12000", st:logs { limit = 1 }[1].message)
-      -- the index follows every chunk
-      assert.are.equal(0, #assert(st:logs { q = "11000", limit = 10 }))
-      assert.are.equal(1, #assert(st:logs { q = "11001", limit = 10 }))
+      -- the flood erased its own lines: the others keep every one of theirs
+      assert.are.equal(500, count("quiet:a"))
+      assert.are.equal(300, count("quiet:b"))
+      assert.are.equal(1200, count("loud:a"))
+      assert.are.equal("loud 12000", st:logs { instance = "loud:a", limit = 1 }[1].message)
+      -- the index follows
+      assert.are.equal(0, #assert(st:logs { q = "10800", limit = 10 }))
+      assert.are.equal(1, #assert(st:logs { q = "10801", limit = 10 }))
+      -- past their share, the biggest come down to one level, the lowest
+      -- that keeps 1000 (quiet:b, below it, keeps all it has)
+      assert(st:prune_logs(86400, 1000, 400))
+      assert.are.same({ 350, 350, 300 }, { count("quiet:a"), count("loud:a"), count("quiet:b") })
+      -- by age, a chunk a call, and says when more is left
       batch = {}
-      for i = 1, 7 do batch[i] = { now - 10 * 86400, "api:a", "stdout", "old " .. i } end
+      for i = 1, 7 do batch[i] = { now - 10 * 86400, "old:a", "stdout", "old " .. i } end
       assert(st:append_logs(batch))
       _, more = assert(st:prune_logs(86400, 100000, 5))
       assert.is_true(more)
