@@ -65,13 +65,18 @@ function deploy.deploy(sup, service, version, weight, timeout_s)
   local task = core.spawn(sup.spawn, sup, service, version)
   local joined, inst, err = task:join(timeout_s * 1000)
   if not joined or not inst then
-    local why = joined and err
+    local why, output = joined and err, ""
     if not why then
-      -- a crash inside the wait is the likelier story than slowness: say so
+      -- a crash inside the wait is the likelier story than slowness: say so,
+      -- with what its health check answered and what it wrote (the instance
+      -- goes with the deploy: this is where the operator reads it)
       local now = sup:get(service, version)
       local last = now and now.last_exit and now.last_exit:match("^[^\n]*")
+      local answer = now and (now.refused_answer or now.last_answer)
       why = string.format("not healthy within %d s%s", timeout_s, now and (" (it is " .. now.state
-        .. (last and ("; last exit: " .. last) or "") .. ")") or "")
+        .. (last and ("; last exit: " .. last) or "") .. (answer and ("; the last check: " .. answer) or "") .. ")")
+        or "")
+      output = now and now:last_output() or ""
     end
     -- one that existed (stopped, failed or asleep) stays, as it was: only
     -- what the deploy itself made may go
@@ -83,7 +88,8 @@ function deploy.deploy(sup, service, version, weight, timeout_s)
     else
       sup:forget(service, version)
     end
-    return nil, string.format("deploy of %s:%s failed: %s; nothing changed", service, version, why), "start_failed"
+    return nil, string.format("deploy of %s:%s failed: %s; nothing changed%s", service, version, why, output),
+      "start_failed"
   end
   local ok, set_err = sup:set_weight(service, version, weight)
   if not ok then return nil, set_err, "internal" end

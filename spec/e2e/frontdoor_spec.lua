@@ -928,6 +928,17 @@ describe("front door", function()
     assert.is_nil(ps(srv)["api:v1"])
   end)
 
+  it("says what a version's health check answered and what it wrote when its deploy failed", function()
+    local dir = support.tmpdir()
+    srv = start_server(dir, { api = { 'health = "/health"', "[service.api.env]", 'BACKEND_HEALTH_STATUS = "503"' } })
+    local code, out, err = ten(srv, "deploy", "api:v2", "--timeout", "1")
+    assert.are.equal(1, code, out)
+    assert.matches("not healthy within 1 s (it is starting; the last check: GET /health answered 503); nothing "
+      .. "changed\nlast output:\n", err, 1, true)
+    assert.matches("listening on", err, 1, true)
+    assert.is_nil(ps(srv)["api:v2"])
+  end)
+
   it("refuses to deploy over an id that is unhealthy instead of calling it healthy", function()
     local dir = support.tmpdir()
     srv = start_server(dir, { api = { 'health = "/health"', 'restart = "never"', "[service.api.env]",
