@@ -470,6 +470,8 @@ function api.new(ctx)
       if not rows then return fail("bad_request", err) end
       -- a stopping server answers what it has: a poller that went away
       -- would otherwise hold the drain for the rest of its wait
+      -- a token revoked meanwhile is refused at once, not at the end of the wait
+      if req.authorized and not req.authorized() then return fail("unauthorized", "the token was revoked") end
       if #rows > 0 or core.now() >= deadline or (ctx.stopping and ctx.stopping()) or req.client_closed then
         local out = json.array()
         for i = #rows, 1, -1 do out[#out + 1] = line_json(rows[i]) end -- oldest first

@@ -277,13 +277,21 @@ function Server:own_pages()
   -- made when it began: each write asks again, so a revoked token's stream
   -- ends at its next event instead of going on for good.
   local function revocable(req, token)
+    -- a long poll asks between its turns
+    req.authorized = function() return auth.verify(self.store, token) ~= nil end
     local stream = req.stream
     req.stream = function(r, ...)
       local out, err = stream(r, ...)
       if not out then return out, err end
       return setmetatable({
         write = function(_, data)
-          if not auth.verify(self.store, token) then return false end
+          if not auth.verify(self.store, token) then
+            -- said as an event, and the stream ended cleanly: a client
+            -- would otherwise take the cut for a network fault and reconnect
+            out:write('event: error\ndata: {"error":{"code":"unauthorized","message":"the token was revoked"}}\n\n')
+            out:finish()
+            return false
+          end
           return out:write(data)
         end,
       }, { __index = function(_, k)

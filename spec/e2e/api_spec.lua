@@ -927,6 +927,10 @@ describe("HTTP API: scopes, races and revocation", function()
     end)
     assert.is_nil(text:find("flood one line", 1, true), "lines went out on a revoked token: " .. text)
     assert.is_true(closed, "the stream stayed open")
+    -- said, and the stream ended as a stream ends, not cut
+    assert.matches('event: error\ndata: {"error":{"code":"unauthorized","message":"the token was revoked"}}\n\n',
+      text, 1, true)
+    assert.matches("\r\n0\r\n\r\n$", text)
     -- and the other tokens go on working
     assert.are.equal(200, (call(srv, "GET", "/api/instances", { headers = with_auth(admin) })))
   end)
@@ -1053,6 +1057,24 @@ describe("HTTP API: scopes, races and revocation", function()
       t:join()
     end)
     assert.is_nil(res.body:find("flood one line", 1, true), "lines went out on a revoked token: " .. res.body)
+    assert.are.equal(401, res.status)
+  end)
+
+  it("answers a long poll at once when its token is revoked, not at the end of its wait", function()
+    local watcher = token(srv, "--name", "watcher")
+    local res
+    core.run(function()
+      local t = core.spawn(function()
+        -- the wait (60 s) outlasts the client's patience (10 s): only an
+        -- answer given at the revocation comes back
+        res = core.http.request { host = "127.0.0.1", port = srv.port, timeout = 10000,
+          target = "/api/logs?instance=api:one&wait=60&after=999999999", headers = with_auth(watcher) }
+      end)
+      core.sleep(300)
+      assert.are.equal(0, (support.ten_run { "token-revoke", "watcher", "--config", srv.cfg }))
+      t:join()
+    end)
+    assert.is_table(res, "the poll went on after its token was revoked")
     assert.are.equal(401, res.status)
   end)
 
