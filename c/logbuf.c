@@ -62,6 +62,7 @@ typedef struct lb_line {
     int64_t ts_ms;
     lb_tag *tag;
     uint8_t stream;
+    uint32_t source;     /* the capture's, e.g. the pid of the process that wrote it */
     char text[];
 } lb_line;
 
@@ -304,6 +305,7 @@ struct lb_cap {
     char *pbuf;          /* the partial line carried across reads */
     size_t plen, pcap;
     uint8_t stream;
+    uint32_t source;
     int discarding;      /* the rest of a cut line, up to its newline */
     int closing;
 };
@@ -383,6 +385,7 @@ static void cap_emit(lb_cap *c, const char *p, size_t n, int newline, int64_t ts
     l->seq = ++r->last_seq;
     l->ts_ms = ts;
     l->stream = c->stream;
+    l->source = c->source;
     l->tag = r->tag;
     r->tag->refs++;
     r->total_bytes += len;
@@ -746,14 +749,19 @@ static int l_ring_new(lua_State *L) {
     return 1;
 }
 
-/* ring:capture(rfd [, "stdout"|"stderr"]) -> true | nil, err, code.
+/* ring:capture(rfd [, "stdout"|"stderr" [, source]]) -> true | nil, err, code.
  * Takes ownership of rfd (closed on failure too, unless the loop already
- * watches it) and reads it until EOF. */
+ * watches it) and reads it until EOF. source (a number, 0 to 2^32-1) marks
+ * the lines read, so a caller tells apart the writers of one ring: the
+ * supervisor gives the pid, since a rollout's new process starts while the
+ * old one still writes. */
 static int l_ring_capture(lua_State *L) {
     lb_ring *r = check_ring(L, 1);
     lua_Integer ifd = luaL_checkinteger(L, 2);
     int stream = luaL_checkoption(L, 3, "stdout", stream_names);
+    lua_Integer source = luaL_optinteger(L, 4, 0);
     luaL_argcheck(L, ifd >= 0 && ifd <= INT32_MAX, 2, "not a file descriptor");
+    luaL_argcheck(L, source >= 0 && source <= UINT32_MAX, 4, "not a number from 0 to 2^32-1");
     int fd = (int)ifd;
     struct stat st;
     if (fstat(fd, &st) != 0)
@@ -770,6 +778,7 @@ static int l_ring_capture(lua_State *L) {
     uv_pipe_init(tn_loop(L), &c->h, 0);
     c->h.data = c;
     c->stream = (uint8_t)stream;
+    c->source = (uint32_t)source;
     int rc = uv_pipe_open(&c->h, fd);
     int opened = rc == 0;
     if (rc == 0) rc = uv_read_start((uv_stream_t *)&c->h, cap_alloc, cap_read);
@@ -793,7 +802,7 @@ static int l_ring_capture(lua_State *L) {
 }
 
 static void push_line(lua_State *L, const lb_line *l) {
-    lua_createtable(L, 0, 4);
+    lua_createtable(L, 0, 5);
     lua_pushinteger(L, (lua_Integer)l->seq);
     lua_setfield(L, -2, "seq");
     lua_pushnumber(L, (lua_Number)l->ts_ms / 1000.0);
@@ -802,9 +811,11 @@ static void push_line(lua_State *L, const lb_line *l) {
     lua_setfield(L, -2, "stream");
     lua_pushlstring(L, l->text, l->len);
     lua_setfield(L, -2, "text");
+    lua_pushinteger(L, (lua_Integer)l->source);
+    lua_setfield(L, -2, "source");
 }
 
-/* ring:lines([after_seq [, max]]) -> { {seq, ts, stream, text}, ... } oldest
+/* ring:lines([after_seq [, max]]) -> { {seq, ts, stream, text, source}, ... } oldest
  * first: the lines still held with seq > after_seq, at most the newest max. */
 static int l_ring_lines(lua_State *L) {
     lb_ring *r = check_ring(L, 1);

@@ -443,11 +443,12 @@ function Instance:launch()
     self:release_start()
     return nil, serr
   end
-  -- the ring holds earlier runs too: an error about this one quotes only
-  -- what this one said
-  self.output_after = self.ring:last_seq()
-  self.ring:capture(out_r, "stdout")
-  self.ring:capture(err_r, "stderr")
+  -- the ring holds earlier runs too, and during a rollout the old process
+  -- writes on beside this one: an error about this one quotes only what this
+  -- one said, its lines marked with its pid
+  self.output_after, self.output_source = self.ring:last_seq(), proc.pid
+  self.ring:capture(out_r, "stdout", proc.pid)
+  self.ring:capture(err_r, "stderr", proc.pid)
   self.proc = proc
   self.pid = proc.pid
   self.started_at = core.now()
@@ -523,10 +524,17 @@ function Instance:traffic()
 end
 
 function Instance:last_output(n)
-  local lines = self.ring:lines(self.output_after or 0, n or OUTPUT_LINES_IN_ERRORS)
+  n = n or OUTPUT_LINES_IN_ERRORS
+  local lines = {}
+  -- newest first, then turned: the last n this process wrote
+  local all = self.ring:lines(self.output_after or 0)
+  for i = #all, 1, -1 do
+    if #lines == n then break end
+    if all[i].source == self.output_source then lines[#lines + 1] = all[i] end
+  end
   if #lines == 0 then return "" end
   local out = { "\nlast output:" }
-  for _, l in ipairs(lines) do out[#out + 1] = "  " .. l.stream .. ": " .. l.text end
+  for i = #lines, 1, -1 do out[#out + 1] = "  " .. lines[i].stream .. ": " .. lines[i].text end
   return table.concat(out, "\n")
 end
 
@@ -1426,8 +1434,10 @@ function Supervisor:rollout(service, new_svc)
         self.cfg.services[service] = old_svc
         for _, i in ipairs(self:of_service(service)) do i.svc = old_svc end
         self.rolling[service] = nil
-        return nil, string.format("rollout of %s failed at %s: %s; the old version keeps serving",
-          service, inst.key, err), "start_failed"
+        -- the verdict before the output it quotes
+        local why, output = tostring(err):match("^(.-)(\nlast output:.*)$")
+        return nil, string.format("rollout of %s failed at %s: %s; the old version keeps serving%s",
+          service, inst.key, why or err, output or ""), "start_failed"
       end
       done[#done + 1] = inst
     else

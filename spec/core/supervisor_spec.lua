@@ -1008,6 +1008,30 @@ describe("supervisor stops, sleeps and restarts", function()
     end)
   end)
 
+  it("quotes in a failed rollout only what the new process wrote, not the old one serving beside it", function()
+    local cfg = make_cfg(dir, { api = { "startup_timeout = 1", 'health = "/health"' } })
+    local new_svc = make_cfg(dir, { api = { "startup_timeout = 1", 'health = "/health"', "[service.api.env]",
+      'BACKEND_HEALTH_STATUS = "503"' } }).services.api
+    core.run(function()
+      local sup = supervisor.new(cfg, { environ = {} })
+      local inst = assert(sup:spawn("api", "a"))
+      local old_socket = inst.socket
+      local rolling = core.spawn(sup.rollout, sup, "api", new_svc)
+      -- the old process goes on serving, and writing, while the new one starts
+      core.sleep(300)
+      assert(core.http.request { path = old_socket, target = "/flood?lines=12", timeout = 2000 })
+      local _, n, err = rolling:join()
+      assert.is_nil(n)
+      assert.matches("GET /health with 2xx[^\n]*; the old version keeps serving\nlast output:\n", err)
+      local quoted = err:match("\nlast output:\n(.*)$")
+      assert.is_string(quoted, err)
+      assert.is_nil(quoted:find("flood", 1, true), err)
+      assert.matches("listening on", quoted, 1, true)
+      assert.are.equal("running", inst.state)
+      sup:shutdown()
+    end)
+  end)
+
   it("rolls out to an instance that was starting, instead of leaving it on the old definition", function()
     local cfg = make_cfg(dir, { api = { "startup_timeout = 10", "[service.api.env]", 'BACKEND_START_DELAY_MS = "1000"' } })
     local new_svc = make_cfg(dir, { api = { "[service.api.env]", 'VERSION = "2"' } }).services.api
