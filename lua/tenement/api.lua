@@ -186,12 +186,18 @@ function api.new(ctx)
     if not api.allows(req, service, id) then return fail("forbidden", "this token does not cover " .. service .. ":" .. id) end
     local before = sup:get(service, id)
     local svc = ctx.cfg.services[service]
-    if not before and svc and not svc.on_demand and req.principal and not req.principal.admin then
+    if not before and svc and req.principal and not req.principal.admin then
       -- a new instance joins its service's shared traffic (weight 100) and
       -- would show its tenant those requests' output: an id a token may
       -- reach is not one it may bring into being
-      return fail("forbidden", string.format("%s:%s does not exist, and a tenant token starts only an instance that "
-        .. "does (an admin creates it: `ten spawn %s:%s`)", service, id, service, id))
+      if not svc.on_demand then
+        return fail("forbidden", string.format("%s:%s does not exist, and a tenant token starts only an instance "
+          .. "that does (an admin creates it: `ten spawn %s:%s`)", service, id, service, id))
+      end
+      -- where a request could create it, within the same bound as a request
+      if svc.max_instances and sup:count_held(service) >= svc.max_instances then
+        return fail("conflict", string.format("%s has reached max_instances = %d", service, svc.max_instances))
+      end
     end
     -- 201 says a process was started for this call; one already running is 200
     local created = not (before and before.state == "running")
@@ -528,6 +534,9 @@ function api.new(ctx)
       else
         ok = true
       end
+      -- a token revoked while no line comes: the write ends the stream with
+      -- its error event (server.lua's revocable), not 15 s later at a keep-alive
+      if ok and req.authorized and not req.authorized() then ok = out:write(": revoked\n\n") end
       if not ok or req.client_closed then return end -- the client went away
       if ctx.stopping and ctx.stopping() then out:finish() return end -- its client reconnects to the next server
       core.sleep((#rows == filter.limit or rows.capped) and 0 or 250)

@@ -704,12 +704,17 @@ command {
       -- then the live Server-Sent Events stream, from the last line shown
       local after = #list > 0 and list[#list].seq or 0
       local json = require "tenement.json"
-      local ok, err = c:events(base:gsub("^/api/logs%?", "/api/logs/stream?") .. "&after=" .. after, function(data)
-        local line = json.decode(data)
-        if line then show({ line }) end
-      end)
+      local ok, err = c:events(base:gsub("^/api/logs%?", "/api/logs/stream?") .. "&after=" .. after,
+        function(data, kind)
+          local value = json.decode(data)
+          -- the stream's last word (a revoked token): said, and the follow ends
+          if kind == "error" then return require("tenement.client").error_message("in the stream", value) end
+          if type(value) == "table" and value.time then show({ value }) end
+        end)
       if not ok then ctx.err:write("ten logs: ", err, "\n") return 1 end
-      return 0
+      -- the server ends a follow only when it stops
+      ctx.err:write("ten logs: the server ended the stream (it is stopping)\n")
+      return 1
     end)
   end,
 }

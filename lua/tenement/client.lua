@@ -72,9 +72,10 @@ function Client:request(method, target, body, timeout_ms)
 end
 
 -- Client:events(target, on_event) follows a Server-Sent Events stream:
--- on_event(data_string) for each event, until the server closes the stream
--- (-> true) or something fails (-> nil, err). A small reader of our own, so
--- nothing is buffered beyond one event.
+-- on_event(data_string, event_type) for each event (event_type "message"
+-- unless the event names one), until the server closes the stream (-> true),
+-- something fails, or on_event returns a string (-> nil, that string). A
+-- small reader of our own, so nothing is buffered beyond one event.
 function Client:events(target, on_event)
   local conn, err, code
   if self.server then
@@ -145,12 +146,16 @@ function Client:events(target, on_event)
       if not stop then break end
       local event = events:sub(1, stop - 1)
       events = events:sub(stop + 2)
-      local lines = {}
+      local lines, kind = {}, "message"
       for line in (event .. "\n"):gmatch("([^\n]*)\n") do
         local value = line:match("^data: ?(.*)$")
         if value then lines[#lines + 1] = value end
+        kind = line:match("^event: ?(.*)$") or kind
       end
-      if #lines > 0 then on_event(table.concat(lines, "\n")) end
+      if #lines > 0 then
+        local stop = on_event(table.concat(lines, "\n"), kind)
+        if type(stop) == "string" then conn:close() return nil, stop end
+      end
     end
   end
 end

@@ -1463,7 +1463,20 @@ function config.check(doc, source, env, text)
           :format(name, quote(services[name].isolation), planned))
     end
     local cmd, workdir = services[name].command, services[name].workdir
+    local no_workdir = false
+    if type(workdir) == "string" and not workdir:find("{", 1, true) then
+      local d = io.open(workdir, "rb")
+      if d then
+        d:close()
+      else
+        no_workdir = true
+        warn(where(raw_services[name], "workdir"), ("service.%s.workdir: %s does not exist: each start would fail")
+          :format(name, quote(workdir)))
+      end
+    end
     local prog = type(cmd) == "string" and not command.needs_shell(cmd) and cmd:match("^%s*(%S+)")
+    -- (a relative program in a workdir that is not there was just warned of)
+    if no_workdir and prog and prog:sub(1, 1) ~= "/" then prog = nil end
     if prog and prog:find("/", 1, true) and not (workdir and workdir:find("{", 1, true)) then
       local path = (prog:sub(1, 1) ~= "/" and workdir) and (workdir .. "/" .. prog) or prog
       local f = io.open(path, "rb")

@@ -237,10 +237,7 @@ function Door:ensure_running(service, id, on_demand)
     -- `ten restart` away); a stopped one holds nothing. The ids this door is
     -- creating count too: the supervisor knows one only once its start task
     -- runs, and strangers arriving together would each find room for one more
-    local count = 0
-    for _, other in ipairs(sup:of_service(service)) do
-      if other.state ~= "stopped" then count = count + 1 end
-    end
+    local count = sup:count_held(service)
     for k, s in pairs(self.creating) do
       if s == service and not sup.instances[k] then count = count + 1 end
     end

@@ -1507,6 +1507,17 @@ function Instance:snapshot()
   return snap
 end
 
+-- sup:count_held(service) -> how many of the service's instances hold
+-- something: a process, or data and a place to wake (sleeping, failed); a
+-- stopped one holds nothing. What max_instances counts.
+function Supervisor:count_held(service)
+  local n = 0
+  for _, inst in ipairs(self:of_service(service)) do
+    if inst.state ~= "stopped" then n = n + 1 end
+  end
+  return n
+end
+
 -- sup:list() -> snapshots of every known instance, sorted by key
 function Supervisor:list()
   local keys = {}

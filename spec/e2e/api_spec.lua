@@ -259,6 +259,7 @@ describe("HTTP API", function()
       string.format("socket = %q", dir .. "/sock/{name}-{id}.sock"), 'isolation = "process"',
       "[service.open]", string.format("command = %q", BACKEND),
       string.format("socket = %q", dir .. "/sock/{name}-{id}.sock"), 'isolation = "process"', "on_demand = true",
+      "max_instances = 1",
     }, "\n"))
     local any = token(srv, "--tenant", "one")
     local h = with_auth(any, { ["content-type"] = "application/json" })
@@ -268,8 +269,12 @@ describe("HTTP API", function()
       .. "it: `ten spawn web:one`)", body.error.message)
     local admin = token(srv)
     assert.is_nil(ps_of(srv, admin)["web:one"])
-    -- where any request may create it, the token may too
+    -- where any request may create it, the token may too, within the same max_instances
     assert.are.equal(201, (call(srv, "POST", "/api/instances", { headers = h, body = '{"service":"open","id":"one"}' })))
+    local other = with_auth(token(srv, "--tenant", "two"), { ["content-type"] = "application/json" })
+    status, _, body = call(srv, "POST", "/api/instances", { headers = other, body = '{"service":"open","id":"two"}' })
+    assert.are.equal(409, status)
+    assert.are.equal("open has reached max_instances = 1", body.error.message)
     -- one that exists, stopped, it may start again
     assert.are.equal(204, (call(srv, "DELETE", "/api/instances/api:one", { headers = h })))
     assert.are.equal(201, (call(srv, "POST", "/api/instances", { headers = h, body = '{"service":"api","id":"one"}' })))
@@ -1058,6 +1063,38 @@ describe("HTTP API: scopes, races and revocation", function()
     end)
     assert.is_nil(res.body:find("flood one line", 1, true), "lines went out on a revoked token: " .. res.body)
     assert.are.equal(401, res.status)
+  end)
+
+  it("ends a quiet event stream when its token is revoked, and ten logs -f says why", function()
+    local watcher = token(srv, "--name", "watcher")
+    local follower_out = srv.dir .. "/follow.out"
+    local p = io.popen(string.format("%s %s logs api:one -f --server http://127.0.0.1:%d --token %s >%s 2>&1; "
+      .. "echo $? >>%s", support.clean_env(), support.quote(support.ten), srv.port, watcher, follower_out,
+      follower_out))
+    local text, closed = "", false
+    core.run(function()
+      local conn = assert(core.net.connect { host = "127.0.0.1", port = srv.port })
+      assert(conn:write("GET /api/logs/stream?instance=api:one HTTP/1.1\r\nHost: example.test\r\n" ..
+        "Authorization: Bearer " .. watcher .. "\r\n\r\n"))
+      while not text:find("\r\n\r\n", 1, true) do text = text .. assert(conn:read(5000)) end
+      core.sleep(500)
+      assert.are.equal(0, (support.ten_run { "token-revoke", "watcher", "--config", srv.cfg }))
+      -- no line flows: the keep-alive, 15 s away, is not what ends it
+      local deadline = core.now() + 5000
+      while core.now() < deadline do
+        local chunk, err = conn:read(500)
+        if chunk then text = text .. chunk
+        elseif err ~= "timeout" then closed = true break end
+      end
+      conn:close()
+    end)
+    assert.is_true(closed, "the stream stayed open: " .. text)
+    assert.matches("the token was revoked", text, 1, true)
+    p:read("a")
+    p:close()
+    local said = support.read(follower_out)
+    -- (said by the stream, or by its 401 when the follow came to it after the revocation)
+    assert.matches("ten logs: [^\n]*revoked[^\n]*\n1\n$", said)
   end)
 
   it("answers a long poll at once when its token is revoked, not at the end of its wait", function()

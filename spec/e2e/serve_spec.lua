@@ -627,6 +627,10 @@ describe("ten serve on a configuration of its own", function()
     token = token:match("%S+")
     local core = require "tenement.core"
     local status, answered
+    -- a follower, remote: told that the stream ended, not left to think it quiet
+    local follower_out = cfg:gsub("[^/]*$", "") .. "follow.out"
+    local follower = io.popen(string.format("%s %s logs -f --server http://127.0.0.1:%d --token %s >%s 2>&1; "
+      .. "echo $? >>%s", support.clean_env(), support.quote(support.ten), port, token, follower_out, follower_out))
     core.run(function()
       -- through the front door, which drains (the control socket just closes)
       local poll = core.spawn(function()
@@ -635,7 +639,8 @@ describe("ten serve on a configuration of its own", function()
           headers = { host = "localhost", authorization = "Bearer " .. token } }
         status = res and res.status or err
       end)
-      core.sleep(300)
+      -- (time for the follower, a process of its own, to reach its stream too)
+      core.sleep(800)
       os.execute("kill -TERM " .. pid)
       -- the poll asked for 60 s; the drain allows 600: 20 s is neither
       answered = poll:join(20000)
@@ -643,5 +648,8 @@ describe("ten serve on a configuration of its own", function()
     assert.is_truthy(answered, "the poll was still waiting 20 s after SIGTERM")
     assert.are.equal(200, status) -- answered (no lines), not cut
     assert.is_true(gone(pid), "the server waited for the poll:\n" .. log_with(log, "stopped"))
+    follower:read("a")
+    follower:close()
+    assert.matches("ten logs: the server ended the stream %(it is stopping%)\n1\n$", support.read(follower_out))
   end)
 end)

@@ -469,9 +469,11 @@ describe("reporting", function()
       'tenement.toml:2: service.a.command: the program "./no-such-app" is not there (a relative program is looked '
         .. "for in the directory ten serve runs in, here the current one): each start would fail",
       'tenement.toml:6: service.c.command: the program "/no/such/app" is not there: each start would fail',
-      'tenement.toml:12: service.f.command: the program "bin/app" is not there (in workdir "/no/such/dir"): each '
-        .. "start would fail",
+      'tenement.toml:13: service.f.workdir: "/no/such/dir" does not exist: each start would fail',
     }, cfg.warnings)
+    cfg = parse_ok('[service.f]\ncommand = "bin/app"\nworkdir = "/tmp"\n')
+    assert.same({ 'tenement.toml:2: service.f.command: the program "bin/app" is not there (in workdir "/tmp"): each '
+      .. "start would fail" }, cfg.warnings)
     -- a bare name is looked for on the PATH the app gets: the host's, or its own
     cfg = parse_ok('[service.d]\ncommand = "app-on-path --x"\n[service.s]\ncommand = "sh -c true"\n'
       .. '[service.o]\ncommand = "app-on-path"\n[service.o.env]\nPATH = "/no/such:/bin"\n', { PATH = "/usr/bin:/bin" })
