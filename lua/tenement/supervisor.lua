@@ -1492,7 +1492,8 @@ function Instance:snapshot()
     uptime_secs = (self.state == "running" or self.state == "unhealthy") and self.started_at
       and (now - self.started_at) // 1000 or nil,
     idle_secs = self.started_at and (now - self:last_active()) // 1000 or nil,
-    restarts = self.restarts, socket = self.socket or (config.instance_vars(self.sup.cfg, self.service, self.id) or {}).socket,
+    restarts = self.restarts,
+    socket = self.socket or (config.instance_vars(self.sup.cfg, self.service, self.id) or {}).socket,
     isolation = self.svc.isolation, last_exit = self.last_exit, reason = self.reason,
     weight = self.weight, port = self.port,
   }

@@ -270,7 +270,8 @@ describe("HTTP API", function()
     local admin = token(srv)
     assert.is_nil(ps_of(srv, admin)["web:one"])
     -- where any request may create it, the token may too, within the same max_instances
-    assert.are.equal(201, (call(srv, "POST", "/api/instances", { headers = h, body = '{"service":"open","id":"one"}' })))
+    assert.are.equal(201,
+      (call(srv, "POST", "/api/instances", { headers = h, body = '{"service":"open","id":"one"}' })))
     local other = with_auth(token(srv, "--tenant", "two"), { ["content-type"] = "application/json" })
     status, _, body = call(srv, "POST", "/api/instances", { headers = other, body = '{"service":"open","id":"two"}' })
     assert.are.equal(409, status)

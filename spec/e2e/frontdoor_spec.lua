@@ -550,7 +550,8 @@ describe("front door", function()
     assert.matches("added: -\nremoved: -\nrolled out: -\napplied: routing\n", out, 1, true)
     -- a service with no process to replace takes a change at its next start, and is not said rolled out
     write_cfg("2", '[service.web]\ncommand = "' .. BACKEND .. '"\nsocket = "' .. dir
-      .. '/sock/{name}-{id}.sock"\nisolation = "process"\n[service.web.env]\nV = "2"\n[routing.subdomain]\nwww = "web"\n')
+      .. '/sock/{name}-{id}.sock"\nisolation = "process"\n[service.web.env]\nV = "2"\n'
+      .. '[routing.subdomain]\nwww = "web"\n')
     code, out, err = ten(srv, "reload")
     assert.are.equal(0, code, err)
     assert.matches("rolled out: -\nupdated without a restart: web\n", out, 1, true)
