@@ -28,13 +28,7 @@ local function exists(path)
   return fs.stat(path, false) ~= nil
 end
 
-local function slurp(path)
-  local f = io.open(path)
-  if not f then return nil end
-  local s = f:read("a")
-  f:close()
-  return s
-end
+local slurp = support.read
 
 -- The target of a symbolic link such as /proc/PID/exe (even a deleted one).
 local function readlink(path)

@@ -27,13 +27,7 @@ end
 
 local function exists(path) return fs.stat(path, false) ~= nil end
 
-local function slurp(path)
-  local f = io.open(path)
-  if not f then return nil end
-  local s = f:read("a")
-  f:close()
-  return s
-end
+local slurp = support.read
 
 -- Why the sandbox specs cannot run here, or nil. Probes once (in a task).
 local why_not

@@ -66,6 +66,20 @@ local function with_auth(tok, extra)
   return h
 end
 
+-- What conn sends until it closes or ms pass; conn is closed after.
+-- -> text, whether the peer closed it
+local function read_until_closed(conn, ms)
+  local parts, closed = {}, false
+  local deadline = core.now() + ms
+  while core.now() < deadline do
+    local chunk, err = conn:read(500)
+    if chunk then parts[#parts + 1] = chunk
+    elseif err ~= "timeout" then closed = true break end
+  end
+  conn:close()
+  return table.concat(parts), closed
+end
+
 -- The instances the API lists, by "service:id".
 local function ps_of(srv, tok)
   local status, _, list = call(srv, "GET", "/api/instances", { headers = with_auth(tok) })
@@ -923,13 +937,9 @@ describe("HTTP API: scopes, races and revocation", function()
       assert.are.equal(0, code)
       assert(core.http.request { host = "127.0.0.1", port = srv.port, target = "/flood?lines=3",
         headers = { host = "one.api.example.test" } })
-      local deadline = core.now() + 3000
-      while core.now() < deadline do
-        local chunk, err = conn:read(500)
-        if chunk then text = text .. chunk
-        elseif err ~= "timeout" then closed = true break end
-      end
-      conn:close()
+      local rest
+      rest, closed = read_until_closed(conn, 3000)
+      text = text .. rest
     end)
     assert.is_nil(text:find("flood one line", 1, true), "lines went out on a revoked token: " .. text)
     assert.is_true(closed, "the stream stayed open")
@@ -1081,13 +1091,9 @@ describe("HTTP API: scopes, races and revocation", function()
       core.sleep(500)
       assert.are.equal(0, (support.ten_run { "token-revoke", "watcher", "--config", srv.cfg }))
       -- no line flows: the keep-alive, 15 s away, is not what ends it
-      local deadline = core.now() + 5000
-      while core.now() < deadline do
-        local chunk, err = conn:read(500)
-        if chunk then text = text .. chunk
-        elseif err ~= "timeout" then closed = true break end
-      end
-      conn:close()
+      local rest
+      rest, closed = read_until_closed(conn, 5000)
+      text = text .. rest
     end)
     assert.is_true(closed, "the stream stayed open: " .. text)
     assert.matches("the token was revoked", text, 1, true)
