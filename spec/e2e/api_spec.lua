@@ -66,6 +66,17 @@ local function with_auth(tok, extra)
   return h
 end
 
+-- A raw connection reading /api/logs/stream of instance with tok, past
+-- the answer's head. -> conn, the head (with any of the body read with it)
+local function open_stream(srv, tok, instance)
+  local conn = assert(core.net.connect { host = "127.0.0.1", port = srv.port })
+  assert(conn:write("GET /api/logs/stream?instance=" .. instance .. " HTTP/1.1\r\nHost: example.test\r\n"
+    .. "Authorization: Bearer " .. tok .. "\r\n\r\n"))
+  local head = ""
+  while not head:find("\r\n\r\n", 1, true) do head = head .. assert(conn:read(5000)) end
+  return conn, head
+end
+
 -- What conn sends until it closes or ms pass; conn is closed after.
 -- -> text, whether the peer closed it
 local function read_until_closed(conn, ms)
@@ -927,12 +938,8 @@ describe("HTTP API: scopes, races and revocation", function()
     local watcher = token(srv, "--name", "watcher")
     local text, closed = "", false
     core.run(function()
-      local conn = assert(core.net.connect { host = "127.0.0.1", port = srv.port })
-      assert(conn:write("GET /api/logs/stream?instance=api:one HTTP/1.1\r\nHost: example.test\r\n" ..
-        "Authorization: Bearer " .. watcher .. "\r\n\r\n"))
-      while not text:find("\r\n\r\n", 1, true) do text = text .. assert(conn:read(5000)) end
-      assert.matches("^HTTP/1.1 200", text)
-      text = ""
+      local conn, head = open_stream(srv, watcher, "api:one")
+      assert.matches("^HTTP/1.1 200", head)
       local code = support.ten_run { "token-revoke", "watcher", "--config", srv.cfg }
       assert.are.equal(0, code)
       assert(core.http.request { host = "127.0.0.1", port = srv.port, target = "/flood?lines=3",
@@ -1084,10 +1091,7 @@ describe("HTTP API: scopes, races and revocation", function()
       follower_out))
     local text, closed = "", false
     core.run(function()
-      local conn = assert(core.net.connect { host = "127.0.0.1", port = srv.port })
-      assert(conn:write("GET /api/logs/stream?instance=api:one HTTP/1.1\r\nHost: example.test\r\n" ..
-        "Authorization: Bearer " .. watcher .. "\r\n\r\n"))
-      while not text:find("\r\n\r\n", 1, true) do text = text .. assert(conn:read(5000)) end
+      local conn = open_stream(srv, watcher, "api:one")
       core.sleep(500)
       assert.are.equal(0, (support.ten_run { "token-revoke", "watcher", "--config", srv.cfg }))
       -- no line flows: the keep-alive, 15 s away, is not what ends it
