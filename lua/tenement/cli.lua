@@ -431,7 +431,13 @@ command {
       if v ~= nil then
         if o[1] == "domain" then v = v:lower() end
         local ok, err = config.override(cfg, o[1], v, o[2])
-        if not ok then ctx.err:write("ten serve: ", err, "\n") return 2 end
+        -- said in the words of the command line, not of the file
+        if not ok then
+          err = err:gsub('a key of its own: listen = "([^"]*)" and port = (%d+)',
+            "an option of its own: --listen %1 --port %2")
+          ctx.err:write("ten serve: ", err, "\n")
+          return 2
+        end
       end
     end
     local o = ctx.opts
@@ -510,6 +516,12 @@ command {
       if status ~= 204 then return report_failure(ctx, "stop", status, v) end
       if was == "stopped" then
         ctx.out:write(service, ":", id, " was already stopped\n")
+        return 0
+      end
+      -- no process to end: the stop only holds it (and drops a sleeper's data)
+      local held = { sleeping = "it was asleep", failed = "it had failed" }
+      if held[was] then
+        ctx.out:write(service, ":", id, " stopped (", held[was], ")\n")
         return 0
       end
       -- the answer is bare (204): how the process ended is the instance's

@@ -203,6 +203,9 @@ describe("ten serve", function()
     assert.are.equal("sleeping", by["sleepy:z"].state)
     -- where it will listen once woken, though no start has made it yet
     assert.are.equal(dir .. "/sock/sleepy-z.sock", by["sleepy:z"].socket)
+    -- a stop of it has no process to end, and says so
+    local scode, said = ten(cfg, "stop", "sleepy:z")
+    assert.are.same({ 0, "sleepy:z stopped (it was asleep)\n" }, { scode, said })
     code, out = ten(cfg, "logs", "api:boot", "-n", "10")
     assert.are.equal(0, code)
     local _, count = out:gsub("listening on", "")
@@ -367,6 +370,11 @@ describe("ten serve", function()
     assert.are.equal(1, code)
     assert.matches("EADDRNOTAVAIL: address not available (an address of this machine: ten serve --listen ADDR, or "
       .. "listen in [settings])", err, 1, true)
+    -- the port given with the address is shown where it goes, in the command line's words
+    code, _, err = ten(cfg, "serve", "--data-dir", other, "--listen", "127.0.0.1:8080")
+    assert.are.equal(2, code)
+    assert.matches('--listen: "127.0.0.1:8080": the port goes in an option of its own: --listen 127.0.0.1 --port 8080',
+      err, 1, true)
   end)
 
   it("refuses a second server on the same data directory", function()
