@@ -223,7 +223,10 @@ end
 function Store:token_revoke(name)
   local res, err = self.conn:run("DELETE FROM tokens WHERE name = ?", name)
   if not res then return nil, err end
-  if res.changes == 0 then return nil, "no token named " .. name, "not_found" end
+  if res.changes == 0 then
+    return nil, "no token named " .. name .. " (a revoked one is gone; `ten token-list` shows those there are)",
+      "not_found"
+  end
   return true
 end
 

@@ -1293,7 +1293,10 @@ function Supervisor:stop(service, id, opts)
   opts = opts or {}
   local inst = self:get(service, id)
   if not inst then
-    return nil, string.format("no instance %s", supervisor.key(service, id)), "not_found"
+    -- a misspelt service is the likelier story; said without the file's
+    -- list of services, which a tenant's token must not read
+    return nil, string.format("no instance %s%s", supervisor.key(service, id),
+      self.cfg.services[service] and "" or string.format(' (there is no service "%s")', service)), "not_found"
   end
   if self.store and opts.persist ~= false then self.store:set_desired(service, id, false) end
   -- held: no request starts it again (the front door asks), only a spawn

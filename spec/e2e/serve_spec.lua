@@ -143,7 +143,10 @@ describe("ten serve", function()
 
     code, _, err = ten(cfg, "stop", "api:never")
     assert.are.equal(1, code)
-    assert.matches("no instance api:never", err, 1, true)
+    assert.matches("no instance api:never\n", err, 1, true)
+    code, _, err = ten(cfg, "stop", "apii:never")
+    assert.are.equal(1, code)
+    assert.matches('no instance apii:never (there is no service "apii")', err, 1, true)
   end)
 
   it("keeps instance output searchable, and across a restart of the server", function()
