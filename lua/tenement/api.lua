@@ -422,8 +422,9 @@ function api.new(ctx)
         return nil, fail("bad_request", string.format("%s must be a number, not %q", name, v))
       end
     end
-    local limit = p.limit and p.limit ~= "" and math.tointeger(tonumber(p.limit))
-    if p.limit and p.limit ~= "" and not (limit and limit >= 1 and limit <= 10000) then
+    local given = p.limit ~= nil and p.limit ~= ""
+    local limit = given and math.tointeger(tonumber(p.limit))
+    if given and not (limit and limit >= 1 and limit <= 10000) then
       -- the store would cut it to its range without a word
       return nil, fail("bad_request", string.format("limit must be a whole number from 1 to 10000, not %s", p.limit))
     end

@@ -246,46 +246,46 @@ command {
 }
 
 -- The data directory a client command talks to.
+-- The configuration file read as TOML only, nothing checked: a ${VAR}
+-- elsewhere in the file that only ten serve's environment has (a secret for
+-- an app, say) must not stop ten ps in an admin's shell.
+-- -> doc (a table, or nil when the file is missing or not TOML), path,
+-- origin (config.find's), whether the file is there
+local function file_doc(ctx)
+  local path, origin = require("tenement.config").find(ctx.opts.config, ctx.env)
+  local f = io.open(path)
+  if not f then return nil, path, origin, false end
+  local text = f:read("a")
+  f:close()
+  local doc = text and require("tenement.toml").parse(text, path)
+  return type(doc) == "table" and doc or nil, path, origin, true
+end
+
 local function data_dir(ctx)
   local dir = ctx.opts["data-dir"] or ctx.env.TENEMENT_DATA_DIR
   if dir and dir ~= "" then return dir end
   local config = require "tenement.config"
-  local path, origin = config.find(ctx.opts.config, ctx.env)
-  local f = io.open(path)
-  if not f and origin == "default" then
+  local doc, path, origin, there = file_doc(ctx)
+  if not there and origin == "default" then
     ctx.default_data_dir = path -- the file looked for, for report_failure
     return config.defaults().settings.data_dir
   end
-  if f then
-    -- Only data_dir matters here: a ${VAR} elsewhere in the file that only
-    -- ten serve's environment has (a secret for an app, say) must not stop
-    -- ten ps in an admin's shell. The whole file is checked only when
-    -- data_dir itself is in doubt, for the errors with their lines.
-    local text = f:read("a")
-    f:close()
-    local doc = text and require("tenement.toml").parse(text, path)
-    local settings = type(doc) == "table" and (doc.settings or {})
-    if type(settings) == "table" then
-      local cfg = config.check({ settings = { data_dir = settings.data_dir } }, absolute(path), ctx.env)
-      if cfg then return cfg.settings.data_dir end
-    end
+  -- Only data_dir matters here; the whole file is checked only when data_dir
+  -- itself is in doubt, for the errors with their lines.
+  local settings = doc and (doc.settings or {})
+  if type(settings) == "table" then
+    local cfg = config.check({ settings = { data_dir = settings.data_dir } }, absolute(path), ctx.env)
+    if cfg then return cfg.settings.data_dir end
   end
   -- A file named but missing is reported by load_config, reason and fix included.
   local cfg = load_config(ctx)
   return cfg and cfg.settings.data_dir
 end
 
--- The service names of the configuration file, read as TOML only (as
--- data_dir does, so a ${VAR} only ten serve has stops nothing).
--- -> set, path | nil when there is no file to read
+-- The service names of the configuration file. -> set, path | nil
 local function file_services(ctx)
-  local path = require("tenement.config").find(ctx.opts.config, ctx.env)
-  local f = io.open(path)
-  if not f then return nil end
-  local text = f:read("a")
-  f:close()
-  local doc = text and require("tenement.toml").parse(text, path)
-  if type(doc) ~= "table" then return nil end
+  local doc, path = file_doc(ctx)
+  if not doc then return nil end
   local set = {}
   for name in pairs(type(doc.service) == "table" and doc.service or {}) do set[name] = true end
   return set, path

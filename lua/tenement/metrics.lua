@@ -171,6 +171,12 @@ end
 
 local STATES = { "stopped", "starting", "running", "unhealthy", "backoff", "stopping", "sleeping", "failed" }
 
+-- Lines of output lost so far: those the sink had no room for, and those
+-- the store refused (log_stats.write_dropped, counted by the server).
+function metrics.lines_dropped(sink, log_stats)
+  return sink:stats().dropped + (log_stats and log_stats.write_dropped or 0)
+end
+
 -- metrics.render(server [, emit]) -> text, or with emit(chunk) the text
 -- piece by piece (4 MB for a thousand instances need not be held whole)
 -- server: { sup, door, http (core.http server), sink, log_stats, store_path, started }
@@ -224,8 +230,7 @@ function metrics.render(srv, emit)
     out:sample("tenement_log_lines_pending", nil, st.pending)
     out:family("tenement_log_lines_dropped_total", "counter",
       "Captured lines dropped because the store could not keep up or refused them.")
-    out:sample("tenement_log_lines_dropped_total", nil,
-      st.dropped + (srv.log_stats and srv.log_stats.write_dropped or 0))
+    out:sample("tenement_log_lines_dropped_total", nil, metrics.lines_dropped(srv.sink, srv.log_stats))
   end
   if srv.store_path then
     local size = 0

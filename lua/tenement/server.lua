@@ -454,10 +454,8 @@ function Server:write_logs()
   end
 end
 
--- Lines of output lost so far: those the sink had no room for, and those
--- the store refused.
 function Server:log_lines_dropped()
-  return self.sink:stats().dropped + self.log_stats.write_dropped
+  return metrics.lines_dropped(self.sink, self.log_stats)
 end
 
 -- Appends a batch, tried up to `tries` times; lines the store would not
