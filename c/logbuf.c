@@ -227,6 +227,10 @@ static void sink_push_batch(lua_State *L, lb_sink *s, lua_Integer max) {
         lua_rawseti(L, -2, 3);
         lua_pushlstring(L, l->text, l->len);
         lua_rawseti(L, -2, 4);
+        if (l->source) {
+            lua_pushinteger(L, (lua_Integer)l->source);
+            lua_rawseti(L, -2, 5);
+        }
         lua_rawseti(L, -2, (lua_Integer)i);
         line_unref(l);
     }
@@ -635,8 +639,9 @@ static int l_sink_new(lua_State *L) {
     return 1;
 }
 
-/* sink:take([max_lines=1000 [, timeout_ms]]) -> { {ts, tag, stream, text}, ... }
- * | nil, "timeout" | nil, "closed". Waits until at least one line is pending. */
+/* sink:take([max_lines=1000 [, timeout_ms]]) -> { {ts, tag, stream, text [, source]}, ... }
+ * | nil, "timeout" | nil, "closed" (source: ring:capture's, left out when 0).
+ * Waits until at least one line is pending. */
 static int l_sink_take(lua_State *L) {
     lb_sink *s = check_sink(L, 1);
     lua_Integer max = luaL_optinteger(L, 2, 1000);

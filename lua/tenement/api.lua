@@ -463,7 +463,7 @@ function api.new(ctx)
     local service, id = r.instance:match("^([^:]+):(.*)$")
     return { seq = r.seq, timestamp = math.floor(r.ts * 1000), time = r.ts,
       instance = r.instance, process = service, instance_id = id, stream = r.stream,
-      level = r.stream, message = r.message, highlighted = r.highlighted }
+      level = r.stream, pid = r.pid, message = r.message, highlighted = r.highlighted }
   end
 
   route("GET", "/api/logs", function(req)

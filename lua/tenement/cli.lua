@@ -640,7 +640,7 @@ local function logs_from_store(ctx, instance, unreachable, show)
   local list = {}
   for i = #rows, 1, -1 do -- oldest first
     local r = rows[i]
-    list[#list + 1] = { time = r.ts, instance = r.instance, stream = r.stream, message = r.message }
+    list[#list + 1] = { time = r.ts, instance = r.instance, stream = r.stream, pid = r.pid, message = r.message }
   end
   show(list)
   return 0
@@ -652,7 +652,8 @@ command {
   usage = "ten logs [SERVICE:ID] [-n N] [-f] [--search QUERY] [--since DURATION] [--stream stdout|stderr]",
   description = "Lines come from the store, so they survive restarts of instances and of the\n" ..
     "server; with no server running they are read from the store directly (not\n" ..
-    "--follow). --search is full-text (every word must appear; the last one may be a prefix).",
+    "--follow). --search is full-text (every word must appear; the last one may be a prefix).\n" ..
+    "Each line names the process that wrote it, as [PID] (ten ps shows the running one's).",
   max_args = 1,
   options = {
     { long = "lines", short = "n", arg = "N", help = "how many lines (default 100, at most 10000)",
@@ -690,7 +691,10 @@ command {
         -- sequences that would drive the operator's terminal) are shown, not sent
         local message = l.message:gsub("[\0-\8\11-\31\127]", function(ch)
           return string.format("\\x%02x", ch:byte()) end)
-        ctx.out:write(prefix, " ", instance and "" or (l.instance .. " "), l.stream == "stderr" and "stderr " or "",
+        -- [pid] as syslog writes it: during a rollout or a restart two
+        -- processes of one instance write side by side
+        local who = (instance and "" or l.instance) .. (l.pid and ("[" .. l.pid .. "]") or "")
+        ctx.out:write(prefix, " ", who ~= "" and (who .. " ") or "", l.stream == "stderr" and "stderr " or "",
           message, "\n")
       end
       if ctx.out.flush then ctx.out:flush() end

@@ -66,6 +66,12 @@ store.migrations = {
   CREATE TABLE log_seq (one INTEGER PRIMARY KEY CHECK (one = 1), last INTEGER NOT NULL);
   INSERT INTO log_seq (one, last) SELECT 1, coalesce(max(seq), 0) FROM log_lines;
   ]],
+  -- 5: the pid of the process that wrote each line: during a rollout or a
+  -- restart two processes of one instance write side by side. NULL for the
+  -- lines stored before it, and for those of no process
+  [[
+  ALTER TABLE log_lines ADD COLUMN pid INTEGER;
+  ]],
 }
 
 local Store = {}
@@ -232,8 +238,8 @@ end
 
 -- logs -------------------------------------------------------------------
 
--- Appends a batch from core.logbuf's sink: { {ts, instance, stream, text}, ... }
--- (each row gets its seq as a 5th value) -> lines written | nil, err, code.
+-- Appends a batch from core.logbuf's sink: { {ts, instance, stream, text [, pid]}, ... }
+-- (each row gets its seq as a 6th value) -> lines written | nil, err, code.
 -- One transaction: the lines, then their full-text entries in one statement
 -- (FTS5 indexes a statement's rows as one segment).
 function Store:append_logs(batch)
@@ -242,7 +248,7 @@ function Store:append_logs(batch)
   if not self.conn then return nil, "the store is closed", "SQLITE_MISUSE" end
   if not self.insert_log then
     local stmt, err, code = self.conn:prepare(
-      "INSERT INTO log_lines (ts, instance, stream, message, seq) VALUES (?, ?, ?, ?, ?)")
+      "INSERT INTO log_lines (ts, instance, stream, message, pid, seq) VALUES (?, ?, ?, ?, ?, ?)")
     if not stmt then return nil, err, code end
     self.insert_log = stmt
   end
@@ -251,7 +257,7 @@ function Store:append_logs(batch)
       "SELECT max(coalesce((SELECT max(seq) FROM log_lines), 0), coalesce((SELECT last FROM log_seq), 0)) AS last")
     if not rows then return nil, err, code end
     local last = rows[1].last
-    for i, row in ipairs(batch) do row[5] = last + i end
+    for i, row in ipairs(batch) do row[6] = last + i end
     local n
     n, err, code = self.insert_log:run_many(batch)
     if not n then return nil, err, code end
@@ -355,7 +361,7 @@ function store.highlight(message, text)
 end
 
 -- Store:logs{ instance=, service=, q=, stream=, since= (epoch s), after= (seq), limit=,
--- max_bytes= } -> rows newest first: {seq, ts, instance, stream, message,
+-- max_bytes= } -> rows newest first: {seq, ts, instance, stream, pid?, message,
 -- highlighted?}; the newest `limit`, or with `after` the first `limit` past it,
 -- fewer when their messages would pass max_bytes (then rows.capped)
 function Store:logs(f)
@@ -420,7 +426,7 @@ function Store:logs(f)
     -- newest first, lines written since would come before those measured
     if capped and not f.after then bound, bound_seq = (q and "+" or "") .. "l.seq <= ?", sizes[1].seq end
   end
-  local rows, err, code = select("l.seq, l.ts, l.instance, l.stream, l.message"
+  local rows, err, code = select("l.seq, l.ts, l.instance, l.stream, l.pid, l.message"
     .. (q and ", highlight(log_search, 0, '[', ']') AS highlighted" or ""), limit, bound, bound_seq)
   if rows and f.after then
     for i = 1, #rows // 2 do rows[i], rows[#rows + 1 - i] = rows[#rows + 1 - i], rows[i] end

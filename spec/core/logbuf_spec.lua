@@ -40,12 +40,12 @@ local function capture(cmd, opts, with_stderr)
 end
 
 -- A pipe whose write end Lua holds as a file, captured by ring.
-local function writer(ring, stream)
+local function writer(ring, stream, source)
   local r, w = assert(lb.pipe())
   local f = assert(io.open(("/proc/%s/fd/%d"):format(PID, w), "w"))
   assert(lb.close_fd(w))
   f:setvbuf("no")
-  assert(ring:capture(r, stream or "stdout"))
+  assert(ring:capture(r, stream or "stdout", source))
   return f
 end
 
@@ -577,7 +577,8 @@ describe("core.logbuf", function()
         local sink = lb.sink{}
         local a = lb.ring{ tag = "api:prod", sink = sink }
         local b = lb.ring{ tag = "web:1", sink = sink }
-        local a_out, a_err, b_out = writer(a, "stdout"), writer(a, "stderr"), writer(b, "stdout")
+        -- a's with the source its captures were given (the pid, in ten), b's without
+        local a_out, a_err, b_out = writer(a, "stdout", 77), writer(a, "stderr", 78), writer(b, "stdout")
         local t0 = core.time()
         a_out:write("a1\n"); assert(a:wait(0, 5000))
         b_out:write("b1\n"); assert(b:wait(0, 5000))
@@ -587,13 +588,12 @@ describe("core.logbuf", function()
         assert.are.equal(4, #batch)
         local got = {}
         for i, row in ipairs(batch) do
-          assert.are.equal(4, #row)
           assert.is_true(row[1] >= t0 - 0.002 and row[1] <= core.time() + 0.002)
-          got[i] = { row[2], row[3], row[4] }
+          got[i] = { row[2], row[3], row[4], row[5] }
         end
         assert.are.same({
-          { "api:prod", "stdout", "a1" }, { "web:1", "stdout", "b1" },
-          { "api:prod", "stderr", "a2" }, { "web:1", "stdout", "b2" },
+          { "api:prod", "stdout", "a1", 77 }, { "web:1", "stdout", "b1" },
+          { "api:prod", "stderr", "a2", 78 }, { "web:1", "stdout", "b2" },
         }, got)
         assert.are.same({ pending = 0, bytes = 0, taken = 4, dropped = 0 }, sink:stats())
         for _, f in ipairs({ a_out, a_err, b_out }) do f:close() end

@@ -212,6 +212,36 @@ describe("store", function()
     end)
   end)
 
+  -- Schema 5 keeps the pid of each line's process; a store of schema 4
+  -- keeps its lines, which name none.
+  it("keeps each line's pid, and upgrades a store of schema 4 whose lines have none", function()
+    core.run(function()
+      local conn = assert(core.db.open(dir .. "/four.db"))
+      for v = 1, 4 do assert(conn:exec(store.migrations[v])) end
+      assert(conn:exec("PRAGMA user_version = 4"))
+      assert(conn:exec("INSERT INTO log_lines (ts, instance, stream, message, seq) VALUES (1, 'api:a', 'stdout', 'old line', 1)"))
+      assert(conn:exec("INSERT INTO log_search (rowid, message) VALUES (1, 'old line')"))
+      conn:close()
+
+      local st = assert(store.open(dir .. "/four.db"))
+      assert.are.equal(#store.migrations, st.conn:query("PRAGMA user_version")[1].user_version)
+      -- a row as the sink gives it: with the writer's pid, or without one
+      assert.are.equal(2, assert(st:append_logs {
+        { 2, "api:a", "stdout", "new line from 4242", 4242 },
+        { 3, "api:a", "stderr", "new line from nobody" },
+      }))
+      local rows = assert(st:logs { instance = "api:a", limit = 10 })
+      assert.are.same({ "new line from nobody", "new line from 4242", "old line" },
+        { rows[1].message, rows[2].message, rows[3].message })
+      assert.is_nil(rows[1].pid)
+      assert.are.equal(4242, rows[2].pid)
+      assert.is_nil(rows[3].pid)
+      assert.are.same({ 3, 2, 1 }, { rows[1].seq, rows[2].seq, rows[3].seq })
+      assert.are.equal(4242, assert(st:logs { q = "4242" })[1].pid)
+      st:close()
+    end)
+  end)
+
   it("takes a q with a NUL byte as words and a fractional limit as a count, never an SQL error", function()
     core.run(function()
       local st = assert(store.open(dir .. "/t.db"))

@@ -150,12 +150,14 @@ describe("ten serve", function()
   end)
 
   it("keeps instance output searchable, and across a restart of the server", function()
+    -- each line names the process that wrote it, as ps does
+    local first_pid = string.format("%d", ps(cfg)["api:boot"].pid)
     local code, out = ten(cfg, "logs", "api:boot")
     assert.are.equal(0, code)
-    assert.matches("listening on", out, 1, true)
+    assert.matches("Z %[" .. first_pid .. "%] listening on", out)
     code, out = ten(cfg, "logs", "--search", "listening")
     assert.are.equal(0, code)
-    assert.matches("api:boot listening on", out, 1, true)
+    assert.matches("api:boot[" .. first_pid .. "] listening on", out, 1, true)
     -- a search for what the index does not hold says so
     local err
     code, out, err = ten(cfg, "logs", "--search", "->")
@@ -213,6 +215,10 @@ describe("ten serve", function()
     assert.are.equal(0, code)
     local _, count = out:gsub("listening on", "")
     assert.are.equal(2, count) -- the line from before the restart is still there
+    -- each with its own process
+    assert.matches("%[" .. first_pid .. "%] listening on.*%[" .. string.format("%d", by["api:boot"].pid)
+      .. "%] listening on", out)
+    assert.are_not.equal(first_pid, string.format("%d", by["api:boot"].pid))
   end)
 
   it("leaves no instance alive when the server is killed with SIGKILL", function()
