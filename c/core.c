@@ -14,7 +14,9 @@
  */
 #include "tn.h"
 
+#include <dlfcn.h>
 #include <errno.h>
+#include <stdint.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -871,13 +873,78 @@ static const luaL_Reg task_methods[] = {
     {"__tostring", l_task_tostring}, {NULL, NULL},
 };
 
+/* ---- a cap on memory for code the server does not trust --------------
+ * User hooks run in the server's Lua state under an instruction budget, but
+ * one instruction (a concatenation, a string.rep) can ask for gigabytes.
+ * The state's allocator is wrapped once; while a cap is set, a growth past
+ * it is refused, which Lua raises as a memory error in the code asking for
+ * it, where the hook's pcall contains it. Shrinking and freeing never fail. */
+typedef struct mem_cap {
+    lua_Alloc inner;
+    void *inner_ud;
+    int64_t used;   /* bytes since the wrapper went in: only differences count */
+    int64_t limit;  /* refuse growth past this; INT64_MAX when no cap is set */
+    int refused;    /* an allocation was refused since the cap was set */
+} mem_cap;
+
+static void *capped_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
+    mem_cap *m = ud;
+    /* with no block, osize is the kind of object, not a size */
+    int64_t before = ptr ? (int64_t)osize : 0;
+    int64_t grow = (int64_t)nsize - before;
+    if (grow > 0 && m->used + grow > m->limit) {
+        m->refused = 1;
+        return NULL;
+    }
+    void *p = m->inner(m->inner_ud, ptr, osize, nsize);
+    if (p || nsize == 0) m->used += grow;
+    return p;
+}
+
+static mem_cap *mem_cap_of(lua_State *L) {
+    void *ud;
+    lua_Alloc f = lua_getallocf(L, &ud);
+    if (f == capped_alloc) return ud;
+    mem_cap *m = malloc(sizeof *m);
+    if (!m) return NULL;
+    *m = (mem_cap){ .inner = f, .inner_ud = ud, .limit = INT64_MAX };
+    /* Loaded as a module (core.so), this code would be unloaded by
+     * lua_close before the state's last frees, which go through it. */
+    Dl_info self;
+    if (dladdr((void *)capped_alloc, &self) && self.dli_fname)
+        dlopen(self.dli_fname, RTLD_LAZY | RTLD_NOLOAD | RTLD_NODELETE);
+    lua_setallocf(L, capped_alloc, m); /* kept for the life of the state */
+    return m;
+}
+
+/* core.memory_cap(bytes): from now on at most bytes more than in use now.
+ * core.memory_cap(): no cap; -> true when an allocation was refused under
+ * the one lifted. */
+static int l_memory_cap(lua_State *L) {
+    mem_cap *m = mem_cap_of(L);
+    if (!m) return luaL_error(L, "out of memory");
+    if (lua_isnoneornil(L, 1)) {
+        int refused = m->refused;
+        m->limit = INT64_MAX;
+        m->refused = 0;
+        lua_pushboolean(L, refused);
+        return 1;
+    }
+    lua_Integer bytes = luaL_checkinteger(L, 1);
+    luaL_argcheck(L, bytes >= 0, 1, "must not be negative");
+    m->limit = m->used + bytes;
+    m->refused = 0;
+    return 0;
+}
+
 int tn_open_loop(lua_State *L) {
     static const luaL_Reg fns[] = {
         {"spawn", l_spawn}, {"run", l_run}, {"sleep", l_sleep}, {"park", l_park},
         {"wake", l_wake}, {"current", l_current}, {"now", l_now}, {"hrtime", l_hrtime},
         {"time", l_time}, {"on_error", l_on_error}, {"tasks", l_tasks},
-        {"signal", l_signal}, {NULL, NULL},
+        {"signal", l_signal}, {"memory_cap", l_memory_cap}, {NULL, NULL},
     };
+    if (!mem_cap_of(L)) return luaL_error(L, "out of memory");
     tn_new_class(L, TASK_MT, task_methods);
     tn_new_class(L, SIGNAL_MT, sig_methods);
     ctx_get(L);

@@ -39,6 +39,7 @@
 local toml = require("tenement.toml")
 local command = require("tenement.command")
 local router = require("tenement.router")
+local hook_box = require("tenement.hooks")
 
 local config = {}
 
@@ -1404,18 +1405,14 @@ function config.check(doc, source, env, text)
   end
   local routing = section("routing", ROUTING)
   local hooks = section("hooks", HOOKS)
-  -- a hook that does not compile would stop ten serve at start (and fail a
-  -- reload): said here, with the file's own line, so `ten config` catches it
+  -- a hook that does not load would stop ten serve at start (and fail a
+  -- reload): loaded here as the server loads it (its top level run, its
+  -- answer checked), so `ten config` catches it at the line that names it
   if hooks and type(hooks.router) == "string" then
-    local f = io.open(hooks.router, "rb")
-    if f then
-      local source_text = f:read("a") or ""
-      f:close()
-      local chunk, cerr = load(source_text, "@" .. hooks.router, "t", {})
-      if not chunk then
-        local line, col = where_value(ctx, doc.hooks, "router")
-        report(ctx, line, col, "hooks.router", NO_VALUE, "the file does not compile: " .. tostring(cerr))
-      end
+    local loaded, herr = hook_box.load(hooks.router, "route")
+    if not loaded then
+      local line, col = where_value(ctx, doc.hooks, "router")
+      report(ctx, line, col, "hooks.router", NO_VALUE, (herr:gsub("^%[hooks%] route: ", "")))
     end
   end
 

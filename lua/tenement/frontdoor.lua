@@ -45,8 +45,9 @@ function frontdoor.new(ctx)
   -- a broken hook fails on every request: the first ones say why, the rest
   -- are counted (log.limited), so a flood of requests is no flood of lines
   self.hook_error, self.flush_hook_errors = log.limited("error", 10, "router hook failures")
-  local ok, err = self:configure(ctx.cfg)
-  if not ok then return nil, err end
+  local hook, err = frontdoor.load_hook(ctx.cfg)
+  if hook == nil then return nil, err end
+  self:configure(ctx.cfg, hook)
   -- whatever happens to an instance (state, weight) may change where its
   -- host, and its service's host, should go
   self.unsubscribe = self.sup:on(function(ev)
@@ -64,15 +65,20 @@ function Door:attach(http)
   self.http = http
 end
 
+-- frontdoor.load_hook(cfg) -> the router hook cfg names (false for none)
+-- | nil, err. Loaded before anything else changes: a reload whose hook
+-- does not load changes nothing.
+function frontdoor.load_hook(cfg)
+  if not (cfg.hooks and cfg.hooks.router) then return false end
+  local loaded, err = hooks.load(cfg.hooks.router, "route")
+  if not loaded then return nil, err end
+  return loaded.route
+end
+
 -- (Re)reads what routing depends on from cfg: the domain, [routing], the
--- services, the router hook. -> true | nil, err (and then nothing changed)
-function Door:configure(cfg)
-  local hook
-  if cfg.hooks and cfg.hooks.router then
-    local loaded, err = hooks.load(cfg.hooks.router, "route")
-    if not loaded then return nil, err end
-    hook = loaded.route
-  end
+-- services; and hook, from frontdoor.load_hook(cfg).
+function Door:configure(cfg, hook)
+  hook = hook or nil
   local services = {}
   for name in pairs(cfg.services) do services[name] = true end
   self.cfg = cfg
@@ -83,7 +89,6 @@ function Door:configure(cfg)
   if self.http then self.http:clear_routes() end
   -- a reload may add or drop instances of any service
   for _, guard in pairs(self.guards) do guard:invalidate() end
-  return true
 end
 
 -- door:withdraw(service): the service is on its way out of the

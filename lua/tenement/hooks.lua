@@ -2,6 +2,7 @@
 -- their own. A hook may read what it is given and compute; it gets no io,
 -- os, require or debug, runs under an instruction budget, and any error it
 -- raises is contained: the caller logs it and falls back to the default.
+local core = require "tenement.core"
 local log = require "tenement.log"
 
 local hooks = {}
@@ -27,28 +28,19 @@ local function copy(lib)
   return t
 end
 
--- string.rep runs in C, where the instruction budget does not reach: one
--- call could build gigabytes. A hook's strings are made from a request.
-hooks.MAX_STRING = 1 << 20
-local function bounded_rep(s, n, sep)
-  if (type(s) == "string" or type(s) == "number") and math.type(n) == "integer" and n > 1 then
-    local size = #tostring(s) * n + (sep ~= nil and #tostring(sep) * (n - 1) or 0)
-    if size > hooks.MAX_STRING then
-      error(string.format("string.rep would make %d bytes; a hook may make at most %d", size, hooks.MAX_STRING), 2)
-    end
-  end
-  return string.rep(s, n, sep)
-end
+-- Memory: one instruction (a concatenation, a string.rep) can ask for
+-- gigabytes, out of reach of the instruction budget. While a hook runs, the
+-- state's allocator refuses growth past this (core.memory_cap), which the
+-- hook meets as a memory error of its own.
+hooks.MAX_MEMORY = 64 * 1024 * 1024
 
--- The string library of hooks, also for method calls on strings ("x":rep),
--- which go through the string metatable: hooks.call points it here while
--- a hook runs.
-local hook_string = copy(string)
-hook_string.rep = bounded_rep
+-- A hook's answer is copied as plain data; deeper nests are refused there
+-- (a copy that recursed without end overflowed the server's stack).
+hooks.MAX_DEPTH = 64
 
 local function sandbox(name)
   local env = {
-    string = copy(hook_string), table = copy(table), math = copy(math), utf8 = copy(utf8),
+    string = copy(string), table = copy(table), math = copy(math), utf8 = copy(utf8),
     pairs = pairs, ipairs = ipairs, next = next, select = select, type = type,
     tostring = tostring, tonumber = tonumber, error = error, assert = assert,
     pcall = function(...) return rethrow_budget(pcall(...)) end,
@@ -76,17 +68,23 @@ end
 -- single function, taken as the hook named `name`.
 function hooks.load(path, name)
   local f, err = io.open(path, "rb")
-  if not f then return nil, string.format("[hooks] %s: cannot read %s", name, err) end
-  local text = f:read("a")
-  f:close()
+  local text, rerr = nil, nil
+  if f then
+    text, rerr = f:read("a") -- a directory opens, and fails here
+    f:close()
+  end
+  -- io.open's error names the path already
+  if not text then return nil, string.format("[hooks] %s: cannot read %s", name, err or (path .. ": " .. rerr)) end
   local chunk, cerr = load(text, "@" .. path, "t", sandbox(name))
-  if not chunk then return nil, string.format("[hooks] %s: %s", name, cerr) end
+  if not chunk then return nil, string.format("[hooks] %s: the file does not compile: %s", name, cerr) end
   local ok, result = hooks.call(chunk)
   if not ok then return nil, string.format("[hooks] %s: loading %s failed: %s", name, path, result) end
   if type(result) == "function" then result = { [name] = result } end
   if type(result) ~= "table" or type(result[name]) ~= "function" then
-    return nil, string.format("[hooks] %s: %s must return a function, or a table with a function %q",
-      name, path, name)
+    local got = type(result) ~= "table" and ("it returned " .. (result == nil and "nothing" or "a " .. type(result)))
+      or ("it returned a table with " .. (result[name] == nil and ("no " .. name) or (name .. " a " .. type(result[name]))))
+    return nil, string.format("[hooks] %s: %s must return a function, or a table with a function %q; %s",
+      name, path, name, got)
   end
   return result
 end
@@ -95,15 +93,16 @@ end
 -- hook answers, so that reading it runs none of the hook's code (an __index
 -- or __tostring would run in the server, with no budget); and what it is
 -- given of the server's state, so that what it changes stays its own.
-local function plain(v, seen)
+local function plain(v, seen, depth)
   if type(v) ~= "table" then return v end
-  seen = seen or {}
+  seen, depth = seen or {}, (depth or 0) + 1
   if seen[v] then return seen[v] end
+  if depth > hooks.MAX_DEPTH then error(string.format("tables nested more than %d deep", hooks.MAX_DEPTH), 0) end
   local t = {}
   seen[v] = t
   local k, x = next(v)
   while k ~= nil do
-    rawset(t, plain(k, seen), plain(x, seen))
+    rawset(t, plain(k, seen, depth), plain(x, seen, depth))
     k, x = next(v, k)
   end
   return t
@@ -118,7 +117,8 @@ local function plain_results(result)
     return false, err
   end
   local out = { n = result.n }
-  for i = 1, result.n do out[i] = plain(result[i]) end
+  local ok, err = pcall(function() for i = 1, result.n do out[i] = plain(result[i]) end end)
+  if not ok then return false, "its answer has " .. tostring(err) end
   return table.unpack(out, 1, out.n)
 end
 
@@ -133,13 +133,15 @@ function hooks.call(fn, ...)
     count = count + 1000
     if count > hooks.BUDGET then error(EXCEEDED, 0) end
   end, "", 1000)
-  local strings = getmetatable("")
-  local server_string = strings.__index
-  strings.__index = hook_string
+  core.memory_cap(hooks.MAX_MEMORY)
   local result = table.pack(pcall(fn, ...))
-  strings.__index = server_string
+  local refused = core.memory_cap()
   debug.sethook(thread, table.unpack(previous))
   if not result[1] and result[2] == EXCEEDED then return false, tostring(EXCEEDED) end
+  if not result[1] and refused then
+    return false, string.format("hook asked for more than its %d MiB of memory (%s)", hooks.MAX_MEMORY >> 20,
+      tostring(result[2]))
+  end
   return plain_results(result)
 end
 

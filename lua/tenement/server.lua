@@ -522,6 +522,8 @@ function Server:reload()
   local config = require "tenement.config"
   local new, err = config.load(self.cfg.source, self.opts.environ)
   if not new then return nil, err end
+  local hook, herr = frontdoor.load_hook(new)
+  if hook == nil then return nil, herr end
   for _, w in ipairs(new.warnings) do log.warn("reload: %s", w) end
   local old = self.cfg
   config.reapply(new, old)
@@ -579,10 +581,8 @@ function Server:reload()
   for k, v in pairs(new.settings) do settings[k] = v end
   old.settings = settings
   old.routing, old.hooks, old.instances, old.service_names = new.routing, new.hooks, new.instances, new.service_names
-  local routed, derr = self.door:configure(old)
-  if not routed then
-    summary.failed[#summary.failed + 1] = derr
-  elseif hook_changed then
+  self.door:configure(old, hook)
+  if hook_changed then
     summary.applied[#summary.applied + 1] = "hooks"
     self.hook_source = new_hook
   end

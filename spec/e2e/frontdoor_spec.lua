@@ -424,7 +424,7 @@ describe("front door", function()
     assert.are.equal(n, logged + told)
   end)
 
-  it("says a reload applied a hook whose file changed, and logs a reload the hook made fail as a failure", function()
+  it("says a reload applied a hook whose file changed, and refuses a reload whose hook does not load", function()
     local dir = support.tmpdir()
     local hook = dir .. "/hook.lua"
     support.write(hook, 'return { route = function(r, v, default) return default() end }\n')
@@ -441,11 +441,22 @@ describe("front door", function()
     code, out = ten(srv, "reload")
     assert.are.equal(0, code)
     assert.is_nil(out:find("applied", 1, true), out)
-    -- broken by the server's own judgement (it compiles, and returns no route)
+    -- broken by the server's own judgement (it compiles, and returns no
+    -- route), in the same edit as a new service with an instance: the
+    -- reload changes nothing (it started the instance, which then had no
+    -- route: every request to it was a 404)
     support.write(hook, "return { }\n")
-    code, _, err = ten(srv, "reload")
-    assert.are.equal(1, code)
-    assert.matches("error reloaded [^\n]* with failures %(", log_text(srv))
+    local file = dir .. "/tenement.toml"
+    local text = support.read(file)
+    support.write(file, (text:gsub('api = %["one"%]', 'api = ["one"]\nextra = ["x"]', 1))
+      .. string.format('[service.extra]\ncommand = %q\nsocket = %q\nisolation = "process"\n', BACKEND,
+        dir .. "/sock/{name}-{id}.sock"))
+    code, out, err = ten(srv, "reload")
+    assert.are.same({ 1, "" }, { code, out })
+    assert.matches('hooks.router: ' .. hook .. ' must return a function, or a table with a function "route"; '
+      .. "it returned a table with no route", err, 1, true)
+    local _, ps = ten(srv, "ps")
+    assert.is_nil(ps:find("extra", 1, true), ps)
     run(function() assert.are.equal(418, assert(get(srv, "one.api.example.test", "/teapot")).status) end)
   end)
 

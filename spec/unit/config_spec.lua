@@ -4,6 +4,7 @@
 -- config_template_spec and config_refs_spec.
 
 local config = require("tenement.config")
+local support = require("support")
 
 local FIXTURES = "spec/fixtures/config"
 
@@ -524,6 +525,28 @@ describe("reporting", function()
     f:close()
     assert.are.equal(path, parse_ok('[service.a]\ncommand = "x"\n[hooks]\nrouter = "' .. path .. '"\n').hooks.router)
     os.remove(path)
+  end)
+
+  -- ten config passed these, and ten serve then refused them
+  it("refuses a router hook that compiles but does not load, as the server would", function()
+    local dir = support.tmpdir()
+    finally(support.cleanup)
+    local function errors_of(path)
+      return parse_errors('[service.a]\ncommand = "x"\n[hooks]\nrouter = "' .. path .. '"\n')
+    end
+    local function hook(text) return support.write(dir .. "/h" .. #text .. ".lua", text) end
+    assert.same({ "tenement.toml:4:10: hooks.router: cannot read " .. dir
+      .. "/missing.lua: No such file or directory" }, errors_of(dir .. "/missing.lua"))
+    assert.same({ "tenement.toml:4:10: hooks.router: cannot read " .. dir .. ": Is a directory" }, errors_of(dir))
+    local path = hook("return 42")
+    assert.same({ "tenement.toml:4:10: hooks.router: " .. path .. ' must return a function, or a table with a '
+      .. 'function "route"; it returned a number' }, errors_of(path))
+    path = hook("local x = nil\nreturn { route = x.y }")
+    assert.same({ "tenement.toml:4:10: hooks.router: loading " .. path .. " failed: " .. path
+      .. ":2: attempt to index a nil value (local 'x')" }, errors_of(path))
+    path = hook("while true do end")
+    assert.same({ "tenement.toml:4:10: hooks.router: loading " .. path .. " failed: hook exceeded its budget of "
+      .. "1000000 instructions" }, errors_of(path))
   end)
 
   it("points at the value inside an inline table", function()

@@ -35,25 +35,73 @@ describe("hooks", function()
     end
   end)
 
-  it("does not let one string.rep build more than a hook may, called either way", function()
+  -- One instruction can ask for gigabytes, out of reach of the budget: a
+  -- string.rep (called either way, with an integer or a float count), a
+  -- string doubled a dozen times, a table.concat. 6 GB of such a hook froze the server.
+  it("refuses a hook more memory than it may have, however it asks", function()
     local h = assert(load_hook([[
       return function(n, how)
         if how == "method" then return #("ab"):rep(n) end
+        if how == "double" then
+          local s = ("x"):rep(1 << 20)
+          for _ = 1, n do s = s .. s end
+          return #s
+        end
+        if how == "concat" then
+          local t = {}
+          for i = 1, n do t[i] = ("y"):rep(1 << 20) end
+          return #table.concat(t)
+        end
         return #string.rep("ab", n, ",")
       end
     ]]))
     -- small ones work as ever
     assert.are.same({ true, 8 }, { hooks.call(h.route, 3, "function") })
     assert.are.same({ true, 6 }, { hooks.call(h.route, 3, "method") })
-    -- 256 MB in one C call, outside the instruction budget: refused
-    for _, how in ipairs { "function", "method" } do
-      local ok, err = hooks.call(h.route, 128 * 1024 * 1024, how)
-      assert.is_false(ok)
-      assert.matches("a hook may make at most", err, 1, true)
+    assert.are.same({ true, 4 << 20 }, { hooks.call(h.route, 2, "double") })
+    local before = collectgarbage("count")
+    for _, case in ipairs { { 128 * 1024 * 1024, "function" }, { 2 ^ 28, "method" }, { 12, "double" },
+      { 100, "concat" } } do
+      local ok, err = hooks.call(h.route, case[1], case[2])
+      assert.is_false(ok, case[2])
+      assert.matches("hook asked for more than its 64 MiB of memory", err, 1, true)
     end
-    -- and the server's own strings are as they were
-    assert.are.equal(string.rep, getmetatable("").__index.rep)
+    collectgarbage()
+    assert.is_true(collectgarbage("count") - before < 16 * 1024, "memory the refused hooks made was kept")
+    -- the cap is the hook's alone: the server's own strings are as they were
     assert.are.equal(3 * 1024 * 1024, #("abc"):rep(1024 * 1024))
+    local big = ("x"):rep(80 * 1024 * 1024)
+    assert.are.equal(80 * 1024 * 1024, #big)
+  end)
+
+  it("takes an answer nested too deep as a failed call, not a stack overflow of the server", function()
+    local h = assert(load_hook([[
+      return function(n)
+        local t = {}
+        for _ = 1, n do t = { t } end
+        return { kind = "status", status = 403, x = t }
+      end
+    ]]))
+    assert.are.equal(403, select(2, hooks.call(h.route, 10)).status)
+    local ok, err = hooks.call(h.route, 140000)
+    assert.is_false(ok)
+    assert.are.equal("its answer has tables nested more than 64 deep", err)
+  end)
+
+  it("names what cannot be read or what a file returned instead of a hook", function()
+    local dir = support.tmpdir()
+    local _, err = hooks.load(dir, "route")
+    assert.are.equal("[hooks] route: cannot read " .. dir .. ": Is a directory", err)
+    for text, said in pairs {
+      ["return 42"] = "it returned a number",
+      ["local x = 1"] = "it returned nothing",
+      ["return { rout = function() end }"] = "it returned a table with no route",
+      ["return { route = 'api' }"] = "it returned a table with route a string",
+    } do
+      local loaded, lerr = load_hook(text)
+      assert.is_nil(loaded)
+      assert.matches('must return a function, or a table with a function "route"; ' .. said, lerr, 1, true)
+    end
   end)
 
   it("stops a hook that catches its own budget error and loops on", function()
@@ -65,12 +113,12 @@ describe("hooks", function()
       end
     ]])
     local script = support.write(dir .. "/run.lua", string.format([[
-      package.path = %q
+      package.path, package.cpath = %q, %q
       local hooks = require "tenement.hooks"
       local h = assert(hooks.load(%q, "route"))
       local ok, err = hooks.call(h.route)
       io.write(tostring(ok), " ", tostring(err))
-    ]], support.abs("lua") .. "/?.lua", dir .. "/hook.lua"))
+    ]], support.abs("lua") .. "/?.lua", support.abs(support.build .. "/lib") .. "/?.so", dir .. "/hook.lua"))
     local code, out = support.run("timeout 10 lua5.4 " .. support.quote(script))
     assert.are.equal(0, code, "the hook was never stopped")
     assert.matches("^false hook exceeded its budget", out)
@@ -84,13 +132,13 @@ describe("hooks", function()
     local dir = support.tmpdir()
     support.write(dir .. "/hook.lua", hook)
     local script = support.write(dir .. "/run.lua", string.format([[
-      package.path = %q
+      package.path, package.cpath = %q, %q
       local hooks = require "tenement.hooks"
       local h = assert(hooks.load(%q, "route"))
       local ok, result = hooks.call(h.route)
       %s
       io.write("done")
-    ]], support.abs("lua") .. "/?.lua", dir .. "/hook.lua", after))
+    ]], support.abs("lua") .. "/?.lua", support.abs(support.build .. "/lib") .. "/?.so", dir .. "/hook.lua", after))
     return support.run("timeout 10 lua5.4 " .. support.quote(script))
   end
 
