@@ -16,6 +16,14 @@ support.build = build
 -- A program of spec/fixtures/ as built.
 function support.fixture(name) return support.abs(build .. "/fixtures/" .. name) end
 
+-- The effective uid is 0: what mounts, cgroups and namespaces need.
+function support.is_root()
+  local f = io.open("/proc/self/status")
+  local s = f and f:read("a") or ""
+  if f then f:close() end
+  return s:match("\nUid:%s+%d+%s+(%d+)") == "0"
+end
+
 local function sh_quote(s)
   return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
 end

@@ -108,14 +108,14 @@ local function instance_json(snap)
     state = snap.state, health = snap.health, pid = snap.pid,
     uptime_secs = snap.uptime_secs, idle_secs = snap.idle_secs, restarts = snap.restarts,
     socket = snap.socket, port = snap.port, isolation = snap.isolation,
-    last_exit = snap.last_exit, reason = snap.reason, weight = snap.weight,
+    last_exit = snap.last_exit, reason = snap.reason, weight = snap.weight, unsaved = snap.unsaved,
     memory_bytes = snap.memory_bytes, cpu_seconds = snap.cpu_seconds,
     storage_used_bytes = snap.storage_used_bytes, storage_quota_bytes = snap.storage_quota_bytes,
   }
 end
 
 local function spawned_json(inst)
-  return { instance = inst.key, socket = inst.socket, port = inst.port, state = inst.state }
+  return { instance = inst.key, socket = inst.socket, port = inst.port, state = inst.state, unsaved = inst.unsaved }
 end
 
 -- api.new{ sup =, store =, started = } -> handler(req) -> status, headers, body

@@ -495,6 +495,11 @@ command {
       local status, v = c:request("POST", "/api/instances", { service = service, id = id })
       if status ~= 201 and status ~= 200 then return report_failure(ctx, "spawn", status, v) end
       ctx.out:write(string.format("%s is %s on %s\n", v.instance, v.state, v.socket))
+      -- running, but not as the operator asked: kept across restarts
+      if v.unsaved then
+        ctx.err:write("ten spawn: ", v.instance, ": ", v.unsaved, "\n")
+        return 1
+      end
       return 0
     end)
   end,
@@ -514,22 +519,25 @@ command {
       local was = status == 200 and type(v) == "table" and v.state
       status, v = c:request("DELETE", path)
       if status ~= 204 then return report_failure(ctx, "stop", status, v) end
-      if was == "stopped" then
-        ctx.out:write(service, ":", id, " was already stopped\n")
-        return 0
-      end
-      -- no process to end: the stop only holds it (and drops a sleeper's data)
-      local held = { sleeping = "it was asleep", failed = "it had failed" }
-      if held[was] then
-        ctx.out:write(service, ":", id, " stopped (", held[was], ")\n")
-        return 0
-      end
       -- the answer is bare (204): how the process ended is the instance's
       -- last exit, "stopped (exited with code 0)" or a SIGKILL it needed
       status, v = c:request("GET", path)
-      local how = status == 200 and type(v) == "table" and type(v.last_exit) == "string"
-        and v.last_exit:match("^stopped %((.*)%)$")
-      ctx.out:write(service, ":", id, " stopped", how and (": " .. how) or "", "\n")
+      local after = status == 200 and type(v) == "table" and v or {}
+      -- no process to end: the stop only holds it (and drops a sleeper's data)
+      local held = { sleeping = "it was asleep", failed = "it had failed" }
+      if was == "stopped" then
+        ctx.out:write(service, ":", id, " was already stopped\n")
+      elseif held[was] then
+        ctx.out:write(service, ":", id, " stopped (", held[was], ")\n")
+      else
+        local how = type(after.last_exit) == "string" and after.last_exit:match("^stopped %((.*)%)$")
+        ctx.out:write(service, ":", id, " stopped", how and (": " .. how) or "", "\n")
+      end
+      -- stopped, but not as the operator asked: for good
+      if after.unsaved then
+        ctx.err:write("ten stop: ", service, ":", id, ": ", after.unsaved, "\n")
+        return 1
+      end
       return 0
     end)
   end,

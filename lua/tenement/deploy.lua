@@ -62,7 +62,9 @@ function deploy.deploy(sup, service, version, weight, timeout_s)
   local before = existing and { weight = existing.weight, asleep = existing.state == "sleeping" }
   local w, werr = sup:set_weight(service, version, 0)
   if not w then return nil, werr, "bad_request" end
-  local task = core.spawn(sup.spawn, sup, service, version)
+  -- recorded to run after a restart of the server only once healthy: a
+  -- server killed meanwhile brought back a version nobody promoted
+  local task = core.spawn(sup.spawn, sup, service, version, { persist = false })
   local joined, inst, err = task:join(timeout_s * 1000)
   if not joined or not inst then
     local why, output = joined and err, ""
@@ -93,6 +95,7 @@ function deploy.deploy(sup, service, version, weight, timeout_s)
   end
   local ok, set_err = sup:set_weight(service, version, weight)
   if not ok then return nil, set_err, "internal" end
+  if sup.store then sup:save_desired(inst, true) end
   log.info("deploy %s: healthy, weight %d", inst.key, weight)
   return { instance = inst.key, socket = inst.socket, weight = weight, status = "healthy" }
 end

@@ -1270,7 +1270,9 @@ function Supervisor:spawn(service, id, opts)
     -- the reason shown from now on is this start's, not the sleep's or stop's
     inst:transition("spawn", inst.start_why)
     inst.runner = core.spawn(inst.run, inst)
-    if self.store and opts.persist ~= false then self.store:set_desired(service, id, true) end
+    if self.store and opts.persist ~= false then self:save_desired(inst, true) end
+  elseif inst.unsaved and self.store and opts.persist ~= false then
+    self:save_desired(inst, true) -- running, and asked for again: what the store missed is tried again
   end
   if opts.wait == false then return inst end
   if inst.state == "running" or inst.state == "unhealthy" then return inst end
@@ -1286,6 +1288,21 @@ function Supervisor:spawn(service, id, opts)
   return inst
 end
 
+-- sup:save_desired(inst, desired): records whether the instance runs after
+-- a restart of the server. A failure (a full disk) does not undo the start
+-- or stop the operator asked for, and may need most then: it is logged and
+-- kept as inst.unsaved, which the API and the CLI show, until a save succeeds.
+function Supervisor:save_desired(inst, desired)
+  local ok, err = self.store:set_desired(inst.service, inst.id, desired)
+  if ok then
+    inst.unsaved = nil
+    return true
+  end
+  inst.unsaved = string.format("the store could not record the %s (%s): after a restart of ten serve it will %s",
+    desired and "start" or "stop", err, desired and "not be started again" or "start again")
+  log.error("%s: %s", inst.key, inst.unsaved)
+end
+
 -- sup:stop(service, id [, {reason, hold, persist, keep_data}]) -> true | nil,
 -- err, code. Waits until stopped. hold: an operator's stop, which requests
 -- do not undo (Door:ensure_running) until the next spawn.
@@ -1298,7 +1315,7 @@ function Supervisor:stop(service, id, opts)
     return nil, string.format("no instance %s%s", supervisor.key(service, id),
       self.cfg.services[service] and "" or string.format(' (there is no service "%s")', service)), "not_found"
   end
-  if self.store and opts.persist ~= false then self.store:set_desired(service, id, false) end
+  if self.store and opts.persist ~= false then self:save_desired(inst, false) end
   -- held: no request starts it again (the front door asks), only a spawn
   if opts.hold then inst.held = true end
   if inst.runner then
@@ -1370,13 +1387,15 @@ function Supervisor:set_weight(service, id, weight)
   if math.type(weight) ~= "integer" or weight < 0 or weight > 100 then
     return nil, "weight must be an integer from 0 to 100", "bad_request"
   end
+  -- saved first: a weight the store refused (a full disk) would route now
+  -- and be gone after a restart
+  if self.store then
+    local saved, serr = self.store:set_weight(service, id, weight)
+    if not saved then return nil, "the weight was not changed: the store could not record it (" .. serr .. ")", "internal" end
+  end
   local inst = self:instance(service, id)
   inst.weight = weight
   self:publish({ type = "weight", instance = inst.key, service = service, id = id, weight = weight })
-  if self.store then
-    local saved, serr = self.store:set_weight(service, id, weight)
-    if not saved then return nil, serr, "internal" end
-  end
   return inst
 end
 
@@ -1498,7 +1517,7 @@ function Instance:snapshot()
     restarts = self.restarts,
     socket = self.socket or (config.instance_vars(self.sup.cfg, self.service, self.id) or {}).socket,
     isolation = self.svc.isolation, last_exit = self.last_exit, reason = self.reason,
-    weight = self.weight, port = self.port,
+    weight = self.weight, port = self.port, unsaved = self.unsaved,
   }
   if self.pid then
     local u = self:usage()

@@ -671,3 +671,61 @@ describe("ten serve on a configuration of its own", function()
     assert.matches("ten logs: the server ended the stream %(it is stopping%)\n1\n$", support.read(follower_out))
   end)
 end)
+
+-- A full disk: what the operator asked (a stop, a spawn) is done, and when
+-- the store cannot record it, said, not passed as done for good (a stopped
+-- instance came back after a restart of the server, a spawned one did not).
+describe("ten serve on a full disk", function()
+  it("says when a stop or a spawn could not be recorded, and changes no weight it could not record", function()
+    if not support.is_root() then
+      pending("mounting a small file system needs root: the full disk is not exercised")
+      return
+    end
+    local dir = support.tmpdir()
+    local disk = dir .. "/disk"
+    assert(os.execute("mkdir -p " .. disk .. " && mount -t tmpfs -o size=4m tenement-spec " .. disk))
+    local cfg = support.write(dir .. "/tenement.toml", table.concat({
+      "[settings]", string.format("data_dir = %q", disk .. "/data"), "port = " .. support.free_port(),
+      "stop_timeout = 2",
+      "[service.api]", string.format("command = %q", BACKEND),
+      string.format("socket = %q", dir .. "/sock/{name}-{id}.sock"), 'isolation = "process"',
+      "[instances]", 'api = ["boot"]',
+    }, "\n") .. "\n")
+    local pid = support.ten_serve(cfg, dir .. "/serve.log")
+    finally(function()
+      if pid_alive(pid) then os.execute("kill -KILL " .. pid) end
+      for _ = 1, 100 do if not pid_alive(pid) then break end sleep(0.05) end
+      os.execute("umount -l " .. disk)
+      support.cleanup()
+    end)
+    assert.is_true(wait_up(cfg), "ten serve did not come up")
+    for _ = 1, 100 do
+      if (ps(cfg)["api:boot"] or {}).state == "running" then break end
+      sleep(0.05)
+    end
+    os.execute("dd if=/dev/zero of=" .. disk .. "/fill bs=64k 2>/dev/null")
+
+    local code, out, err = ten(cfg, "stop", "api:boot")
+    assert.are.equal(1, code)
+    assert.matches("^api:boot stopped", out)
+    assert.matches("ten stop: api:boot: the store could not record the stop (", err, 1, true)
+    assert.matches("after a restart of ten serve it will start again\n", err, 1, true)
+    code, out, err = ten(cfg, "spawn", "api:boot")
+    assert.are.equal(1, code)
+    assert.matches("api:boot is running", out, 1, true)
+    assert.matches("ten spawn: api:boot: the store could not record the start (", err, 1, true)
+    -- a weight is routing: changed only when it is kept
+    code, _, err = ten(cfg, "weight", "api:boot", "50")
+    assert.are.equal(1, code)
+    assert.matches("the weight was not changed: the store could not record it", err, 1, true)
+    assert.are.equal(100, ps(cfg)["api:boot"].weight)
+
+    -- room again: recorded, and nothing left to say
+    os.remove(disk .. "/fill")
+    code, out, err = ten(cfg, "spawn", "api:boot")
+    assert.are.same({ 0, "" }, { code, err })
+    assert.is_nil(ps(cfg)["api:boot"].unsaved)
+    assert.are.equal(0, (ten(cfg, "weight", "api:boot", "50")))
+    assert.are.equal(50, ps(cfg)["api:boot"].weight)
+  end)
+end)
