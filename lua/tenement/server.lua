@@ -85,10 +85,32 @@ local function socket_alive(path)
   return false
 end
 
+-- data_dir holds the store, the control socket and every instance's files,
+-- and the server (root, often) creates, chowns and deletes under it: a user
+-- who may write there could swap {data_dir}/{service} for a link to any
+-- directory, which the server would then fill and delete as its own.
+-- -> nil | why data_dir is not the server's alone
+local function data_dir_exposed(dir)
+  local st = core.fs.stat(dir)
+  local euid = tonumber((core.fs.read("/proc/self/status") or ""):match("\nUid:%s+%d+%s+(%d+)"))
+  if not st or not euid then return nil end
+  if st.uid ~= euid then
+    return string.format("data_dir %s belongs to uid %d, and ten serve runs as uid %d: that user could replace "
+      .. "what the server writes and deletes there. `chown %d %s`, or give ten a data_dir of its own",
+      dir, st.uid, euid, euid, dir)
+  end
+  if st.mode & tonumber("022", 8) ~= 0 then
+    return string.format("data_dir %s is writable by other users (mode %04o): they could replace what the server "
+      .. "writes and deletes there. `chmod go-w %s`", dir, st.mode, dir)
+  end
+end
+
 function Server:start()
   local cfg, paths = self.cfg, self.paths
   local ok, err = core.fs.mkdir(paths.dir, tonumber("711", 8))
   if not ok then return nil, "data_dir: " .. err end
+  local exposed = data_dir_exposed(paths.dir)
+  if exposed then return nil, exposed end
 
   if socket_alive(paths.socket) then
     return nil, string.format("another ten serve is already running with data_dir %s "
@@ -424,6 +446,7 @@ end
 function Server:write_logs()
   local next_prune = core.now() + LOG_RETENTION_EVERY_MS
   local next_told, dropped_told = core.now() + LOG_DROPS_TOLD_EVERY_MS, self:log_lines_dropped()
+  local refused_told = self.log_stats.write_dropped
   while not self.stopping do
     local batch = self.sink:take(LOG_BATCH, 1000)
     if batch then
@@ -443,13 +466,16 @@ function Server:write_logs()
       until not more or self.stopping
     end
     if core.now() >= next_told then
-      local dropped = self:log_lines_dropped()
+      local dropped, refused = self:log_lines_dropped(), self.log_stats.write_dropped
       if dropped > dropped_told then
-        log.warn("%d lines of instance output dropped in the last %d s: written faster than the store indexes "
-          .. "them (tenement_log_lines_dropped_total counts them)", dropped - dropped_told,
-          (core.now() - next_told + LOG_DROPS_TOLD_EVERY_MS) // 1000)
+        -- the likelier cause first: a store that refuses batches (a full
+        -- disk) makes the sink overflow behind it too
+        local why = refused > refused_told and ("the store refused " .. (refused - refused_told)
+          .. " of them (the errors above say why)") or "written faster than the store indexes them"
+        log.warn("%d lines of instance output dropped in the last %d s: %s (tenement_log_lines_dropped_total "
+          .. "counts them)", dropped - dropped_told, (core.now() - next_told + LOG_DROPS_TOLD_EVERY_MS) // 1000, why)
       end
-      next_told, dropped_told = core.now() + LOG_DROPS_TOLD_EVERY_MS, dropped
+      next_told, dropped_told, refused_told = core.now() + LOG_DROPS_TOLD_EVERY_MS, dropped, refused
     end
   end
 end
@@ -469,10 +495,10 @@ function Server:store_logs(batch, tries)
     end
     if try == tries or self.stopping then
       self.log_stats.write_dropped = self.log_stats.write_dropped + #batch
-      log.error("writing %d log lines failed, dropped: %s", #batch, err)
+      log.error("writing %d log lines to %s failed, dropped: %s", #batch, self.paths.db, err)
       return nil
     end
-    log.warn("writing %d log lines failed, trying again: %s", #batch, err)
+    log.warn("writing %d log lines to %s failed, trying again: %s", #batch, self.paths.db, err)
     self.log_retrying = true
     core.sleep(1000)
     self.log_retrying = nil

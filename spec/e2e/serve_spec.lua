@@ -672,6 +672,33 @@ describe("ten serve on a configuration of its own", function()
   end)
 end)
 
+-- Another user who may write in data_dir could swap {data_dir}/{service}
+-- for a link to any directory, which the server (root) would fill and delete.
+describe("ten serve with a data_dir that is not its own", function()
+  it("refuses one another user owns or may write in, with the fix", function()
+    if not support.is_root() then
+      pending("chown to another user needs root: the refusal is not exercised")
+      return
+    end
+    local dir = support.tmpdir()
+    finally(support.cleanup)
+    local data = dir .. "/data"
+    local cfg = support.write(dir .. "/tenement.toml", table.concat({
+      "[settings]", string.format("data_dir = %q", data), "port = " .. support.free_port(),
+    }, "\n") .. "\n")
+    assert(os.execute("mkdir " .. data .. " && chown 65534 " .. data .. " && chmod 700 " .. data))
+    local code, _, err = ten(cfg, "serve")
+    assert.are.equal(1, code)
+    assert.matches("data_dir " .. data .. " belongs to uid 65534, and ten serve runs as uid 0: that user could "
+      .. "replace what the server writes and deletes there. `chown 0 " .. data .. "`", err, 1, true)
+    assert(os.execute("chown 0 " .. data .. " && chmod 777 " .. data))
+    code, _, err = ten(cfg, "serve")
+    assert.are.equal(1, code)
+    assert.matches("data_dir " .. data .. " is writable by other users (mode 0777)", err, 1, true)
+    assert.matches("`chmod go-w " .. data .. "`", err, 1, true)
+  end)
+end)
+
 -- A full disk: what the operator asked (a stop, a spawn) is done, and when
 -- the store cannot record it, said, not passed as done for good (a stopped
 -- instance came back after a restart of the server, a spawned one did not).
@@ -714,6 +741,15 @@ describe("ten serve on a full disk", function()
     assert.are.equal(1, code)
     assert.matches("api:boot is running", out, 1, true)
     assert.matches("ten spawn: api:boot: the store could not record the start (", err, 1, true)
+    -- the new process's first line did not reach the store either: said, with the file
+    local said
+    for _ = 1, 100 do
+      said = support.read(dir .. "/serve.log"):match("writing %d+ log lines to " .. disk:gsub("%p", "%%%0")
+        .. "/data/tenement.db failed, trying again: [^\n]*full")
+      if said then break end
+      sleep(0.05)
+    end
+    assert.is_truthy(said, support.read(dir .. "/serve.log"))
     -- a weight is routing: changed only when it is kept
     code, _, err = ten(cfg, "weight", "api:boot", "50")
     assert.are.equal(1, code)
