@@ -1836,6 +1836,12 @@ static int l_proc_getpid(lua_State *L) {
     return 1;
 }
 
+/* proc.geteuid() -> the uid whose rights this process has */
+static int l_proc_geteuid(lua_State *L) {
+    lua_pushinteger(L, (lua_Integer)geteuid());
+    return 1;
+}
+
 /* proc.pid_namespace([pid]) -> the inode of the process's PID namespace
  * (this process's without pid) | nil, err. Two processes share a PID
  * namespace when the numbers are equal. */
@@ -1883,7 +1889,7 @@ int tn_open_proc(lua_State *L) {
         {NULL, NULL},
     };
     static const luaL_Reg fns[] = {
-        {"spawn", l_proc_spawn}, {"environ", l_proc_environ}, {"getpid", l_proc_getpid},
+        {"spawn", l_proc_spawn}, {"environ", l_proc_environ}, {"getpid", l_proc_getpid}, {"geteuid", l_proc_geteuid},
         {"pid_namespace", l_proc_pid_namespace},
         {"rlimit", l_proc_rlimit},
         {"init_fd", l_proc_init_fd}, {"netns_new", l_proc_netns_new},

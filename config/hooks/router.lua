@@ -1,7 +1,9 @@
 -- An example router hook ([hooks] router = "hooks/router.lua").
 --
 -- route(request, view, default) is called once per request, before the
--- default routing. request = { method, host, path, headers }; view = {
+-- default routing. request = { method, host, path, headers, hostname,
+-- normal_path } (hostname and normal_path as the default router compares
+-- them: no case, port or trailing dot; escapes of letters decoded); view = {
 -- domain, routing, services }; default(request) returns what the built-in
 -- router would do. Return a target, or nil to let the default decide:
 --   "service"            weighted choice among the service's instances
@@ -15,7 +17,7 @@ return {
       if target.kind == "service" then return target.service .. ":canary" end
     end
     -- keep crawlers off the staging instances
-    if request.host:match("^staging%.") and (request.headers["user-agent"] or ""):find("bot") then
+    if (request.hostname or ""):match("^staging%.") and (request.headers["user-agent"] or ""):find("bot") then
       return { kind = "status", status = 403, reason = "no crawling of staging" }
     end
     return nil

@@ -368,6 +368,8 @@ function api.new(ctx)
       return fail("bad_request", err)
     end
     for k, v in pairs(summary) do summary[k] = json.array(v) end
+    -- the file read: a client that named another one learns it was not
+    summary.config = core.fs.realpath(ctx.cfg.source) or ctx.cfg.source
     return reply(#summary.failed > 0 and 409 or 200, summary)
   end, "admin")
 

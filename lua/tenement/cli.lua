@@ -979,7 +979,8 @@ command {
     "max_instances, startup_timeout, health or restart alone, which reaches the running\n" ..
     "instances without replacing them (as does any change to a service none of whose\n" ..
     "instances runs: they take it at their next start). Settings that need a restart of ten serve (listen,\n" ..
-    "port, data_dir and the front door's limits) are named in the answer.",
+    "port, data_dir and the front door's limits) are named in the answer. The server\n" ..
+    "re-reads the file it was started with: --config here only finds the server.",
   run = function(ctx)
     return with_server(ctx, function(c)
       local status, v = c:request("POST", "/api/reload", nil, 3600 * 1000)
@@ -996,6 +997,14 @@ command {
       end
       if #v.failed > 0 then
         ctx.err:write("ten reload: ", table.concat(v.failed, "\n"), "\n")
+        return 1
+      end
+      -- --config finds the server (its data_dir); the server reads its own file
+      local named = ctx.opts.config and require("tenement.core").fs.realpath(ctx.opts.config)
+      if named and v.config and named ~= v.config then
+        ctx.err:write("ten reload: the server read its own file, ", v.config, ", not ", ctx.opts.config,
+          ": a reload re-reads the file ten serve was started with; to serve ", ctx.opts.config,
+          ", restart ten serve with --config ", ctx.opts.config, "\n")
         return 1
       end
       return 0

@@ -1444,7 +1444,31 @@ function config.check(doc, source, env, text)
   -- start of it. A relative one is looked for where ten runs now, which is
   -- where ten serve looks when started from here (workdir, when set).
   local raw_services = type(doc.service) == "table" and doc.service or {}
+  local nr_open = require("tenement.runtime").nr_open()
+  local unnamed = {} -- socket template without {name} -> the services that have it
   for _, name in ipairs(names) do
+    -- a socket every instance of the service (or of two services) shares:
+    -- the first to listen keeps it, and every other start fails
+    local sock = services[name].socket
+    local by_instance = sock:find("{instance_dir}", 1, true)
+    if not (by_instance or sock:find("{id}", 1, true)) then
+      warn(where(raw_services[name], "socket"), ("service.%s.socket = %s has no {id}: its instances would share one "
+        .. "socket, and only one could listen; put {id} in it"):format(name, quote(sock)))
+    end
+    if not (by_instance or sock:find("{name}", 1, true)) then
+      unnamed[sock] = unnamed[sock] or {}
+      table.insert(unnamed[sock], name)
+      if #unnamed[sock] == 2 then
+        warn(where(raw_services[name], "socket"), ("service.%s.socket = %s is also service.%s's, with no {name}: "
+          .. "instances of the two with one id would share a socket; put {name} in it")
+          :format(name, quote(sock), unnamed[sock][1]))
+      end
+    end
+    local nofile = services[name].nofile
+    if nofile and nr_open and nofile > nr_open then
+      warn(where(raw_services[name], "nofile"), ("service.%s.nofile = %d is more than this host lets any process "
+        .. "have (fs.nr_open = %d): every start would fail; set at most %d"):format(name, nofile, nr_open, nr_open))
+    end
     -- a user this host does not have fails every start the same way
     local user = services[name].user
     if user then

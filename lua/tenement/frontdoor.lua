@@ -114,7 +114,7 @@ local function hook_target(t)
     local service, id = t:match("^([^:]*):(.*)$")
     if not service then service = t end
     if not valid_name(service) or (id and not valid_name(id)) then
-      return nil, "a string target must be SERVICE or SERVICE:ID (lower-case names)"
+      return nil, string.format("%q: a string target must be SERVICE or SERVICE:ID (lower-case names)", t:sub(1, 100))
     end
     return { kind = id and "instance" or "service", service = service, id = id }
   end
@@ -130,15 +130,17 @@ local function hook_target(t)
   end
   if kind == "status" then
     local status, reason = rawget(t, "status"), rawget(t, "reason")
-    if status ~= nil and (math.type(status) ~= "integer" or status < 200 or status > 599) then
-      return nil, "a status target needs status = an integer from 200 to 599"
+    if math.type(status) ~= "integer" or status < 200 or status > 599 then
+      return nil, "a status target needs status = an integer from 200 to 599, not " .. (status == nil and "none"
+        or string.format("%q", tostring(status):sub(1, 40)))
     end
     if reason ~= nil and type(reason) ~= "string" then return nil, "a status target's reason must be a string" end
     local retry = rawget(t, "retry_after")
     if retry ~= nil and (math.type(retry) ~= "integer" or retry < 0 or retry > 86400) then
       return nil, "a status target's retry_after must be an integer number of seconds from 0 to 86400"
     end
-    return { kind = "status", status = status, reason = reason, retry_after = retry }
+    -- no reason: an empty body, never the door's own "not found" under another status
+    return { kind = "status", status = status, reason = reason or "", retry_after = retry }
   end
   return nil, "a table without a valid kind (self, service, instance or status)"
 end
@@ -152,7 +154,10 @@ function Door:route(req)
   -- would run there, outside the hook's budget
   local headers = {}
   for k, v in pairs(req.headers) do headers[k] = v end
-  local request = { method = req.method, host = req.host, path = req.path, headers = headers }
+  -- host and path as sent, and as the default router compares them: a rule
+  -- on request.host alone missed "Staging.example.com:8080" and "/%73hop"
+  local request = { method = req.method, host = req.host, path = req.path, headers = headers,
+    hostname = router.normalize_host(req.host), normal_path = router.normalize_path(req.path or "/") }
   local view = self.view
   local function default(r) return router.route(r or request, view) end
   -- the hook gets a view of its own: what it changes there (by design or by

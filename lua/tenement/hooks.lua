@@ -38,6 +38,8 @@ hooks.MAX_MEMORY = 64 * 1024 * 1024
 -- (a copy that recursed without end overflowed the server's stack).
 hooks.MAX_DEPTH = 64
 
+hooks.MAX_PRINT = 16 * 1024
+
 local function sandbox(name)
   local env = {
     string = copy(string), table = copy(table), math = copy(math), utf8 = copy(utf8),
@@ -53,10 +55,13 @@ local function sandbox(name)
     -- a string's metatable leads to the server's string library
     getmetatable = function(v) if type(v) == "table" then return getmetatable(v) end end,
     rawget = rawget, rawset = rawset, rawequal = rawequal, rawlen = rawlen,
+    -- a line of the server's log, cut as an instance's lines are
     print = function(...)
       local parts = {}
       for i = 1, select("#", ...) do parts[i] = tostring((select(i, ...))) end
-      log.info("[hook %s] %s", name, table.concat(parts, " "))
+      local line = table.concat(parts, " ")
+      if #line > hooks.MAX_PRINT then line = line:sub(1, hooks.MAX_PRINT) .. " [cut: " .. #line .. " bytes]" end
+      log.info("[hook %s] %s", name, line)
     end,
   }
   env._G = env

@@ -1,6 +1,8 @@
 -- Finds the driver for an isolation level and checks that it keeps the
 -- contract (available, prepare). A level the host cannot provide fails
 -- loudly with the reason; it never falls back to a weaker one.
+local core = require "tenement.core"
+
 local runtime = {}
 
 local planned = {
@@ -43,11 +45,13 @@ function runtime.get(level)
   return driver
 end
 
-local function server_euid()
-  local f = io.open("/proc/self/status")
-  local s = f and f:read("a") or ""
+-- runtime.nr_open() -> the most open files the kernel lets a process have
+-- (RLIMIT_NOFILE cannot be set past it) | nil where it does not say
+function runtime.nr_open()
+  local f = io.open("/proc/sys/fs/nr_open")
+  local n = f and tonumber(f:read("l"))
   if f then f:close() end
-  return tonumber(s:match("\nUid:%s+%d+%s+(%d+)"))
+  return n
 end
 
 -- The spawn fields every driver that runs the app directly shares: the
@@ -62,11 +66,16 @@ function runtime.credentials(instance, spec)
     spec.uid, spec.gid, spec.groups, spec.no_new_privs = user.uid, user.gid, {}, true
   end
   local rl = instance.rlimits
-  if rl and rl.nproc and (user and user.uid or server_euid()) == 0 then
+  if rl and rl.nproc and (user and user.uid or core.proc.geteuid()) == 0 then
     -- fork never checks RLIMIT_NPROC for root: written, it would limit nothing
     return nil, string.format("nproc = %d cannot limit an app that runs as root (the kernel exempts " ..
       "root from it): set pids_limit, a cgroup limit that holds root too, or a user for the service",
       rl.nproc), true
+  end
+  local most = rl and rl.nofile and runtime.nr_open()
+  if most and rl.nofile > most then
+    return nil, string.format("nofile = %d is more than this host lets any process have (fs.nr_open = %d): "
+      .. "set at most %d", rl.nofile, most, most), true
   end
   if rl and next(rl) then spec.rlimits = rl end
   return spec

@@ -92,8 +92,8 @@ end
 -- -> nil | why data_dir is not the server's alone
 local function data_dir_exposed(dir)
   local st = core.fs.stat(dir)
-  local euid = tonumber((core.fs.read("/proc/self/status") or ""):match("\nUid:%s+%d+%s+(%d+)"))
-  if not st or not euid then return nil end
+  local euid = core.proc.geteuid()
+  if not st then return nil end
   if st.uid ~= euid then
     return string.format("data_dir %s belongs to uid %d, and ten serve runs as uid %d: that user could replace "
       .. "what the server writes and deletes there. `chown %d %s`, or give ten a data_dir of its own",
@@ -546,6 +546,11 @@ local LIVE_KEYS = { idle_timeout = true, on_demand = true, max_instances = true,
 -- restart of ten serve, and say so).
 function Server:reload()
   local config = require "tenement.config"
+  -- (config.load's advice, another file with --config, is no help here)
+  if not core.fs.stat(self.cfg.source) then
+    return nil, string.format("%s, the file ten serve was started with, is not there: a reload re-reads it; put it "
+      .. "back (another file needs a restart of ten serve with --config)", self.cfg.source)
+  end
   local new, err = config.load(self.cfg.source, self.opts.environ)
   if not new then return nil, err end
   local hook, herr = frontdoor.load_hook(new)

@@ -58,9 +58,8 @@ local PACKAGES = {
 -- helpers
 
 local function is_root()
-  local s = fs.read("/proc/self/status") or ""
-  local euid = s:match("\nUid:%s+%d+%s+(%d+)")
-  return euid == "0", euid
+  local euid = core.proc.geteuid()
+  return euid == 0, euid
 end
 
 local function check_name(what, s)

@@ -278,6 +278,20 @@ describe("ten CLI", function()
       assert.are.equal(0, code, err)
       assert.is_nil(out:find("needs a restart", 1, true), out)
       assert.are.equal(200, health_status())
+      -- another file finds the same server (its data_dir), which reads its
+      -- own: said, where it passed as applied
+      local other = support.write(dir .. "/other.toml", support.read(cfg) .. "[service.more]\ncommand = \"/bin/sh\"\n")
+      code, _, err = support.ten_run { "reload", "--config", other }
+      assert.are.equal(1, code)
+      assert.matches("ten reload: the server read its own file, " .. cfg .. ", not " .. other
+        .. ": a reload re-reads the file ten serve was started with", err, 1, true)
+      -- and its own file gone: said so, without config.load's advice to name another
+      os.rename(cfg, cfg .. ".away")
+      code, _, err = support.ten_run { "reload", "--config", other }
+      assert.are.equal(1, code)
+      assert.matches(cfg .. ", the file ten serve was started with, is not there: a reload re-reads it; put it back",
+        err, 1, true)
+      os.rename(cfg .. ".away", cfg)
     end)
   end)
 

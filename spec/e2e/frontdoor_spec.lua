@@ -471,6 +471,13 @@ describe("front door", function()
           return { kind = "status", status = 503, reason = "maintenance", retry_after = 120 }
         end
         if request.headers["x-pick"] then return "api:" .. request.headers["x-pick"] end
+        if request.path == "/nostatus" then return { kind = "status" } end
+        if request.path == "/quiet" then return { kind = "status", status = 503 } end
+        if request.path == "/upper" then return "API" end
+        -- a rule that holds against any spelling of the host and the path
+        if request.hostname == "one.api.example.test" and request.normal_path == "/secret" then
+          return { kind = "status", status = 451, reason = request.host .. " " .. request.path }
+        end
         return nil
       end }
     ]])
@@ -491,9 +498,21 @@ describe("front door", function()
       assert.are.equal("120", res.headers["retry-after"])
       res = assert(get(srv, "api.example.test", "/", { headers = { ["x-pick"] = "two" } }))
       assert.are.equal("two", res.headers["x-backend"])
+      -- broken answers: the default routing, and the log says what came back
+      res = assert(get(srv, "one.api.example.test", "/nostatus"))
+      assert.are.equal("one", res.headers["x-backend"])
+      res = assert(get(srv, "one.api.example.test", "/upper"))
+      assert.are.equal("one", res.headers["x-backend"])
+      -- no reason: no "not found" under a 503
+      res = assert(get(srv, "one.api.example.test", "/quiet"))
+      assert.are.same({ 503, "\n" }, { res.status, res.body })
+      res = assert(get(srv, "ONE.Api.example.test.:8080", "/x/../%73ecret"))
+      assert.are.same({ 451, "ONE.Api.example.test.:8080 /x/../%73ecret\n" }, { res.status, res.body })
     end)
     assert.matches("router hook failed", log_text(srv), 1, true)
     assert.matches("hook exploded", log_text(srv), 1, true)
+    assert.matches("a status target needs status = an integer from 200 to 599, not none", log_text(srv), 1, true)
+    assert.matches('"API": a string target must be SERVICE or SERVICE:ID', log_text(srv), 1, true)
     -- failing on every request, it does not write a line for each
     run(function()
       local tasks = {}

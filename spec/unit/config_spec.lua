@@ -509,6 +509,39 @@ describe("reporting", function()
       .. 'every start of it will fail; use "namespace" or "sandbox"' }, cfg.warnings)
   end)
 
+  -- the first instance to listen kept the socket, and the others' starts
+  -- failed blaming "something else" that bound the path
+  it("warns of a socket template that instances or services would share", function()
+    local cfg = parse_ok(table.concat({
+      "[service.d]", 'command = "/bin/sh"', 'socket = "/run/same.sock"',
+      "[service.e]", 'command = "/bin/sh"', 'socket = "/run/same.sock"',
+      "[service.f]", 'command = "/bin/sh"', 'socket = "/run/x/{id}.sock"',
+      "[service.g]", 'command = "/bin/sh"', 'socket = "/run/x/{id}.sock"',
+      "[service.h]", 'command = "/bin/sh"', 'socket = "{instance_dir}/app.sock"',
+      "[service.i]", 'command = "/bin/sh"', 'socket = "{instance_dir}/app.sock"',
+    }, "\n") .. "\n")
+    assert.same({
+      'tenement.toml:3: service.d.socket = "/run/same.sock" has no {id}: its instances would share one socket, and '
+        .. "only one could listen; put {id} in it",
+      'tenement.toml:6: service.e.socket = "/run/same.sock" is also service.d\'s, with no {name}: instances of the '
+        .. "two with one id would share a socket; put {name} in it",
+      'tenement.toml:6: service.e.socket = "/run/same.sock" has no {id}: its instances would share one socket, and '
+        .. "only one could listen; put {id} in it",
+      'tenement.toml:12: service.g.socket = "/run/x/{id}.sock" is also service.f\'s, with no {name}: instances of the '
+        .. "two with one id would share a socket; put {name} in it",
+    }, cfg.warnings)
+  end)
+
+  it("warns of a nofile this host lets no process have", function()
+    local f = assert(io.open("/proc/sys/fs/nr_open"))
+    local most = assert(tonumber(f:read("l")))
+    f:close()
+    local cfg = parse_ok(('[service.a]\ncommand = "/bin/sh"\nnofile = %d\n[service.b]\ncommand = "/bin/sh"\n'
+      .. "nofile = %d\n"):format(most + 1, most))
+    assert.same({ ("tenement.toml:3: service.a.nofile = %d is more than this host lets any process have "
+      .. "(fs.nr_open = %d): every start would fail; set at most %d"):format(most + 1, most, most) }, cfg.warnings)
+  end)
+
   it("refuses a router hook that does not compile, with the file's own line", function()
     local path = os.tmpname()
     local f = assert(io.open(path, "w"))
