@@ -415,7 +415,10 @@ static void do_open(db_op *op) {
     sqlite3 *db = NULL;
     int rc = sqlite3_open_v2(op->sql, &db, op->open_flags | SQLITE_OPEN_FULLMUTEX, NULL);
     if (rc != SQLITE_OK) {
-        op_fail(op, rc, NULL, "%s", db ? sqlite3_errmsg(db) : sqlite3_errstr(rc));
+        /* "unable to open database file" alone hides the cause the operator can act on */
+        int e = db ? sqlite3_system_errno(db) : 0;
+        op_fail(op, rc, NULL, "%s%s%s%s", db ? sqlite3_errmsg(db) : sqlite3_errstr(rc), e ? " (" : "",
+                e ? strerror(e) : "", e ? ")" : "");
         sqlite3_close_v2(db);
         return;
     }

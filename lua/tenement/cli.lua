@@ -376,6 +376,13 @@ local function parse_duration(s)
   return tonumber(n) * ({ [""] = 1, s = 1, m = 60, h = 3600, d = 86400 })[unit]
 end
 
+-- Text stored from outside (an app's output, a token's description) goes
+-- to the operator's terminal with its control characters shown as \xNN:
+-- escape sequences would drive the terminal. Tabs stay.
+local function printable(s)
+  return (s:gsub("[\0-\8\10-\31\127]", function(ch) return string.format("\\x%02x", ch:byte()) end))
+end
+
 local function table_text(header, rows)
   local widths = {}
   for i, h in ipairs(header) do widths[i] = #h end
@@ -419,7 +426,9 @@ command {
     "commands on the control socket {data_dir}/ten.sock. SIGTERM or SIGINT stops\n" ..
     "it: requests in flight get drain_timeout to finish, then every instance gets\n" ..
     "SIGTERM, and SIGKILL after stop_timeout; exit 0. A second SIGTERM or SIGINT\n" ..
-    "(Ctrl-C again) closes the connections left and SIGKILLs the instances now.",
+    "(Ctrl-C again) closes the connections left and SIGKILLs the instances now.\n" ..
+    "Its own log goes to stderr, a line an event; TENEMENT_LOG_LEVEL (debug, info,\n" ..
+    "warn or error; default info) sets how much of it.",
   run = function(ctx)
     local cfg = load_config(ctx)
     if not cfg then return 1 end
@@ -695,10 +704,7 @@ command {
     local function show(list)
       for _, l in ipairs(list) do
         local prefix = os.date("!%Y-%m-%dT%H:%M:%S", math.floor(l.time)) .. string.format(".%03dZ", math.floor(l.time * 1000) % 1000)
-        -- an app's bytes are the tenant's: control characters (escape
-        -- sequences that would drive the operator's terminal) are shown, not sent
-        local message = l.message:gsub("[\0-\8\11-\31\127]", function(ch)
-          return string.format("\\x%02x", ch:byte()) end)
+        local message = printable(l.message)
         -- [pid] as syslog writes it: during a rollout or a restart two
         -- processes of one instance write side by side
         local who = (instance and "" or l.instance) .. (l.pid and ("[" .. l.pid .. "]") or "")
@@ -890,8 +896,13 @@ command {
       end
     end
     local name = ctx.opts.name
-    if name and not name:match("^[%w._-]+$") then
-      ctx.err:write("ten token-gen: --name may hold letters, digits, '.', '_' and '-'\n")
+    if name and not (name:match("^[%w._-]+$") and #name <= 64) then
+      ctx.err:write("ten token-gen: --name may hold up to 64 letters, digits, '.', '_' and '-'\n")
+      return 2
+    end
+    local description = ctx.opts.description
+    if description and (#description > 200 or description:find("[%c]")) then
+      ctx.err:write("ten token-gen: --description is one line of at most 200 bytes, without control characters\n")
       return 2
     end
     return with_store(ctx, function(store)
@@ -920,7 +931,7 @@ command {
       local out = {}
       for _, r in ipairs(rows) do
         out[#out + 1] = { r.name, r.prefix .. "...", r.tenant or "admin", os.date("!%Y-%m-%d %H:%M", math.floor(r.created_at)),
-          r.last_used and os.date("!%Y-%m-%d %H:%M", math.floor(r.last_used)) or "-", r.description or "" }
+          r.last_used and os.date("!%Y-%m-%d %H:%M", math.floor(r.last_used)) or "-", printable(r.description or "") }
       end
       ctx.out:write(table_text({ "NAME", "STARTS WITH", "SCOPE", "CREATED", "LAST USED", "DESCRIPTION" }, out))
       return 0
@@ -1022,7 +1033,8 @@ command {
     "like the directory) and writes a tenement.toml that runs it (or FILE, with\n" ..
     "--config FILE).",
   options = {
-    { long = "name", arg = "NAME", help = "service name (default: the directory's name)" },
+    { long = "name", arg = "NAME", help = "service name (default: the directory's name)",
+      check = function(v) return require("tenement.config").valid_name(v) end },
     { long = "command", arg = "CMD", help = "the command that starts the app (default: detected)" },
     { long = "force", help = "overwrite an existing tenement.toml" },
   },
@@ -1109,9 +1121,18 @@ function cli.main(args, io_override)
   if name and not cmd then
     local names = {}
     for _, c in ipairs(commands) do names[#names + 1] = c.name end
-    local hint = nearest(name, names)
+    local hint = nearest(name, names) and string.format(" (did you mean '%s'?)", nearest(name, names))
+    -- `ten -p 8080 serve`: the option's value was taken for the command
+    local later, others = nil, {}
+    for _, a in ipairs(args) do
+      if not later and by_name[a] then later = a else others[#others + 1] = a end
+    end
+    if not hint and later and #rest > 0 then
+      hint = string.format(" (options other than --config, --data-dir, --server and --token go after the "
+        .. "command: ten %s %s)", later, table.concat(others, " "))
+    end
     ctx.err:write(string.format("ten: unknown command '%s'%s\nRun 'ten --help' for the list of commands.\n",
-      name, hint and string.format(" (did you mean '%s'?)", hint) or ""))
+      name, hint or ""))
     return 2
   end
 

@@ -248,9 +248,11 @@ function config.valid_name(s)
   elseif s:sub(1, 1):match("[A-Z]") then
     why = ("uppercase %s is not allowed"):format(quote(s:sub(1, 1)))
   elseif not s:sub(1, 1):match("[a-z0-9]") then
-    why = ("it starts with %s"):format(quote(s:sub(1, 1)))
+    -- a whole character, not the first byte of one ("ü", not "\195")
+    why = ("it starts with %s"):format(quote(s:match(utf8.charpattern) or s:sub(1, 1)))
   else
-    local bad = s:match("[^a-z0-9%-]")
+    local at = s:find("[^a-z0-9%-]")
+    local bad = at and (s:match(utf8.charpattern, at) or s:sub(at, at))
     if bad then
       if bad:match("[A-Z]") then
         why = ("uppercase %s is not allowed"):format(quote(bad))
@@ -1463,6 +1465,21 @@ function config.check(doc, source, env, text)
           .. "instances of the two with one id would share a socket; put {name} in it")
           :format(name, quote(sock), unnamed[sock][1]))
       end
+    end
+    -- values the supervisor sets for every app over the file's
+    local env = services[name].env or {}
+    local raw_env = type(raw_services[name]) == "table" and type(raw_services[name].env) == "table"
+      and raw_services[name].env or {}
+    for var, ph in pairs(APP_VARS) do
+      if env[var] ~= nil then
+        warn(where(raw_env, var) or where(raw_services[name], "env"), ("service.%s.env.%s: tenement sets %s for "
+          .. "every app (to its {%s}), over this value; use {%s} where the value is needed, or another name")
+          :format(name, var, var, ph, ph))
+      end
+    end
+    if services[name].max_instances and not services[name].on_demand then
+      warn(where(raw_services[name], "max_instances"), ("service.%s.max_instances limits the instances requests "
+        .. "create, and without on_demand = true requests create none: it has no effect"):format(name))
     end
     local nofile = services[name].nofile
     if nofile and nr_open and nofile > nr_open then

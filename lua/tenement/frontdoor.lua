@@ -165,8 +165,11 @@ function Door:route(req)
   local ok, result = hooks.call(self.route_hook, request, self.hook_view, default)
   if not ok then
     -- an error value that is not a string may carry a __tostring of the hook's
-    self.hook_error(string.format("router hook failed (the default routing applies): %s",
-      type(result) == "string" and result or ("an error value of type " .. type(result))))
+    local why = type(result) == "string" and result or ("an error value of type " .. type(result))
+    -- a Lua error names the file and line; the budget's and the memory cap's do not
+    local file = self.cfg.hooks.router
+    if not why:find(file, 1, true) then why = file .. ": " .. why end
+    self.hook_error(string.format("router hook failed (the default routing applies): %s", why))
   elseif result ~= nil then
     local target, why = hook_target(result)
     if target then

@@ -77,7 +77,7 @@ describe("core.db", function()
       both(function()
         local conn, err, code = db.open(dir .. "/missing/dir/x.db")
         assert.is_nil(conn)
-        assert.are.equal("open " .. dir .. "/missing/dir/x.db: unable to open database file", err)
+        assert.are.equal("open " .. dir .. "/missing/dir/x.db: unable to open database file (No such file or directory)", err)
         assert.are.equal("SQLITE_CANTOPEN", code)
 
         conn, err, code = db.open(dir .. "/absent.db", { readonly = true })

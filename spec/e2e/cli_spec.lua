@@ -39,6 +39,11 @@ describe("ten CLI", function()
     local code, _, err = support.ten_run { "confg" }
     assert.are.equal(2, code)
     assert.matches("unknown command 'confg' (did you mean 'config'?)", err, 1, true)
+    -- an option of the command before it: its value was taken for the command
+    code, _, err = support.ten_run { "-p", "8080", "serve", "--listen", "0.0.0.0" }
+    assert.are.equal(2, code)
+    assert.matches("unknown command '8080' (options other than --config, --data-dir, --server and --token go after "
+      .. "the command: ten serve -p 8080 --listen 0.0.0.0)", err, 1, true)
   end)
 
   it("explains an unknown option with usage", function()
@@ -124,6 +129,31 @@ describe("ten CLI", function()
     assert.are.equal(1, code)
     assert.matches("/nonexistent/tenement.toml", err, 1, true)
     assert.matches("ten init", err, 1, true)
+  end)
+
+  -- a 5000-character name made every row of token-list as wide; escape
+  -- sequences in a description drove the terminal that listed it
+  it("bounds a token's name and description, and lists stored text without control characters", function()
+    local dir = support.tmpdir()
+    local code, out, err = support.ten_run { "token-gen", "--data-dir", dir .. "/d", "--name", string.rep("n", 65) }
+    assert.are.same({ 2, "" }, { code, out })
+    assert.matches("--name may hold up to 64 letters", err, 1, true)
+    for _, text in ipairs { string.rep("d", 201), "evil\27[2J\7", "two\nlines" } do
+      code, out, err = support.ten_run { "token-gen", "--data-dir", dir .. "/d", "--description", text }
+      assert.are.same({ 2, "" }, { code, out })
+      assert.matches("--description is one line of at most 200 bytes, without control characters", err, 1, true)
+    end
+    assert.is_nil(io.open(dir .. "/d/tenement.db"))
+    -- one an earlier version stored
+    assert.are.equal(0, (support.ten_run { "token-gen", "--data-dir", dir .. "/d", "--name", "old" }))
+    require("tenement.core").run(function()
+      local st = assert(require("tenement.store").open(dir .. "/d/tenement.db"))
+      assert(st.conn:run("UPDATE tokens SET description = ? WHERE name = 'old'", "evil\27[2J\7\nline2"))
+      st:close()
+    end)
+    code, out = support.ten_run { "token-list", "--data-dir", dir .. "/d" }
+    assert.are.equal(0, code)
+    assert.matches("evil\\x1b[2J\\x07\\x0aline2\n", out, 1, true)
   end)
 
   it("refuses --server and --token for commands that never talk to a server", function()
@@ -353,6 +383,10 @@ describe("ten CLI", function()
       assert.matches("wrote " .. dir .. "/etc/ten.toml", out, 1, true)
       assert.is_nil(io.open(dir .. "/tenement.toml"))
       assert.are.equal(0, (support.ten_run { "config", "--config", dir .. "/etc/ten.toml" }))
+      -- a name that cannot be one is a usage error, said before looking at the app
+      code, _, err = init_in(dir, "--name", "Bad Name")
+      assert.are.equal(2, code)
+      assert.matches('ten init: --name Bad Name: not a valid name: uppercase "B" is not allowed', err, 1, true)
     end)
 
     it("refuses to overwrite without --force, and says what to do when it cannot tell", function()
@@ -368,7 +402,7 @@ describe("ten CLI", function()
       code = init_in(dir, "--command", "./x", "--force")
       assert.are.equal(0, code)
       code, _, err = init_in(dir, "--name", "Bad_Name", "--command", "./x", "--force")
-      assert.are.equal(1, code)
+      assert.are.equal(2, code)
       assert.matches("not a valid name", err, 1, true)
     end)
   end)

@@ -73,6 +73,13 @@ describe("[instances]", function()
     }, errors('[instances]\napi = ["prod"]\n'))
   end)
 
+  it("names a character outside the rule whole, not its first byte", function()
+    assert.same({
+      'tenement.toml:4:8: instances.api[1] = "ünï": not a valid instance id: it starts with "ü"; ' .. RULE,
+      'tenement.toml:4:15: instances.api[2] = "aé": not a valid instance id: "é" is not allowed; ' .. RULE,
+    }, errors('[service.api]\ncommand = "a"\n[instances]\napi = ["ünï", "aé"]\n'))
+  end)
+
   it("rejects bad ids: path traversal, slashes, uppercase, 64 characters, non-strings,"
     .. " duplicates", function()
     local long = ("a"):rep(64)

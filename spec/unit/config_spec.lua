@@ -532,6 +532,21 @@ describe("reporting", function()
     }, cfg.warnings)
   end)
 
+  -- accepted, and then silently overwritten or without effect
+  it("warns of env values tenement overwrites and of max_instances without on_demand", function()
+    local cfg = parse_ok(table.concat({
+      "[service.a]", 'command = "/bin/sh"', "max_instances = 3",
+      "[service.a.env]", 'PORT = "80"', 'MY_PORT = "80"',
+      "[service.b]", 'command = "/bin/sh"', "max_instances = 3", "on_demand = true",
+    }, "\n") .. "\n")
+    assert.same({
+      "tenement.toml:3: service.a.max_instances limits the instances requests create, and without on_demand = "
+        .. "true requests create none: it has no effect",
+      "tenement.toml:5: service.a.env.PORT: tenement sets PORT for every app (to its {port}), over this value; use "
+        .. "{port} where the value is needed, or another name",
+    }, cfg.warnings)
+  end)
+
   it("warns of a nofile this host lets no process have", function()
     local f = assert(io.open("/proc/sys/fs/nr_open"))
     local most = assert(tonumber(f:read("l")))
