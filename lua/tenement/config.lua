@@ -623,6 +623,8 @@ local SETTINGS = {
       doc = "Days of instance output kept in the store" },
     { name = "log_max_lines", type = "integer", default = 1000000, min = 1000,
       doc = "Lines of instance output kept in the store at most (the oldest go first)" },
+    { name = "log_max_mb", type = "integer", default = 1024, min = 1, max = 1048576,
+      doc = "Megabytes of instance output text kept in the store at most (the oldest go first)" },
     { name = "tls", type = "section", schema = TLS, doc = "[settings.tls]" },
   },
 }

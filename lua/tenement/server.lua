@@ -129,8 +129,9 @@ function Server:start()
   self.store = st
 
   self.sink = core.logbuf.sink { max_pending = cfg.settings.log_max_pending or 100000 }
-  -- unpruned: lines written since the last prune, by the writer or a flush
-  self.log_stats = { write_dropped = 0, unpruned = 0 }
+  -- unpruned: lines (and bytes of text) written since the last prune, by
+  -- the writer or a flush
+  self.log_stats = { write_dropped = 0, unpruned = 0, unpruned_bytes = 0 }
   local layout = self:prepare_limits()
   self.sup = supervisor.new(cfg, { store = st, sink = self.sink, environ = self.opts.environ, cgroups = layout })
   self.log_writer = core.spawn(self.write_logs, self)
@@ -459,10 +460,13 @@ function Server:write_logs()
     -- by count too, once a tenth of log_max_lines came in: at the rate the
     -- store indexes, a minute between prunes is millions of lines and a
     -- store of gigabytes whatever log_max_lines says
-    if core.now() >= next_prune or self.log_stats.unpruned >= math.max(LOG_BATCH, s.log_max_lines // 10) then
-      next_prune, self.log_stats.unpruned = core.now() + LOG_RETENTION_EVERY_MS, 0
+    local st = self.log_stats
+    if core.now() >= next_prune or st.unpruned >= math.max(LOG_BATCH, s.log_max_lines // 10)
+      or st.unpruned_bytes >= s.log_max_mb * 1024 * 1024 // 10 then
+      next_prune, st.unpruned, st.unpruned_bytes = core.now() + LOG_RETENTION_EVERY_MS, 0, 0
       repeat
-        local _, more = self.store:prune_logs(s.log_retention_days * 86400, s.log_max_lines)
+        local _, more = self.store:prune_logs { max_age = s.log_retention_days * 86400, max_lines = s.log_max_lines,
+          max_bytes = s.log_max_mb * 1024 * 1024 }
       until not more or self.stopping
     end
     if core.now() >= next_told then
@@ -490,7 +494,10 @@ function Server:store_logs(batch, tries)
   for try = 1, tries do
     local ok, err = self.store:append_logs(batch)
     if ok then
+      local bytes = 0
+      for _, row in ipairs(batch) do bytes = bytes + #row[4] end
       self.log_stats.unpruned = self.log_stats.unpruned + #batch
+      self.log_stats.unpruned_bytes = self.log_stats.unpruned_bytes + bytes
       return true
     end
     if try == tries or self.stopping then

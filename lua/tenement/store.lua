@@ -440,17 +440,18 @@ function Store:logs(f)
   return rows, err, code
 end
 
--- Store:prune_logs(max_age, max_lines[, chunk]) -> true, more | nil, err.
--- Retention: lines older than max_age seconds go, and past max_lines the
--- oldest lines of the instance holding the most, so an app flooding its
--- output erases its own lines and not its neighbours'. more is true while
--- lines past a bound are left. Every statement takes at most `chunk` lines:
--- a statement holds the connection, and every reader queued behind it,
--- while it runs, and one DELETE of a flood's millions of lines (each taken
--- out of the index by a trigger) held `ten logs` for minutes.
-function Store:prune_logs(max_age, max_lines, chunk)
-  chunk = chunk or 5000
-  local cutoff = core.time() - max_age
+-- Store:prune_logs{ max_age =, max_lines = [, max_bytes =] [, chunk =] }
+-- -> true, more | nil, err. Retention: lines older than max_age seconds go,
+-- and past max_lines (or past max_bytes of text) the oldest lines of the
+-- instance holding the most, so an app flooding its output erases its own
+-- lines and not its neighbours'. more is true while lines past a bound are
+-- left. Every statement takes at most `chunk` lines: a statement holds the
+-- connection, and every reader queued behind it, while it runs, and one
+-- DELETE of a flood's millions of lines (each taken out of the index by a
+-- trigger) held `ten logs` for minutes.
+function Store:prune_logs(bounds)
+  local chunk, max_lines = bounds.chunk or 5000, bounds.max_lines
+  local cutoff = core.time() - bounds.max_age
   local ok, err = self.conn:run(
     "DELETE FROM log_lines WHERE seq IN (SELECT seq FROM log_lines WHERE ts < ? ORDER BY ts LIMIT ?)", cutoff, chunk)
   if not ok then return nil, err end
@@ -464,6 +465,17 @@ function Store:prune_logs(max_age, max_lines, chunk)
   if not counts then return nil, err end
   local total = 0
   for _, c in ipairs(counts) do total = total + c.n end
+  -- bytes as lines: at the size of the newest lines (16 KiB lines of a flood
+  -- made a million lines 16 GB); summing every line's length would read them
+  -- all, and the file's own size lags behind what pruning frees in the index
+  if bounds.max_bytes and total > 0 then
+    local recent
+    recent, err = self.conn:query("SELECT avg(length(CAST(message AS BLOB))) AS size FROM "
+      .. "(SELECT message FROM log_lines ORDER BY seq DESC LIMIT 10000)")
+    if not recent then return nil, err end
+    local size = recent[1].size
+    if size and size > 0 then max_lines = math.min(max_lines, math.max(1, math.floor(bounds.max_bytes / size))) end
+  end
   local over = total - max_lines
   if over <= 0 then return true, more end
   -- the biggest come down to one level, the lowest that leaves max_lines:

@@ -205,7 +205,7 @@ describe("store", function()
       assert.are.equal(1000, docs[1].n)
       -- and pruning still takes lines out of the index
       -- (two instances as big: each keeps its share, 300)
-      assert(st:prune_logs(86400, 600))
+      assert(st:prune_logs { max_age = 86400, max_lines = 600 })
       assert.are.equal(300, #assert(st:logs { q = "before upgrade", limit = 1000 }))
       assert.are.equal(300, #assert(st:logs { q = "after upgrade", limit = 1000 }))
       st:close()
@@ -421,7 +421,7 @@ describe("store", function()
       assert(st:append_logs(old))
       assert.are.equal(10, st:logs { limit = 1 }[1].seq)
       -- a store quiet for longer than the retention loses every line
-      assert(st:prune_logs(7 * 86400, 1000))
+      assert(st:prune_logs { max_age = 7 * 86400, max_lines = 1000 })
       assert.are.equal(0, #assert(st:logs {}))
       assert(st:append_logs { { core.time(), "api:a", "stdout", "new line" } })
       -- a reader that got up to seq 10 (the event stream, Last-Event-ID)
@@ -431,12 +431,37 @@ describe("store", function()
       assert.are.equal("new line", rows[1].message)
       st:close()
       st = assert(store.open(dir .. "/t.db"))
-      assert(st:prune_logs(0, 1000))
+      assert(st:prune_logs { max_age = 0, max_lines = 1000 })
       assert(st:append_logs { { core.time(), "api:a", "stdout", "newer line" } })
       rows = assert(st:logs { after = 11 })
       assert.are.equal(1, #rows)
       assert.are.equal("newer line", rows[1].message)
       assert.are.equal(1, #assert(st:logs { q = "newer" }))
+      st:close()
+    end)
+  end)
+
+  -- a million lines of 16 KiB are 16 GB: a bound in lines alone let one
+  -- app fill the disk
+  it("prunes past a bound in bytes of text, the biggest instance first", function()
+    core.run(function()
+      local st = assert(store.open(dir .. "/t.db"))
+      local now = core.time()
+      local batch = {}
+      for i = 1, 200 do batch[#batch + 1] = { now, "quiet:a", "stdout", string.format("quiet %4d", i) .. ("q"):rep(990) } end
+      for i = 1, 3000 do batch[#batch + 1] = { now, "wide:a", "stdout", string.format("wide %4d", i) .. ("w"):rep(991) } end
+      assert(st:append_logs(batch))
+      -- 3.2 MB of text, 1 MB allowed: about 1000 lines of 1000 bytes stay
+      local _, more = assert(st:prune_logs { max_age = 86400, max_lines = 1000000, max_bytes = 1000 * 1000 })
+      assert.is_false(more)
+      local function count(instance)
+        return st.conn:query("SELECT count(*) AS n FROM log_lines WHERE instance = ?", instance)[1].n
+      end
+      assert.are.same({ 200, 800 }, { count("quiet:a"), count("wide:a") })
+      assert.matches("^wide 3000", st:logs { instance = "wide:a", limit = 1 }[1].message)
+      -- under the bound: nothing goes
+      assert(st:prune_logs { max_age = 86400, max_lines = 1000000, max_bytes = 1000 * 1000 })
+      assert.are.same({ 200, 800 }, { count("quiet:a"), count("wide:a") })
       st:close()
     end)
   end)
@@ -450,7 +475,7 @@ describe("store", function()
       for i = 1, 12000 do batch[#batch + 1] = { now, "loud:a", "stdout", "loud " .. i } end
       for i = 1, 300 do batch[#batch + 1] = { now, "quiet:b", "stdout", "later " .. i } end
       assert(st:append_logs(batch))
-      local _, more = assert(st:prune_logs(86400, 2000, 5000))
+      local _, more = assert(st:prune_logs { max_age = 86400, max_lines = 2000, chunk = 5000 })
       assert.is_false(more)
       local function count(instance)
         return st.conn:query("SELECT count(*) AS n FROM log_lines WHERE instance = ?", instance)[1].n
@@ -465,15 +490,15 @@ describe("store", function()
       assert.are.equal(1, #assert(st:logs { q = "10801", limit = 10 }))
       -- past their share, the biggest come down to one level, the lowest
       -- that keeps 1000 (quiet:b, below it, keeps all it has)
-      assert(st:prune_logs(86400, 1000, 400))
+      assert(st:prune_logs { max_age = 86400, max_lines = 1000, chunk = 400 })
       assert.are.same({ 350, 350, 300 }, { count("quiet:a"), count("loud:a"), count("quiet:b") })
       -- by age, a chunk a call, and says when more is left
       batch = {}
       for i = 1, 7 do batch[i] = { now - 10 * 86400, "old:a", "stdout", "old " .. i } end
       assert(st:append_logs(batch))
-      _, more = assert(st:prune_logs(86400, 100000, 5))
+      _, more = assert(st:prune_logs { max_age = 86400, max_lines = 100000, chunk = 5 })
       assert.is_true(more)
-      _, more = assert(st:prune_logs(86400, 100000, 5))
+      _, more = assert(st:prune_logs { max_age = 86400, max_lines = 100000, chunk = 5 })
       assert.is_false(more)
       assert.are.equal(0, #assert(st:logs { q = "old", limit = 10 }))
       st:close()
@@ -489,7 +514,7 @@ describe("store", function()
         batch[i] = { (i <= 500) and (now - 10 * 86400) or now, "api:a", "stdout", "line " .. i }
       end
       assert(st:append_logs(batch))
-      assert(st:prune_logs(7 * 86400, 1000))
+      assert(st:prune_logs { max_age = 7 * 86400, max_lines = 1000 })
       local rows = assert(st:logs { limit = 10000 })
       assert.are.equal(1000, #rows)
       assert.are.equal("line 2000", rows[1].message)

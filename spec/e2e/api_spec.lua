@@ -697,6 +697,33 @@ describe("HTTP API", function()
     end
   end)
 
+  -- lines of 16 KiB made a store of log_max_lines lines 16 GB
+  it("keeps the text in the store near log_max_mb under a flood of long lines", function()
+    os.execute("kill -TERM " .. srv.pid .. " 2>/dev/null; sleep 0.3; kill -KILL " .. srv.pid .. " 2>/dev/null")
+    local dir = support.tmpdir()
+    -- 50000 lines of 4000 bytes (200 MB), then it listens: its spawn ends after the flood
+    local flood = string.format("sh -c '%s 50000 4000; exec %s'", support.fixture("flood"), BACKEND)
+    srv = start_server(dir, "log_max_mb = 1", table.concat({
+      "[service.loud]", string.format("command = %q", flood),
+      string.format("socket = %q", dir .. "/sock/{name}-{id}.sock"), 'isolation = "process"',
+    }, "\n"))
+    assert.are.equal(0, (support.ten_run { "spawn", "loud:x", "--config", srv.cfg }))
+    local text, lines
+    for _ = 1, 100 do
+      core.run(function()
+        local db = assert(core.db.open(dir .. "/data/tenement.db"))
+        local r = assert(db:query("SELECT count(*) AS n, coalesce(sum(length(message)), 0) AS bytes FROM log_lines "
+          .. "WHERE instance = 'loud:x'"))[1]
+        text, lines = r.bytes, r.n
+        db:close()
+      end)
+      if lines > 0 and text <= 1.1 * 1024 * 1024 then break end
+      sleep(0.1)
+    end
+    assert.is_true(lines > 0, "no line of the flood was kept")
+    assert.is_true(text <= 1.1 * 1024 * 1024, text .. " bytes of text kept in " .. lines .. " lines")
+  end)
+
   it("keeps its memory flat when an event stream reader does not read", function()
     local admin = token(srv)
     local function rss()

@@ -329,7 +329,7 @@ describe("[settings] unknown keys", function()
         .. " header_timeout, keepalive_timeout, max_connections, upstream_keepalive, drain_timeout,"
         .. " auth_failures_per_minute,"
         .. " metrics_auth, max_cold_starts, proxy_timeout, log_ring_lines, log_retention_days,"
-        .. " log_max_lines, tls",
+        .. " log_max_lines, log_max_mb, tls",
     }, errors("workers = 4"))
   end)
 end)

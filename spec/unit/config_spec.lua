@@ -129,6 +129,7 @@ describe("config.defaults", function()
       log_ring_lines = 1000,
       log_retention_days = 7,
       log_max_lines = 1000000,
+      log_max_mb = 1024,
       domain = "localhost",
       tls = {
         enabled = false,
@@ -194,6 +195,7 @@ describe("the configuration reference's complete example", function()
       log_ring_lines = 1000,
       log_retention_days = 7,
       log_max_lines = 1000000,
+      log_max_mb = 1024,
       domain = "localhost",
       tls = {
         enabled = true,
