@@ -18,9 +18,19 @@ local keeper = {}
 
 local LOCK_WAIT_MS = 10000
 
+-- A server still running by the pid file it wrote (its control socket may
+-- be gone, or it may not answer): -> pid | nil
+local function running_server(pid_file)
+  local pid = tonumber((core.fs.read(pid_file) or ""):match("^(%d+)"))
+  if not pid or pid == core.proc.getpid() then return nil end
+  local comm = core.fs.read("/proc/" .. pid .. "/comm")
+  return comm and comm:match("^ten") and pid or nil
+end
+
 -- The lock file of a data directory, taken once the keeper of a previous
--- server there is done. In a task. -> fd | nil, err
-function keeper.lock(data_dir)
+-- server there is done. In a task. pid_file: where the server holding it
+-- wrote its pid. -> fd | nil, err
+function keeper.lock(data_dir, pid_file)
   local path = data_dir .. "/keeper.lock"
   local deadline = core.now() + LOCK_WAIT_MS
   local said = false
@@ -28,6 +38,13 @@ function keeper.lock(data_dir)
     local fd, err, code = core.fs.lock(path)
     if fd then return fd end
     if code ~= "EAGAIN" then return nil, err end
+    -- held by a server that still runs, not by the cleanup after one
+    local pid = pid_file and running_server(pid_file)
+    if pid then
+      return nil, string.format("another ten serve (pid %d) is running with data_dir %s, though its control socket "
+        .. "%s/ten.sock does not answer (removed, or the server is stopped): stop it first (kill %d)",
+        pid, data_dir, data_dir, pid)
+    end
     if core.now() > deadline then
       return nil, string.format("%s is still held after %d s: is another ten serve using %s?",
         path, LOCK_WAIT_MS // 1000, data_dir)

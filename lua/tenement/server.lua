@@ -50,7 +50,7 @@ Server.__index = Server
 -- server.paths(cfg) -> the files the server owns in data_dir
 function server.paths(cfg)
   local dir = cfg.settings.data_dir
-  return { dir = dir, db = dir .. "/tenement.db", socket = dir .. "/ten.sock" }
+  return { dir = dir, db = dir .. "/tenement.db", socket = dir .. "/ten.sock", pid = dir .. "/ten.pid" }
 end
 
 -- server.private_store(path) -> true | nil, err: the store holds token
@@ -116,11 +116,15 @@ function Server:start()
     return nil, string.format("another ten serve is already running with data_dir %s "
       .. "(its control socket %s answers): stop it first", paths.dir, paths.socket)
   end
-  core.fs.unlink(paths.socket)
   -- held until this server and its keeper are gone
-  local lock_fd, kerr = keeper.lock(paths.dir)
+  local lock_fd, kerr = keeper.lock(paths.dir, paths.pid)
   if not lock_fd then return nil, kerr end
   self.lock_fd = lock_fd
+  -- only now the data_dir's: a server that did not answer (stopped, busy)
+  -- still held it, and its socket was not ours to remove
+  core.fs.unlink(paths.socket)
+  -- for the next server to tell a running one from the cleanup after one
+  core.fs.write(paths.pid, core.proc.getpid() .. "\n")
 
   local private, perr = server.private_store(paths.db)
   if not private then return nil, perr end
@@ -737,6 +741,7 @@ function Server:shutdown()
   if self.control then self.control:close() end
   if self.control_listener then self.control_listener:close() end
   core.fs.unlink(self.paths.socket)
+  if self.lock_fd then core.fs.unlink(self.paths.pid) end
   self.sup:shutdown()
   require("tenement.storage").unshare(self.cfg.settings.data_dir) -- storage.share's bind mount, if it made one
   -- the writer ends its turn first: a store closed under it raised, and the

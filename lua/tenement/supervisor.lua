@@ -357,6 +357,20 @@ function Instance:launch()
     end
     core.fs.unlink(vars.socket)
   end
+  -- a rollout's sockets ({socket}.N) outlive a server killed meanwhile: the
+  -- first start of this server's life clears those nothing listens on
+  if not self.socket_suffix and not self.swept_sockets then
+    self.swept_sockets = true
+    local name = vars.socket:match("[^/]*$")
+    for _, entry in ipairs(core.fs.readdir(socket_dir) or {}) do
+      if entry:sub(1, #name + 1) == name .. "." and entry:sub(#name + 2):match("^%d+$") then
+        local path = socket_dir .. "/" .. entry
+        local est = core.fs.stat(path, false)
+        local live = est and est.type == "socket" and core.net.connect { path = path, timeout = 1000 }
+        if live then live:close() elseif est and est.type == "socket" then core.fs.unlink(path) end
+      end
+    end
+  end
 
   local cmd, cerr = config.expand(svc.command, vars)
   if not cmd then return refuse("command: " .. cerr) end

@@ -221,9 +221,29 @@ describe("ten serve", function()
     assert.are_not.equal(first_pid, string.format("%d", by["api:boot"].pid))
   end)
 
+  -- A second server on the same data_dir while the first one's control
+  -- socket is gone: it waited 10 s "for the cleanup after the previous
+  -- server", which was running, and then asked whether one was
+  it("refuses at once a second server while the first one runs with its control socket removed", function()
+    local socket = dir .. "/data/ten.sock"
+    os.remove(socket)
+    local t0 = os.time()
+    local code, _, err = ten(cfg, "serve")
+    assert.are.equal(1, code)
+    assert.matches(string.format("another ten serve (pid %d) is running with data_dir %s/data, though its control "
+      .. "socket %s does not answer (removed, or the server is stopped): stop it first (kill %d)", pid, dir, socket,
+      pid), err, 1, true)
+    assert.is_true(os.time() - t0 < 8, "it waited for the lock")
+    assert.is_true(pid_alive(pid))
+  end)
+
   it("leaves no instance alive when the server is killed with SIGKILL", function()
     ten(cfg, "spawn", "api:a")
     ten(cfg, "spawn", "api:b")
+    -- rolled out: its instances listen on sockets of their own ({socket}.N)
+    assert.are.equal(0, (ten(cfg, "rollout", "api")))
+    local rolled = ps(cfg)["api:a"].socket
+    assert.matches("/api%-a%.sock%.%d+$", rolled)
     local pids = {}
     for _, i in pairs(ps(cfg)) do pids[#pids + 1] = i.pid end
     assert.are.equal(3, #pids)
@@ -241,6 +261,12 @@ describe("ten serve", function()
     end
     assert.are.equal("running", by["api:a"].state)
     assert.are.equal("running", by["api:b"].state)
+    -- on their own sockets again, and the dead ones' files are gone
+    assert.are.equal(dir .. "/sock/api-a.sock", by["api:a"].socket)
+    for _, name in ipairs(require("tenement.core").fs.readdir(dir .. "/sock")) do
+      assert.is_nil(name:match("%.sock%.%d+$"), name .. " was left behind")
+    end
+    assert.is_nil(io.open(rolled))
   end)
 
   it("kills what a process-isolated instance forked once the server is killed outright", function()
