@@ -309,12 +309,21 @@ function api.new(ctx)
     -- raises before cuts: each weight is written to the store, which yields,
     -- before the next is set, and cutting first could leave the service
     -- with no weight at all meanwhile (and its requests a 503)
+    local refused = {}
     for pass = 1, 2 do
       for id, w in pairs(body.weights) do
         local inst = sup:get(service, id) -- (a set_weight before yielded: it may be gone)
         local raise = not inst or w >= inst.weight
-        if (pass == 1) == raise then sup:set_weight(service, id, w) end
+        if (pass == 1) == raise then
+          local ok, werr = sup:set_weight(service, id, w)
+          if not ok then refused[#refused + 1] = service .. ":" .. id .. ": " .. werr end
+        end
       end
+    end
+    -- those set stay set (each was recorded); the others are said
+    if #refused > 0 then
+      table.sort(refused)
+      return fail("internal", table.concat(refused, "; "))
     end
     local w = deploy.weights(sup, service)
     w.instances = json.array(w.instances)

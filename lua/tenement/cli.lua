@@ -930,7 +930,7 @@ command {
       if #rows == 0 then ctx.out:write("no tokens (create one with `ten token-gen`)\n") return 0 end
       local out = {}
       for _, r in ipairs(rows) do
-        out[#out + 1] = { r.name, r.prefix .. "...", r.tenant or "admin", os.date("!%Y-%m-%d %H:%M", math.floor(r.created_at)),
+        out[#out + 1] = { printable(r.name), r.prefix .. "...", printable(r.tenant or "admin"), os.date("!%Y-%m-%d %H:%M", math.floor(r.created_at)),
           r.last_used and os.date("!%Y-%m-%d %H:%M", math.floor(r.last_used)) or "-", printable(r.description or "") }
       end
       ctx.out:write(table_text({ "NAME", "STARTS WITH", "SCOPE", "CREATED", "LAST USED", "DESCRIPTION" }, out))
@@ -1006,6 +1006,7 @@ command {
       if #v.restart_needed > 0 then
         ctx.out:write("needs a restart of ten serve: ", list(v.restart_needed), "\n")
       end
+      for _, w in ipairs(v.warnings or {}) do ctx.err:write("warning: ", w, "\n") end
       if #v.failed > 0 then
         ctx.err:write("ten reload: ", table.concat(v.failed, "\n"), "\n")
         return 1
@@ -1122,12 +1123,13 @@ function cli.main(args, io_override)
     local names = {}
     for _, c in ipairs(commands) do names[#names + 1] = c.name end
     local hint = nearest(name, names) and string.format(" (did you mean '%s'?)", nearest(name, names))
-    -- `ten -p 8080 serve`: the option's value was taken for the command
+    -- `ten -p 8080 serve`: the option's value was taken for the command (a
+    -- command named after it says so better than a guess at "80" -> "ps")
     local later, others = nil, {}
     for _, a in ipairs(args) do
       if not later and by_name[a] then later = a else others[#others + 1] = a end
     end
-    if not hint and later and #rest > 0 then
+    if later and #rest > 0 then
       hint = string.format(" (options other than --config, --data-dir, --server and --token go after the "
         .. "command: ten %s %s)", later, table.concat(others, " "))
     end

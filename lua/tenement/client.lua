@@ -34,6 +34,12 @@ function Client:unreachable(err)
   if self.server then
     return string.format("no ten server answers at %s (%s)", self.server, err)
   end
+  -- running, but without its socket (removed by hand): a new start would not help
+  local pid = require("tenement.keeper").running_server(self.socket:gsub("[^/]*$", "") .. "ten.pid")
+  if pid then
+    return string.format("the ten server of this data directory runs (pid %d), but its control socket %s does not "
+      .. "answer (%s): removed? Restart the server (kill -TERM %d, then `ten serve`)", pid, self.socket, err, pid)
+  end
   return string.format("no ten server is running for this data directory (%s: %s).\n"
     .. "Start one with `ten serve` (and the same --config or --data-dir), then try again.",
     self.socket, err)

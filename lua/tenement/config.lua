@@ -345,8 +345,12 @@ local function check_email(s)
 end
 
 local function check_http_path(s)
-  if s:sub(1, 1) == "/" and not s:find("[%s%c]") then return true end
-  return nil, 'expected an HTTP path starting with "/", like "/health"'
+  if s:sub(1, 1) ~= "/" then return nil, 'expected an HTTP path starting with "/", like "/health"' end
+  local bad = s:find("[%s%c\128-\255]")
+  if not bad then return true end
+  -- it starts with "/": what is wrong is elsewhere
+  return nil, ("an HTTP path holds only visible ASCII (%q at byte %d is not): escape the rest as %%XX, like %%20 "
+    .. "for a space"):format(s:match(utf8.charpattern, bad) or s:sub(bad, bad), bad)
 end
 
 local function check_env_name(s)
@@ -897,6 +901,9 @@ local function type_error(ctx, line, col, path, v, want)
   local hint = ""
   if want == "string" and (math.type(v) or type(v) == "boolean") then
     hint = (" (quote it: %s)"):format(quote(tostring(v)))
+  elseif want == "integer" and type(v) == "string" and v:match("^%s*%d+%s*%a*%s*$") then
+    -- "10s", "64MB": the unit is in the key's name or its documentation
+    hint = (" (write %s, without quotes%s)"):format(v:match("%d+"), v:find("%a") and ", in the key's own unit" or "")
   elseif want == "table" and kind(v) == "array" and kind(v[1]) == "table" then
     local header = (path == "service" or path == "process") and (path .. ".NAME] sections")
       or (path .. "]")
@@ -1041,7 +1048,13 @@ local function unknown_key(ctx, tbl, key, path, names, section)
     -- [service.my.app] is a table "app" inside service "my", not a service "my.app"
     hint = ('; a service name cannot hold ".": [service.%s.%s] is read as service "%s" with a table "%s" in it '
       .. '(a name like "%s-%s" works)'):format(service, key, service, key, service, key)
-  elseif hint == "" then
+  elseif hint == "" and path ~= "" then
+    -- [hooks] inside [settings]: a section of the file's own
+    for _, top in ipairs(TOP_KEYS) do
+      if top == key then hint = ("; [%s] is a section of its own, at the top of the file, not in [%s]"):format(key, path) end
+    end
+  end
+  if hint == "" then
     hint = ("; known keys in %s: %s"):format(section, table.concat(names, ", "))
   end
   report(ctx, line, col, join(path, key), tbl[key], "unknown key" .. hint)
@@ -1448,13 +1461,14 @@ function config.check(doc, source, env, text)
   -- start of it. A relative one is looked for where ten runs now, which is
   -- where ten serve looks when started from here (workdir, when set).
   local raw_services = type(doc.service) == "table" and doc.service or {}
-  local nr_open = require("tenement.runtime").nr_open()
+  local nofile_max, nofile_why = require("tenement.runtime").nofile_max()
   local unnamed = {} -- socket template without {name} -> the services that have it
   for _, name in ipairs(names) do
     -- a socket every instance of the service (or of two services) shares:
     -- the first to listen keeps it, and every other start fails
     local sock = services[name].socket
-    local by_instance = sock:find("{instance_dir}", 1, true)
+    -- {port}: no two running instances have the same
+    local by_instance = sock:find("{instance_dir}", 1, true) or sock:find("{port}", 1, true)
     if not (by_instance or sock:find("{id}", 1, true)) then
       warn(where(raw_services[name], "socket"), ("service.%s.socket = %s has no {id}: its instances would share one "
         .. "socket, and only one could listen; put {id} in it"):format(name, quote(sock)))
@@ -1484,9 +1498,9 @@ function config.check(doc, source, env, text)
         .. "create, and without on_demand = true requests create none: it has no effect"):format(name))
     end
     local nofile = services[name].nofile
-    if nofile and nr_open and nofile > nr_open then
-      warn(where(raw_services[name], "nofile"), ("service.%s.nofile = %d is more than this host lets any process "
-        .. "have (fs.nr_open = %d): every start would fail; set at most %d"):format(name, nofile, nr_open, nr_open))
+    if nofile and nofile_max and nofile > nofile_max then
+      warn(where(raw_services[name], "nofile"), ("service.%s.nofile = %d is more than this server can give (%s, "
+        .. "%d): every start would fail; set at most %d"):format(name, nofile, nofile_why, nofile_max, nofile_max))
     end
     -- a user this host does not have fails every start the same way
     local user = services[name].user

@@ -94,7 +94,12 @@ function deploy.deploy(sup, service, version, weight, timeout_s)
       "start_failed"
   end
   local ok, set_err = sup:set_weight(service, version, weight)
-  if not ok then return nil, set_err, "internal" end
+  if not ok then
+    -- healthy, but not weighed as asked: nothing changes, as for any failure
+    sup:stop(service, version, { reason = "deploy failed", persist = false })
+    if not existing then sup:forget(service, version) end
+    return nil, string.format("deploy of %s:%s failed: %s; nothing changed", service, version, set_err), "internal"
+  end
   if sup.store then sup:save_desired(inst, true) end
   log.info("deploy %s: healthy, weight %d", inst.key, weight)
   return { instance = inst.key, socket = inst.socket, weight = weight, status = "healthy" }

@@ -132,7 +132,8 @@ local function hook_target(t)
     local status, reason = rawget(t, "status"), rawget(t, "reason")
     if math.type(status) ~= "integer" or status < 200 or status > 599 then
       return nil, "a status target needs status = an integer from 200 to 599, not " .. (status == nil and "none"
-        or string.format("%q", tostring(status):sub(1, 40)))
+        or type(status) == "string" and string.format("the string %q", status:sub(1, 40))
+        or tostring(status):sub(1, 40))
     end
     if reason ~= nil and type(reason) ~= "string" then return nil, "a status target's reason must be a string" end
     local retry = rawget(t, "retry_after")
@@ -156,7 +157,7 @@ function Door:route(req)
   for k, v in pairs(req.headers) do headers[k] = v end
   -- host and path as sent, and as the default router compares them: a rule
   -- on request.host alone missed "Staging.example.com:8080" and "/%73hop"
-  local request = { method = req.method, host = req.host, path = req.path, headers = headers,
+  local request = { method = req.method, host = req.host, path = req.path, query = req.query, headers = headers,
     hostname = router.normalize_host(req.host), normal_path = router.normalize_path(req.path or "/") }
   local view = self.view
   local function default(r) return router.route(r or request, view) end
@@ -180,7 +181,8 @@ function Door:route(req)
         return target
       end
     else
-      self.hook_error(string.format("router hook returned an unusable target (the default routing applies): %s", why))
+      self.hook_error(string.format("router hook %s returned an unusable target (the default routing applies): %s",
+        self.cfg.hooks.router, why))
     end
   end
   -- the request as it came, not as the hook may have left it

@@ -61,6 +61,8 @@ local function sandbox(name)
       for i = 1, select("#", ...) do parts[i] = tostring((select(i, ...))) end
       local line = table.concat(parts, " ")
       if #line > hooks.MAX_PRINT then line = line:sub(1, hooks.MAX_PRINT) .. " [cut: " .. #line .. " bytes]" end
+      -- the operator's terminal gets no escape sequences, as from ten logs
+      line = line:gsub("[\0-\8\10-\31\127]", function(ch) return string.format("\\x%02x", ch:byte()) end)
       log.info("[hook %s] %s", name, line)
     end,
   }
@@ -80,6 +82,9 @@ function hooks.load(path, name)
   end
   -- io.open's error names the path already
   if not text then return nil, string.format("[hooks] %s: cannot read %s", name, err or (path .. ": " .. rerr)) end
+  -- as lua itself takes a file: a UTF-8 BOM, and a first line of "#!..."
+  -- (kept as an empty line, so the line numbers stay)
+  text = text:gsub("^\239\187\191", ""):gsub("^#[^\n]*", "")
   local chunk, cerr = load(text, "@" .. path, "t", sandbox(name))
   if not chunk then return nil, string.format("[hooks] %s: the file does not compile: %s", name, cerr) end
   local ok, result = hooks.call(chunk)

@@ -18,9 +18,9 @@ local keeper = {}
 
 local LOCK_WAIT_MS = 10000
 
--- A server still running by the pid file it wrote (its control socket may
--- be gone, or it may not answer): -> pid | nil
-local function running_server(pid_file)
+-- keeper.running_server(pid_file) -> pid | nil: a server still running by
+-- the pid file it wrote (its control socket may be gone, or not answer)
+function keeper.running_server(pid_file)
   local pid = tonumber((core.fs.read(pid_file) or ""):match("^(%d+)"))
   if not pid or pid == core.proc.getpid() then return nil end
   local comm = core.fs.read("/proc/" .. pid .. "/comm")
@@ -39,7 +39,7 @@ function keeper.lock(data_dir, pid_file)
     if fd then return fd end
     if code ~= "EAGAIN" then return nil, err end
     -- held by a server that still runs, not by the cleanup after one
-    local pid = pid_file and running_server(pid_file)
+    local pid = pid_file and keeper.running_server(pid_file)
     if pid then
       return nil, string.format("another ten serve (pid %d) is running with data_dir %s, though its control socket "
         .. "%s/ten.sock does not answer (removed, or the server is stopped): stop it first (kill %d)",

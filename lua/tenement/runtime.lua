@@ -45,13 +45,27 @@ function runtime.get(level)
   return driver
 end
 
--- runtime.nr_open() -> the most open files the kernel lets a process have
--- (RLIMIT_NOFILE cannot be set past it) | nil where it does not say
-function runtime.nr_open()
-  local f = io.open("/proc/sys/fs/nr_open")
-  local n = f and tonumber(f:read("l"))
+local function read_file(path)
+  local f = io.open(path)
+  local s = f and f:read("a")
   if f then f:close() end
-  return n
+  return s
+end
+
+-- runtime.nofile_max() -> the highest nofile an app started by this server
+-- can get, and what sets it | nil where the host does not say. The kernel's
+-- fs.nr_open bounds every process; without CAP_SYS_RESOURCE (root in a
+-- container often lacks it), so does the hard limit this server runs under,
+-- which its children inherit and cannot raise.
+function runtime.nofile_max()
+  local most = tonumber(read_file("/proc/sys/fs/nr_open") or "")
+  local why = "fs.nr_open"
+  local caps = tonumber((read_file("/proc/self/status") or ""):match("\nCapEff:%s*(%x+)") or "", 16)
+  local _, hard = core.proc.rlimit("nofile")
+  if caps and caps & (1 << 24) == 0 and math.type(hard) == "integer" and (not most or hard < most) then
+    most, why = hard, "the hard limit ten serve runs under, which it lacks CAP_SYS_RESOURCE to raise"
+  end
+  return most, why
 end
 
 -- The spawn fields every driver that runs the app directly shares: the
@@ -72,10 +86,11 @@ function runtime.credentials(instance, spec)
       "root from it): set pids_limit, a cgroup limit that holds root too, or a user for the service",
       rl.nproc), true
   end
-  local most = rl and rl.nofile and runtime.nr_open()
+  local most, why
+  if rl and rl.nofile then most, why = runtime.nofile_max() end
   if most and rl.nofile > most then
-    return nil, string.format("nofile = %d is more than this host lets any process have (fs.nr_open = %d): "
-      .. "set at most %d", rl.nofile, most, most), true
+    return nil, string.format("nofile = %d is more than this server can give (%s, %d): set at most %d",
+      rl.nofile, why, most, most), true
   end
   if rl and next(rl) then spec.rlimits = rl end
   return spec

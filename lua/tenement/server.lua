@@ -395,7 +395,8 @@ function Server:restore()
       local svc = self.cfg.services[r.service]
       if svc and svc.idle_timeout > 0 and not from_config[r.service .. ":" .. r.id] then
         -- it may sleep anyway: let its next request wake it
-        self.sup:remember_asleep(r.service, r.id)
+        local asleep = self.sup:remember_asleep(r.service, r.id)
+        if asleep then asleep.stored_desired = true end
       elseif svc then
         want(r.service, r.id, "store")
       else
@@ -426,6 +427,7 @@ function Server:restore()
             why = w.from == "store" and "again: it was running when the server stopped" or "from " .. w.from })
           if inst then
             w.inst = inst
+            if ok then inst.stored_desired = true end
             inst:wait_state(supervisor.SETTLED, RESTORE_WAIT_MS)
           else
             log.error("%s (from %s)", why, w.from)
@@ -567,6 +569,7 @@ function Server:reload()
   local hook, herr = frontdoor.load_hook(new)
   if hook == nil then return nil, herr end
   for _, w in ipairs(new.warnings) do log.warn("reload: %s", w) end
+  local warnings = new.warnings
   local old = self.cfg
   config.reapply(new, old)
   local summary = { added = {}, removed = {}, rolled_out = {}, updated = {}, failed = {}, restart_needed = {},
@@ -643,6 +646,8 @@ function Server:reload()
     table.concat(summary.rolled_out, " "), table.concat(summary.updated, " "), table.concat(summary.applied, " "),
     #summary.restart_needed > 0 and ("; " .. table.concat(summary.restart_needed, ", ") ..
       " changed and need a restart of ten serve") or "")
+  -- in the file's order, for the operator who ran the reload too
+  summary.warnings = warnings
   return summary
 end
 

@@ -1308,8 +1308,10 @@ end
 -- kept as inst.unsaved, which the API and the CLI show, until a save succeeds.
 function Supervisor:save_desired(inst, desired)
   local ok, err = self.store:set_desired(inst.service, inst.id, desired)
-  if ok then
-    inst.unsaved = nil
+  -- (stored_desired: what the store holds, when known: a failed write of
+  -- the same is no loss)
+  if ok or inst.stored_desired == desired then
+    inst.unsaved, inst.stored_desired = nil, desired
     return true
   end
   inst.unsaved = string.format("the store could not record the %s (%s): after a restart of ten serve it will %s",

@@ -236,6 +236,10 @@ local function scalar_from_token(tok)
   if find(body, "^[%d_]+[.eE]") or byte(body) == 46 then
     return float_from(tok, body)
   end
+  -- a bare word is most often a string whose quotes were forgotten
+  if find(tok, "^[%a_][%w_%-%.]*$") then
+    return nil, format("invalid value '%s' (a string needs quotes: \"%s\")", shorten(tok), shorten(tok))
+  end
   return nil, format("invalid value '%s'", shorten(tok))
 end
 

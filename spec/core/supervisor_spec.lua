@@ -280,14 +280,14 @@ describe("supervisor", function()
       rootnproc = { "nproc = 50" },
       planned = { 'isolation = "firecracker"' },
       -- past what the kernel lets any process have: setrlimit's EPERM, at every try
-      bignofile = { "nofile = " .. (require("tenement.runtime").nr_open() + 1) },
+      bignofile = { "nofile = " .. (require("tenement.runtime").nofile_max() + 1) },
     }, { "max_restarts = 3" })
     core.run(function()
       local sup = supervisor.new(cfg, { environ = {} })
       local events = {}
       sup:on(function(e) events[#events + 1] = e end)
       for name, says in pairs { nouser = "tenement-no-such-user", rootnproc = "nproc = 50", planned = "firecracker",
-        bignofile = "is more than this host lets any process have (fs.nr_open = " } do
+        bignofile = "is more than this server can give (" } do
         local inst, err = sup:spawn(name, "a")
         assert.is_nil(inst)
         assert.matches(says, err, 1, true)

@@ -308,6 +308,12 @@ describe("ten CLI", function()
       assert.are.equal(0, code, err)
       assert.is_nil(out:find("needs a restart", 1, true), out)
       assert.are.equal(200, health_status())
+      -- what ten config would warn of, the operator who reloads is told too
+      support.write(cfg, support.read(cfg) .. '[service.w]\ncommand = "/bin/sh"\nmax_instances = 2\n')
+      code, _, err = support.ten_run { "reload", "--config", cfg }
+      assert.are.equal(0, code, err)
+      assert.matches("warning: " .. cfg:gsub("%p", "%%%0") .. ":%d+: service%.w%.max_instances limits the instances "
+        .. "requests create", err)
       -- another file finds the same server (its data_dir), which reads its
       -- own: said, where it passed as applied
       local other = support.write(dir .. "/other.toml", support.read(cfg) .. "[service.more]\ncommand = \"/bin/sh\"\n")

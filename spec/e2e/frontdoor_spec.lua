@@ -807,7 +807,7 @@ describe("front door", function()
       assert.are.equal(200, assert(get(srv, "example.test", "/health")).status)
     end)
     assert.is_nil(ps(srv)["api:../../etc"])
-    assert.matches("router hook returned", log_text(srv), 1, true)
+    assert.matches("router hook " .. dir .. "/hook.lua returned an unusable target", log_text(srv), 1, true)
   end)
 
   it("holds max_instances against many strangers arriving at once", function()

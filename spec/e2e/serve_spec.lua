@@ -235,6 +235,11 @@ describe("ten serve", function()
       pid), err, 1, true)
     assert.is_true(os.time() - t0 < 8, "it waited for the lock")
     assert.is_true(pid_alive(pid))
+    -- and the other commands say the same, not that no server runs
+    code, _, err = ten(cfg, "ps")
+    assert.are.equal(1, code)
+    assert.matches(string.format("the ten server of this data directory runs (pid %d), but its control socket %s "
+      .. "does not answer", pid, socket), err, 1, true)
   end)
 
   it("leaves no instance alive when the server is killed with SIGKILL", function()
@@ -737,8 +742,9 @@ describe("ten serve on a full disk", function()
     local dir = support.tmpdir()
     local disk = dir .. "/disk"
     assert(os.execute("mkdir -p " .. disk .. " && mount -t tmpfs -o size=4m tenement-spec " .. disk))
+    local port = support.free_port()
     local cfg = support.write(dir .. "/tenement.toml", table.concat({
-      "[settings]", string.format("data_dir = %q", disk .. "/data"), "port = " .. support.free_port(),
+      "[settings]", string.format("data_dir = %q", disk .. "/data"), "port = " .. port,
       "stop_timeout = 2",
       "[service.api]", string.format("command = %q", BACKEND),
       string.format("socket = %q", dir .. "/sock/{name}-{id}.sock"), 'isolation = "process"',
@@ -756,6 +762,8 @@ describe("ten serve on a full disk", function()
       if (ps(cfg)["api:boot"] or {}).state == "running" then break end
       sleep(0.05)
     end
+    local _, token = ten(cfg, "token-gen")
+    token = token:match("%S+")
     os.execute("dd if=/dev/zero of=" .. disk .. "/fill bs=64k 2>/dev/null")
 
     local code, out, err = ten(cfg, "stop", "api:boot")
@@ -763,10 +771,15 @@ describe("ten serve on a full disk", function()
     assert.matches("^api:boot stopped", out)
     assert.matches("ten stop: api:boot: the store could not record the stop (", err, 1, true)
     assert.matches("after a restart of ten serve it will start again\n", err, 1, true)
+    -- started again: what the store still holds (it runs), so nothing is lost
     code, out, err = ten(cfg, "spawn", "api:boot")
+    assert.are.same({ 0, "" }, { code, err })
+    assert.is_nil(ps(cfg)["api:boot"].unsaved)
+    code, out, err = ten(cfg, "spawn", "api:new")
     assert.are.equal(1, code)
-    assert.matches("api:boot is running", out, 1, true)
-    assert.matches("ten spawn: api:boot: the store could not record the start (", err, 1, true)
+    assert.matches("api:new is running", out, 1, true)
+    assert.matches("ten spawn: api:new: the store could not record the start (", err, 1, true)
+    assert.matches("after a restart of ten serve it will not be started again\n", err, 1, true)
     -- the new process's first line did not reach the store either: said, with the file
     local said
     for _ = 1, 100 do
@@ -780,6 +793,17 @@ describe("ten serve on a full disk", function()
     code, _, err = ten(cfg, "weight", "api:boot", "50")
     assert.are.equal(1, code)
     assert.matches("the weight was not changed: the store could not record it", err, 1, true)
+    assert.are.equal(100, ps(cfg)["api:boot"].weight)
+    -- through the routes API too: it answered 200 with nothing changed
+    local status, body
+    require("tenement.core").run(function()
+      local res = assert(require("tenement.core").http.request { host = "127.0.0.1", port = port, method = "PUT",
+        target = "/api/routes/api", headers = { host = "localhost", authorization = "Bearer " .. token,
+        ["content-type"] = "application/json" }, body = '{"weights":{"boot":30}}' })
+      status, body = res.status, res.body
+    end)
+    assert.are.equal(500, status)
+    assert.matches("api:boot: the weight was not changed: the store could not record it", body, 1, true)
     assert.are.equal(100, ps(cfg)["api:boot"].weight)
 
     -- room again: recorded, and nothing left to say

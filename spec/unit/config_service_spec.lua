@@ -157,7 +157,14 @@ describe("[service.NAME] health", function()
     assert.equal("/", api('health = "/"').health)
   end)
 
-  for _, bad in ipairs({ "health", "http://x/health", "/he alth", "" }) do
+  it("says which character of a path starting with / is not visible ASCII", function()
+    assert.same({ 'tenement.toml:3:10: service.api.health = "/he alth": an HTTP path holds only visible ASCII (" " at '
+      .. "byte 4 is not): escape the rest as %XX, like %20 for a space" }, api_errors('health = "/he alth"'))
+    assert.same({ 'tenement.toml:3:10: service.api.health = "/héalth": an HTTP path holds only visible ASCII ("é" at '
+      .. "byte 3 is not): escape the rest as %XX, like %20 for a space" }, api_errors('health = "/héalth"'))
+  end)
+
+  for _, bad in ipairs({ "health", "http://x/health", "" }) do
     it(("rejects %q"):format(bad), function()
       assert.same({
         ('tenement.toml:3:10: service.api.health = "%s": expected an HTTP path starting with'
@@ -192,7 +199,7 @@ describe("[service.NAME] integer fields", function()
 
       it("rejects a string and a float", function()
         assert.same({
-          ('tenement.toml:3:%d: service.api.%s = "5": expected an integer, got a string')
+          ('tenement.toml:3:%d: service.api.%s = "5": expected an integer, got a string (write 5, without quotes)')
             :format(col, name),
         }, api_errors(('%s = "5"'):format(name)))
         assert.same({
@@ -221,7 +228,7 @@ describe("[service.NAME] cpu_shares", function()
 
   it("rejects a non-integer", function()
     assert.same({
-      'tenement.toml:3:14: service.api.cpu_shares = "100": expected an integer, got a string',
+      'tenement.toml:3:14: service.api.cpu_shares = "100": expected an integer, got a string (write 100, without quotes)',
     }, api_errors('cpu_shares = "100"'))
   end)
 end)

@@ -92,7 +92,7 @@ describe("[settings] integer fields", function()
 
       it("rejects a string", function()
         assert.same({
-          ('tenement.toml:2:%d: settings.%s = "10": expected an integer, got a string')
+          ('tenement.toml:2:%d: settings.%s = "10": expected an integer, got a string (write 10, without quotes)')
             :format(col, name),
         }, errors(('%s = "10"'):format(name)))
       end)
@@ -160,7 +160,7 @@ describe("[settings] backoff_max_ms >= backoff_base_ms", function()
 
   it("does not compare when one of them is already wrong", function()
     assert.same({
-      'tenement.toml:3:18: settings.backoff_max_ms = "1": expected an integer, got a string',
+      'tenement.toml:3:18: settings.backoff_max_ms = "1": expected an integer, got a string (write 1, without quotes)',
     }, errors('backoff_base_ms = 2000\nbackoff_max_ms = "1"'))
   end)
 end)
@@ -319,6 +319,16 @@ describe("[settings] unknown keys", function()
       'tenement.toml:3:1: settings.maxrestarts = 3: unknown key; did you mean "max_restarts"?',
       'tenement.toml:4:1: settings.Port = 80: unknown key; did you mean "port"?',
     }, errors("health_check_intervall = 10\nmaxrestarts = 3\nPort = 80"))
+  end)
+
+  -- each said what was wrong and not what to write
+  it("says how to write a number with a unit, a bare word, and a section put inside [settings]", function()
+    assert.same({ 'tenement.toml:2:18: settings.header_timeout = "10s": expected an integer, got a string (write 10, '
+      .. "without quotes, in the key's own unit)" }, errors('header_timeout = "10s"'))
+    assert.same({ "tenement.toml:2:10: invalid value 'always' (a string needs quotes: \"always\")" },
+      errors("domain = always"))
+    assert.same({ "tenement.toml:2:1: settings.hooks: unknown key; [hooks] is a section of its own, at the top of "
+      .. "the file, not in [settings]" }, errors('hooks = { router = "x.lua" }'))
   end)
 
   it("lists the known keys when nothing is close", function()

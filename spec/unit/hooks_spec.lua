@@ -88,6 +88,13 @@ describe("hooks", function()
     assert.are.equal("its answer has tables nested more than 64 deep", err)
   end)
 
+  it("takes a file as lua does: a UTF-8 BOM, a #! line, and the lines after it numbered as in the file", function()
+    assert.are.same({ true, 1 }, { hooks.call(assert(load_hook("#!/usr/bin/env lua\nreturn function() return 1 end")).route) })
+    assert.are.same({ true, 2 }, { hooks.call(assert(load_hook("\239\187\191return function() return 2 end")).route) })
+    local _, err = load_hook("#!/usr/bin/env lua\nlocal x = nil\nreturn x.y")
+    assert.matches("hook.lua:3: attempt to index a nil value", err, 1, true)
+  end)
+
   it("names what cannot be read or what a file returned instead of a hook", function()
     local dir = support.tmpdir()
     local _, err = hooks.load(dir, "route")
