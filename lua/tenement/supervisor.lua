@@ -324,6 +324,20 @@ function Instance:launch()
   self.socket = vars.socket
   self.dir = vars.instance_dir
 
+  -- {data_dir}/{service}, as data_dir itself (ten serve checks that),
+  -- before anything is made through it: a link there, or a directory
+  -- another user may change, would have the server make, chown and delete
+  -- instance files wherever that user likes
+  local service_dir = dirname(vars.instance_dir)
+  local sst = core.fs.stat(service_dir, false)
+  local euid = core.proc.geteuid()
+  if sst and (sst.type ~= "directory" or sst.uid ~= euid or sst.mode & tonumber("022", 8) ~= 0) then
+    return refuse(string.format("%s is %s: another user could swap what the server makes and deletes there; "
+      .. "remove it (the server makes it again) or `chown %d %s && chmod go-w %s`", service_dir,
+      sst.type ~= "directory" and ("a " .. sst.type .. ", not a directory") or sst.uid ~= euid
+        and ("owned by uid " .. sst.uid .. ", not by uid " .. euid .. " that ten serve runs as")
+        or string.format("writable by other users (mode %04o)", sst.mode), euid, service_dir, service_dir))
+  end
   local ok, err = core.fs.mkdir(vars.instance_dir, tonumber("700", 8))
   if not ok then self:release_start() return nil, err end
   -- a socket directory tenement makes is sticky and open like /tmp: apps

@@ -728,6 +728,39 @@ describe("ten serve with a data_dir that is not its own", function()
     assert.matches("data_dir " .. data .. " is writable by other users (mode 0777)", err, 1, true)
     assert.matches("`chmod go-w " .. data .. "`", err, 1, true)
   end)
+
+  it("starts no instance through a {data_dir}/{service} another user could have swapped", function()
+    if not support.is_root() then
+      pending("chown to another user needs root: the refusal is not exercised")
+      return
+    end
+    local dir = support.tmpdir()
+    local data, victim = dir .. "/data", dir .. "/victim"
+    local cfg = support.write(dir .. "/tenement.toml", table.concat({
+      "[settings]", string.format("data_dir = %q", data), "port = " .. support.free_port(),
+      "[service.api]", string.format("command = %q", BACKEND),
+      string.format("socket = %q", dir .. "/sock/{name}-{id}.sock"), 'isolation = "process"',
+    }, "\n") .. "\n")
+    assert(os.execute("mkdir -p " .. data .. " " .. victim .. " && chmod 711 " .. data
+      .. " && ln -s " .. victim .. " " .. data .. "/api"))
+    local pid = support.ten_serve(cfg, dir .. "/serve.log")
+    finally(function()
+      if pid_alive(pid) then os.execute("kill -KILL " .. pid) end
+      support.cleanup()
+    end)
+    assert.is_true(wait_up(cfg), "ten serve did not come up")
+    local code, _, err = ten(cfg, "spawn", "api:x")
+    assert.are.equal(1, code)
+    assert.matches(data .. "/api is a link, not a directory: another user could swap what the server makes and "
+      .. "deletes there", err, 1, true)
+    assert.matches("not retried", err, 1, true)
+    assert.are.same({}, require("tenement.core").fs.readdir(victim))
+    -- another user's directory there: the same
+    assert(os.execute("rm " .. data .. "/api && mkdir " .. data .. "/api && chown 65534 " .. data .. "/api"))
+    code, _, err = ten(cfg, "spawn", "api:y")
+    assert.are.equal(1, code)
+    assert.matches(data .. "/api is owned by uid 65534, not by uid 0 that ten serve runs as", err, 1, true)
+  end)
 end)
 
 -- A full disk: what the operator asked (a stop, a spawn) is done, and when
