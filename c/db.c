@@ -230,12 +230,19 @@ static void op_fail(db_op *op, int rc, const char *sql, const char *fmt, ...) {
         n = strlen(sql);
         while (n && (sql[n - 1] == ' ' || sql[n - 1] == '\n' || sql[n - 1] == '\t')) n--;
     }
-    size_t cap = strlen(what) + strlen(msg) + SQL_QUOTE_MAX + 32;
+    /* A full disk, a read-only or failing one: the machine's state, not the
+     * statement's. The operator acts on the file, so it is named instead. */
+    int primary = op->rc & 0xff;
+    const char *file = (primary == SQLITE_FULL || primary == SQLITE_READONLY || primary == SQLITE_IOERR)
+        && op->c && op->c->file ? op->c->file : NULL;
+    size_t cap = strlen(what) + strlen(msg) + SQL_QUOTE_MAX + (file ? strlen(file) : 0) + 32;
     if (op->kind == OP_OPEN) cap += op->sql_len;
     op->err = malloc(cap);
     if (!op->err) return;
     if (op->kind == OP_OPEN)
         snprintf(op->err, cap, "open %s: %s", op->sql, msg);
+    else if (file)
+        snprintf(op->err, cap, "%s: %s (%s)", what, msg, file);
     else if (sql && n)
         snprintf(op->err, cap, "%s: %s (in: %.*s%s)", what, msg,
                  (int)(n > SQL_QUOTE_MAX ? SQL_QUOTE_MAX : n), sql, n > SQL_QUOTE_MAX ? "..." : "");

@@ -597,6 +597,10 @@ command {
       end
       ctx.out:write(table_text({ "INSTANCE", "STATE", "HEALTH", "PID", "UPTIME", "IDLE", "RESTARTS",
         "WEIGHT", "ISOLATION", "SOCKET", "LAST EXIT" }, rows))
+      -- a start or stop a restart of the server would undo (a full disk)
+      for _, i in ipairs(list) do
+        if i.unsaved then ctx.err:write("warning: ", i.id, ": ", i.unsaved, "\n") end
+      end
       return 0
     end)
   end,

@@ -804,6 +804,9 @@ describe("ten serve on a full disk", function()
     assert.matches("^api:boot stopped", out)
     assert.matches("ten stop: api:boot: the store could not record the stop (", err, 1, true)
     assert.matches("after a restart of ten serve it will start again\n", err, 1, true)
+    -- the machine's state, so the file, not the statement that met it
+    assert.matches("database or disk is full (" .. disk .. "/data/tenement.db)", err, 1, true)
+    assert.is_nil(err:find("(in: ", 1, true), err)
     -- started again: what the store still holds (it runs), so nothing is lost
     code, out, err = ten(cfg, "spawn", "api:boot")
     assert.are.same({ 0, "" }, { code, err })
@@ -813,6 +816,11 @@ describe("ten serve on a full disk", function()
     assert.matches("api:new is running", out, 1, true)
     assert.matches("ten spawn: api:new: the store could not record the start (", err, 1, true)
     assert.matches("after a restart of ten serve it will not be started again\n", err, 1, true)
+    -- and ps says so under its table
+    code, out, err = ten(cfg, "ps")
+    assert.are.equal(0, code)
+    assert.matches("api:new", out, 1, true)
+    assert.matches("warning: api:new: the store could not record the start (", err, 1, true)
     -- the new process's first line did not reach the store either: said, with the file
     local said
     for _ = 1, 100 do
