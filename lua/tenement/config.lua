@@ -236,6 +236,14 @@ local NAME_RULE = 'names use 1-63 characters from a-z, 0-9 and "-", starting wit
 
 -- true, or nil and why not. Used for service names and instance ids alike (and by the
 -- CLI and the API), so an id can never carry "/" or ".." into a path.
+-- The character at byte i of s, quoted and whole ("ü", not "\195");
+-- bytes that are no UTF-8 character as bytes \xNN, not sent to a terminal.
+local function character_at(s, i)
+  local ch = s:match(utf8.charpattern, i) or s:sub(i, i)
+  if utf8.len(ch) then return quote(ch) end
+  return "bytes " .. ch:gsub(".", function(b) return string.format("\\x%02x", b:byte()) end)
+end
+
 function config.valid_name(s)
   if type(s) ~= "string" then
     return nil, ("expected a string, got %s"):format(a(kind(s)))
@@ -248,16 +256,15 @@ function config.valid_name(s)
   elseif s:sub(1, 1):match("[A-Z]") then
     why = ("uppercase %s is not allowed"):format(quote(s:sub(1, 1)))
   elseif not s:sub(1, 1):match("[a-z0-9]") then
-    -- a whole character, not the first byte of one ("ü", not "\195")
-    why = ("it starts with %s"):format(quote(s:match(utf8.charpattern) or s:sub(1, 1)))
+    why = ("it starts with %s"):format(character_at(s, 1))
   else
     local at = s:find("[^a-z0-9%-]")
-    local bad = at and (s:match(utf8.charpattern, at) or s:sub(at, at))
+    local bad = at and character_at(s, at)
     if bad then
       if bad:match("[A-Z]") then
-        why = ("uppercase %s is not allowed"):format(quote(bad))
+        why = ("uppercase %s is not allowed"):format(bad)
       else
-        why = ("%s is not allowed"):format(quote(bad))
+        why = ("%s is not allowed"):format(bad)
       end
     end
   end

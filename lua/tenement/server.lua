@@ -103,6 +103,15 @@ local function data_dir_exposed(dir)
     return string.format("data_dir %s is writable by other users (mode %04o): they could replace what the server "
       .. "writes and deletes there. `chmod go-w %s`", dir, st.mode, dir)
   end
+  -- a parent others may write in without the sticky bit (/tmp has it) lets
+  -- them rename data_dir away and put their own in its place
+  local parent = (core.fs.realpath(dir) or dir):match("^(.*)/[^/]+$")
+  local pst = parent and core.fs.stat(parent ~= "" and parent or "/")
+  if pst and pst.mode & tonumber("022", 8) ~= 0 and pst.mode & tonumber("1000", 8) == 0 then
+    return string.format("data_dir %s is in %s, which other users may write in (mode %04o, not sticky): they could "
+      .. "rename data_dir away and put their own in its place. `chmod go-w %s` (or `chmod +t`), or move data_dir",
+      dir, parent, pst.mode, parent)
+  end
 end
 
 function Server:start()

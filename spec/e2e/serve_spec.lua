@@ -727,6 +727,21 @@ describe("ten serve with a data_dir that is not its own", function()
     assert.are.equal(1, code)
     assert.matches("data_dir " .. data .. " is writable by other users (mode 0777)", err, 1, true)
     assert.matches("`chmod go-w " .. data .. "`", err, 1, true)
+    -- its own, but in a directory anyone may rename it out of
+    assert(os.execute("chmod 711 " .. data .. " && chmod 777 " .. dir))
+    code, _, err = ten(cfg, "serve")
+    assert.are.equal(1, code)
+    assert.matches("data_dir " .. data .. " is in " .. dir .. ", which other users may write in (mode 0777, not "
+      .. "sticky)", err, 1, true)
+    -- sticky, as /tmp is: no one renames what is not theirs
+    assert(os.execute("chmod 1777 " .. dir))
+    local pid = support.ten_serve(cfg, dir .. "/serve.log")
+    -- (busted keeps one finally: this one takes over the cleanup)
+    finally(function()
+      if pid_alive(pid) then os.execute("kill -KILL " .. pid) end
+      support.cleanup()
+    end)
+    assert.is_true(wait_up(cfg), "ten serve did not start in a sticky directory")
   end)
 
   it("starts no instance through a {data_dir}/{service} another user could have swapped", function()

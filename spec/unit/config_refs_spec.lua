@@ -78,6 +78,10 @@ describe("[instances]", function()
       'tenement.toml:4:8: instances.api[1] = "ünï": not a valid instance id: it starts with "ü"; ' .. RULE,
       'tenement.toml:4:15: instances.api[2] = "aé": not a valid instance id: "é" is not allowed; ' .. RULE,
     }, errors('[service.api]\ncommand = "a"\n[instances]\napi = ["ünï", "aé"]\n'))
+    -- bytes that are no character: shown, not sent to the terminal
+    local ok, why = config.valid_name("a\226\128")
+    assert.is_nil(ok)
+    assert.matches("not a valid name: bytes \\xe2\\x80 is not allowed", why, 1, true)
   end)
 
   it("rejects bad ids: path traversal, slashes, uppercase, 64 characters, non-strings,"
