@@ -376,12 +376,7 @@ local function parse_duration(s)
   return tonumber(n) * ({ [""] = 1, s = 1, m = 60, h = 3600, d = 86400 })[unit]
 end
 
--- Text stored from outside (an app's output, a token's description) goes
--- to the operator's terminal with its control characters shown as \xNN:
--- escape sequences would drive the terminal. Tabs stay.
-local function printable(s)
-  return (s:gsub("[\0-\8\10-\31\127]", function(ch) return string.format("\\x%02x", ch:byte()) end))
-end
+local printable = require("tenement.log").printable
 
 local function table_text(header, rows)
   local widths = {}

@@ -61,9 +61,7 @@ local function sandbox(name)
       for i = 1, select("#", ...) do parts[i] = tostring((select(i, ...))) end
       local line = table.concat(parts, " ")
       if #line > hooks.MAX_PRINT then line = line:sub(1, hooks.MAX_PRINT) .. " [cut: " .. #line .. " bytes]" end
-      -- the operator's terminal gets no escape sequences, as from ten logs
-      line = line:gsub("[\0-\8\10-\31\127]", function(ch) return string.format("\\x%02x", ch:byte()) end)
-      log.info("[hook %s] %s", name, line)
+      log.info("[hook %s] %s", name, log.printable(line))
     end,
   }
   env._G = env

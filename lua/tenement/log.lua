@@ -6,6 +6,13 @@ local levels = { debug = 1, info = 2, warn = 3, error = 4 }
 local threshold = levels[os.getenv("TENEMENT_LOG_LEVEL") or "info"] or levels.info
 local sink = io.stderr
 
+-- Text from outside (an app's output, a token's description, a hook's
+-- print) goes to the operator's terminal with its control characters shown
+-- as \xNN: escape sequences would drive the terminal. Tabs stay.
+function log.printable(s)
+  return (s:gsub("[\0-\8\10-\31\127]", function(ch) return string.format("\\x%02x", ch:byte()) end))
+end
+
 function log.set_level(name)
   threshold = assert(levels[name], "unknown log level " .. tostring(name))
 end

@@ -471,6 +471,7 @@ describe("front door", function()
           return { kind = "status", status = 503, reason = "maintenance", retry_after = 120 }
         end
         if request.headers["x-pick"] then return "api:" .. request.headers["x-pick"] end
+        if request.path == "/say" then print("red \27[31m", ("y"):rep(20000)) end
         if request.path == "/nostatus" then return { kind = "status" } end
         if request.path == "/quiet" then return { kind = "status", status = 503 } end
         if request.path == "/upper" then return "API" end
@@ -498,6 +499,8 @@ describe("front door", function()
       assert.are.equal("120", res.headers["retry-after"])
       res = assert(get(srv, "api.example.test", "/", { headers = { ["x-pick"] = "two" } }))
       assert.are.equal("two", res.headers["x-backend"])
+      -- a hook's print: one line of the server's log, cut, without escape sequences
+      assert.are.equal("one", assert(get(srv, "one.api.example.test", "/say")).headers["x-backend"])
       -- broken answers: the default routing, and the log says what came back
       res = assert(get(srv, "one.api.example.test", "/nostatus"))
       assert.are.equal("one", res.headers["x-backend"])
@@ -513,6 +516,8 @@ describe("front door", function()
     assert.matches("hook exploded", log_text(srv), 1, true)
     assert.matches("a status target needs status = an integer from 200 to 599, not none", log_text(srv), 1, true)
     assert.matches('"API": a string target must be SERVICE or SERVICE:ID', log_text(srv), 1, true)
+    assert.matches("[hook route] red \\x1b[31m yyy", log_text(srv), 1, true)
+    assert.matches("y [cut: 20010 bytes]\n", log_text(srv), 1, true)
     -- failing on every request, it does not write a line for each
     run(function()
       local tasks = {}
