@@ -1121,7 +1121,8 @@ function cli.main(args, io_override)
   if name and not cmd then
     local names = {}
     for _, c in ipairs(commands) do names[#names + 1] = c.name end
-    local hint = nearest(name, names) and string.format(" (did you mean '%s'?)", nearest(name, names))
+    local guess = nearest(name, names)
+    local hint = guess and string.format(" (did you mean '%s'?)", guess)
     -- `ten -p 8080 serve`: the option's value was taken for the command (a
     -- command named after it says so better than a guess at "80" -> "ps")
     local later, others = nil, {}

@@ -234,8 +234,6 @@ end
 local NAME_RULE = 'names use 1-63 characters from a-z, 0-9 and "-", starting with a letter'
   .. " or digit, because they become socket paths, directories and DNS labels"
 
--- true, or nil and why not. Used for service names and instance ids alike (and by the
--- CLI and the API), so an id can never carry "/" or ".." into a path.
 -- The character at byte i of s, quoted and whole ("ü", not "\195");
 -- bytes that are no UTF-8 character as bytes \xNN, not sent to a terminal.
 local function character_at(s, i)
@@ -244,6 +242,8 @@ local function character_at(s, i)
   return "bytes " .. ch:gsub(".", function(b) return string.format("\\x%02x", b:byte()) end)
 end
 
+-- true, or nil and why not. Used for service names and instance ids alike (and by the
+-- CLI and the API), so an id can never carry "/" or ".." into a path.
 function config.valid_name(s)
   if type(s) ~= "string" then
     return nil, ("expected a string, got %s"):format(a(kind(s)))
@@ -356,8 +356,8 @@ local function check_http_path(s)
   local bad = s:find("[%s%c\128-\255]")
   if not bad then return true end
   -- it starts with "/": what is wrong is elsewhere
-  return nil, ("an HTTP path holds only visible ASCII (%q at byte %d is not): escape the rest as %%XX, like %%20 "
-    .. "for a space"):format(s:match(utf8.charpattern, bad) or s:sub(bad, bad), bad)
+  return nil, ("an HTTP path holds only visible ASCII (%s at byte %d is not): escape the rest as %%XX, like %%20 "
+    .. "for a space"):format(character_at(s, bad), bad)
 end
 
 local function check_env_name(s)

@@ -78,7 +78,6 @@ end
 -- (Re)reads what routing depends on from cfg: the domain, [routing], the
 -- services; and hook, from frontdoor.load_hook(cfg).
 function Door:configure(cfg, hook)
-  hook = hook or nil
   local services = {}
   for name in pairs(cfg.services) do services[name] = true end
   self.cfg = cfg

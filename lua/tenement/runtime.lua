@@ -45,22 +45,15 @@ function runtime.get(level)
   return driver
 end
 
-local function read_file(path)
-  local f = io.open(path)
-  local s = f and f:read("a")
-  if f then f:close() end
-  return s
-end
-
 -- runtime.nofile_max() -> the highest nofile an app started by this server
 -- can get, and what sets it | nil where the host does not say. The kernel's
 -- fs.nr_open bounds every process; without CAP_SYS_RESOURCE (root in a
 -- container often lacks it), so does the hard limit this server runs under,
 -- which its children inherit and cannot raise.
 function runtime.nofile_max()
-  local most = tonumber(read_file("/proc/sys/fs/nr_open") or "")
+  local most = tonumber(core.fs.read("/proc/sys/fs/nr_open") or "")
   local why = "fs.nr_open"
-  local caps = tonumber((read_file("/proc/self/status") or ""):match("\nCapEff:%s*(%x+)") or "", 16)
+  local caps = tonumber((core.fs.read("/proc/self/status") or ""):match("\nCapEff:%s*(%x+)") or "", 16)
   local _, hard = core.proc.rlimit("nofile")
   if caps and caps & (1 << 24) == 0 and math.type(hard) == "integer" and (not most or hard < most) then
     most, why = hard, "the hard limit ten serve runs under, which it lacks CAP_SYS_RESOURCE to raise"

@@ -69,6 +69,7 @@ function supervisor.new(cfg, opts)
     shutting_down = false,
     weights = {},        -- key -> weight remembered by the store
     socket_watches = {}, -- dir -> { watch, users }: starts waiting for sockets there
+    sockets_left = {},   -- dir -> { socket name -> its {socket}.N files found there }
   }, Supervisor)
   if self.store then
     for _, row in ipairs(self.store:instances() or {}) do
@@ -373,17 +374,16 @@ function Instance:launch()
   end
   -- a rollout's sockets ({socket}.N) outlive a server killed meanwhile: the
   -- first start of this server's life clears those nothing listens on
-  if not self.socket_suffix and not self.swept_sockets then
-    self.swept_sockets = true
+  if not self.socket_suffix then
+    local left = sup:left_sockets(socket_dir)
     local name = vars.socket:match("[^/]*$")
-    for _, entry in ipairs(core.fs.readdir(socket_dir) or {}) do
-      if entry:sub(1, #name + 1) == name .. "." and entry:sub(#name + 2):match("^%d+$") then
-        local path = socket_dir .. "/" .. entry
-        local est = core.fs.stat(path, false)
-        local live = est and est.type == "socket" and core.net.connect { path = path, timeout = 1000 }
-        if live then live:close() elseif est and est.type == "socket" then core.fs.unlink(path) end
-      end
+    for _, entry in ipairs(left[name] or {}) do
+      local path = socket_dir .. "/" .. entry
+      local est = core.fs.stat(path, false)
+      local live = est and est.type == "socket" and core.net.connect { path = path, timeout = 1000 }
+      if live then live:close() elseif est and est.type == "socket" then core.fs.unlink(path) end
     end
+    left[name] = nil
   end
 
   local cmd, cerr = config.expand(svc.command, vars)
@@ -1314,6 +1314,25 @@ function Supervisor:spawn(service, id, opts)
   local ready, why = inst.ready_event:wait()
   if not ready then return nil, string.format("%s did not start: %s", inst.key, why), "start_failed" end
   return inst
+end
+
+-- sup:left_sockets(dir) -> { socket name -> { "{name}.N", ... } }: what a
+-- server before this one may have left in dir, listed once (a thousand
+-- instances sharing a directory read it once, not a thousand times)
+function Supervisor:left_sockets(dir)
+  local left = self.sockets_left[dir]
+  if not left then
+    left = {}
+    for _, entry in ipairs(core.fs.readdir(dir) or {}) do
+      local name = entry:match("^(.+)%.%d+$")
+      if name then
+        left[name] = left[name] or {}
+        table.insert(left[name], entry)
+      end
+    end
+    self.sockets_left[dir] = left
+  end
+  return left
 end
 
 -- sup:save_desired(inst, desired): records whether the instance runs after
