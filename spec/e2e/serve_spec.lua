@@ -782,37 +782,58 @@ end)
 -- the store cannot record it, said, not passed as done for good (a stopped
 -- instance came back after a restart of the server, a spawned one did not).
 describe("ten serve on a full disk", function()
+  -- ten serve with its data_dir on a 4 MB file system of its own, api:boot
+  -- running. -> { dir, disk, cfg, port, pid = the server's }, fill(), stop()
+  local function serve_on_small_disk(service_lines)
+    local dir = support.tmpdir()
+    local disk = dir .. "/disk"
+    assert(os.execute("mkdir -p " .. disk .. " && mount -t tmpfs -o size=4m tenement-spec " .. disk))
+    local port = support.free_port()
+    local lines = {
+      "[settings]", string.format("data_dir = %q", disk .. "/data"), "port = " .. port,
+      "stop_timeout = 2",
+      "[service.api]", string.format("command = %q", BACKEND),
+      string.format("socket = %q", dir .. "/sock/{name}-{id}.sock"), 'isolation = "process"',
+    }
+    for _, l in ipairs(service_lines or {}) do lines[#lines + 1] = l end
+    lines[#lines + 1] = "[instances]"
+    lines[#lines + 1] = 'api = ["boot"]'
+    local srv = { dir = dir, disk = disk, port = port,
+      cfg = support.write(dir .. "/tenement.toml", table.concat(lines, "\n") .. "\n") }
+    local function up()
+      srv.pid = support.ten_serve(srv.cfg, dir .. "/serve.log", true)
+      assert.is_true(wait_up(srv.cfg), "ten serve did not come up")
+      for _ = 1, 200 do
+        if (ps(srv.cfg)["api:boot"] or {}).state == "running" then break end
+        sleep(0.05)
+      end
+    end
+    local function down(signal)
+      if pid_alive(srv.pid) then os.execute("kill -" .. signal .. " " .. srv.pid) end
+      for _ = 1, 200 do if not pid_alive(srv.pid) then break end sleep(0.05) end
+    end
+    srv.restart = function() down("TERM"); up() end
+    srv.fill = function() os.execute("dd if=/dev/zero of=" .. disk .. "/fill bs=64k 2>/dev/null") end
+    srv.stop = function()
+      down("KILL")
+      os.execute("umount -l " .. disk)
+      support.cleanup()
+    end
+    up()
+    return srv
+  end
+
   it("says when a stop or a spawn could not be recorded, and changes no weight it could not record", function()
     if not support.is_root() then
       pending("mounting a small file system needs root: the full disk is not exercised")
       return
     end
-    local dir = support.tmpdir()
-    local disk = dir .. "/disk"
-    assert(os.execute("mkdir -p " .. disk .. " && mount -t tmpfs -o size=4m tenement-spec " .. disk))
-    local port = support.free_port()
-    local cfg = support.write(dir .. "/tenement.toml", table.concat({
-      "[settings]", string.format("data_dir = %q", disk .. "/data"), "port = " .. port,
-      "stop_timeout = 2",
-      "[service.api]", string.format("command = %q", BACKEND),
-      string.format("socket = %q", dir .. "/sock/{name}-{id}.sock"), 'isolation = "process"',
-      "[instances]", 'api = ["boot"]',
-    }, "\n") .. "\n")
-    local pid = support.ten_serve(cfg, dir .. "/serve.log")
-    finally(function()
-      if pid_alive(pid) then os.execute("kill -KILL " .. pid) end
-      for _ = 1, 100 do if not pid_alive(pid) then break end sleep(0.05) end
-      os.execute("umount -l " .. disk)
-      support.cleanup()
-    end)
-    assert.is_true(wait_up(cfg), "ten serve did not come up")
-    for _ = 1, 100 do
-      if (ps(cfg)["api:boot"] or {}).state == "running" then break end
-      sleep(0.05)
-    end
+    local srv = serve_on_small_disk()
+    finally(srv.stop)
+    local dir, disk, cfg, port = srv.dir, srv.disk, srv.cfg, srv.port
     local _, token = ten(cfg, "token-gen")
     token = token:match("%S+")
-    os.execute("dd if=/dev/zero of=" .. disk .. "/fill bs=64k 2>/dev/null")
+    srv.fill()
 
     local code, out, err = ten(cfg, "stop", "api:boot")
     assert.are.equal(1, code)
@@ -869,5 +890,49 @@ describe("ten serve on a full disk", function()
     assert.is_nil(ps(cfg)["api:boot"].unsaved)
     assert.are.equal(0, (ten(cfg, "weight", "api:boot", "50")))
     assert.are.equal(50, ps(cfg)["api:boot"].weight)
+  end)
+
+  -- The weight is the last thing a deploy writes, once its version is
+  -- healthy: refused there, the version goes and nothing else moves.
+  it("changes nothing when a deploy's healthy version gets a weight the store cannot record", function()
+    if not support.is_root() then
+      pending("mounting a small file system needs root: the full disk is not exercised")
+      return
+    end
+    -- slow to start: the disk fills while the deploy waits for its health
+    local srv = serve_on_small_disk { "[service.api.env]", 'BACKEND_START_DELAY_MS = "2000"' }
+    finally(srv.stop)
+    local cfg, dir = srv.cfg, srv.dir
+    os.execute(string.format("(%s %s --config %s deploy api:v2 -w 50 --timeout 30 >%s 2>%s; echo $? >%s) &",
+      support.clean_env(), support.quote(support.ten), support.quote(cfg), support.quote(dir .. "/deploy.out"),
+      support.quote(dir .. "/deploy.err"), support.quote(dir .. "/deploy.rc")))
+    local state
+    for _ = 1, 200 do
+      state = (ps(cfg)["api:v2"] or {}).state
+      if state == "starting" then break end
+      sleep(0.05)
+    end
+    assert.are.equal("starting", state)
+    srv.fill()
+    local rc
+    for _ = 1, 400 do
+      rc = support.read(dir .. "/deploy.rc")
+      if rc and rc ~= "" then break end
+      sleep(0.05)
+    end
+    assert.are.equal("1", (rc or ""):match("%d+"), support.read(dir .. "/deploy.err"))
+    local err = support.read(dir .. "/deploy.err")
+    assert.matches("deploy of api:v2 failed: the weight was not changed: the store could not record it (", err, 1, true)
+    assert.matches("; nothing changed", err, 1, true)
+    -- the version is gone, api:boot serves as before
+    local now = ps(cfg)
+    assert.is_nil(now["api:v2"])
+    assert.are.same({ "running", 100 }, { now["api:boot"].state, now["api:boot"].weight })
+    -- and a restart with room again brings no version nobody promoted
+    os.remove(srv.disk .. "/fill")
+    srv.restart()
+    now = ps(cfg)
+    assert.is_true(now["api:v2"] == nil or now["api:v2"].state == "stopped", cjson.encode(now["api:v2"] or {}))
+    assert.are.same({ "running", 100 }, { now["api:boot"].state, now["api:boot"].weight })
   end)
 end)
