@@ -230,11 +230,15 @@ static void op_fail(db_op *op, int rc, const char *sql, const char *fmt, ...) {
         n = strlen(sql);
         while (n && (sql[n - 1] == ' ' || sql[n - 1] == '\n' || sql[n - 1] == '\t')) n--;
     }
-    /* A full disk, a read-only or failing one: the machine's state, not the
-     * statement's. The operator acts on the file, so it is named instead. */
+    /* A full, read-only or failing disk, a damaged file, one its owner's
+     * permissions or another process's lock keep out: the machine's state,
+     * not the statement's. The operator acts on the file, so it is named
+     * instead; the statement is quoted for what would be a bug of ours. */
     int primary = op->rc & 0xff;
-    const char *file = (primary == SQLITE_FULL || primary == SQLITE_READONLY || primary == SQLITE_IOERR)
-        && op->c && op->c->file ? op->c->file : NULL;
+    int of_file = primary == SQLITE_FULL || primary == SQLITE_READONLY || primary == SQLITE_IOERR
+        || primary == SQLITE_CORRUPT || primary == SQLITE_NOTADB || primary == SQLITE_CANTOPEN
+        || primary == SQLITE_PERM || primary == SQLITE_BUSY;
+    const char *file = of_file && op->c && op->c->file ? op->c->file : NULL;
     size_t cap = strlen(what) + strlen(msg) + SQL_QUOTE_MAX + (file ? strlen(file) : 0) + 32;
     if (op->kind == OP_OPEN) cap += op->sql_len;
     op->err = malloc(cap);
