@@ -9,9 +9,11 @@
  *
  * Memory is bounded everywhere: a ring keeps at most `lines` lines and
  * `bytes` bytes of text, a sink at most `max_pending` lines and `max_bytes`
- * bytes (dropping the oldest, counted), a partial line at most `max_line`
- * bytes. Nothing pushes back on the child: a slow store loses old lines, it
- * never stalls the writer.
+ * bytes, a partial line at most `max_line` bytes. Nothing pushes back on the
+ * child: a slow store loses lines, it never stalls the writer. A full sink
+ * drops the oldest line of the ring with the most lines waiting, so a flood
+ * loses its own lines rather than a quiet neighbour's; the next line of that
+ * ring taken from the sink is preceded by a line saying how many went.
  *
  * A line is one refcounted allocation shared by the ring and the sink. Tasks
  * waiting on a ring or a sink are woken from a check handle after the loop's
@@ -49,22 +51,35 @@ static const char *const stream_names[] = {"stdout", "stderr", NULL};
 
 /* ---- lines ------------------------------------------------------------- */
 
+typedef struct lb_line lb_line;
+
+/* The ring's name, shared by its lines; also where the sink keeps the
+ * ring's waiting lines (oldest first) and what it dropped of them. */
 typedef struct lb_tag {
     size_t refs;
+    size_t sink_pending;
+    size_t heap_at;          /* its place in the sink's heap, when in it */
+    int in_heap;
+    uint64_t heap_key;       /* at most its oldest waiting line's sink_seq */
+    lb_line *sink_head, *sink_tail;
+    uint64_t sink_dropped;   /* ever */
+    uint64_t sink_gap;       /* since the last of its lines was taken */
     size_t len;
     char s[];
 } lb_tag;
 
-typedef struct lb_line {
+struct lb_line {
     uint32_t refs;
     uint32_t len;
     uint64_t seq;
     int64_t ts_ms;
     lb_tag *tag;
+    lb_line *sink_next;  /* the next waiting line of its ring */
+    uint64_t sink_seq;   /* its place in the sink's arrival order */
     uint8_t stream;
     uint32_t source;     /* the capture's, e.g. the pid of the process that wrote it */
     char text[];
-} lb_line;
+};
 
 static void tag_unref(lb_tag *t) {
     if (--t->refs == 0) free(t);
@@ -154,8 +169,17 @@ static void waiter_fail(lb_waiter *w, const char *reason, int resume) {
 typedef struct lb_sink {
     unsigned refs;
     int closed;
-    lb_line **q;
-    size_t qcap, first, count;
+    /* The rings with lines waiting, by the arrival of their oldest: the
+     * next line taken is the oldest of the first one. A ring's key is
+     * brought up to date only when it comes first (a drop would otherwise
+     * read the line after the one dropped, one more cache miss a line in a
+     * flood), so a key may be low, never high; a ring with nothing left
+     * leaves once it comes first. */
+    lb_tag **heap;
+    size_t nheap, heapcap;
+    size_t count;
+    uint64_t arrived;
+    lb_tag *heavy;           /* the ring with the most lines waiting, as last seen */
     size_t max_pending;
     size_t bytes, max_bytes;
     uint64_t taken, dropped;
@@ -167,71 +191,175 @@ typedef struct { lb_sink *s; } sink_box;
 
 static void sink_unref(lb_sink *s) {
     if (--s->refs) return;
-    free(s->q);
+    free(s->heap);
     free(s);
 }
 
-static lb_line *sink_pop(lb_sink *s) {
-    lb_line *l = s->q[s->first];
-    if (++s->first == s->qcap) s->first = 0;
+/* ---- the heap of rings, keyed by the arrival of their oldest line ---- */
+
+static void heap_set(lb_sink *s, size_t i, lb_tag *t) {
+    s->heap[i] = t;
+    t->heap_at = i;
+}
+
+static void heap_down(lb_sink *s, size_t i) {
+    lb_tag *t = s->heap[i];
+    for (;;) {
+        size_t c = 2 * i + 1;
+        if (c >= s->nheap) break;
+        if (c + 1 < s->nheap && s->heap[c + 1]->heap_key < s->heap[c]->heap_key) c++;
+        if (t->heap_key <= s->heap[c]->heap_key) break;
+        heap_set(s, i, s->heap[c]);
+        i = c;
+    }
+    heap_set(s, i, t);
+}
+
+static void heap_remove_first(lb_sink *s) {
+    lb_tag *t = s->heap[0];
+    t->in_heap = 0;
+    if (--s->nheap) {
+        heap_set(s, 0, s->heap[s->nheap]);
+        heap_down(s, 0);
+    }
+    tag_unref(t);
+}
+
+/* The ring whose waiting line came first, its key made true on the way.
+ * NULL when no line waits. */
+static lb_tag *heap_first(lb_sink *s) {
+    while (s->nheap) {
+        lb_tag *t = s->heap[0];
+        if (!t->sink_pending) {
+            heap_remove_first(s);
+            continue;
+        }
+        uint64_t key = t->sink_head->sink_seq;
+        if (key == t->heap_key) return t;
+        t->heap_key = key;
+        heap_down(s, 0);
+    }
+    return NULL;
+}
+
+/* The oldest waiting line of t is no longer waiting. */
+static lb_line *sink_unlink_oldest(lb_sink *s, lb_tag *t) {
+    lb_line *l = t->sink_head;
+    t->sink_head = l->sink_next;
+    if (!t->sink_head) t->sink_tail = NULL;
+    l->sink_next = NULL;
+    t->sink_pending--;
     s->count--;
     s->bytes -= l->len;
     return l;
 }
 
-static void sink_push(lb_sink *s, lb_line *l) {
-    if (s->closed) return;
-    while (s->count && (s->count >= s->max_pending || s->bytes + l->len > s->max_bytes)) {
-        line_unref(sink_pop(s));
-        s->dropped++;
-    }
-    if (s->count == s->qcap) {
-        /* Grow by doubling up to max_pending, so an idle sink stays small. */
-        size_t ncap = s->qcap ? s->qcap * 2 : 64;
-        if (ncap > s->max_pending) ncap = s->max_pending;
-        lb_line **nq = malloc(ncap * sizeof *nq);
-        if (!nq) { s->dropped++; return; }
-        for (size_t i = 0; i < s->count; i++) nq[i] = s->q[(s->first + i) % s->qcap];
-        free(s->q);
-        s->q = nq;
-        s->qcap = ncap;
-        s->first = 0;
-    }
-    s->q[(s->first + s->count) % s->qcap] = l;
-    s->count++;
-    s->bytes += l->len;
-    l->refs++;
+/* The oldest waiting line of all, out of the sink. Needs count > 0. */
+static lb_line *sink_pop(lb_sink *s) {
+    return sink_unlink_oldest(s, heap_first(s));
 }
 
-/* { {ts, tag, stream, text}, ... }: the shape a prepared statement's
- * run_many takes as it is. */
+/* Room for one line at the expense of the ring with the most lines
+ * waiting: its oldest is dropped (the oldest of all when that ring is not
+ * known), counted, and remembered as a gap before its next line. */
+static void sink_drop_one(lb_sink *s) {
+    lb_tag *t = s->heavy && s->heavy->sink_pending ? s->heavy : heap_first(s);
+    lb_line *l = sink_unlink_oldest(s, t);
+    /* in a flood the next line dropped is likely this ring's next, and
+     * long out of the cache: its load starts now, a line ahead */
+    if (t->sink_head) __builtin_prefetch(t->sink_head, 1);
+    t->sink_dropped++;
+    t->sink_gap++;
+    s->dropped++;
+    line_unref(l);
+}
+
+static void sink_push(lb_sink *s, lb_line *l) {
+    if (s->closed) return;
+    lb_tag *t = l->tag;
+    while (s->count && (s->count >= s->max_pending || s->bytes + l->len > s->max_bytes)) sink_drop_one(s);
+    if (!t->in_heap && s->nheap == s->heapcap) {
+        size_t ncap = s->heapcap ? s->heapcap * 2 : 16;
+        lb_tag **nh = realloc(s->heap, ncap * sizeof *nh);
+        if (!nh) {
+            s->dropped++;
+            t->sink_dropped++;
+            t->sink_gap++;
+            return;
+        }
+        s->heap = nh;
+        s->heapcap = ncap;
+    }
+    l->refs++;
+    l->sink_seq = ++s->arrived;
+    l->sink_next = NULL;
+    if (t->sink_tail) t->sink_tail->sink_next = l;
+    else t->sink_head = l;
+    t->sink_tail = l;
+    s->count++;
+    s->bytes += l->len;
+    t->sink_pending++;
+    /* the newest line of all: a ring out of the heap goes last */
+    if (!t->in_heap) {
+        t->in_heap = 1;
+        t->heap_key = l->sink_seq;
+        t->refs++;
+        heap_set(s, s->nheap++, t);
+    }
+    if (t != s->heavy && (!s->heavy || t->sink_pending > s->heavy->sink_pending)) {
+        if (s->heavy) tag_unref(s->heavy);
+        s->heavy = t;
+        t->refs++;
+    }
+}
+
+/* One row { ts, tag, stream, text [, source] }: the shape a prepared
+ * statement's run_many takes as it is. A row of the same ring as the row
+ * before it shares that row's tag string. */
+static void push_row(lua_State *L, lua_Integer k, const lb_line *l, const lb_tag **last_tag,
+                     const char *text, size_t len) {
+    lua_createtable(L, 5, 0);
+    lua_pushnumber(L, (lua_Number)l->ts_ms / 1000.0);
+    lua_rawseti(L, -2, 1);
+    if (l->tag == *last_tag) {
+        lua_rawgeti(L, -2, k - 1);
+        lua_rawgeti(L, -1, 2);
+        lua_remove(L, -2);
+    } else {
+        lua_pushlstring(L, l->tag->s, l->tag->len);
+        *last_tag = l->tag;
+    }
+    lua_rawseti(L, -2, 2);
+    lua_pushstring(L, stream_names[l->stream]);
+    lua_rawseti(L, -2, 3);
+    lua_pushlstring(L, text, len);
+    lua_rawseti(L, -2, 4);
+    if (l->source) {
+        lua_pushinteger(L, (lua_Integer)l->source);
+        lua_rawseti(L, -2, 5);
+    }
+    lua_rawseti(L, -2, k);
+}
+
+/* Up to max waiting lines as rows, in arrival order. Where lines of a ring
+ * were dropped, a row saying how many comes before its next line, with that
+ * line's time, stream and source: a reader of the ring sees the gap where
+ * it is. */
 static void sink_push_batch(lua_State *L, lb_sink *s, lua_Integer max) {
     size_t n = s->count < (size_t)max ? s->count : (size_t)max;
     lua_createtable(L, (int)n, 0);
     const lb_tag *last_tag = NULL;
-    for (size_t i = 1; i <= n; i++) {
+    lua_Integer k = 0;
+    for (size_t i = 0; i < n; i++) {
         lb_line *l = sink_pop(s);
-        lua_createtable(L, 4, 0);
-        lua_pushnumber(L, (lua_Number)l->ts_ms / 1000.0);
-        lua_rawseti(L, -2, 1);
-        if (l->tag == last_tag) {
-            lua_rawgeti(L, -2, (lua_Integer)i - 1);
-            lua_rawgeti(L, -1, 2);
-            lua_remove(L, -2);
-        } else {
-            lua_pushlstring(L, l->tag->s, l->tag->len);
-            last_tag = l->tag;
+        if (l->tag->sink_gap) {
+            char gap[160];
+            int len = snprintf(gap, sizeof gap, "\xe2\x80\xa6[%llu line%s dropped here: the log store could not keep up]",
+                               (unsigned long long)l->tag->sink_gap, l->tag->sink_gap == 1 ? "" : "s");
+            l->tag->sink_gap = 0;
+            push_row(L, ++k, l, &last_tag, gap, (size_t)len);
         }
-        lua_rawseti(L, -2, 2);
-        lua_pushstring(L, stream_names[l->stream]);
-        lua_rawseti(L, -2, 3);
-        lua_pushlstring(L, l->text, l->len);
-        lua_rawseti(L, -2, 4);
-        if (l->source) {
-            lua_pushinteger(L, (lua_Integer)l->source);
-            lua_rawseti(L, -2, 5);
-        }
-        lua_rawseti(L, -2, (lua_Integer)i);
+        push_row(L, ++k, l, &last_tag, l->text, l->len);
         line_unref(l);
     }
     s->taken += n;
@@ -270,6 +398,9 @@ static void sink_close(lb_sink *s, int resume) {
     if (s->closed) return;
     s->closed = 1;
     while (s->count) line_unref(sink_pop(s));
+    while (s->nheap) heap_remove_first(s);
+    if (s->heavy) tag_unref(s->heavy);
+    s->heavy = NULL;
     uv_close((uv_handle_t *)&s->wake, sink_wake_close_cb);
     while (s->takers) waiter_fail(s->takers, "closed", resume);
 }
@@ -386,6 +517,8 @@ static void cap_emit(lb_cap *c, const char *p, size_t n, int newline, int64_t ts
     if (cut) memcpy(l->text + n, trunc_mark, TRUNC_MARK_LEN);
     l->refs = 1;
     l->len = (uint32_t)len;
+    l->sink_next = NULL;
+    l->sink_seq = 0;
     l->seq = ++r->last_seq;
     l->ts_ms = ts;
     l->stream = c->stream;
@@ -735,6 +868,7 @@ static int l_ring_new(lua_State *L) {
         free(r); free(tg);
         return luaL_error(L, "out of memory");
     }
+    memset(tg, 0, sizeof *tg);
     tg->refs = 1;
     tg->len = tag_len;
     memcpy(tg->s, tag, tag_len);
@@ -886,16 +1020,18 @@ static int l_ring_open_fds(lua_State *L) {
     return 1;
 }
 
-/* ring:stats() -> { lines, bytes, truncated, overwritten, held, held_bytes } */
+/* ring:stats() -> { lines, bytes, truncated, overwritten, held, held_bytes,
+ * dropped = its lines the sink dropped } */
 static int l_ring_stats(lua_State *L) {
     lb_ring *r = check_ring(L, 1);
-    lua_createtable(L, 0, 6);
+    lua_createtable(L, 0, 7);
     lua_pushinteger(L, (lua_Integer)r->last_seq); lua_setfield(L, -2, "lines");
     lua_pushinteger(L, (lua_Integer)r->total_bytes); lua_setfield(L, -2, "bytes");
     lua_pushinteger(L, (lua_Integer)r->truncated); lua_setfield(L, -2, "truncated");
     lua_pushinteger(L, (lua_Integer)r->overwritten); lua_setfield(L, -2, "overwritten");
     lua_pushinteger(L, (lua_Integer)r->count); lua_setfield(L, -2, "held");
     lua_pushinteger(L, (lua_Integer)r->held_bytes); lua_setfield(L, -2, "held_bytes");
+    lua_pushinteger(L, (lua_Integer)r->tag->sink_dropped); lua_setfield(L, -2, "dropped");
     return 1;
 }
 

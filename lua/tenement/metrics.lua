@@ -111,6 +111,11 @@ function Out:add(line)
   self.n = n
   if n % 16 ~= 0 then return end
   if n >= CHUNK_LINES then self:flush() end
+  self:pause()
+end
+
+-- The others' turn, once this writer had its slice.
+function Out:pause()
   if self.in_task and core.hrtime() - self.since > SLICE_NS then
     coroutine.yield()
     self.since = core.hrtime()
@@ -255,7 +260,7 @@ function metrics.render(srv, emit)
     local running = inst.state == "running" or inst.state == "unhealthy"
     rec[i] = {
       inst = inst, labels = label_text { "service", inst.service, "id", inst.id }, state = inst.state,
-      traffic = inst:traffic(), log_lines = inst.ring:stats().lines,
+      traffic = inst:traffic(), log = inst.ring:stats(),
       uptime = running and inst.started_at and (now - inst.started_at) / 1000 or 0,
       restarts = inst.restarts, weight = inst.weight, wakes = inst.stats.wakes, wake = inst.stats.wake,
       health_failures = inst.health_failures or 0, storage = inst.storage and inst.dir,
@@ -281,7 +286,10 @@ function metrics.render(srv, emit)
     { "tenement_instance_health_check_failures_total", "counter", "Failed health checks.",
       function(r) return r.health_failures end },
     { "tenement_instance_log_lines_total", "counter", "Lines of output captured.",
-      function(r) return r.log_lines end },
+      function(r) return r.log.lines end },
+    { "tenement_instance_log_lines_dropped_total", "counter",
+      "Lines of output dropped before the store took them: the store fell behind, and this instance had the most "
+        .. "lines waiting.", function(r) return r.log.dropped end },
     { "tenement_instance_request_bytes_total", "counter", "Request body bytes proxied to the instance.",
       function(r) return r.traffic.bytes_in end },
     { "tenement_instance_response_bytes_total", "counter", "Response bytes proxied from the instance.",
@@ -307,28 +315,38 @@ function metrics.render(srv, emit)
     end
   end
 
-  out:family("tenement_instance_memory_bytes", "gauge", "Memory used by the instance (cgroup, else its main process RSS).")
-  out:family("tenement_instance_cpu_seconds_total", "counter", "CPU time used by the instance.")
+  -- each instance's usage read once, then each family as one group: the
+  -- exposition format wants a family's samples together, not interleaved
+  -- with another's
   for _, r in ipairs(rec) do
+    out:pause()
     local inst = r.inst
-    local u = known(r) and (inst.usage and inst:usage() or metrics.proc_usage(inst.pid))
-    if u then
-      if u.memory_bytes then out:sample("tenement_instance_memory_bytes", r.labels, u.memory_bytes) end
-      if u.cpu_seconds then out:sample("tenement_instance_cpu_seconds_total", r.labels, u.cpu_seconds + 0.0) end
+    if known(r) then
+      r.usage = inst.usage and inst:usage() or metrics.proc_usage(inst.pid)
+      if r.storage then
+        r.storage_used, r.storage_size = require("tenement.storage").usage(r.storage)
+        -- the quota configured, as the API gives it: the file system's own
+        -- size runs a little over it (its metadata)
+        local mb = inst.svc and inst.svc.storage_quota_mb
+        r.storage_quota = mb and mb * 1024 * 1024 or r.storage_size
+      end
     end
   end
-
-  out:family("tenement_instance_storage_bytes", "gauge", "Bytes used in the instance's quota file system.")
-  out:family("tenement_instance_storage_quota_bytes", "gauge", "The instance's storage quota.")
-  for _, r in ipairs(rec) do
-    if r.storage and known(r) then
-      local used, fs_size = require("tenement.storage").usage(r.storage)
-      if used then out:sample("tenement_instance_storage_bytes", r.labels, used) end
-      -- the quota configured, as the API gives it: the file system's own size
-      -- runs a little over it (its metadata)
-      local mb = r.inst.svc and r.inst.svc.storage_quota_mb
-      local quota = mb and mb * 1024 * 1024 or fs_size
-      if quota then out:sample("tenement_instance_storage_quota_bytes", r.labels, quota) end
+  local usage = {
+    { "tenement_instance_memory_bytes", "gauge", "Memory used by the instance (cgroup, else its main process RSS).",
+      function(r) return r.usage and r.usage.memory_bytes end },
+    { "tenement_instance_cpu_seconds_total", "counter", "CPU time used by the instance.",
+      function(r) return r.usage and r.usage.cpu_seconds and r.usage.cpu_seconds + 0.0 end },
+    { "tenement_instance_storage_bytes", "gauge", "Bytes used in the instance's quota file system.",
+      function(r) return r.storage_used end },
+    { "tenement_instance_storage_quota_bytes", "gauge", "The instance's storage quota.",
+      function(r) return r.storage_quota end },
+  }
+  for _, m in ipairs(usage) do
+    out:family(m[1], m[2], m[3])
+    for _, r in ipairs(rec) do
+      local v = m[4](r)
+      if v then out:sample(m[1], r.labels, v) end
     end
   end
 

@@ -457,6 +457,25 @@ function Server:restore()
   end)
 end
 
+-- Whose lines the sink dropped since the last call (it drops from the
+-- instance with the most lines waiting): " (api:b 1200, web:a 3)", the
+-- three with the most, or "" when none.
+function Server:log_droppers()
+  self.drops_told = self.drops_told or setmetatable({}, { __mode = "k" })
+  local told, list = self.drops_told, {}
+  for key, inst in pairs(self.sup.instances) do
+    local ring = inst.ring
+    local now = ring:stats().dropped
+    if now > (told[ring] or 0) then list[#list + 1] = { key = key, n = now - (told[ring] or 0) } end
+    told[ring] = now
+  end
+  if #list == 0 then return "" end
+  table.sort(list, function(a, b) if a.n ~= b.n then return a.n > b.n end return a.key < b.key end)
+  local parts = {}
+  for i = 1, math.min(3, #list) do parts[i] = list[i].key .. " " .. list[i].n end
+  return " (" .. table.concat(parts, ", ") .. (#list > 3 and (", " .. (#list - 3) .. " more") or "") .. ")"
+end
+
 -- Moves captured lines from the sink into the store, in batches: one
 -- transaction per batch, so thousands of lines cost one disk sync.
 function Server:write_logs()
@@ -491,8 +510,9 @@ function Server:write_logs()
         -- disk) makes the sink overflow behind it too
         local why = refused > refused_told and ("the store refused " .. (refused - refused_told)
           .. " of them (the errors above say why)") or "written faster than the store indexes them"
-        log.warn("%d lines of instance output dropped in the last %d s: %s (tenement_log_lines_dropped_total "
-          .. "counts them)", dropped - dropped_told, (core.now() - next_told + LOG_DROPS_TOLD_EVERY_MS) // 1000, why)
+        log.warn("%d lines of instance output dropped in the last %d s%s: %s (tenement_log_lines_dropped_total "
+          .. "counts them)", dropped - dropped_told, (core.now() - next_told + LOG_DROPS_TOLD_EVERY_MS) // 1000,
+          self:log_droppers(), why)
       end
       next_told, dropped_told, refused_told = core.now() + LOG_DROPS_TOLD_EVERY_MS, dropped, refused
     end

@@ -277,7 +277,7 @@ describe("core.logbuf", function()
         assert.are.equal(5, ring:last_seq())
         local st = ring:stats()
         assert.are.same({ lines = 5, bytes = 5, truncated = 0, overwritten = 2, held = 3,
-                          held_bytes = 3 }, st)
+                          held_bytes = 3, dropped = 0 }, st)
         ring:close()
       end)
     end)
@@ -626,16 +626,78 @@ describe("core.logbuf", function()
       end)
     end)
 
-    it("drops the oldest pending lines past max_pending and counts them", function()
+    it("drops the oldest pending lines past max_pending, counts them and marks the gap", function()
       core.run(function()
         local sink = lb.sink{ max_pending = 3 }
-        local ring = capture([[seq 1 10]], { sink = sink })
+        local ring = capture([[seq 1 10]], { sink = sink, tag = "api:a" })
         drained(ring)
         assert.are.same({ pending = 3, bytes = 4, taken = 0, dropped = 7 }, sink:stats())
+        assert.are.equal(7, ring:stats().dropped)
         local batch = sink:take(100)
-        assert.are.same({ "8", "9", "10" }, { batch[1][4], batch[2][4], batch[3][4] })
+        -- the gap's row has the time, tag and stream of the line after it
+        assert.are.same({ "api:a", "stdout", "\u{2026}[7 lines dropped here: the log store could not keep up]" },
+          { batch[1][2], batch[1][3], batch[1][4] })
+        assert.are.equal(batch[2][1], batch[1][1])
+        assert.are.same({ "8", "9", "10" }, { batch[2][4], batch[3][4], batch[4][4] })
+        assert.are.equal(4, #batch)
         assert.are.same({ pending = 0, bytes = 0, taken = 3, dropped = 7 }, sink:stats())
         ring:close(); sink:close()
+      end)
+    end)
+
+    -- One app flooding its output must not cost a quiet one its lines: the
+    -- store falls behind the flood, and the flood pays for it.
+    it("drops the lines of the ring with the most waiting, not a quiet neighbour's", function()
+      core.run(function()
+        local sink = lb.sink{ max_pending = 100 }
+        local quiet = lb.ring{ tag = "app:quiet", sink = sink }
+        local q = writer(quiet)
+        q:write("q1\n")
+        assert(quiet:wait(0, 5000))
+        local flood = capture(FLOOD .. " 5000 20", { tag = "app:flood", sink = sink })
+        drained(flood)
+        q:write("q2\n")
+        assert(quiet:wait(1, 5000))
+        -- 99 of the flood's lines fitted beside q1; each line after them,
+        -- and q2, cost the flood its oldest
+        assert.are.same({ 0, 4902 }, { quiet:stats().dropped, flood:stats().dropped })
+        assert.are.same({ pending = 100, bytes = 98 * 19 + 4, taken = 0, dropped = 4902 }, sink:stats())
+        local batch = assert(sink:take(1000))
+        assert.are.equal(101, #batch)
+        assert.are.same({ "app:quiet", "q1" }, { batch[1][2], batch[1][4] })
+        assert.are.same({ "app:flood", "\u{2026}[4902 lines dropped here: the log store could not keep up]" },
+          { batch[2][2], batch[2][4] })
+        for i = 3, 100 do
+          assert.are.equal(string.format("%010d", 4902 + i - 3), batch[i][4]:sub(1, 10))
+        end
+        assert.are.same({ "app:quiet", "q2" }, { batch[101][2], batch[101][4] })
+        q:close()
+        drained(quiet)
+        flood:close(); quiet:close(); sink:close()
+      end)
+    end)
+
+    it("keeps a bounded queue when a flood is dropped for a long time", function()
+      core.run(function()
+        local sink = lb.sink{ max_pending = 1000 }
+        local quiet = lb.ring{ tag = "app:quiet", sink = sink }
+        local q = writer(quiet)
+        q:write("first\n")
+        assert(quiet:wait(0, 5000))
+        -- every line past the first 999 leaves a dropped slot behind, which
+        -- the queue sheds once it reaches its bound
+        local flood = capture(FLOOD .. " 200000 20", { tag = "app:flood", sink = sink })
+        drained(flood)
+        assert.are.same({ pending = 1000, bytes = 999 * 19 + 5, taken = 0, dropped = 199001 }, sink:stats())
+        local batch = assert(sink:take(5000))
+        assert.are.equal(1001, #batch)
+        assert.are.equal("first", batch[1][4])
+        assert.are.equal("\u{2026}[199001 lines dropped here: the log store could not keep up]", batch[2][4])
+        assert.are.equal(string.format("%010d", 199001), batch[3][4]:sub(1, 10))
+        assert.are.equal(string.format("%010d", 199999), batch[1001][4]:sub(1, 10))
+        q:close()
+        drained(quiet)
+        flood:close(); quiet:close(); sink:close()
       end)
     end)
 
@@ -698,8 +760,9 @@ describe("core.logbuf", function()
         assert.are.equal("0000199999 ", ls[#ls].text:sub(1, 11))
         assert.are.same({ pending = 1000, bytes = 99000, taken = 0, dropped = 199000 }, sink:stats())
         local batch = sink:take(5000)
-        assert.are.equal(1000, #batch)
-        assert.are.equal("0000199000 ", batch[1][4]:sub(1, 11))
+        assert.are.equal(1001, #batch)
+        assert.are.equal("\u{2026}[199000 lines dropped here: the log store could not keep up]", batch[1][4])
+        assert.are.equal("0000199000 ", batch[2][4]:sub(1, 11))
         ring:close(); sink:close()
       end)
     end)

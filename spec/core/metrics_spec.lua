@@ -70,6 +70,35 @@ describe("metrics.render", function()
     end)
   end)
 
+  -- The exposition format: "all lines for a given metric must be provided
+  -- as one single group". Memory and CPU, read together, were written
+  -- interleaved, instance by instance.
+  it("writes each family's samples as one group under its HELP and TYPE", function()
+    core.run(function()
+      local sup = make_sup(dir, 3)
+      -- two instances with a process to read the usage of (this one)
+      local me = tonumber(assert(core.fs.realpath("/proc/self")):match("(%d+)$"))
+      sup:get("app", "i0001").pid, sup:get("app", "i0002").pid = me, me
+      local text = metrics.render { sup = sup, started = core.now() }
+      local family, seen, kinds = nil, {}, {}
+      for line in text:gmatch("[^\n]+") do
+        local typed, kind = line:match("^# TYPE (%S+) (%S+)$")
+        if typed then
+          assert.is_nil(seen[typed], typed .. " has a second group")
+          seen[typed], kinds[typed], family = true, kind, typed
+        elseif not line:match("^# HELP ") then
+          local name = line:match("^([%w_]+)")
+          local base = kinds[family] == "histogram" and name:gsub("_bucket$", ""):gsub("_sum$", ""):gsub("_count$", "")
+            or name
+          assert.are.equal(family, base, line)
+        end
+      end
+      local _, memory = text:gsub("\ntenement_instance_memory_bytes{", "")
+      local _, cpu = text:gsub("\ntenement_instance_cpu_seconds_total{", "")
+      assert.are.same({ 2, 2 }, { memory, cpu })
+    end)
+  end)
+
   it("writes numbers in their shortest exact form", function()
     core.run(function()
       local sup = make_sup(dir, 1)

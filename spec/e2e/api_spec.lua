@@ -675,8 +675,9 @@ describe("HTTP API", function()
       log_text = support.read(dir .. "/serve.log") or ""
       if log_text:find("lines of instance output dropped", 1, true) or _ == 150 then break end
     end
-    assert.matches("%d+ lines of instance output dropped in the last %d+ s: written faster than the store indexes "
-      .. "them %(tenement_log_lines_dropped_total counts them%)", log_text)
+    -- with whose lines they were: the flood's, which had the most waiting
+    assert.matches("%d+ lines of instance output dropped in the last %d+ s %(loud:x %d+%): written faster than the "
+      .. "store indexes them %(tenement_log_lines_dropped_total counts them%)", log_text)
     -- pruned as it comes, by chunks, not once a minute: a minute held
     -- millions of lines, and their one DELETE held every reader. Kept: the
     -- 1000, what came in since the last prune (under 5000), a batch
@@ -695,6 +696,21 @@ describe("HTTP API", function()
       -- the flood erased its own lines, not those of its neighbours
       assert.is_true(#lines > 0, instance)
     end
+    local _, _, metrics_text = call(srv, "GET", "/metrics")
+    assert.is_true(tonumber(metrics_text:match('\ntenement_instance_log_lines_dropped_total{service="loud",id="x"} (%d+)'))
+      > 0)
+    assert.matches('\ntenement_instance_log_lines_dropped_total{service="api",id="one"} 0\n', metrics_text)
+    -- and the store shows where they went
+    local marked
+    for _ = 1, 50 do
+      local status, _, lines = call(srv, "GET", "/api/logs?instance=loud:x&q=dropped&limit=1",
+        { headers = with_auth(admin) })
+      assert.are.equal(200, status)
+      marked = lines[1] and lines[1].message
+      if marked then break end
+      sleep(0.1)
+    end
+    assert.matches("^\u{2026}%[%d+ lines dropped here: the log store could not keep up%]$", marked)
   end)
 
   -- lines of 16 KiB made a store of log_max_lines lines 16 GB
