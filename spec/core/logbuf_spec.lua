@@ -677,27 +677,36 @@ describe("core.logbuf", function()
       end)
     end)
 
-    it("keeps a bounded queue when a flood is dropped for a long time", function()
+    it("hands out the lines of several rings in arrival order around what it dropped", function()
       core.run(function()
-        local sink = lb.sink{ max_pending = 1000 }
-        local quiet = lb.ring{ tag = "app:quiet", sink = sink }
-        local q = writer(quiet)
-        q:write("first\n")
-        assert(quiet:wait(0, 5000))
-        -- every line past the first 999 leaves a dropped slot behind, which
-        -- the queue sheds once it reaches its bound
-        local flood = capture(FLOOD .. " 200000 20", { tag = "app:flood", sink = sink })
-        drained(flood)
-        assert.are.same({ pending = 1000, bytes = 999 * 19 + 5, taken = 0, dropped = 199001 }, sink:stats())
-        local batch = assert(sink:take(5000))
-        assert.are.equal(1001, #batch)
-        assert.are.equal("first", batch[1][4])
-        assert.are.equal("\u{2026}[199001 lines dropped here: the log store could not keep up]", batch[2][4])
-        assert.are.equal(string.format("%010d", 199001), batch[3][4]:sub(1, 10))
-        assert.are.equal(string.format("%010d", 199999), batch[1001][4]:sub(1, 10))
-        q:close()
-        drained(quiet)
-        flood:close(); quiet:close(); sink:close()
+        local sink = lb.sink{ max_pending = 4 }
+        local rings, writers, n = {}, {}, {}
+        for _, name in ipairs { "a", "b", "c" } do
+          rings[name] = lb.ring{ tag = name, sink = sink }
+          writers[name], n[name] = writer(rings[name]), 0
+        end
+        local function say(name, text)
+          writers[name]:write(text, "\n")
+          assert(rings[name]:wait(n[name], 5000))
+          n[name] = n[name] + 1
+        end
+        local function take()
+          local got = {}
+          for i, row in ipairs(assert(sink:take(100))) do got[i] = row[2] .. " " .. row[4] end
+          return got
+        end
+        -- full at a1 b1 c1 a2: a3 and a4 each cost a, the ring with the most waiting
+        for _, w in ipairs { "a1", "b1", "c1", "a2", "a3", "a4" } do say(w:sub(1, 1), w) end
+        assert.are.same({ "b b1", "c c1", "a \u{2026}[2 lines dropped here: the log store could not keep up]",
+          "a a3", "a a4" }, take())
+        -- a gap is told once
+        say("b", "b2"); say("a", "a5")
+        assert.are.same({ "b b2", "a a5" }, take())
+        say("c", "c2"); say("a", "a6"); say("b", "b3")
+        assert.are.same({ "c c2", "a a6", "b b3" }, take())
+        assert.are.same({ pending = 0, bytes = 0, taken = 9, dropped = 2 }, sink:stats())
+        for name, f in pairs(writers) do f:close(); drained(rings[name]); rings[name]:close() end
+        sink:close()
       end)
     end)
 
