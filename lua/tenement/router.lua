@@ -184,25 +184,35 @@ end
 -- sleeping); weight 0 takes no new traffic. Weights hold while some sleep:
 -- a canary at 10 beside a production at 100 gets a eleventh of the requests
 -- whichever of them happens to be awake, and is woken when drawn. With none
--- of those, the stopped one with the highest weight, to be started, unless
--- an operator stopped it (held). rand(n) returns an integer in 1..n.
+-- of those, one on its way back: going to sleep (woken once it is down) or
+-- restarting after a crash, the request waiting for it as it would through
+-- the instance's own host (the service's host answered 503 at once, for as
+-- long as a slow app took to stop). Then the stopped one with the highest
+-- weight, to be started. Never one an operator stopped (held).
+-- rand(n) returns an integer in 1..n.
 local TAKES = { running = true, starting = true, sleeping = true }
-function router.pick(candidates, rand)
+local COMING_BACK = { stopping = true, backoff = true }
+
+local function draw(candidates, states, rand)
   local total = 0
   local pool = {}
   for _, c in ipairs(candidates) do
-    if TAKES[c.state] and (c.weight or 0) > 0 then
+    if states[c.state] and (c.weight or 0) > 0 and not c.held then
       pool[#pool + 1] = c
       total = total + c.weight
     end
   end
-  if total > 0 then
-    local r = rand(total)
-    for _, c in ipairs(pool) do
-      r = r - c.weight
-      if r <= 0 then return c end
-    end
+  if total == 0 then return nil end
+  local r = rand(total)
+  for _, c in ipairs(pool) do
+    r = r - c.weight
+    if r <= 0 then return c end
   end
+end
+
+function router.pick(candidates, rand)
+  local drawn = draw(candidates, TAKES, rand) or draw(candidates, COMING_BACK, rand)
+  if drawn then return drawn end
   local best
   for _, c in ipairs(candidates) do
     if c.state == "stopped" and not c.held and (c.weight or 0) > 0 and (not best or c.weight > best.weight) then

@@ -595,6 +595,16 @@ function Server:reload()
   end
   local new, err = config.load(self.cfg.source, self.opts.environ)
   if not new then return nil, err end
+  -- a file cut short (a save under way, a full disk) reads as one with no
+  -- service, and applied it stops and forgets every instance
+  if next(new.services) == nil and next(self.cfg.services) ~= nil then
+    local names = {}
+    for name in pairs(self.cfg.services) do names[#names + 1] = name end
+    table.sort(names)
+    return nil, string.format("%s defines no service: this reload would stop and forget every instance of %s. "
+      .. "Nothing changed. A file cut short reads like this: check it; to remove every service, restart ten serve "
+      .. "with the file", self.cfg.source, table.concat(names, ", "))
+  end
   local hook, herr = frontdoor.load_hook(new)
   if hook == nil then return nil, herr end
   for _, w in ipairs(new.warnings) do log.warn("reload: %s", w) end

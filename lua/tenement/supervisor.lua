@@ -534,10 +534,13 @@ function Instance:inflight()
   return self.upstream_obj and self.upstream_obj:inflight() or 0
 end
 
--- core.now() of the last proxied request, or of the start: idle_timeout
--- runs from whichever came later (health checks never count).
+-- core.now() of the last proxied request, or of the instance becoming
+-- ready: idle_timeout runs from whichever came later (health checks never
+-- count). From the start of the process, a slow start used up its idle time
+-- before it could take a request.
 function Instance:last_active()
   local at = self.started_at
+  if self.ready_at and (not at or self.ready_at > at) then at = self.ready_at end
   local used = self.upstream_obj and self.upstream_obj:last_active()
   if used and (not at or used > at) then at = used end
   return at
@@ -1065,6 +1068,7 @@ function Instance:run()
     if outcome == "ready" then
       self:transition("ready")
       self.health = "healthy"
+      self.ready_at = core.now()
       -- one line per start, with who asked for it: the first start of a
       -- runner names its asker, the later ones are its own restarts
       log.info("%s running: pid %s on %s, ready in %d ms (%s)", self.key, tostring(self.pid), self.socket or "-",

@@ -307,6 +307,35 @@ describe("front door", function()
     assert.are.equal(1, wakes)
   end)
 
+  -- A start slower than idle_timeout used it up before the instance could
+  -- take a request: it went to sleep as soon as it was ready.
+  it("counts idle_timeout from the instance being ready, not from its start", function()
+    local dir = support.tmpdir()
+    srv = start_server(dir, { api = { 'health = "/health"', "idle_timeout = 2",
+      "[service.api.env]", 'BACKEND_START_DELAY_MS = "3000"' } })
+    assert.are.equal(0, (ten(srv, "spawn", "api:slow")))
+    -- spawn returns once it is ready: a second later it still waits for work
+    sleep(1)
+    assert.are.equal("running", ps(srv)["api:slow"].state)
+    wait_state(srv, "api:slow", "sleeping")
+    assert.matches("api:slow idle for 2 s: going to sleep", log_text(srv), 1, true)
+  end)
+
+  -- The service's host answered 503 at once while its only instance went to
+  -- sleep (or restarted), where the instance's own host waited and served.
+  it("has a request to the service's host wait for an instance going to sleep, then wake it", function()
+    local dir = support.tmpdir()
+    -- an app that takes its time to stop: stop_timeout (2 s) ends it
+    srv = start_server(dir, { api = { 'health = "/health"', "idle_timeout = 1",
+      "[service.api.env]", 'BACKEND_IGNORE_TERM = "1"' } }, { tail = { "[instances]", 'api = ["z"]' } })
+    wait_state(srv, "api:z", "running")
+    wait_state(srv, "api:z", "stopping")
+    local res
+    run(function() res = get(srv, "api.example.test", "/", { timeout = 10000 }) end)
+    assert.are.equal(200, res and res.status)
+    assert.are.equal("running", ps(srv)["api:z"].state)
+  end)
+
   it("answers 503 with Retry-After to every waiter when a wake fails, and the next request may try again", function()
     local dir = support.tmpdir()
     local flag = dir .. "/ok"
@@ -865,6 +894,22 @@ describe("front door", function()
       end
     end)
     assert.matches("router hook chose unknown service", log_text(srv), 1, true)
+  end)
+
+  it("refuses a reload of a file with no service left, which would stop every instance", function()
+    local dir = support.tmpdir()
+    srv = start_server(dir, { api = {} }, { tail = { "[instances]", 'api = ["one"]' } })
+    local before = wait_state(srv, "api:one", "running")
+    assert.is_number(before.pid)
+    local text = support.read(srv.cfg)
+    support.write(srv.cfg, "")
+    local code, _, err = support.ten_run { "reload", "--data-dir", dir .. "/data" }
+    assert.are.equal(1, code)
+    assert.matches(srv.cfg .. " defines no service: this reload would stop and forget every instance of api. "
+      .. "Nothing changed.", err, 1, true)
+    support.write(srv.cfg, text)
+    local now = ps(srv)["api:one"]
+    assert.are.same({ "running", before.pid }, { now.state, now.pid })
   end)
 
   it("does not start again an instance of a service a reload removes while a request asks for it", function()

@@ -138,6 +138,17 @@ describe("router.pick", function()
     assert_draws(c, { { 1, "prod" }, { 100, "prod" }, { 101, "canary" }, { 110, "canary" }, { 130, "next" } })
   end)
 
+  it("draws one going to sleep or restarting when none runs, starts or sleeps, never one an operator stops", function()
+    local c = { { key = "a", state = "stopping", weight = 10 }, { key = "b", state = "backoff", weight = 30 },
+      { key = "c", state = "stopped", weight = 100 }, { key = "d", state = "failed", weight = 100 } }
+    assert_draws(c, { { 1, "a" }, { 10, "a" }, { 11, "b" }, { 40, "b" } })
+    c[2].held = true -- ten stop: stopping too, but for good
+    assert_draws(c, { { 1, "a" }, { 10, "a" } })
+    -- one that takes requests now comes first
+    c[3].state = "sleeping"
+    assert_draws(c, { { 1, "c" }, { 100, "c" } })
+  end)
+
   it("starts the stopped instance with the highest weight when nothing else can serve, unless an operator holds it", function()
     local c = { { key = "a", state = "stopped", weight = 10 }, { key = "b", state = "stopped", weight = 60 },
       { key = "c", state = "failed", weight = 100 } }
