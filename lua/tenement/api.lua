@@ -21,6 +21,7 @@ local JSON_HEADERS = { ["content-type"] = "application/json" }
 -- messages in one answer of /api/logs (a page of the event stream) at most:
 -- encoding is done on the loop, which reads every instance's pipes too
 local LOG_ANSWER_BYTES = 4 * 1024 * 1024
+api.LOG_ANSWER_BYTES = LOG_ANSWER_BYTES
 
 -- May this request act on service:id? (No principal: the control socket.)
 function api.allows(req, service, id)
@@ -433,6 +434,13 @@ function api.new(ctx)
         return nil, fail("bad_request", string.format("%s must be a number, not %q", name, v))
       end
     end
+    -- seconds, but the answer's own timestamps are in milliseconds: one of
+    -- those given back filtered everything out, without a word
+    local since = tonumber(p.since)
+    if since and since > os.time() + 86400 then
+      return nil, fail("bad_request", string.format("since is seconds since the epoch, and %s is more than a day "
+        .. "ahead (milliseconds? that is since=%d)", p.since, math.floor(since / 1000)))
+    end
     local given = p.limit ~= nil and p.limit ~= ""
     local limit = given and math.tointeger(tonumber(p.limit))
     if given and not (limit and limit >= 1 and limit <= 10000) then
@@ -458,7 +466,8 @@ function api.new(ctx)
     if principal and not principal.admin and not filter.instance then
       local sc = principal.scope or {}
       if not sc.service then
-        return nil, fail("bad_request", "a tenant token must name the instance: ?instance=SERVICE:" .. tostring(sc.id))
+        return nil, fail("bad_request", string.format("a tenant token must name the instance: ?instance=SERVICE:%s "
+          .. "(with the CLI: ten logs SERVICE:%s)", tostring(sc.id), tostring(sc.id)))
       end
       filter.instance = sc.service .. ":" .. sc.id
     end

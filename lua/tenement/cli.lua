@@ -226,7 +226,8 @@ command {
   usage = "ten config [--json]",
   description = "Reads tenement.toml (see --config), checks every field, fills in the\n" ..
     "defaults and prints the result. Exits 1 with every problem found, each\n" ..
-    "with its file, line and what is allowed.",
+    "with its file, line and what is allowed. ${VAR}s are read from this\n" ..
+    "shell's environment: ten serve reads them from its own, which may differ.",
   options = {
     { long = "json", help = "print JSON instead of TOML-like text" },
   },
@@ -279,6 +280,11 @@ local function data_dir(ctx)
   end
   -- A file named but missing is reported by load_config, reason and fix included.
   local cfg = load_config(ctx)
+  if not cfg and there then
+    -- the server runs on as it was; only the way to it is in doubt
+    ctx.err:write(string.format("ten %s: the server's data directory is read from %s: fix the file, or name the "
+      .. "directory with --data-dir DIR (or $TENEMENT_DATA_DIR)\n", ctx.command or "", absolute(path)))
+  end
   return cfg and cfg.settings.data_dir
 end
 
@@ -626,10 +632,16 @@ command {
   end,
 }
 
+-- Digits only: tonumber also takes " 7", "0x10" and "1e1", which no one
+-- typing a count or a weight means.
+local function whole_number(v)
+  return type(v) == "string" and v:match("^%d+$") and math.tointeger(tonumber(v)) or nil
+end
+
 -- -n and --limit: the store answers at most 10000 lines, and a count it
 -- would cut without a word is refused here
 local function log_line_count(v)
-  local n = math.tointeger(tonumber(v))
+  local n = whole_number(v)
   return n and n >= 1 and n <= 10000 and n, "expected a whole number from 1 to 10000"
 end
 
@@ -724,6 +736,18 @@ command {
         return 1
       end
       show(list)
+      local asked = ctx.opts.lines or ctx.opts.limit or 100
+      if #list > 0 and #list < asked then
+        -- fewer than asked, with as much text as an answer holds: the
+        -- answer was cut there, not the log
+        local bytes = 0
+        for _, l in ipairs(list) do bytes = bytes + #l.message end
+        local cap = require("tenement.api").LOG_ANSWER_BYTES
+        if bytes > cap - 64 * 1024 then
+          ctx.err:write(string.format("ten logs: the newest %d of the %d lines asked for: an answer holds at most %d "
+            .. "MiB of text; --since or --search narrows what to show\n", #list, asked, cap // (1024 * 1024)))
+        end
+      end
       if #list == 0 and ctx.opts.search and not ctx.opts.search:find("[%w\128-\255]") then
         -- quiet otherwise: nothing found looks like nothing written
         ctx.err:write("ten logs: --search finds words of letters or digits, and ", string.format("%q", ctx.opts.search),
@@ -750,7 +774,7 @@ command {
 
 local function int_check(lo, hi)
   return function(v)
-    local n = math.tointeger(tonumber(v))
+    local n = whole_number(v)
     if n and n >= lo and (not hi or n <= hi) then return n end
     return nil, hi and string.format("expected a whole number from %d to %d", lo, hi)
       or string.format("expected a whole number >= %d", lo)
@@ -782,14 +806,16 @@ command {
 
 command {
   name = "route",
-  summary = "Show a service's weights, or move all traffic from one instance to another",
+  summary = "Show a service's weights, or move one instance's traffic to another",
   usage = "ten route SERVICE [--from ID --to ID]",
   description = "With --from and --to: the --to instance is started if needed and health-\n" ..
-    "checked, then gets weight 100 and --from gets 0, at once (blue-green).",
+    "checked, then gets weight 100 and --from gets 0, at once (blue-green).\n" ..
+    "Weights are relative: other instances of the service keep theirs, and\n" ..
+    "each instance gets its weight over the sum of all of them.",
   max_args = 1,
   options = {
     { long = "from", arg = "ID", help = "the instance that gives up its traffic" },
-    { long = "to", arg = "ID", help = "the instance that takes all traffic" },
+    { long = "to", arg = "ID", help = "the instance that takes its traffic (weight 100)" },
   },
   run = function(ctx, args)
     local service = args[1]
@@ -1148,6 +1174,7 @@ function cli.main(args, io_override)
     error(opts, 0)
   end
   ctx.opts = opts
+  ctx.command = cmd and cmd.name
 
   if opts.version then ctx.out:write("ten ", VERSION, "\n") return 0 end
   if opts.help or not cmd then

@@ -40,7 +40,7 @@ function deploy.shift(sup, service, from_id, to_id)
   if not b then return nil, berr, "internal" end
   local a, aerr = sup:set_weight(service, from_id, 0)
   if not a then return nil, aerr, "internal" end
-  log.info("route %s: all traffic from %s to %s", service, from.key, to.key)
+  log.info("route %s: %s's traffic to %s (weight 0 and 100)", service, from.key, to.key)
   return { from_instance = from.key, to_instance = to.key, from_weight = 0, to_weight = 100 }
 end
 

@@ -278,7 +278,7 @@ function metrics.render(srv, emit)
     { "tenement_instance_restarts_total", "counter", "Restarts of the instance.", function(r) return r.restarts end },
     { "tenement_instance_uptime_seconds", "gauge", "Seconds since the instance's process started.",
       function(r) return r.uptime end },
-    { "tenement_instance_weight", "gauge", "Share of its service's traffic (0-100).", function(r) return r.weight end },
+    { "tenement_instance_weight", "gauge", "Weight in its service (0-100): its share is its weight over the sum of the weights.", function(r) return r.weight end },
     { "tenement_instance_upstream_errors_total", "counter", "Proxied requests the instance failed to answer.",
       function(r) return r.traffic.errors end },
     { "tenement_instance_wakes_total", "counter", "Starts caused by a request (scale from zero).",

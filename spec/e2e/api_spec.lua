@@ -368,6 +368,14 @@ describe("HTTP API", function()
       assert.are.equal("bad_request", body.error.code)
       assert.matches(field, body.error.message, 1, true)
     end
+    -- milliseconds, as the answer's timestamps are: nothing would ever match
+    local ms = (os.time() - 60) * 1000
+    status, _, body = call(srv, "GET", "/api/logs?since=" .. ms, { headers = h })
+    assert.are.equal(400, status)
+    assert.are.equal(string.format("since is seconds since the epoch, and %d is more than a day ahead "
+      .. "(milliseconds? that is since=%d)", ms, ms // 1000), body.error.message)
+    status, _, body = call(srv, "GET", "/api/logs?since=" .. (os.time() - 60), { headers = h })
+    assert.are.equal(200, status)
   end)
 
   it("filters logs by service with the original's process parameter alone", function()
@@ -738,6 +746,33 @@ describe("HTTP API", function()
     end
     assert.is_true(lines > 0, "no line of the flood was kept")
     assert.is_true(text <= 1.1 * 1024 * 1024, text .. " bytes of text kept in " .. lines .. " lines")
+  end)
+
+  -- An answer holds 4 MiB of text: 300 lines of 16 KB do not fit, and the
+  -- CLI showed 262 of them as if they were all
+  it("says when ten logs shows fewer lines than asked because the answer was full", function()
+    os.execute("kill -TERM " .. srv.pid .. " 2>/dev/null; sleep 0.3; kill -KILL " .. srv.pid .. " 2>/dev/null")
+    local dir = support.tmpdir()
+    local flood = string.format("sh -c '%s 300 16000; exec %s'", support.fixture("flood"), BACKEND)
+    srv = start_server(dir, "", table.concat({
+      "[service.loud]", string.format("command = %q", flood),
+      string.format("socket = %q", dir .. "/sock/{name}-{id}.sock"), 'isolation = "process"',
+    }, "\n"))
+    assert.are.equal(0, (support.ten_run { "spawn", "loud:x", "--config", srv.cfg }))
+    local code, out, err, shown
+    for _ = 1, 100 do
+      code, out, err = support.ten_run { "logs", "loud:x", "-n", "300", "--config", srv.cfg }
+      shown = select(2, out:gsub("\n", ""))
+      if shown > 200 then break end
+      sleep(0.1)
+    end
+    assert.are.equal(0, code, err)
+    assert.is_true(shown > 200 and shown < 300, shown .. " lines")
+    assert.matches(string.format("ten logs: the newest %d of the 300 lines asked for: an answer holds at most 4 MiB "
+      .. "of text; --since or --search narrows what to show\n", shown), err, 1, true)
+    -- asked for what fits, nothing to say
+    code, out, err = support.ten_run { "logs", "loud:x", "-n", "100", "--config", srv.cfg }
+    assert.are.same({ 0, "" }, { code, err })
   end)
 
   it("keeps its memory flat when an event stream reader does not read", function()

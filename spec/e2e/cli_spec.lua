@@ -62,6 +62,18 @@ describe("ten CLI", function()
     end
   end)
 
+  -- tonumber reads them all as numbers: "weight 16" for 0x10
+  it("takes counts and weights in decimal digits only", function()
+    for _, n in ipairs { "0x10", "1e1", " 7", "7 ", "+7", "-0" } do
+      local code, _, err = support.ten_run { "deploy", "api:v2", "-w", n }
+      assert.are.equal(2, code, n)
+      assert.matches("expected a whole number from 0 to 100", err, 1, true)
+      code, _, err = support.ten_run { "logs", "-n", n }
+      assert.are.equal(2, code, n)
+      assert.matches("expected a whole number from 1 to 10000", err, 1, true)
+    end
+  end)
+
   it("ten help COMMAND shows the command's options", function()
     local code, out = support.ten_run { "help", "logs" }
     assert.are.equal(0, code)
@@ -181,6 +193,22 @@ describe("ten CLI", function()
       .. '[service.api.env]\nSECRET_KEY = "${SECRET_KEY}"\n')
     _, _, err = support.ten_run { "ps", "--config", path }
     assert.is_nil(err:find("SECRET_KEY", 1, true), err)
+  end)
+
+  -- A server runs on with the file it read; an edit in progress that breaks
+  -- the file must not leave the operator without a way to it.
+  it("client commands on a file that is not TOML give the error and the way round it", function()
+    local dir = support.tmpdir()
+    local path = support.write(dir .. "/tenement.toml", '[settings]\ndata_dir = "data"\n[service.a]\ncommand = "x\n')
+    local code, _, err = support.ten_run { "ps", "--config", path }
+    assert.are.equal(1, code)
+    assert.matches(path .. ":4:11: unterminated string", err, 1, true)
+    assert.matches("ten ps: the server's data directory is read from " .. path .. ": fix the file, or name the "
+      .. "directory with --data-dir DIR (or $TENEMENT_DATA_DIR)\n", err, 1, true)
+    -- which works
+    code, _, err = support.ten_run { "ps", "--config", path, "--data-dir", dir .. "/data" }
+    assert.are.equal(1, code)
+    assert.matches("no ten server is running for this data directory (" .. dir .. "/data/ten.sock", err, 1, true)
   end)
 
   it("client commands on a missing config file give the reason and the fix", function()
