@@ -207,6 +207,15 @@ local function unavailable(req, why, retry_after)
   return text_reply(req, 503, why:match("^[^\n]*"), retry_after and { ["retry-after"] = tostring(retry_after) })
 end
 
+-- Retry-After for a start that did not come: 5 s, unless the supervisor
+-- gave up on the instance (failed), which only an operator clears: a client
+-- told to come back would come back to the same answer.
+function Door:retry_after(service, id)
+  local inst = self.sup:get(service, id)
+  if inst and (inst.state == "failed" or inst.held) then return nil end
+  return 5
+end
+
 -- Makes sure service:id runs; wakes or starts it if needed. Every request
 -- that arrives during a start waits for that one start (100 requests, one
 -- spawn), and every wait is bounded by startup_timeout.
@@ -227,7 +236,7 @@ function Door:ensure_running(service, id, on_demand)
   if waking then
     local started, err = waking:wait(limit_ms)
     if started then return started end
-    return nil, 503, err or (key .. " did not start in time"), 5
+    return nil, 503, err or (key .. " did not start in time"), self:retry_after(service, id)
   end
 
   if inst and inst.state == "failed" then
@@ -282,7 +291,7 @@ function Door:ensure_running(service, id, on_demand)
   end
   if not started then
     waking:set(nil, err)
-    return nil, 503, err, 5
+    return nil, 503, err, self:retry_after(service, id)
   end
   started.stats.wakes = started.stats.wakes + 1
   metrics.observe(started.stats.wake, (core.now() - t0) / 1000)
@@ -368,7 +377,21 @@ function Door:handle(req)
       if #candidates == 0 then
         return text_reply(req, 404, "no instances of " .. service .. " (start one with `ten spawn " .. service .. ":ID`)")
       end
-      return unavailable(req, "no instance of " .. service .. " can take requests now", 5)
+      -- an unhealthy one may recover; weights of 0, an operator's stop or a
+      -- failure wait for an operator, and a Retry-After would only bring
+      -- the client back to the same answer
+      local weighed, recovering = false, false
+      for _, c in ipairs(candidates) do
+        if (c.weight or 0) > 0 then
+          weighed = true
+          if c.state == "unhealthy" and not c.held then recovering = true end
+        end
+      end
+      if not weighed then
+        return unavailable(req, string.format("every instance of %s has weight 0 (`ten weight %s:ID N` gives one "
+          .. "traffic)", service, service))
+      end
+      return unavailable(req, "no instance of " .. service .. " can take requests now", recovering and 5 or nil)
     end
     id = pick.id
     -- the set is made after the proxy call, from the instances the service
