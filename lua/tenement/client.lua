@@ -23,6 +23,12 @@ function client.new(opts)
       return nil, "--server " .. opts.server .. ": only http:// is supported by this client"
     end
     local address = host == "localhost" and "127.0.0.1" or host:gsub("^%[(.*)%]$", "%1")
+    if not (address:match("^%d+%.%d+%.%d+%.%d+$") or address:find(":", 1, true)) then
+      -- names are not looked up (no resolver in the loop); the server's API
+      -- answers on any address as it does on its domain
+      return nil, string.format("--server %s: give the server's IP address (http://203.0.113.5:%s) or localhost: "
+        .. "names are not looked up", opts.server, port ~= "" and port or "80")
+    end
     return setmetatable({ server = opts.server, host = address, host_header = host,
       port = tonumber(port) or 80, token = opts.token }, Client)
   end
@@ -71,7 +77,13 @@ function Client:request(method, target, body, timeout_ms)
   local value
   if res.body and res.body ~= "" then
     local v, jerr = json.decode(res.body)
-    if v == nil and jerr then return nil, "the server sent something that is not JSON: " .. jerr end
+    if v == nil and jerr then
+      -- what answered is likely not the API (a site of the front door, a
+      -- proxy in front): its status and first line say what it was
+      local first = res.body:match("^[^\n]*"):sub(1, 200)
+      return nil, string.format("the server answered %d with something that is not JSON (%s): %s", res.status,
+        jerr, require("tenement.log").printable(first))
+    end
     value = v
   end
   return res.status, value

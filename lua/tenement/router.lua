@@ -139,8 +139,9 @@ function router.route(request, view)
   local raw = request.path or "/"
 
   -- an address instead of a name reaches the server itself: no instance
-  -- has an address of its own, and remote CLIs often know only the IP
-  local is_address = host:match("^%d+%.%d+%.%d+%.%d+$") or host:sub(1, 1) == "["
+  -- has an address of its own, and remote CLIs often know only the IP (or
+  -- reach it through a tunnel to localhost)
+  local is_address = host:match("^%d+%.%d+%.%d+%.%d+$") or host:sub(1, 1) == "[" or host == "localhost"
   if host == domain or is_address then
     local path = router.normalize_path(raw)
     for _, p in ipairs(routing.path or {}) do

@@ -24,9 +24,11 @@ describe("router.route", function()
     assert.are.same({ kind = "self" }, route("example.com", "/api/instances"))
   end)
 
-  it("sends an IP address host to the server's own pages", function()
+  it("sends an IP address host, or localhost, to the server's own pages", function()
     assert.are.same({ kind = "self" }, route("127.0.0.1:8080", "/api/instances"))
     assert.are.same({ kind = "self" }, route("[::1]:8080", "/health"))
+    -- ten --server http://localhost:PORT (an SSH tunnel, say)
+    assert.are.same({ kind = "self" }, route("localhost:8080", "/api/instances"))
   end)
 
   it("ignores case and the port, and a trailing dot", function()
