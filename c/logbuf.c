@@ -439,6 +439,7 @@ struct lb_cap {
     lb_cap *prev, *next;
     char *pbuf;          /* the partial line carried across reads */
     size_t plen, pcap;
+    int64_t pts;         /* when its first byte came: the line's time */
     uint8_t stream;
     uint32_t source;
     int discarding;      /* the rest of a cut line, up to its newline */
@@ -546,6 +547,7 @@ static void cap_reset(lb_cap *c) {
  * is kept because it may be the \r of a \r\n; past that the line is cut
  * now (so a line that never ends still shows) and the rest is discarded. */
 static void cap_append(lb_cap *c, const char *p, size_t n, int64_t ts) {
+    if (c->plen == 0) c->pts = ts;
     size_t limit = c->r->max_line + 1;
     size_t take = limit - c->plen;
     if (take > n) take = n;
@@ -561,7 +563,7 @@ static void cap_append(lb_cap *c, const char *p, size_t n, int64_t ts) {
     memcpy(c->pbuf + c->plen, p, take);
     c->plen += take;
     if (n > take || (c->plen == limit && c->pbuf[limit - 1] != '\r')) {
-        cap_emit(c, c->pbuf, c->plen, 0, ts);
+        cap_emit(c, c->pbuf, c->plen, 0, c->pts);
         cap_reset(c);
         c->discarding = 1;
     }
@@ -579,7 +581,7 @@ static void cap_feed(lb_cap *c, const char *p, size_t n, int64_t ts) {
             cap_append(c, p, seg, ts);
             if (nl) {
                 if (c->discarding) c->discarding = 0;
-                else cap_emit(c, c->pbuf, c->plen, 1, ts);
+                else cap_emit(c, c->pbuf, c->plen, 1, c->pts);
                 cap_reset(c);
             }
         }
@@ -661,7 +663,7 @@ static void cap_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
     } else {
         /* EOF, or an error that ends the stream just as well: whatever was
          * read is kept, the last line even without its newline. */
-        if (!c->discarding && c->plen) cap_emit(c, c->pbuf, c->plen, 0, wall_ms());
+        if (!c->discarding && c->plen) cap_emit(c, c->pbuf, c->plen, 0, c->pts);
         c->plen = 0;
         cap_close(c);
     }

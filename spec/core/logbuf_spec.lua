@@ -144,6 +144,28 @@ describe("core.logbuf", function()
       end)
     end)
 
+    -- a line's time is when it began: an app that writes half a line and
+    -- the rest (or nothing more, until it exits) later did what it logs then
+    it("gives a line written in pieces the time of its first piece", function()
+      core.run(function()
+        local ring = lb.ring{}
+        local f = writer(ring)
+        local t0 = core.time()
+        f:write("begun")
+        core.sleep(1000)
+        f:write(" and ended\nlast, without a newline")
+        core.sleep(1000)
+        f:close()
+        drained(ring)
+        local ls = ring:lines()
+        assert.are.same({ "begun and ended", "last, without a newline" }, { ls[1].text, ls[2].text })
+        -- half a second either way: a second apart, the pieces are told apart
+        assert.is_true(ls[1].ts < t0 + 0.5, "stamped " .. (ls[1].ts - t0) .. " s after its first byte")
+        assert.is_true(ls[2].ts > t0 + 0.9 and ls[2].ts < t0 + 1.5, "stamped " .. (ls[2].ts - t0) .. " s after t0")
+        ring:close()
+      end)
+    end)
+
     it("joins pieces written at different times, byte by byte", function()
       core.run(function()
         local ring = lb.ring{}
