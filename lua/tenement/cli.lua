@@ -611,6 +611,9 @@ command {
   name = "health",
   summary = "Run a health check on an instance now",
   usage = "ten health SERVICE:ID",
+  description = "Exits 0 when the instance answers its health check, or sleeps (scaled to\n" ..
+    "zero after idle_timeout: nothing runs to check, and its next request wakes\n" ..
+    "it); 1 when it fails the check or is not running otherwise.",
   max_args = 1,
   run = function(ctx, args)
     local service, id = target_arg(ctx, by_name.health, args)
@@ -622,7 +625,10 @@ command {
         ctx.out:write(v.instance, ": healthy\n")
         return 0
       end
-      if v.state ~= "running" and v.state ~= "unhealthy" then
+      if v.state == "sleeping" then
+        ctx.out:write(v.instance, ": asleep, not checked (its next request wakes it)\n")
+        return 0
+      elseif v.state ~= "running" and v.state ~= "unhealthy" then
         ctx.out:write(v.error or (v.instance .. " is " .. v.state), "\n")
       else
         ctx.out:write(v.instance, ": ", v.health, " (", v.error or v.state, ")\n")

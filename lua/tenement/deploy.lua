@@ -26,7 +26,7 @@ function deploy.shift(sup, service, from_id, to_id)
   local to = sup:get(service, to_id)
   if not to then return nil, "no instance " .. supervisor.key(service, to_id), "not_found" end
   if to.state ~= "running" then
-    local ok, err = sup:spawn(service, to_id, { why = "for a deploy" })
+    local ok, err = sup:spawn(service, to_id, { why = "for a route" })
     if not ok then return nil, "cannot route to " .. to.key .. ": " .. err, "conflict" end
   end
   local ok, why = to:check(5000)

@@ -278,6 +278,11 @@ describe("front door", function()
       "[service.api.env]", 'BACKEND_START_DELAY_MS = "300"' } }, { tail = { "[instances]", 'api = ["z"]' } })
     wait_state(srv, "api:z", "running")
     wait_state(srv, "api:z", "sleeping")
+    -- asleep is as it should be: a script reading ten health's code is not
+    -- told otherwise, and the check wakes nothing
+    local code, out = ten(srv, "health", "api:z")
+    assert.are.same({ 0, "api:z: asleep, not checked (its next request wakes it)\n" }, { code, out })
+    assert.are.equal("sleeping", ps(srv)["api:z"].state)
     local results = {}
     run(function()
       local tasks = {}
