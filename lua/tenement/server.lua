@@ -649,6 +649,21 @@ function Server:reload()
     end
   end
   for name in pairs(old.services) do if not new.services[name] then old.services[name] = nil end end
+  -- [instances] says what ten serve starts; it does not stop what it no
+  -- longer names (a spawned instance and a listed one are the same thing
+  -- once running), so a removed id is said, with the way to stop it
+  local listed = {}
+  for _, i in ipairs(new.instances or {}) do listed[i.service .. ":" .. i.id] = true end
+  for _, i in ipairs(old.instances or {}) do
+    local key = i.service .. ":" .. i.id
+    local inst = not listed[key] and new.services[i.service] and self.sup:get(i.service, i.id)
+    if inst and inst.state ~= "stopped" then
+      local w = string.format("[instances] no longer names %s: it stays %s, and comes back after a restart of ten "
+        .. "serve, until `ten stop %s`", key, inst.state, key)
+      log.warn("reload: %s", w)
+      warnings[#warnings + 1] = w
+    end
+  end
   -- the rest of the file: settings, routing, hooks, [instances]; said when
   -- changed, since nothing else in the summary would show it
   for _, part in ipairs { { "settings", old.settings, new.settings }, { "routing", old.routing, new.routing },

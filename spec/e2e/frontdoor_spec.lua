@@ -917,6 +917,19 @@ describe("front door", function()
     assert.are.same({ "running", before.pid }, { now.state, now.pid })
   end)
 
+  it("says a reload leaves running an instance [instances] no longer names, and how to stop it", function()
+    local dir = support.tmpdir()
+    srv = start_server(dir, { api = {} }, { tail = { "[instances]", 'api = ["a", "b"]' } })
+    wait_state(srv, "api:a", "running")
+    local before = wait_state(srv, "api:b", "running")
+    support.write(srv.cfg, (support.read(srv.cfg):gsub('api = %["a", "b"%]', 'api = ["a"]')))
+    local code, _, err = ten(srv, "reload")
+    assert.are.equal(0, code, err)
+    assert.matches("[instances] no longer names api:b: it stays running, and comes back after a restart of ten "
+      .. "serve, until `ten stop api:b`", err, 1, true)
+    assert.are.equal(before.pid, ps(srv)["api:b"].pid)
+  end)
+
   it("does not start again an instance of a service a reload removes while a request asks for it", function()
     local dir = support.tmpdir()
     -- the instance ignores SIGTERM: its stop takes stop_timeout, and requests come meanwhile
