@@ -754,10 +754,11 @@ command {
             .. "MiB of text; --since or --search narrows what to show\n", #list, asked, cap // (1024 * 1024)))
         end
       end
-      if #list == 0 and ctx.opts.search and not ctx.opts.search:find("[%w\128-\255]") then
-        -- quiet otherwise: nothing found looks like nothing written
+      -- quiet otherwise: nothing found looks like nothing written. Asked of
+      -- the index's own tokenizer: "✓" or an emoji is no word to it either
+      if #list == 0 and ctx.opts.search and #require("tenement.core").db.tokens(ctx.opts.search) == 0 then
         ctx.err:write("ten logs: --search finds words of letters or digits, and ", string.format("%q", ctx.opts.search),
-          " has none: the index does not hold punctuation; search for the words around it\n")
+          " has none: the index does not hold punctuation or symbols; search for the words around it\n")
       end
       if not ctx.opts.follow then return 0 end
       -- then the live Server-Sent Events stream, from the last line shown

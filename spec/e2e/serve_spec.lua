@@ -163,6 +163,16 @@ describe("ten serve", function()
     code, out, err = ten(cfg, "logs", "--search", "->")
     assert.are.same({ 0, "" }, { code, out })
     assert.matches('--search finds words of letters or digits, and "->" has none', err, 1, true)
+    -- symbols outside ASCII are no words either
+    for _, symbol in ipairs { "\u{1F389}", "\u{2713}" } do
+      code, out, err = ten(cfg, "logs", "--search", symbol)
+      assert.are.same({ 0, "" }, { code, out })
+      assert.matches("--search finds words of letters or digits, and \"" .. symbol .. "\" has none: the index does not "
+        .. "hold punctuation or symbols", err, 1, true)
+    end
+    -- a word of another script is one
+    code, out, err = ten(cfg, "logs", "--search", "\u{65E5}\u{672C}")
+    assert.are.same({ 0, "", "" }, { code, out, err })
     -- a name that is nobody's is said to be so, not shown as a quiet instance
     code, out, err = ten(cfg, "logs", "api:nope")
     assert.are.same({ 1, "" }, { code, out })
