@@ -351,7 +351,9 @@ static void sink_push_batch(lua_State *L, lb_sink *s, lua_Integer max) {
     const lb_tag *last_tag = NULL;
     lua_Integer k = 0;
     for (size_t i = 0; i < n; i++) {
-        lb_line *l = sink_pop(s);
+        /* taken out only once its rows are made: a memory error in Lua
+         * leaves it waiting, not leaked */
+        lb_line *l = heap_first(s)->sink_head;
         if (l->tag->sink_gap) {
             char gap[160];
             int len = snprintf(gap, sizeof gap, "\xe2\x80\xa6[%llu line%s dropped here: the log store could not keep up]",
@@ -360,7 +362,7 @@ static void sink_push_batch(lua_State *L, lb_sink *s, lua_Integer max) {
             push_row(L, ++k, l, &last_tag, gap, (size_t)len);
         }
         push_row(L, ++k, l, &last_tag, l->text, l->len);
-        line_unref(l);
+        line_unref(sink_pop(s));
     }
     s->taken += n;
 }

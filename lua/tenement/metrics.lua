@@ -296,10 +296,18 @@ function metrics.render(srv, emit)
     { "tenement_instance_response_bytes_total", "counter", "Response bytes proxied from the instance.",
       function(r) return r.traffic.bytes_out end },
   }
-  for _, m in ipairs(per) do
-    out:family(m[1], m[2], m[3])
-    for _, r in ipairs(rec) do out:sample(m[1], r.labels, m[4](r)) end
+  -- { name, kind, help, value(r) } each: a family, one sample an instance
+  -- (none where the value is nil)
+  local function families(list)
+    for _, m in ipairs(list) do
+      out:family(m[1], m[2], m[3])
+      for _, r in ipairs(rec) do
+        local v = m[4](r)
+        if v ~= nil then out:sample(m[1], r.labels, v) end
+      end
+    end
   end
+  families(per)
 
   out:family("tenement_instance_state", "gauge", "1 for the state the instance is in.")
   for _, r in ipairs(rec) do
@@ -343,13 +351,7 @@ function metrics.render(srv, emit)
     { "tenement_instance_storage_quota_bytes", "gauge", "The instance's storage quota.",
       function(r) return r.storage_quota end },
   }
-  for _, m in ipairs(usage) do
-    out:family(m[1], m[2], m[3])
-    for _, r in ipairs(rec) do
-      local v = m[4](r)
-      if v then out:sample(m[1], r.labels, v) end
-    end
-  end
+  families(usage)
 
   out:family("tenement_instance_request_duration_seconds", "histogram", "Time to answer proxied requests.")
   for _, r in ipairs(rec) do

@@ -145,6 +145,8 @@ function Server:start()
   -- unpruned: lines (and bytes of text) written since the last prune, by
   -- the writer or a flush
   self.log_stats = { write_dropped = 0, unpruned = 0, unpruned_bytes = 0 }
+  -- each instance's ring -> its drops already told in the log
+  self.drops_told = setmetatable({}, { __mode = "k" })
   local layout = self:prepare_limits()
   self.sup = supervisor.new(cfg, { store = st, sink = self.sink, environ = self.opts.environ, cgroups = layout })
   self.log_writer = core.spawn(self.write_logs, self)
@@ -461,7 +463,6 @@ end
 -- instance with the most lines waiting): " (api:b 1200, web:a 3)", the
 -- three with the most, or "" when none.
 function Server:log_droppers()
-  self.drops_told = self.drops_told or setmetatable({}, { __mode = "k" })
   local told, list = self.drops_told, {}
   for key, inst in pairs(self.sup.instances) do
     local ring = inst.ring
@@ -653,9 +654,9 @@ function Server:reload()
   -- longer names (a spawned instance and a listed one are the same thing
   -- once running), so a removed id is said, with the way to stop it
   local listed = {}
-  for _, i in ipairs(new.instances or {}) do listed[i.service .. ":" .. i.id] = true end
+  for _, i in ipairs(new.instances or {}) do listed[supervisor.key(i.service, i.id)] = true end
   for _, i in ipairs(old.instances or {}) do
-    local key = i.service .. ":" .. i.id
+    local key = supervisor.key(i.service, i.id)
     local inst = not listed[key] and new.services[i.service] and self.sup:get(i.service, i.id)
     if inst and inst.state ~= "stopped" then
       local w = string.format("[instances] no longer names %s: it stays %s, and comes back after a restart of ten "
