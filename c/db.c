@@ -421,6 +421,109 @@ static void stmt_finish(sqlite3_stmt *st) {
     sqlite3_clear_bindings(st);  /* no pointers into the arena remain */
 }
 
+/* ---- the log index's tokenizer: no_escapes ------------------------------ */
+
+/* Apps colour their output with terminal escapes ("\x1b[31merror\x1b[0m"),
+ * and unicode61 alone reads "31merror" as one word, so a search for "error"
+ * missed every coloured line. no_escapes wraps the tokenizer named after it
+ * (tokenize = 'no_escapes unicode61', as porter wraps one) and hands it the
+ * text with each escape sequence turned into spaces of the same length: the
+ * words' offsets stay those of the stored line, which highlighting needs,
+ * and the stored line keeps its bytes. Every connection core.db opens has
+ * it, as must any other program that queries the index. */
+
+typedef struct {
+    fts5_tokenizer inner_api;
+    Fts5Tokenizer *inner;
+} no_escapes_tok;
+
+/* Length of the escape sequence at p[0] == ESC (ECMA-48: CSI, the string
+ * controls OSC/DCS/SOS/PM/APC up to BEL or ST, and the two- and three-byte
+ * escapes); a sequence cut short by the end of the text runs to it. */
+static size_t escape_len(const unsigned char *p, size_t n) {
+    if (n < 2) return n;
+    unsigned char c = p[1];
+    size_t i = 2;
+    if (c == '[') {
+        while (i < n && p[i] >= 0x20 && p[i] <= 0x3f) i++; /* parameters, intermediates */
+        if (i < n && p[i] >= 0x40 && p[i] <= 0x7e) i++;     /* the final byte */
+        return i;
+    }
+    if (c == ']' || c == 'P' || c == 'X' || c == '^' || c == '_') {
+        for (; i < n; i++) {
+            if (p[i] == 0x07) return i + 1;
+            if (p[i] == 0x1b) return i + 1 < n && p[i + 1] == '\\' ? i + 2 : i;
+        }
+        return n;
+    }
+    /* the rest: intermediates, then one final byte (ESC c, ESC ( B) */
+    for (i = 1; i < n && p[i] >= 0x20 && p[i] <= 0x2f; i++) {}
+    return i < n && p[i] >= 0x30 && p[i] <= 0x7e ? i + 1 : i;
+}
+
+/* Blanks every escape sequence of text[0, n) into out. */
+static void blank_escapes(const char *text, size_t n, char *out) {
+    memcpy(out, text, n);
+    for (char *esc = memchr(out, 0x1b, n); esc; ) {
+        size_t at = (size_t)(esc - out), len = escape_len((const unsigned char *)esc, n - at);
+        memset(esc, ' ', len);
+        esc = at + len < n ? memchr(out + at + len, 0x1b, n - at - len) : NULL;
+    }
+}
+
+static int no_escapes_create(void *ud, const char **argv, int argc, Fts5Tokenizer **out) {
+    fts5_api *api = ud;
+    const char *inner_name = argc > 0 ? argv[0] : "unicode61";
+    void *inner_ud = NULL;
+    no_escapes_tok *t = sqlite3_malloc(sizeof *t);
+    if (!t) return SQLITE_NOMEM;
+    int rc = api->xFindTokenizer(api, inner_name, &inner_ud, &t->inner_api);
+    if (rc == SQLITE_OK) rc = t->inner_api.xCreate(inner_ud, argc > 0 ? argv + 1 : NULL, argc > 0 ? argc - 1 : 0, &t->inner);
+    if (rc != SQLITE_OK) {
+        sqlite3_free(t);
+        return rc;
+    }
+    *out = (Fts5Tokenizer *)t;
+    return SQLITE_OK;
+}
+
+static void no_escapes_delete(Fts5Tokenizer *p) {
+    no_escapes_tok *t = (no_escapes_tok *)p;
+    t->inner_api.xDelete(t->inner);
+    sqlite3_free(t);
+}
+
+static int no_escapes_tokenize(Fts5Tokenizer *p, void *ctx, int flags, const char *text, int n,
+                               int (*token)(void *, int, const char *, int, int, int)) {
+    no_escapes_tok *t = (no_escapes_tok *)p;
+    if (n <= 0 || !memchr(text, 0x1b, (size_t)n)) return t->inner_api.xTokenize(t->inner, ctx, flags, text, n, token);
+    char *blanked = sqlite3_malloc(n);
+    if (!blanked) return SQLITE_NOMEM;
+    blank_escapes(text, (size_t)n, blanked);
+    int rc = t->inner_api.xTokenize(t->inner, ctx, flags, blanked, n, token);
+    sqlite3_free(blanked);
+    return rc;
+}
+
+static fts5_api *fts5_of(sqlite3 *db) {
+    fts5_api *api = NULL;
+    sqlite3_stmt *st = NULL;
+    if (sqlite3_prepare_v2(db, "SELECT fts5(?1)", -1, &st, NULL) == SQLITE_OK) {
+        sqlite3_bind_pointer(st, 1, (void *)&api, "fts5_api_ptr", NULL);
+        sqlite3_step(st);
+    }
+    sqlite3_finalize(st);
+    return api;
+}
+
+/* SQLITE_OK, or why the connection cannot have the tokenizer */
+static int add_no_escapes(sqlite3 *db) {
+    static fts5_tokenizer methods = { no_escapes_create, no_escapes_delete, no_escapes_tokenize };
+    fts5_api *api = fts5_of(db);
+    if (!api) return SQLITE_ERROR;
+    return api->xCreateTokenizer(api, "no_escapes", api, &methods, NULL);
+}
+
 static void do_open(db_op *op) {
     db_conn *c = op->c;
     sqlite3 *db = NULL;
@@ -434,6 +537,11 @@ static void do_open(db_op *op) {
         return;
     }
     sqlite3_busy_timeout(db, op->busy_ms);
+    if (add_no_escapes(db) != SQLITE_OK) {
+        op_fail(op, SQLITE_ERROR, NULL, "this SQLite has no FTS5, which the log index needs");
+        sqlite3_close_v2(db);
+        return;
+    }
     const char *file = sqlite3_db_filename(db, "main");
     int readonly = (op->open_flags & SQLITE_OPEN_READONLY) != 0;
     if (!readonly && file && *file) {
@@ -1279,14 +1387,9 @@ static int tokens_ready(const char **err) {
         sqlite3_close_v2(db);
         return 0;
     }
-    fts5_api *api = NULL;
-    sqlite3_stmt *st = NULL;
-    if (sqlite3_prepare_v2(db, "SELECT fts5(?1)", -1, &st, NULL) == SQLITE_OK) {
-        sqlite3_bind_pointer(st, 1, (void *)&api, "fts5_api_ptr", NULL);
-        sqlite3_step(st);
-    }
-    sqlite3_finalize(st);
-    if (!api || api->xFindTokenizer(api, "unicode61", &tokens_ud, &tokens_api) != SQLITE_OK) {
+    fts5_api *api = fts5_of(db);
+    if (!api || add_no_escapes(db) != SQLITE_OK
+        || api->xFindTokenizer(api, "no_escapes", &tokens_ud, &tokens_api) != SQLITE_OK) {
         *err = "this SQLite has no FTS5 unicode61 tokenizer";
         sqlite3_close_v2(db);
         return 0;
@@ -1321,10 +1424,11 @@ static int tokens_cb(void *ctx, int flags, const char *token, int len, int start
 }
 
 /* db.tokens(text [, spans]) -> { token... } [, { first, last, ... }]: the
- * tokens the log index (FTS5's unicode61, as the store configures it) makes
- * of text, as a query would. A word that gives none (punctuation, in any
- * script) matches no line. With spans, also where each token lies in text
- * (string.sub positions, two per token), which highlighting needs. */
+ * tokens the log index (no_escapes over FTS5's unicode61, as the store
+ * configures it) makes of text, as a query would. A word that gives none
+ * (punctuation, in any script) matches no line. With spans, also where each
+ * token lies in text (string.sub positions, two per token), which
+ * highlighting needs. */
 static int l_db_tokens(lua_State *L) {
     size_t len;
     const char *text = luaL_checklstring(L, 1, &len);

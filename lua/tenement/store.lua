@@ -72,6 +72,17 @@ store.migrations = {
   [[
   ALTER TABLE log_lines ADD COLUMN pid INTEGER;
   ]],
+  -- 6: the index reads lines with their terminal escapes blanked (core.db's
+  -- no_escapes tokenizer): "\27[31merror" was indexed as the word "31merror",
+  -- and a search for error missed every coloured line. Rebuilt from the
+  -- lines, which keep their bytes.
+  [[
+  DROP TABLE log_search;
+  CREATE VIRTUAL TABLE log_search USING fts5 (
+    message, content = 'log_lines', content_rowid = 'seq', tokenize = 'no_escapes unicode61'
+  );
+  INSERT INTO log_search (log_search) VALUES ('rebuild');
+  ]],
 }
 
 local Store = {}
@@ -97,6 +108,11 @@ function Store:migrate()
   if version > #store.migrations then
     return nil, string.format("%s was written by a newer ten (schema %d, this one knows %d): "
       .. "upgrade ten or restore an older store", self.path, version, #store.migrations)
+  end
+  if version > 0 and version < #store.migrations then
+    -- a migration may rebuild the log index: a minute for millions of lines
+    require("tenement.log").info("%s: updating the store from schema %d to %d", self.path, version,
+      #store.migrations)
   end
   for v = version + 1, #store.migrations do
     local ok, merr = self.conn:transaction(function()

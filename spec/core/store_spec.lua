@@ -281,7 +281,7 @@ describe("store", function()
   it("highlights as FTS5's highlight() does, on lines it reads whole", function()
     core.run(function()
       local conn = assert(core.db.open(":memory:"))
-      assert(conn:exec("CREATE VIRTUAL TABLE t USING fts5 (message, tokenize = 'unicode61')"))
+      assert(conn:exec("CREATE VIRTUAL TABLE t USING fts5 (message, tokenize = 'no_escapes unicode61')"))
       local lines = {
         "ERROR database unreachable after 3 tries",
         "foo-bar baz foo bar foobar",
@@ -293,6 +293,8 @@ describe("store", function()
         "  spaced   out   words  ",
         "température → 20 °C « élevée »",
         "GET /api/users/42?x=1 200 3ms",
+        "\27[1;31mERROR\27[0m database \27[4mdown\27[24m",
+        "see \27]8;;http://x.test/doc\27\\the doc\27]8;;\27\\ on \27(Bdatabase",
       }
       for i, line in ipairs(lines) do assert(conn:run("INSERT INTO t (rowid, message) VALUES (?, ?)", i, line)) end
       local queries = { "database unreach", "foo-bar", "foo bar", "world", "wor", "ошибка диск", "a", "a b",
@@ -315,7 +317,7 @@ describe("store", function()
         return seed % n + 1
       end
       local vocab = { "foo", "bar", "Foo-Bar", "baz", "é", "Été", "ошибка", "x=1", "->", "—", "a", "ab", "abc",
-        "42", "[x]", "foo.bar", "…", "«", "»", "__", "a_b" }
+        "42", "[x]", "foo.bar", "…", "«", "»", "__", "a_b", "\27[31mfoo\27[0m", "\27[1;4m", "\27]0;t\7", "\27" }
       local seps = { " ", "  ", ", ", "-", "/", ": ", "\t" }
       assert(conn:exec("DELETE FROM t"))
       for i = 1, 200 do
@@ -341,6 +343,70 @@ describe("store", function()
       end
       assert.is_true(compared >= 1000, "only " .. compared .. " random matches compared")
       conn:close()
+    end)
+  end)
+
+  it("finds coloured lines by their words, and keeps each line's escapes as written", function()
+    core.run(function()
+      local st = assert(store.open(dir .. "/t.db"))
+      local lines = {
+        "\27[31mERROR\27[0m payment failed",                         -- SGR colour
+        "\27[1;38;5;208mwarn\27[m disk nearly full",                 -- 256 colours
+        "open \27]8;;https://x.test/run/7\7the run\27]8;;\7 now", -- a hyperlink, ended by BEL
+        "title \27]0;deploying\27\\ set, charset \27(Bascii",       -- OSC ended by ST; ESC ( B
+        "cut short at the end \27[38;5",                             -- a sequence the line cuts
+        "plain error in a line without escapes",
+      }
+      local batch = {}
+      for i, line in ipairs(lines) do batch[i] = { core.time(), "api:a", "stdout", line } end
+      assert(st:append_logs(batch))
+      local function found(q)
+        local out = {}
+        for _, r in ipairs(assert(st:logs { q = q })) do out[#out + 1] = r.message end
+        table.sort(out)
+        return out
+      end
+      assert.are.same({ lines[1], lines[6] }, found("error"))
+      assert.are.same({ lines[2] }, found("warn disk"))
+      assert.are.same({ lines[3] }, found("the run now"))
+      assert.are.same({ lines[4] }, found("title set charset ascii"))
+      assert.are.same({ lines[5] }, found("the end"))
+      -- the escapes' own bytes are no words: the colour, the link's address
+      for _, q in ipairs { "31m", "0m", "208mwarn", "38", "https", "deploying", "Bascii" } do
+        assert.are.same({}, found(q), q)
+      end
+      local rows = assert(st:logs { q = "payment" })
+      assert.are.equal("\27[31m[ERROR]\27[0m [payment] failed",
+        (store.highlight(rows[1].message, "error payment")))
+      st:close()
+    end)
+  end)
+
+  it("upgrades a store of schema 5: its coloured lines are found by their words", function()
+    core.run(function()
+      local conn = assert(core.db.open(dir .. "/five.db"))
+      for v = 1, 5 do assert(conn:exec(store.migrations[v])) end
+      assert(conn:exec("PRAGMA user_version = 5"))
+      local ins = assert(conn:prepare("INSERT INTO log_lines (ts, instance, stream, message, seq) VALUES (?, ?, ?, ?, ?)"))
+      local old = {}
+      for i = 1, 300 do old[i] = { i, "api:a", "stdout", "\27[32mready\27[0m line " .. i, i } end
+      assert(ins:run_many(old))
+      ins:close()
+      assert(conn:exec("INSERT INTO log_search (rowid, message) SELECT seq, message FROM log_lines"))
+      assert(conn:exec("INSERT OR REPLACE INTO log_seq (one, last) VALUES (1, 300)"))
+      -- as schema 5 indexed it: the colour glued to the word
+      assert.are.equal(300, conn:query("SELECT count(*) AS n FROM log_search WHERE log_search MATCH '\"32mready\"'")[1].n)
+      conn:close()
+
+      local st = assert(store.open(dir .. "/five.db"))
+      assert.are.equal(300, #assert(st:logs { q = "ready", limit = 1000 }))
+      assert.are.equal(0, #assert(st:logs { q = "32mready", limit = 1000 }))
+      -- the rebuilt index still loses pruned lines: an index that disagreed
+      -- with the lines about a line's words would be corrupt here
+      assert(st:prune_logs { max_age = 1e10, max_lines = 100 })
+      assert.are.equal(100, #assert(st:logs { q = "ready", limit = 1000 }))
+      assert(st.conn:exec("INSERT INTO log_search (log_search, rank) VALUES ('integrity-check', 1)"))
+      st:close()
     end)
   end)
 
