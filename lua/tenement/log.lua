@@ -8,9 +8,12 @@ local sink = io.stderr
 
 -- Text from outside (an app's output, a token's description, a hook's
 -- print) goes to the operator's terminal with its control characters shown
--- as \xNN: escape sequences would drive the terminal. Tabs stay.
+-- by their codes: escape sequences would drive the terminal. That is C0 but
+-- the tab, DEL, and C1 as UTF-8 writes it (U+009B is a CSI to terminals
+-- that read C1).
 function log.printable(s)
-  return (s:gsub("[\0-\8\10-\31\127]", function(ch) return string.format("\\x%02x", ch:byte()) end))
+  return (s:gsub("[\0-\8\10-\31\127]", function(ch) return string.format("\\x%02x", ch:byte()) end)
+    :gsub("\194([\128-\159])", function(ch) return string.format("\\u%04x", ch:byte()) end))
 end
 
 function log.set_level(name)

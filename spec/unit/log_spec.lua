@@ -15,6 +15,11 @@ describe("log", function()
       .. "| stdout: up | stderr: gone\n$", lines[1])
   end)
 
+  it("shows controls an app wrote by their codes, C1 ones in UTF-8 too, and leaves other text alone", function()
+    assert.are.equal("\\x1b[31mred\\x1b[0m\tok \\x07\\x7f", log.printable("\27[31mred\27[0m\tok \7\127"))
+    assert.are.equal("\\u009b2J \\u0085 é ß ÿ 中", log.printable("\u{9b}2J \u{85} é ß ÿ 中"))
+  end)
+
   it("keeps a message with a bad format as it is", function()
     log.info("100%")
     assert.matches(" info 100%%\n$", lines[1])
