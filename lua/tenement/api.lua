@@ -234,6 +234,10 @@ function api.new(ctx)
     stops[ikey] = stops[ikey] > 1 and stops[ikey] - 1 or nil
     if not done then error(ok, 0) end
     if not ok then return fail(code or "internal", why) end
+    -- stopped, but a restart of the server would start it again: a bare
+    -- 204 would hide that from a client that asks nothing more
+    local inst = sup:get(service, id)
+    if inst and inst.unsaved then return reply(200, spawned_json(inst)) end
     return 204, {}, ""
   end, "instance")
 

@@ -862,6 +862,22 @@ describe("ten serve on a full disk", function()
     assert.matches("api:new is running", out, 1, true)
     assert.matches("ten spawn: api:new: the store could not record the start (", err, 1, true)
     assert.matches("after a restart of ten serve it will not be started again\n", err, 1, true)
+    -- and the API's stop says so to a client that asks nothing more
+    local status, body
+    local function api(method, target, json)
+      require("tenement.core").run(function()
+        local res = assert(require("tenement.core").http.request { host = "127.0.0.1", port = port, method = method,
+          target = target, headers = { host = "localhost", authorization = "Bearer " .. token,
+          ["content-type"] = json and "application/json" or nil }, body = json })
+        status, body = res.status, res.body
+      end)
+    end
+    api("DELETE", "/api/instances/api:boot")
+    assert.are.equal(200, status)
+    assert.matches('"state":"stopped"', body, 1, true)
+    assert.matches('"unsaved":"the store could not record the stop (', body, 1, true)
+    code, out, err = ten(cfg, "spawn", "api:boot")
+    assert.are.same({ 0, "" }, { code, err })
     -- and ps says so under its table
     code, out, err = ten(cfg, "ps")
     assert.are.equal(0, code)
@@ -882,13 +898,7 @@ describe("ten serve on a full disk", function()
     assert.matches("the weight was not changed: the store could not record it", err, 1, true)
     assert.are.equal(100, ps(cfg)["api:boot"].weight)
     -- through the routes API too: it answered 200 with nothing changed
-    local status, body
-    require("tenement.core").run(function()
-      local res = assert(require("tenement.core").http.request { host = "127.0.0.1", port = port, method = "PUT",
-        target = "/api/routes/api", headers = { host = "localhost", authorization = "Bearer " .. token,
-        ["content-type"] = "application/json" }, body = '{"weights":{"boot":30}}' })
-      status, body = res.status, res.body
-    end)
+    api("PUT", "/api/routes/api", '{"weights":{"boot":30}}')
     assert.are.equal(500, status)
     assert.matches("api:boot: the weight was not changed: the store could not record it", body, 1, true)
     assert.are.equal(100, ps(cfg)["api:boot"].weight)
