@@ -45,12 +45,13 @@ function auth.allows(principal, service, id)
   return scope.id == id and (scope.service == nil or scope.service == service)
 end
 
--- "Authorization: Bearer X" -> X | nil, why
+-- "Authorization: Bearer X" -> X | nil, why. "malformed token" is a bearer
+-- credential that is no token ("Bearer", "Bearer X extra"): the client
+-- meant to send one.
 function auth.bearer(header)
   if not header then return nil, "missing" end
-  local scheme, token = header:match("^(%S+)%s+(%S+)%s*$")
-  if not scheme then return nil, "malformed" end
-  if scheme:lower() ~= "bearer" then return nil, "wrong scheme" end
+  local scheme, token = header:match("^(%S+)%s*(.-)%s*$")
+  if not scheme or scheme:lower() ~= "bearer" then return nil, "wrong scheme" end
   if #token ~= 43 or not token:match("^[A-Za-z0-9_-]+$") then return nil, "malformed token" end
   return token
 end

@@ -222,12 +222,17 @@ describe("HTTP API", function()
       short = { host = "example.test", authorization = "Bearer abc" },
       wrong = { host = "example.test", authorization = "Bearer " .. ("A"):rep(43) },
       revoked = { host = "example.test", authorization = "Bearer " .. revoked },
+      trailing = { host = "example.test", authorization = "Bearer " .. admin .. " extra" },
     }
     for _, e in ipairs(endpoints) do
       for why, h in pairs(bad_headers) do
         local status, headers = call(srv, e[1], e[2], { headers = h })
         assert.are.equal(401, status, e[1] .. " " .. e[2] .. " with " .. why)
         assert.matches("^Bearer", headers["www-authenticate"])
+        -- RFC 6750: an error code only where a bearer credential came
+        local sent = why ~= "none" and why ~= "wrong_scheme"
+        assert.are.equal(sent, headers["www-authenticate"]:find('error="invalid_token"', 1, true) ~= nil,
+          e[2] .. " with " .. why)
       end
     end
     -- the valid token works (read-only endpoints, so the matrix changes nothing)
