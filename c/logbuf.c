@@ -341,19 +341,22 @@ static void push_row(lua_State *L, lua_Integer k, const lb_line *l, const lb_tag
     lua_rawseti(L, -2, k);
 }
 
-/* Up to max waiting lines as rows, in arrival order. Where lines of a ring
- * were dropped, a row saying how many comes before its next line, with that
- * line's time, stream and source: a reader of the ring sees the gap where
- * it is. */
-static void sink_push_batch(lua_State *L, lb_sink *s, lua_Integer max) {
-    size_t n = s->count < (size_t)max ? s->count : (size_t)max;
+/* Up to max waiting lines as rows, in arrival order: of every ring, or of
+ * `only`'s. Where lines of a ring were dropped, a row saying how many comes
+ * before its next line, with that line's time, stream and source: a reader
+ * of the ring sees the gap where it is. Taking one ring's lines leaves its
+ * key in the heap low, which heap_first allows for. */
+static void sink_push_batch(lua_State *L, lb_sink *s, lua_Integer max, lb_tag *only) {
+    size_t waiting = only ? only->sink_pending : s->count;
+    size_t n = waiting < (size_t)max ? waiting : (size_t)max;
     lua_createtable(L, (int)n, 0);
     const lb_tag *last_tag = NULL;
     lua_Integer k = 0;
     for (size_t i = 0; i < n; i++) {
+        lb_tag *t = only ? only : heap_first(s);
         /* taken out only once its rows are made: a memory error in Lua
          * leaves it waiting, not leaked */
-        lb_line *l = heap_first(s)->sink_head;
+        lb_line *l = t->sink_head;
         if (l->tag->sink_gap) {
             char gap[160];
             int len = snprintf(gap, sizeof gap, "\xe2\x80\xa6[%llu line%s dropped here: the log store could not keep up]",
@@ -362,7 +365,7 @@ static void sink_push_batch(lua_State *L, lb_sink *s, lua_Integer max) {
             push_row(L, ++k, l, &last_tag, gap, (size_t)len);
         }
         push_row(L, ++k, l, &last_tag, l->text, l->len);
-        line_unref(sink_pop(s));
+        line_unref(sink_unlink_oldest(s, t));
     }
     s->taken += n;
 }
@@ -382,7 +385,7 @@ static void sink_wake_cb(uv_check_t *h) {
         free(w);
         if (tn_task_waiting_for(t, seq)) {
             lua_State *co = tn_task_thread(t);
-            sink_push_batch(co, s, max);
+            sink_push_batch(co, s, max, NULL);
             tn_task_resume(t, 1);
         }
         tn_task_release(t);
@@ -785,7 +788,7 @@ static int l_sink_take(lua_State *L) {
     lua_Integer timeout = luaL_optinteger(L, 3, -1);
     luaL_argcheck(L, max >= 1, 2, "must be at least 1");
     if (s->count) {
-        sink_push_batch(L, s, max);
+        sink_push_batch(L, s, max, NULL);
         return 1;
     }
     tn_task *t = tn_task_check(L);
@@ -1025,10 +1028,10 @@ static int l_ring_open_fds(lua_State *L) {
 }
 
 /* ring:stats() -> { lines, bytes, truncated, overwritten, held, held_bytes,
- * dropped = its lines the sink dropped } */
+ * dropped = its lines the sink dropped, waiting = its lines in the sink } */
 static int l_ring_stats(lua_State *L) {
     lb_ring *r = check_ring(L, 1);
-    lua_createtable(L, 0, 7);
+    lua_createtable(L, 0, 8);
     lua_pushinteger(L, (lua_Integer)r->last_seq); lua_setfield(L, -2, "lines");
     lua_pushinteger(L, (lua_Integer)r->total_bytes); lua_setfield(L, -2, "bytes");
     lua_pushinteger(L, (lua_Integer)r->truncated); lua_setfield(L, -2, "truncated");
@@ -1036,6 +1039,24 @@ static int l_ring_stats(lua_State *L) {
     lua_pushinteger(L, (lua_Integer)r->count); lua_setfield(L, -2, "held");
     lua_pushinteger(L, (lua_Integer)r->held_bytes); lua_setfield(L, -2, "held_bytes");
     lua_pushinteger(L, (lua_Integer)r->tag->sink_dropped); lua_setfield(L, -2, "dropped");
+    lua_pushinteger(L, (lua_Integer)r->tag->sink_pending); lua_setfield(L, -2, "waiting");
+    return 1;
+}
+
+/* ring:take_waiting([max_lines=1000]) -> rows: up to max of this ring's
+ * lines still waiting in its sink, oldest first, taken out of it, as
+ * sink:take gives them; none waiting, or no sink: an empty table. Never
+ * waits. A reader of one instance's lines has the store take that
+ * instance's now, not every line a flood next to it left waiting. */
+static int l_ring_take_waiting(lua_State *L) {
+    lb_ring *r = check_ring(L, 1);
+    lua_Integer max = luaL_optinteger(L, 2, 1000);
+    luaL_argcheck(L, max >= 1, 2, "must be at least 1");
+    if (!r->sink || r->sink->closed) {
+        lua_newtable(L);
+        return 1;
+    }
+    sink_push_batch(L, r->sink, max, r->tag);
     return 1;
 }
 
@@ -1070,7 +1091,8 @@ int tn_open_logbuf(lua_State *L) {
     static const luaL_Reg ring_methods[] = {
         {"capture", l_ring_capture}, {"lines", l_ring_lines}, {"last_seq", l_ring_last_seq},
         {"wait", l_ring_wait}, {"wait_drained", l_ring_wait_drained},
-        {"open_fds", l_ring_open_fds}, {"stats", l_ring_stats}, {"close", l_ring_close},
+        {"open_fds", l_ring_open_fds}, {"stats", l_ring_stats}, {"take_waiting", l_ring_take_waiting},
+        {"close", l_ring_close},
         {"__close", l_ring_close}, {"__gc", l_ring_gc}, {"__tostring", l_ring_tostring},
         {NULL, NULL},
     };

@@ -496,7 +496,7 @@ function api.new(ctx)
     local wait = math.min(tonumber(p.wait) or 0, 60)
     local deadline = core.now() + wait * 1000
     while true do
-      if ctx.flush_logs then ctx.flush_logs() end
+      if ctx.flush_logs then ctx.flush_logs(filter) end
       local rows, err = store:logs(filter)
       if not rows then return fail("bad_request", err) end
       -- a stopping server answers what it has: a poller that went away
@@ -530,7 +530,7 @@ function api.new(ctx)
       end
     end
     if not filter.after then
-      if ctx.flush_logs then ctx.flush_logs() end
+      if ctx.flush_logs then ctx.flush_logs(filter) end
       local last = store:logs { instance = filter.instance, limit = 1 }
       filter.after = last and last[1] and last[1].seq or 0
     end
@@ -539,7 +539,7 @@ function api.new(ctx)
     if not out then return nil, err end
     local quiet_since = core.now()
     while true do
-      if ctx.flush_logs then ctx.flush_logs() end
+      if ctx.flush_logs then ctx.flush_logs(filter) end
       local rows = store:logs(filter) or {}
       local chunk = {}
       for i = #rows, 1, -1 do

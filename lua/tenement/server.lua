@@ -157,7 +157,7 @@ function Server:start()
   if not listener then return nil, "control socket: " .. lerr end
   self.control_listener = listener
   self.handler = api.new { sup = self.sup, store = st, cfg = cfg, started = self.started,
-    flush_logs = function() self:flush_logs() end,
+    flush_logs = function(filter) self:flush_logs(false, filter) end,
     reload = function() return self:reload() end,
     rollout = function(service) return self:rollout(service) end,
     stopping = function() return self.draining end }
@@ -548,20 +548,49 @@ function Server:store_logs(batch, tries)
   end
 end
 
--- Writes what is pending now (before a query, so a reader sees the latest).
--- While the writer is trying a refused batch again, the store would refuse
--- these too: they wait in the sink for it, except at the end (`final`),
--- when nothing comes after to write or count them.
-function Server:flush_logs(final)
+-- The rings of the instances a log reader's filter names (instance,
+-- service), or nil for every ring.
+function Server:log_rings(filter)
+  if not filter or not (filter.instance or filter.service) then return nil end
+  local instances = self.sup.instances
+  if filter.instance then
+    local inst = instances[filter.instance]
+    return { inst and inst.ring }
+  end
+  local rings = {}
+  for _, inst in pairs(instances) do
+    if inst.service == filter.service then rings[#rings + 1] = inst.ring end
+  end
+  return rings
+end
+
+-- Writes what is pending now (before a query, so a reader sees the latest):
+-- the lines of the instances `filter` names ({instance =} or {service =}),
+-- or of all. A reader of one instance waited for every line a flood next to
+-- it had left waiting (100,000 of them, over a second at the rate the store
+-- indexes); its own come first now. While the writer is trying a refused
+-- batch again, the store would refuse these too: they wait in the sink for
+-- it, except at the end (`final`), when nothing comes after to write or
+-- count them.
+function Server:flush_logs(final, filter)
   -- the lines pending now, not those that come meanwhile: under a flood of
   -- output the sink never empties, and a reader waiting for it waited for
   -- ever while the store grew without a prune
-  local left = self.sink:stats().pending
-  while left > 0 and (final or not self.log_retrying) do
-    local batch = self.sink:take(math.min(left, LOG_BATCH), 0)
-    if not batch then return end
-    left = left - #batch
-    if not self:store_logs(batch, 1) then return end
+  local function drain(left, take)
+    while left > 0 and (final or not self.log_retrying) do
+      local batch = take(math.min(left, LOG_BATCH))
+      if not batch or #batch == 0 then return end
+      left = left - #batch
+      if not self:store_logs(batch, 1) then return end
+    end
+  end
+  local rings = self:log_rings(filter)
+  if not rings then
+    return drain(self.sink:stats().pending, function(n) return self.sink:take(n, 0) end)
+  end
+  for _, ring in ipairs(rings) do
+    local ok, stats = pcall(ring.stats, ring) -- (closed when its instance was forgotten meanwhile)
+    if ok then drain(stats.waiting, function(n) return ring:take_waiting(n) end) end
   end
 end
 

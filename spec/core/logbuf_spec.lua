@@ -299,7 +299,7 @@ describe("core.logbuf", function()
         assert.are.equal(5, ring:last_seq())
         local st = ring:stats()
         assert.are.same({ lines = 5, bytes = 5, truncated = 0, overwritten = 2, held = 3,
-                          held_bytes = 3, dropped = 0 }, st)
+                          held_bytes = 3, dropped = 0, waiting = 0 }, st)
         ring:close()
       end)
     end)
@@ -727,6 +727,49 @@ describe("core.logbuf", function()
         say("c", "c2"); say("a", "a6"); say("b", "b3")
         assert.are.same({ "c c2", "a a6", "b b3" }, take())
         assert.are.same({ pending = 0, bytes = 0, taken = 9, dropped = 2 }, sink:stats())
+        for name, f in pairs(writers) do f:close(); drained(rings[name]); rings[name]:close() end
+        sink:close()
+      end)
+    end)
+
+    -- A reader of one instance has the store take that instance's lines now,
+    -- not every line a flood beside it left waiting.
+    it("hands out one ring's waiting lines on their own, and the rest still in arrival order", function()
+      core.run(function()
+        local sink = lb.sink{ max_pending = 6 }
+        local rings, writers, n = {}, {}, {}
+        for _, name in ipairs { "a", "b", "c" } do
+          rings[name] = lb.ring{ tag = name, sink = sink }
+          writers[name], n[name] = writer(rings[name]), 0
+        end
+        local function say(name, text)
+          writers[name]:write(text, "\n")
+          assert(rings[name]:wait(n[name], 5000))
+          n[name] = n[name] + 1
+        end
+        local function rows(batch)
+          local got = {}
+          for i, row in ipairs(batch) do got[i] = row[2] .. " " .. row[4] end
+          return got
+        end
+        -- full at a1 b1 a2 c1 b2 a3: a4 costs a its oldest
+        for _, w in ipairs { "a1", "b1", "a2", "c1", "b2", "a3", "a4" } do say(w:sub(1, 1), w) end
+        assert.are.same({ 3, 2, 1 }, { rings.a:stats().waiting, rings.b:stats().waiting, rings.c:stats().waiting })
+        assert.are.same({ "b b1", "b b2" }, rows(rings.b:take_waiting(10)))
+        assert.are.same({}, rows(rings.b:take_waiting(10)))
+        assert.are.same({ "a \u{2026}[1 line dropped here: the log store could not keep up]", "a a2" },
+          rows(rings.a:take_waiting(1)))
+        assert.are.same({ pending = 3, bytes = 6, taken = 3, dropped = 1 }, sink:stats())
+        -- b's key in the order of all is stale now: its next line still comes last
+        say("b", "b3"); say("c", "c2")
+        assert.are.same({ "c c1", "a a3", "a a4", "b b3", "c c2" }, rows(assert(sink:take(100))))
+        assert.are.same({ pending = 0, bytes = 0, taken = 8, dropped = 1 }, sink:stats())
+        assert.has_error(function() rings.c:take_waiting(0) end)
+        -- a ring with no sink has none waiting
+        local alone = lb.ring{}
+        assert.are.same({}, alone:take_waiting())
+        assert.are.equal(0, alone:stats().waiting)
+        alone:close()
         for name, f in pairs(writers) do f:close(); drained(rings[name]); rings[name]:close() end
         sink:close()
       end)
