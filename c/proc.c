@@ -43,6 +43,12 @@
  * namespace; loopback brings `lo` of its network namespace up. Then the
  * cgroups, rlimits and the credential change, as for any child.
  *
+ * root walls the file system off: a tmpfs mounted on root.dir becomes the
+ * child's /, holding only what root.mounts puts there (binds, read-only or
+ * not, tmpfs, directories, symlinks, in order), its /proc when mount_proc,
+ * and nothing of the host's else; the old / is detached after pivot_root.
+ * Which paths go in is the caller's policy (runtimes/namespace.lua).
+ *
  * exec_fd runs the program behind an open fd (execveat with AT_EMPTY_PATH,
  * fexecve's system call) instead of a path: the child keeps that one fd
  * past the closing of ours, and exec closes it. argv[1] then only names the
@@ -76,6 +82,7 @@
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/statfs.h>
+#include <sys/statvfs.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -114,13 +121,14 @@ enum child_stage {
     ST_NONE, ST_SIGMASK, ST_SETSID, ST_SETPGID, ST_USERNS, ST_MOUNT_PRIVATE, ST_MOUNT_PROC,
     ST_HOSTNAME, ST_LOOPBACK, ST_NETNS, ST_CGROUP, ST_RLIMIT, ST_SETGROUPS, ST_SETGID, ST_SETUID,
     ST_PDEATHSIG, ST_PARENT, ST_NO_NEW_PRIVS, ST_CHDIR, ST_STDIO, ST_STATUS_FD, ST_CLOSE_FDS, ST_EXEC,
+    ST_ROOT,
 };
 
 static const char *const stage_names[] = {
     "", "sigprocmask", "setsid", "setpgid", "user namespace id maps", "mount --make-rslave /",
     "mount proc on /proc", "sethostname", "bring up lo", "join the network namespace (setns)", "cgroup", "setrlimit", "setgroups", "setgid",
     "setuid", "prctl(PR_SET_PDEATHSIG)", "parent exited", "prctl(PR_SET_NO_NEW_PRIVS)",
-    "chdir", "dup2", "dup2 the status pipe to fd 3", "close_range", "exec",
+    "chdir", "dup2", "dup2 the status pipe to fd 3", "close_range", "exec", "file system wall",
 };
 
 static const struct { const char *name; int resource; } rlimit_names[] = {
@@ -165,6 +173,20 @@ static const struct { const char *name; int flag; } clone_flag_names[] = {
     {"newuts", CLONE_NEWUTS}, {"newnet", CLONE_NEWNET}, {"newuser", CLONE_NEWUSER}, {NULL, 0},
 };
 
+/* One step of building a walled root (spec.root.mounts). dst is the full
+ * path under the new root's directory, as seen before pivot_root. */
+enum root_kind { ROOT_BIND, ROOT_TMPFS, ROOT_DIR, ROOT_SYMLINK };
+struct root_op {
+    int kind;
+    const char *src;     /* bind: what; symlink: its target */
+    const char *dst;
+    const char *where;   /* dst as the app sees it, for messages */
+    const char *data;    /* tmpfs: its options */
+    int ro, is_file;
+};
+/* stage_arg of ST_ROOT outside the list of steps */
+enum { ROOT_AT_TMPFS = -1, ROOT_AT_PROC = -2, ROOT_AT_PIVOT = -3, ROOT_AT_READONLY = -4 };
+
 /* Everything the child needs, prepared by the parent. The child writes only
  * stage, err and stage_arg, and only when it fails, and ifr (the kernel's
  * answer to SIOCGIFFLAGS, which the parent never reads). */
@@ -185,6 +207,10 @@ struct child_args {
     char uid_map[32], gid_map[32];
     size_t uid_map_len, gid_map_len;
     int mount_proc;
+    const char *root_dir;    /* NULL, or where the walled root is built */
+    const char *root_proc, *root_old;  /* root_dir + "/proc", + "/.oldroot" */
+    const struct root_op *root_ops;
+    int nroot_ops;
     const char *hostname;
     size_t hostname_len;
     int loopback;
@@ -268,6 +294,94 @@ CHILD_CODE static int lo_up(struct ifreq *ifr) {
     return rc;
 }
 
+/* mkdir -p of path, or of its parent only; -1 with errno. */
+CHILD_CODE static int child_mkdirs(const char *path, int parent_only) {
+    char p[PATH_MAX];
+    size_t n = 0;
+    while (path[n] && n < sizeof p - 1) { p[n] = path[n]; n++; }
+    if (path[n]) { errno = ENAMETOOLONG; return -1; }
+    p[n] = '\0';
+    if (parent_only) {
+        while (n > 0 && p[n - 1] != '/') n--;
+        if (n > 1) p[--n] = '\0';
+        else return 0;
+    }
+    for (size_t i = 1; i <= n; i++) {
+        if (p[i] != '/' && p[i] != '\0') continue;
+        char c = p[i];
+        p[i] = '\0';
+        if (mkdir(p, 0755) != 0 && errno != EEXIST) return -1;
+        p[i] = c;
+    }
+    return 0;
+}
+
+/* A bind made read-only with everything under it (mount_setattr, 5.12);
+ * before that kernel, the top mount only. */
+CHILD_CODE static int child_readonly(const char *path) {
+#ifdef SYS_mount_setattr
+    struct { uint64_t set, clr, propagation, userns_fd; } attr = {.set = 0x1 /* MOUNT_ATTR_RDONLY */};
+    if (syscall(SYS_mount_setattr, AT_FDCWD, path, 0x8000 /* AT_RECURSIVE */, &attr, sizeof attr) == 0) return 0;
+    if (errno != ENOSYS) return -1;
+#endif
+    struct statfs st; /* the raw call: the sanitizers intercept statfs */
+    if (syscall(SYS_statfs, path, &st) != 0) return -1;
+    unsigned long keep = 0;
+    if (st.f_flags & ST_NOSUID) keep |= MS_NOSUID;
+    if (st.f_flags & ST_NODEV) keep |= MS_NODEV;
+    if (st.f_flags & ST_NOEXEC) keep |= MS_NOEXEC;
+    return mount(NULL, path, NULL, MS_REMOUNT | MS_BIND | MS_RDONLY | keep, NULL);
+}
+
+/* Builds the walled root and moves into it. -> 0 | -1 with errno, and the
+ * failing step in *at. */
+CHILD_CODE static int child_root(struct child_args *a, int *at) {
+    *at = ROOT_AT_TMPFS;
+    if (mount("tmpfs", a->root_dir, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m") != 0) return -1;
+    for (int i = 0; i < a->nroot_ops; i++) {
+        const struct root_op *op = &a->root_ops[i];
+        *at = i;
+        switch (op->kind) {
+        case ROOT_BIND:
+            if (op->is_file) {
+                if (child_mkdirs(op->dst, 1) != 0) return -1;
+                int fd = open(op->dst, O_RDONLY | O_CREAT | O_CLOEXEC, 0644); /* one there already may be read-only */
+                if (fd < 0) return -1;
+                close(fd);
+            } else if (child_mkdirs(op->dst, 0) != 0) {
+                return -1;
+            }
+            if (mount(op->src, op->dst, NULL, MS_BIND | MS_REC, NULL) != 0) return -1;
+            if (op->ro && child_readonly(op->dst) != 0) return -1;
+            break;
+        case ROOT_TMPFS:
+            if (child_mkdirs(op->dst, 0) != 0) return -1;
+            if (mount("tmpfs", op->dst, "tmpfs", MS_NOSUID | MS_NODEV, op->data) != 0) return -1;
+            break;
+        case ROOT_DIR:
+            if (child_mkdirs(op->dst, 0) != 0) return -1;
+            break;
+        case ROOT_SYMLINK:
+            if (child_mkdirs(op->dst, 1) != 0) return -1;
+            if (symlink(op->src, op->dst) != 0) return -1;
+            break;
+        }
+    }
+    if (a->mount_proc) {
+        *at = ROOT_AT_PROC;
+        if (child_mkdirs(a->root_proc, 0) != 0) return -1;
+        if (mount("proc", a->root_proc, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) != 0) return -1;
+    }
+    *at = ROOT_AT_PIVOT;
+    if (mkdir(a->root_old, 0700) != 0) return -1;
+    if (syscall(SYS_pivot_root, a->root_dir, a->root_old) != 0) return -1;
+    if (chdir("/") != 0) return -1;
+    if (umount2("/.oldroot", MNT_DETACH) != 0) return -1;
+    if (rmdir("/.oldroot") != 0) return -1;
+    *at = ROOT_AT_READONLY;
+    return mount(NULL, "/", NULL, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, NULL);
+}
+
 CHILD_CODE static int child_main(void *arg) {
     struct child_args *a = arg;
 
@@ -300,15 +414,19 @@ CHILD_CODE static int child_main(void *arg) {
         if (child_write("/proc/self/gid_map", a->gid_map, a->gid_map_len) != 0)
             child_fail(a, ST_USERNS, 2);
     }
-    if (a->mount_proc) {
+    if (a->mount_proc || a->root_dir) {
         /* Slave first: nothing mounted in here goes back to the host (a
          * shared / would carry our /proc into the host's namespace), while
          * the host's unmounts still reach us, so an instance does not keep
          * another's storage image mounted after ten unmounts it. The new
          * proc shows the PID namespace of its mounter, ours. */
         if (mount(NULL, "/", NULL, MS_REC | MS_SLAVE, NULL) != 0) child_fail(a, ST_MOUNT_PRIVATE, 0);
-        if (mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) != 0)
+        int at = 0;
+        if (a->root_dir) {
+            if (child_root(a, &at) != 0) child_fail(a, ST_ROOT, at);
+        } else if (mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) != 0) {
             child_fail(a, ST_MOUNT_PROC, 0);
+        }
     }
     if (a->hostname && sethostname(a->hostname, a->hostname_len) != 0) child_fail(a, ST_HOSTNAME, 0);
     if (a->netns_fd >= 0 && syscall(SYS_setns, a->netns_fd, CLONE_NEWNET) != 0) child_fail(a, ST_NETNS, 0);
@@ -956,7 +1074,7 @@ static const char *checked_cstring(lua_State *L, int idx, const char *what) {
 static const char *const spec_keys[] = {
     "argv", "env", "cwd", "stdin", "stdout", "stderr", "setsid", "pdeathsig", "cgroup_fds", "cgroup_into",
     "clone_flags", "uid", "gid", "groups", "no_new_privs", "rlimits", "mount_proc", "hostname",
-    "loopback", "exec_fd", "netns_fd", "status_pipe", "sigmask", "kill_group_at_exit", NULL,
+    "loopback", "exec_fd", "netns_fd", "status_pipe", "sigmask", "kill_group_at_exit", "root", NULL,
 };
 
 static void check_spec_keys(lua_State *L) {
@@ -1142,6 +1260,75 @@ static void read_sigmask(lua_State *L, sigset_t *mask) {
     lua_pop(L, 1);
 }
 
+/* A string field of the table on top, anchored; NULL when absent and not required. */
+static const char *root_field(lua_State *L, spec_reader *r, const char *key, int required, const char *what) {
+    const char *s = NULL;
+    if (lua_getfield(L, -1, key) != LUA_TNIL) s = checked_cstring(L, -1, what);
+    else if (required) luaL_error(L, "spawn: %s is required", what);
+    lua_rawseti(L, r->anchor, ++r->nanchor);
+    return s;
+}
+
+/* spec.root = { dir = "/abs/dir", mounts = { {"bind", SRC, DST, ro=, file=}, {"tmpfs", DST, OPTIONS},
+ * {"dir", DST}, {"symlink", TARGET, DST} } }: DST as the app sees it, absolute. */
+static void read_root(lua_State *L, spec_reader *r, struct child_args *a, int ns_flags) {
+    int t = lua_getfield(L, 1, "root");
+    if (t == LUA_TNIL) { lua_pop(L, 1); return; }
+    if (t != LUA_TTABLE) luaL_error(L, "spawn: spec.root must be a table");
+    if (!(ns_flags & CLONE_NEWNS))
+        luaL_error(L, "spawn: spec.root needs clone_flag newns (without it, it would cover this host's files)");
+    const char *dir = root_field(L, r, "dir", 1, "spec.root.dir");
+    if (dir[0] != '/') luaL_error(L, "spawn: spec.root.dir must be an absolute path");
+    a->root_dir = dir;
+    a->root_proc = lua_pushfstring(L, "%s/proc", dir);
+    lua_rawseti(L, r->anchor, ++r->nanchor);
+    a->root_old = lua_pushfstring(L, "%s/.oldroot", dir);
+    lua_rawseti(L, r->anchor, ++r->nanchor);
+    if (lua_getfield(L, -1, "mounts") != LUA_TTABLE) luaL_error(L, "spawn: spec.root.mounts must be a list");
+    lua_Integer n = luaL_len(L, -1);
+    if (n > 256) luaL_error(L, "spawn: spec.root.mounts has %d entries, at most 256", (int)n);
+    struct root_op *ops = lua_newuserdatauv(L, (size_t)(n ? n : 1) * sizeof *ops, 0);
+    lua_rawseti(L, r->anchor, ++r->nanchor);
+    for (lua_Integer i = 1; i <= n; i++) {
+        if (lua_geti(L, -1, i) != LUA_TTABLE) luaL_error(L, "spawn: spec.root.mounts[%d] must be a table", (int)i);
+        struct root_op *op = &ops[i - 1];
+        memset(op, 0, sizeof *op);
+        lua_geti(L, -1, 1);
+        const char *kind = lua_tostring(L, -1);
+        lua_pop(L, 1);
+        int args;
+        if (kind && strcmp(kind, "bind") == 0) op->kind = ROOT_BIND, args = 2;
+        else if (kind && strcmp(kind, "tmpfs") == 0) op->kind = ROOT_TMPFS, args = 2;
+        else if (kind && strcmp(kind, "dir") == 0) op->kind = ROOT_DIR, args = 1;
+        else if (kind && strcmp(kind, "symlink") == 0) op->kind = ROOT_SYMLINK, args = 2;
+        else luaL_error(L, "spawn: spec.root.mounts[%d]: unknown kind (bind, tmpfs, dir, symlink)", (int)i);
+        lua_geti(L, -1, op->kind == ROOT_DIR || op->kind == ROOT_TMPFS ? 2 : 3);
+        const char *where = checked_cstring(L, -1, "spec.root.mounts destination");
+        if (where[0] != '/') luaL_error(L, "spawn: spec.root.mounts[%d]: %s is not an absolute path", (int)i, where);
+        op->where = where;
+        lua_rawseti(L, r->anchor, ++r->nanchor);
+        op->dst = lua_pushfstring(L, "%s%s", dir, where);
+        lua_rawseti(L, r->anchor, ++r->nanchor);
+        if (args == 2 && op->kind != ROOT_TMPFS) {
+            lua_geti(L, -1, 2);
+            op->src = checked_cstring(L, -1, "spec.root.mounts source");
+            lua_rawseti(L, r->anchor, ++r->nanchor);
+        } else if (op->kind == ROOT_TMPFS) {
+            lua_geti(L, -1, 3);
+            op->data = lua_isnil(L, -1) ? NULL : checked_cstring(L, -1, "spec.root.mounts tmpfs options");
+            lua_rawseti(L, r->anchor, ++r->nanchor);
+        }
+        lua_getfield(L, -1, "ro");
+        op->ro = lua_toboolean(L, -1);
+        lua_getfield(L, -2, "file");
+        op->is_file = lua_toboolean(L, -1);
+        lua_pop(L, 3);
+    }
+    lua_pop(L, 2);
+    a->root_ops = ops;
+    a->nroot_ops = (int)n;
+}
+
 /* mount_proc, hostname, loopback: each changes the namespace it names, so
  * each needs that namespace to be a new one, or it would change the host. */
 static void read_namespace_setup(lua_State *L, spec_reader *r, struct child_args *a, int ns_flags) {
@@ -1159,6 +1346,7 @@ static void read_namespace_setup(lua_State *L, spec_reader *r, struct child_args
                       "(without them it would cover this host's /proc)");
     if (a->hostname && !(ns_flags & CLONE_NEWUTS))
         luaL_error(L, "spawn: spec.hostname needs clone_flag newuts (without it, it would rename this host)");
+    read_root(L, r, a, ns_flags);
     if (a->loopback && !(ns_flags & CLONE_NEWNET))
         luaL_error(L, "spawn: spec.loopback needs clone_flag newnet");
     if (a->netns_fd >= 0 && (ns_flags & (CLONE_NEWNET | CLONE_NEWUSER)))
@@ -1641,6 +1829,18 @@ static int l_proc_spawn(lua_State *L) {
         } else if (a.stage == ST_CGROUP) {
             stage = a.stage_arg < a.ncgroup_fds ? lua_pushfstring(L, "cgroup (cgroup_fds[%d])", a.stage_arg + 1)
                                                  : "cgroup (cgroup_into)";
+        }
+        else if (a.stage == ST_ROOT) {
+            if (a.stage_arg >= 0) {
+                const struct root_op *op = &a.root_ops[a.stage_arg];
+                static const char *const kinds[] = {"bind", "tmpfs", "mkdir", "symlink"};
+                stage = lua_pushfstring(L, "file system wall: %s%s%s %s%s", kinds[op->kind], op->src ? " " : "",
+                                        op->src ? op->src : "", op->where, op->ro ? " (read-only)" : "");
+            } else {
+                static const char *const steps[] = {"", "mount a tmpfs as the new root", "mount proc",
+                                                    "pivot_root", "make the new root read-only"};
+                stage = lua_pushfstring(L, "file system wall: %s on %s", steps[-a.stage_arg], a.root_dir);
+            }
         }
         else if (a.stage == ST_SETUID) stage = lua_pushfstring(L, "setuid %d", (int)a.uid);
         else if (a.stage == ST_SETGID) stage = lua_pushfstring(L, "setgid %d", (int)a.gid);

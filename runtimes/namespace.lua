@@ -20,10 +20,18 @@
 -- otherwise inside a new user namespace where the server's uid and gid are
 -- mapped to root: files stay the server's, and no privilege is gained.
 --
+-- filesystem = "private" walls the file system off (driver.wall): the app's
+-- / is a read-only tmpfs holding the system's programs and libraries and
+-- /etc read-only (password hashes, TLS keys and ten's config file masked),
+-- devices of its own, a /tmp of its own, its instance directory and socket
+-- directory writable, its workdir and command read-only, what `mounts`
+-- names, and nothing else of the host: not data_dir, not other instances,
+-- not /home, /root, /var or /sys.
+--
 -- What it is not: a wall against a hostile app. The app runs as the server's
 -- user; run as root, it keeps root's power over the host (it could unmount
--- its /proc and look at the host's). The file system and, by default, the
--- network are the host's. Use "sandbox" for untrusted code.
+-- its /proc and look at the host's). The file system, unless private, and,
+-- by default, the network are the host's. Use "sandbox" for untrusted code.
 local core = require "tenement.core"
 
 local driver = { name = "namespace" }
@@ -160,6 +168,99 @@ local function hostname(service, id)
   return name
 end
 
+-- The host's system directories the app gets read-only: a symlink (Debian's
+-- merged /usr makes /bin one) is made again inside.
+local SYSTEM_DIRS = { "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc" }
+-- Read by root only on the host, and of no use to an app: each covered by
+-- an empty file (a directory by an empty tmpfs).
+local SECRET_FILES = { "/etc/shadow", "/etc/shadow-", "/etc/gshadow", "/etc/gshadow-", "/etc/sudoers" }
+local SECRET_DIRS = { "/etc/ssl/private", "/etc/sudoers.d" }
+local DEVICES = { "null", "zero", "full", "random", "urandom", "tty" }
+
+-- Whether path is dir or lies under it.
+local function under(path, dir)
+  return path == dir or (path:sub(1, #dir + 1) == dir .. "/") or dir == "/"
+end
+
+-- driver.wall(instance) -> spec.root for core.proc.spawn | nil, err
+--   instance: { argv, cwd, vars (data_dir, instance_dir, socket), service
+--               (mounts = { "PATH" | "PATH:rw" }), config_file }
+function driver.wall(instance)
+  local fs = core.fs
+  local vars, svc = instance.vars or {}, instance.service or {}
+  local dir = vars.data_dir .. "/.root"
+  local ok, err = fs.mkdir(dir, tonumber("700", 8))
+  if not ok then return nil, "file system wall: " .. err end
+  local mounts, covered = {}, {}
+  local function add(op) mounts[#mounts + 1] = op end
+  for _, path in ipairs(SYSTEM_DIRS) do
+    local st = fs.stat(path, false)
+    if st and st.type == "link" then
+      local target = fs.realpath(path)
+      if target then add { "symlink", target, path } end
+    elseif st and st.type == "directory" then
+      add { "bind", path, path, ro = true }
+      covered[#covered + 1] = path
+    end
+  end
+  local function masked(path)
+    for _, d in ipairs(covered) do if under(path, d) then return true end end
+  end
+  -- ten's own file: the environment it sets may hold secrets
+  local secrets = { table.unpack(SECRET_FILES) }
+  if instance.config_file then secrets[#secrets + 1] = fs.realpath(instance.config_file) or instance.config_file end
+  -- /etc/resolv.conf is often a link into /run, which is not there
+  local resolv = fs.stat("/etc/resolv.conf", false)
+  if resolv and resolv.type == "link" then
+    local target = fs.realpath("/etc/resolv.conf")
+    if target and not masked(target) then add { "bind", target, target, ro = true, file = true } end
+  end
+  for _, path in ipairs(secrets) do
+    local st = fs.stat(path)
+    if st and st.type == "file" and masked(path) then add { "bind", "/dev/null", path, file = true } end
+  end
+  for _, path in ipairs(SECRET_DIRS) do
+    local st = fs.stat(path)
+    if st and st.type == "directory" then add { "tmpfs", path, "mode=0700,size=4k" } end
+  end
+  add { "tmpfs", "/dev", "mode=0755,size=64k" }
+  for _, name in ipairs(DEVICES) do
+    if fs.stat("/dev/" .. name) then add { "bind", "/dev/" .. name, "/dev/" .. name, file = true } end
+  end
+  add { "tmpfs", "/dev/shm", "mode=1777" }
+  for i, name in ipairs { "stdin", "stdout", "stderr" } do add { "symlink", "/proc/self/fd/" .. (i - 1), "/dev/" .. name } end
+  add { "symlink", "/proc/self/fd", "/dev/fd" }
+  -- writes there are the app's memory: charged to its memory cgroup
+  add { "tmpfs", "/tmp", "mode=1777" }
+  add { "tmpfs", "/var/tmp", "mode=1777" }
+  -- the instance's own paths, then what the file adds; a parent before
+  -- what lies under it
+  local own = {
+    { vars.instance_dir, rw = true },
+    { vars.socket and vars.socket:match("^(.*)/[^/]*$"), rw = true },
+    { instance.cwd },
+    { instance.argv and instance.argv[1]:match("^(/.*)/[^/]*$") },
+  }
+  for _, m in ipairs(svc.mounts or {}) do
+    local path, mode = m:match("^(.-):(r[ow])$")
+    own[#own + 1] = { path or m, rw = mode == "rw" }
+  end
+  local binds = {}
+  for _, b in ipairs(own) do
+    if b[1] and b[1] ~= "" and not (not b.rw and masked(b[1])) then
+      local st = fs.stat(b[1])
+      if not st then
+        return nil, string.format("file system wall: %s is not there (filesystem = \"private\" binds it into the " ..
+          "app's file system)", b[1])
+      end
+      binds[#binds + 1] = { path = b[1], rw = b.rw, file = st.type ~= "directory" }
+    end
+  end
+  table.sort(binds, function(a, b) return #a.path < #b.path end)
+  for _, b in ipairs(binds) do add { "bind", b.path, b.path, ro = not b.rw, file = b.file } end
+  return { dir = dir, mounts = mounts }
+end
+
 -- prepare(instance) -> spec for core.proc.spawn | nil, err
 --   instance: { argv, env (list of "K=V"), cwd, stdout_fd, stderr_fd,
 --               service (its config: name, network, ...), id, vars }
@@ -180,19 +281,28 @@ function driver.prepare(instance)
   if network == "isolated" and not netns_fd then flags[#flags + 1] = "newnet" end
   if probed.userns then flags[#flags + 1] = "newuser" end
   local name = svc.name or (instance.vars and instance.vars.name) or "instance"
+  local root, cwd = nil, instance.cwd
+  if svc.filesystem == "private" then
+    local werr
+    root, werr = driver.wall(instance)
+    if not root then return nil, werr end
+    -- the host's working directory of ten is not there
+    cwd = cwd or instance.vars.instance_dir
+  end
   return require("tenement.runtime").credentials(instance, {
     argv = init_argv(instance.argv),
     exec_fd = init,
     status_pipe = true,
     sigmask = INIT_SIGMASK,
     env = instance.env,
-    cwd = instance.cwd,
+    cwd = cwd,
     stdin = "null",
     stdout = instance.stdout_fd,
     stderr = instance.stderr_fd,
     pdeathsig = "SIGKILL",
     clone_flags = flags,
     mount_proc = true,
+    root = root,
     hostname = hostname(name, instance.id),
     loopback = (network == "isolated" and not netns_fd) or nil,
     netns_fd = netns_fd,

@@ -642,6 +642,19 @@ local SETTINGS = {
 
 local RESTART = { "always", "on-failure", "never" }
 local NETWORK = { "host", "isolated" }
+local FILESYSTEM = { "host", "private" }
+
+-- an item of mounts: an absolute path, with an optional :ro or :rw
+local function check_mount(m)
+  local path = m:match("^(.-):r[ow]$") or m
+  if path:sub(1, 1) ~= "/" then
+    return nil, 'must be an absolute path, with ":rw" after it to make it writable ("/srv/app", "/srv/cache:rw")'
+  end
+  if path:find(":", 1, true) then
+    return nil, 'after the path only ":ro" or ":rw" may come'
+  end
+  return true
+end
 local ISOLATION = { "process", "namespace", "sandbox", "firecracker", "qemu", "wasm" }
 
 local SERVICE = {
@@ -668,6 +681,11 @@ local SERVICE = {
     { name = "runtime", alias_of = "isolation", doc = "Legacy name of isolation" },
     { name = "network", type = "string", default = "host", one_of = NETWORK,
       doc = "host, or isolated: a network namespace with only loopback (namespace isolation)" },
+    { name = "filesystem", type = "string", default = "host", one_of = FILESYSTEM,
+      doc = "host, or private: only the system's programs and libraries (read-only), the instance's own "
+        .. "directories and `mounts` (namespace isolation)" },
+    { name = "mounts", type = "array", items = "string", default = {}, check = check_mount,
+      doc = 'Host paths a private filesystem adds: "PATH" read-only, "PATH:rw" writable' },
     { name = "user", type = "string", nonempty = true,
       doc = "Run as this user (name or uid): its uid and gid, no supplementary groups, no new privileges" },
     { name = "nofile", type = "integer", min = 16, doc = "Limit on open files (RLIMIT_NOFILE)" },
@@ -1196,6 +1214,21 @@ SETTINGS.check = function(ctx, out, bad, tbl, path)
 end
 
 SERVICE.check = function(ctx, out, bad, tbl, path)
+  -- only the namespace level builds a file system of the app's own; the
+  -- sandbox has one of its own already
+  if not bad.filesystem and not bad.isolation and out.filesystem == "private" and out.isolation ~= "namespace" then
+    local line, col = where_value(ctx, tbl, "filesystem")
+    report(ctx, line, col, join(path, "filesystem"), out.filesystem, string.format(
+      'a private file system is built for isolation = "namespace" only (this service has %q): set it, or '
+      .. 'leave filesystem out', out.isolation))
+    bad.filesystem = true
+  end
+  if not bad.mounts and #(out.mounts or {}) > 0 and out.filesystem ~= "private" then
+    local line, col = where_value(ctx, tbl, "mounts")
+    report(ctx, line, col, join(path, "mounts"), out.mounts[1], 'mounts adds paths to a private file system: '
+      .. 'set filesystem = "private" (the host file system has them all already)')
+    bad.mounts = true
+  end
   -- The process level never reads `network`: the app would keep the host's
   -- network while the file says it is isolated.
   if not bad.network and not bad.isolation and out.network == "isolated"

@@ -427,7 +427,7 @@ function Instance:launch()
   local err_r, err_w = core.logbuf.pipe()
   local ctx = {
     argv = argv, env = env, cwd = cwd, stdout_fd = out_w, stderr_fd = err_w,
-    service = svc, id = self.id, vars = vars,
+    service = svc, id = self.id, vars = vars, config_file = sup.cfg.source,
     user = user, rlimits = { nofile = svc.nofile, nproc = svc.nproc },
   }
   local spec, prep_err, prep_lasting = driver.prepare(ctx)

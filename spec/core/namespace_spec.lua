@@ -83,7 +83,9 @@ local function ns_spawn(cmd, opts)
   local argv = type(cmd) == "table" and cmd or { "/bin/sh", "-c", cmd }
   local spec = assert(driver.prepare {
     argv = argv, env = opts.env or { "PATH=" .. PATH }, cwd = opts.cwd,
-    service = { name = opts.service or "svc", network = opts.network }, id = opts.id or "a",
+    service = { name = opts.service or "svc", network = opts.network, filesystem = opts.filesystem,
+      mounts = opts.mounts },
+    id = opts.id or "a", vars = opts.vars, config_file = opts.config_file,
   })
   return assert(proc.spawn(spec))
 end
@@ -366,6 +368,99 @@ describe("namespace isolation", function()
         assert.are.equal("", out)
         assert.are.equal(127, st2.code)
         assert.matches("tenement-init: cannot run /nonexistent/app: No such file or directory", err, 1, true)
+      end)
+    end)
+  end)
+
+  -- filesystem = "private": what the app sees of the host's files, from inside
+  describe("a private file system", function()
+    local function layout()
+      local data = dir .. "/data"
+      assert(fs.mkdir(data .. "/svc/a"))
+      assert(fs.mkdir(data .. "/svc/b"))
+      assert(fs.mkdir(dir .. "/sock"))
+      support.write(data .. "/tenement.db", "the store\n")
+      support.write(data .. "/svc/b/theirs", "another instance's\n")
+      support.write(dir .. "/tenement.toml", "[service.svc]\n")
+      assert(fs.mkdir(dir .. "/app"))
+      support.write(dir .. "/app/code", "the app's code\n")
+      assert(fs.mkdir(dir .. "/cache"))
+      return {
+        filesystem = "private", config_file = dir .. "/tenement.toml",
+        vars = { data_dir = data, instance_dir = data .. "/svc/a", socket = dir .. "/sock/svc-a.sock" },
+        mounts = { dir .. "/app", dir .. "/cache:rw" },
+      }
+    end
+
+    for _, userns in ipairs { false, true } do
+      it("holds the system read-only, the instance's paths and mounts, and nothing else of the host"
+        .. (userns and " (in a user namespace)" or ""), function()
+        local why = unable()
+        if why then pending(why) return end
+        driver.reset({ userns = userns })
+        finally(function() driver.reset(nil) end)
+        local opts = layout()
+        local d = dir
+        -- a name of this run's own: a wall that failed leaves its files on the host
+        local mark = "tn-wall-" .. dir:match("[^/]+$")
+        core.run(function()
+          local out, st, err = ns_run(string.format([[
+            for p in %s/data/tenement.db %s/data/svc/b/theirs %s/tenement.toml /root /home /sys /var/lib; do
+              test -e $p && echo "sees $p"
+            done
+            test -s /etc/shadow && echo "reads /etc/shadow"
+            echo hi > /usr/%s 2>/dev/null && echo "writes /usr"
+            echo hi > /etc/%s 2>/dev/null && echo "writes /etc"
+            echo hi > %s/app/tn-wall 2>/dev/null && echo "writes a read-only mount"
+            echo mine > $PWD/own && cat $PWD/own
+            echo cached > %s/cache/c && cat %s/cache/c
+            echo temp > /tmp/%s && cat /tmp/%s
+            cat %s/app/code
+            ls /proc | grep -c '^[0-9]'
+            ls %s/data
+            head -c 4 /dev/urandom | wc -c
+            echo dev > /dev/null && echo "/dev/null takes bytes"
+            grep -c . /etc/passwd >/dev/null && echo "reads /etc/passwd"
+          ]], d, d, d, mark, mark, d, d, d, mark, mark, d, d), opts)
+          assert.are.equal(0, st.code, err)
+          assert.are.equal(table.concat({ "mine", "cached", "temp", "the app's code", "4", "svc", "4",
+            "/dev/null takes bytes", "reads /etc/passwd", "" }, "\n"), out)
+        end)
+        -- the instance's and the mount's writes reached the host; nothing else did
+        assert.are.equal("mine\n", slurp(d .. "/data/svc/a/own"))
+        assert.are.equal("cached\n", slurp(d .. "/cache/c"))
+        assert.is_false(exists("/tmp/" .. mark))
+        assert.is_false(exists("/usr/" .. mark))
+        assert.is_false(exists("/etc/" .. mark))
+        assert.is_false(exists(d .. "/app/tn-wall"))
+        -- the host's view of the files is as it was
+        assert.are.same({}, fs.readdir(d .. "/data/.root"))
+      end)
+    end
+
+    it("says which step of the wall failed: a mount that is not there", function()
+      local why = unable()
+      if why then pending(why) return end
+      driver.reset({ userns = false })
+      finally(function() driver.reset(nil) end)
+      local opts = layout()
+      opts.mounts = { dir .. "/nowhere" }
+      core.run(function()
+        local spec, err = driver.prepare {
+          argv = { "/bin/true" }, env = {}, service = { name = "svc", filesystem = "private", mounts = opts.mounts },
+          id = "a", vars = opts.vars,
+        }
+        assert.is_nil(spec)
+        assert.are.equal("file system wall: " .. dir .. '/nowhere is not there (filesystem = "private" binds it '
+          .. "into the app's file system)", err)
+        -- a step the kernel refuses is named with the path
+        spec = assert(driver.prepare {
+          argv = { "/bin/true" }, env = {}, service = { name = "svc", filesystem = "private" }, id = "a", vars = opts.vars,
+        })
+        table.insert(spec.root.mounts, { "bind", dir .. "/gone", "/gone", ro = true })
+        local p, serr = proc.spawn(spec)
+        assert.is_nil(p)
+        assert.matches("file system wall: bind " .. dir .. "/gone /gone (read-only): ENOENT", serr, 1, true)
       end)
     end)
   end)

@@ -492,6 +492,31 @@ describe("ten serve on a configuration of its own", function()
     return got
   end
 
+  it("runs an instance in a private file system: it serves, and sees neither the store nor the file", function()
+    if not support.is_root() then
+      pending("namespace isolation runs as root in these specs: the private file system is exercised in namespace_spec")
+      return
+    end
+    local port = support.free_port()
+    local cfg, log = serve_own(function(dir)
+      local look = string.format("for p in %s/data/tenement.db %s/tenement.toml /root; do test -e $p && echo sees $p; done; "
+        .. "echo looked; exec %s", dir, dir, BACKEND)
+      return {
+        "[settings]", 'data_dir = "data"', "port = " .. port, 'domain = "example.test"',
+        "[service.api]", 'command = "sh"', string.format("args = [\"-c\", %q]", look),
+        string.format("socket = %q", dir .. "/sock/{name}-{id}.sock"), 'health = "/health"',
+        'filesystem = "private"', string.format("mounts = [%q]", BACKEND:match("^(.*)/")),
+        "[instances]", 'api = ["one"]',
+      }
+    end)
+    assert.is_truthy(log_with(log, "api:one running"):find("api:one running", 1, true))
+    local code, out = support.run(string.format("curl -s -H 'Host: one.api.example.test' http://127.0.0.1:%d/", port))
+    assert.are.same({ 0, "hello from one\n" }, { code, out })
+    local _, logs = ten(cfg, "logs", "api:one")
+    assert.matches("looked\n", logs)
+    assert.is_nil(logs:find("sees", 1, true), logs)
+  end)
+
   it("starts all of [instances], and names each that did not start and where it came from", function()
     local cfg, log, pid = serve_own(function(dir)
       return {

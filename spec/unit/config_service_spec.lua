@@ -30,6 +30,35 @@ local function errors(text, env)
   return lines(err)
 end
 
+describe("[service.NAME] filesystem and mounts", function()
+  it("builds a private file system for namespace isolation, with the mounts it names", function()
+    local svc = api('filesystem = "private"\nmounts = ["/srv/app", "/var/cache/api:rw", "/opt/x:ro"]')
+    assert.equal("private", svc.filesystem)
+    assert.same({ "/srv/app", "/var/cache/api:rw", "/opt/x:ro" }, svc.mounts)
+    assert.equal("host", api().filesystem)
+    assert.same({}, api().mounts)
+  end)
+
+  it("refuses a private file system the isolation level would not build, and mounts it would not use", function()
+    assert.same({
+      'tenement.toml:4:14: service.api.filesystem = "private": a private file system is built for isolation = '
+        .. '"namespace" only (this service has "process"): set it, or leave filesystem out',
+    }, api_errors('isolation = "process"\nfilesystem = "private"'))
+    assert.same({
+      'tenement.toml:3:10: service.api.mounts = "/srv/app": mounts adds paths to a private file system: '
+        .. 'set filesystem = "private" (the host file system has them all already)',
+    }, api_errors('mounts = ["/srv/app"]'))
+    assert.same({
+      'tenement.toml:4:11: service.api.mounts[1] = "srv/app": must be an absolute path, with ":rw" after it to make '
+        .. 'it writable ("/srv/app", "/srv/cache:rw")',
+      'tenement.toml:4:22: service.api.mounts[2] = "/a:b:rw": after the path only ":ro" or ":rw" may come',
+    }, api_errors('filesystem = "private"\nmounts = ["srv/app", "/a:b:rw"]'))
+    assert.same({
+      'tenement.toml:3:14: service.api.filesystem = "walled": expected one of host, private',
+    }, api_errors('filesystem = "walled"'))
+  end)
+end)
+
 describe("[service.NAME] network", function()
   it("refuses an isolated network that the isolation level would not give", function()
     assert.same({
@@ -58,6 +87,8 @@ describe("[service.NAME] defaults", function()
       storage_persist = false,
       on_demand = false,
       network = "host",
+      filesystem = "host",
+      mounts = {},
       env = {},
     }, api(""))
   end)
@@ -320,7 +351,7 @@ describe("[service.NAME] unknown keys", function()
     assert.same({
       "tenement.toml:3:14: service.api.limits: unknown key; known keys in [service.api]: command,"
         .. " args, workdir, socket, health, startup_timeout, idle_timeout, restart, isolation, network,"
-        .. " user, nofile, nproc, memory_limit_mb, cpu_shares, pids_limit, storage_quota_mb, on_demand,"
+        .. " filesystem, mounts, user, nofile, nproc, memory_limit_mb, cpu_shares, pids_limit, storage_quota_mb, on_demand,"
         .. " max_instances, storage_persist, env",
     }, api_errors("[service.api.limits]\nmemory = 5"))
   end)

@@ -228,6 +228,8 @@ describe("the configuration reference's complete example", function()
       storage_persist = false,
       on_demand = false,
       network = "host",
+      filesystem = "host",
+      mounts = {},
       env = { DATABASE_PATH = "{data_dir}/{id}/app.db", LOG_LEVEL = "info" },
     }, cfg.services.api)
   end)
@@ -250,6 +252,8 @@ describe("the configuration reference's complete example", function()
       storage_persist = false,
       on_demand = false,
       network = "host",
+      filesystem = "host",
+      mounts = {},
       env = {},
     }, cfg.services.worker)
   end)
