@@ -1777,16 +1777,16 @@ local function describe_fields(out, values, schema)
   for _, row in ipairs(schema.fields) do
     if not row.alias_of and row.type ~= "section" and row.type ~= "map" then rows[#rows + 1] = row end
   end
-  local width = 0
-  for _, row in ipairs(rows) do
+  -- comments line up, past the longest line up to 60 columns: a longer
+  -- value (a command line) pushes only its own comment along
+  local texts, width = {}, 0
+  for i, row in ipairs(rows) do
     local v = values[row.name]
-    local text = v == nil and ("# " .. row.name .. " (not set)") or (row.name .. " = " .. toml_value(v))
-    row._text = text
-    width = math.max(width, #text)
+    texts[i] = v == nil and ("# " .. row.name .. " (not set)") or (row.name .. " = " .. toml_value(v))
+    if #texts[i] <= 60 then width = math.max(width, #texts[i]) end
   end
-  for _, row in ipairs(rows) do
-    out[#out + 1] = ("%-" .. width .. "s  # %s"):format(row._text, row.doc or "")
-    row._text = nil
+  for i, row in ipairs(rows) do
+    out[#out + 1] = texts[i] .. string.rep(" ", width - #texts[i]) .. "  # " .. (row.doc or "")
   end
 end
 

@@ -28,6 +28,18 @@ default = "api"
     assert.are.same(cfg.instances, again.instances)
   end)
 
+  -- string.format refuses a width over 99: a long command line made ten config an internal error
+  it("prints a value of any length, its comment two spaces after it", function()
+    local command = "/srv/app/bin/server --listen $SOCKET_PATH " .. ("--flag "):rep(30)
+    local cfg = assert(config.parse(string.format('[service.a]\ncommand = %q\n', command), "t.toml", {}))
+    local text = config.describe(cfg)
+    assert.matches(string.format("\ncommand = %q  # Command that starts the service\n", command), text, 1, true)
+    -- the others still line up with one another
+    local a = text:match("\n(restart = [^\n]*)")
+    local b = text:match("\n(isolation = [^\n]*)")
+    assert.are.equal(a:find("#", 1, true), b:find("#", 1, true))
+  end)
+
   it("never shows host environment values captured for ${VAR}", function()
     local cfg = assert(config.parse('[service.a]\ncommand = "x"\n[service.a.env]\nK = "${SECRET}"\n',
       "t.toml", { SECRET = "hunter2" }))
