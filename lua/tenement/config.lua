@@ -1544,11 +1544,29 @@ function config.check(doc, source, env, text)
     end
     -- a user this host does not have fails every start the same way
     local user = services[name].user
+    local found, why
     if user then
-      local found, why = require("tenement.users").lookup(user)
+      found, why = require("tenement.users").lookup(user)
       if not found then
         warn(where(raw_services[name], "user"), ("service.%s.user: %s: every start would fail"):format(name, why))
       end
+    end
+    -- fork never checks RLIMIT_NPROC for root: the spawn refuses it
+    local nproc = services[name].nproc
+    local uid = found and found.uid or (not user and require("tenement.core").proc.geteuid())
+    if nproc and uid == 0 then
+      warn(where(raw_services[name], "nproc"), ("service.%s.nproc = %d cannot limit an app that runs as root (the "
+        .. "kernel exempts root from it): every start would fail; set pids_limit, or a user for the service")
+        :format(name, nproc))
+    end
+    -- the sandbox binds the socket's directory into the sandbox, read-write
+    local sock_dir = sock:match("^(.*)/[^/]*$") or ""
+    if services[name].isolation == "sandbox" and not (sock_dir:find("{id}", 1, true)
+      or sock_dir:find("{instance_dir}", 1, true) or sock_dir:find("{port}", 1, true)) then
+      warn(where(raw_services[name], "socket") or where(raw_services, name), ("service.%s.socket = %s: its directory "
+        .. "is shared with other instances, and the sandbox binds it read-write: each sandbox could reach the "
+        .. "others' sockets; give each instance a directory of its own (socket = %s)")
+        :format(name, quote(sock), quote(sock_dir .. "/{name}-{id}/app.sock")))
     end
     local planned = require("tenement.runtime").planned(services[name].isolation)
     if planned then

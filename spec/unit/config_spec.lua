@@ -553,6 +553,29 @@ describe("reporting", function()
     }, cfg.warnings)
   end)
 
+  it("warns of a sandbox socket directory other instances share, and of nproc for an app run as root", function()
+    local core = require "tenement.core"
+    local cfg = parse_ok(table.concat({
+      "[service.a]", 'command = "/bin/sh"', 'isolation = "sandbox"',
+      "[service.b]", 'command = "/bin/sh"', 'isolation = "sandbox"', 'socket = "/run/t/{name}-{id}/app.sock"',
+      "[service.c]", 'command = "/bin/sh"', 'user = "root"', "nproc = 10",
+      "[service.d]", 'command = "/bin/sh"', "nproc = 10",
+    }, "\n") .. "\n")
+    local want = {
+      'tenement.toml:1: service.a.socket = "/tmp/tenement/{name}-{id}.sock": its directory is shared with other '
+        .. "instances, and the sandbox binds it read-write: each sandbox could reach the others' sockets; give each "
+        .. 'instance a directory of its own (socket = "/tmp/tenement/{name}-{id}/app.sock")',
+      "tenement.toml:11: service.c.nproc = 10 cannot limit an app that runs as root (the kernel exempts root from "
+        .. "it): every start would fail; set pids_limit, or a user for the service",
+    }
+    -- without a user, the app runs as the server's
+    if core.proc.geteuid() == 0 then
+      want[3] = "tenement.toml:14: service.d.nproc = 10 cannot limit an app that runs as root (the kernel exempts "
+        .. "root from it): every start would fail; set pids_limit, or a user for the service"
+    end
+    assert.same(want, cfg.warnings)
+  end)
+
   -- fs.nr_open bounds every process; without CAP_SYS_RESOURCE the server's
   -- own hard limit does too (this machine's root in a container lacks it)
   it("warns of a nofile this server cannot give", function()
