@@ -661,6 +661,7 @@ function Server:reload()
       end
     end
   end
+  local not_rolled_out = {}
   for name, svc in pairs(new.services) do
     if not old.services[name] then
       summary.added[#summary.added + 1] = name
@@ -671,7 +672,10 @@ function Server:reload()
       -- new definition waits for the next start: said as such, not as a rollout
       if n and n > 0 then summary.rolled_out[#summary.rolled_out + 1] = name
       elseif n then summary.updated[#summary.updated + 1] = name
-      else summary.failed[#summary.failed + 1] = rerr end
+      else
+        summary.failed[#summary.failed + 1] = rerr
+        not_rolled_out[name] = true
+      end
     elseif not same(svc, old.services[name]) then
       old.services[name] = svc
       for _, inst in ipairs(self.sup:of_service(name)) do inst.svc = svc end
@@ -717,7 +721,15 @@ function Server:reload()
   end
   for _, inst in ipairs(old.instances) do
     if not self.sup:get(inst.service, inst.id) then
-      core.spawn(function() self.sup:spawn(inst.service, inst.id, { why = "from [instances], by a reload" }) end)
+      if not_rolled_out[inst.service] then
+        -- it would run the definition the file no longer holds
+        local w = string.format("%s, new in [instances], was not started: the new definition of %s failed to roll "
+          .. "out (above); a reload that succeeds starts it", supervisor.key(inst.service, inst.id), inst.service)
+        log.warn("reload: %s", w)
+        warnings[#warnings + 1] = w
+      else
+        core.spawn(function() self.sup:spawn(inst.service, inst.id, { why = "from [instances], by a reload" }) end)
+      end
     end
   end
   for _, list in pairs(summary) do table.sort(list) end

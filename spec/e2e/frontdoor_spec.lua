@@ -930,6 +930,23 @@ describe("front door", function()
     assert.are.equal(before.pid, ps(srv)["api:b"].pid)
   end)
 
+  it("starts no instance new in [instances] with the old definition of a service whose rollout failed", function()
+    local dir = support.tmpdir()
+    srv = start_server(dir, { api = {} }, { tail = { "[instances]", 'api = ["a"]' } })
+    local before = wait_state(srv, "api:a", "running")
+    local text = support.read(srv.cfg)
+    text = text:gsub('api = %["a"%]', 'api = ["a", "b"]'):gsub('command = "[^"]*"', 'command = "' .. dir
+      .. '/no-such-app"', 1)
+    support.write(srv.cfg, text)
+    local code, _, err = ten(srv, "reload")
+    assert.are.equal(1, code)
+    assert.matches("api:b, new in [instances], was not started: the new definition of api failed to roll out "
+      .. "(above); a reload that succeeds starts it", err, 1, true)
+    sleep(0.3)
+    assert.is_nil(ps(srv)["api:b"])
+    assert.are.equal(before.pid, ps(srv)["api:a"].pid)
+  end)
+
   it("does not start again an instance of a service a reload removes while a request asks for it", function()
     local dir = support.tmpdir()
     -- the instance ignores SIGTERM: its stop takes stop_timeout, and requests come meanwhile
