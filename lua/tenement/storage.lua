@@ -421,6 +421,27 @@ function Mount:detach()
   return true, note
 end
 
+-- mount:resize(quota_mb) -> true [, note] | nil, err, lasting: the quota of
+-- a file system still mounted (an instance replaced by a rollout keeps its
+-- mount), grown online to a raised one; a lower one is refused, as attach
+-- refuses it. In a task.
+function Mount:resize(quota_mb)
+  if quota_mb == self.quota_mb then return true end
+  local key = self.service .. ":" .. self.id
+  if quota_mb < self.quota_mb then
+    return nil, string.format("storage_quota_mb of %s was lowered from %d to %d MB: shrinking its file system " ..
+      "is not supported; raise it back, or stop the instance and delete %s to start over empty", key,
+      self.quota_mb, quota_mb, self.image), true
+  end
+  local mounted = our_mount(self.dir, self.image)
+  if not mounted then return nil, string.format("%s is no longer mounted on %s", self.image, self.dir) end
+  local ok, err = grow_online(self.image, mounted.source, quota_mb, { path = self.path })
+  if not ok then return nil, "grow to " .. quota_mb .. " MB: " .. err end
+  local from = self.quota_mb
+  self.quota_mb = quota_mb
+  return true, string.format("grew %s from %d to %d MB", self.image, from, quota_mb)
+end
+
 function Mount:usage() return storage.usage(self.dir) end
 
 function Mount:__tostring()

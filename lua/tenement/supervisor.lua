@@ -413,6 +413,19 @@ function Instance:launch()
     if not mount then self:release_start() return nil, "storage: " .. serr, lasting end
     for _, note in ipairs(mount.notes or {}) do log.info("%s: %s", self.key, note) end
     self.storage = mount
+  elseif svc.storage_quota_mb and self.storage then
+    -- kept across a rollout's replacement: a quota the new definition
+    -- raised is grown now, not at some later start
+    local resized, note, lasting = self.storage:resize(svc.storage_quota_mb)
+    if lasting then self:release_start() return nil, "storage: " .. note, lasting end
+    -- (online growth needs CAP_SYS_RESOURCE: without it the data is still
+    -- there, at the old size, and a start from stopped grows it offline)
+    if not resized then
+      log.warn("%s: could not grow its storage to %d MB while it is mounted (%s); it keeps %d MB until it is "
+        .. "stopped and started again", self.key, svc.storage_quota_mb, note, self.storage.quota_mb)
+    elseif note then
+      log.info("%s: %s", self.key, note)
+    end
   end
   if user then
     -- the instance's files are its own, and no one else's
@@ -860,8 +873,26 @@ function Instance:watch_health(proc, gen, keep)
       end
     end
     if checking then
+      self:check_storage()
       repeat due = due + interval until due > core.now()
     end
+  end
+end
+
+-- A full quota fails the app's writes with ENOSPC, which only its own output
+-- may mention: said in the server's log once it is full, again only after it
+-- went under 90%. Full is 99%: ext4 keeps a few blocks no writer gets.
+function Instance:check_storage()
+  if not self.storage then return end
+  local used, total = storage.usage(self.dir)
+  if not used or not total or total <= 0 then return end
+  if used >= total * 0.99 and not self.storage_full_told then
+    self.storage_full_told = true
+    log.warn("%s: its storage is full (%d of %d MB used): its writes there fail with ENOSPC; free space in %s, or "
+      .. "raise storage_quota_mb (a reload applies it)", self.key, used // (1024 * 1024), total // (1024 * 1024),
+      self.dir)
+  elseif used < total * 0.9 then
+    self.storage_full_told = nil
   end
 end
 
@@ -1577,7 +1608,8 @@ function Instance:snapshot()
     if u then snap.memory_bytes, snap.cpu_seconds = u.memory_bytes, u.cpu_seconds end
   end
   if self.svc.storage_quota_mb then
-    snap.storage_quota_bytes = self.svc.storage_quota_mb * 1024 * 1024
+    -- the file system's own while mounted: the file's may not be applied yet
+    snap.storage_quota_bytes = (self.storage and self.storage.quota_mb or self.svc.storage_quota_mb) * 1024 * 1024
     if self.storage then snap.storage_used_bytes = storage.usage(self.dir) end
   end
   return snap

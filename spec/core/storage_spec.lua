@@ -163,6 +163,39 @@ describe("tenement.storage", function()
     end)
   end)
 
+  -- an instance replaced by a rollout keeps its mount: a raised quota reaches it there
+  it("grows the quota of a file system still mounted, and refuses to shrink it", function()
+    if reason then pending(reason) return end
+    core.run(function()
+      local m = assert(attach("api", "live", 10))
+      support.write(m.dir .. "/kept", "hello")
+      assert.are.same({ true }, { m:resize(10) })
+      local grown = has_cap_sys_resource()
+      if grown then
+        assert.are.same({ true, "grew " .. data_dir .. "/api/live.img from 10 to 25 MB" }, { m:resize(25) })
+      else
+        -- online resizing needs CAP_SYS_RESOURCE: the size stays, and says so
+        local ok, err, lasting = m:resize(25)
+        assert.is_nil(ok)
+        assert.is_nil(lasting)
+        assert.matches("^grow to 25 MB: resize2fs /dev/loop%d+ failed %(exit 1%): .*Permission denied", err)
+      end
+      assert.are.equal(grown and 25 or 10, m.quota_mb)
+      assert.are.equal("hello", fs.read(m.dir .. "/kept"))
+      local _, quota = storage.usage(m.dir)
+      local want = grown and 25 or 10
+      assert.is_true(quota >= want * MiB and quota <= want * MiB * 1.03, tostring(quota))
+      assert.are.same({ nil, "storage_quota_mb of api:live was lowered from " .. want .. " to 5 MB: shrinking its "
+        .. "file system is not supported; raise it back, or stop the instance and delete " .. data_dir
+        .. "/api/live.img to start over empty", true }, { m:resize(5) })
+      assert.is_true(m:detach())
+      -- the next attach finds the image at its new size, or grows it offline
+      m = assert(attach("api", "live", 25))
+      assert.are.same(grown and {} or { "grew " .. data_dir .. "/api/live.img from 10 to 25 MB" }, ours(m.notes))
+      assert.is_true(m:detach())
+    end)
+  end)
+
   it("removes the image, but not while it is mounted", function()
     if reason then pending(reason) return end
     core.run(function()
@@ -330,6 +363,64 @@ describe("tenement.storage", function()
     assert.is_false(is_mount_point(data .. "/api/a"))
     -- storage.share bound it on itself at start: that mount is ten's too
     assert.is_false(is_mount_point(data), assert(fs.read(log)))
+  end)
+
+  it("through ten serve: a full quota is said in the server's log, and a reload's higher one reaches it", function()
+    if reason then pending(reason) return end
+    local dir = support.tmpdir()
+    local cfg, log = dir .. "/tenement.toml", dir .. "/serve.log"
+    local data = fs.realpath(data_dir)
+    local function write_config(quota)
+      support.write(cfg, table.concat({
+        "[settings]", string.format("data_dir = %q", data), "port = " .. support.free_port(),
+        "health_check_interval = 1",
+        "[service.api]", 'command = "sh"',
+        string.format('args = ["-c", "dd if=/dev/zero of=$INSTANCE_DIR/fill bs=64k 2>/dev/null; exec %s"]',
+          support.fixture("backend")),
+        string.format("socket = %q", dir .. "/sock/{name}-{id}.sock"), 'health = "/health"',
+        'isolation = "process"', "storage_quota_mb = " .. quota,
+        "[instances]", 'api = ["a"]',
+      }, "\n") .. "\n")
+    end
+    write_config(5)
+    local pid = support.ten_serve(cfg, log)
+    finally(function()
+      os.execute("kill -TERM " .. pid)
+      for _ = 1, 100 do
+        if not fs.stat("/proc/" .. pid) then break end
+        support.sleep(0.05)
+      end
+    end)
+    local text
+    for _ = 1, 100 do
+      text = fs.read(log) or ""
+      if text:find("storage is full", 1, true) then break end
+      support.sleep(0.05)
+    end
+    assert.matches("api:a: its storage is full %(%d+ of %d+ MB used%): its writes there fail with ENOSPC; free space in "
+      .. data:gsub("%p", "%%%0") .. "/api/a, or raise storage_quota_mb %(a reload applies it%)", text)
+    -- said once while it stays full
+    support.sleep(1.2)
+    local _, times = (fs.read(log) or ""):gsub("storage is full", "")
+    assert.are.equal(1, times)
+    -- a higher quota: the instance is replaced on the mount it keeps, which
+    -- grows online where ten may (CAP_SYS_RESOURCE), and says so where not
+    write_config(8)
+    local code, _, err = support.ten_run { "reload", "--config", cfg }
+    assert.are.equal(0, code, err)
+    local code2, out = support.ten_run { "ps", "--json", "--config", cfg }
+    assert.are.equal(0, code2)
+    local quota = require("cjson").decode(out)[1].storage_quota_bytes
+    text = fs.read(log) or ""
+    if has_cap_sys_resource() then
+      assert.matches("api:a: grew " .. data:gsub("%p", "%%%0") .. "/api/a%.img from 5 to 8 MB", text)
+      assert.are.equal(8 * MiB, quota)
+    else
+      assert.matches("api:a: could not grow its storage to 8 MB while it is mounted %(grow to 8 MB: resize2fs", text)
+      assert.matches("it keeps 5 MB until it is stopped and started again", text, 1, true)
+      -- what the file system holds, not what the file asks
+      assert.are.equal(5 * MiB, quota)
+    end
   end)
 
   it("refuses to hide files or a foreign mount, and an image that is not ext4", function()
