@@ -40,11 +40,17 @@ function frontdoor.new(ctx)
     waking = {},       -- "service:id" -> event set when its start is over
     creating = {},     -- "service:id" -> service, for starts of ids the supervisor did not know
     guards = {},       -- service -> upstream invalidated when its set of instances changes
-    stats = { requests = 0, by_route = {} },  -- requests decided here (not the direct ones)
+    -- requests decided here (not the direct ones); router hook calls that failed
+    stats = { requests = 0, by_route = {}, hook_failures = 0 },
   }, Door)
   -- a broken hook fails on every request: the first ones say why, the rest
   -- are counted (log.limited), so a flood of requests is no flood of lines
-  self.hook_error, self.flush_hook_errors = log.limited("error", 10, "router hook failures")
+  local told
+  told, self.flush_hook_errors = log.limited("error", 10, "router hook failures")
+  self.hook_error = function(...)
+    self.stats.hook_failures = self.stats.hook_failures + 1
+    told(...)
+  end
   local hook, err = frontdoor.load_hook(ctx.cfg)
   if hook == nil then return nil, err end
   self:configure(ctx.cfg, hook)
@@ -174,8 +180,8 @@ function Door:route(req)
     local target, why = hook_target(result)
     if target then
       if (target.kind == "instance" or target.kind == "service") and not self.view.services[target.service] then
-        self.hook_error(string.format("router hook chose unknown service %q (the default routing applies)",
-          target.service))
+        self.hook_error(string.format("router hook %s chose unknown service %q (the default routing applies)",
+          self.cfg.hooks.router, target.service))
       else
         return target
       end

@@ -40,6 +40,9 @@ hooks.MAX_DEPTH = 64
 
 hooks.MAX_PRINT = 16 * 1024
 
+local WITHHELD = { io = true, os = true, require = true, debug = true, package = true, load = true,
+  loadfile = true, dofile = true, collectgarbage = true, coroutine = true }
+
 local function sandbox(name)
   local env = {
     string = copy(string), table = copy(table), math = copy(math), utf8 = copy(utf8),
@@ -65,7 +68,14 @@ local function sandbox(name)
     end,
   }
   env._G = env
-  return env
+  -- what a hook reaches for and may not have: said by name, not as "attempt
+  -- to call a nil value (global 'require')"
+  return setmetatable(env, { __index = function(_, key)
+    if WITHHELD[key] then
+      error(string.format("%s is not available in a hook: a hook computes from what it is given, with string, "
+        .. "table, math, utf8, print and pcall", key), 2)
+    end
+  end })
 end
 
 -- hooks.load(path, name) -> table of functions | nil, err
@@ -134,18 +144,25 @@ end
 -- hook that loops forever; the error never escapes, and no code of the hook
 -- runs once the call is over (its answer is plain data).
 function hooks.call(fn, ...)
-  local count = 0
+  local count, at = 0, nil
   local thread = coroutine.running()
   local previous = { debug.gethook(thread) }
   debug.sethook(thread, function()
     count = count + 1000
-    if count > hooks.BUDGET then error(EXCEEDED, 0) end
+    if count > hooks.BUDGET then
+      -- where the hook was when its budget ran out: the loop to look at
+      local info = debug.getinfo(2, "Sl")
+      at = info and info.currentline and info.currentline > 0 and (info.short_src .. ":" .. info.currentline)
+      error(EXCEEDED, 0)
+    end
   end, "", 1000)
   core.memory_cap(hooks.MAX_MEMORY)
   local result = table.pack(pcall(fn, ...))
   local refused = core.memory_cap()
   debug.sethook(thread, table.unpack(previous))
-  if not result[1] and result[2] == EXCEEDED then return false, tostring(EXCEEDED) end
+  if not result[1] and result[2] == EXCEEDED then
+    return false, tostring(EXCEEDED) .. (at and (" (at " .. at .. ")") or "")
+  end
   if not result[1] and refused then
     return false, string.format("hook asked for more than its %d MiB of memory (%s)", hooks.MAX_MEMORY >> 20,
       tostring(result[2]))

@@ -228,6 +228,9 @@ function metrics.render(srv, emit)
       local n = (srv.door.stats.by_route[kind] or 0) + (direct[kind] or 0)
       out:sample("tenement_http_requests_total", { "route", kind }, n)
     end
+    out:family("tenement_router_hook_failures_total", "counter",
+      "Requests whose router hook failed or chose no usable target, routed by default instead.")
+    out:sample("tenement_router_hook_failures_total", nil, srv.door.stats.hook_failures)
   end
   if srv.sink then
     local st = srv.sink:stats()

@@ -897,8 +897,11 @@ describe("front door", function()
         assert.are.equal(200, res.status, case .. ": " .. res.body)
         assert.are.equal("one", res.headers["x-backend"], case)
       end
+      -- the two that fell back to the default routing are counted
+      local m = assert(get(srv, "example.test", "/metrics")).body
+      assert.matches("\ntenement_router_hook_failures_total 2\n", m, 1, true)
     end)
-    assert.matches("router hook chose unknown service", log_text(srv), 1, true)
+    assert.matches("router hook " .. dir .. "/hook.lua chose unknown service \"ghost\"", log_text(srv), 1, true)
   end)
 
   it("refuses a reload of a file with no service left, which would stop every instance", function()
@@ -1128,9 +1131,9 @@ describe("front door", function()
       assert.are.equal(200, res.status, res.body)
       assert.are.equal("one", res.headers["x-backend"])
     end)
-    -- which file's hook: the budget's error names none of its own
-    assert.matches("router hook failed (the default routing applies): " .. dir .. "/hook.lua: hook exceeded its budget",
-      log_text(srv), 1, true)
+    -- which file's hook, and where in it the budget ran out
+    assert.matches("router hook failed (the default routing applies): hook exceeded its budget of 1000000 "
+      .. "instructions (at " .. dir .. "/hook.lua:", log_text(srv), 1, true)
   end)
 
   it("keeps the libraries the server routes with out of a router hook's reach", function()

@@ -632,9 +632,9 @@ describe("reporting", function()
     path = hook("local x = nil\nreturn { route = x.y }")
     assert.same({ "tenement.toml:4:10: hooks.router: loading " .. path .. " failed: " .. path
       .. ":2: attempt to index a nil value (local 'x')" }, errors_of(path))
-    path = hook("while true do end")
+    path = hook("local n = 0\nwhile true do n = n + 1 end")
     assert.same({ "tenement.toml:4:10: hooks.router: loading " .. path .. " failed: hook exceeded its budget of "
-      .. "1000000 instructions" }, errors_of(path))
+      .. "1000000 instructions (at " .. path .. ":2)" }, errors_of(path))
   end)
 
   it("points at the value inside an inline table", function()

@@ -88,6 +88,26 @@ describe("hooks", function()
     assert.are.equal("its answer has tables nested more than 64 deep", err)
   end)
 
+  it("names what a hook reaches for and may not have, with the line, and leaves other globals nil", function()
+    local h = assert(load_hook("return function(what)\n  if what == 'req' then return require('socket') end\n"
+      .. "  if what == 'io' then return io.open('/etc/passwd') end\n  return undefined_global == nil\nend"))
+    local ok, err = hooks.call(h.route, "req")
+    assert.is_false(ok)
+    assert.matches(":2: require is not available in a hook: a hook computes from what it is given, with string, "
+      .. "table, math, utf8, print and pcall$", err)
+    ok, err = hooks.call(h.route, "io")
+    assert.is_false(ok)
+    assert.matches(":3: io is not available in a hook", err)
+    assert.are.same({ true, true }, { hooks.call(h.route, "other") })
+  end)
+
+  it("says where a hook was when its budget ran out", function()
+    local h = assert(load_hook("return function()\n  local n = 0\n  while true do\n    n = n + 1\n  end\nend"))
+    local ok, err = hooks.call(h.route)
+    assert.is_false(ok)
+    assert.matches("^hook exceeded its budget of 1000000 instructions %(at .*hook%.lua:[34]%)$", err)
+  end)
+
   it("takes a file as lua does: a UTF-8 BOM, a #! line, and the lines after it numbered as in the file", function()
     assert.are.same({ true, 1 }, { hooks.call(assert(load_hook("#!/usr/bin/env lua\nreturn function() return 1 end")).route) })
     assert.are.same({ true, 2 }, { hooks.call(assert(load_hook("\239\187\191return function() return 2 end")).route) })
