@@ -170,9 +170,17 @@ local function command_help(c)
     lines[#lines + 1] = "Options:"
     lines[#lines + 1] = format_options(c.options)
   end
+  -- only those the command reads: --server and --token mean nothing to a
+  -- command that works on this host's files, none but -h to version and help
+  local globals = {}
+  for _, o in ipairs(global_options) do
+    local remote = o.long == "server" or o.long == "token"
+    local config = o.long == "config" or o.long == "data-dir"
+    if not (c.local_only and remote) and not (c.no_config and (remote or config)) then globals[#globals + 1] = o end
+  end
   lines[#lines + 1] = ""
   lines[#lines + 1] = "Global options:"
-  lines[#lines + 1] = format_options(global_options)
+  lines[#lines + 1] = format_options(globals)
   return table.concat(lines, "\n") .. "\n"
 end
 
@@ -576,6 +584,11 @@ command {
   aliases = { "ls" },
   summary = "List every known instance, sleeping and failed ones included",
   usage = "ten ps [--json]",
+  description = "STATE: starting, running, unhealthy (its health check fails), backoff (waiting to\n" ..
+    "restart), stopping, sleeping (stopped when idle; a request wakes it), stopped, failed\n" ..
+    "(gave up restarting; ten restart clears it). UPTIME: since its process started;\n" ..
+    "IDLE: since its last request. WEIGHT: its share of its service's traffic, relative\n" ..
+    "to the others' (0: none). LAST EXIT: how its last process ended.",
   options = { { long = "json", help = "print JSON (an array of instances)" } },
   run = function(ctx)
     return with_server(ctx, function(c)
@@ -685,7 +698,8 @@ command {
   name = "logs",
   summary = "Show an instance's output, search it, follow it",
   usage = "ten logs [SERVICE:ID] [-n N] [-f] [--search QUERY] [--since DURATION] [--stream stdout|stderr]",
-  description = "Lines come from the store, so they survive restarts of instances and of the\n" ..
+  description = "Without SERVICE:ID, the lines of every instance, each line naming its own.\n" ..
+    "Lines come from the store, so they survive restarts of instances and of the\n" ..
     "server; with no server running they are read from the store directly (not\n" ..
     "--follow). --search is full-text (every word must appear; the last one may be a prefix).\n" ..
     "Each line names the process that wrote it, as [PID] (ten ps shows the running one's).",
@@ -903,6 +917,31 @@ local function with_store(ctx, fn)
 end
 
 command {
+  name = "rollout",
+  summary = "Replace a service's running instances one by one, with no dropped request",
+  usage = "ten rollout SERVICE",
+  description = "Reads the service's definition from tenement.toml again, then for each\n" ..
+    "running instance: starts the new process on a fresh socket, waits until it is\n" ..
+    "healthy, switches traffic to it, lets the old one finish its requests and\n" ..
+    "stops it. On the first failure it stops and puts back the old version.",
+  max_args = 1,
+  run = function(ctx, args)
+    local service = args[1]
+    local ok, err = require("tenement.config").valid_name(service or "")
+    if not service or not ok then
+      ctx.err:write("ten rollout: ", service and ("service " .. err) or "missing SERVICE", "\nUsage: ten rollout SERVICE\n")
+      return 2
+    end
+    return with_server(ctx, function(c)
+      local status, v = c:request("POST", "/api/services/" .. service .. "/rollout", nil, 3600 * 1000)
+      if status ~= 200 then return report_failure(ctx, "rollout", status, v) end
+      ctx.out:write(string.format("%s: %d instance(s) replaced\n", v.service, v.replaced))
+      return 0
+    end)
+  end,
+}
+
+command {
   name = "token-gen",
   local_only = true,
   summary = "Create an API token and print it once",
@@ -990,31 +1029,6 @@ command {
 }
 
 command {
-  name = "rollout",
-  summary = "Replace a service's running instances one by one, with no dropped request",
-  usage = "ten rollout SERVICE",
-  description = "Reads the service's definition from tenement.toml again, then for each\n" ..
-    "running instance: starts the new process on a fresh socket, waits until it is\n" ..
-    "healthy, switches traffic to it, lets the old one finish its requests and\n" ..
-    "stops it. On the first failure it stops and puts back the old version.",
-  max_args = 1,
-  run = function(ctx, args)
-    local service = args[1]
-    local ok, err = require("tenement.config").valid_name(service or "")
-    if not service or not ok then
-      ctx.err:write("ten rollout: ", service and ("service " .. err) or "missing SERVICE", "\nUsage: ten rollout SERVICE\n")
-      return 2
-    end
-    return with_server(ctx, function(c)
-      local status, v = c:request("POST", "/api/services/" .. service .. "/rollout", nil, 3600 * 1000)
-      if status ~= 200 then return report_failure(ctx, "rollout", status, v) end
-      ctx.out:write(string.format("%s: %d instance(s) replaced\n", v.service, v.replaced))
-      return 0
-    end)
-  end,
-}
-
-command {
   name = "reload",
   summary = "Apply changes of tenement.toml to the running server (also: SIGHUP)",
   usage = "ten reload",
@@ -1093,6 +1107,7 @@ command {
 
 command {
   name = "version",
+  no_config = true,
   summary = "Print the version",
   usage = "ten version",
   run = function(ctx)
@@ -1103,6 +1118,7 @@ command {
 
 command {
   name = "help",
+  no_config = true,
   summary = "Show help for a command",
   usage = "ten help [COMMAND]",
   max_args = 1,
@@ -1114,8 +1130,8 @@ command {
       local names = {}
       for _, x in ipairs(commands) do names[#names + 1] = x.name end
       local hint = nearest(name, names)
-      ctx.err:write(string.format("ten help: unknown command '%s'%s\n", name,
-        hint and string.format(" (did you mean '%s'?)", hint) or ""))
+      ctx.err:write(string.format("ten help: unknown command '%s'%s\nRun 'ten --help' for the list of commands.\n",
+        name, hint and string.format(" (did you mean '%s'?)", hint) or ""))
       return 2
     end
     ctx.out:write(command_help(c))
