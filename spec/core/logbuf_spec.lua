@@ -49,6 +49,22 @@ local function writer(ring, stream, source)
   return f
 end
 
+-- Rings a, b and c feeding sink, a writer into each, and say(name, text):
+-- a line written into one, returned once its ring holds it.
+local function three_rings(sink)
+  local rings, writers, n = {}, {}, {}
+  for _, name in ipairs { "a", "b", "c" } do
+    rings[name] = lb.ring{ tag = name, sink = sink }
+    writers[name], n[name] = writer(rings[name]), 0
+  end
+  local function say(name, text)
+    writers[name]:write(text, "\n")
+    assert(rings[name]:wait(n[name], 5000))
+    n[name] = n[name] + 1
+  end
+  return rings, writers, say
+end
+
 local function texts(ring, ...)
   local t = {}
   for i, l in ipairs(ring:lines(...)) do t[i] = l.text end
@@ -702,16 +718,7 @@ describe("core.logbuf", function()
     it("hands out the lines of several rings in arrival order around what it dropped", function()
       core.run(function()
         local sink = lb.sink{ max_pending = 4 }
-        local rings, writers, n = {}, {}, {}
-        for _, name in ipairs { "a", "b", "c" } do
-          rings[name] = lb.ring{ tag = name, sink = sink }
-          writers[name], n[name] = writer(rings[name]), 0
-        end
-        local function say(name, text)
-          writers[name]:write(text, "\n")
-          assert(rings[name]:wait(n[name], 5000))
-          n[name] = n[name] + 1
-        end
+        local rings, writers, say = three_rings(sink)
         local function take()
           local got = {}
           for i, row in ipairs(assert(sink:take(100))) do got[i] = row[2] .. " " .. row[4] end
@@ -737,16 +744,7 @@ describe("core.logbuf", function()
     it("hands out one ring's waiting lines on their own, and the rest still in arrival order", function()
       core.run(function()
         local sink = lb.sink{ max_pending = 6 }
-        local rings, writers, n = {}, {}, {}
-        for _, name in ipairs { "a", "b", "c" } do
-          rings[name] = lb.ring{ tag = name, sink = sink }
-          writers[name], n[name] = writer(rings[name]), 0
-        end
-        local function say(name, text)
-          writers[name]:write(text, "\n")
-          assert(rings[name]:wait(n[name], 5000))
-          n[name] = n[name] + 1
-        end
+        local rings, writers, say = three_rings(sink)
         local function rows(batch)
           local got = {}
           for i, row in ipairs(batch) do got[i] = row[2] .. " " .. row[4] end
