@@ -246,6 +246,32 @@ end
 
 local function dirname(path) return path:match("^(.*)/[^/]*$") or "." end
 
+-- Why the program of argv[1] cannot be run, or nil: none by that path, or
+-- on the PATH of the app's env (list of "K=V"). A start of it fails each
+-- time, and every isolation level finds it where the host does (the
+-- sandbox's root is the host's, a private file system binds the command's
+-- directory): refused at once rather than retried with backoff, a deploy
+-- of a version not yet installed too.
+local function missing_program(prog, env, cwd)
+  local function runnable(path)
+    local st = core.fs.stat(path)
+    return st and st.type ~= "directory" and core.fs.access(path, "x")
+  end
+  if prog:find("/", 1, true) then
+    local path = prog:sub(1, 1) == "/" and prog or ((cwd or core.fs.cwd() or ".") .. "/" .. prog)
+    if runnable(path) then return nil end
+    return string.format("command: %s is not there, or not executable%s", path,
+      prog:sub(1, 1) == "/" and "" or " (a relative command is taken from workdir, else from where ten serve runs)")
+  end
+  local search
+  for _, kv in ipairs(env) do search = kv:match("^PATH=(.*)$") or search end
+  for dir in (search or ""):gmatch("[^:]+") do
+    if runnable(dir .. "/" .. prog) then return nil end
+  end
+  return string.format("command: no program %q on the app's PATH (%s): name it by its path, or install it", prog,
+    search or "none set")
+end
+
 -- Everything one start takes, released together whatever happens.
 function Instance:release_start()
   local sup = self.sup
@@ -403,6 +429,8 @@ function Instance:launch()
     cwd, err = config.expand(svc.workdir, vars)
     if not cwd then return refuse("workdir: " .. err) end
   end
+  local missing = missing_program(argv[1], env, cwd)
+  if missing then return refuse(missing) end
   local user
   if svc.user then
     user, err = users.lookup(svc.user)

@@ -281,13 +281,18 @@ describe("supervisor", function()
       planned = { 'isolation = "firecracker"' },
       -- past what the kernel lets any process have: setrlimit's EPERM, at every try
       bignofile = { "nofile = " .. (require("tenement.runtime").nofile_max() + 1) },
+      -- a deploy of a version not installed yet, a misspelt program
+      nopath = { string.format("command = %q", dir .. "/v2/app") },
+      noprog = { 'command = "tenement-no-such-program --port 1"' },
     }, { "max_restarts = 3" })
     core.run(function()
       local sup = supervisor.new(cfg, { environ = {} })
       local events = {}
       sup:on(function(e) events[#events + 1] = e end)
       for name, says in pairs { nouser = "tenement-no-such-user", rootnproc = "nproc = 50", planned = "firecracker",
-        bignofile = "is more than this server can give (" } do
+        bignofile = "is more than this server can give (",
+        nopath = "command: " .. dir .. "/v2/app is not there, or not executable",
+        noprog = 'command: no program "tenement-no-such-program" on the app\'s PATH (' } do
         local inst, err = sup:spawn(name, "a")
         assert.is_nil(inst)
         assert.matches(says, err, 1, true)
