@@ -191,8 +191,11 @@ function driver.wall(instance)
   local dir = vars.data_dir .. "/.root"
   local ok, err = fs.mkdir(dir, tonumber("700", 8))
   if not ok then return nil, "file system wall: " .. err end
-  local mounts, covered = {}, {}
+  local mounts, bound = {}, {}
   local function add(op) mounts[#mounts + 1] = op end
+  local function visible(path)
+    for _, d in ipairs(bound) do if under(path, d) then return true end end
+  end
   for _, path in ipairs(SYSTEM_DIRS) do
     local st = fs.stat(path, false)
     if st and st.type == "link" then
@@ -200,28 +203,14 @@ function driver.wall(instance)
       if target then add { "symlink", target, path } end
     elseif st and st.type == "directory" then
       add { "bind", path, path, ro = true }
-      covered[#covered + 1] = path
+      bound[#bound + 1] = path
     end
   end
-  local function masked(path)
-    for _, d in ipairs(covered) do if under(path, d) then return true end end
-  end
-  -- ten's own file: the environment it sets may hold secrets
-  local secrets = { table.unpack(SECRET_FILES) }
-  if instance.config_file then secrets[#secrets + 1] = fs.realpath(instance.config_file) or instance.config_file end
   -- /etc/resolv.conf is often a link into /run, which is not there
   local resolv = fs.stat("/etc/resolv.conf", false)
   if resolv and resolv.type == "link" then
     local target = fs.realpath("/etc/resolv.conf")
-    if target and not masked(target) then add { "bind", target, target, ro = true, file = true } end
-  end
-  for _, path in ipairs(secrets) do
-    local st = fs.stat(path)
-    if st and st.type == "file" and masked(path) then add { "bind", "/dev/null", path, file = true } end
-  end
-  for _, path in ipairs(SECRET_DIRS) do
-    local st = fs.stat(path)
-    if st and st.type == "directory" then add { "tmpfs", path, "mode=0700,size=4k" } end
+    if target and not visible(target) then add { "bind", target, target, ro = true, file = true } end
   end
   add { "tmpfs", "/dev", "mode=0755,size=64k" }
   for _, name in ipairs(DEVICES) do
@@ -247,7 +236,8 @@ function driver.wall(instance)
   end
   local binds = {}
   for _, b in ipairs(own) do
-    if b[1] and b[1] ~= "" and not (not b.rw and masked(b[1])) then
+    -- (one a system directory holds already, read-only, needs no bind)
+    if b[1] and b[1] ~= "" and (b.rw or not visible(b[1])) then
       local st = fs.stat(b[1])
       if not st then
         return nil, string.format("file system wall: %s is not there (filesystem = \"private\" binds it into the " ..
@@ -257,7 +247,22 @@ function driver.wall(instance)
     end
   end
   table.sort(binds, function(a, b) return #a.path < #b.path end)
-  for _, b in ipairs(binds) do add { "bind", b.path, b.path, ro = not b.rw, file = b.file } end
+  for _, b in ipairs(binds) do
+    add { "bind", b.path, b.path, ro = not b.rw, file = b.file }
+    bound[#bound + 1] = b.path
+  end
+  -- last, over whatever brought them in: ten's own file (the environment
+  -- it sets may hold secrets) wherever it lies, and root's secrets
+  local secrets = { table.unpack(SECRET_FILES) }
+  if instance.config_file then secrets[#secrets + 1] = fs.realpath(instance.config_file) or instance.config_file end
+  for _, path in ipairs(secrets) do
+    local st = fs.stat(path)
+    if st and st.type == "file" and visible(path) then add { "bind", "/dev/null", path, file = true } end
+  end
+  for _, path in ipairs(SECRET_DIRS) do
+    local st = fs.stat(path)
+    if st and st.type == "directory" and visible(path) then add { "tmpfs", path, "mode=0700,size=4k" } end
+  end
   return { dir = dir, mounts = mounts }
 end
 

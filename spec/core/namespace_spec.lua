@@ -383,10 +383,12 @@ describe("namespace isolation", function()
       support.write(data .. "/svc/b/theirs", "another instance's\n")
       support.write(dir .. "/tenement.toml", "[service.svc]\n")
       assert(fs.mkdir(dir .. "/app"))
+      -- the file ten serve was started with, in a directory the app is given
+      support.write(dir .. "/app/tenement.toml", "[service.svc.env]\nSECRET = \"x\"\n")
       support.write(dir .. "/app/code", "the app's code\n")
       assert(fs.mkdir(dir .. "/cache"))
       return {
-        filesystem = "private", config_file = dir .. "/tenement.toml",
+        filesystem = "private", config_file = dir .. "/app/tenement.toml",
         vars = { data_dir = data, instance_dir = data .. "/svc/a", socket = dir .. "/sock/svc-a.sock" },
         mounts = { dir .. "/app", dir .. "/cache:rw" },
       }
@@ -409,6 +411,7 @@ describe("namespace isolation", function()
               test -e $p && echo "sees $p"
             done
             test -s /etc/shadow && echo "reads /etc/shadow"
+            test -s %s/app/tenement.toml && echo "reads ten's config file"
             echo hi > /usr/%s 2>/dev/null && echo "writes /usr"
             echo hi > /etc/%s 2>/dev/null && echo "writes /etc"
             echo hi > %s/app/tn-wall 2>/dev/null && echo "writes a read-only mount"
@@ -421,7 +424,7 @@ describe("namespace isolation", function()
             head -c 4 /dev/urandom | wc -c
             echo dev > /dev/null && echo "/dev/null takes bytes"
             grep -c . /etc/passwd >/dev/null && echo "reads /etc/passwd"
-          ]], d, d, d, mark, mark, d, d, d, mark, mark, d, d), opts)
+          ]], d, d, d, d, mark, mark, d, d, d, mark, mark, d, d), opts)
           assert.are.equal(0, st.code, err)
           assert.are.equal(table.concat({ "mine", "cached", "temp", "the app's code", "4", "svc", "4",
             "/dev/null takes bytes", "reads /etc/passwd", "" }, "\n"), out)
