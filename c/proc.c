@@ -1296,12 +1296,11 @@ static void read_root(lua_State *L, spec_reader *r, struct child_args *a, int ns
         lua_geti(L, -1, 1);
         const char *kind = lua_tostring(L, -1);
         lua_pop(L, 1);
-        int args;
-        if (kind && strcmp(kind, "bind") == 0) op->kind = ROOT_BIND, args = 2;
-        else if (kind && strcmp(kind, "tmpfs") == 0) op->kind = ROOT_TMPFS, args = 2;
-        else if (kind && strcmp(kind, "dir") == 0) op->kind = ROOT_DIR, args = 1;
-        else if (kind && strcmp(kind, "symlink") == 0) op->kind = ROOT_SYMLINK, args = 2;
-        else luaL_error(L, "spawn: spec.root.mounts[%d]: unknown kind (bind, tmpfs, dir, symlink)", (int)i);
+        if (kind && strcmp(kind, "bind") == 0) op->kind = ROOT_BIND;
+        else if (kind && strcmp(kind, "tmpfs") == 0) op->kind = ROOT_TMPFS;
+        else if (kind && strcmp(kind, "dir") == 0) op->kind = ROOT_DIR;
+        else if (kind && strcmp(kind, "symlink") == 0) op->kind = ROOT_SYMLINK;
+        else return (void)luaL_error(L, "spawn: spec.root.mounts[%d]: unknown kind (bind, tmpfs, dir, symlink)", (int)i);
         lua_geti(L, -1, op->kind == ROOT_DIR || op->kind == ROOT_TMPFS ? 2 : 3);
         const char *where = checked_cstring(L, -1, "spec.root.mounts destination");
         if (where[0] != '/') luaL_error(L, "spawn: spec.root.mounts[%d]: %s is not an absolute path", (int)i, where);
@@ -1309,7 +1308,7 @@ static void read_root(lua_State *L, spec_reader *r, struct child_args *a, int ns
         lua_rawseti(L, r->anchor, ++r->nanchor);
         op->dst = lua_pushfstring(L, "%s%s", dir, where);
         lua_rawseti(L, r->anchor, ++r->nanchor);
-        if (args == 2 && op->kind != ROOT_TMPFS) {
+        if (op->kind == ROOT_BIND || op->kind == ROOT_SYMLINK) {
             lua_geti(L, -1, 2);
             op->src = checked_cstring(L, -1, "spec.root.mounts source");
             lua_rawseti(L, r->anchor, ++r->nanchor);
