@@ -87,6 +87,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 #include <linux/magic.h>
+#include <linux/openat2.h>
 
 extern char **environ;
 
@@ -173,14 +174,12 @@ static const struct { const char *name; int flag; } clone_flag_names[] = {
     {"newuts", CLONE_NEWUTS}, {"newnet", CLONE_NEWNET}, {"newuser", CLONE_NEWUSER}, {NULL, 0},
 };
 
-/* One step of building a walled root (spec.root.mounts). dst is the full
- * path under the new root's directory, as seen before pivot_root. */
+/* One step of building a walled root (spec.root.mounts). */
 enum root_kind { ROOT_BIND, ROOT_TMPFS, ROOT_DIR, ROOT_SYMLINK };
 struct root_op {
     int kind;
-    const char *src;     /* bind: what; symlink: its target */
-    const char *dst;
-    const char *where;   /* dst as the app sees it, for messages */
+    const char *src;     /* bind: what (an absolute path with no link in it); symlink: its target */
+    const char *where;   /* where it goes, as the app will see it */
     const char *data;    /* tmpfs: its options */
     int ro, is_file;
 };
@@ -208,7 +207,7 @@ struct child_args {
     size_t uid_map_len, gid_map_len;
     int mount_proc;
     const char *root_dir;    /* NULL, or where the walled root is built */
-    const char *root_proc, *root_old;  /* root_dir + "/proc", + "/.oldroot" */
+    const char *root_old;    /* root_dir + "/.oldroot" */
     const struct root_op *root_ops;
     int nroot_ops;
     const char *hostname;
@@ -294,43 +293,145 @@ CHILD_CODE static int lo_up(struct ifreq *ifr) {
     return rc;
 }
 
-/* mkdir -p of path, or of its parent only; -1 with errno. */
-CHILD_CODE static int child_mkdirs(const char *path, int parent_only) {
-    char p[PATH_MAX];
+/* An O_PATH fd of path (relative to dirfd), resolved without following a
+ * symbolic link anywhere on the way, and with beneath never above dirfd.
+ * The wall is built from paths an app may have written in (its instance
+ * directory, its socket directory): a link it left there must not turn a
+ * bind into one of the host's directories, nor a mount point into a place
+ * outside the new root. -> fd | -1 */
+CHILD_CODE static int child_open_path(int dirfd, const char *path, int beneath, int flags) {
+    struct open_how how;
+    how.flags = (uint64_t)(O_PATH | O_CLOEXEC | flags);
+    how.mode = 0;
+    how.resolve = RESOLVE_NO_SYMLINKS | (beneath ? RESOLVE_BENEATH : 0);
+    return (int)syscall(SYS_openat2, dirfd, path, &how, sizeof how);
+}
+
+/* "/proc/self/fd/N" into buf (at least 32 bytes): how mount(2) is handed an
+ * fd, without the sanitizers' formatting in the child. */
+CHILD_CODE static const char *fd_path(char *buf, int fd) {
+    static const char prefix[] = "/proc/self/fd/";
     size_t n = 0;
-    while (path[n] && n < sizeof p - 1) { p[n] = path[n]; n++; }
-    if (path[n]) { errno = ENAMETOOLONG; return -1; }
-    p[n] = '\0';
-    if (parent_only) {
-        while (n > 0 && p[n - 1] != '/') n--;
-        if (n > 1) p[--n] = '\0';
-        else return 0;
+    for (; prefix[n]; n++) buf[n] = prefix[n];
+    char digits[12];
+    int d = 0;
+    do { digits[d++] = (char)('0' + fd % 10); fd /= 10; } while (fd > 0);
+    while (d > 0) buf[n++] = digits[--d];
+    buf[n] = '\0';
+    return buf;
+}
+
+CHILD_CODE static void close_keep_errno(int fd) {
+    int e = errno;
+    close(fd);
+    errno = e;
+}
+
+/* The place rel (a relative path) names under root_fd, made as it goes:
+ * directories, and with is_file an empty file last (one already there
+ * stays as it is). upto_parent stops at its directory and leaves the last
+ * name in *last. -> O_PATH fd | -1 */
+CHILD_CODE static int child_make_beneath(int root_fd, const char *rel, int is_file, int upto_parent,
+                                         const char **last) {
+    int cur = child_open_path(root_fd, ".", 1, O_DIRECTORY);
+    if (cur < 0) return -1;
+    const char *p = rel;
+    while (*p) {
+        size_t n = 0;
+        while (p[n] && p[n] != '/') n++;
+        int final = p[n] == '\0';
+        if (final && upto_parent) {
+            *last = p;
+            return cur;
+        }
+        char part[NAME_MAX + 1];
+        if (n > NAME_MAX) { close(cur); errno = ENAMETOOLONG; return -1; }
+        for (size_t i = 0; i < n; i++) part[i] = p[i];
+        part[n] = '\0';
+        if (n > 0) {
+            if (final && is_file) {
+                /* read-only: a file of a read-only bind may be there already */
+                int f = openat(cur, part, O_RDONLY | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0644);
+                if (f < 0) { close_keep_errno(cur); return -1; }
+                close(f);
+            } else if (mkdirat(cur, part, 0755) != 0 && errno != EEXIST) {
+                close_keep_errno(cur);
+                return -1;
+            }
+            int next = child_open_path(cur, part, 1, final && is_file ? 0 : O_DIRECTORY);
+            close_keep_errno(cur);
+            if (next < 0) return -1;
+            cur = next;
+        }
+        p += n + (p[n] == '/');
     }
-    for (size_t i = 1; i <= n; i++) {
-        if (p[i] != '/' && p[i] != '\0') continue;
-        char c = p[i];
-        p[i] = '\0';
-        if (mkdir(p, 0755) != 0 && errno != EEXIST) return -1;
-        p[i] = c;
-    }
-    return 0;
+    return cur;
 }
 
 /* A bind made read-only with everything under it (mount_setattr, 5.12);
- * before that kernel, the top mount only. */
-CHILD_CODE static int child_readonly(const char *path) {
+ * before that kernel, the top mount only. fd: the mount, as an O_PATH fd. */
+CHILD_CODE static int child_readonly(int fd) {
 #ifdef SYS_mount_setattr
     struct { uint64_t set, clr, propagation, userns_fd; } attr = {.set = 0x1 /* MOUNT_ATTR_RDONLY */};
-    if (syscall(SYS_mount_setattr, AT_FDCWD, path, 0x8000 /* AT_RECURSIVE */, &attr, sizeof attr) == 0) return 0;
+    if (syscall(SYS_mount_setattr, fd, "", AT_EMPTY_PATH | 0x8000 /* AT_RECURSIVE */, &attr, sizeof attr) == 0)
+        return 0;
     if (errno != ENOSYS) return -1;
 #endif
+    char path[32];
     struct statfs st; /* the raw call: the sanitizers intercept statfs */
-    if (syscall(SYS_statfs, path, &st) != 0) return -1;
+    if (syscall(SYS_fstatfs, fd, &st) != 0) return -1;
     unsigned long keep = 0;
     if (st.f_flags & ST_NOSUID) keep |= MS_NOSUID;
     if (st.f_flags & ST_NODEV) keep |= MS_NODEV;
     if (st.f_flags & ST_NOEXEC) keep |= MS_NOEXEC;
-    return mount(NULL, path, NULL, MS_REMOUNT | MS_BIND | MS_RDONLY | keep, NULL);
+    return mount(NULL, fd_path(path, fd), NULL, MS_REMOUNT | MS_BIND | MS_RDONLY | keep, NULL);
+}
+
+/* One step of the wall, below root_fd. -> 0 | -1 with errno */
+CHILD_CODE static int child_root_op(int root_fd, const struct root_op *op) {
+    const char *rel = op->where + 1;
+    char src_path[32], dst_path[32];
+    int dst, rc;
+    switch (op->kind) {
+    case ROOT_BIND: {
+        int src = child_open_path(AT_FDCWD, op->src, 0, 0);
+        if (src < 0) return -1;
+        dst = child_make_beneath(root_fd, rel, op->is_file, 0, NULL);
+        if (dst < 0) { close_keep_errno(src); return -1; }
+        rc = mount(fd_path(src_path, src), fd_path(dst_path, dst), NULL, MS_BIND | MS_REC, NULL);
+        close_keep_errno(src);
+        close_keep_errno(dst);
+        if (rc != 0 || !op->ro) return rc;
+        /* the fd taken before names what the mount now covers: again */
+        dst = child_open_path(root_fd, rel, 1, 0);
+        if (dst < 0) return -1;
+        rc = child_readonly(dst);
+        close_keep_errno(dst);
+        return rc;
+    }
+    case ROOT_TMPFS:
+        dst = child_make_beneath(root_fd, rel, 0, 0, NULL);
+        if (dst < 0) return -1;
+        rc = mount("tmpfs", fd_path(dst_path, dst), "tmpfs", MS_NOSUID | MS_NODEV, op->data);
+        close_keep_errno(dst);
+        return rc;
+    case ROOT_DIR:
+        dst = child_make_beneath(root_fd, rel, 0, 0, NULL);
+        if (dst < 0) return -1;
+        close(dst);
+        return 0;
+    case ROOT_SYMLINK: {
+        const char *name = NULL;
+        dst = child_make_beneath(root_fd, rel, 0, 1, &name);
+        if (dst < 0) return -1;
+        /* an O_PATH fd serves as the directory of *at calls */
+        rc = symlinkat(op->src, dst, name);
+        close_keep_errno(dst);
+        return rc;
+    }
+    }
+    errno = EINVAL;
+    return -1;
 }
 
 /* Builds the walled root and moves into it. -> 0 | -1 with errno, and the
@@ -338,42 +439,25 @@ CHILD_CODE static int child_readonly(const char *path) {
 CHILD_CODE static int child_root(struct child_args *a, int *at) {
     *at = ROOT_AT_TMPFS;
     if (mount("tmpfs", a->root_dir, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m") != 0) return -1;
+    int root_fd = child_open_path(AT_FDCWD, a->root_dir, 0, O_DIRECTORY);
+    if (root_fd < 0) return -1;
     for (int i = 0; i < a->nroot_ops; i++) {
-        const struct root_op *op = &a->root_ops[i];
         *at = i;
-        switch (op->kind) {
-        case ROOT_BIND:
-            if (op->is_file) {
-                if (child_mkdirs(op->dst, 1) != 0) return -1;
-                int fd = open(op->dst, O_RDONLY | O_CREAT | O_CLOEXEC, 0644); /* one there already may be read-only */
-                if (fd < 0) return -1;
-                close(fd);
-            } else if (child_mkdirs(op->dst, 0) != 0) {
-                return -1;
-            }
-            if (mount(op->src, op->dst, NULL, MS_BIND | MS_REC, NULL) != 0) return -1;
-            if (op->ro && child_readonly(op->dst) != 0) return -1;
-            break;
-        case ROOT_TMPFS:
-            if (child_mkdirs(op->dst, 0) != 0) return -1;
-            if (mount("tmpfs", op->dst, "tmpfs", MS_NOSUID | MS_NODEV, op->data) != 0) return -1;
-            break;
-        case ROOT_DIR:
-            if (child_mkdirs(op->dst, 0) != 0) return -1;
-            break;
-        case ROOT_SYMLINK:
-            if (child_mkdirs(op->dst, 1) != 0) return -1;
-            if (symlink(op->src, op->dst) != 0) return -1;
-            break;
-        }
+        if (child_root_op(root_fd, &a->root_ops[i]) != 0) { close_keep_errno(root_fd); return -1; }
     }
     if (a->mount_proc) {
         *at = ROOT_AT_PROC;
-        if (child_mkdirs(a->root_proc, 0) != 0) return -1;
-        if (mount("proc", a->root_proc, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) != 0) return -1;
+        char proc_path[32];
+        int proc = child_make_beneath(root_fd, "proc", 0, 0, NULL);
+        if (proc < 0) { close_keep_errno(root_fd); return -1; }
+        int rc = mount("proc", fd_path(proc_path, proc), "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+        close_keep_errno(proc);
+        if (rc != 0) { close_keep_errno(root_fd); return -1; }
     }
     *at = ROOT_AT_PIVOT;
-    if (mkdir(a->root_old, 0700) != 0) return -1;
+    int made = mkdirat(root_fd, ".oldroot", 0700);
+    close_keep_errno(root_fd);
+    if (made != 0) return -1;
     if (syscall(SYS_pivot_root, a->root_dir, a->root_old) != 0) return -1;
     if (chdir("/") != 0) return -1;
     if (umount2("/.oldroot", MNT_DETACH) != 0) return -1;
@@ -1280,8 +1364,6 @@ static void read_root(lua_State *L, spec_reader *r, struct child_args *a, int ns
     const char *dir = root_field(L, r, "dir", 1, "spec.root.dir");
     if (dir[0] != '/') luaL_error(L, "spawn: spec.root.dir must be an absolute path");
     a->root_dir = dir;
-    a->root_proc = lua_pushfstring(L, "%s/proc", dir);
-    lua_rawseti(L, r->anchor, ++r->nanchor);
     a->root_old = lua_pushfstring(L, "%s/.oldroot", dir);
     lua_rawseti(L, r->anchor, ++r->nanchor);
     if (lua_getfield(L, -1, "mounts") != LUA_TTABLE) luaL_error(L, "spawn: spec.root.mounts must be a list");
@@ -1305,8 +1387,6 @@ static void read_root(lua_State *L, spec_reader *r, struct child_args *a, int ns
         const char *where = checked_cstring(L, -1, "spec.root.mounts destination");
         if (where[0] != '/') luaL_error(L, "spawn: spec.root.mounts[%d]: %s is not an absolute path", (int)i, where);
         op->where = where;
-        lua_rawseti(L, r->anchor, ++r->nanchor);
-        op->dst = lua_pushfstring(L, "%s%s", dir, where);
         lua_rawseti(L, r->anchor, ++r->nanchor);
         if (op->kind == ROOT_BIND || op->kind == ROOT_SYMLINK) {
             lua_geti(L, -1, 2);

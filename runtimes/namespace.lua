@@ -176,6 +176,11 @@ local SYSTEM_DIRS = { "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/lib
 local SECRET_FILES = { "/etc/shadow", "/etc/shadow-", "/etc/gshadow", "/etc/gshadow-", "/etc/sudoers" }
 local SECRET_DIRS = { "/etc/ssl/private", "/etc/sudoers.d" }
 local DEVICES = { "null", "zero", "full", "random", "urandom", "tty" }
+-- What no instance gets whole: the root, and directories the host's users
+-- and services share.
+local SHARED_DIRS = {}
+for _, d in ipairs { "/", "/tmp", "/var", "/var/tmp", "/var/lib", "/var/run", "/run", "/home", "/root", "/etc",
+  "/usr", "/srv", "/opt", "/mnt", "/media", "/boot", "/proc", "/sys", "/dev" } do SHARED_DIRS[d] = true end
 
 -- Whether path is dir or lies under it.
 local function under(path, dir)
@@ -188,9 +193,11 @@ end
 function driver.wall(instance)
   local fs = core.fs
   local vars, svc = instance.vars or {}, instance.service or {}
-  local dir = vars.data_dir .. "/.root"
+  local data_dir = fs.realpath(vars.data_dir) or vars.data_dir
+  local dir = data_dir .. "/.root"
   local ok, err = fs.mkdir(dir, tonumber("700", 8))
   if not ok then return nil, "file system wall: " .. err end
+  local real_instance = fs.realpath(vars.instance_dir) or vars.instance_dir
   local mounts, bound = {}, {}
   local function add(op) mounts[#mounts + 1] = op end
   local function visible(path)
@@ -225,25 +232,41 @@ function driver.wall(instance)
   -- the instance's own paths, then what the file adds; a parent before
   -- what lies under it
   local own = {
-    { vars.instance_dir, rw = true },
-    { vars.socket and vars.socket:match("^(.*)/[^/]*$"), rw = true },
-    { instance.cwd },
-    { instance.argv and instance.argv[1]:match("^(/.*)/[^/]*$") },
+    { vars.instance_dir, rw = true, role = "the instance directory" },
+    { vars.socket and vars.socket:match("^(.*)/[^/]*$"), rw = true, role = "the socket's directory" },
+    { instance.cwd, role = "the workdir" },
+    { instance.argv and instance.argv[1]:match("^(/.*)/[^/]*$"), role = "the command's directory" },
   }
   for _, m in ipairs(svc.mounts or {}) do
     local path, mode = m:match("^(.-):(r[ow])$")
-    own[#own + 1] = { path or m, rw = mode == "rw" }
+    own[#own + 1] = { path or m, rw = mode == "rw", role = "named in mounts" }
   end
   local binds = {}
   for _, b in ipairs(own) do
-    -- (one a system directory holds already, read-only, needs no bind)
-    if b[1] and b[1] ~= "" and (b.rw or not visible(b[1])) then
-      local st = fs.stat(b[1])
-      if not st then
-        return nil, string.format("file system wall: %s is not there (filesystem = \"private\" binds it into the " ..
-          "app's file system)", b[1])
+    local path = b[1]
+    if path and path ~= "" then
+      -- the operator's links resolved (a /srv that links elsewhere), not
+      -- those below the instance directory: the app made those, and the
+      -- spawn refuses a link on the way of any bind (ELOOP)
+      local real = under(path, vars.instance_dir) and (real_instance .. path:sub(#vars.instance_dir + 1))
+        or fs.realpath(path)
+      if not real then
+        return nil, string.format("file system wall: %s, %s, is not there: filesystem = \"private\" binds it into "
+          .. "the app's file system", path, b.role), true
       end
-      binds[#binds + 1] = { path = b[1], rw = b.rw, file = st.type ~= "directory" }
+      -- a directory that holds more than the app's own: the whole of a
+      -- shared one, or data_dir with the store and every instance
+      if SHARED_DIRS[real] or (under(data_dir, real) and not under(real, real_instance)) then
+        return nil, string.format("file system wall: %s, %s, would bring %s into the app%s: give it a directory "
+          .. "of its own%s", path, b.role, SHARED_DIRS[real] and ("the host's " .. real)
+          or "data_dir (the store, every instance)", b.rw and ", writable" or "", b.role == "the socket's directory"
+          and ' (socket = "/run/tenement/{name}-{id}/app.sock")' or ""), true
+      end
+      -- (one a system directory holds already, read-only, needs no bind)
+      if b.rw or not visible(real) then
+        local st = fs.stat(real)
+        binds[#binds + 1] = { path = real, rw = b.rw, file = st and st.type ~= "directory" }
+      end
     end
   end
   table.sort(binds, function(a, b) return #a.path < #b.path end)
@@ -289,8 +312,9 @@ function driver.prepare(instance)
   local root, cwd = nil, instance.cwd
   if svc.filesystem == "private" then
     local werr
-    root, werr = driver.wall(instance)
-    if not root then return nil, werr end
+    local lasting
+    root, werr, lasting = driver.wall(instance)
+    if not root then return nil, werr, lasting end
     -- the host's working directory of ten is not there
     cwd = cwd or instance.vars.instance_dir
   end

@@ -441,6 +441,45 @@ describe("namespace isolation", function()
       end)
     end
 
+    -- an app (root inside) may leave links in its own directories: one
+    -- where a bind is made next time must not carry a host directory in
+    it("refuses a link on the way of a bind, the app's own included, and directories holding more than the app's", function()
+      local why = unable()
+      if why then pending(why) return end
+      driver.reset({ userns = false })
+      finally(function() driver.reset(nil) end)
+      local opts = layout()
+      local inst = opts.vars.instance_dir
+      local function prepare(vars, extra)
+        local svc = { name = "svc", filesystem = "private" }
+        for k, v in pairs(extra or {}) do svc[k] = v end
+        return driver.prepare { argv = { "/bin/true" }, env = {}, service = svc, id = "a", vars = vars }
+      end
+      -- the socket's directory, inside the instance's, made a link to the host's /tmp
+      assert(os.execute("ln -s /tmp " .. support.quote(inst .. "/run")))
+      local spec = assert(prepare { data_dir = opts.vars.data_dir, instance_dir = inst, socket = inst .. "/run/app.sock" })
+      core.run(function()
+        local p, err = proc.spawn(spec)
+        assert.is_nil(p)
+        assert.matches("file system wall: bind " .. inst .. "/run " .. inst .. "/run: ELOOP", err, 1, true)
+      end)
+      -- directories that would bring in more than the app's own
+      for _, case in ipairs {
+        { { socket = dir .. "/data/svc-a.sock" }, dir .. "/data, the socket's directory, would bring data_dir (the "
+          .. "store, every instance) into the app, writable" },
+        { { socket = "/tmp/svc-a.sock" }, "/tmp, the socket's directory, would bring the host's /tmp into the app, "
+          .. 'writable: give it a directory of its own (socket = "/run/tenement/{name}-{id}/app.sock")' },
+        { { mounts = { dir } }, dir .. ", named in mounts, would bring data_dir (the store, every instance) into the app" },
+        { { mounts = { "/home:rw" } }, "/home, named in mounts, would bring the host's /home into the app, writable" },
+      } do
+        local vars = { data_dir = opts.vars.data_dir, instance_dir = inst, socket = case[1].socket or opts.vars.socket }
+        local none, err, lasting = prepare(vars, { mounts = case[1].mounts })
+        assert.is_nil(none)
+        assert.matches("file system wall: " .. case[2], err, 1, true)
+        assert.is_true(lasting)
+      end
+    end)
+
     it("says which step of the wall failed: a mount that is not there", function()
       local why = unable()
       if why then pending(why) return end
@@ -454,8 +493,8 @@ describe("namespace isolation", function()
           id = "a", vars = opts.vars,
         }
         assert.is_nil(spec)
-        assert.are.equal("file system wall: " .. dir .. '/nowhere is not there (filesystem = "private" binds it '
-          .. "into the app's file system)", err)
+        assert.are.equal("file system wall: " .. dir .. '/nowhere, named in mounts, is not there: filesystem = '
+          .. "\"private\" binds it into the app's file system", err)
         -- a step the kernel refuses is named with the path
         spec = assert(driver.prepare {
           argv = { "/bin/true" }, env = {}, service = { name = "svc", filesystem = "private" }, id = "a", vars = opts.vars,

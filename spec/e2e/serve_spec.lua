@@ -510,8 +510,14 @@ describe("ten serve on a configuration of its own", function()
       }
     end)
     assert.is_truthy(log_with(log, "api:one running"):find("api:one running", 1, true))
-    local code, out = support.run(string.format("curl -s -H 'Host: one.api.example.test' http://127.0.0.1:%d/", port))
-    assert.are.same({ 0, "hello from one\n" }, { code, out })
+    -- (not curl: under make asan the sanitizers are preloaded into every program, and curl hung there)
+    local core = require "tenement.core"
+    local res
+    core.run(function()
+      res = assert(core.http.request { host = "127.0.0.1", port = port, target = "/",
+        headers = { host = "one.api.example.test" }, timeout = 10000 })
+    end)
+    assert.are.same({ 200, "hello from one\n" }, { res.status, res.body })
     local _, logs = ten(cfg, "logs", "api:one")
     assert.matches("looked\n", logs)
     assert.is_nil(logs:find("sees", 1, true), logs)
