@@ -644,7 +644,9 @@ local RESTART = { "always", "on-failure", "never" }
 local NETWORK = { "host", "isolated" }
 local FILESYSTEM = { "host", "private" }
 
--- an item of mounts: an absolute path, with an optional :ro or :rw
+-- an item of mounts: an absolute path in its plain form, with an optional
+-- :ro or :rw ("/srv/app/../../root" was /root, "/srv/app/" a second entry
+-- for /srv/app)
 local function check_mount(m)
   local path = m:match("^(.-):r[ow]$") or m
   if path:sub(1, 1) ~= "/" then
@@ -652,6 +654,10 @@ local function check_mount(m)
   end
   if path:find(":", 1, true) then
     return nil, 'after the path only ":ro" or ":rw" may come'
+  end
+  if path == "/" then return nil, "the whole host file system is what a private one keeps out" end
+  if path:find("//", 1, true) or path:sub(-1) == "/" or path:find("/%.%.?/") or path:find("/%.%.?$") then
+    return nil, "write the path plainly: no //, no trailing /, no . or .. parts"
   end
   return true
 end
@@ -1223,11 +1229,24 @@ SERVICE.check = function(ctx, out, bad, tbl, path)
       .. 'leave filesystem out', out.isolation))
     bad.filesystem = true
   end
-  if not bad.mounts and #(out.mounts or {}) > 0 and out.filesystem ~= "private" then
+  if not bad.mounts and not bad.filesystem and #(out.mounts or {}) > 0 and out.filesystem ~= "private" then
     local line, col = where_value(ctx, tbl, "mounts")
     report(ctx, line, col, join(path, "mounts"), out.mounts[1], 'mounts adds paths to a private file system: '
       .. 'set filesystem = "private" (the host file system has them all already)')
     bad.mounts = true
+  end
+  -- one path twice (its :rw and its :ro): which one holds?
+  local seen = {}
+  for i, m in ipairs(not bad.mounts and out.mounts or {}) do
+    local p = m:match("^(.-):r[ow]$") or m
+    if seen[p] then
+      local line, col = where_item(ctx, tbl.mounts, i, tbl, "mounts")
+      report(ctx, line, col, ("%s[%d]"):format(join(path, "mounts"), i), m, ("%s is in mounts already (as %q): "
+        .. "name each path once"):format(p, seen[p]))
+      bad.mounts = true
+      break
+    end
+    seen[p] = m
   end
   -- The process level never reads `network`: the app would keep the host's
   -- network while the file says it is isolated.
@@ -1549,6 +1568,14 @@ function config.check(doc, source, env, text)
       found, why = require("tenement.users").lookup(user)
       if not found then
         warn(where(raw_services[name], "user"), ("service.%s.user: %s: every start would fail"):format(name, why))
+      end
+    end
+    -- a path a private file system binds that is not there fails every start
+    for _, m in ipairs(services[name].filesystem == "private" and services[name].mounts or {}) do
+      local mpath = m:match("^(.-):r[ow]$") or m
+      if not require("tenement.core").fs.stat(mpath) then
+        warn(where(raw_services[name], "mounts"), ("service.%s.mounts: %s is not there: every start would fail")
+          :format(name, mpath))
       end
     end
     -- fork never checks RLIMIT_NPROC for root: the spawn refuses it

@@ -56,6 +56,26 @@ describe("[service.NAME] filesystem and mounts", function()
     assert.same({
       'tenement.toml:3:14: service.api.filesystem = "walled": expected one of host, private',
     }, api_errors('filesystem = "walled"'))
+    -- a misspelt filesystem is one error, not also one of its mounts
+    assert.same({
+      'tenement.toml:3:14: service.api.filesystem = "privat": expected one of host, private; did you mean "private"?',
+    }, api_errors('filesystem = "privat"\nmounts = ["/srv/app"]'))
+  end)
+
+  it("takes each mounts path in its plain form, once, and never the root", function()
+    assert.same({
+      'tenement.toml:4:11: service.api.mounts[1] = "/": the whole host file system is what a private one keeps out',
+      'tenement.toml:4:16: service.api.mounts[2] = "/srv/app/../../root": write the path plainly: no //, no '
+        .. "trailing /, no . or .. parts",
+      'tenement.toml:4:39: service.api.mounts[3] = "/srv/": write the path plainly: no //, no trailing /, no . or .. '
+        .. "parts",
+      'tenement.toml:4:48: service.api.mounts[4] = "/a//b:rw": write the path plainly: no //, no trailing /, no . '
+        .. "or .. parts",
+    }, api_errors('filesystem = "private"\nmounts = ["/", "/srv/app/../../root", "/srv/", "/a//b:rw"]'))
+    assert.same({
+      'tenement.toml:4:26: service.api.mounts[2] = "/srv/app": /srv/app is in mounts already (as "/srv/app:rw"): '
+        .. "name each path once",
+    }, api_errors('filesystem = "private"\nmounts = ["/srv/app:rw", "/srv/app"]'))
   end)
 end)
 

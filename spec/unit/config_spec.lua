@@ -576,6 +576,13 @@ describe("reporting", function()
     assert.same(want, cfg.warnings)
   end)
 
+  it("warns of a path mounts names that is not there", function()
+    local cfg = parse_ok('[service.a]\ncommand = "/bin/sh"\nfilesystem = "private"\n'
+      .. 'mounts = ["/bin", "/tenement-no-such-dir:rw"]\n')
+    assert.same({ "tenement.toml:4: service.a.mounts: /tenement-no-such-dir is not there: every start would fail" },
+      cfg.warnings)
+  end)
+
   -- fs.nr_open bounds every process; without CAP_SYS_RESOURCE the server's
   -- own hard limit does too (this machine's root in a container lacks it)
   it("warns of a nofile this server cannot give", function()
