@@ -91,14 +91,15 @@ static const char *type_name(mode_t m) {
     return "unknown";
 }
 
-/* fs.stat(path [, follow=true]) -> {type, size, mode, uid, gid, mtime} | nil, err, code */
+/* fs.stat(path [, follow=true]) -> {type, size, mode, uid, gid, mtime, allocated, dev, ino}
+ * | nil, err, code (dev and ino: which file it is, whatever its name) */
 static int l_stat(lua_State *L) {
     const char *path = luaL_checkstring(L, 1);
     int follow = lua_isnoneornil(L, 2) ? 1 : lua_toboolean(L, 2);
     struct stat st;
     if ((follow ? stat(path, &st) : lstat(path, &st)) != 0)
         return tn_fail_errno(L, lua_pushfstring(L, "stat %s", path), errno);
-    lua_createtable(L, 0, 6);
+    lua_createtable(L, 0, 9);
     lua_pushstring(L, type_name(st.st_mode)); lua_setfield(L, -2, "type");
     lua_pushinteger(L, (lua_Integer)st.st_size); lua_setfield(L, -2, "size");
     lua_pushinteger(L, (lua_Integer)(st.st_mode & 07777)); lua_setfield(L, -2, "mode");
@@ -107,6 +108,8 @@ static int l_stat(lua_State *L) {
     lua_pushnumber(L, (lua_Number)st.st_mtim.tv_sec + st.st_mtim.tv_nsec / 1e9);
     lua_setfield(L, -2, "mtime");
     lua_pushinteger(L, (lua_Integer)st.st_blocks * 512); lua_setfield(L, -2, "allocated");
+    lua_pushinteger(L, (lua_Integer)st.st_dev); lua_setfield(L, -2, "dev");
+    lua_pushinteger(L, (lua_Integer)st.st_ino); lua_setfield(L, -2, "ino");
     return 1;
 }
 

@@ -645,7 +645,10 @@ command {
       elseif v.state ~= "running" and v.state ~= "unhealthy" then
         ctx.out:write(v.error or (v.instance .. " is " .. v.state), "\n")
       else
-        ctx.out:write(v.instance, ": ", v.health, " (", v.error or v.state, ")\n")
+        -- this check's answer first: the health the periodic checks keep
+        -- may still say healthy (they had not run since, or ran otherwise)
+        ctx.out:write(v.instance, ": the check failed: ", v.error or v.state, " (the periodic checks say: ",
+          v.health or "unknown", ")\n")
       end
       return 1
     end)

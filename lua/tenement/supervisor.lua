@@ -873,6 +873,11 @@ function Instance:watch_health(proc, gen, keep)
   local timeout = math.min(interval, 5000)
   local due = (core.now() // step + math.random(1, interval // step)) * step
   local failures = 0
+  -- the file requests reach the app by: the check's kept connection goes
+  -- on answering after someone removed or replaced it, while every request
+  -- met ENOENT (another instance's root may write in a shared directory)
+  local socket = self.socket
+  local listening = socket and core.fs.stat(socket, false)
   while true do
     local status, err = proc:wait(math.max(0, due - core.now()))
     if status then return status end
@@ -881,6 +886,13 @@ function Instance:watch_health(proc, gen, keep)
     local checking = core.now() >= due
     if checking and (self.state == "running" or self.state == "unhealthy") then
       local ok, why = self:check_kept(keep, timeout)
+      if ok and listening then
+        local now = core.fs.stat(socket, false)
+        if not now or now.ino ~= listening.ino or now.dev ~= listening.dev then
+          ok, why = false, string.format("its socket %s was %s: requests cannot reach it", socket,
+            now and "replaced by another file" or "removed")
+        end
+      end
       if self.gen ~= gen then return nil end
       if ok then
         failures = 0

@@ -350,6 +350,27 @@ describe("supervisor", function()
     end)
   end)
 
+  -- the check's connection, kept open, went on answering while every
+  -- request met ENOENT: another instance's root removed the socket file
+  it("restarts an instance whose socket file was removed, which its kept check connection does not see", function()
+    local cfg = make_cfg(dir, { api = { 'health = "/health"' } })
+    core.run(function()
+      local sup = supervisor.new(cfg, { environ = {} })
+      local inst = assert(sup:spawn("api", "gone"))
+      local first_pid, socket = inst.pid, inst.socket
+      assert(core.fs.unlink(socket))
+      local deadline = core.now() + 15000
+      while inst.restarts < 1 and core.now() < deadline do core.sleep(50) end
+      assert.are.equal(1, inst.restarts)
+      assert.are_not.equal(first_pid, inst.pid)
+      assert.matches("its socket " .. socket .. " was removed: requests cannot reach it", inst.reason or "", 1, true)
+      deadline = core.now() + 5000
+      while inst.state ~= "running" and core.now() < deadline do core.sleep(20) end
+      assert.are.equal("socket", (core.fs.stat(inst.socket, false) or {}).type)
+      sup:shutdown()
+    end)
+  end)
+
   it("sees an exit at once and restarts a killed instance", function()
     local cfg = make_cfg(dir, { api = {} })
     core.run(function()

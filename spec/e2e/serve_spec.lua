@@ -110,6 +110,12 @@ describe("ten serve", function()
     code, out = ten(cfg, "health", "api:two")
     assert.are.equal(0, code)
     assert.matches("api:two: healthy", out, 1, true)
+    -- a check that fails now is said as such, whatever the periodic ones kept
+    local three = ps(cfg)["api:three"]
+    os.remove(three.socket)
+    code, out = ten(cfg, "health", "api:three")
+    assert.are.equal(1, code)
+    assert.matches("^api:three: the check failed: .*ENOENT.* %(the periodic checks say: %a+%)\n$", out)
 
     code, _, err = ten(cfg, "spawn", "nope:x")
     assert.are.equal(1, code)
