@@ -1586,14 +1586,17 @@ function config.check(doc, source, env, text)
         .. "kernel exempts root from it): every start would fail; set pids_limit, or a user for the service")
         :format(name, nproc))
     end
-    -- the sandbox binds the socket's directory into the sandbox, read-write
+    -- the sandbox and a private file system bind the socket's directory
+    -- into the app, read-write
     local sock_dir = sock:match("^(.*)/[^/]*$") or ""
-    if services[name].isolation == "sandbox" and not (sock_dir:find("{id}", 1, true)
+    local walled = services[name].isolation == "sandbox" and "the sandbox"
+      or services[name].filesystem == "private" and "a private file system"
+    if walled and not (sock_dir:find("{id}", 1, true)
       or sock_dir:find("{instance_dir}", 1, true) or sock_dir:find("{port}", 1, true)) then
       warn(where(raw_services[name], "socket") or where(raw_services, name), ("service.%s.socket = %s: its directory "
-        .. "is shared with other instances, and the sandbox binds it read-write: each sandbox could reach the "
+        .. "is shared with other instances, and %s binds it read-write: each app could reach, or remove, the "
         .. "others' sockets; give each instance a directory of its own (socket = %s)")
-        :format(name, quote(sock), quote(sock_dir .. "/{name}-{id}/app.sock")))
+        :format(name, quote(sock), walled, quote(sock_dir .. "/{name}-{id}/app.sock")))
     end
     local planned = require("tenement.runtime").planned(services[name].isolation)
     if planned then

@@ -563,8 +563,8 @@ describe("reporting", function()
     }, "\n") .. "\n")
     local want = {
       'tenement.toml:1: service.a.socket = "/tmp/tenement/{name}-{id}.sock": its directory is shared with other '
-        .. "instances, and the sandbox binds it read-write: each sandbox could reach the others' sockets; give each "
-        .. 'instance a directory of its own (socket = "/tmp/tenement/{name}-{id}/app.sock")',
+        .. "instances, and the sandbox binds it read-write: each app could reach, or remove, the others' sockets; "
+        .. 'give each instance a directory of its own (socket = "/tmp/tenement/{name}-{id}/app.sock")',
       "tenement.toml:11: service.c.nproc = 10 cannot limit an app that runs as root (the kernel exempts root from "
         .. "it): every start would fail; set pids_limit, or a user for the service",
     }
@@ -576,11 +576,15 @@ describe("reporting", function()
     assert.same(want, cfg.warnings)
   end)
 
-  it("warns of a path mounts names that is not there", function()
+  it("warns of a path mounts names that is not there, and of a socket directory a private file system shares", function()
     local cfg = parse_ok('[service.a]\ncommand = "/bin/sh"\nfilesystem = "private"\n'
       .. 'mounts = ["/bin", "/tenement-no-such-dir:rw"]\n')
-    assert.same({ "tenement.toml:4: service.a.mounts: /tenement-no-such-dir is not there: every start would fail" },
-      cfg.warnings)
+    assert.same({
+      'tenement.toml:1: service.a.socket = "/tmp/tenement/{name}-{id}.sock": its directory is shared with other '
+        .. "instances, and a private file system binds it read-write: each app could reach, or remove, the others' "
+        .. 'sockets; give each instance a directory of its own (socket = "/tmp/tenement/{name}-{id}/app.sock")',
+      "tenement.toml:4: service.a.mounts: /tenement-no-such-dir is not there: every start would fail",
+    }, cfg.warnings)
   end)
 
   -- fs.nr_open bounds every process; without CAP_SYS_RESOURCE the server's
