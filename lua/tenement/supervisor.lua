@@ -1140,6 +1140,7 @@ function Instance:run()
       self:transition("ready")
       self.health = "healthy"
       self.ready_at = core.now()
+      if self.last_exit_unjudged then self.last_exit, self.last_exit_unjudged = self.last_exit_unjudged, nil end
       -- one line per start, with who asked for it: the first start of a
       -- runner names its asker, the later ones are its own restarts
       log.info("%s running: pid %s on %s, ready in %d ms (%s)", self.key, tostring(self.pid), self.socket or "-",
@@ -1239,6 +1240,9 @@ function Instance:run()
       -- the verdict goes with the exit it follows, before the output quoted
       -- under it (which `ten ps` leaves out)
       self.last_exit = first .. "; " .. decision.reason .. exit.message:sub(#first + 1)
+      -- the exit itself, for once a start brings the instance back: the
+      -- verdict ("gave up") said of a running instance reads as its state
+      self.last_exit_unjudged = exit.message
       self:transition("fail", self.last_exit)
       self.ready_event:set(nil, self.last_exit)
       self:answer_queued()

@@ -1151,6 +1151,26 @@ describe("supervisor stops, sleeps and restarts", function()
     end)
   end)
 
+  -- LAST EXIT of a running instance said "gave up", which reads as its state
+  it("keeps the exit but drops the verdict on it once a start brings a failed instance back", function()
+    local flag = dir .. "/fixed"
+    local cfg = make_cfg(dir, { flaky = { string.format("command = %q", string.format(
+      "sh -c 'test -e %s || exit 3; exec %s'", flag, BACKEND)) } }, { "max_restarts = 0" })
+    core.run(function()
+      local sup = supervisor.new(cfg, { environ = {} })
+      assert.is_nil(sup:spawn("flaky", "a"))
+      local inst = sup:get("flaky", "a")
+      assert.are.equal("failed", inst.state)
+      assert.matches("exited with code 3 during startup; gave up", inst.last_exit, 1, true)
+      support.write(flag, "")
+      assert(sup:restart("flaky", "a"))
+      assert.are.equal("running", inst.state)
+      assert.matches("^exited with code 3 during startup", inst.last_exit)
+      assert.is_nil(inst.last_exit:find("gave up", 1, true), inst.last_exit)
+      sup:shutdown()
+    end)
+  end)
+
   it("falls back to the built-in restart policy when a replacement answers nonsense", function()
     local cfg = make_cfg(dir, { crash = { "[service.crash.env]", 'BACKEND_EXIT_AT_ONCE = "3"' } },
       { "max_restarts = 1" })
