@@ -1050,7 +1050,9 @@ command {
       ctx.out:write("added: ", list(v.added), "\nremoved: ", list(v.removed), "\nrolled out: ",
         list(v.rolled_out), "\n")
       if v.updated and #v.updated > 0 then
-        ctx.out:write("updated without a restart: ", list(v.updated), "\n")
+        -- (a service with no process running takes it at its next start or wake)
+        ctx.out:write("updated without a restart (instances not running take it when they start): ",
+          list(v.updated), "\n")
       end
       if v.applied and #v.applied > 0 then ctx.out:write("applied: ", list(v.applied), "\n") end
       if #v.restart_needed > 0 then

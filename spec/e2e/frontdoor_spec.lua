@@ -623,7 +623,8 @@ describe("front door", function()
       .. '[routing.subdomain]\nwww = "web"\n')
     code, out, err = ten(srv, "reload")
     assert.are.equal(0, code, err)
-    assert.matches("rolled out: -\nupdated without a restart: web\n", out, 1, true)
+    assert.matches("rolled out: -\nupdated without a restart (instances not running take it when they start): web\n",
+      out, 1, true)
     assert.are.equal(0, (ten(srv, "spawn", "web:x")))
     -- a change of idle_timeout alone reaches web:x without replacing it
     local pid = ps(srv)["web:x"].pid
@@ -632,7 +633,8 @@ describe("front door", function()
       .. '[routing.subdomain]\nwww = "web"\n')
     code, out, err = ten(srv, "reload")
     assert.are.equal(0, code, err)
-    assert.matches("rolled out: -\nupdated without a restart: web\n", out, 1, true)
+    assert.matches("rolled out: -\nupdated without a restart (instances not running take it when they start): web\n",
+      out, 1, true)
     assert.are.equal(pid, ps(srv)["web:x"].pid)
     -- a file that does not load changes nothing, and the server's log says so
     write_cfg("2", "[service.web]\ncommnd = 1\n")
