@@ -244,6 +244,13 @@ static int l_cwd(lua_State *L) {
     return 1;
 }
 
+/* fs.isatty(fd) -> whether fd is a terminal */
+static int l_isatty(lua_State *L) {
+    lua_Integer fd = luaL_checkinteger(L, 1);
+    lua_pushboolean(L, fd >= 0 && fd <= INT32_MAX && isatty((int)fd));
+    return 1;
+}
+
 /* fs.access(path, "rwx") -> true | nil, err, code: may this process do it? */
 static int l_access(lua_State *L) {
     const char *path = luaL_checkstring(L, 1);
@@ -573,7 +580,7 @@ int tn_open_fs(lua_State *L) {
     static const luaL_Reg fns[] = {
         {"mkdir", l_mkdir}, {"rmtree", l_rmtree}, {"unlink", l_unlink}, {"stat", l_stat},
         {"read", l_read}, {"write", l_write}, {"readdir", l_readdir}, {"realpath", l_realpath},
-        {"chmod", l_chmod}, {"chown", l_chown}, {"cwd", l_cwd}, {"access", l_access},
+        {"chmod", l_chmod}, {"chown", l_chown}, {"cwd", l_cwd}, {"access", l_access}, {"isatty", l_isatty},
         {"open_fd", l_open_fd}, {"close_fd", l_close_fd}, {"lock", l_lock}, {"put", l_put}, {"rmdir", l_rmdir},
         {"truncate", l_truncate}, {"statfs", l_statfs}, {"watch", l_watch}, {NULL, NULL},
     };

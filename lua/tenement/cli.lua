@@ -705,7 +705,9 @@ command {
     "Lines come from the store, so they survive restarts of instances and of the\n" ..
     "server; with no server running they are read from the store directly (not\n" ..
     "--follow). --search is full-text (every word must appear; the last one may be a prefix).\n" ..
-    "Each line names the process that wrote it, as [PID] (ten ps shows the running one's).",
+    "Each line names the process that wrote it, as [PID] (ten ps shows the running one's).\n" ..
+    "On a terminal an app's colours show as colours (NO_COLOR=1 keeps them out); every\n" ..
+    "other control character is shown by its code, as it is to a pipe.",
   max_args = 1,
   options = {
     { long = "lines", short = "n", arg = "N", help = "how many lines (default 100, at most 10000)",
@@ -736,10 +738,16 @@ command {
     add("stream", ctx.opts.stream or ctx.opts.level)
     if ctx.opts.since then add("since", os.time() - ctx.opts.since) end
     local base = "/api/logs?" .. table.concat(q, "&")
+    -- an app's colours shown as colours on a terminal (NO_COLOR keeps them
+    -- out); every other control, and anything to a pipe, by its code
+    local paint = printable
+    if ctx.out == io.stdout and (ctx.env.NO_COLOR or "") == "" and require("tenement.core").fs.isatty(1) then
+      paint = require("tenement.log").printable_coloured
+    end
     local function show(list)
       for _, l in ipairs(list) do
         local prefix = os.date("!%Y-%m-%dT%H:%M:%S", math.floor(l.time)) .. string.format(".%03dZ", math.floor(l.time * 1000) % 1000)
-        local message = printable(l.message)
+        local message = paint(l.message)
         -- [pid] as syslog writes it: during a rollout or a restart two
         -- processes of one instance write side by side
         local who = (instance and "" or l.instance) .. (l.pid and ("[" .. l.pid .. "]") or "")

@@ -16,6 +16,26 @@ function log.printable(s)
     :gsub("\194([\128-\159])", function(ch) return string.format("\\u%04x", ch:byte()) end))
 end
 
+-- log.printable, but colours kept: an app's SGR sequences (ESC [ digits and
+-- ; m), which only colour text, go through, and the line ends with a reset
+-- so none bleeds into the next. For a terminal that shows them.
+function log.printable_coloured(s)
+  local out, from, kept = {}, 1, false
+  for at, params, after in s:gmatch("()\27%[([%d;]*)m()") do
+    out[#out + 1] = log.printable(s:sub(from, at - 1))
+    if #params <= 32 then
+      out[#out + 1] = "\27[" .. params .. "m"
+      kept = true
+    else
+      out[#out + 1] = log.printable(s:sub(at, after - 1))
+    end
+    from = after
+  end
+  out[#out + 1] = log.printable(s:sub(from))
+  if kept then out[#out + 1] = "\27[0m" end
+  return table.concat(out)
+end
+
 function log.set_level(name)
   threshold = assert(levels[name], "unknown log level " .. tostring(name))
 end

@@ -20,6 +20,14 @@ describe("log", function()
     assert.are.equal("\\u009b2J \\u0085 é ß ÿ 中", log.printable("\u{9b}2J \u{85} é ß ÿ 中"))
   end)
 
+  it("keeps an app's colours for a terminal, and shows every other control by its code", function()
+    assert.are.equal("\27[31mred\27[0m plain \27[1;38;5;208mbold\27[0m",
+      log.printable_coloured("\27[31mred\27[0m plain \27[1;38;5;208mbold"))
+    -- moving the cursor, clearing the screen, a title: not colours
+    assert.are.equal("\\x1b[2J\\x1b[H\\x1b]0;t\\x07 x", log.printable_coloured("\27[2J\27[H\27]0;t\7 x"))
+    assert.are.equal("no colour", log.printable_coloured("no colour"))
+  end)
+
   it("keeps a message with a bad format as it is", function()
     log.info("100%")
     assert.matches(" info 100%%\n$", lines[1])
