@@ -655,9 +655,21 @@ function Server:reload()
       -- first out of the routing: a request arriving while an instance
       -- stops would otherwise start it again, with the service gone
       self.door:withdraw(name)
+      -- their data stays: a section renamed by mistake (one letter) took
+      -- every instance's directory with it, and a reload that brings the
+      -- name back finds it again
+      local kept = {}
       for _, inst in ipairs(self.sup:of_service(name)) do
-        self.sup:stop(name, inst.id, { reason = "service removed from the configuration" })
+        self.sup:stop(name, inst.id, { reason = "service removed from the configuration", keep_data = true })
         self.sup:forget(name, inst.id)
+        if inst.dir and core.fs.stat(inst.dir) then kept[#kept + 1] = inst.dir end
+      end
+      if #kept > 0 then
+        local w = string.format("service %s was removed: its instances stopped, and their data stays (%s): a reload "
+          .. "that brings the service back finds it; delete it by hand if it is gone for good", name,
+          table.concat(kept, ", "))
+        log.warn("reload: %s", w)
+        warnings[#warnings + 1] = w
       end
     end
   end
