@@ -100,6 +100,12 @@ local function data_dir_exposed(dir)
       dir, st.uid, euid, euid, dir)
   end
   if st.mode & tonumber("022", 8) ~= 0 then
+    -- a shared directory such as /tmp (sticky): taking its write bit away
+    -- would break every other user of it
+    if st.mode & tonumber("1000", 8) ~= 0 then
+      return string.format("data_dir %s is a directory every user may write in (mode %04o): give ten a directory "
+        .. "of its own in it, e.g. --data-dir %s/tenement", dir, st.mode, dir:gsub("/+$", ""))
+    end
     return string.format("data_dir %s is writable by other users (mode %04o): they could replace what the server "
       .. "writes and deletes there. `chmod go-w %s`", dir, st.mode, dir)
   end

@@ -774,6 +774,14 @@ describe("ten serve with a data_dir that is not its own", function()
     assert.are.equal(1, code)
     assert.matches("data_dir " .. data .. " is writable by other users (mode 0777)", err, 1, true)
     assert.matches("`chmod go-w " .. data .. "`", err, 1, true)
+    -- a shared one, as /tmp is: a directory of its own in it, not a chmod
+    -- that would break every other user of it
+    assert(os.execute("chmod 1777 " .. data))
+    code, _, err = ten(cfg, "serve")
+    assert.are.equal(1, code)
+    assert.matches("data_dir " .. data .. " is a directory every user may write in (mode 1777): give ten a directory "
+      .. "of its own in it, e.g. --data-dir " .. data .. "/tenement", err, 1, true)
+    assert.is_nil(err:find("chmod", 1, true), err)
     -- its own, but in a directory anyone may rename it out of
     assert(os.execute("chmod 711 " .. data .. " && chmod 777 " .. dir))
     code, _, err = ten(cfg, "serve")
