@@ -1057,12 +1057,21 @@ command {
       local function list(t) return #t > 0 and table.concat(t, ", ") or "-" end
       ctx.out:write("added: ", list(v.added), "\nremoved: ", list(v.removed), "\nrolled out: ",
         list(v.rolled_out), "\n")
-      if v.updated and #v.updated > 0 then
-        -- (a service with no process running takes it at its next start or wake)
-        ctx.out:write("updated without a restart (instances not running take it when they start): ",
-          list(v.updated), "\n")
+      local waiting, live = {}, {}
+      for _, name in ipairs(v.waiting or {}) do waiting[name] = true end
+      for _, name in ipairs(v.updated or {}) do if not waiting[name] then live[#live + 1] = name end end
+      if #live > 0 then ctx.out:write("updated without a restart: ", list(live), "\n") end
+      if v.waiting and #v.waiting > 0 then
+        ctx.out:write("taken at the next start (no instance running): ", list(v.waiting), "\n")
       end
       if v.applied and #v.applied > 0 then ctx.out:write("applied: ", list(v.applied), "\n") end
+      local changed = #v.added + #v.removed + #v.rolled_out + #(v.updated or {}) + #(v.applied or {})
+        + #v.restart_needed + #v.failed
+      if changed == 0 then
+        -- the app's own files are not the server's to watch
+        ctx.out:write("nothing changed in ", v.config or "the file", " (a new version of an app's own code is "
+          .. "started with `ten rollout SERVICE`)\n")
+      end
       if #v.restart_needed > 0 then
         ctx.out:write("needs a restart of ten serve: ", list(v.restart_needed), "\n")
       end

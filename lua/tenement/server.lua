@@ -647,8 +647,8 @@ function Server:reload()
   local warnings = new.warnings
   local old = self.cfg
   config.reapply(new, old)
-  local summary = { added = {}, removed = {}, rolled_out = {}, updated = {}, failed = {}, restart_needed = {},
-    applied = {} }
+  local summary = { added = {}, removed = {}, rolled_out = {}, updated = {}, waiting = {}, failed = {},
+    restart_needed = {}, applied = {} }
   -- the HTTP server takes its limits once, when it starts listening
   for _, key in ipairs { "listen", "port", "data_dir", "max_head_kb", "max_headers", "max_body_mb",
     "header_timeout", "keepalive_timeout", "max_connections" } do
@@ -689,7 +689,10 @@ function Server:reload()
       -- with no process to replace (none running, or a failed one), the
       -- new definition waits for the next start: said as such, not as a rollout
       if n and n > 0 then summary.rolled_out[#summary.rolled_out + 1] = name
-      elseif n then summary.updated[#summary.updated + 1] = name
+      elseif n then
+        -- (in updated too, where the API had it before waiting was said apart)
+        summary.updated[#summary.updated + 1] = name
+        summary.waiting[#summary.waiting + 1] = name
       else
         summary.failed[#summary.failed + 1] = rerr
         not_rolled_out[name] = true

@@ -623,8 +623,7 @@ describe("front door", function()
       .. '[routing.subdomain]\nwww = "web"\n')
     code, out, err = ten(srv, "reload")
     assert.are.equal(0, code, err)
-    assert.matches("rolled out: -\nupdated without a restart (instances not running take it when they start): web\n",
-      out, 1, true)
+    assert.matches("rolled out: -\ntaken at the next start (no instance running): web\n", out, 1, true)
     assert.are.equal(0, (ten(srv, "spawn", "web:x")))
     -- a change of idle_timeout alone reaches web:x without replacing it
     local pid = ps(srv)["web:x"].pid
@@ -633,9 +632,13 @@ describe("front door", function()
       .. '[routing.subdomain]\nwww = "web"\n')
     code, out, err = ten(srv, "reload")
     assert.are.equal(0, code, err)
-    assert.matches("rolled out: -\nupdated without a restart (instances not running take it when they start): web\n",
-      out, 1, true)
+    assert.matches("rolled out: -\nupdated without a restart: web\n", out, 1, true)
     assert.are.equal(pid, ps(srv)["web:x"].pid)
+    -- a reload of the same file says that nothing changed, and where a new version of the code goes
+    code, out, err = ten(srv, "reload")
+    assert.are.equal(0, code, err)
+    assert.matches("nothing changed in " .. dir .. "/tenement.toml (a new version of an app's own code is started "
+      .. "with `ten rollout SERVICE`)\n", out, 1, true)
     -- a file that does not load changes nothing, and the server's log says so
     write_cfg("2", "[service.web]\ncommnd = 1\n")
     code, _, err = ten(srv, "reload")
