@@ -495,10 +495,21 @@ function api.new(ctx)
     if not filter then return p, headers, body end
     local wait = math.min(tonumber(p.wait) or 0, 60)
     local deadline = core.now() + wait * 1000
+    local asked_once = false
     while true do
       if ctx.flush_logs then ctx.flush_logs(filter) end
       local rows, err = store:logs(filter)
       if not rows then return fail("bad_request", err) end
+      -- an instance no one knows, of which the store holds no line either
+      -- (a misspelt id): said, not answered with an empty list
+      if #rows == 0 and not asked_once and filter.instance then
+        local s, id = supervisor.parse_key(filter.instance)
+        local any = not sup:get(s, id) and store:logs { instance = filter.instance, limit = 1 }
+        if any and #any == 0 then
+          return fail("not_found", "no instance " .. filter.instance .. ", and no lines of it in the store")
+        end
+      end
+      asked_once = true
       -- a stopping server answers what it has: a poller that went away
       -- would otherwise hold the drain for the rest of its wait
       -- a token revoked meanwhile is refused at once, not at the end of the wait

@@ -411,6 +411,15 @@ describe("HTTP API", function()
     status, _, body = call(srv, "GET", "/api/logs?id=x", { headers = with_auth(admin) })
     assert.are.equal(400, status)
     assert.matches("process", body.error.message, 1, true)
+    -- an instance no one knows and the store has no line of: 404, not an empty list
+    status, _, body = call(srv, "GET", "/api/logs?instance=web:nope", { headers = with_auth(admin) })
+    assert.are.equal(404, status)
+    assert.are.equal("no instance web:nope, and no lines of it in the store", body.error.message)
+    -- one stopped and forgotten still has its lines
+    assert.are.equal(0, (support.ten_run { "stop", "web:x", "--config", srv.cfg }))
+    status, _, lines = call(srv, "GET", "/api/logs?instance=web:x", { headers = with_auth(admin) })
+    assert.are.equal(200, status)
+    assert.is_true(#lines > 0)
   end)
 
   it("bounds the bytes of one log answer, and pages on from it without a gap", function()
