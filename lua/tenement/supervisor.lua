@@ -1140,7 +1140,11 @@ function Instance:run()
       self:transition("ready")
       self.health = "healthy"
       self.ready_at = core.now()
-      if self.last_exit_unjudged then self.last_exit, self.last_exit_unjudged = self.last_exit_unjudged, nil end
+      -- LAST EXIT as a running instance shows it (false: none), where the
+      -- one kept said something of the state it was in
+      if self.last_exit_when_running ~= nil then
+        self.last_exit, self.last_exit_when_running = self.last_exit_when_running or nil, nil
+      end
       -- one line per start, with who asked for it: the first start of a
       -- runner names its asker, the later ones are its own restarts
       log.info("%s running: pid %s on %s, ready in %d ms (%s)", self.key, tostring(self.pid), self.socket or "-",
@@ -1242,7 +1246,7 @@ function Instance:run()
       self.last_exit = first .. "; " .. decision.reason .. exit.message:sub(#first + 1)
       -- the exit itself, for once a start brings the instance back: the
       -- verdict ("gave up") said of a running instance reads as its state
-      self.last_exit_unjudged = exit.message
+      self.last_exit_when_running = exit.message
       self:transition("fail", self.last_exit)
       self.ready_event:set(nil, self.last_exit)
       self:answer_queued()
@@ -1470,6 +1474,8 @@ function Supervisor:remember_asleep(service, id)
   if inst.state == "stopped" then
     inst.state = "sleeping"
     inst.last_exit = "asleep (restored after a restart of the server)"
+    -- no exit of a process of its own: once one runs, there is none to show
+    inst.last_exit_when_running = false
   end
   return inst
 end
