@@ -208,7 +208,10 @@ local function load_config(ctx)
     ctx.err:write(err, "\n")
     return nil
   end
-  for _, w in ipairs(cfg.warnings) do ctx.err:write("warning: ", w, "\n") end
+  for _, w in ipairs(cfg.warnings) do
+    -- ten serve's are lines of its log, with their time, as its others
+    if ctx.command == "serve" then require("tenement.log").warn("%s", w) else ctx.err:write("warning: ", w, "\n") end
+  end
   return cfg
 end
 
@@ -527,6 +530,9 @@ command {
   name = "stop",
   summary = "Stop an instance (SIGTERM, then SIGKILL after stop_timeout); it stays down until spawned",
   usage = "ten stop SERVICE:ID",
+  description = "Its directory ($INSTANCE_DIR, with its storage_quota_mb image) is deleted with it,\n" ..
+    "unless the service sets storage_persist = true: a stopped instance starts empty.\n" ..
+    "An instance that goes to sleep (idle_timeout) keeps its directory.",
   max_args = 1,
   run = function(ctx, args)
     local service, id = target_arg(ctx, by_name.stop, args)

@@ -47,7 +47,8 @@ function Client:unreachable(err)
       .. "answer (%s): removed? Restart the server (kill -TERM %d, then `ten serve`)", pid, self.socket, err, pid)
   end
   return string.format("no ten server is running for this data directory (%s: %s).\n"
-    .. "Start one with `ten serve` (and the same --config or --data-dir), then try again.",
+    .. "Start one with `ten serve` (and the same --config or --data-dir), then try again; a server started "
+    .. "before data_dir changed in the file is reached with --data-dir OLD_DIR.",
     self.socket, err)
 end
 

@@ -515,7 +515,10 @@ describe("ten serve on a configuration of its own", function()
         "[instances]", 'api = ["one"]',
       }
     end)
-    assert.is_truthy(log_with(log, "api:one running"):find("api:one running", 1, true))
+    local text = log_with(log, "api:one running")
+    assert.is_truthy(text:find("api:one running", 1, true))
+    -- what ten config warns of is a line of the server's log, with its time
+    assert.matches("\n%d%d%d%d%-%d%d%-%d%dT[%d:]+Z warn " .. cfg:gsub("%p", "%%%0") .. ":%d+: service%.api%.socket = ", "\n" .. text)
     -- (not curl: under make asan the sanitizers are preloaded into every program, and curl hung there)
     local core = require "tenement.core"
     local res
