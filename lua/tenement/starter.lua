@@ -6,13 +6,36 @@ local starter = {}
 
 local function exists(dir, name) return core.fs.stat(dir .. "/" .. name) ~= nil end
 
+-- Whether a program is on the PATH ten init runs with.
+local function on_path(prog)
+  for d in (os.getenv("PATH") or ""):gmatch("[^:]+") do
+    if core.fs.access(d .. "/" .. prog, "x") then return true end
+  end
+  return false
+end
+
+-- The Python file that starts the app: the first of the usual names there.
+local PYTHON_ENTRIES = { "app.py", "main.py", "server.py", "run.py" }
+
 -- What kind of app lives in dir, and the command that starts it.
 -- -> kind, command, note
 function starter.detect(dir)
-  if exists(dir, "pyproject.toml") then
-    return "python", "uv run python app.py", "uv runs the app in its own environment"
-  elseif exists(dir, "requirements.txt") then
-    return "python", "python3 app.py", "install the requirements into a virtualenv and point command at its python"
+  local entry
+  for _, f in ipairs(PYTHON_ENTRIES) do
+    if exists(dir, f) then entry = f break end
+  end
+  local project, reqs = exists(dir, "pyproject.toml"), exists(dir, "requirements.txt")
+  if project or reqs or entry then
+    local named = entry or "app.py"
+    local unnamed = not entry and ("; no " .. table.concat(PYTHON_ENTRIES, ", ") .. " here: put yours in command")
+      or ""
+    -- uv where the project is one and uv is installed; else the system's python3
+    if project and on_path("uv") then
+      return "python", "uv run python " .. named, "uv runs the app in its own environment" .. unnamed
+    end
+    return "python", "python3 " .. named, (reqs or project)
+      and ("install its requirements into a virtualenv and point command at its python" .. unnamed)
+      or (unnamed ~= "" and unnamed:sub(3) or nil)
   elseif exists(dir, "package.json") then
     return "node", "npm start", "npm start runs the \"start\" script of package.json"
   elseif exists(dir, "go.mod") then
@@ -79,6 +102,9 @@ function starter.generate(dir, opts)
   lines[#lines + 1] = 'health = "/health"'
   lines[#lines + 1] = "idle_timeout = 300"
   lines[#lines + 1] = 'restart = "on-failure"'
+  lines[#lines + 1] = "# ten stop deletes the instance's directory ($INSTANCE_DIR); to keep what the app"
+  lines[#lines + 1] = "# writes there across stops:"
+  lines[#lines + 1] = "# storage_persist = true"
   lines[#lines + 1] = ""
   lines[#lines + 1] = "[instances]"
   lines[#lines + 1] = name .. ' = ["prod"]'

@@ -381,11 +381,19 @@ describe("ten CLI", function()
     end)
 
     it("detects Python, Go and Rust projects", function()
-      for file, command in pairs { ["pyproject.toml"] = "uv run python app.py", ["go.mod"] = "./app",
-        ["Cargo.toml"] = "./target/release/app" } do
+      -- uv only where it is installed (ten init runs with a PATH of /usr/bin:/bin here)
+      local uv = os.execute("command -v uv >/dev/null 2>&1") and "uv run python" or "python3"
+      for files, command in pairs {
+        [{ "pyproject.toml" }] = uv .. " app.py",
+        [{ "pyproject.toml", "main.py" }] = uv .. " main.py",
+        [{ "app.py" }] = "python3 app.py",
+        [{ "requirements.txt", "server.py" }] = "python3 server.py",
+        [{ "go.mod" }] = "./app",
+        [{ "Cargo.toml" }] = "./target/release/app",
+      } do
         local dir = support.tmpdir() .. "/app"
         os.execute("mkdir -p " .. support.quote(dir))
-        support.write(dir .. "/" .. file, "")
+        for _, file in ipairs(files) do support.write(dir .. "/" .. file, "") end
         local code, out = init_in(dir)
         assert.are.equal(0, code)
         assert.matches('command = "' .. command .. '"', out, 1, true)
