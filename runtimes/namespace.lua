@@ -241,7 +241,11 @@ function driver.wall(instance)
     local path, mode = m:match("^(.-):(r[ow])$")
     own[#own + 1] = { path or m, rw = mode == "rw", role = "named in mounts" }
   end
-  local binds = {}
+  -- the writable ones first: a read-only path one of them holds already
+  -- (workdir = "{instance_dir}") needs no bind, and one over it made the
+  -- app's own directory read-only
+  table.sort(own, function(a, b) return (a.rw and 1 or 0) > (b.rw and 1 or 0) end)
+  local binds, writable = {}, {}
   for _, b in ipairs(own) do
     local path = b[1]
     if path and path ~= "" then
@@ -255,17 +259,27 @@ function driver.wall(instance)
           .. "the app's file system", path, b.role), true
       end
       -- a directory that holds more than the app's own: the whole of a
-      -- shared one, or data_dir with the store and every instance
-      if SHARED_DIRS[real] or (under(data_dir, real) and not under(real, real_instance)) then
+      -- shared one, data_dir with the store and every instance, the
+      -- service's directory with its other instances, or another part of
+      -- data_dir (but a socket directory there, which holds sockets)
+      local mine = under(real, real_instance)
+      local what = SHARED_DIRS[real] and ("the host's " .. real)
+        or (under(data_dir, real) and "data_dir (the store, every instance)")
+        or (under(real_instance, real) and not mine and "the directories of the service's other instances")
+        or (under(real, data_dir) and not mine and b.role ~= "the socket's directory" and "a part of data_dir")
+      if what then
         return nil, string.format("file system wall: %s, %s, would bring %s into the app%s: give it a directory "
-          .. "of its own%s", path, b.role, SHARED_DIRS[real] and ("the host's " .. real)
-          or "data_dir (the store, every instance)", b.rw and ", writable" or "", b.role == "the socket's directory"
+          .. "of its own%s", path, b.role, what, b.rw and ", writable" or "", b.role == "the socket's directory"
           and ' (socket = "/run/tenement/{name}-{id}/app.sock")' or ""), true
       end
-      -- (one a system directory holds already, read-only, needs no bind)
-      if b.rw or not visible(real) then
+      -- (one a system directory or a writable bind holds already, read-only,
+      -- needs no bind)
+      local held = false
+      for _, w in ipairs(writable) do held = held or under(real, w) end
+      if b.rw or not (visible(real) or held) then
         local st = fs.stat(real)
         binds[#binds + 1] = { path = real, rw = b.rw, file = st and st.type ~= "directory" }
+        if b.rw then writable[#writable + 1] = real end
       end
     end
   end

@@ -441,6 +441,22 @@ describe("namespace isolation", function()
       end)
     end
 
+    -- workdir = "{instance_dir}" bound read-only over the writable bind of
+    -- the same directory left the app unable to write its own files
+    it("binds a read-only path a writable one holds already not at all", function()
+      local why = unable()
+      if why then pending(why) return end
+      driver.reset({ userns = false })
+      finally(function() driver.reset(nil) end)
+      local opts = layout()
+      core.run(function()
+        local out, st, err = ns_run("echo mine > own && cat own", { filesystem = "private", vars = opts.vars,
+          cwd = opts.vars.instance_dir, mounts = { opts.vars.instance_dir .. "/sub" } })
+        assert.are.equal(0, st.code, err)
+        assert.are.equal("mine\n", out)
+      end)
+    end)
+
     -- an app (root inside) may leave links in its own directories: one
     -- where a bind is made next time must not carry a host directory in
     it("refuses a link on the way of a bind, the app's own included, and directories holding more than the app's", function()
@@ -471,6 +487,10 @@ describe("namespace isolation", function()
           .. 'writable: give it a directory of its own (socket = "/run/tenement/{name}-{id}/app.sock")' },
         { { mounts = { dir } }, dir .. ", named in mounts, would bring data_dir (the store, every instance) into the app" },
         { { mounts = { "/home:rw" } }, "/home, named in mounts, would bring the host's /home into the app, writable" },
+        { { socket = dir .. "/data/svc/a.sock" }, dir .. "/data/svc, the socket's directory, would bring the "
+          .. "directories of the service's other instances into the app, writable" },
+        { { mounts = { dir .. "/data/svc/b" } }, dir .. "/data/svc/b, named in mounts, would bring a part of "
+          .. "data_dir into the app" },
       } do
         local vars = { data_dir = opts.vars.data_dir, instance_dir = inst, socket = case[1].socket or opts.vars.socket }
         local none, err, lasting = prepare(vars, { mounts = case[1].mounts })
