@@ -47,6 +47,20 @@ local function nearest(word, candidates)
   if best_d and best_d <= math.max(2, #word // 3) then return best end
 end
 
+-- " (did you mean 'x'?)" for a mistyped command: those it begins (ten sp:
+-- spawn or stop), else the nearest; "" when nothing is near.
+local function command_hint(word, names)
+  local starting = {}
+  for _, n in ipairs(names) do
+    if #word >= 2 and n:sub(1, #word) == word then starting[#starting + 1] = "'" .. n .. "'" end
+  end
+  if #starting > 0 and #starting <= 3 then
+    return string.format(" (did you mean %s?)", table.concat(starting, " or "))
+  end
+  local guess = nearest(word, names)
+  return guess and string.format(" (did you mean '%s'?)", guess) or ""
+end
+
 local UsageError = {}
 UsageError.__index = UsageError
 local function usage_error(msg) return setmetatable({ msg = msg }, UsageError) end
@@ -1157,9 +1171,8 @@ command {
     if not c then
       local names = {}
       for _, x in ipairs(commands) do names[#names + 1] = x.name end
-      local hint = nearest(name, names)
       ctx.err:write(string.format("ten help: unknown command '%s'%s\nRun 'ten --help' for the list of commands.\n",
-        name, hint and string.format(" (did you mean '%s'?)", hint) or ""))
+        name, command_hint(name, names)))
       return 2
     end
     ctx.out:write(command_help(c))
@@ -1199,8 +1212,7 @@ function cli.main(args, io_override)
   if name and not cmd then
     local names = {}
     for _, c in ipairs(commands) do names[#names + 1] = c.name end
-    local guess = nearest(name, names)
-    local hint = guess and string.format(" (did you mean '%s'?)", guess)
+    local hint = command_hint(name, names)
     -- `ten -p 8080 serve`: the option's value was taken for the command (a
     -- command named after it says so better than a guess at "80" -> "ps")
     local later, others = nil, {}

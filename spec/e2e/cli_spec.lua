@@ -39,6 +39,15 @@ describe("ten CLI", function()
     local code, _, err = support.ten_run { "confg" }
     assert.are.equal(2, code)
     assert.matches("unknown command 'confg' (did you mean 'config'?)", err, 1, true)
+    -- the beginning of a command's name: every command it begins
+    code, _, err = support.ten_run { "toke" }
+    assert.are.equal(2, code)
+    assert.matches("unknown command 'toke' (did you mean 'token-gen' or 'token-list' or 'token-revoke'?)", err, 1,
+      true)
+    code, _, err = support.ten_run { "help", "sp" }
+    assert.are.equal(2, code)
+    assert.matches("unknown command 'sp' (did you mean 'spawn'?)\nRun 'ten --help' for the list of commands.", err, 1,
+      true)
     -- an option of the command before it: its value was taken for the command
     code, _, err = support.ten_run { "-p", "8080", "serve", "--listen", "0.0.0.0" }
     assert.are.equal(2, code)
