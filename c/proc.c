@@ -45,8 +45,9 @@
  *
  * root walls the file system off: a tmpfs mounted on root.dir becomes the
  * child's /, holding only what root.mounts puts there (binds, read-only or
- * not, tmpfs, directories, symlinks, in order), its /proc when mount_proc,
- * and nothing of the host's else; the old / is detached after pivot_root.
+ * not, tmpfs, symlinks, in order, their mount points made as needed), its
+ * /proc when mount_proc, and nothing of the host's else; the old / is
+ * detached after pivot_root.
  * Which paths go in is the caller's policy (runtimes/namespace.lua).
  *
  * exec_fd runs the program behind an open fd (execveat with AT_EMPTY_PATH,
@@ -175,7 +176,7 @@ static const struct { const char *name; int flag; } clone_flag_names[] = {
 };
 
 /* One step of building a walled root (spec.root.mounts). */
-enum root_kind { ROOT_BIND, ROOT_TMPFS, ROOT_DIR, ROOT_SYMLINK };
+enum root_kind { ROOT_BIND, ROOT_TMPFS, ROOT_SYMLINK };
 struct root_op {
     int kind;
     const char *src;     /* bind: what (an absolute path with no link in it); symlink: its target */
@@ -415,11 +416,6 @@ CHILD_CODE static int child_root_op(int root_fd, const struct root_op *op) {
         rc = mount("tmpfs", fd_path(dst_path, dst), "tmpfs", MS_NOSUID | MS_NODEV, op->data);
         close_keep_errno(dst);
         return rc;
-    case ROOT_DIR:
-        dst = child_make_beneath(root_fd, rel, 0, 0, NULL);
-        if (dst < 0) return -1;
-        close(dst);
-        return 0;
     case ROOT_SYMLINK: {
         const char *name = NULL;
         dst = child_make_beneath(root_fd, rel, 0, 1, &name);
@@ -1344,24 +1340,17 @@ static void read_sigmask(lua_State *L, sigset_t *mask) {
     lua_pop(L, 1);
 }
 
-/* A string field of the table on top, anchored; NULL when absent and not required. */
-static const char *root_field(lua_State *L, spec_reader *r, const char *key, int required, const char *what) {
-    const char *s = NULL;
-    if (lua_getfield(L, -1, key) != LUA_TNIL) s = checked_cstring(L, -1, what);
-    else if (required) luaL_error(L, "spawn: %s is required", what);
-    lua_rawseti(L, r->anchor, ++r->nanchor);
-    return s;
-}
-
 /* spec.root = { dir = "/abs/dir", mounts = { {"bind", SRC, DST, ro=, file=}, {"tmpfs", DST, OPTIONS},
- * {"dir", DST}, {"symlink", TARGET, DST} } }: DST as the app sees it, absolute. */
+ * {"symlink", TARGET, DST} } }: DST as the app sees it, absolute. */
 static void read_root(lua_State *L, spec_reader *r, struct child_args *a, int ns_flags) {
     int t = lua_getfield(L, 1, "root");
     if (t == LUA_TNIL) { lua_pop(L, 1); return; }
     if (t != LUA_TTABLE) luaL_error(L, "spawn: spec.root must be a table");
     if (!(ns_flags & CLONE_NEWNS))
         luaL_error(L, "spawn: spec.root needs clone_flag newns (without it, it would cover this host's files)");
-    const char *dir = root_field(L, r, "dir", 1, "spec.root.dir");
+    if (lua_getfield(L, -1, "dir") == LUA_TNIL) luaL_error(L, "spawn: spec.root.dir is required");
+    const char *dir = checked_cstring(L, -1, "spec.root.dir");
+    lua_rawseti(L, r->anchor, ++r->nanchor);
     if (dir[0] != '/') luaL_error(L, "spawn: spec.root.dir must be an absolute path");
     a->root_dir = dir;
     a->root_old = lua_pushfstring(L, "%s/.oldroot", dir);
@@ -1380,10 +1369,9 @@ static void read_root(lua_State *L, spec_reader *r, struct child_args *a, int ns
         lua_pop(L, 1);
         if (kind && strcmp(kind, "bind") == 0) op->kind = ROOT_BIND;
         else if (kind && strcmp(kind, "tmpfs") == 0) op->kind = ROOT_TMPFS;
-        else if (kind && strcmp(kind, "dir") == 0) op->kind = ROOT_DIR;
         else if (kind && strcmp(kind, "symlink") == 0) op->kind = ROOT_SYMLINK;
-        else return (void)luaL_error(L, "spawn: spec.root.mounts[%d]: unknown kind (bind, tmpfs, dir, symlink)", (int)i);
-        lua_geti(L, -1, op->kind == ROOT_DIR || op->kind == ROOT_TMPFS ? 2 : 3);
+        else return (void)luaL_error(L, "spawn: spec.root.mounts[%d]: unknown kind (bind, tmpfs, symlink)", (int)i);
+        lua_geti(L, -1, op->kind == ROOT_TMPFS ? 2 : 3);
         const char *where = checked_cstring(L, -1, "spec.root.mounts destination");
         if (where[0] != '/') luaL_error(L, "spawn: spec.root.mounts[%d]: %s is not an absolute path", (int)i, where);
         op->where = where;
@@ -1912,7 +1900,7 @@ static int l_proc_spawn(lua_State *L) {
         else if (a.stage == ST_ROOT) {
             if (a.stage_arg >= 0) {
                 const struct root_op *op = &a.root_ops[a.stage_arg];
-                static const char *const kinds[] = {"bind", "tmpfs", "mkdir", "symlink"};
+                static const char *const kinds[] = {"bind", "tmpfs", "symlink"};
                 stage = lua_pushfstring(L, "file system wall: %s%s%s %s%s", kinds[op->kind], op->src ? " " : "",
                                         op->src ? op->src : "", op->where, op->ro ? " (read-only)" : "");
             } else {

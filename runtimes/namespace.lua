@@ -182,7 +182,8 @@ local SHARED_DIRS = {}
 for _, d in ipairs { "/", "/tmp", "/var", "/var/tmp", "/var/lib", "/var/run", "/run", "/home", "/root", "/etc",
   "/usr", "/srv", "/opt", "/mnt", "/media", "/boot", "/proc", "/sys", "/dev" } do SHARED_DIRS[d] = true end
 
--- Whether path is dir or lies under it.
+-- Whether path is dir or lies under it (as tenement.oci.under, which this
+-- driver does not load: oci needs cjson, and the driver runs without it).
 local function under(path, dir)
   return path == dir or (path:sub(1, #dir + 1) == dir .. "/") or dir == "/"
 end
@@ -245,7 +246,7 @@ function driver.wall(instance)
   -- (workdir = "{instance_dir}") needs no bind, and one over it made the
   -- app's own directory read-only
   table.sort(own, function(a, b) return (a.rw and 1 or 0) > (b.rw and 1 or 0) end)
-  local binds, writable = {}, {}
+  local binds = {}
   for _, b in ipairs(own) do
     local path = b[1]
     if path and path ~= "" then
@@ -274,20 +275,15 @@ function driver.wall(instance)
       end
       -- (one a system directory or a writable bind holds already, read-only,
       -- needs no bind)
-      local held = false
-      for _, w in ipairs(writable) do held = held or under(real, w) end
-      if b.rw or not (visible(real) or held) then
+      if b.rw or not visible(real) then
         local st = fs.stat(real)
         binds[#binds + 1] = { path = real, rw = b.rw, file = st and st.type ~= "directory" }
-        if b.rw then writable[#writable + 1] = real end
+        bound[#bound + 1] = real
       end
     end
   end
   table.sort(binds, function(a, b) return #a.path < #b.path end)
-  for _, b in ipairs(binds) do
-    add { "bind", b.path, b.path, ro = not b.rw, file = b.file }
-    bound[#bound + 1] = b.path
-  end
+  for _, b in ipairs(binds) do add { "bind", b.path, b.path, ro = not b.rw, file = b.file } end
   -- last, over whatever brought them in: ten's own file (the environment
   -- it sets may hold secrets) wherever it lies, and root's secrets
   local secrets = { table.unpack(SECRET_FILES) }
@@ -325,8 +321,7 @@ function driver.prepare(instance)
   local name = svc.name or (instance.vars and instance.vars.name) or "instance"
   local root, cwd = nil, instance.cwd
   if svc.filesystem == "private" then
-    local werr
-    local lasting
+    local werr, lasting
     root, werr, lasting = driver.wall(instance)
     if not root then return nil, werr, lasting end
     -- the host's working directory of ten is not there

@@ -47,8 +47,8 @@ local function nearest(word, candidates)
   if best_d and best_d <= math.max(2, #word // 3) then return best end
 end
 
--- " (did you mean 'x'?)" for a mistyped command: those it begins (ten sp:
--- spawn or stop), else the nearest; "" when nothing is near.
+-- " (did you mean 'x'?)" for a mistyped command: those it begins (ten toke:
+-- token-gen, token-list or token-revoke), else the nearest; "" when none is.
 local function command_hint(word, names)
   local starting = {}
   for _, n in ipairs(names) do

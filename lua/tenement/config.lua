@@ -644,11 +644,14 @@ local RESTART = { "always", "on-failure", "never" }
 local NETWORK = { "host", "isolated" }
 local FILESYSTEM = { "host", "private" }
 
+-- The path of an item of mounts, without its :ro or :rw.
+local function mount_path(m) return m:match("^(.-):r[ow]$") or m end
+
 -- an item of mounts: an absolute path in its plain form, with an optional
 -- :ro or :rw ("/srv/app/../../root" was /root, "/srv/app/" a second entry
 -- for /srv/app)
 local function check_mount(m)
-  local path = m:match("^(.-):r[ow]$") or m
+  local path = mount_path(m)
   if path:sub(1, 1) ~= "/" then
     return nil, 'must be an absolute path, with ":rw" after it to make it writable ("/srv/app", "/srv/cache:rw")'
   end
@@ -1238,7 +1241,7 @@ SERVICE.check = function(ctx, out, bad, tbl, path)
   -- one path twice (its :rw and its :ro): which one holds?
   local seen = {}
   for i, m in ipairs(not bad.mounts and out.mounts or {}) do
-    local p = m:match("^(.-):r[ow]$") or m
+    local p = mount_path(m)
     if seen[p] then
       local line, col = where_item(ctx, tbl.mounts, i, tbl, "mounts")
       report(ctx, line, col, ("%s[%d]"):format(join(path, "mounts"), i), m, ("%s is in mounts already (as %q): "
@@ -1572,7 +1575,7 @@ function config.check(doc, source, env, text)
     end
     -- a path a private file system binds that is not there fails every start
     for _, m in ipairs(services[name].filesystem == "private" and services[name].mounts or {}) do
-      local mpath = m:match("^(.-):r[ow]$") or m
+      local mpath = mount_path(m)
       if not require("tenement.core").fs.stat(mpath) then
         warn(where(raw_services[name], "mounts"), ("service.%s.mounts: %s is not there: every start would fail")
           :format(name, mpath))
