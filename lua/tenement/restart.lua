@@ -20,7 +20,7 @@ end
 --                backoff_base_ms, backoff_max_ms }
 --   now      : the current time, same clock as history
 -- decision: { action = "restart", delay_ms = n, attempt = n }
---         | { action = "fail", reason = "..." }       (terminal until `ten restart`)
+--         | { action = "fail", reason = "..." }       (failed: no request starts it, `ten restart` does)
 --         | { action = "stay_down", reason = "..." }  (stopped, not an error)
 function restart.decide(history, exit, settings, now)
   if exit.lasting then
@@ -29,7 +29,10 @@ function restart.decide(history, exit, settings, now)
   end
   local policy = settings.restart or "on-failure"
   if policy == "never" then
-    return { action = "stay_down", reason = "restart = \"never\"" }
+    -- a crash still reads as one: stopped would let the next request start
+    -- it again, a restart by traffic with no backoff, which never forbids
+    if restart.is_failure(exit) then return { action = "fail", reason = "not restarted (restart = \"never\")" } end
+    return { action = "stay_down", reason = "exited cleanly (code 0) and restart = \"never\"" }
   end
   if policy == "on-failure" and not restart.is_failure(exit) then
     return { action = "stay_down", reason = "exited cleanly (code 0) and restart = \"on-failure\"" }

@@ -344,10 +344,13 @@ describe("front door", function()
   it("answers 503 with Retry-After to every waiter when a wake fails, and the next request may try again", function()
     local dir = support.tmpdir()
     local flag = dir .. "/ok"
+    -- the supervisor goes on restarting it, every 200 ms: a wake that waited
+    -- for that in vain is no verdict
     srv = start_server(dir, { api = {
       string.format("command = %q", "test -f " .. flag .. " && exec " .. BACKEND),
-      "startup_timeout = 1", "idle_timeout = 1", 'restart = "never"' } }, { tail = { "[instances]", 'api = ["w"]' } })
-    -- first start fails (no flag): the instance is known but stopped
+      "startup_timeout = 1", "idle_timeout = 1" } },
+      { settings = { "backoff_base_ms = 200", "backoff_max_ms = 200", "max_restarts = 1000" },
+        tail = { "[instances]", 'api = ["w"]' } })
     sleep(0.5)
     local statuses, retry = {}, {}
     run(function()
@@ -368,6 +371,30 @@ describe("front door", function()
       local res = assert(get(srv, "w.api.example.test", "/"))
       assert.are.equal(200, res.status)
     end)
+  end)
+
+  it("leaves an app that crashed under restart = never failed: no request starts it again, ten restart does", function()
+    local dir = support.tmpdir()
+    srv = start_server(dir, { api = { 'restart = "never"' } }, { tail = { "[instances]", 'api = ["n"]' } })
+    local pid = wait_state(srv, "api:n", "running").pid
+    run(function()
+      local res = get(srv, "n.api.example.test", "/crash")
+      assert.are.equal(502, res and res.status)
+    end)
+    local inst = wait_state(srv, "api:n", "failed")
+    assert.matches('^exited with code 3; not restarted %(restart = "never"%)', inst.last_exit)
+    run(function()
+      local res = assert(get(srv, "n.api.example.test", "/"))
+      assert.are.equal(503, res.status)
+      assert.matches("api:n has failed (exited with code 3; not restarted", res.body, 1, true)
+      assert.is_nil(res.headers["retry-after"])
+    end)
+    assert.are.equal("failed", ps(srv)["api:n"].state)
+    local code, out = ten(srv, "restart", "api:n")
+    assert.are.equal(0, code, out)
+    local again = wait_state(srv, "api:n", "running")
+    assert.are_not.equal(pid, again.pid)
+    run(function() assert.are.equal(200, assert(get(srv, "n.api.example.test", "/")).status) end)
   end)
 
   it("never puts an instance to sleep while a request is in flight", function()

@@ -74,10 +74,17 @@ describe("restart policy", function()
     end
   end)
 
-  it("always restarts a clean exit; never restarts nothing", function()
+  it("always restarts a clean exit; never restarts nothing, and a crash under it is a failure", function()
     assert.are.equal("restart", restart.decide({}, { code = 0, reason = "exit" }, with { restart = "always" }, 1).action)
-    local d = restart.decide({}, crash, with { restart = "never" }, 1)
+    local never = with { restart = "never" }
+    for _, exit in ipairs { crash, { signal = "SIGKILL", reason = "exit" }, { reason = "start" },
+      { code = 0, reason = "health" }, { signal = "SIGKILL", reason = "oom" } } do
+      local d = restart.decide({}, exit, never, 1)
+      assert.are.equal("fail", d.action)
+      assert.are.equal('not restarted (restart = "never")', d.reason)
+    end
+    local d = restart.decide({}, { code = 0, reason = "exit" }, never, 1)
     assert.are.equal("stay_down", d.action)
-    assert.matches("never", d.reason)
+    assert.are.equal('exited cleanly (code 0) and restart = "never"', d.reason)
   end)
 end)
