@@ -611,7 +611,8 @@ function Instance:last_output(n)
 end
 
 -- One health check: GET {health} over the socket, 2xx is healthy; with no
--- `health`, a connection to the socket is. -> true | nil, why
+-- `health`, a connection to the socket is. -> true | nil, why, status (the
+-- answer's, when there was one)
 function Instance:check(timeout_ms)
   local socket = self.socket
   if not socket then return nil, "not running" end
@@ -622,7 +623,7 @@ function Instance:check(timeout_ms)
     }
     if not res then return nil, err end
     if res.status < 200 or res.status > 299 then
-      return nil, string.format("GET %s answered %d", self.svc.health, res.status)
+      return nil, string.format("GET %s answered %d", self.svc.health, res.status), res.status
     end
     return true
   end
@@ -718,7 +719,7 @@ function Instance:check_kept(keep, timeout_ms)
     if not (status and reusable) then keep.conn:close() keep.conn = nil end
     if status then
       if status < 200 or status > 299 then
-        return nil, string.format("GET %s answered %d", self.svc.health, status)
+        return nil, string.format("GET %s answered %d", self.svc.health, status), status
       end
       return true
     end
@@ -815,6 +816,13 @@ function Instance:answered_by(proc, conn)
     .. "one of its children: something else bound the path", self.socket, cred.pid, cred.uid, proc.pid)
 end
 
+-- Whether an app that answered its health path with status all through a
+-- start would answer so at every start: a client error is the path (or who
+-- may ask it), not the app's mood, but for a timeout or a rate limit.
+local function answers_alike(status)
+  return status ~= nil and status >= 400 and status <= 499 and status ~= 408 and status ~= 425 and status ~= 429
+end
+
 function Instance:probe_until_ready(proc, gen, ready_by, keep)
   local name, me = self.socket:match("[^/]*$"), core.current()
   local entry = self.sup:watch_socket_dir(dirname(self.socket))
@@ -834,11 +842,11 @@ function Instance:probe_until_ready(proc, gen, ready_by, keep)
     -- may take: cut at a second, a health check slower than that was sent
     -- again and again, and never answered in time (an exit ends the wait,
     -- closing the connection)
-    local ok, why_not = self:check_kept(keep, math.max(1, ready_by - core.now()))
+    local ok, why_not, status = self:check_kept(keep, math.max(1, ready_by - core.now()))
     if self.gen ~= gen then return nil end
     -- an answer that was not 2xx is what a failed start is to report
     -- (refused connections are only the app not listening yet)
-    if not ok and why_not and why_not:find(" answered ", 1, true) then self.last_answer = why_not end
+    if not ok and status then self.last_answer, self.last_status = why_not, status end
     if ok then
       local mine, why = self:answered_by(proc, keep.conn)
       if self.gen ~= gen then return nil end
@@ -1022,7 +1030,7 @@ function Instance:start_once()
     return nil, { reason = "start", message = "spawn failed: " .. err, lasting = lasting or nil }
   end
   local timeout = self.svc.startup_timeout * 1000
-  self.refused_answer, self.last_answer = nil, nil
+  self.refused_answer, self.last_answer, self.last_status = nil, nil, nil
   core.spawn(self.watch, self, proc, gen, core.now() + timeout)
   -- a rollout's request that comes during the start is for the process
   -- that results: put back for the runner, whatever the start's outcome
@@ -1044,7 +1052,8 @@ function Instance:start_once()
       end
       local info = { reason = "start", message = string.format(
         "did not %s on %s within startup_timeout = %d s%s%s", what, self.socket,
-        self.svc.startup_timeout, why and (" (" .. why .. ")") or "", self:last_output()) }
+        self.svc.startup_timeout, why and (" (" .. why .. ")") or "", self:last_output()),
+        lasting = not self.refused_answer and answers_alike(self.last_status) or nil }
       self:release_start()
       return nil, info
     elseif msg.type == "ready" then

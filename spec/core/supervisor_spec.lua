@@ -150,6 +150,31 @@ describe("supervisor", function()
     end)
   end)
 
+  it("fails at once a start whose health path answered a client error, and retries one that answered 503", function()
+    local cfg = make_cfg(dir, {
+      gone = { "startup_timeout = 1", 'health = "/nothere"' },
+      busy = { "startup_timeout = 1", 'health = "/health"', "[service.busy.env]", 'BACKEND_HEALTH_STATUS = "503"' },
+    }, { "max_restarts = 1" })
+    core.run(function()
+      local sup = supervisor.new(cfg, { environ = {} })
+      local inst, err = sup:spawn("gone", "a")
+      assert.is_nil(inst)
+      assert.matches("(the last answer: GET /nothere answered 404)", err, 1, true)
+      local gone = sup:get("gone", "a")
+      assert.are.equal("failed", gone.state)
+      assert.are.equal(0, gone.restarts)
+      assert.matches("; not retried: no retry can mend this", gone.last_exit, 1, true)
+
+      inst, err = sup:spawn("busy", "a")
+      assert.is_nil(inst)
+      assert.matches("(the last answer: GET /health answered 503)", err, 1, true)
+      local busy = sup:get("busy", "a")
+      assert.are.equal("failed", busy.state)
+      assert.are.equal(1, busy.restarts)
+      assert.matches("gave up: restarted 1 time", busy.last_exit, 1, true)
+    end)
+  end)
+
   it("leaves alone what is at its socket's path unless it is a stale socket", function()
     local cfg = make_cfg(dir, { api = { 'restart = "never"' } })
     core.run(function()
