@@ -105,13 +105,13 @@ end
 
 -- Compiles bench/apps/NAME.c into BUILD/bench/NAME (when older), with cc or
 -- the one given, into the file named as (default NAME). -> path
-function lib.compile(name, flags, compiler, as)
+function lib.compile(name, flags, compiler, as, libs)
   local src = lib.root .. "/bench/apps/" .. name .. ".c"
   local out = lib.bench_bin .. "/" .. (as or name:gsub("_", "-"))
   local ok = lib.sh(string.format("test %s -nt %s", lib.q(out), lib.q(src)))
   if not ok then
-    lib.must(string.format("mkdir -p %s && %s -std=c11 -O2 -Wall -Wextra -Werror -D_GNU_SOURCE %s -o %s %s",
-      lib.q(lib.bench_bin), compiler or "cc", flags or "", lib.q(out), lib.q(src)))
+    lib.must(string.format("mkdir -p %s && %s -std=c11 -O2 -Wall -Wextra -Werror -D_GNU_SOURCE %s -o %s %s %s",
+      lib.q(lib.bench_bin), compiler or "cc", flags or "", lib.q(out), lib.q(src), libs or ""))
   end
   return out
 end

@@ -15,13 +15,15 @@
 -- number is the median with the spread beside it, and each ratio to nginx
 -- the median of the rounds' own ratios. A floor runs with the peers: a byte
 -- relay with no HTTP (bench/apps/relay.c), the least any proxy on these
--- sockets can spend, to show how much of the cost is the kernel's.
+-- sockets can spend, to show how much of the cost is the kernel's; and the
+-- same relay on io_uring (bench/apps/relay_uring.c), to show whether fewer
+-- system calls would lower that floor.
 local lib = require "lib"
 
 local M = { name = "proxy", title = "Proxy: keep-alive requests through one hop" }
 
 local CONNS = { 1, 10, 50, 500 }
-local ORDER = { direct = 1, ten = 2, nginx = 3, haproxy = 4, floor = 5 }
+local ORDER = { direct = 1, ten = 2, nginx = 3, haproxy = 4, floor = 5, ["floor-uring"] = 6 }
 
 local function nginx_conf(dir, port, sock)
   return string.format([[
@@ -99,13 +101,14 @@ local function wait_port(port, host)
 end
 
 function M.run()
-  lib.ensure_packages { "wrk", "nginx", "haproxy" }
+  lib.ensure_packages { "wrk", "nginx", "haproxy", "liburing-dev" }
   -- Two runs of the same proxy a minute apart differ by up to a quarter on
   -- this class of machine: many short paired runs give a steadier median
   -- than a few long ones.
   local seconds = tonumber(os.getenv("BENCH_SECONDS")) or 2
   local rounds = tonumber(os.getenv("BENCH_PROXY_ROUNDS")) or 9
   local relay = lib.compile("relay")
+  local relay_uring = lib.compile("relay_uring", nil, nil, nil, "-luring")
   local dir = lib.tmpdir("proxy")
   local versions = { wrk = lib.pkg_version("wrk"), nginx = lib.pkg_version("nginx"),
     haproxy = lib.pkg_version("haproxy"), ten = lib.ten_version() }
@@ -135,6 +138,11 @@ function M.run()
   -- stopped after: the backend fixture polls every connection it holds, so
   -- another proxy's pooled upstream connections would slow it for the next
   local nginx_port, haproxy_port, floor_port = lib.free_port(), lib.free_port(), lib.free_port()
+  local uring_port = lib.free_port()
+  -- a kernel may refuse io_uring (kernel.io_uring_disabled, a seccomp
+  -- filter): that relay then says why at once and is left out
+  local _, probe = lib.sh(string.format("timeout 1 %s %d %s 2>&1", relay_uring, uring_port, lib.q(sock)))
+  local uring_refused = (probe or ""):match("relay%-uring: io_uring: [^\n]*")
   local nconf = lib.write(dir .. "/nginx.conf", nginx_conf(dir, nginx_port, sock))
   local hconf = lib.write(dir .. "/haproxy.cfg", haproxy_conf(haproxy_port, sock))
   local nginx_cmd = string.format("nginx -p %s/ -c %s", dir, nconf)
@@ -184,6 +192,21 @@ function M.run()
       end,
       stop = function(pid) lib.stop(pid, "SIGTERM", 10) end },
   }
+  if uring_refused then
+    lib.log("proxy: the io_uring floor is left out: %s", uring_refused)
+  else
+    targets[#targets + 1] = { peer = "floor-uring", version = "bench/apps/relay_uring.c (liburing "
+      .. lib.pkg_version("liburing-dev") .. ")", url = "http://127.0.0.1:" .. uring_port .. "/",
+      command = string.format("taskset -c 0 relay-uring %d %s (the floor's relay on io_uring: each chunk a send "
+        .. "linked to the next recv, one io_uring_enter to submit and wait, DEFER_TASKRUN)", uring_port, sock),
+      start = function(cpu)
+        local pid = lib.start(string.format("taskset -c %d %s %d %s", cpu, relay_uring, uring_port, sock),
+          dir .. "/relay-uring.out", "relay-uring")
+        wait_port(uring_port)
+        return function() return { pid } end, pid
+      end,
+      stop = function(pid) lib.stop(pid, "SIGTERM", 10) end }
+  end
 
   -- one measured run: wrk on CPU 1; the proxy's CPU and everybody else's
   local function measure(t, pids_fn, conns, secs)
@@ -307,11 +330,12 @@ function M.run()
   end
 
   -- goals
-  local met_ratio, ratios, floors = 0, {}, {}
+  local met_ratio, ratios, floors, uring_floors = 0, {}, {}, {}
   for _, c in ipairs(CONNS) do
     local r = by["ten" .. c].vs_nginx
     ratios[#ratios + 1] = string.format("%d conn: %.2fx", c, r or 0)
     floors[#floors + 1] = string.format("%.2fx", by["floor" .. c].vs_nginx or 0)
+    if by["floor-uring" .. c] then uring_floors[#uring_floors + 1] = string.format("%.2fx", by["floor-uring" .. c].vs_nginx or 0) end
     if r and r >= 1.2 then met_ratio = met_ratio + 1 end
   end
   local added1 = by["ten1"].added_p50_us
@@ -321,8 +345,10 @@ function M.run()
       met = met_ratio == #CONNS,
       detail = string.format("met at %d of %d connection counts (each the median of %d rounds' ratios, runs seconds "
         .. "apart); the floor, a byte relay "
-        .. "with no HTTP, reaches %s of nginx at the same counts", met_ratio, #CONNS, rounds,
-        table.concat(floors, " / ")) },
+        .. "with no HTTP, reaches %s of nginx at the same counts%s", met_ratio, #CONNS, rounds,
+        table.concat(floors, " / "), #uring_floors > 0
+          and ("; the same relay on io_uring " .. table.concat(uring_floors, " / "))
+          or ("; the io_uring floor was left out: " .. tostring(uring_refused))) },
     { goal = "latency ten adds at p50, 1 connection <= 40 us",
       value = string.format("%d us on one CPU; %d us pinned across CPUs", added_one, added1), met = added_one <= 40,
       detail = string.format("on one CPU nginx adds %d us, HAProxy %d us; pinned (proxy CPU 0, wrk and backend CPU 1) "
@@ -352,7 +378,9 @@ function M.run()
         .. "median of the rounds' ratios (this peer's req_per_cpu_s over nginx's in the same round), "
         .. "vs_nginx_range their lowest and highest.", seconds, rounds),
       "floor: bench/apps/relay.c, bytes across with no HTTP, as lean as a proxy on these sockets can be; it adds "
-        .. "no headers and is not a peer to match features with, but it shows the kernel's share of the cost.",
+        .. "no headers and is not a peer to match features with, but it shows the kernel's share of the cost. "
+        .. "floor-uring: bench/apps/relay_uring.c, the same relay on io_uring, with two system calls per request "
+        .. "at one connection where epoll needs six: whether a proxy rebuilt on io_uring would spend less here.",
       "req_per_cpu_s: requests / (utime + stime of the proxy's processes over the run, /proc/PID/stat).",
       "added_*: the proxy's latency minus the backend reached directly over TCP at the same connection count.",
       "Every proxy adds X-Forwarded-For/-Host/-Proto; nginx and HAProxy log nothing (access_log off), like ten.",
