@@ -148,6 +148,21 @@ function M.run()
   local nginx_cmd = string.format("nginx -p %s/ -c %s", dir, nconf)
   local haproxy_cmd = string.format("haproxy -db -f %s", hconf)
 
+  -- a floor relay (bench/apps) as a peer: it takes no config, only its port
+  -- and the backend's socket
+  local function relay_target(peer, version, bin, port, what)
+    local name = bin:match("[^/]+$")
+    return { peer = peer, version = version, url = "http://127.0.0.1:" .. port .. "/",
+      command = string.format("taskset -c 0 %s %d %s (%s)", name, port, sock, what),
+      start = function(cpu)
+        local pid = lib.start(string.format("taskset -c %d %s %d %s", cpu, bin, port, sock),
+          dir .. "/" .. name .. ".out", name)
+        wait_port(port)
+        return function() return { pid } end, pid
+      end,
+      stop = function(pid) lib.stop(pid, "SIGTERM", 10) end }
+  end
+
   local host = "b.api.bench.test"
   local ten_pids = function() return { srv.pid } end
   local targets = {
@@ -181,31 +196,16 @@ function M.run()
         return function() return { pid } end, pid
       end,
       stop = function(pid) lib.stop(pid, "SIGUSR1", 10) end },
-    { peer = "floor", version = "bench/apps/relay.c", url = "http://127.0.0.1:" .. floor_port .. "/",
-      command = string.format("taskset -c 0 relay %d %s (a byte relay, no HTTP: one upstream connection per "
-        .. "client, edge-triggered epoll, recv and send)", floor_port, sock),
-      start = function(cpu)
-        local pid = lib.start(string.format("taskset -c %d %s %d %s", cpu, relay, floor_port, sock),
-          dir .. "/relay.out", "relay")
-        wait_port(floor_port)
-        return function() return { pid } end, pid
-      end,
-      stop = function(pid) lib.stop(pid, "SIGTERM", 10) end },
+    relay_target("floor", "bench/apps/relay.c", relay, floor_port,
+      "a byte relay, no HTTP: one upstream connection per client, edge-triggered epoll, recv and send"),
   }
   if uring_refused then
     lib.log("proxy: the io_uring floor is left out: %s", uring_refused)
   else
-    targets[#targets + 1] = { peer = "floor-uring", version = "bench/apps/relay_uring.c (liburing "
-      .. lib.pkg_version("liburing-dev") .. ")", url = "http://127.0.0.1:" .. uring_port .. "/",
-      command = string.format("taskset -c 0 relay-uring %d %s (the floor's relay on io_uring: each chunk a send "
-        .. "linked to the next recv, one io_uring_enter to submit and wait, DEFER_TASKRUN)", uring_port, sock),
-      start = function(cpu)
-        local pid = lib.start(string.format("taskset -c %d %s %d %s", cpu, relay_uring, uring_port, sock),
-          dir .. "/relay-uring.out", "relay-uring")
-        wait_port(uring_port)
-        return function() return { pid } end, pid
-      end,
-      stop = function(pid) lib.stop(pid, "SIGTERM", 10) end }
+    targets[#targets + 1] = relay_target("floor-uring",
+      "bench/apps/relay_uring.c (liburing " .. lib.pkg_version("liburing-dev") .. ")", relay_uring, uring_port,
+      "the floor's relay on io_uring: each chunk a send linked to the next recv, one io_uring_enter to submit and "
+        .. "wait, DEFER_TASKRUN")
   end
 
   -- one measured run: wrk on CPU 1; the proxy's CPU and everybody else's

@@ -50,6 +50,10 @@ static struct io_uring_sqe *next_sqe(void) {
         io_uring_submit(&ring);
         sqe = io_uring_get_sqe(&ring);
     }
+    if (!sqe) {
+        fprintf(stderr, "relay-uring: the submission queue stays full\n");
+        exit(1);
+    }
     return sqe;
 }
 
